@@ -1,0 +1,121 @@
+"""Traces: the accounting invariant, exact save/load, and FLOPs that match torch's counter."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import blocky_image
+from tokenscope.data.images import prepare_image
+from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.models.cost import measure_flops
+from tokenscope.models.partition import level_shape
+from tokenscope.trace.capture import TraceCapture, images_to_tensor
+from tokenscope.trace.trace import Trace, TraceInconsistency
+
+
+class RandomScorePolicyPatch:
+    """Swap the uniform policy's scores for seeded random ones: arbitrary valid partitions."""
+
+    def __init__(self, model, seed: int) -> None:
+        self.policy = model.policies["uniform"]
+        self.rng = np.random.default_rng(seed)
+
+    def __enter__(self):
+        def score(images, labels):
+            grid = (images.shape[-2] // 16, images.shape[-1] // 16)
+            return [torch.from_numpy(self.rng.random((images.shape[0], *level_shape(grid, k)))).float()
+                    for k in range(1, 5)]
+        self.policy.score = score
+        return self
+
+    def __exit__(self, *exc):
+        del self.policy.score
+
+
+def _prepared(seed: int = 0, h: int = 96, w: int = 128):
+    img, lab = blocky_image(h, w, seed)
+    return prepare_image(img, f"scene{seed}.png", labels=lab)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_invariant_holds_for_random_partitions_and_exits(tiny_loaded: LoadedModel, seed: int) -> None:
+    model = tiny_loaded.model.configure(policy="uniform", exits=True, exit_threshold=0.3 + 0.05 * seed)
+    with RandomScorePolicyPatch(model, seed):
+        trace = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(seed, 112, 160)])[0]
+    trace.assert_consistent()
+    assert trace.token_level.max() > 0, "random scores should merge something"
+    assert trace.exited_early.any()
+    assert trace.block_tokens_in[0] == trace.num_tokens
+
+
+def test_invariant_holds_for_oracle_partitions(tiny_loaded: LoadedModel) -> None:
+    tiny_loaded.model.configure(policy="oracle", exits=True, exit_threshold=0.35)
+    traces = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(0, 200, 264)])
+    t = traces[0]
+    t.assert_consistent()
+    assert t.num_tokens < t.num_patches
+
+
+def test_save_load_round_trip_is_exact(tiny_loaded: LoadedModel, tmp_path: Path) -> None:
+    tiny_loaded.model.configure(policy="uniform", exits=True, exit_threshold=0.3)
+    trace = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(1, 70, 101)])[0]
+    trace.save(tmp_path / "t")
+    back = Trace.load(tmp_path / "t")
+    assert back.meta == trace.meta
+    for f in dataclasses.fields(Trace):
+        if f.name in ("meta", "policy_scores"):
+            continue
+        a, b = getattr(trace, f.name), getattr(back, f.name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), f.name
+    assert len(back.policy_scores) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(trace.policy_scores, back.policy_scores))
+
+
+def _corruptions(t: Trace):
+    def swap_patch(tr):
+        tr.token_of_patch[0, 0], tr.token_of_patch[-1, -1] = tr.token_of_patch[-1, -1], tr.token_of_patch[0, 0]
+
+    def bad_exit(tr):
+        tr.token_exit_block[0] = 2 if 2 not in tr.meta.exit_after else 0
+
+    def count_off(tr):
+        tr.block_tokens_in[-1] += 1
+
+    def misalign(tr):
+        i = int(np.argmax(tr.token_level))
+        tr.token_row[i] += 1
+
+    return [swap_patch, bad_exit, count_off, misalign]
+
+
+def test_assert_consistent_catches_broken_accounting(tiny_loaded: LoadedModel) -> None:
+    tiny_loaded.model.configure(policy="oracle", exits=True, exit_threshold=0.3)
+    good = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(0, 128, 128)])[0]
+    good.assert_consistent()
+    for corrupt in _corruptions(good):
+        t = dataclasses.replace(good, **{f.name: np.copy(getattr(good, f.name)) for f in dataclasses.fields(Trace)
+                                         if f.name not in ("meta", "policy_scores")})
+        corrupt(t)
+        with pytest.raises(TraceInconsistency):
+            t.assert_consistent()
+
+
+def test_trace_flops_equal_torch_flop_counter(tiny_loaded: LoadedModel) -> None:
+    model = tiny_loaded.model
+    for policy, exits in (("none", False), ("uniform", True), ("learned", True)):
+        model.configure(policy=policy, exits=exits, exit_threshold=0.3)
+        cap = TraceCapture(tiny_loaded, torch.device("cpu"))
+        im = _prepared(2, 96, 144)
+        trace = cap([im])[0]
+        x, labels = images_to_tensor([im], torch.device("cpu"))
+        with torch.no_grad():
+            total, per_module, _ = measure_flops(lambda: model(x, labels))
+        assert trace.meta.flops["total"] == total, policy
+        for i, f in enumerate(trace.block_flops):
+            assert per_module.get(f"StepViT.blocks.{i}", 0) == f, (policy, i)
+    assert trace.meta.flops["policy"] > 0

@@ -1,0 +1,108 @@
+"""Tables from traces: one row per token, one row per block, one summary per image.
+
+Pure functions of a Trace (never of a model), so they work on saved runs as well as live ones.
+Blocks are numbered from 1 as in the papers ("exit after block 8"); `exit_block` = depth means
+the token went through every block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tokenscope.models.partition import MAX_LEVEL
+from tokenscope.trace.trace import Trace
+
+
+def tokens_table(trace: Trace) -> pd.DataFrame:
+    """One row per (super)token: where it sits, how big it is, when it left and what it said."""
+    m = trace.meta
+    side = trace.token_side
+    return pd.DataFrame({
+        "token": np.arange(trace.num_tokens),
+        "level": trace.token_level.astype(int),
+        "row": trace.token_row,
+        "col": trace.token_col,
+        "side": side,
+        "patches": side**2,
+        "exit_block": trace.token_exit_block.astype(int),
+        "exited_early": trace.exited_early,
+        "confidence": trace.token_confidence.astype(float),
+        "class": trace.token_class,
+        "class_name": [m.class_name(int(c)) for c in trace.token_class],
+    })
+
+
+def level_block_matrix(trace: Trace) -> np.ndarray:
+    """(depth, MAX_LEVEL + 1): tokens of each superpatch level entering each block."""
+    depth = trace.meta.depth
+    out = np.zeros((depth, MAX_LEVEL + 1), dtype=np.int64)
+    for b in range(depth):
+        alive = trace.token_exit_block > b
+        out[b] = np.bincount(trace.token_level[alive].astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
+    return out
+
+
+def exit_level_matrix(trace: Trace) -> tuple[list[int], np.ndarray]:
+    """Exit points (gates, then the end) and the tokens of each level leaving at each."""
+    points = [*trace.meta.exit_after, trace.meta.depth]
+    mat = np.zeros((len(points), MAX_LEVEL + 1), dtype=np.int64)
+    for i, k in enumerate(points):
+        sel = trace.token_exit_block == k
+        mat[i] = np.bincount(trace.token_level[sel].astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
+    return points, mat
+
+
+def blocks_table(trace: Trace) -> pd.DataFrame:
+    """One row per encoder block: tokens in (by level), tokens leaving at a gate after it, FLOPs."""
+    depth = trace.meta.depth
+    gates = set(trace.meta.exit_after)
+    by_level = level_block_matrix(trace)
+    exited = [int(np.sum(trace.token_exit_block == b)) if b in gates else 0 for b in range(1, depth + 1)]
+    df = pd.DataFrame({
+        "block": np.arange(1, depth + 1),
+        "tokens_in": trace.block_tokens_in.astype(int),
+        "gate_after": [b in gates for b in range(1, depth + 1)],
+        "exited_after": exited,
+        "flops": trace.block_flops.astype(np.int64),
+    })
+    for k in range(MAX_LEVEL + 1):
+        df[f"tokens_in_level{k}"] = by_level[:, k]
+    return df
+
+
+def summary(trace: Trace) -> dict[str, Any]:
+    """The numbers a user asks first: how many tokens, how much reduction, how many left early."""
+    m = trace.meta
+    early = trace.exited_early
+    patches = trace.token_patches
+    per_level = np.bincount(trace.token_level.astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
+    flops = m.flops
+    total, base = flops.get("total", 0), flops.get("baseline_total", 0)
+    return {
+        "image": m.source,
+        "input_hw": list(m.input_hw),
+        "grid": list(m.grid),
+        "model": m.model,
+        "policy": m.policy,
+        "exits": m.exits,
+        "merge_thresholds": list(m.merge_thresholds),
+        "exit_threshold": m.exit_threshold,
+        "patches": trace.num_patches,
+        "tokens": trace.num_tokens,
+        "reduction": trace.reduction,
+        "tokens_per_level": {str(k): int(v) for k, v in enumerate(per_level)},
+        "exited_early_tokens": int(early.sum()),
+        "exited_early_pct": 100.0 * float(early.mean()),
+        "exited_early_patch_pct": 100.0 * float(patches[early].sum()) / trace.num_patches,
+        "exits_per_gate": {str(k): v for k, v in trace.gate_exits().items()},
+        "gflops": total / 1e9,
+        "baseline_gflops": base / 1e9,
+        "flop_reduction": base / total if total else float("nan"),
+        "policy_gflops": flops.get("policy", 0) / 1e9,
+        "forward_s": m.timings.get("forward_s", float("nan")),
+        "weights": m.weights,
+        "device": m.device,
+    }

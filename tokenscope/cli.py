@@ -1,0 +1,236 @@
+"""The `tokenscope` command line: parse options, call the library, show progress and results.
+
+Errors users can cause (TokenscopeError) become one red line and a non-zero exit code; the
+library itself never prints.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tokenscope import __version__
+from tokenscope.errors import TokenscopeError
+
+app = typer.Typer(
+    name="tokenscope",
+    help="Where do the tokens go? Trace supertoken merges (dCTS) and early exits in STEP ViT segmenters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_WIDE = None if sys.stdout.isatty() else 160  # tables stay readable when piped or captured
+out_console = Console(width=_WIDE)
+err_console = Console(stderr=True, width=_WIDE)
+
+# ---- shared option types: --help teaches the vocabulary ------------------------------------
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model: demo (shipped), vitt, vits, vitb, vitl, or timm:<vit name>.")]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="Weights: a tokenscope checkpoint (NAME.json/.safetensors), a timm ViT file (.safetensors/.pth/.npz), or 'hub' to download timm's backbone.")]
+RandomOpt = Annotated[bool, typer.Option("--random-init", help="Random weights, for architecture and speed studies only (predictions are noise).")]
+PolicyOpt = Annotated[Optional[str], typer.Option(help="Merge policy: learned (dCTS network), oracle (ground truth, needs --labels), uniform (colour-variance quadtree), none (16x16 grid). Default: learned if trained, else uniform.")]
+MergeOpt = Annotated[Optional[str], typer.Option("--merge-threshold", help="Merge a block when its policy score reaches this; one value, or 4 comma-separated for superpatch levels 1-4 (32..256 px).")]
+ExitThrOpt = Annotated[Optional[float], typer.Option("--exit-threshold", help="A token exits at a gate when its top-1 probability reaches this (default: the model's, 0.95).")]
+ExitsOpt = Annotated[Optional[str], typer.Option("--exits", help="Early exits: learned (auxiliary heads after the exit blocks) or none. Default: learned if trained.")]
+LabelsOpt = Annotated[Optional[str], typer.Option(help="Ground-truth label map (integer class ids, 255 = ignore), or a folder of them named like the images.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (GPU if present), cpu or cuda.")]
+SizeOpt = Annotated[Optional[int], typer.Option(help="Resize each image so its long side is this many pixels (then pad to a multiple of 16).")]
+OutOpt = Annotated[Path, typer.Option(help="Root folder for run folders; every call makes a new one.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for random weights.")]
+
+
+def _fail(exc: TokenscopeError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except TokenscopeError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]; finished images are kept, the run folder has no run.json")
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[item]}"))
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task(label, total=None, item="")
+
+        def update(done: int, total: int, item: str) -> None:
+            bar.update(task, completed=done, total=total, item=item)
+
+        yield update
+
+
+def _warn(lines: list[str]) -> None:
+    for w in lines:
+        err_console.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _model_options(model: str, weights: str | None, random_init: bool, policy: str | None, merge_threshold: str | None,
+                   exit_threshold: float | None, exits: str | None, device: str, seed: int) -> Any:
+    from tokenscope.jobs.setup import ModelOptions
+
+    return ModelOptions(model=model, weights=weights, random_init=random_init, policy=policy,
+                        merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits,
+                        device=device, seed=seed)
+
+
+def _report_failures(images: list[Any]) -> int:
+    failed = [r for r in images if r.error]
+    for r in failed:
+        err_console.print(f"[bold red]error:[/] {r.error}", highlight=False, soft_wrap=True)
+    return len(failed)
+
+
+@app.command()
+def run(
+    images: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
+    model: ModelOpt = "demo",
+    weights: WeightsOpt = None,
+    random_init: RandomOpt = False,
+    policy: PolicyOpt = None,
+    merge_threshold: MergeOpt = None,
+    exit_threshold: ExitThrOpt = None,
+    exits: ExitsOpt = None,
+    labels: LabelsOpt = None,
+    device: DeviceOpt = "auto",
+    size: SizeOpt = None,
+    out: OutOpt = Path("outputs"),
+    seed: SeedOpt = 0,
+) -> None:
+    """Trace images: which patches merge into which supertoken, and at which block each token exits."""
+    from tokenscope.jobs.run import run_images
+
+    with _user_errors():
+        opts = _model_options(model, weights, random_init, policy, merge_threshold, exit_threshold, exits, device, seed)
+        with _progress("tracing") as progress:
+            result = run_images(images, opts, out=out, size=size, labels=labels, progress=progress)
+    _warn(result.warnings)
+    table = Table(title=f"tokenscope run: {result.model}", title_justify="left")
+    for col in ("image", "patches", "tokens", "reduction", "exited early", "GFLOPs", "baseline GFLOPs", "forward"):
+        table.add_column(col, justify="left" if col == "image" else "right")
+    for r in result.images:
+        if r.summary is None:
+            continue
+        s = r.summary
+        table.add_row(Path(s["image"]).name, str(s["patches"]), str(s["tokens"]), f"{s['reduction']:.2f}x",
+                      f"{s['exited_early_pct']:.1f}%", f"{s['gflops']:.2f}", f"{s['baseline_gflops']:.2f}",
+                      f"{1e3 * s['forward_s']:.0f} ms")
+    out_console.print(table)
+    out_console.print(f"outputs: [bold]{result.run_dir}[/]  (GFLOPs: 2 per multiply-add, policy included)", highlight=False)
+    if _report_failures(result.images):
+        raise typer.Exit(3)
+
+
+@app.command()
+def heatmap(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A run folder (default: the latest under --out).")] = None,
+    kind: Annotated[str, typer.Option(help="merge (superpatch levels), exit (exit block), confidence, segmentation, histogram, or all.")] = "all",
+    out: OutOpt = Path("outputs"),
+) -> None:
+    """Re-render overlays and histograms from saved traces, without loading any model."""
+    from tokenscope.jobs.heatmap import rerender
+
+    with _user_errors():
+        with _progress("rendering") as progress:
+            result = rerender(run_dir, kind=kind, out_root=out, progress=progress)
+    out_console.print(f"rendered {len(result.rendered)} image(s) from {result.run_dir} into [bold]{result.out_dir}[/]",
+                      highlight=False)
+
+
+@app.command()
+def compare(
+    images: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
+    baseline: Annotated[str, typer.Option(help="What to compare against: vit = the same weights with no merging and no exits.")] = "vit",
+    model: ModelOpt = "demo",
+    weights: WeightsOpt = None,
+    random_init: RandomOpt = False,
+    policy: PolicyOpt = None,
+    merge_threshold: MergeOpt = None,
+    exit_threshold: ExitThrOpt = None,
+    exits: ExitsOpt = None,
+    labels: LabelsOpt = None,
+    device: DeviceOpt = "auto",
+    size: SizeOpt = None,
+    repeats: Annotated[int, typer.Option(help="Timed forward passes per variant (the median is reported).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed forward passes before timing.")] = 1,
+    out: OutOpt = Path("outputs"),
+    seed: SeedOpt = 0,
+) -> None:
+    """Run the same weights with and without token reduction: tokens, GFLOPs, latency, memory, agreement, mIoU."""
+    from tokenscope.jobs.compare import compare_images
+
+    with _user_errors():
+        opts = _model_options(model, weights, random_init, policy, merge_threshold, exit_threshold, exits, device, seed)
+        with _progress("comparing") as progress:
+            result = compare_images(images, opts, baseline=baseline, out=out, size=size, labels=labels,
+                                    repeats=repeats, warmup=warmup, progress=progress)
+    _warn(result.warnings)
+    table = Table(title=f"STEP vs baseline ({baseline})", title_justify="left")
+    cols = ["image", "tokens", "GFLOPs", "latency ms", "peak MiB", "agree"]
+    has_miou = any("step_miou" in r for r in result.rows)
+    if has_miou:
+        cols.append("mIoU")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "image" else "right")
+    for r in [*result.rows, {"image": "ALL", **result.overall}] if result.rows else []:
+        cells = [Path(str(r["image"])).name,
+                 f"{r.get('base_tokens', 0)} -> {r.get('step_tokens', 0)} ({r['token_reduction']:.2f}x)",
+                 f"{r['base_gflops']:.2f} -> {r['step_gflops']:.2f} ({r['flop_reduction']:.2f}x)",
+                 f"{r['base_latency_ms']:.0f} -> {r['step_latency_ms']:.0f} ({r['speedup']:.2f}x)",
+                 f"{r['base_peak_mib']:.0f} -> {r['step_peak_mib']:.0f}", f"{100 * r['agreement']:.1f}%"]
+        if has_miou:
+            cells.append(f"{100 * r.get('base_miou', float('nan')):.1f} -> {100 * r.get('step_miou', float('nan')):.1f}")
+        table.add_row(*cells)
+    out_console.print(table)
+    out_console.print(f"outputs: [bold]{result.run_dir}[/]  (GFLOPs: torch flop counter, 2 per multiply-add; "
+                      "latency: median after warm-up; peak: extra memory during the forward pass)", highlight=False)
+    if _report_failures(result.images):
+        raise typer.Exit(3)
+
+
+@app.command()
+def models() -> None:
+    """List the named models and their defaults."""
+    from tokenscope.models.checkpoints import BUILTIN_WEIGHTS_DIR
+    from tokenscope.models.registry import BUILTIN
+
+    table = Table(title="models", title_justify="left")
+    for col in ("name", "timm backbone", "classes", "exit gates after", "weights"):
+        table.add_column(col)
+    demo = BUILTIN_WEIGHTS_DIR / "demo.json"
+    table.add_row("demo", "(see model card in README)", "-", "-", "shipped" if demo.is_file() else "not installed")
+    for name, cfg in BUILTIN.items():
+        table.add_row(name, cfg.arch, str(cfg.num_classes), ", ".join(map(str, cfg.exit_after)),
+                      "--weights PATH | hub | --random-init")
+    out_console.print(table)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out_console.print(f"tokenscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """tokenscope: where do the tokens go in token-reduction ViT segmenters?"""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

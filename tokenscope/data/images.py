@@ -1,0 +1,250 @@
+"""Loading and validating images and label maps, and preparing them for a patch-16 ViT.
+
+Everything a user can point tokenscope at passes through here, so every way a file can be
+unusable (missing, empty, truncated, not an image, odd channel counts or bit depths, too big)
+ends as one `ImageError` that names the file and says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tokenscope.errors import ImageError
+
+PATCH = 16
+MAX_SIDE = 4096
+"""Largest side (after `--size`) that tokenscope will push through a model."""
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IGNORE_INDEX = 255
+PAD_RGB = (0.485, 0.456, 0.406)
+"""Padding colour: the ImageNet mean, i.e. zero after the usual normalisation."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for the model, and what is needed to map outputs back to it.
+
+    `tensor_rgb` is float32 (3, H_pad, W_pad) in [0, 1]; `display` is the uint8 RGB image at
+    the processed size (after `--size`, before padding), on which overlays are drawn.
+    """
+
+    source: str
+    original_hw: tuple[int, int]
+    input_hw: tuple[int, int]
+    padded_hw: tuple[int, int]
+    tensor_rgb: np.ndarray
+    display: np.ndarray
+    labels: np.ndarray | None = None
+    """int32 (H_pad, W_pad) label map, padded with IGNORE_INDEX, when one was given."""
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.padded_hw[0] // PATCH, self.padded_hw[1] // PATCH
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder, expected an {what} file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not data:
+        raise ImageError(f"{path}: file is empty")
+    return data
+
+
+def _check_not_truncated(path: Path, data: bytes) -> None:
+    """Reject truncated PNG/JPEG files, which OpenCV would otherwise decode half-grey."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if b"IEND" not in data[-64:]:
+            raise ImageError(f"{path}: PNG file is truncated (no IEND chunk); re-export or re-download it")
+    elif data[:3] == b"\xff\xd8\xff":
+        if b"\xff\xd9" not in data[-1024:]:
+            raise ImageError(f"{path}: JPEG file is truncated (no end-of-image marker); re-export or re-download it")
+
+
+def _decode(path: Path, data: bytes, flags: int) -> np.ndarray:
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        img = cv2.imdecode(buf, flags)
+    except cv2.error as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "decoder error"
+        raise ImageError(f"{path}: cannot be decoded ({msg}); is it too large or damaged?") from None
+    if img is None or img.size == 0:
+        raise ImageError(f"{path}: not a readable image (OpenCV cannot decode it)")
+    return img
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image as float32 RGB in [0, 1], shape (H, W, 3).
+
+    Grayscale is replicated to three channels, alpha is dropped, 16-bit and float images are
+    rescaled, so every model sees the same kind of input whatever the file held.
+    """
+    p = Path(path)
+    data = _read_bytes(p, "image")
+    _check_not_truncated(p, data)
+    img = _decode(p, data, cv2.IMREAD_UNCHANGED)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    elif img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    else:
+        raise ImageError(f"{p}: unsupported layout {img.shape}; expected grayscale, RGB or RGBA")
+    if img.dtype == np.uint8:
+        out = img.astype(np.float32) / 255.0
+    elif img.dtype == np.uint16:
+        out = img.astype(np.float32) / 65535.0
+    elif img.dtype in (np.float32, np.float64):
+        finite = img[np.isfinite(img)]
+        if finite.size == 0:
+            raise ImageError(f"{p}: float image holds no finite values")
+        lo, hi = float(finite.min()), float(finite.max())
+        scale = hi - lo if hi > lo else 1.0
+        out = np.nan_to_num((img - lo) / scale).astype(np.float32) if (lo < 0 or hi > 1) else np.nan_to_num(img).astype(np.float32)
+    else:
+        raise ImageError(f"{p}: unsupported pixel type {img.dtype}; expected 8-bit, 16-bit or float")
+    h, w = out.shape[:2]
+    if h < 1 or w < 1:
+        raise ImageError(f"{p}: image has no pixels")
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0))
+
+
+def load_label_map(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a label map (one integer class id per pixel) as int32 (H, W).
+
+    Colour-coded label images are refused: their colours are not class ids, and guessing a
+    palette would silently produce wrong statistics.
+    """
+    p = Path(path)
+    data = _read_bytes(p, "label map")
+    _check_not_truncated(p, data)
+    lab = _decode(p, data, cv2.IMREAD_UNCHANGED)
+    if lab.ndim == 3 and lab.shape[2] == 1:
+        lab = lab[:, :, 0]
+    if lab.ndim != 2:
+        if lab.ndim == 3 and lab.shape[2] in (3, 4) and np.all(lab[:, :, 0] == lab[:, :, 1]) and np.all(lab[:, :, 1] == lab[:, :, 2]):
+            lab = lab[:, :, 0]
+        else:
+            raise ImageError(f"{p}: label map must be single-channel class ids, got {lab.shape[2]} different channels")
+    if lab.dtype not in (np.uint8, np.uint16):
+        raise ImageError(f"{p}: label map must be 8- or 16-bit integers, got {lab.dtype}")
+    return lab.astype(np.int32)
+
+
+def resized_hw(hw: tuple[int, int], long_side: int | None) -> tuple[int, int]:
+    """Size after resizing the long side to `long_side` (aspect kept), or unchanged."""
+    h, w = hw
+    if long_side is None:
+        return h, w
+    scale = long_side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def padded_hw(hw: tuple[int, int], multiple: int = PATCH) -> tuple[int, int]:
+    h, w = hw
+    return -(-h // multiple) * multiple, -(-w // multiple) * multiple
+
+
+def prepare_image(
+    rgb: np.ndarray,
+    source: str,
+    size: int | None = None,
+    labels: np.ndarray | None = None,
+    max_side: int = MAX_SIDE,
+) -> PreparedImage:
+    """Resize (optional), check the size limit, and pad to a multiple of the patch size.
+
+    Padding goes to the bottom and right so that patch (0, 0) stays at the image origin and
+    outputs can be cropped back by slicing.
+    """
+    if size is not None and size < PATCH:
+        raise ImageError(f"--size {size} is smaller than one {PATCH}-pixel patch")
+    original = rgb.shape[:2]
+    h, w = resized_hw(original, size)
+    if max(h, w) > max_side:
+        raise ImageError(
+            f"{source}: image is {original[1]}x{original[0]} px, larger than the {max_side} px limit; "
+            f"pass --size N (e.g. --size 1024) to resize its long side"
+        )
+    if (h, w) != original:
+        interp = cv2.INTER_AREA if h < original[0] else cv2.INTER_LINEAR
+        rgb = cv2.resize(rgb, (w, h), interpolation=interp)
+    if labels is not None:
+        if labels.shape != original:
+            raise ImageError(
+                f"{source}: label map is {labels.shape[1]}x{labels.shape[0]} but the image is "
+                f"{original[1]}x{original[0]}; they must match"
+            )
+        if (h, w) != original:
+            labels = cv2.resize(labels.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    ph, pw = padded_hw((h, w))
+    padded = np.empty((ph, pw, 3), dtype=np.float32)
+    padded[:] = np.asarray(PAD_RGB, dtype=np.float32)
+    padded[:h, :w] = rgb
+    padded_labels = None
+    if labels is not None:
+        padded_labels = np.full((ph, pw), IGNORE_INDEX, dtype=np.int32)
+        padded_labels[:h, :w] = labels
+    display = (np.clip(rgb, 0, 1) * 255.0 + 0.5).astype(np.uint8)
+    return PreparedImage(
+        source=source,
+        original_hw=(int(original[0]), int(original[1])),
+        input_hw=(h, w),
+        padded_hw=(ph, pw),
+        tensor_rgb=np.ascontiguousarray(padded.transpose(2, 0, 1)),
+        display=display,
+        labels=padded_labels,
+    )
+
+
+def load_prepared(
+    path: str | os.PathLike[str],
+    size: int | None = None,
+    labels_path: str | os.PathLike[str] | None = None,
+) -> PreparedImage:
+    """Load, validate and prepare one image (and its label map, if given)."""
+    rgb = load_image(path)
+    labels = load_label_map(labels_path) if labels_path is not None else None
+    return prepare_image(rgb, str(path), size=size, labels=labels)
+
+
+def find_images(paths: list[str | os.PathLike[str]]) -> list[Path]:
+    """Expand folders into the image files they hold (sorted); files are kept as given.
+
+    A file with an unknown suffix is kept, so that loading it reports why it is unusable.
+    """
+    found: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found.extend(sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            found.append(p)
+    return found
+
+
+def find_label_for(image: Path, labels: Path) -> Path:
+    """The label map for `image`: `labels` itself if a file, else the same stem inside it."""
+    if labels.is_file():
+        return labels
+    if labels.is_dir():
+        for suffix in (".png", ".tif", ".tiff", ".bmp"):
+            cand = labels / (image.stem + suffix)
+            if cand.exists():
+                return cand
+        raise ImageError(f"{image}: no label map named {image.stem}.png in {labels}")
+    raise ImageError(f"{labels}: no such label file or folder")

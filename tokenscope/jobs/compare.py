@@ -1,0 +1,176 @@
+"""`tokenscope compare`: the same weights with and without token reduction, image by image.
+
+For each image both variants are traced (tokens per block), counted (torch's FLOP counter over
+the whole forward pass, policy included, 2 FLOPs per multiply-add), timed (median of repeats
+after warm-up, hooks off) and measured for peak memory; their label maps are compared with
+each other and, when labels are given, with the ground truth (mIoU).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tokenscope import __version__
+from tokenscope.analysis.memory import peak_forward_bytes
+from tokenscope.analysis.metrics import confusion, mean_iou, pixel_agreement
+from tokenscope.analysis.timing import median, time_calls
+from tokenscope.data.images import PreparedImage, find_images, find_label_for, load_prepared
+from tokenscope.errors import ConfigError, TokenscopeError
+from tokenscope.jobs.run import ImageResult, Progress
+from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, unique_name, write_json_atomic, write_rgb, write_table
+from tokenscope.jobs.setup import ModelOptions, load_model
+from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.models.cost import measure_flops
+from tokenscope.render.overlays import render_overlay
+from tokenscope.render.plots import compare_figure
+from tokenscope.trace.capture import TraceCapture, images_to_tensor
+from tokenscope.trace.trace import Trace
+
+BASELINES = ("vit",)
+
+
+@dataclass
+class Variant:
+    """One operating point of the loaded model."""
+
+    name: str
+    policy: str
+    exits: bool
+
+
+@dataclass
+class CompareResult:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    overall: dict[str, Any]
+    images: list[ImageResult]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, device: torch.device,
+             capture: TraceCapture, repeats: int, warmup: int) -> tuple[Trace, dict[str, float]]:
+    model = loaded.model.configure(policy=variant.policy, exits=variant.exits)
+    trace = capture([image])[0]
+    x, labels = images_to_tensor([image], device)
+    with torch.no_grad():
+        flops, _, _ = measure_flops(lambda: model(x, labels))
+        times = time_calls(lambda: model(x, labels), device, repeats=repeats, warmup=warmup)
+        peak = peak_forward_bytes(lambda: model(x, labels), device)
+    return trace, {"gflops": flops / 1e9, "latency_ms": 1e3 * median(times), "peak_mib": peak / 2**20,
+                   "tokens": trace.num_tokens, "exited_early_pct": 100.0 * float(trace.exited_early.mean())}
+
+
+def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", out: str | Path = "outputs",
+                   size: int | None = None, labels: str | None = None, repeats: int = 5, warmup: int = 1,
+                   progress: Progress | None = None) -> CompareResult:
+    """Compare the configured STEP operating point with the plain ViT on every image."""
+    if baseline not in BASELINES:
+        raise ConfigError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
+    if repeats < 1 or warmup < 0:
+        raise ConfigError("--repeats must be >= 1 and --warmup >= 0")
+    images = find_images(paths)
+    if not images:
+        raise TokenscopeError("no images found in " + ", ".join(map(str, paths)))
+    labels_path = Path(labels) if labels is not None else None
+    loaded, device = load_model(opts, have_labels=labels_path is not None)
+    step = Variant("step", loaded.model.active_policy, loaded.model.exits_enabled)
+    base = Variant("baseline", "none", False)
+    capture = TraceCapture(loaded, device)
+    run_dir = new_run_dir(out, "compare")
+    rows: list[dict[str, Any]] = []
+    block_rows: list[pd.DataFrame] = []
+    results: list[ImageResult] = []
+    num_classes = loaded.config.num_classes
+    conf_step = np.zeros((num_classes, num_classes), dtype=np.int64)
+    conf_base = np.zeros_like(conf_step)
+    taken: set[str] = set()
+    for i, path in enumerate(images):
+        if progress:
+            progress(i, len(images), path.name)
+        result = ImageResult(source=str(path))
+        try:
+            lab = find_label_for(path, labels_path) if labels_path is not None else None
+            prepared = load_prepared(path, size=size, labels_path=lab)
+            t_step, m_step = _measure(loaded, step, prepared, device, capture, repeats, warmup)
+            t_base, m_base = _measure(loaded, base, prepared, device, capture, repeats, warmup)
+            row: dict[str, Any] = {"image": str(path), "input_h": prepared.input_hw[0], "input_w": prepared.input_hw[1],
+                                   "patches": t_base.num_patches}
+            for prefix, m in (("base", m_base), ("step", m_step)):
+                row.update({f"{prefix}_{k}": v for k, v in m.items()})
+            row["token_reduction"] = t_base.num_tokens / t_step.num_tokens
+            row["flop_reduction"] = m_base["gflops"] / m_step["gflops"]
+            row["speedup"] = m_base["latency_ms"] / m_step["latency_ms"]
+            row["agreement"] = pixel_agreement(t_step.label_map, t_base.label_map)
+            if prepared.labels is not None:
+                h, w = prepared.input_hw
+                gt = prepared.labels[:h, :w]
+                cs, cb = confusion(t_step.label_map, gt, num_classes), confusion(t_base.label_map, gt, num_classes)
+                conf_step += cs
+                conf_base += cb
+                row["step_miou"], row["base_miou"] = mean_iou(cs), mean_iou(cb)
+            name = unique_name(path.stem, taken)
+            with image_folder(run_dir, name) as folder:
+                t_step.save(folder / "step")
+                t_base.save(folder / "baseline")
+                write_rgb(folder / "image.png", prepared.display)
+                panels = [("baseline segmentation", render_overlay("segmentation", prepared.display, t_base)),
+                          ("STEP segmentation", render_overlay("segmentation", prepared.display, t_step)),
+                          ("STEP supertokens", render_overlay("merge", prepared.display, t_step)),
+                          ("STEP exits", render_overlay("exit", prepared.display, t_step))]
+                compare_figure(prepared.display, panels, t_step, t_base, folder / "compare.png",
+                               f"{path.name}: {row['token_reduction']:.2f}x fewer tokens, {row['flop_reduction']:.2f}x "
+                               f"fewer FLOPs, {row['speedup']:.2f}x faster, {100 * row['agreement']:.1f}% pixels agree")
+            block_rows.append(pd.DataFrame({"image": name, "block": np.arange(1, t_step.meta.depth + 1),
+                                            "base_tokens_in": t_base.block_tokens_in,
+                                            "step_tokens_in": t_step.block_tokens_in}))
+            row["folder"] = name
+            rows.append(row)
+            result.folder = name
+        except TokenscopeError as exc:
+            result.error = str(exc)
+        results.append(result)
+    if progress:
+        progress(len(images), len(images), "")
+    overall = _overall(rows, conf_step, conf_base, labels_path is not None)
+    if rows:
+        df = pd.DataFrame(rows)
+        write_table(pd.concat([df, pd.DataFrame([{"image": "ALL", **overall}])], ignore_index=True), run_dir / "compare.csv")
+        write_table(pd.concat(block_rows, ignore_index=True), run_dir / "tokens_per_block.csv")
+    loaded.model.configure(policy=step.policy, exits=step.exits)
+    write_json_atomic(run_dir / MANIFEST, {
+        "tool": "tokenscope", "version": __version__, "kind": "compare", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": loaded.config.name, "weights": loaded.weights_id, "device": str(device), "baseline": baseline,
+        "step": {"policy": step.policy, "exits": step.exits, "merge_thresholds": list(loaded.model.merge_thresholds),
+                 "exit_threshold": loaded.model.exit_threshold},
+        "flop_convention": "2 FLOPs per multiply-add (torch.utils.flop_counter), policy network included",
+        "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off",
+        "overall": overall, "warnings": loaded.warnings,
+        "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],
+    })
+    return CompareResult(run_dir, rows, overall, results, loaded.warnings)
+
+
+def _overall(rows: list[dict[str, Any]], conf_step: np.ndarray, conf_base: np.ndarray, have_labels: bool) -> dict[str, Any]:
+    if not rows:
+        return {}
+    df = pd.DataFrame(rows)
+    sums = {k: float(df[k].sum()) for k in ("base_gflops", "step_gflops", "base_latency_ms", "step_latency_ms")}
+    overall: dict[str, Any] = {
+        "patches": int(df["patches"].sum()), "base_tokens": int(df["base_tokens"].sum()),
+        "step_tokens": int(df["step_tokens"].sum()), **sums,
+        "base_peak_mib": float(df["base_peak_mib"].max()), "step_peak_mib": float(df["step_peak_mib"].max()),
+        "token_reduction": float(df["base_tokens"].sum() / df["step_tokens"].sum()),
+        "flop_reduction": sums["base_gflops"] / sums["step_gflops"],
+        "speedup": sums["base_latency_ms"] / sums["step_latency_ms"],
+        "agreement": float(np.average(df["agreement"], weights=df["input_h"] * df["input_w"])),
+    }
+    if have_labels:
+        overall["step_miou"], overall["base_miou"] = mean_iou(conf_step), mean_iou(conf_base)
+    return overall

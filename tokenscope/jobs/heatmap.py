@@ -1,0 +1,54 @@
+"""`tokenscope heatmap`: re-render overlays from a saved run, without loading any model.
+
+Renders go to a fresh `heatmaps-<time>` folder inside the run, so earlier pictures are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenscope.errors import ConfigError
+from tokenscope.jobs.run import Progress
+from tokenscope.jobs.runfolder import image_folder, latest_run, new_run_dir, read_manifest, read_rgb, write_rgb
+from tokenscope.render.overlays import OVERLAY_KINDS, render_overlay
+from tokenscope.render.plots import token_histogram
+from tokenscope.trace.trace import Trace
+
+HEATMAP_KINDS = (*OVERLAY_KINDS, "histogram", "all")
+
+
+@dataclass
+class HeatmapResult:
+    run_dir: Path
+    out_dir: Path
+    rendered: list[str]
+
+
+def rerender(run_dir: str | Path | None, kind: str = "all", out_root: str | Path = "outputs",
+             progress: Progress | None = None) -> HeatmapResult:
+    """Re-draw `kind` (or all) pictures for every image of a run folder (the latest if None)."""
+    if kind not in HEATMAP_KINDS:
+        raise ConfigError(f"unknown --kind {kind!r}; choose one of {', '.join(HEATMAP_KINDS)}")
+    run = Path(run_dir) if run_dir is not None else latest_run(out_root)
+    manifest = read_manifest(run)
+    folders = [im["folder"] for im in manifest.get("images", []) if im.get("folder")]
+    kinds = [*OVERLAY_KINDS, "histogram"] if kind == "all" else [kind]
+    out = new_run_dir(run, "heatmaps")
+    rendered = []
+    for i, name in enumerate(folders):
+        if progress:
+            progress(i, len(folders), name)
+        src = run / name
+        trace = Trace.load(src)
+        image = read_rgb(src / "image.png")
+        with image_folder(out, name) as dst:
+            for k in kinds:
+                if k == "histogram":
+                    token_histogram(trace, dst / "histogram.png")
+                else:
+                    write_rgb(dst / f"{k}.png", render_overlay(k, image, trace))
+        rendered.append(name)
+    if progress:
+        progress(len(folders), len(folders), "")
+    return HeatmapResult(run, out, rendered)

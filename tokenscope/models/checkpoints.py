@@ -1,0 +1,240 @@
+"""Weights: tokenscope checkpoints (safetensors + JSON) and timm backbone files.
+
+A tokenscope checkpoint is two files with one stem: `NAME.safetensors` (the StepViT state
+dict) and `NAME.json` (format tag, version, `StepConfig`, which parts are trained, metrics).
+Foreign ViT weights go through timm's own `checkpoint_filter_fn`, never through special cases
+in the model. Nothing here touches the network unless hub weights were asked for by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tokenscope.errors import CheckpointError, ConfigError
+from tokenscope.models.registry import StepConfig, resolve_config
+from tokenscope.models.step_vit import StepViT, create_backbone
+
+CHECKPOINT_FORMAT = "tokenscope-checkpoint"
+CHECKPOINT_VERSION = 1
+PARTS = ("backbone", "decoder", "exits", "policy")
+BUILTIN_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, and what the user must know about where its weights came from."""
+
+    model: StepViT
+    config: StepConfig
+    trained: dict[str, bool]
+    weights_id: str
+    """Short digest of the weights file, or how the weights were made (e.g. random-init)."""
+    source: str
+    warnings: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def default_policy(self) -> str:
+        return "learned" if self.trained.get("policy") else "uniform"
+
+    def default_exits(self) -> bool:
+        return bool(self.trained.get("exits"))
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(tensors, meta) paths of a checkpoint given either file or their common stem."""
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def is_tokenscope_checkpoint(path: str | os.PathLike[str]) -> bool:
+    tensors, meta = checkpoint_paths(path)
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("format") == CHECKPOINT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def save_checkpoint(model: StepViT, path: str | os.PathLike[str], trained: dict[str, bool],
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Write `NAME.safetensors` + `NAME.json` atomically (temp files, then rename)."""
+    tensors, meta = checkpoint_paths(path)
+    tensors.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    doc = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": model.cfg.to_dict(),
+        "trained": {p: bool(trained.get(p, False)) for p in PARTS},
+        "metadata": metadata or {},
+    }
+    with tempfile.TemporaryDirectory(dir=tensors.parent) as tmp:
+        t_tmp, m_tmp = Path(tmp) / tensors.name, Path(tmp) / meta.name
+        save_file(state, str(t_tmp))
+        m_tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(t_tmp, tensors)
+        os.replace(m_tmp, meta)
+    return tensors
+
+
+def _load_meta(meta: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{meta}: not a readable checkpoint description ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{meta}: not a tokenscope checkpoint description (format tag missing)")
+    if int(doc.get("version", 0)) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{meta}: checkpoint version {doc.get('version')} is newer than this tokenscope supports")
+    return doc
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    except Exception as exc:  # unpickling refuses arbitrary objects with various types
+        raise CheckpointError(f"{path}: not a plain tensor checkpoint ({type(exc).__name__})") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: does not hold a state dict of tensors")
+    return obj
+
+
+def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with wrong shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise CheckpointError(f"{source}: weights do not fit {what}: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> LoadedModel:
+    """Rebuild a StepViT from a tokenscope checkpoint."""
+    tensors, meta = checkpoint_paths(path)
+    doc = _load_meta(meta)
+    try:
+        cfg = StepConfig.from_dict(doc["config"])
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise CheckpointError(f"{meta}: invalid model config ({exc})") from None
+    model = StepViT(cfg)
+    _strict_load(model, _load_tensors(tensors), str(tensors), f"model {cfg.name} ({cfg.arch})")
+    trained = {p: bool(doc.get("trained", {}).get(p, False)) for p in PARTS}
+    return LoadedModel(model.eval(), cfg, trained, file_digest(tensors), str(tensors), metadata=doc.get("metadata", {}))
+
+
+def _backbone_from_file(cfg: StepConfig, path: Path) -> nn.Module:
+    """A timm ViT with weights from a local file, adapted by timm's checkpoint filter."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = _load_tensors(path)
+    pos = state.get("pos_embed")
+    img_size = cfg.img_size
+    vit = create_backbone(cfg)
+    if pos is not None and pos.ndim == 3:
+        n = pos.shape[1] - (0 if vit.no_embed_class else vit.num_prefix_tokens)
+        side = int(round(n ** 0.5))
+        if side * side == n:
+            img_size = side * 16
+    if img_size != cfg.img_size:
+        vit = create_backbone(StepConfig(**{**cfg.to_dict(), "img_size": img_size}))
+    try:
+        state = checkpoint_filter_fn(state, vit)
+    except Exception as exc:  # timm's filter raises on foreign layouts with various types
+        raise CheckpointError(f"{path}: not a timm ViT checkpoint for {cfg.arch} ({exc})") from None
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "head_drop."))}
+    _strict_load(vit, state, str(path), f"timm backbone {cfg.arch}")
+    return vit
+
+
+def build_model(name: str, weights: str | os.PathLike[str] | None = None, random_init: bool = False,
+                seed: int = 0, num_classes: int | None = None) -> LoadedModel:
+    """Resolve `--model`, `--weights` and `--random-init` into a model, or a clear error.
+
+    - a tokenscope checkpoint (`--weights NAME.json|NAME.safetensors`) defines everything;
+    - any other weights file is taken as a timm ViT backbone for the named model;
+    - `--weights hub` downloads timm's pretrained backbone (the only network access);
+    - `--random-init` builds untrained weights for architecture and speed studies.
+    """
+    if name == "demo" and weights is None and not random_init:
+        demo = BUILTIN_WEIGHTS_DIR / "demo.json"
+        if not demo.is_file():
+            raise CheckpointError("the demo model's weights are not installed with this tokenscope; pass --model and --weights")
+        return load_checkpoint(demo)
+    if weights is not None and random_init:
+        raise ConfigError("--weights and --random-init exclude each other; pick one")
+    if weights is not None and str(weights) != "hub" and is_tokenscope_checkpoint(weights):
+        return load_checkpoint(weights)
+    if name == "demo":
+        raise ConfigError("--model demo takes no other weights; pick a backbone model (vitt, vits, vitb, vitl, timm:<name>)")
+    cfg = resolve_config(name)
+    if num_classes is not None:
+        cfg = StepConfig(**{**cfg.to_dict(), "num_classes": num_classes})
+    if weights is None and not random_init:
+        raise CheckpointError(
+            f"model {name} has no weights here: pass --weights PATH (a tokenscope checkpoint or a timm "
+            f"{cfg.arch} file), --weights hub to download timm's backbone, or --random-init for speed/architecture studies"
+        )
+    torch.manual_seed(seed)
+    if random_init:
+        model = StepViT(cfg)
+        return LoadedModel(model.eval(), cfg, {p: False for p in PARTS}, f"random-init(seed={seed})", "random-init",
+                           warnings=[f"{name} uses RANDOM weights (--random-init): predictions, exits and the learned "
+                                     "policy are noise; token counts, FLOPs and timings are real"])
+    if str(weights) == "hub":
+        import timm
+
+        try:
+            vit = timm.create_model(cfg.arch, pretrained=True, num_classes=0, img_size=cfg.img_size, **cfg.timm_kwargs)
+        except Exception as exc:  # network and hub errors come in many types
+            raise CheckpointError(f"cannot download timm weights for {cfg.arch} ({str(exc).splitlines()[0]})") from None
+        source, wid = f"hub:{cfg.arch}", f"hub:{cfg.arch}"
+    else:
+        path = Path(str(weights))
+        if path.suffix == ".json":
+            raise CheckpointError(f"{path}: not a tokenscope checkpoint description (format tag missing)")
+        vit = _backbone_from_file(cfg, path)
+        source, wid = str(path), file_digest(path)
+    cfg = StepConfig(**{**cfg.to_dict(), "img_size": int(vit.patch_embed.img_size[0])})
+    model = StepViT(cfg, vit)
+    return LoadedModel(model.eval(), cfg, {"backbone": True, "decoder": False, "exits": False, "policy": False},
+                       wid, source, warnings=["only the backbone is trained: the decoder and exit gates are random, so "
+                                              "class predictions are noise; merges from --policy uniform/oracle are real"])

@@ -1,0 +1,94 @@
+"""Analytic FLOPs of a StepViT as a function of how many tokens enter each part.
+
+Counts 2 FLOPs per multiply-add and only matrix products (linear layers, attention), the
+convention of `torch.utils.flop_counter`; tests check the two agree exactly. Knowing the cost
+per token count lets a trace give per-block FLOPs without re-running anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """FLOPs of one encoder block for N tokens: N * per_token + N^2 * per_pair."""
+
+    per_token: int
+    per_pair: int
+
+    def flops(self, n: int) -> int:
+        return int(n) * self.per_token + int(n) * int(n) * self.per_pair
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-part FLOP coefficients of a model (prefix tokens count as tokens in blocks)."""
+
+    blocks: tuple[BlockCost, ...]
+    embed_per_token: int
+    gate_per_token: int
+    decoder_per_token: int
+    num_prefix_tokens: int
+
+    def block_flops(self, patch_tokens_in: list[int] | tuple[int, ...]) -> list[int]:
+        """FLOPs of each block given the patch-derived tokens entering it (0 = block skipped)."""
+        return [c.flops(n + self.num_prefix_tokens) if n > 0 else 0 for c, n in zip(self.blocks, patch_tokens_in)]
+
+    def total(self, num_tokens: int, patch_tokens_in: list[int] | tuple[int, ...], gate_tokens_in: list[int],
+              final_tokens: int) -> int:
+        """Encoder + heads for one image (policy excluded: it is measured, not modelled)."""
+        return (num_tokens * self.embed_per_token + sum(self.block_flops(patch_tokens_in))
+                + sum(gate_tokens_in) * self.gate_per_token + final_tokens * self.decoder_per_token)
+
+
+def _linear_flops_per_token(module: nn.Module) -> int:
+    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def block_cost(block: nn.Module) -> BlockCost:
+    """Per-token linear cost plus attention's q@k^T and attn@v (2 * 2 * N^2 * D_attn)."""
+    attn = getattr(block, "attn", None)
+    qkv = getattr(attn, "qkv", None)
+    if not isinstance(qkv, nn.Linear):
+        raise ValueError("block has no fused qkv projection; cannot model its cost")
+    attn_dim = qkv.out_features // 3
+    return BlockCost(per_token=_linear_flops_per_token(block), per_pair=4 * attn_dim)
+
+
+def cost_model(model: nn.Module) -> CostModel:
+    """Read the coefficients off a StepViT's modules."""
+    proj = model.embed.patch_embed.proj  # type: ignore[attr-defined]
+    embed = 2 * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * proj.out_channels
+    gates = list(model.gates.values())  # type: ignore[attr-defined]
+    gate = _linear_flops_per_token(gates[0]) if gates else 0
+    return CostModel(
+        blocks=tuple(block_cost(b) for b in model.blocks),  # type: ignore[attr-defined]
+        embed_per_token=embed,
+        gate_per_token=gate,
+        decoder_per_token=_linear_flops_per_token(model.decoder),  # type: ignore[attr-defined]
+        num_prefix_tokens=int(model.num_prefix_tokens),  # type: ignore[attr-defined]
+    )
+
+
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                    **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+CPU_ATTENTION_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+"""torch's counter has no formula for the CPU fused attention kernel and would silently count
+zero attention FLOPs on the CPU; this supplies the same formula it uses for the GPU kernels."""
+
+
+def measure_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int], Any]:
+    """Run `fn()` under torch's FLOP counter: (total, per-module totals, fn's result)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FORMULAS) as counter:
+        result = fn()
+    per_module = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
+    return int(counter.get_total_flops()), per_module, result

@@ -1,0 +1,204 @@
+"""Merge policies: who decides which patches share a supertoken.
+
+Every policy scores each aligned block at levels 1..4 (the probability that the block holds a
+single class) and turns the scores into a `Partition` with the same top-down threshold rule,
+so that policies differ only in their scores and can be compared fairly. Each policy is a
+named module, which lets a forward hook observe its scores and partitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenscope.errors import ConfigError
+from tokenscope.models.partition import MAX_LEVEL, Partition, block_homogeneity, level_shape, quadtree_partition
+
+POLICY_NAMES = ("learned", "oracle", "uniform", "none")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class PolicyOutput:
+    """Per-level block scores (B, gh>>k, gw>>k) for k = 1..levels, and one partition per image."""
+
+    scores: list[torch.Tensor]
+    partitions: list[Partition]
+
+
+class Policy(nn.Module):
+    """Base class: subclasses implement `score`; thresholds and partitioning are shared."""
+
+    name = "base"
+
+    def __init__(self, thresholds: Sequence[float] = (0.5,) * MAX_LEVEL, patch: int = 16) -> None:
+        super().__init__()
+        self.patch = patch
+        self.thresholds: tuple[float, ...] = tuple(float(t) for t in thresholds)
+        if len(self.thresholds) != MAX_LEVEL:
+            raise ConfigError(f"expected {MAX_LEVEL} merge thresholds (levels 1-{MAX_LEVEL}), got {len(self.thresholds)}")
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> PolicyOutput:
+        """`images` are RGB in [0, 1], (B, 3, H, W) with H, W multiples of the patch size."""
+        grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
+        scores = self.score(images, labels)
+        host = [s.detach().float().cpu().numpy() for s in scores]
+        partitions = [
+            quadtree_partition([h[b] for h in host], self.thresholds, grid) for b in range(images.shape[0])
+        ]
+        return PolicyOutput(scores=scores, partitions=partitions)
+
+
+class NoMergePolicy(Policy):
+    """The plain 16x16 grid: every block scores 0, nothing merges."""
+
+    name = "none"
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
+        b = images.shape[0]
+        grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
+        return [images.new_zeros((b, *level_shape(grid, k))) for k in range(1, MAX_LEVEL + 1)]
+
+
+class OraclePolicy(Policy):
+    """Merge a block iff its ground-truth labels are a single class: the upper bound."""
+
+    name = "oracle"
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
+        if labels is None:
+            raise ConfigError("policy 'oracle' needs a label map: pass --labels")
+        return [h.to(images.dtype) for h in block_homogeneity(labels, MAX_LEVEL, self.patch)]
+
+
+class UniformPolicy(Policy):
+    """Training-free: a block scores exp(-sigma / tau), sigma being the largest per-channel
+    standard deviation of its pixels (RGB in [0, 1]). Flat regions such as sky merge."""
+
+    name = "uniform"
+
+    def __init__(self, thresholds: Sequence[float] = (0.5,) * MAX_LEVEL, patch: int = 16, tau: float = 0.05) -> None:
+        super().__init__(thresholds, patch)
+        self.tau = tau
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
+        x = images.float()
+        m1 = F.avg_pool2d(x, self.patch)
+        m2 = F.avg_pool2d(x * x, self.patch)
+        out = []
+        for k in range(1, MAX_LEVEL + 1):
+            s = 1 << k
+            gh, gw = m1.shape[-2] >> k, m1.shape[-1] >> k
+            if gh == 0 or gw == 0:
+                out.append(x.new_zeros((x.shape[0], gh, gw)))
+                continue
+            a1 = F.avg_pool2d(m1[..., : gh * s, : gw * s], s)
+            a2 = F.avg_pool2d(m2[..., : gh * s, : gw * s], s)
+            sigma = (a2 - a1 * a1).clamp_min(0).sqrt().amax(dim=1)
+            out.append(torch.exp(-sigma / self.tau))
+        return out
+
+
+def _conv_bn_act(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class MiniBackbone(nn.Module):
+    """Five stride-2 convolutions to stride 32: a policy trunk cheap enough for CPU demos."""
+
+    def __init__(self, widths: Sequence[int] = (16, 24, 32, 48, 64)) -> None:
+        super().__init__()
+        chans = [3, *widths]
+        self.stages = nn.Sequential(*[_conv_bn_act(chans[i], chans[i + 1], 2) for i in range(len(widths))])
+        self.out_channels = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(x)
+
+
+class TimmBackbone(nn.Module):
+    """A timm CNN (e.g. efficientnet_lite0, as in CTS) cut at its stride-32 feature map."""
+
+    def __init__(self, arch: str) -> None:
+        super().__init__()
+        self.net = timm.create_model(arch, pretrained=False, features_only=True, out_indices=(-1,))
+        if self.net.feature_info.reduction()[-1] != 32:
+            raise ConfigError(f"policy backbone {arch} does not end at stride 32")
+        self.out_channels = self.net.feature_info.channels()[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[-1]
+
+
+class PolicyNet(nn.Module):
+    """dCTS scorer: stride-32 features give level-1 (32 px) cells; each further stride-2 step
+    gives the next level's cells; one 1x1 head per level outputs a merge logit per cell."""
+
+    def __init__(self, backbone: str = "mini", levels: int = MAX_LEVEL, width: int = 64) -> None:
+        super().__init__()
+        self.trunk: nn.Module = MiniBackbone() if backbone == "mini" else TimmBackbone(backbone)
+        cin = self.trunk.out_channels  # type: ignore[attr-defined]
+        self.reduce = _conv_bn_act(cin, width, 1)
+        self.downs = nn.ModuleList([_conv_bn_act(width, width, 2) for _ in range(levels - 1)])
+        self.heads = nn.ModuleList([nn.Conv2d(width, 1, 1) for _ in range(levels)])
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor, patch: int = 16) -> list[torch.Tensor]:
+        """Merge logits per level, cropped to the blocks that fit inside the patch grid."""
+        grid = (images.shape[-2] // patch, images.shape[-1] // patch)
+        f = self.reduce(self.trunk((images - self.mean) / self.std))
+        logits = []
+        for k, head in enumerate(self.heads, start=1):
+            if k > 1:
+                f = self.downs[k - 2](f)
+            gh, gw = level_shape(grid, k)
+            logits.append(head(f)[:, 0, :gh, :gw])
+        return logits
+
+
+class LearnedPolicy(Policy):
+    """dCTS: a small CNN predicts, per block, the probability that it is one class."""
+
+    name = "learned"
+
+    def __init__(self, net: PolicyNet, thresholds: Sequence[float] = (0.5,) * MAX_LEVEL, patch: int = 16) -> None:
+        super().__init__(thresholds, patch)
+        self.net = net
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
+        return [torch.sigmoid(lg.float()) for lg in self.net(images, self.patch)]
+
+
+def parse_thresholds(text: str | Sequence[float] | float | None, default: Sequence[float]) -> tuple[float, ...]:
+    """`0.6` -> the same threshold for every level; `0.9,0.8,0.7,0.6` -> one per level 1..4."""
+    if text is None:
+        return tuple(default)
+    if isinstance(text, (int, float)):
+        vals = [float(text)]
+    elif isinstance(text, str):
+        try:
+            vals = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"merge threshold {text!r} is not a number or a comma-separated list of 4 numbers") from None
+    else:
+        vals = [float(v) for v in text]
+    if len(vals) == 1:
+        vals = vals * MAX_LEVEL
+    if len(vals) != MAX_LEVEL:
+        raise ConfigError(f"merge threshold needs 1 or {MAX_LEVEL} values (levels 1-{MAX_LEVEL}), got {len(vals)}")
+    if any(not np.isfinite(v) or v < 0 for v in vals):
+        raise ConfigError(f"merge thresholds must be >= 0 (above 1 disables a level), got {vals}")
+    return tuple(vals)

@@ -1,0 +1,99 @@
+"""Model names -> small config records, kept apart from the architecture and from weights.
+
+`StepConfig` is everything needed to rebuild a STEP model's architecture and its default
+operating point; it is what a tokenscope checkpoint stores beside its tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+
+from tokenscope.errors import ConfigError
+from tokenscope.models.partition import MAX_LEVEL
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Architecture and default thresholds of a STEP segmenter."""
+
+    name: str
+    arch: str
+    """timm ViT name (patch size 16), e.g. vit_large_patch16_224."""
+    num_classes: int
+    exit_after: tuple[int, ...]
+    """Gates sit after these many blocks (1-based block counts)."""
+    exit_threshold: float = 0.95
+    merge_thresholds: tuple[float, ...] = (0.5,) * MAX_LEVEL
+    policy_backbone: str = "mini"
+    uniform_tau: float = 0.05
+    img_size: int = 224
+    """Input size the backbone's position embedding was made for (its native grid)."""
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Overrides passed to timm.create_model (depth, embed_dim, ...), for small models."""
+    class_names: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StepConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model config fields {sorted(unknown)}; is the checkpoint from a newer tokenscope?")
+        kw = dict(d)
+        for key in ("exit_after", "merge_thresholds", "pixel_mean", "pixel_std", "class_names"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+    def class_name(self, c: int) -> str:
+        return self.class_names[c] if 0 <= c < len(self.class_names) else f"class_{c}"
+
+
+def default_exits(depth: int) -> tuple[int, int]:
+    """Gates at the ends of the first and second thirds of the encoder."""
+    return depth // 3, 2 * depth // 3
+
+
+def _vit(name: str, arch: str, depth: int, num_classes: int = 150) -> StepConfig:
+    cfg = timm.get_pretrained_cfg(arch)
+    mean = tuple(cfg.mean) if cfg is not None else (0.5, 0.5, 0.5)
+    std = tuple(cfg.std) if cfg is not None else (0.5, 0.5, 0.5)
+    return StepConfig(name=name, arch=arch, num_classes=num_classes, exit_after=default_exits(depth),
+                      pixel_mean=mean, pixel_std=std)  # type: ignore[arg-type]
+
+
+BUILTIN: dict[str, StepConfig] = {
+    "vitt": _vit("vitt", "vit_tiny_patch16_224", 12),
+    "vits": _vit("vits", "vit_small_patch16_224", 12),
+    "vitb": _vit("vitb", "vit_base_patch16_224", 12),
+    "vitl": _vit("vitl", "vit_large_patch16_224", 24),
+}
+"""Named STEP models on timm ViT-Ti/S/B/L patch16; 150 classes (ADE20K) by default."""
+
+
+def config_for_timm(arch: str, num_classes: int = 150) -> StepConfig:
+    """A STEP config for any timm ViT named `timm:<arch>` on the command line."""
+    if arch not in timm.list_models():
+        raise ConfigError(f"timm has no model named {arch!r}; try `timm.list_models('vit_*')`")
+    try:
+        depth = len(timm.create_model(arch, pretrained=False, num_classes=0, img_size=64).blocks)
+    except Exception as exc:  # timm raises many types for unsupported kwargs
+        raise ConfigError(f"{arch} cannot be built as a ViT for segmentation ({exc})") from None
+    return _vit(f"timm:{arch}", arch, depth, num_classes)
+
+
+def resolve_config(name: str) -> StepConfig:
+    """The config for a registry name or a `timm:<arch>` spec."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    if name.startswith("timm:"):
+        return config_for_timm(name[len("timm:"):])
+    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(BUILTIN))}, demo, or timm:<vit name>")

@@ -1,0 +1,28 @@
+"""Where models run: device choice and the synchronisation that honest timing needs."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenscope.errors import ConfigError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(choice: str) -> torch.device:
+    """`auto` takes the GPU when there is one; asking for `cuda` without one is an error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        return torch.device(choice)
+    raise ConfigError(f"unknown device {choice!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock time covers the computation itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

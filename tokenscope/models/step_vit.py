@@ -1,0 +1,261 @@
+"""The STEP segmenter: a timm ViT with supertokens (dCTS) and early-exit gates.
+
+The forward pass reads as `policy -> embed -> blocks with gates -> decode -> un-merge`. Every
+step that tokenscope shows is a named submodule (`policies.*`, `embed`, `blocks.i`,
+`gates.<after_block>`, `decoder`), so hooks can observe it; the model itself never records
+or writes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenscope.errors import ConfigError
+from tokenscope.models.decoders import LinearDecoder
+from tokenscope.models.exits import ExitGate, GateDecision
+from tokenscope.models.partition import MAX_LEVEL, Partition
+from tokenscope.models.policy import (
+    POLICY_NAMES,
+    LearnedPolicy,
+    NoMergePolicy,
+    OraclePolicy,
+    PolicyNet,
+    UniformPolicy,
+)
+from tokenscope.models.registry import StepConfig
+from tokenscope.models.superpatch import SuperpatchEmbed
+
+
+@dataclass
+class StepOutput:
+    """Predictions of one batch.
+
+    `patch_logits` (B, C, gh, gw) are the un-merged logits of every patch; `token_logits`
+    (B, T, C) the final logits of every token (its gate's if it exited); `exit_block` (B, T)
+    how many blocks each token went through (depth = all; -1 for padding slots).
+    """
+
+    patch_logits: torch.Tensor
+    token_logits: torch.Tensor
+    exit_block: torch.Tensor
+    partitions: list[Partition]
+    aux_patch_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per gate (keyed by its block), patch logits from every token: deep supervision."""
+
+
+def attention_mask(valid: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Key-padding mask (B, 1, 1, P + N) for SDPA: True where a key may be attended."""
+    prefix = valid.new_ones((valid.shape[0], num_prefix))
+    return torch.cat([prefix, valid], dim=1)[:, None, None, :]
+
+
+def compact(x: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Remove the slots not in `keep`, per image, and shrink the padding to the longest image.
+
+    Returns the new tokens, ids, validity and per-image counts (a host list: one sync per gate).
+    """
+    counts = keep.sum(dim=1).tolist()
+    n = max(counts)
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :n]
+    x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    valid = keep.gather(1, order)
+    ids = torch.where(valid, token_ids.gather(1, order), torch.full_like(order, -1))
+    return x, ids, valid, counts
+
+
+def unmerge(token_values: torch.Tensor, token_of_patch: torch.Tensor) -> torch.Tensor:
+    """Copy every token's values (B, T, C) to each patch it covers: (B, C, gh, gw)."""
+    b, gh, gw = token_of_patch.shape
+    idx = token_of_patch.reshape(b, gh * gw, 1).expand(-1, -1, token_values.shape[-1])
+    return token_values.gather(1, idx).transpose(1, 2).reshape(b, -1, gh, gw)
+
+
+def scatter_tokens(target: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """target[b, token_ids[b, n]] = values[b, n] wherever mask[b, n]."""
+    bi, ni = torch.nonzero(mask, as_tuple=True)
+    target[bi, token_ids[bi, ni]] = values[bi, ni].to(target.dtype)
+
+
+class StepViT(nn.Module):
+    """STEP encoder-decoder built from a timm VisionTransformer's parts."""
+
+    def __init__(self, cfg: StepConfig, vit: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if vit is None:
+            vit = create_backbone(cfg)
+        check_backbone(vit, cfg.arch)
+        dim = int(vit.embed_dim)
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.embed = SuperpatchEmbed(vit.patch_embed, vit.pos_embed, vit.patch_embed.grid_size,
+                                     self.num_prefix_tokens, bool(vit.no_embed_class))
+        self.cls_token = vit.cls_token
+        self.reg_token = vit.reg_token
+        self.norm_pre = vit.norm_pre
+        self.blocks = vit.blocks
+        self.norm = vit.norm
+        depth = len(self.blocks)
+        for k in cfg.exit_after:
+            if not 1 <= k < depth:
+                raise ConfigError(f"exit gate after block {k} is outside 1..{depth - 1} for {cfg.name}")
+        self.gates = nn.ModuleDict({str(k): ExitGate(dim, cfg.num_classes, k, cfg.exit_threshold) for k in sorted(cfg.exit_after)})
+        self.decoder = LinearDecoder(dim, cfg.num_classes)
+        self.policies = nn.ModuleDict({
+            "learned": LearnedPolicy(PolicyNet(cfg.policy_backbone), cfg.merge_thresholds),
+            "oracle": OraclePolicy(cfg.merge_thresholds),
+            "uniform": UniformPolicy(cfg.merge_thresholds, tau=cfg.uniform_tau),
+            "none": NoMergePolicy(cfg.merge_thresholds),
+        })
+        self.active_policy = "learned"
+        self.exits_enabled = True
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def exit_after(self) -> tuple[int, ...]:
+        return tuple(sorted(int(k) for k in self.gates))
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.policies[self.active_policy]
+
+    def configure(self, policy: str | None = None, merge_thresholds: Sequence[float] | None = None,
+                  exit_threshold: float | None = None, exits: bool | None = None) -> "StepViT":
+        """Set the operating point (which policy, thresholds, exits on/off) in place."""
+        if policy is not None:
+            if policy not in POLICY_NAMES:
+                raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+            self.active_policy = policy
+        if merge_thresholds is not None:
+            if len(merge_thresholds) != MAX_LEVEL:
+                raise ConfigError(f"expected {MAX_LEVEL} merge thresholds, got {len(merge_thresholds)}")
+            for p in self.policies.values():
+                p.thresholds = tuple(float(t) for t in merge_thresholds)
+        if exit_threshold is not None:
+            if not 0.0 <= exit_threshold <= 1.0 + 1e-9 and exit_threshold != float("inf"):
+                raise ConfigError(f"exit threshold must be in [0, 1] (or above 1 to disable), got {exit_threshold}")
+            for g in self.gates.values():
+                g.threshold = float(exit_threshold)
+        if exits is not None:
+            self.exits_enabled = bool(exits)
+        return self
+
+    @property
+    def merge_thresholds(self) -> tuple[float, ...]:
+        return tuple(self.policies["none"].thresholds)
+
+    @property
+    def exit_threshold(self) -> float:
+        gates = list(self.gates.values())
+        return float(gates[0].threshold) if gates else float("nan")
+
+    def prefix_tokens(self, batch: int, pos_prefix: torch.Tensor | None) -> torch.Tensor | None:
+        parts = []
+        if self.cls_token is not None:
+            parts.append(self.cls_token.expand(batch, -1, -1))
+        if self.reg_token is not None:
+            parts.append(self.reg_token.expand(batch, -1, -1))
+        if not parts:
+            return None
+        prefix = torch.cat(parts, dim=1)
+        return prefix + pos_prefix if pos_prefix is not None else prefix
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, return_aux: bool = False) -> StepOutput:
+        """`images`: RGB in [0, 1], (B, 3, H, W), H and W multiples of 16.
+
+        With `return_aux`, every gate also classifies all of its tokens for deep supervision.
+        """
+        b = images.shape[0]
+        decision = self.policy(images, labels)
+        partitions = decision.partitions
+        emb, pos_prefix = self.embed((images - self.pixel_mean) / self.pixel_std, partitions)
+        x, ids, valid = emb.tokens, emb.token_ids, emb.valid
+        counts = [p.num_tokens for p in partitions]
+        prefix = self.prefix_tokens(b, pos_prefix)
+        p = 0 if prefix is None else prefix.shape[1]
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        x = self.norm_pre(x)
+        t_max = ids.shape[1]
+        num_classes = self.decoder.head.out_features
+        token_logits = x.new_zeros((b, t_max, num_classes))
+        exit_block = torch.where(valid, torch.full_like(ids, self.depth), torch.full_like(ids, -1))
+        aux: dict[int, torch.Tensor] = {}
+        grid_ids = torch.from_numpy(np.stack([pt.token_of_patch for pt in partitions])).long().to(images.device)
+        for i, blk in enumerate(self.blocks):
+            if max(counts) == 0:
+                break
+            mask = attention_mask(valid, p) if min(counts) < x.shape[1] - p else None
+            x = blk(x, attn_mask=mask)
+            gate = self.gates[str(i + 1)] if str(i + 1) in self.gates else None
+            if gate is None or not (self.exits_enabled or return_aux):
+                continue
+            dec: GateDecision = gate(x[:, p:], ids, valid, allow_exit=self.exits_enabled)
+            if return_aux:
+                full = dec.logits.new_zeros((b, t_max, num_classes))
+                scatter_tokens(full, dec.logits, ids, valid)
+                aux[i + 1] = unmerge(full, grid_ids)
+            if self.exits_enabled:
+                scatter_tokens(token_logits, dec.logits, ids, dec.exits)
+                scatter_tokens(exit_block, torch.full_like(ids, i + 1), ids, dec.exits)
+                patch_part, ids, valid, counts = compact(x[:, p:], ids, valid & ~dec.exits)
+                x = torch.cat([x[:, :p], patch_part], dim=1)
+        if max(counts) > 0:
+            final = self.decoder(self.norm(x)[:, p:])
+            scatter_tokens(token_logits, final, ids, valid)
+        return StepOutput(unmerge(token_logits, grid_ids), token_logits, exit_block, partitions, aux)
+
+
+def create_backbone(cfg: StepConfig) -> nn.Module:
+    """A randomly initialised timm ViT for `cfg` (weights are loaded separately)."""
+    try:
+        return timm.create_model(cfg.arch, pretrained=False, num_classes=0, img_size=cfg.img_size, **cfg.timm_kwargs)
+    except Exception as exc:  # timm raises many types for unsupported kwargs
+        raise ConfigError(f"cannot build timm model {cfg.arch!r} ({exc})") from None
+
+
+def check_backbone(vit: nn.Module, arch: str) -> None:
+    """Refuse backbones this encoder cannot drive, with a message rather than a crash later."""
+    needed = ("patch_embed", "blocks", "norm", "embed_dim", "num_prefix_tokens", "no_embed_class", "norm_pre")
+    missing = [a for a in needed if not hasattr(vit, a)]
+    if missing:
+        raise ConfigError(f"{arch} is not a plain timm VisionTransformer (missing {', '.join(missing)})")
+    proj = getattr(vit.patch_embed, "proj", None)
+    if not isinstance(proj, nn.Conv2d) or tuple(proj.kernel_size) != (16, 16) or tuple(proj.stride) != (16, 16):
+        raise ConfigError(f"{arch} does not use a 16x16 conv patch embedding; tokenscope needs patch size 16")
+
+
+def segment(patch_logits: torch.Tensor, padded_hw: tuple[int, int], input_hw: tuple[int, int],
+            class_chunk: int = 32) -> torch.Tensor:
+    """Label map (B, h, w): bilinear upsampling of patch logits to the padded size, cropped back.
+
+    Classes are upsampled in chunks with a running max, so 150 classes at 1024 px do not
+    need a (150, 1024, 1024) float buffer.
+    """
+    h, w = input_hw
+    best_val: torch.Tensor | None = None
+    best_idx: torch.Tensor | None = None
+    for c0 in range(0, patch_logits.shape[1], class_chunk):
+        up = F.interpolate(patch_logits[:, c0:c0 + class_chunk].float(), size=padded_hw, mode="bilinear",
+                           align_corners=False)[..., :h, :w]
+        val, idx = up.max(dim=1)
+        idx = idx + c0
+        if best_val is None:
+            best_val, best_idx = val, idx
+        else:
+            better = val > best_val
+            best_val = torch.where(better, val, best_val)
+            best_idx = torch.where(better, idx, best_idx)
+    assert best_idx is not None
+    return best_idx

@@ -1,0 +1,105 @@
+"""Supertoken embedding: every token, whatever its level, through the ViT's own patch embedding.
+
+A level-k token covers a (16*2^k)-pixel square. Area-resizing that square to 16x16 is exactly
+2^k x 2^k average pooling, so the image is pooled once per level present and only the selected
+blocks are cut out and projected: no work is spent on patches that were merged away. The
+position embedding of a supertoken is the mean of those of the patches it covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+
+from tokenscope.models.partition import Partition
+
+
+@dataclass
+class EmbeddedTokens:
+    """Patch-derived tokens padded to a common length, plus bookkeeping.
+
+    `tokens` (B, N, D) has position embeddings added; `token_ids` (B, N) holds each slot's token
+    id in its image's partition (-1 for padding); `valid` (B, N) marks real tokens.
+    """
+
+    tokens: torch.Tensor
+    token_ids: torch.Tensor
+    valid: torch.Tensor
+
+
+def _flatten_blocks(pooled: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, h*p, w*p) -> (B, h, w, C*p*p), each row in the (C, y, x) order of a conv kernel."""
+    b, c, hh, ww = pooled.shape
+    h, w = hh // patch, ww // patch
+    x = pooled[..., : h * patch, : w * patch].reshape(b, c, h, patch, w, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, h, w, c * patch * patch)
+
+
+class SuperpatchEmbed(nn.Module):
+    """Embeds a batch of images under their partitions (one per image)."""
+
+    def __init__(self, patch_embed: nn.Module, pos_embed: torch.Tensor | None, native_grid: Sequence[int],
+                 num_prefix_tokens: int, no_embed_class: bool) -> None:
+        super().__init__()
+        proj = patch_embed.proj
+        if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.padding != (0, 0):
+            raise ValueError("only ViTs with a plain conv patch embedding (kernel == stride) are supported")
+        self.patch_embed = patch_embed
+        self.patch = int(proj.kernel_size[0])
+        self.pos_embed = pos_embed if pos_embed is None else nn.Parameter(pos_embed.detach().clone())
+        self.native_grid = (int(native_grid[0]), int(native_grid[1]))
+        self.num_prefix_tokens = num_prefix_tokens
+        self.no_embed_class = no_embed_class
+
+    def patch_pos_grid(self, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Position embeddings resampled to `grid` as (D, gh, gw), and those of prefix tokens."""
+        if self.pos_embed is None:
+            return None, None
+        n_prefix_pos = 0 if self.no_embed_class else self.num_prefix_tokens
+        pe = resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.native_grid),
+                                    num_prefix_tokens=n_prefix_pos)
+        prefix = pe[:, :n_prefix_pos] if n_prefix_pos else None
+        grid_pe = pe[0, n_prefix_pos:].reshape(grid[0], grid[1], -1).permute(2, 0, 1)
+        return grid_pe, prefix
+
+    def forward(self, images: torch.Tensor, partitions: Sequence[Partition]) -> tuple[EmbeddedTokens, torch.Tensor | None]:
+        """Returns the embedded patch tokens and the prefix position embedding (or None)."""
+        b = images.shape[0]
+        device = images.device
+        grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
+        weight = self.patch_embed.proj.weight
+        w2d = weight.reshape(weight.shape[0], -1)
+        bias = self.patch_embed.proj.bias
+        pos_grid, pos_prefix = self.patch_pos_grid(grid)
+        counts = [p.num_tokens for p in partitions]
+        n_max = max(counts)
+        tokens = images.new_zeros((b, n_max, weight.shape[0]), dtype=weight.dtype)
+        levels = np.concatenate([p.level for p in partitions]).astype(np.int64)
+        rows = np.concatenate([p.row for p in partitions]).astype(np.int64)
+        cols = np.concatenate([p.col for p in partitions]).astype(np.int64)
+        img_idx = np.concatenate([np.full(c, i, dtype=np.int64) for i, c in enumerate(counts)])
+        slot = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
+        for k in np.unique(levels):
+            sel = np.nonzero(levels == k)[0]
+            s = 1 << int(k)
+            pooled = images if s == 1 else F.avg_pool2d(images, s)
+            blocks = _flatten_blocks(pooled.to(weight.dtype), self.patch)
+            bi = torch.from_numpy(img_idx[sel]).to(device)
+            ri = torch.from_numpy(rows[sel] >> k).to(device)
+            ci = torch.from_numpy(cols[sel] >> k).to(device)
+            emb = self.patch_embed.norm(F.linear(blocks[bi, ri, ci], w2d, bias))
+            if pos_grid is not None:
+                pg = pos_grid if s == 1 else F.avg_pool2d(pos_grid.unsqueeze(0), s)[0]
+                emb = emb + pg[:, ri, ci].transpose(0, 1).to(emb.dtype)
+            tokens[bi, torch.from_numpy(slot[sel]).to(device)] = emb
+        ids = torch.full((b, n_max), -1, dtype=torch.long)
+        for i, c in enumerate(counts):
+            ids[i, :c] = torch.arange(c)
+        ids = ids.to(device)
+        return EmbeddedTokens(tokens=tokens, token_ids=ids, valid=ids >= 0), pos_prefix

@@ -1,0 +1,168 @@
+"""Overlays: a trace drawn over its image (pure functions: (image, trace) -> RGB image).
+
+Each overlay is the image blended with a per-patch colour map, supertoken outlines where they
+help, and a legend strip under the image so that nothing in the picture is hidden by it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from tokenscope.render.palette import LEVEL_COLOURS, LEVEL_LABELS, class_palette, exit_colours
+from tokenscope.trace.trace import Trace
+
+PATCH = 16
+OVERLAY_KINDS = ("merge", "exit", "confidence", "segmentation")
+
+
+def _patch_map_to_pixels(colours: np.ndarray, trace: Trace) -> np.ndarray:
+    """(gh, gw, 3) per-patch colours -> (h, w, 3) at the input size."""
+    h, w = trace.meta.input_hw
+    up = np.repeat(np.repeat(colours, PATCH, axis=0), PATCH, axis=1)
+    return up[:h, :w]
+
+
+def _blend(image: np.ndarray, colour: np.ndarray, alpha: float, where: np.ndarray | None = None) -> np.ndarray:
+    out = image.astype(np.float32)
+    mix = (1 - alpha) * out + alpha * colour.astype(np.float32)
+    if where is None:
+        out = mix
+    else:
+        out[where] = mix[where]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _outline_supertokens(img: np.ndarray, trace: Trace, min_level: int = 1, colour: Sequence[int] | None = None) -> None:
+    for r, c, lvl in zip(trace.token_row, trace.token_col, trace.token_level):
+        if lvl < min_level:
+            continue
+        s = PATCH << int(lvl)
+        col = tuple(int(v) for v in (colour if colour is not None else LEVEL_COLOURS[int(lvl)]))
+        cv2.rectangle(img, (int(c) * PATCH, int(r) * PATCH), (int(c) * PATCH + s - 1, int(r) * PATCH + s - 1), col, 1)
+
+
+def legend_strip(width: int, items: Sequence[tuple[tuple[int, int, int], str]], title: str = "") -> np.ndarray:
+    """A white strip with coloured swatches and labels, wrapped over as many lines as needed."""
+    font, scale, thick, line_h, sw = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1, 18, 12
+    entries = ([((-1, -1, -1), title)] if title else []) + list(items)
+    lines: list[list[tuple[tuple[int, int, int], str, int]]] = [[]]
+    x = 6
+    for colour, label in entries:
+        tw = cv2.getTextSize(label, font, scale, thick)[0][0]
+        need = tw + (0 if colour[0] < 0 else sw + 4) + 12
+        if x + need > width and lines[-1]:
+            lines.append([])
+            x = 6
+        lines[-1].append((colour, label, x))
+        x += need
+    strip = np.full((line_h * len(lines) + 6, width, 3), 255, dtype=np.uint8)
+    for li, line in enumerate(lines):
+        y = 4 + li * line_h
+        for colour, label, x0 in line:
+            tx = x0
+            if colour[0] >= 0:
+                cv2.rectangle(strip, (x0, y + 2), (x0 + sw, y + 2 + sw), tuple(int(v) for v in colour), -1)
+                cv2.rectangle(strip, (x0, y + 2), (x0 + sw, y + 2 + sw), (60, 60, 60), 1)
+                tx = x0 + sw + 4
+            cv2.putText(strip, label, (tx, y + 13), font, scale, (20, 20, 20), thick, cv2.LINE_AA)
+    return strip
+
+
+def colourbar_strip(width: int, colormap: int, label_lo: str, label_hi: str, title: str) -> np.ndarray:
+    """A horizontal colour bar under an image, for continuous quantities such as confidence."""
+    strip = np.full((26, width, 3), 255, dtype=np.uint8)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4
+    tw = cv2.getTextSize(title, font, scale, 1)[0][0]
+    cv2.putText(strip, title, (6, 17), font, scale, (20, 20, 20), 1, cv2.LINE_AA)
+    x0 = 6 + tw + 8 + cv2.getTextSize(label_lo, font, scale, 1)[0][0] + 4
+    x1 = width - 8 - cv2.getTextSize(label_hi, font, scale, 1)[0][0] - 4
+    if x1 - x0 > 10:
+        ramp = np.linspace(0, 255, x1 - x0).astype(np.uint8)[None, :]
+        bar = cv2.cvtColor(cv2.applyColorMap(ramp, colormap), cv2.COLOR_BGR2RGB)
+        strip[6:20, x0:x1] = np.repeat(bar, 14, axis=0)
+        cv2.putText(strip, label_lo, (6 + tw + 8, 17), font, scale, (20, 20, 20), 1, cv2.LINE_AA)
+        cv2.putText(strip, label_hi, (x1 + 4, 17), font, scale, (20, 20, 20), 1, cv2.LINE_AA)
+    return strip
+
+
+def merge_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.4) -> np.ndarray:
+    """Supertokens filled and outlined by level; single patches left as they are."""
+    levels = trace.per_patch(trace.token_level).astype(np.int64)
+    colours = np.asarray(LEVEL_COLOURS, dtype=np.uint8)[levels]
+    pix = _patch_map_to_pixels(colours, trace)
+    merged = _patch_map_to_pixels(levels[..., None] > 0, trace)[..., 0]
+    out = _blend(image, pix, alpha, where=merged)
+    canvas = _padded_canvas(out, trace)
+    _outline_supertokens(canvas, trace)
+    counts = np.bincount(trace.token_level.astype(np.int64), minlength=5)
+    items = [(LEVEL_COLOURS[k], f"{LEVEL_LABELS[k]}: {int(counts[k])}") for k in range(5)]
+    title = f"{trace.num_tokens} tokens / {trace.num_patches} patches ({trace.reduction:.2f}x)"
+    return _with_strip(_crop(canvas, trace), legend_strip(image.shape[1], items, title))
+
+
+def exit_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.5) -> np.ndarray:
+    """Each patch coloured by where its token left: at a gate, or at the end of the encoder."""
+    points = [*trace.meta.exit_after, trace.meta.depth]
+    cols = np.asarray(exit_colours(trace.meta.exit_after), dtype=np.uint8)
+    index = np.searchsorted(np.asarray(points), trace.token_exit_block)
+    pix = _patch_map_to_pixels(cols[trace.per_patch(index)], trace)
+    canvas = _padded_canvas(_blend(image, pix, alpha), trace)
+    _outline_supertokens(canvas, trace, colour=(255, 255, 255))
+    items = []
+    for i, k in enumerate(points):
+        n = int(np.sum(trace.token_exit_block == k))
+        name = f"after block {k}" if i < len(points) - 1 else f"end (block {k})"
+        items.append((tuple(int(v) for v in cols[i]), f"{name}: {n}"))
+    return _with_strip(_crop(canvas, trace), legend_strip(image.shape[1], items, "tokens exiting"))
+
+
+def confidence_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.55) -> np.ndarray:
+    """Top-1 probability of each patch's final prediction (its gate's, if it exited)."""
+    conf = np.clip(trace.per_patch(trace.token_confidence), 0, 1)
+    lut = cv2.applyColorMap((conf * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
+    pix = _patch_map_to_pixels(cv2.cvtColor(lut, cv2.COLOR_BGR2RGB), trace)
+    out = _blend(image, pix, alpha)
+    strip = colourbar_strip(image.shape[1], cv2.COLORMAP_VIRIDIS, "0", "1",
+                            f"confidence (exit threshold {trace.meta.exit_threshold:g})")
+    return _with_strip(out, strip)
+
+
+def segmentation_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.5) -> np.ndarray:
+    """Predicted classes; the legend lists the most frequent ones."""
+    pal = class_palette(trace.meta.num_classes)
+    pix = pal[np.clip(trace.label_map, 0, len(pal) - 1)]
+    out = _blend(image, pix, alpha)
+    ids, counts = np.unique(trace.label_map, return_counts=True)
+    top = ids[np.argsort(-counts)][:8]
+    items = [(tuple(int(v) for v in pal[c]), trace.meta.class_name(int(c))) for c in top]
+    return _with_strip(out, legend_strip(image.shape[1], items, "predicted"))
+
+
+def _padded_canvas(img: np.ndarray, trace: Trace) -> np.ndarray:
+    ph, pw = trace.meta.padded_hw
+    canvas = np.full((ph, pw, 3), 255, dtype=np.uint8)
+    canvas[: img.shape[0], : img.shape[1]] = img
+    return canvas
+
+
+def _crop(canvas: np.ndarray, trace: Trace) -> np.ndarray:
+    h, w = trace.meta.input_hw
+    return np.ascontiguousarray(canvas[:h, :w])
+
+
+def _with_strip(img: np.ndarray, strip: np.ndarray) -> np.ndarray:
+    return np.concatenate([img, strip], axis=0)
+
+
+def render_overlay(kind: str, image: np.ndarray, trace: Trace) -> np.ndarray:
+    """Dispatch by name: merge | exit | confidence | segmentation."""
+    fn = {"merge": merge_overlay, "exit": exit_overlay, "confidence": confidence_overlay,
+          "segmentation": segmentation_overlay}.get(kind)
+    if fn is None:
+        raise ValueError(f"unknown overlay kind {kind!r}")
+    if image.shape[:2] != tuple(trace.meta.input_hw):
+        raise ValueError(f"image is {image.shape[:2]}, trace expects {tuple(trace.meta.input_hw)}")
+    return fn(image, trace)

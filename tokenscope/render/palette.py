@@ -1,0 +1,38 @@
+"""Colours: colour-blind-safe (Okabe-Ito) for levels and exit points, a stable palette for classes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+OKABE_ITO = {
+    "orange": (230, 159, 0), "sky": (86, 180, 233), "green": (0, 158, 115), "yellow": (240, 228, 66),
+    "blue": (0, 114, 178), "vermillion": (213, 94, 0), "purple": (204, 121, 167), "grey": (153, 153, 153),
+}
+
+LEVEL_COLOURS = [OKABE_ITO[c] for c in ("grey", "sky", "green", "orange", "purple")]
+"""RGB per superpatch level 0..4 (level 0 = a single 16x16 patch)."""
+
+LEVEL_LABELS = ["16 px (1 patch)", "32 px (2x2)", "64 px (4x4)", "128 px (8x8)", "256 px (16x16)"]
+
+EXIT_COLOURS = [OKABE_ITO[c] for c in ("vermillion", "yellow", "green", "sky", "purple", "orange")]
+FINAL_COLOUR = OKABE_ITO["blue"]
+
+
+def exit_colours(exit_after: tuple[int, ...] | list[int]) -> list[tuple[int, int, int]]:
+    """One colour per gate in order, then the colour for tokens that reached the end."""
+    return [EXIT_COLOURS[i % len(EXIT_COLOURS)] for i in range(len(exit_after))] + [FINAL_COLOUR]
+
+
+def class_palette(num_classes: int, seed: int = 7) -> np.ndarray:
+    """(max(num_classes, 256), 3) uint8 RGB, the same for every run of a model."""
+    base = np.array([
+        (70, 130, 180), (128, 64, 128), (70, 70, 70), (107, 142, 35), (0, 0, 142), (220, 20, 60),
+        (153, 153, 153), (250, 170, 30), (152, 251, 152), (244, 35, 232), (102, 102, 156), (190, 153, 153),
+        (220, 220, 0), (255, 0, 0), (0, 60, 100), (119, 11, 32), (0, 80, 100), (0, 0, 230), (81, 0, 81),
+    ], dtype=np.uint8)
+    n = max(num_classes, 256)
+    rng = np.random.default_rng(seed)
+    extra = rng.integers(30, 250, size=(n, 3), dtype=np.int64).astype(np.uint8)
+    extra[: len(base)] = base
+    extra[255] = (0, 0, 0)
+    return extra

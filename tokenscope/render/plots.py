@@ -1,0 +1,94 @@
+"""Matplotlib figures from traces: per-layer token histograms and the baseline-vs-STEP comparison."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tokenscope.analysis.stats import exit_level_matrix, level_block_matrix  # noqa: E402
+from tokenscope.models.partition import MAX_LEVEL  # noqa: E402
+from tokenscope.render.palette import LEVEL_COLOURS, LEVEL_LABELS  # noqa: E402
+from tokenscope.trace.trace import Trace  # noqa: E402
+
+
+def _rgb(c: Sequence[int]) -> tuple[float, float, float]:
+    return (c[0] / 255.0, c[1] / 255.0, c[2] / 255.0)
+
+
+def token_histogram(trace: Trace, path: str | os.PathLike[str], title: str | None = None) -> None:
+    """Left: tokens entering each block, stacked by superpatch level (gates marked).
+    Right: tokens leaving at each gate and at the end, stacked by level."""
+    m = trace.meta
+    by_block = level_block_matrix(trace)
+    points, by_exit = exit_level_matrix(trace)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 1.4]})
+    x = np.arange(1, m.depth + 1)
+    bottom = np.zeros(m.depth)
+    for k in range(MAX_LEVEL + 1):
+        if by_block[:, k].any():
+            ax1.bar(x, by_block[:, k], bottom=bottom, color=_rgb(LEVEL_COLOURS[k]), label=LEVEL_LABELS[k],
+                    edgecolor="white", linewidth=0.3)
+        bottom += by_block[:, k]
+    for g in m.exit_after:
+        ax1.axvline(g + 0.5, color="black", linestyle="--", linewidth=0.8)
+        ax1.text(g + 0.55, bottom.max() * 0.98, f"gate {g}", fontsize=8, va="top")
+    ax1.axhline(trace.num_patches, color="grey", linestyle=":", linewidth=0.8)
+    ax1.text(0.6, trace.num_patches, "16x16 patches", fontsize=8, va="bottom", color="grey")
+    ax1.set_xlabel("encoder block")
+    ax1.set_ylabel("tokens entering the block")
+    ax1.set_xticks(x if m.depth <= 24 else x[:: max(1, m.depth // 12)])
+    ax1.set_ylim(0, max(trace.num_patches, int(bottom.max())) * 1.12)
+    ax1.legend(fontsize=7, loc="upper right", title="superpatch", title_fontsize=7)
+    labels = [f"gate {p}" for p in points[:-1]] + ["end"]
+    b2 = np.zeros(len(points))
+    for k in range(MAX_LEVEL + 1):
+        if by_exit[:, k].any():
+            ax2.bar(labels, by_exit[:, k], bottom=b2, color=_rgb(LEVEL_COLOURS[k]), edgecolor="white", linewidth=0.3)
+        b2 += by_exit[:, k]
+    for i, v in enumerate(b2):
+        ax2.text(i, v, f"{int(v)}", ha="center", va="bottom", fontsize=8)
+    ax2.set_ylabel("tokens leaving")
+    ax2.set_ylim(0, max(1, b2.max()) * 1.15)
+    fig.suptitle(title or f"{os.path.basename(m.source)}: {trace.num_tokens} tokens from {trace.num_patches} patches, "
+                 f"{100 * trace.exited_early.mean():.1f}% exit early ({m.policy} policy)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare_figure(image: np.ndarray, panels: Sequence[tuple[str, np.ndarray]], step: Trace, base: Trace,
+                   path: str | os.PathLike[str], title: str) -> None:
+    """The image and labelled panels side by side, with tokens per block of both runs below."""
+    n = 1 + len(panels)
+    fig = plt.figure(figsize=(3.2 * n, 6.4))
+    grid = fig.add_gridspec(2, n, height_ratios=[1.4, 1])
+    ax = fig.add_subplot(grid[0, 0])
+    ax.imshow(image)
+    ax.set_title("input", fontsize=9)
+    ax.axis("off")
+    for i, (name, img) in enumerate(panels, start=1):
+        ax = fig.add_subplot(grid[0, i])
+        ax.imshow(img)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    ax = fig.add_subplot(grid[1, :])
+    x = np.arange(1, step.meta.depth + 1)
+    ax.step(x, base.block_tokens_in, where="mid", label=f"baseline ({base.num_tokens} tokens)", color="grey")
+    ax.step(x, step.block_tokens_in, where="mid", label=f"STEP ({step.num_tokens} tokens, {step.meta.policy})",
+            color=_rgb(LEVEL_COLOURS[2]), linewidth=2)
+    for g in step.meta.exit_after:
+        ax.axvline(g + 0.5, color="black", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("encoder block")
+    ax.set_ylabel("tokens entering")
+    ax.set_ylim(0, max(base.block_tokens_in.max(), 1) * 1.1)
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

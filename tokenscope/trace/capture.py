@@ -1,0 +1,111 @@
+"""Run a model on prepared images under a Recorder and assemble one checked Trace per image."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tokenscope.data.images import PreparedImage
+from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.models.cost import CostModel, cost_model, measure_flops
+from tokenscope.models.partition import grid_partition
+from tokenscope.models.runtime import synchronize
+from tokenscope.models.step_vit import segment
+from tokenscope.trace.recorder import ImageRecord, Recorder
+from tokenscope.trace.trace import Trace, TraceMeta
+
+
+def images_to_tensor(images: list[PreparedImage], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack same-sized prepared images (and their label maps, if all have one)."""
+    shapes = {im.padded_hw for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"a batch needs one padded size, got {sorted(shapes)}")
+    x = torch.from_numpy(np.stack([im.tensor_rgb for im in images])).to(device)
+    labels = None
+    if all(im.labels is not None for im in images):
+        labels = torch.from_numpy(np.stack([im.labels for im in images])).to(device)  # type: ignore[misc]
+    return x, labels
+
+
+def baseline_flops(cost: CostModel, num_patches: int) -> int:
+    """FLOPs of the same network with 16x16 patching and no exits (no policy to run)."""
+    return cost.total(num_patches, [num_patches] * len(cost.blocks), [], num_patches)
+
+
+@dataclass
+class TraceCapture:
+    """Turns images into traces with one loaded model on one device.
+
+    Policy FLOPs are measured with torch's counter once per policy and input size and cached;
+    everything else is computed from the recorded token counts with the analytic cost model.
+    """
+
+    loaded: LoadedModel
+    device: torch.device
+    _policy_flops: dict[tuple[str, tuple[int, int]], int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cost = cost_model(self.loaded.model)
+
+    def policy_flops(self, x: torch.Tensor, labels: torch.Tensor | None) -> int:
+        m = self.loaded.model
+        key = (m.active_policy, (int(x.shape[-2]), int(x.shape[-1])))
+        if key not in self._policy_flops:
+            with torch.no_grad():
+                total, _, _ = measure_flops(lambda: m.policy.score(x[:1], None if labels is None else labels[:1]))
+            self._policy_flops[key] = total
+        return self._policy_flops[key]
+
+    def __call__(self, images: list[PreparedImage]) -> list[Trace]:
+        model = self.loaded.model
+        x, labels = images_to_tensor(images, self.device)
+        with torch.no_grad(), Recorder(model) as rec:
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            out = model(x, labels)
+            synchronize(self.device)
+            forward_s = time.perf_counter() - t0
+            records = rec.pop_records()
+            maps = [segment(out.patch_logits[i:i + 1], im.padded_hw, im.input_hw)[0].cpu().numpy()
+                    for i, im in enumerate(images)]
+        policy_flops = self.policy_flops(x, labels)
+        return [self._trace(im, rec_, lm, policy_flops, forward_s, len(images))
+                for im, rec_, lm in zip(images, records, maps)]
+
+    def _trace(self, im: PreparedImage, rec: ImageRecord, label_map: np.ndarray, policy_flops: int,
+               forward_s: float, batch: int) -> Trace:
+        if not np.array_equal(rec.exit_block, rec.model_exit_block):
+            raise AssertionError(f"{im.source}: exits seen by the gate hooks differ from the model's own record")
+        model, cfg, part = self.loaded.model, self.loaded.config, rec.partition
+        block_flops = self.cost.block_flops(rec.block_tokens_in.tolist())
+        gate_in = [rec.gate_tokens_in.get(k, 0) for k in model.exit_after]
+        final = int(np.sum(rec.exit_block == model.depth))
+        flops = {
+            "policy": policy_flops,
+            "embed": part.num_tokens * self.cost.embed_per_token,
+            "blocks": int(sum(block_flops)),
+            "gates": int(sum(gate_in)) * self.cost.gate_per_token,
+            "decoder": final * self.cost.decoder_per_token,
+        }
+        flops["total"] = int(sum(flops.values()))
+        flops["baseline_total"] = baseline_flops(self.cost, grid_partition(part.grid).num_tokens)
+        meta = TraceMeta(
+            source=im.source, original_hw=im.original_hw, input_hw=im.input_hw, padded_hw=im.padded_hw,
+            grid=part.grid, model=cfg.name, arch=cfg.arch, depth=model.depth,
+            num_prefix_tokens=model.num_prefix_tokens, exit_after=model.exit_after,
+            exit_threshold=model.exit_threshold, merge_thresholds=model.merge_thresholds,
+            policy=model.active_policy, exits=model.exits_enabled, weights=self.loaded.weights_id,
+            num_classes=cfg.num_classes, class_names=cfg.class_names, device=str(self.device),
+            flops=flops, timings={"forward_s": forward_s / batch, "batch": float(batch)},
+        )
+        trace = Trace(
+            meta=meta, token_of_patch=part.token_of_patch, token_level=part.level, token_row=part.row,
+            token_col=part.col, token_exit_block=rec.exit_block, token_confidence=rec.confidence,
+            token_class=rec.predicted, block_tokens_in=rec.block_tokens_in, block_flops=np.asarray(block_flops),
+            label_map=label_map, policy_scores=rec.policy_scores,
+        )
+        trace.assert_consistent()
+        return trace

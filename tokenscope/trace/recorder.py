@@ -1,0 +1,155 @@
+"""Forward hooks that watch a StepViT and collect, per image, what happened to its tokens.
+
+The model does not know it is observed: the Recorder hooks the active policy (partition and
+scores), every block (how many tokens enter), every exit gate (which tokens leave) and the model
+itself (final token logits). During the forward pass only device tensors are kept; they are
+copied to the host once per forward call, when the model returns. Detaching the hooks leaves the
+model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tokenscope.models.exits import GateDecision
+from tokenscope.models.partition import Partition
+from tokenscope.models.policy import PolicyOutput
+from tokenscope.models.step_vit import StepOutput, StepViT
+
+
+@dataclass
+class ImageRecord:
+    """Host-side record of one image's pass, assembled from hook observations."""
+
+    partition: Partition
+    policy_scores: list[np.ndarray]
+    block_tokens_in: np.ndarray
+    """(depth,) patch-derived tokens entering each block, read from the blocks' inputs."""
+    gate_tokens_in: dict[int, int]
+    exit_block: np.ndarray
+    """(T,) from the gates' decisions: the gate's block for exited tokens, depth otherwise."""
+    model_exit_block: np.ndarray
+    """(T,) as the model itself reported it; must equal `exit_block`."""
+    confidence: np.ndarray
+    predicted: np.ndarray
+
+
+class _Call:
+    """Observations of one forward call, still on the device."""
+
+    def __init__(self, depth: int) -> None:
+        self.policy: PolicyOutput | None = None
+        self.block_counts: list[torch.Tensor | None] = [None] * depth
+        self.gates: list[GateDecision] = []
+
+
+class Recorder:
+    """Context manager: `with Recorder(model) as rec: model(x)`, then `rec.pop_records()`."""
+
+    def __init__(self, model: StepViT) -> None:
+        self.model = model
+        self._handles: list[Any] = []
+        self._call: _Call | None = None
+        self._records: list[ImageRecord] = []
+
+    # ---- attach / detach -----------------------------------------------------------------
+    def attach(self) -> "Recorder":
+        if self._handles:
+            return self
+        m = self.model
+        self._handles.append(m.register_forward_pre_hook(self._on_start))
+        self._handles.append(m.register_forward_hook(self._on_end))
+        for policy in m.policies.values():
+            self._handles.append(policy.register_forward_hook(self._on_policy))
+        for i, block in enumerate(m.blocks):
+            self._handles.append(block.register_forward_pre_hook(self._block_hook(i), with_kwargs=True))
+        for gate in m.gates.values():
+            self._handles.append(gate.register_forward_hook(self._on_gate))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._call = None
+
+    def __enter__(self) -> "Recorder":
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def pop_records(self) -> list[ImageRecord]:
+        """Records of every image seen since the last call, in order."""
+        out, self._records = self._records, []
+        return out
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _on_start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._call = _Call(self.model.depth)
+
+    def _on_policy(self, module: nn.Module, args: tuple[Any, ...], output: PolicyOutput) -> None:
+        if self._call is not None:
+            self._call.policy = output
+
+    def _block_hook(self, index: int):
+        p = self.model.num_prefix_tokens
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._call is None:
+                return
+            x = args[0] if args else kwargs["x"]
+            mask = kwargs.get("attn_mask")
+            if mask is None:
+                counts = torch.full((x.shape[0],), x.shape[1] - p, dtype=torch.long, device=x.device)
+            else:
+                counts = mask[:, 0, 0, p:].sum(dim=-1)
+            self._call.block_counts[index] = counts
+
+        return hook
+
+    def _on_gate(self, module: nn.Module, args: tuple[Any, ...], output: GateDecision) -> None:
+        if self._call is not None:
+            self._call.gates.append(output)
+
+    def _on_end(self, module: nn.Module, args: tuple[Any, ...], output: StepOutput) -> None:
+        call, self._call = self._call, None
+        if call is None or call.policy is None:
+            return
+        self._records.extend(_to_host(call, output, self.model.depth))
+
+
+def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
+    """One device-to-host copy per kind of observation, then split per image."""
+    b = len(out.partitions)
+    counts = np.stack([c.cpu().numpy() if c is not None else np.zeros(b, dtype=np.int64) for c in call.block_counts], axis=1)
+    probs = torch.softmax(out.token_logits.float(), dim=-1)
+    conf, pred = (t.cpu().numpy() for t in probs.max(dim=-1))
+    model_exit = out.exit_block.cpu().numpy()
+    scores = [s.detach().float().cpu().numpy() for s in call.policy.scores] if call.policy is not None else []
+    gates = [(g.after_block, g.exits.cpu().numpy(), g.token_ids.cpu().numpy(), g.token_ids.ge(0).sum(dim=1).cpu().numpy())
+             for g in call.gates]
+    records = []
+    for i, part in enumerate(out.partitions):
+        t = part.num_tokens
+        exit_block = np.full(t, depth, dtype=np.int64)
+        gate_in: dict[int, int] = {}
+        for after, exits, ids, entered in gates:
+            exit_block[ids[i][exits[i]]] = after
+            gate_in[after] = int(entered[i])
+        records.append(ImageRecord(
+            partition=part,
+            policy_scores=[s[i] for s in scores],
+            block_tokens_in=counts[i].astype(np.int64),
+            gate_tokens_in=gate_in,
+            exit_block=exit_block,
+            model_exit_block=model_exit[i, :t].astype(np.int64),
+            confidence=conf[i, :t],
+            predicted=pred[i, :t],
+        ))
+    return records

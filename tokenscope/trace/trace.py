@@ -1,0 +1,237 @@
+"""The Trace: what happened to every token of one image. The contract between model and renderers.
+
+On disk a trace is two files in one folder (format "tokenscope-trace", version 1):
+
+- `trace.json`: `{"format", "version", "meta": {...}, "arrays": [names]}`; `meta` holds the image
+  (source, original/input/padded size, patch grid), the model (name, arch, depth, exit blocks,
+  thresholds, policy, exits on/off, weights id, class names), FLOPs and timings;
+- `trace.npz`: the arrays below, by name.
+
+| array | shape | meaning |
+|---|---|---|
+| token_of_patch | (gh, gw) int32 | token id of every 16x16 patch |
+| token_level | (T,) int8 | superpatch level (side 2**level patches) |
+| token_row, token_col | (T,) int32 | top-left patch of the token |
+| token_exit_block | (T,) int16 | blocks the token went through (depth = reached the end) |
+| token_confidence | (T,) float32 | top-1 probability of its final prediction |
+| token_class | (T,) int32 | its predicted class |
+| block_tokens_in | (depth,) int32 | patch-derived tokens entering each block (hooks) |
+| block_flops | (depth,) int64 | FLOPs of each block (2 per multiply-add) |
+| label_map | (h, w) int32 | predicted class per pixel at the input size |
+| policy_score_l1..l4 | (gh>>k, gw>>k) float32 | the policy's merge score per aligned block |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokenscope.errors import RunFolderError
+
+TRACE_FORMAT = "tokenscope-trace"
+TRACE_VERSION = 1
+TRACE_JSON = "trace.json"
+TRACE_NPZ = "trace.npz"
+
+
+class TraceInconsistency(AssertionError):
+    """A trace breaks the accounting invariant: a bug, never a user error."""
+
+
+@dataclass
+class TraceMeta:
+    """Everything about the run of one image that is not an array."""
+
+    source: str
+    original_hw: tuple[int, int]
+    input_hw: tuple[int, int]
+    padded_hw: tuple[int, int]
+    grid: tuple[int, int]
+    model: str
+    arch: str
+    depth: int
+    num_prefix_tokens: int
+    exit_after: tuple[int, ...]
+    exit_threshold: float
+    merge_thresholds: tuple[float, ...]
+    policy: str
+    exits: bool
+    weights: str
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+    device: str = "cpu"
+    flops: dict[str, int] = field(default_factory=dict)
+    """Measured or modelled FLOPs by part: policy, embed, blocks, gates, decoder, total, baseline_total."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds, where measured (e.g. forward)."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TraceMeta":
+        kw = dict(d)
+        for key in ("original_hw", "input_hw", "padded_hw", "grid", "exit_after", "merge_thresholds", "class_names"):
+            kw[key] = tuple(kw.get(key, ()))
+        return cls(**kw)
+
+    def class_name(self, c: int) -> str:
+        return self.class_names[c] if 0 <= c < len(self.class_names) else f"class_{c}"
+
+
+ARRAYS = ("token_of_patch", "token_level", "token_row", "token_col", "token_exit_block", "token_confidence",
+          "token_class", "block_tokens_in", "block_flops", "label_map")
+DTYPES = {"token_of_patch": np.int32, "token_level": np.int8, "token_row": np.int32, "token_col": np.int32,
+          "token_exit_block": np.int16, "token_confidence": np.float32, "token_class": np.int32,
+          "block_tokens_in": np.int32, "block_flops": np.int64, "label_map": np.int32}
+
+
+@dataclass
+class Trace:
+    """One image's token accounting (see the module docstring for the fields)."""
+
+    meta: TraceMeta
+    token_of_patch: np.ndarray
+    token_level: np.ndarray
+    token_row: np.ndarray
+    token_col: np.ndarray
+    token_exit_block: np.ndarray
+    token_confidence: np.ndarray
+    token_class: np.ndarray
+    block_tokens_in: np.ndarray
+    block_flops: np.ndarray
+    label_map: np.ndarray
+    policy_scores: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ARRAYS:
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=DTYPES[name]))
+        self.policy_scores = [np.asarray(s, dtype=np.float32) for s in self.policy_scores]
+
+    # ---- derived views -------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_level.shape[0])
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.token_of_patch.size)
+
+    @property
+    def token_side(self) -> np.ndarray:
+        return (1 << self.token_level.astype(np.int32)).astype(np.int32)
+
+    @property
+    def token_patches(self) -> np.ndarray:
+        return self.token_side**2
+
+    @property
+    def exited_early(self) -> np.ndarray:
+        return self.token_exit_block < self.meta.depth
+
+    @property
+    def reduction(self) -> float:
+        """Patches per token: how many times fewer tokens than 16x16 patching."""
+        return self.num_patches / max(self.num_tokens, 1)
+
+    def gate_exits(self) -> dict[int, int]:
+        """Tokens leaving at each gate."""
+        return {k: int(np.sum(self.token_exit_block == k)) for k in self.meta.exit_after}
+
+    def per_patch(self, values: np.ndarray) -> np.ndarray:
+        """Broadcast a per-token array to the patch grid (un-merging)."""
+        return np.asarray(values)[self.token_of_patch]
+
+    # ---- the accounting invariant --------------------------------------------------------
+    def assert_consistent(self) -> None:
+        """Every patch belongs to exactly one token, every token exits exactly once, and the
+        per-block counts recorded by hooks equal what the exits imply."""
+        m = self.meta
+        gh, gw = m.grid
+        t = self.num_tokens
+
+        def fail(msg: str) -> None:
+            raise TraceInconsistency(f"{m.source}: {msg}")
+
+        if self.token_of_patch.shape != (gh, gw):
+            fail(f"token_of_patch has shape {self.token_of_patch.shape}, grid is {(gh, gw)}")
+        for name in ("token_row", "token_col", "token_exit_block", "token_confidence", "token_class"):
+            if getattr(self, name).shape != (t,):
+                fail(f"{name} has shape {getattr(self, name).shape}, expected ({t},)")
+        if t == 0:
+            fail("no tokens")
+        if self.token_of_patch.min() < 0 or self.token_of_patch.max() >= t:
+            fail("token_of_patch refers to tokens that do not exist")
+        side = self.token_side
+        if np.any(self.token_row % side) or np.any(self.token_col % side):
+            fail("a supertoken is not aligned to its level's grid")
+        if np.any(self.token_row + side > gh) or np.any(self.token_col + side > gw):
+            fail("a supertoken sticks out of the patch grid")
+        if int(np.sum(side.astype(np.int64) ** 2)) != gh * gw:
+            fail(f"tokens cover {int(np.sum(side.astype(np.int64) ** 2))} patches, the grid has {gh * gw}")
+        covered = np.zeros((gh, gw), dtype=bool)
+        for i, (r, c, s) in enumerate(zip(self.token_row, self.token_col, side)):
+            square = self.token_of_patch[r:r + s, c:c + s]
+            if np.any(square != i):
+                fail(f"token {i} (level {self.token_level[i]}) does not own its square at patch ({r}, {c})")
+            covered[r:r + s, c:c + s] = True
+        if not covered.all():
+            fail("some patches belong to no token")
+        allowed = set(int(k) for k in m.exit_after) | {m.depth}
+        seen = set(np.unique(self.token_exit_block).tolist())
+        if not seen <= allowed:
+            fail(f"exit blocks {sorted(seen - allowed)} are neither gates {list(m.exit_after)} nor the end ({m.depth})")
+        if not m.exits and np.any(self.token_exit_block != m.depth):
+            fail("tokens exited early although exits were off")
+        if self.block_tokens_in.shape != (m.depth,) or self.block_flops.shape != (m.depth,):
+            fail("per-block arrays do not have one entry per block")
+        implied = np.array([np.sum(self.token_exit_block > b) for b in range(m.depth)], dtype=np.int64)
+        if not np.array_equal(implied, self.block_tokens_in.astype(np.int64)):
+            fail(f"tokens entering blocks {self.block_tokens_in.tolist()} differ from what exits imply {implied.tolist()}")
+        if self.label_map.shape != tuple(m.input_hw):
+            fail(f"label map is {self.label_map.shape}, input size is {tuple(m.input_hw)}")
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike[str]) -> None:
+        """Write trace.json + trace.npz into `folder` (each file replaced atomically)."""
+        d = Path(folder)
+        d.mkdir(parents=True, exist_ok=True)
+        arrays = {name: getattr(self, name) for name in ARRAYS}
+        for k, s in enumerate(self.policy_scores, start=1):
+            arrays[f"policy_score_l{k}"] = s
+        doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "meta": asdict(self.meta), "arrays": sorted(arrays)}
+        with tempfile.NamedTemporaryFile(dir=d, suffix=".npz", delete=False) as f:
+            np.savez_compressed(f, **arrays)
+        os.chmod(f.name, 0o644)
+        os.replace(f.name, d / TRACE_NPZ)
+        with tempfile.NamedTemporaryFile("w", dir=d, suffix=".json", delete=False) as f:
+            json.dump(doc, f, indent=1)
+        os.chmod(f.name, 0o644)
+        os.replace(f.name, d / TRACE_JSON)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> "Trace":
+        d = Path(folder)
+        try:
+            doc = json.loads((d / TRACE_JSON).read_text())
+        except FileNotFoundError:
+            raise RunFolderError(f"{d}: no {TRACE_JSON} here; is this an image folder of a tokenscope run?") from None
+        except (OSError, ValueError) as exc:
+            raise RunFolderError(f"{d / TRACE_JSON}: unreadable ({exc})") from None
+        if doc.get("format") != TRACE_FORMAT:
+            raise RunFolderError(f"{d / TRACE_JSON}: not a tokenscope trace")
+        if int(doc.get("version", 0)) > TRACE_VERSION:
+            raise RunFolderError(f"{d / TRACE_JSON}: trace version {doc.get('version')} is newer than this tokenscope")
+        try:
+            with np.load(d / TRACE_NPZ) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise RunFolderError(f"{d / TRACE_NPZ}: unreadable ({exc})") from None
+        missing = [a for a in ARRAYS if a not in arrays]
+        if missing:
+            raise RunFolderError(f"{d / TRACE_NPZ}: missing arrays {missing}")
+        scores = [arrays[f"policy_score_l{k}"] for k in range(1, 9) if f"policy_score_l{k}" in arrays]
+        return cls(meta=TraceMeta.from_dict(doc["meta"]), policy_scores=scores, **{a: arrays[a] for a in ARRAYS})
