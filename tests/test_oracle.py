@@ -23,7 +23,7 @@ def test_oracle_merges_exactly_the_one_class_blocks() -> None:
         lab = _random_label_map(seed, 272, 400)  # grid 17 x 25: partial blocks at the edges
         labels = torch.from_numpy(lab)[None]
         images = torch.zeros(1, 3, 272, 400)
-        part = OraclePolicy()(images, labels).partitions[0]
+        part = OraclePolicy().eval()(images, labels).partitions[0]
         homog = [h[0].numpy() for h in block_homogeneity(labels)]
         for lvl, r, c in zip(part.level, part.row, part.col):
             s = 16 << int(lvl)

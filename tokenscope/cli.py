@@ -203,6 +203,122 @@ def compare(
         raise typer.Exit(3)
 
 
+DataOpt = Annotated[str, typer.Option("--data", help="Data set: synthetic (generated street scenes), folder (images/ + masks/), ade20k or cityscapes.")]
+DataRootOpt = Annotated[Optional[str], typer.Option("--data-root", help="Root folder of a folder/ade20k/cityscapes data set.")]
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Checkpoint to write: NAME.json + NAME.safetensors (+ NAME.train.pt to resume).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Architecture: demo (ViT-Ti, 8 synthetic classes), vitt, vits, vitb, vitl, timm:<vit>.")] = "demo",
+    backbone_weights: Annotated[Optional[str], typer.Option(help="Start the encoder from a local timm ViT file (else from scratch).")] = None,
+    data: DataOpt = "synthetic",
+    data_root: DataRootOpt = None,
+    train_split: Annotated[str, typer.Option(help="Split to train on (folder data sets ignore it).")] = "train",
+    val_split: Annotated[str, typer.Option(help="Split to evaluate on at the end.")] = "val",
+    train_seeds: Annotated[str, typer.Option(help="Synthetic scenes to train on, START:STOP.")] = "0:2000",
+    val_seeds: Annotated[str, typer.Option(help="Synthetic scenes to evaluate on, START:STOP (never overlap training).")] = "900000:900100",
+    size: Annotated[int, typer.Option(help="Side of generated synthetic scenes (training crops are cut from them).")] = 512,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 3000,
+    crops: Annotated[str, typer.Option(help="Crop side x batch size pairs drawn per step, e.g. 256x8,384x4,512x2.")] = "256x8,384x4,512x2",
+    lr: Annotated[float, typer.Option(help="Peak learning rate of encoder, decoder and exit heads (AdamW, warm-up + cosine).")] = 1e-3,
+    aux_weight: Annotated[float, typer.Option(help="Weight of each exit head's cross-entropy (deep supervision).")] = 0.5,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 250,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from --out.")] = False,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the evaluation at the end.")] = False,
+    device: DeviceOpt = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and batch order.")] = 0,
+) -> None:
+    """Train a STEP model: encoder + decoder + exit heads (cross-entropy, deep supervision) and the dCTS policy (BCE)."""
+    from tokenscope.jobs.train import DataOptions, train_model
+    from tokenscope.train.trainer import TrainSettings
+
+    with _user_errors():
+        settings = TrainSettings(steps=steps, crops=_parse_crops(crops), lr=lr, aux_weight=aux_weight,
+                                 save_every=save_every, seed=seed)
+        d = DataOptions(kind=data, root=data_root, train_split=train_split, val_split=val_split,
+                        train_seeds=train_seeds, val_seeds=val_seeds, size=size)
+        columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                   TimeRemainingColumn(), TextColumn("loss {task.fields[loss]:.3f} seg {task.fields[seg]:.3f} "
+                                                     "aux {task.fields[aux]:.3f} policy {task.fields[policy]:.3f}"))
+        with Progress(*columns, console=err_console) as bar:
+            task = bar.add_task("train", total=steps, loss=float("nan"), seg=float("nan"), aux=float("nan"), policy=float("nan"))
+
+            def on_step(step: int, total: int, losses: dict[str, float]) -> None:
+                bar.update(task, completed=step, **{k: losses[k] for k in ("loss", "seg", "aux", "policy")})
+                if not err_console.is_terminal and (step % 50 == 0 or step == total):  # logs for unattended runs
+                    err_console.print(f"step {step}/{total} " + " ".join(f"{k} {losses[k]:.4f}" for k in
+                                      ("loss", "seg", "aux", "policy", "seconds")), highlight=False)
+
+            with _progress("evaluating") as eval_progress:
+                result = train_model(model, out, d, settings, device=device, backbone_weights=backbone_weights,
+                                     resume=resume, evaluate_after=not no_eval, progress=on_step,
+                                     eval_progress=eval_progress)
+    out_console.print(f"checkpoint: [bold]{result.checkpoint.with_suffix('.json')}[/] after {result.state.step} steps",
+                      highlight=False)
+    if result.metrics:
+        _print_eval(result.metrics, "evaluation on the validation set")
+
+
+def _parse_crops(text: str) -> tuple[tuple[int, int], ...]:
+    from tokenscope.errors import ConfigError
+
+    try:
+        pairs = tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--crops {text!r}: expected SIDExBATCH pairs such as 256x8,384x4") from None
+    if not pairs or any(len(p) != 2 or p[0] < 16 or p[0] % 16 or p[1] < 1 for p in pairs):
+        raise ConfigError(f"--crops {text!r}: sides must be multiples of 16, batches >= 1")
+    return pairs  # type: ignore[return-value]
+
+
+def _print_eval(metrics: dict[str, dict[str, Any]], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in ("variant", "images", "mIoU", "tokens/image", "token reduction", "exited early", "GFLOPs/image", "ms/image"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, m in metrics.items():
+        table.add_row(name, str(m["images"]), f"{100 * m['miou']:.2f}", f"{m['tokens'] / max(m['images'], 1):.0f}",
+                      f"{m['token_reduction']:.2f}x", f"{m['exited_early_pct']:.1f}%", f"{m['gflops_per_image']:.2f}",
+                      f"{m['forward_ms_per_image']:.0f}")
+    out_console.print(table)
+
+
+@app.command()
+def evaluate(
+    model: ModelOpt = "demo",
+    weights: WeightsOpt = None,
+    policy: PolicyOpt = None,
+    merge_threshold: MergeOpt = None,
+    exit_threshold: ExitThrOpt = None,
+    data: DataOpt = "synthetic",
+    data_root: DataRootOpt = None,
+    split: Annotated[str, typer.Option(help="Split of a file data set.")] = "val",
+    seeds: Annotated[str, typer.Option(help="Synthetic scenes, START:STOP.")] = "100000:100200",
+    size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
+    device: DeviceOpt = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
+) -> None:
+    """mIoU, token reduction, early exits and GFLOPs of full STEP vs the same weights without reduction."""
+    from tokenscope.jobs.runfolder import write_json_atomic
+    from tokenscope.jobs.setup import load_model
+    from tokenscope.jobs.train import DataOptions, evaluate_model
+
+    with _user_errors():
+        opts = _model_options(model, weights, False, policy, merge_threshold, exit_threshold, "learned", device, 0)
+        loaded, dev = load_model(opts, have_labels=True)
+        d = DataOptions(kind=data, root=data_root, val_split=split, val_seeds=seeds, size=size)
+        with _progress("evaluating") as progress:
+            result = evaluate_model(loaded, dev, d, loaded.model.active_policy, progress)
+        metrics = {k: v.as_dict(loaded.config.class_names) for k, v in result.variants.items()}
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(json_out, {"model": loaded.config.name, "weights": loaded.weights_id,
+                                         "merge_thresholds": list(loaded.model.merge_thresholds),
+                                         "exit_threshold": loaded.model.exit_threshold,
+                                         "policy": loaded.model.active_policy, "data": d.__dict__, "variants": metrics})
+    _print_eval(metrics, f"{loaded.config.name}: STEP ({loaded.model.active_policy} policy, learned exits) vs baseline")
+
+
 @app.command()
 def models() -> None:
     """List the named models and their defaults."""
@@ -212,11 +328,10 @@ def models() -> None:
     table = Table(title="models", title_justify="left")
     for col in ("name", "timm backbone", "classes", "exit gates after", "weights"):
         table.add_column(col)
-    demo = BUILTIN_WEIGHTS_DIR / "demo.json"
-    table.add_row("demo", "(see model card in README)", "-", "-", "shipped" if demo.is_file() else "not installed")
+    shipped = "shipped" if (BUILTIN_WEIGHTS_DIR / "demo.json").is_file() else "not installed"
     for name, cfg in BUILTIN.items():
         table.add_row(name, cfg.arch, str(cfg.num_classes), ", ".join(map(str, cfg.exit_after)),
-                      "--weights PATH | hub | --random-init")
+                      shipped if name == "demo" else "--weights PATH | hub | --random-init")
     out_console.print(table)
 
 

@@ -29,6 +29,8 @@ CHECKPOINT_FORMAT = "tokenscope-checkpoint"
 CHECKPOINT_VERSION = 1
 PARTS = ("backbone", "decoder", "exits", "policy")
 BUILTIN_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+BACKBONE_ONLY = ("only the backbone is trained: the decoder and exit gates are random, so class predictions are "
+                 "noise; merges from --policy uniform/oracle are real")
 
 
 @dataclass
@@ -93,6 +95,8 @@ def save_checkpoint(model: StepViT, path: str | os.PathLike[str], trained: dict[
         t_tmp, m_tmp = Path(tmp) / tensors.name, Path(tmp) / meta.name
         save_file(state, str(t_tmp))
         m_tmp.write_text(json.dumps(doc, indent=2))
+        for tmp in (t_tmp, m_tmp):
+            os.chmod(tmp, 0o644)
         os.replace(t_tmp, tensors)
         os.replace(m_tmp, meta)
     return tensors
@@ -185,6 +189,15 @@ def _backbone_from_file(cfg: StepConfig, path: Path) -> nn.Module:
     return vit
 
 
+def new_model(cfg: StepConfig, backbone_weights: str | os.PathLike[str] | None = None) -> StepViT:
+    """An untrained StepViT for `cfg`, its backbone optionally from a local timm ViT file."""
+    if backbone_weights is None:
+        return StepViT(cfg)
+    vit = _backbone_from_file(cfg, Path(backbone_weights))
+    cfg = StepConfig(**{**cfg.to_dict(), "img_size": int(vit.patch_embed.img_size[0])})
+    return StepViT(cfg, vit)
+
+
 def build_model(name: str, weights: str | os.PathLike[str] | None = None, random_init: bool = False,
                 seed: int = 0, num_classes: int | None = None) -> LoadedModel:
     """Resolve `--model`, `--weights` and `--random-init` into a model, or a clear error.
@@ -203,8 +216,6 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
         raise ConfigError("--weights and --random-init exclude each other; pick one")
     if weights is not None and str(weights) != "hub" and is_tokenscope_checkpoint(weights):
         return load_checkpoint(weights)
-    if name == "demo":
-        raise ConfigError("--model demo takes no other weights; pick a backbone model (vitt, vits, vitb, vitl, timm:<name>)")
     cfg = resolve_config(name)
     if num_classes is not None:
         cfg = StepConfig(**{**cfg.to_dict(), "num_classes": num_classes})
@@ -226,15 +237,13 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
             vit = timm.create_model(cfg.arch, pretrained=True, num_classes=0, img_size=cfg.img_size, **cfg.timm_kwargs)
         except Exception as exc:  # network and hub errors come in many types
             raise CheckpointError(f"cannot download timm weights for {cfg.arch} ({str(exc).splitlines()[0]})") from None
-        source, wid = f"hub:{cfg.arch}", f"hub:{cfg.arch}"
+        model = StepViT(StepConfig(**{**cfg.to_dict(), "img_size": int(vit.patch_embed.img_size[0])}), vit)
+        source = wid = f"hub:{cfg.arch}"
     else:
         path = Path(str(weights))
         if path.suffix == ".json":
             raise CheckpointError(f"{path}: not a tokenscope checkpoint description (format tag missing)")
-        vit = _backbone_from_file(cfg, path)
+        model = new_model(cfg, path)
         source, wid = str(path), file_digest(path)
-    cfg = StepConfig(**{**cfg.to_dict(), "img_size": int(vit.patch_embed.img_size[0])})
-    model = StepViT(cfg, vit)
-    return LoadedModel(model.eval(), cfg, {"backbone": True, "decoder": False, "exits": False, "policy": False},
-                       wid, source, warnings=["only the backbone is trained: the decoder and exit gates are random, so "
-                                              "class predictions are noise; merges from --policy uniform/oracle are real"])
+    trained = {"backbone": True, "decoder": False, "exits": False, "policy": False}
+    return LoadedModel(model.eval(), model.cfg, trained, wid, source, warnings=[BACKBONE_ONLY])

@@ -71,14 +71,23 @@ class NoMergePolicy(Policy):
 
 
 class OraclePolicy(Policy):
-    """Merge a block iff its ground-truth labels are a single class: the upper bound."""
+    """Merge a block iff its ground-truth labels are a single class: the upper bound.
+
+    In training mode each image withholds a random fraction (uniform in [0, 1]) of its one-class
+    blocks, so an encoder trained on oracle partitions also sees those regions as smaller tokens,
+    down to the plain grid, and stays accurate with and without merging.
+    """
 
     name = "oracle"
 
     def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
         if labels is None:
             raise ConfigError("policy 'oracle' needs a label map: pass --labels")
-        return [h.to(images.dtype) for h in block_homogeneity(labels, MAX_LEVEL, self.patch)]
+        homog = [h.to(images.dtype) for h in block_homogeneity(labels, MAX_LEVEL, self.patch)]
+        if not self.training:
+            return homog
+        withhold = torch.rand(images.shape[0], 1, 1, device=images.device)
+        return [h * (torch.rand_like(h) >= withhold) for h in homog]
 
 
 class UniformPolicy(Policy):

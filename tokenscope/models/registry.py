@@ -12,6 +12,8 @@ from typing import Any
 
 import timm
 
+from tokenscope.data.synthetic import CLASS_COLOURS as SYNTHETIC_COLOURS
+from tokenscope.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from tokenscope.errors import ConfigError
 from tokenscope.models.partition import MAX_LEVEL
 
@@ -37,6 +39,8 @@ class StepConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     """Overrides passed to timm.create_model (depth, embed_dim, ...), for small models."""
     class_names: tuple[str, ...] = ()
+    class_colours: tuple[tuple[int, int, int], ...] = ()
+    """RGB per class for overlays; empty = tokenscope's default palette."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -51,6 +55,8 @@ class StepConfig:
         for key in ("exit_after", "merge_thresholds", "pixel_mean", "pixel_std", "class_names"):
             if key in kw:
                 kw[key] = tuple(kw[key])
+        if "class_colours" in kw:
+            kw["class_colours"] = tuple(tuple(int(v) for v in c) for c in kw["class_colours"])
         return cls(**kw)
 
     def class_name(self, c: int) -> str:
@@ -62,21 +68,30 @@ def default_exits(depth: int) -> tuple[int, int]:
     return depth // 3, 2 * depth // 3
 
 
-def _vit(name: str, arch: str, depth: int, num_classes: int = 150) -> StepConfig:
+def _vit(name: str, arch: str, depth: int, num_classes: int = 150, policy_backbone: str = "mini") -> StepConfig:
     cfg = timm.get_pretrained_cfg(arch)
     mean = tuple(cfg.mean) if cfg is not None else (0.5, 0.5, 0.5)
     std = tuple(cfg.std) if cfg is not None else (0.5, 0.5, 0.5)
     return StepConfig(name=name, arch=arch, num_classes=num_classes, exit_after=default_exits(depth),
-                      pixel_mean=mean, pixel_std=std)  # type: ignore[arg-type]
+                      pixel_mean=mean, pixel_std=std, policy_backbone=policy_backbone)  # type: ignore[arg-type]
 
+
+DEMO = StepConfig(
+    name="demo", arch="vit_tiny_patch16_224", num_classes=len(SYNTHETIC_CLASSES), exit_after=(4, 8),
+    img_size=512, pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225), policy_backbone="mini",
+    class_names=SYNTHETIC_CLASSES, class_colours=SYNTHETIC_COLOURS,
+)
+"""The shipped demo: ViT-Ti/16 (5.7M parameters) for the 8 synthetic street classes, native 512 px."""
 
 BUILTIN: dict[str, StepConfig] = {
+    "demo": DEMO,
     "vitt": _vit("vitt", "vit_tiny_patch16_224", 12),
     "vits": _vit("vits", "vit_small_patch16_224", 12),
-    "vitb": _vit("vitb", "vit_base_patch16_224", 12),
-    "vitl": _vit("vitl", "vit_large_patch16_224", 24),
+    "vitb": _vit("vitb", "vit_base_patch16_224", 12, policy_backbone="efficientnet_lite0"),
+    "vitl": _vit("vitl", "vit_large_patch16_224", 24, policy_backbone="efficientnet_lite0"),
 }
-"""Named STEP models on timm ViT-Ti/S/B/L patch16; 150 classes (ADE20K) by default."""
+"""Named STEP models on timm ViT-Ti/S/B/L patch16; 150 classes (ADE20K) by default. B and L use
+CTS's efficientnet_lite0 policy trunk; Ti and S a lighter CNN that keeps the policy cheap."""
 
 
 def config_for_timm(arch: str, num_classes: int = 150) -> StepConfig:
@@ -96,4 +111,4 @@ def resolve_config(name: str) -> StepConfig:
         return BUILTIN[name]
     if name.startswith("timm:"):
         return config_for_timm(name[len("timm:"):])
-    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(BUILTIN))}, demo, or timm:<vit name>")
+    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(BUILTIN))}, or timm:<vit name>")

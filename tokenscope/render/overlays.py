@@ -132,7 +132,7 @@ def confidence_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.55) -> 
 
 def segmentation_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.5) -> np.ndarray:
     """Predicted classes; the legend lists the most frequent ones."""
-    pal = class_palette(trace.meta.num_classes)
+    pal = class_palette(trace.meta.num_classes, trace.meta.class_colours)
     pix = pal[np.clip(trace.label_map, 0, len(pal) - 1)]
     out = _blend(image, pix, alpha)
     ids, counts = np.unique(trace.label_map, return_counts=True)

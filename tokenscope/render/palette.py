@@ -23,8 +23,9 @@ def exit_colours(exit_after: tuple[int, ...] | list[int]) -> list[tuple[int, int
     return [EXIT_COLOURS[i % len(EXIT_COLOURS)] for i in range(len(exit_after))] + [FINAL_COLOUR]
 
 
-def class_palette(num_classes: int, seed: int = 7) -> np.ndarray:
-    """(max(num_classes, 256), 3) uint8 RGB, the same for every run of a model."""
+def class_palette(num_classes: int, colours: tuple[tuple[int, int, int], ...] = (), seed: int = 7) -> np.ndarray:
+    """(max(num_classes, 256), 3) uint8 RGB, the same for every run of a model; a model's own
+    class colours, when it has them, come first."""
     base = np.array([
         (70, 130, 180), (128, 64, 128), (70, 70, 70), (107, 142, 35), (0, 0, 142), (220, 20, 60),
         (153, 153, 153), (250, 170, 30), (152, 251, 152), (244, 35, 232), (102, 102, 156), (190, 153, 153),
@@ -34,5 +35,7 @@ def class_palette(num_classes: int, seed: int = 7) -> np.ndarray:
     rng = np.random.default_rng(seed)
     extra = rng.integers(30, 250, size=(n, 3), dtype=np.int64).astype(np.uint8)
     extra[: len(base)] = base
+    if colours:
+        extra[: len(colours)] = np.asarray(colours, dtype=np.uint8)
     extra[255] = (0, 0, 0)
     return extra

@@ -98,7 +98,8 @@ class TraceCapture:
             num_prefix_tokens=model.num_prefix_tokens, exit_after=model.exit_after,
             exit_threshold=model.exit_threshold, merge_thresholds=model.merge_thresholds,
             policy=model.active_policy, exits=model.exits_enabled, weights=self.loaded.weights_id,
-            num_classes=cfg.num_classes, class_names=cfg.class_names, device=str(self.device),
+            num_classes=cfg.num_classes, class_names=cfg.class_names, class_colours=cfg.class_colours,
+            device=str(self.device),
             flops=flops, timings={"forward_s": forward_s / batch, "batch": float(batch)},
         )
         trace = Trace(

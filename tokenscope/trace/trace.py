@@ -65,6 +65,7 @@ class TraceMeta:
     weights: str
     num_classes: int
     class_names: tuple[str, ...] = ()
+    class_colours: tuple[tuple[int, int, int], ...] = ()
     device: str = "cpu"
     flops: dict[str, int] = field(default_factory=dict)
     """Measured or modelled FLOPs by part: policy, embed, blocks, gates, decoder, total, baseline_total."""
@@ -76,6 +77,7 @@ class TraceMeta:
         kw = dict(d)
         for key in ("original_hw", "input_hw", "padded_hw", "grid", "exit_after", "merge_thresholds", "class_names"):
             kw[key] = tuple(kw.get(key, ()))
+        kw["class_colours"] = tuple(tuple(int(v) for v in c) for c in kw.get("class_colours", ()))
         return cls(**kw)
 
     def class_name(self, c: int) -> str:

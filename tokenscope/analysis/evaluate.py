@@ -1,0 +1,118 @@
+"""Data-set evaluation of operating points of one model: accuracy and where the tokens went.
+
+Every variant (e.g. full STEP and the same weights without reduction) sees every image; the
+numbers come from the same checked traces that `run` writes: mIoU from label maps accumulated
+over the data set, token reduction and early exits from the partitions and exit blocks, FLOPs
+from the per-image FLOP accounting (2 per multiply-add, policy included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from tokenscope.analysis.metrics import confusion, iou_per_class, mean_iou
+from tokenscope.data.datasets import SegmentationDataset
+from tokenscope.data.images import prepare_image
+from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.trace.capture import TraceCapture
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A policy and exit setting of one model (thresholds as configured on the model)."""
+
+    name: str
+    policy: str
+    exits: bool
+
+
+@dataclass
+class VariantScores:
+    """Totals for one operating point over a data set."""
+
+    name: str
+    confusion: np.ndarray
+    patches: int = 0
+    tokens: int = 0
+    exited_tokens: int = 0
+    exited_patches: int = 0
+    flops: int = 0
+    images: int = 0
+    forward_s: float = 0.0
+
+    @property
+    def miou(self) -> float:
+        return mean_iou(self.confusion)
+
+    @property
+    def reduction(self) -> float:
+        return self.patches / max(self.tokens, 1)
+
+    @property
+    def exited_pct(self) -> float:
+        return 100.0 * self.exited_tokens / max(self.tokens, 1)
+
+    @property
+    def exited_patch_pct(self) -> float:
+        return 100.0 * self.exited_patches / max(self.patches, 1)
+
+    @property
+    def gflops_per_image(self) -> float:
+        return self.flops / 1e9 / max(self.images, 1)
+
+    def as_dict(self, class_names: tuple[str, ...] = ()) -> dict[str, object]:
+        ious = iou_per_class(self.confusion)
+        return {
+            "variant": self.name, "images": self.images, "miou": self.miou, "patches": self.patches,
+            "tokens": self.tokens, "token_reduction": self.reduction, "exited_early_pct": self.exited_pct,
+            "exited_early_patch_pct": self.exited_patch_pct, "gflops_per_image": self.gflops_per_image,
+            "forward_ms_per_image": 1e3 * self.forward_s / max(self.images, 1),
+            "iou_per_class": {(class_names[c] if c < len(class_names) else str(c)): (None if np.isnan(v) else float(v))
+                              for c, v in enumerate(ious)},
+        }
+
+
+@dataclass
+class EvalResult:
+    variants: dict[str, VariantScores] = field(default_factory=dict)
+
+
+def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[OperatingPoint], device: torch.device,
+             progress: Progress | None = None) -> EvalResult:
+    """Run every operating point on every sample; restores the model's configuration afterwards."""
+    model = loaded.model
+    saved = (model.active_policy, model.exits_enabled)
+    c = loaded.config.num_classes
+    result = EvalResult({p.name: VariantScores(p.name, np.zeros((c, c), dtype=np.int64)) for p in points})
+    capture = TraceCapture(loaded, device)
+    try:
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            if progress:
+                progress(i, len(dataset), sample.name)
+            prepared = prepare_image(sample.image, sample.name, labels=sample.labels)
+            h, w = prepared.input_hw
+            gt = prepared.labels[:h, :w]  # type: ignore[index]
+            for p in points:
+                model.configure(policy=p.policy, exits=p.exits)
+                trace = capture([prepared])[0]
+                s = result.variants[p.name]
+                s.confusion += confusion(trace.label_map, gt, c)
+                s.patches += trace.num_patches
+                s.tokens += trace.num_tokens
+                s.exited_tokens += int(trace.exited_early.sum())
+                s.exited_patches += int(trace.token_patches[trace.exited_early].sum())
+                s.flops += int(trace.meta.flops["total"])
+                s.forward_s += float(trace.meta.timings.get("forward_s", 0.0))
+                s.images += 1
+        if progress:
+            progress(len(dataset), len(dataset), "")
+    finally:
+        model.configure(policy=saved[0], exits=saved[1])
+    return result

@@ -1,0 +1,90 @@
+"""`tokenscope train` and `tokenscope evaluate`: fit a STEP model, then measure what it does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenscope.analysis.evaluate import EvalResult, OperatingPoint, Progress, evaluate
+from tokenscope.data.datasets import SegmentationDataset, SyntheticDataset, open_dataset, parse_seeds
+from tokenscope.errors import ConfigError
+from tokenscope.models.checkpoints import LoadedModel, load_checkpoint, new_model, save_checkpoint
+from tokenscope.models.registry import StepConfig, resolve_config
+from tokenscope.models.runtime import resolve_device
+from tokenscope.train.trainer import Trainer, TrainProgress, TrainSettings, TrainState
+
+
+@dataclass
+class DataOptions:
+    kind: str = "synthetic"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    train_seeds: str = "0:2000"
+    val_seeds: str = "900000:900100"
+    size: int = 512
+
+
+def training_data(d: DataOptions) -> SegmentationDataset:
+    if d.kind == "synthetic":
+        return SyntheticDataset(parse_seeds(d.train_seeds), d.size, d.size)
+    return open_dataset(d.kind, d.root, d.train_split)
+
+
+def validation_data(d: DataOptions) -> SegmentationDataset:
+    if d.kind == "synthetic":
+        return open_dataset("synthetic", seeds=d.val_seeds, size=d.size)
+    return open_dataset(d.kind, d.root, d.val_split)
+
+
+def step_and_baseline(policy: str = "learned") -> list[OperatingPoint]:
+    return [OperatingPoint("step", policy, True), OperatingPoint("baseline", "none", False)]
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    state: TrainState
+    evaluation: EvalResult | None
+    metrics: dict[str, Any]
+
+
+def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainSettings, device: str = "auto",
+                backbone_weights: str | None = None, resume: bool = False, evaluate_after: bool = True,
+                progress: TrainProgress | None = None, eval_progress: Progress | None = None) -> TrainResult:
+    """Train `model` (a registry name) on `data`; checkpoint to `out` (NAME.json + NAME.safetensors)."""
+    dev = resolve_device(device)
+    train_set = training_data(data)
+    cfg = resolve_config(model)
+    if cfg.num_classes != train_set.num_classes or (train_set.class_names and cfg.class_names != train_set.class_names):
+        cfg = StepConfig(**{**cfg.to_dict(), "num_classes": train_set.num_classes, "class_names": train_set.class_names,
+                            "class_colours": cfg.class_colours if cfg.num_classes == train_set.num_classes else ()})
+    torch.manual_seed(settings.seed)
+    net = new_model(cfg, backbone_weights)
+    loaded = LoadedModel(net, net.cfg, {}, "training", "training")
+    trainer = Trainer(loaded, train_set, settings, out, dev, cache=data.kind == "synthetic")
+    if resume:
+        trainer.resume()
+    state = trainer.fit(progress)
+    metrics: dict[str, Any] = {}
+    evaluation = None
+    if evaluate_after:
+        final = load_checkpoint(out)
+        final.model.to(dev)
+        evaluation = evaluate(final, validation_data(data), step_and_baseline(), dev, eval_progress)
+        metrics = {k: v.as_dict(final.config.class_names) for k, v in evaluation.variants.items()}
+        meta = {**final.metadata, "evaluation": {"data": data.__dict__, "thresholds": {
+            "merge": list(final.model.merge_thresholds), "exit": final.model.exit_threshold}, "variants": metrics}}
+        save_checkpoint(final.model, out, trained=final.trained, metadata=meta)
+    return TrainResult(Path(out), state, evaluation, metrics)
+
+
+def evaluate_model(loaded: LoadedModel, device: torch.device, data: DataOptions, policy: str,
+                   progress: Progress | None = None) -> EvalResult:
+    """Full STEP (given policy, learned exits) against the same weights without reduction."""
+    if data.kind != "synthetic" and data.root is None:
+        raise ConfigError(f"--data {data.kind} needs --data-root")
+    return evaluate(loaded, validation_data(data), step_and_baseline(policy), device, progress)

@@ -1,0 +1,247 @@
+"""Training STEP models: encoder + decoder + exit heads jointly, and the dCTS policy beside them.
+
+- Encoder, decoder and exit heads: cross-entropy of the final head plus `aux_weight` times the
+  cross-entropy of each exit head on every token (deep supervision; exits are not applied while
+  training). The encoder sees oracle partitions from the ground truth with a random share of the
+  one-class blocks withheld per image, so it learns supertokens and plain patches alike.
+- Policy: binary cross-entropy per level against ground-truth block homogeneity (CTS's target).
+
+Batches are drawn from a generator seeded by (seed, step), so a resumed run draws exactly the
+batches an uninterrupted run would have. Work is split by `rank`/`world_size` in one place
+(`_batch_indices`) and the model is reached through `_unwrap`, so torchrun + DDP only needs the
+process group, the wrapper and a gradient all-reduce added, not a rewrite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenscope.data.datasets import Sample, SegmentationDataset
+from tokenscope.data.images import IGNORE_INDEX, PAD_RGB
+from tokenscope.errors import CheckpointError, ConfigError
+from tokenscope.models.checkpoints import LoadedModel, checkpoint_paths, load_checkpoint, save_checkpoint
+from tokenscope.models.partition import MAX_LEVEL, block_homogeneity
+from tokenscope.models.step_vit import StepViT
+
+TrainProgress = Callable[[int, int, dict[str, float]], None]
+"""progress(step, total_steps, latest losses)"""
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters and bookkeeping of one training run."""
+
+    steps: int = 3000
+    crops: tuple[tuple[int, int], ...] = ((256, 8), (384, 4), (512, 2))
+    """(square crop side, batch size) pairs; each step draws one, keeping tokens per step similar."""
+    lr: float = 1e-3
+    policy_lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup: int = 150
+    aux_weight: float = 0.5
+    policy_weight: float = 1.0
+    seed: int = 0
+    save_every: int = 250
+    rank: int = 0
+    world_size: int = 1
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _unwrap(model: nn.Module) -> StepViT:
+    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+
+
+def random_crop(sample: Sample, side: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A side x side crop (padded with the mean colour / ignore when the image is smaller), maybe flipped."""
+    img, lab = sample.image, sample.labels
+    h, w = lab.shape
+    ph, pw = max(side, h), max(side, w)
+    if (ph, pw) != (h, w):
+        pad_img = np.empty((ph, pw, 3), np.float32)
+        pad_img[:] = PAD_RGB
+        pad_img[:h, :w] = img
+        pad_lab = np.full((ph, pw), IGNORE_INDEX, np.int32)
+        pad_lab[:h, :w] = lab
+        img, lab = pad_img, pad_lab
+    y = int(rng.integers(0, ph - side + 1))
+    x = int(rng.integers(0, pw - side + 1))
+    img, lab = img[y:y + side, x:x + side], lab[y:y + side, x:x + side]
+    if rng.random() < 0.5:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    return np.ascontiguousarray(img), np.ascontiguousarray(lab)
+
+
+class CompactCache:
+    """Samples kept as uint8 after first use: synthetic scenes cost more to make than to store."""
+
+    def __init__(self, dataset: SegmentationDataset, enabled: bool) -> None:
+        self.dataset = dataset
+        self.enabled = enabled
+        self._store: dict[int, tuple[np.ndarray, np.ndarray, str]] = {}
+
+    def __getitem__(self, i: int) -> Sample:
+        if i in self._store:
+            img, lab, name = self._store[i]
+            return Sample(name, img.astype(np.float32) / 255.0, lab.astype(np.int32))
+        s = self.dataset[i]
+        if self.enabled and s.labels.max(initial=0) <= 255:
+            self._store[i] = ((s.image * 255 + 0.5).astype(np.uint8), s.labels.astype(np.uint8), s.name)
+            return self[i]
+        return s
+
+
+class Trainer:
+    """Owns the model, optimiser and data for one run; `fit()` trains and checkpoints."""
+
+    def __init__(self, loaded: LoadedModel, dataset: SegmentationDataset, settings: TrainSettings, out: str | Path,
+                 device: torch.device, cache: bool = True) -> None:
+        if settings.steps < 1:
+            raise ConfigError("--steps must be >= 1")
+        if len(dataset) == 0:
+            raise ConfigError("the training data set is empty")
+        self.loaded = loaded
+        self.model: nn.Module = loaded.model.to(device)
+        self.data = CompactCache(dataset, cache)
+        self.n = len(dataset)
+        self.s = settings
+        self.out = Path(out)
+        self.device = device
+        self.state = TrainState()
+        m = _unwrap(self.model)
+        policy_params = list(m.policies["learned"].parameters())
+        ids = {id(p) for p in policy_params}
+        other = [p for p in m.parameters() if id(p) not in ids]
+        decay = [p for p in other if p.ndim > 1]
+        no_decay = [p for p in other if p.ndim <= 1]
+        self.opt = torch.optim.AdamW([
+            {"params": decay, "weight_decay": settings.weight_decay, "lr": settings.lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": settings.lr},
+            {"params": policy_params, "weight_decay": 1e-4, "lr": settings.policy_lr},
+        ])
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.amp = device.type == "cuda"
+
+    # ---- schedule and data -------------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        if step < self.s.warmup:
+            return (step + 1) / self.s.warmup
+        t = (step - self.s.warmup) / max(1, self.s.steps - self.s.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    def _batch_indices(self, step: int) -> tuple[int, list[int], np.random.Generator]:
+        rng = np.random.default_rng([self.s.seed, step])
+        side, batch = self.s.crops[int(rng.integers(len(self.s.crops)))]
+        idx = rng.integers(0, self.n, size=batch * self.s.world_size).tolist()
+        return side, idx[self.s.rank::self.s.world_size], rng
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        side, idx, rng = self._batch_indices(step)
+        crops = [random_crop(self.data[i], side, rng) for i in idx]
+        x = torch.from_numpy(np.stack([c[0] for c in crops]).transpose(0, 3, 1, 2).copy())
+        y = torch.from_numpy(np.stack([c[1] for c in crops])).long()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        m = _unwrap(self.model)
+        m.configure(policy="oracle", exits=False)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model(x, y, return_aux=True)
+            size = y.shape[-2:]
+            seg = F.cross_entropy(F.interpolate(out.patch_logits.float(), size=size, mode="bilinear", align_corners=False),
+                                  y, ignore_index=IGNORE_INDEX)
+            aux = [F.cross_entropy(F.interpolate(a.float(), size=size, mode="bilinear", align_corners=False), y,
+                                   ignore_index=IGNORE_INDEX) for a in out.aux_patch_logits.values()]
+            policy_logits = m.policies["learned"].net(x)
+        targets = block_homogeneity(y, MAX_LEVEL)
+        bce = [F.binary_cross_entropy_with_logits(lg.float(), t.float()) for lg, t in zip(policy_logits, targets) if t.numel()]
+        aux_loss = torch.stack(aux).sum() if aux else seg.new_zeros(())
+        policy_loss = torch.stack(bce).mean() if bce else seg.new_zeros(())
+        total = seg + self.s.aux_weight * aux_loss + self.s.policy_weight * policy_loss
+        return {"loss": total, "seg": seg, "aux": aux_loss, "policy": policy_loss}
+
+    def step(self, step: int) -> dict[str, float]:
+        self.model.train()
+        torch.manual_seed(self.s.seed * 1_000_003 + step)  # oracle withholding: same draws after a resume
+        x, y = self.batch(step)
+        for g, base in zip(self.opt.param_groups, self.base_lrs):
+            g["lr"] = base * self.lr_factor(step)
+        losses = self.losses(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        tensors, _ = checkpoint_paths(self.out)
+        return tensors.with_suffix(".train.pt")
+
+    def save(self, metadata: dict[str, object] | None = None) -> None:
+        if self.s.rank != 0:
+            return
+        m = _unwrap(self.model)
+        m.configure(policy="learned", exits=True)
+        meta = {"train_settings": self.s.to_dict(), "step": self.state.step, **(metadata or {})}
+        save_checkpoint(m, self.out, trained={"backbone": True, "decoder": True, "exits": True, "policy": True},
+                        metadata=meta)
+        blob = {"step": self.state.step, "optimizer": self.opt.state_dict(), "settings": self.s.to_dict(),
+                "history": json.dumps(self.state.history)}
+        with tempfile.NamedTemporaryFile(dir=self.state_path.parent, suffix=".tmp", delete=False) as f:
+            torch.save(blob, f)
+        os.replace(f.name, self.state_path)
+
+    def resume(self) -> None:
+        """Continue from the checkpoint and optimiser state under `out`."""
+        if not self.state_path.is_file():
+            raise CheckpointError(f"nothing to resume: {self.state_path} does not exist")
+        loaded = load_checkpoint(self.out)
+        _unwrap(self.model).load_state_dict(loaded.model.state_dict())
+        try:
+            blob = torch.load(self.state_path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # torch raises several types for damaged files
+            raise CheckpointError(f"{self.state_path}: cannot read training state ({exc})") from None
+        if blob["settings"] != self.s.to_dict():
+            raise ConfigError("--resume needs the same training settings as the interrupted run")
+        self.opt.load_state_dict(blob["optimizer"])
+        self.state = TrainState(int(blob["step"]), json.loads(blob["history"]))
+
+    def fit(self, progress: TrainProgress | None = None) -> TrainState:
+        """Train from `state.step` to `steps`, saving every `save_every` steps and at the end."""
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        while self.state.step < self.s.steps:
+            losses = self.step(self.state.step)
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise ConfigError(f"training diverged at step {self.state.step} (loss {losses['loss']}); lower --lr")
+            self.state.step += 1
+            losses["step"] = self.state.step
+            losses["seconds"] = time.perf_counter() - t0
+            self.state.history.append(losses)
+            if progress:
+                progress(self.state.step, self.s.steps, losses)
+            if self.state.step % self.s.save_every == 0 or self.state.step == self.s.steps:
+                self.save()
+        return self.state
