@@ -320,6 +320,65 @@ def evaluate(
 
 
 @app.command()
+def bench(
+    model: ModelOpt = "demo",
+    weights: WeightsOpt = None,
+    random_init: RandomOpt = False,
+    policy: PolicyOpt = None,
+    budget: Annotated[Optional[float], typer.Option(help="Force this token reduction (e.g. 2.5): uniform-policy scores thresholded per image to patches/R tokens.")] = None,
+    merge_threshold: MergeOpt = None,
+    exit_threshold: ExitThrOpt = None,
+    exits: ExitsOpt = None,
+    size: Annotated[int, typer.Option(help="Square input side in pixels (a multiple of 16).")] = 1024,
+    batch: Annotated[int, typer.Option(help="Images per forward pass (different synthetic scenes, so token counts differ).")] = 1,
+    image: Annotated[Optional[str], typer.Option(help="Use this image (repeated) instead of synthetic scenes.")] = None,
+    device: DeviceOpt = "auto",
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed passes per variant (medians are reported).")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed passes per variant (the first also counts FLOPs and memory).")] = 1,
+    loop: Annotated[bool, typer.Option("--loop", help="Also time the same batch one image at a time.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all measurements to this JSON file.")] = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Speed: baseline vs STEP images/s, latency, memory, GFLOPs, and speed-up / FLOP reduction."""
+    from tokenscope.jobs.bench import bench as run_bench_job
+    from tokenscope.jobs.runfolder import write_json_atomic
+    from tokenscope.jobs.setup import ModelOptions
+
+    with _user_errors():
+        opts = ModelOptions(model=model, weights=weights, random_init=random_init, policy=policy,
+                            merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits,
+                            device=device, seed=seed, budget=budget, amp=amp)
+        with _progress("benchmarking") as progress:
+            result = run_bench_job(opts, size=size, batch=batch, image=image, repeats=repeats, warmup=warmup,
+                                   threads=threads, loop=loop, progress=progress)
+        summary = result.summary()
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(json_out, {"model": model, "policy": result.step.policy, "budget": budget, **summary})
+    table = Table(title=f"bench: {model} {size}x{size}, batch {batch}, {result.device}, {result.threads} threads"
+                        f"{', bf16' if result.amp else ''}", title_justify="left")
+    for col in ("variant", "tokens/img", "GFLOPs/img", "latency ms", "images/s", "peak MiB"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for v in (result.baseline, result.step):
+        label = v.name if v.name == "baseline" else f"STEP ({v.policy}{', exits' if v.exits else ''})"
+        table.add_row(label, f"{v.tokens_per_image:.0f}", f"{v.gflops_per_image:.1f}", f"{v.latency_ms:.1f}",
+                      f"{v.images_per_s(result.batch):.3f}", f"{v.peak_mib:.0f}")
+    out_console.print(table)
+    s = summary
+    out_console.print(f"speed-up {s['speedup']:.2f}x  FLOP reduction {s['flop_reduction']:.2f}x  "
+                      f"speed-up / FLOP reduction {s['speedup_over_flop_reduction']:.2f}", highlight=False)
+    out_console.print(f"recorder overhead {s['recorder_overhead_pct']:+.2f}%  active policy {s['policy_time_pct_of_baseline']:.2f}% "
+                      f"of baseline time ({s['policy_flops_pct_of_baseline']:.3f}% of FLOPs)  learned dCTS policy net "
+                      f"{s['learned_policy_net_time_pct_of_baseline']:.2f}% of time ({s['learned_policy_net_flops_pct_of_baseline']:.3f}% of FLOPs)",
+                      highlight=False)
+    if s["one_at_a_time_ms"] is not None:
+        out_console.print(f"same batch one image at a time: {s['one_at_a_time_ms']:.1f} ms vs padded batch "
+                          f"{result.step.latency_ms:.1f} ms", highlight=False)
+
+
+@app.command()
 def models() -> None:
     """List the named models and their defaults."""
     from tokenscope.models.checkpoints import BUILTIN_WEIGHTS_DIR

@@ -84,13 +84,13 @@ class EvalResult:
 
 
 def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[OperatingPoint], device: torch.device,
-             progress: Progress | None = None) -> EvalResult:
+             progress: Progress | None = None, amp: bool = False) -> EvalResult:
     """Run every operating point on every sample; restores the model's configuration afterwards."""
     model = loaded.model
     saved = (model.active_policy, model.exits_enabled)
     c = loaded.config.num_classes
     result = EvalResult({p.name: VariantScores(p.name, np.zeros((c, c), dtype=np.int64)) for p in points})
-    capture = TraceCapture(loaded, device)
+    capture = TraceCapture(loaded, device, amp=amp)
     try:
         for i in range(len(dataset)):
             sample = dataset[i]

@@ -28,6 +28,7 @@ from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, uniqu
 from tokenscope.jobs.setup import ModelOptions, load_model
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import measure_flops
+from tokenscope.models.runtime import inference
 from tokenscope.render.overlays import render_overlay
 from tokenscope.render.plots import compare_figure
 from tokenscope.trace.capture import TraceCapture, images_to_tensor
@@ -59,7 +60,7 @@ def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, device
     model = loaded.model.configure(policy=variant.policy, exits=variant.exits)
     trace = capture([image])[0]
     x, labels = images_to_tensor([image], device)
-    with torch.no_grad():
+    with inference(device, capture.amp):
         flops, _, _ = measure_flops(lambda: model(x, labels))
         times = time_calls(lambda: model(x, labels), device, repeats=repeats, warmup=warmup)
         peak = peak_forward_bytes(lambda: model(x, labels), device)
@@ -82,7 +83,7 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
     loaded, device = load_model(opts, have_labels=labels_path is not None)
     step = Variant("step", loaded.model.active_policy, loaded.model.exits_enabled)
     base = Variant("baseline", "none", False)
-    capture = TraceCapture(loaded, device)
+    capture = TraceCapture(loaded, device, amp=opts.amp)
     run_dir = new_run_dir(out, "compare")
     rows: list[dict[str, Any]] = []
     block_rows: list[pd.DataFrame] = []

@@ -77,7 +77,7 @@ def run_images(paths: list[str], opts: ModelOptions, out: str | Path = "outputs"
         raise TokenscopeError("no images found in " + ", ".join(map(str, paths)))
     labels_path = Path(labels) if labels is not None else None
     loaded, device = load_model(opts, have_labels=labels_path is not None)
-    capture = TraceCapture(loaded, device)
+    capture = TraceCapture(loaded, device, amp=opts.amp)
     run_dir = new_run_dir(out, "run")
     results: list[ImageResult] = []
     taken: set[str] = set()

@@ -28,6 +28,10 @@ class ModelOptions:
     device: str = "auto"
     seed: int = 0
     num_classes: int | None = None
+    budget: float | None = None
+    """Token reduction factor for the `budget` policy (implies it when no policy is named)."""
+    amp: bool = True
+    """bf16 autocast on CUDA (no effect on the CPU)."""
 
 
 def load_model(opts: ModelOptions, have_labels: bool = False) -> tuple[LoadedModel, torch.device]:
@@ -44,7 +48,9 @@ def load_model(opts: ModelOptions, have_labels: bool = False) -> tuple[LoadedMod
     if opts.exit_threshold is not None and not (0.0 <= opts.exit_threshold <= 1.0):
         raise ConfigError(f"--exit-threshold must be between 0 and 1, got {opts.exit_threshold}")
     loaded = build_model(opts.model, opts.weights, opts.random_init, opts.seed, opts.num_classes)
-    policy = opts.policy or loaded.default_policy()
+    policy = opts.policy or ("budget" if opts.budget is not None else loaded.default_policy())
+    if opts.budget is not None and policy != "budget":
+        raise ConfigError(f"--budget applies to --policy budget, not {policy!r}")
     exits = loaded.default_exits() if opts.exits is None else opts.exits == "learned"
     untrained = opts.random_init is False
     if policy == "learned" and untrained and not loaded.trained.get("policy"):
@@ -57,6 +63,6 @@ def load_model(opts: ModelOptions, have_labels: bool = False) -> tuple[LoadedMod
     thresholds = parse_thresholds(opts.merge_threshold, cfg.merge_thresholds)
     loaded.model.configure(policy=policy, merge_thresholds=thresholds,
                            exit_threshold=opts.exit_threshold if opts.exit_threshold is not None else cfg.exit_threshold,
-                           exits=exits)
+                           exits=exits, budget=opts.budget)
     loaded.model.to(device).eval()
     return loaded, device

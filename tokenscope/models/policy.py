@@ -18,9 +18,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenscope.errors import ConfigError
-from tokenscope.models.partition import MAX_LEVEL, Partition, block_homogeneity, level_shape, quadtree_partition
+from tokenscope.models.partition import (
+    MAX_LEVEL,
+    Partition,
+    block_homogeneity,
+    level_shape,
+    partition_from_merges,
+    quadtree_partition,
+)
 
-POLICY_NAMES = ("learned", "oracle", "uniform", "none")
+POLICY_NAMES = ("learned", "oracle", "uniform", "budget", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -116,6 +123,51 @@ class UniformPolicy(Policy):
             sigma = (a2 - a1 * a1).clamp_min(0).sqrt().amax(dim=1)
             out.append(torch.exp(-sigma / self.tau))
         return out
+
+
+def budget_partition(scores: Sequence[np.ndarray], grid: tuple[int, int], reduction: float) -> Partition:
+    """The first partition with at most patches / `reduction` tokens, merging greedily bottom-up.
+
+    Starting from the plain grid, the highest-scoring mergeable block is merged next; a block of
+    level k >= 2 becomes mergeable once its four children are merged. Every merge removes three
+    tokens, so the count lands within three tokens below the target (or at the limit where
+    everything that fits is merged), whatever the scale of the scores.
+    """
+    import heapq
+
+    target = (grid[0] * grid[1]) / reduction
+    merged = [np.zeros(level_shape(grid, k), dtype=bool) for k in range(1, len(scores) + 1)]
+    heap = [(-float(scores[0][i, j]), 1, i, j) for i, j in zip(*np.nonzero(np.ones(merged[0].shape, bool)))]
+    heapq.heapify(heap)
+    tokens = grid[0] * grid[1]
+    while tokens > target and heap:
+        _, k, i, j = heapq.heappop(heap)
+        merged[k - 1][i, j] = True
+        tokens -= 3
+        if k < len(scores):
+            pi, pj = i >> 1, j >> 1
+            parent = merged[k]
+            if pi < parent.shape[0] and pj < parent.shape[1] and merged[k - 1][2 * pi:2 * pi + 2, 2 * pj:2 * pj + 2].all():
+                heapq.heappush(heap, (-float(scores[k][pi, pj]), k + 1, pi, pj))
+    return partition_from_merges(grid, merged)
+
+
+class BudgetPolicy(UniformPolicy):
+    """A fixed token budget: the most uniform blocks merge first (uniform-policy scores) until the
+    image has `reduction`x fewer tokens than 16x16 patching. For speed studies without training."""
+
+    name = "budget"
+
+    def __init__(self, reduction: float = 2.5, patch: int = 16, tau: float = 0.05) -> None:
+        super().__init__(patch=patch, tau=tau)
+        self.reduction = reduction
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> PolicyOutput:
+        grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
+        scores = self.score(images, labels)
+        host = [s.detach().float().cpu().numpy() for s in scores]
+        parts = [budget_partition([h[b] for h in host], grid, self.reduction) for b in range(images.shape[0])]
+        return PolicyOutput(scores=scores, partitions=parts)
 
 
 def _conv_bn_act(cin: int, cout: int, stride: int) -> nn.Sequential:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from tokenscope.errors import ConfigError
@@ -26,3 +29,11 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock time covers the computation itself."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextmanager
+def inference(device: torch.device, amp: bool = False) -> Iterator[None]:
+    """No autograd, and bf16 autocast on CUDA when `amp` (gates still decide in float32)."""
+    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                                enabled=amp and device.type == "cuda"):
+        yield

@@ -23,6 +23,7 @@ from tokenscope.models.exits import ExitGate, GateDecision
 from tokenscope.models.partition import MAX_LEVEL, Partition
 from tokenscope.models.policy import (
     POLICY_NAMES,
+    BudgetPolicy,
     LearnedPolicy,
     NoMergePolicy,
     OraclePolicy,
@@ -78,9 +79,17 @@ def unmerge(token_values: torch.Tensor, token_of_patch: torch.Tensor) -> torch.T
 
 
 def scatter_tokens(target: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """target[b, token_ids[b, n]] = values[b, n] wherever mask[b, n]."""
-    bi, ni = torch.nonzero(mask, as_tuple=True)
-    target[bi, token_ids[bi, ni]] = values[bi, ni].to(target.dtype)
+    """target[b, token_ids[b, n]] = values[b, n] wherever mask[b, n], without a host sync.
+
+    `target` has one spare slot at the end of dim 1: unselected slots are written there, so the
+    index never depends on data the host would have to read first.
+    """
+    spare = target.shape[1] - 1
+    idx = torch.where(mask, token_ids, torch.full_like(token_ids, spare))
+    if target.ndim == 3:
+        target.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, target.shape[-1]), values.to(target.dtype))
+    else:
+        target.scatter_(1, idx, values.to(target.dtype))
 
 
 class StepViT(nn.Module):
@@ -111,6 +120,7 @@ class StepViT(nn.Module):
             "learned": LearnedPolicy(PolicyNet(cfg.policy_backbone), cfg.merge_thresholds),
             "oracle": OraclePolicy(cfg.merge_thresholds),
             "uniform": UniformPolicy(cfg.merge_thresholds, tau=cfg.uniform_tau),
+            "budget": BudgetPolicy(tau=cfg.uniform_tau),
             "none": NoMergePolicy(cfg.merge_thresholds),
         })
         self.active_policy = "learned"
@@ -131,8 +141,13 @@ class StepViT(nn.Module):
         return self.policies[self.active_policy]
 
     def configure(self, policy: str | None = None, merge_thresholds: Sequence[float] | None = None,
-                  exit_threshold: float | None = None, exits: bool | None = None) -> "StepViT":
-        """Set the operating point (which policy, thresholds, exits on/off) in place."""
+                  exit_threshold: float | None = None, exits: bool | None = None,
+                  budget: float | None = None) -> "StepViT":
+        """Set the operating point (which policy, thresholds, exits on/off, token budget) in place."""
+        if budget is not None:
+            if not budget >= 1.0:
+                raise ConfigError(f"--budget is a token reduction factor >= 1 (e.g. 2.5), got {budget}")
+            self.policies["budget"].reduction = float(budget)
         if policy is not None:
             if policy not in POLICY_NAMES:
                 raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
@@ -189,8 +204,9 @@ class StepViT(nn.Module):
         x = self.norm_pre(x)
         t_max = ids.shape[1]
         num_classes = self.decoder.head.out_features
-        token_logits = x.new_zeros((b, t_max, num_classes))
+        token_logits = x.new_zeros((b, t_max + 1, num_classes))  # + a spare slot, see scatter_tokens
         exit_block = torch.where(valid, torch.full_like(ids, self.depth), torch.full_like(ids, -1))
+        exit_block = torch.cat([exit_block, exit_block.new_full((b, 1), -1)], dim=1)
         aux: dict[int, torch.Tensor] = {}
         grid_ids = torch.from_numpy(np.stack([pt.token_of_patch for pt in partitions])).long().to(images.device)
         for i, blk in enumerate(self.blocks):
@@ -203,9 +219,9 @@ class StepViT(nn.Module):
                 continue
             dec: GateDecision = gate(x[:, p:], ids, valid, allow_exit=self.exits_enabled)
             if return_aux:
-                full = dec.logits.new_zeros((b, t_max, num_classes))
+                full = dec.logits.new_zeros((b, t_max + 1, num_classes))
                 scatter_tokens(full, dec.logits, ids, valid)
-                aux[i + 1] = unmerge(full, grid_ids)
+                aux[i + 1] = unmerge(full[:, :t_max], grid_ids)
             if self.exits_enabled:
                 scatter_tokens(token_logits, dec.logits, ids, dec.exits)
                 scatter_tokens(exit_block, torch.full_like(ids, i + 1), ids, dec.exits)
@@ -214,6 +230,7 @@ class StepViT(nn.Module):
         if max(counts) > 0:
             final = self.decoder(self.norm(x)[:, p:])
             scatter_tokens(token_logits, final, ids, valid)
+        token_logits, exit_block = token_logits[:, :t_max], exit_block[:, :t_max]
         return StepOutput(unmerge(token_logits, grid_ids), token_logits, exit_block, partitions, aux)
 
 

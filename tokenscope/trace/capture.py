@@ -12,7 +12,7 @@ from tokenscope.data.images import PreparedImage
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import CostModel, cost_model, measure_flops
 from tokenscope.models.partition import grid_partition
-from tokenscope.models.runtime import synchronize
+from tokenscope.models.runtime import inference, synchronize
 from tokenscope.models.step_vit import segment
 from tokenscope.trace.recorder import ImageRecord, Recorder
 from tokenscope.trace.trace import Trace, TraceMeta
@@ -45,6 +45,7 @@ class TraceCapture:
 
     loaded: LoadedModel
     device: torch.device
+    amp: bool = False
     _policy_flops: dict[tuple[str, tuple[int, int]], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,7 +55,7 @@ class TraceCapture:
         m = self.loaded.model
         key = (m.active_policy, (int(x.shape[-2]), int(x.shape[-1])))
         if key not in self._policy_flops:
-            with torch.no_grad():
+            with inference(self.device, self.amp):
                 total, _, _ = measure_flops(lambda: m.policy.score(x[:1], None if labels is None else labels[:1]))
             self._policy_flops[key] = total
         return self._policy_flops[key]
@@ -62,7 +63,7 @@ class TraceCapture:
     def __call__(self, images: list[PreparedImage]) -> list[Trace]:
         model = self.loaded.model
         x, labels = images_to_tensor(images, self.device)
-        with torch.no_grad(), Recorder(model) as rec:
+        with inference(self.device, self.amp), Recorder(model) as rec:
             synchronize(self.device)
             t0 = time.perf_counter()
             out = model(x, labels)

@@ -1,0 +1,61 @@
+"""The speed path: token budgets, sync-free batching, and the bench measurements' bookkeeping."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+from tokenscope.analysis.bench import run_bench
+from tokenscope.cli import app
+from tokenscope.models.partition import level_shape
+from tokenscope.models.policy import budget_partition
+
+
+def test_budget_partition_reaches_the_target_and_no_further_than_needed() -> None:
+    rng = np.random.default_rng(0)
+    grid = (64, 64)
+    scores = [rng.random(level_shape(grid, k)) for k in range(1, 5)]
+    counts = []
+    for r in (1.5, 2.5, 4.0):
+        p = budget_partition(scores, grid, r)
+        target = grid[0] * grid[1] / r
+        assert p.num_tokens <= target
+        assert p.num_tokens > target - 3
+        counts.append(p.num_tokens)
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_budget_policy_gives_each_image_its_own_partition(tiny_model) -> None:
+    tiny_model.configure(policy="budget", budget=2.0, exits=False)
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    x[1, :, :64] = 0.5  # a flat half: more to merge, still the same budget
+    with torch.no_grad():
+        out = tiny_model(x)
+    for p in out.partitions:
+        assert p.num_tokens <= 32
+    assert not np.array_equal(out.partitions[0].token_of_patch, out.partitions[1].token_of_patch)
+
+
+def test_run_bench_reports_consistent_ratios(tiny_model) -> None:
+    tiny_model.configure(budget=2.0)
+    x = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    r = run_bench(tiny_model, x, torch.device("cpu"), "budget", False, repeats=2, warmup=1, loop=True)
+    s = r.summary()
+    assert r.baseline.tokens_per_image == 64 and r.step.tokens_per_image <= 32
+    assert s["flop_reduction"] > 1.5
+    assert len(r.baseline.latencies_s) == len(r.step.latencies_s) == 2
+    assert len(r.recorder_on_s) == len(r.recorder_off_s) == 2 and len(r.loop_s) == 2
+    assert abs(s["speedup_over_flop_reduction"] - s["speedup"] / s["flop_reduction"]) < 1e-9
+    assert r.baseline.peak_mib > 0 and s["learned_policy_net_flops_pct_of_baseline"] > 0
+
+
+def test_bench_command_prints_ratios(tmp_path) -> None:
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(app, ["bench", "--model", "vitt", "--random-init", "--budget", "2", "--size", "64",
+                                 "--batch", "2", "--device", "cpu", "--repeats", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "speed-up" in r.output and "FLOP reduction" in r.output and "recorder overhead" in r.output
+    assert out.is_file()
+    bad = CliRunner().invoke(app, ["bench", "--model", "vitt", "--random-init", "--size", "50", "--device", "cpu"])
+    assert bad.exit_code == 2 and "multiple of 16" in bad.output

@@ -1,0 +1,194 @@
+"""Speed of STEP against the same network without reduction, measured in one run as ratios.
+
+Per variant: one untimed pass under torch's FLOP counter and a peak-memory probe (it doubles as
+warm-up), further warm-up passes, then timed passes interleaved between the variants so that
+drift in the machine's speed hits both alike. Also measured: the Recorder's overhead (the STEP
+pass with and without hooks, interleaved), the active policy's share of the baseline's time and
+FLOPs, the learned dCTS policy network's share, and optionally one-image-at-a-time processing
+of the same batch (what the padded batched path is for).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from tokenscope.analysis.memory import LiveTensorBytes
+from tokenscope.models.cost import measure_flops
+from tokenscope.models.runtime import inference, synchronize
+from tokenscope.models.step_vit import StepViT
+from tokenscope.trace.recorder import Recorder
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class VariantTiming:
+    name: str
+    policy: str
+    exits: bool
+    tokens_per_image: float = 0.0
+    gflops_per_image: float = 0.0
+    peak_mib: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+
+    @property
+    def latency_ms(self) -> float:
+        return 1e3 * statistics.median(self.latencies_s)
+
+    def images_per_s(self, batch: int) -> float:
+        return batch / statistics.median(self.latencies_s)
+
+
+@dataclass
+class BenchResult:
+    batch: int
+    size: tuple[int, int]
+    device: str
+    threads: int
+    amp: bool
+    baseline: VariantTiming
+    step: VariantTiming
+    recorder_on_s: list[float] = field(default_factory=list)
+    recorder_off_s: list[float] = field(default_factory=list)
+    policy_s: list[float] = field(default_factory=list)
+    policy_gflops: float = 0.0
+    learned_net_s: list[float] = field(default_factory=list)
+    learned_net_gflops: float = 0.0
+    loop_s: list[float] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline.latency_ms / self.step.latency_ms
+
+    @property
+    def flop_reduction(self) -> float:
+        return self.baseline.gflops_per_image / self.step.gflops_per_image
+
+    @property
+    def quotient(self) -> float:
+        """Speed-up per unit of FLOP reduction: 1.0 means time falls exactly as FLOPs do."""
+        return self.speedup / self.flop_reduction
+
+    @property
+    def recorder_overhead_pct(self) -> float:
+        if not self.recorder_on_s:
+            return float("nan")
+        return 100.0 * (statistics.median(self.recorder_on_s) / statistics.median(self.recorder_off_s) - 1.0)
+
+    def share_pct(self, seconds: list[float]) -> float:
+        return 100.0 * statistics.median(seconds) / statistics.median(self.baseline.latencies_s) if seconds else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch, "size": list(self.size), "device": self.device, "threads": self.threads, "amp": self.amp,
+            "baseline": {**asdict(self.baseline), "latency_ms": self.baseline.latency_ms,
+                         "images_per_s": self.baseline.images_per_s(self.batch)},
+            "step": {**asdict(self.step), "latency_ms": self.step.latency_ms, "images_per_s": self.step.images_per_s(self.batch)},
+            "speedup": self.speedup, "flop_reduction": self.flop_reduction, "speedup_over_flop_reduction": self.quotient,
+            "recorder_overhead_pct": self.recorder_overhead_pct,
+            "policy_time_pct_of_baseline": self.share_pct(self.policy_s),
+            "policy_flops_pct_of_baseline": 100.0 * self.policy_gflops / max(self.baseline.gflops_per_image * self.batch, 1e-12),
+            "learned_policy_net_time_pct_of_baseline": self.share_pct(self.learned_net_s),
+            "learned_policy_net_flops_pct_of_baseline":
+                100.0 * self.learned_net_gflops / max(self.baseline.gflops_per_image * self.batch, 1e-12),
+            "one_at_a_time_ms": 1e3 * statistics.median(self.loop_s) if self.loop_s else None,
+            "environment": self.environment,
+        }
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _probe(fn: Callable[[], Any], device: torch.device) -> tuple[int, int, Any]:
+    """One pass under the FLOP counter, with peak memory: (flops, peak bytes, result)."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        flops, _, out = measure_flops(fn)
+        synchronize(device)
+        return flops, int(torch.cuda.max_memory_allocated(device) - before), out
+    with LiveTensorBytes() as mem:
+        flops, _, out = measure_flops(fn)
+    return flops, mem.peak, out
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "processor": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_policy: str, step_exits: bool,
+              repeats: int = 3, warmup: int = 1, amp: bool = False, recorder_repeats: int | None = None,
+              loop: bool = False, progress: Progress | None = None) -> BenchResult:
+    """Benchmark the configured STEP operating point against policy none + exits none."""
+    b = images.shape[0]
+    variants = {"baseline": VariantTiming("baseline", "none", False), "step": VariantTiming("step", step_policy, step_exits)}
+    result = BenchResult(b, (int(images.shape[-2]), int(images.shape[-1])), str(device), torch.get_num_threads(),
+                         amp and device.type == "cuda", variants["baseline"], variants["step"],
+                         environment=environment(device))
+    calls: dict[str, Callable[[], Any]] = {}
+    for v in variants.values():
+        def call(v: VariantTiming = v) -> Any:
+            model.configure(policy=v.policy, exits=v.exits)
+            return model(images)
+        calls[v.name] = call
+    rec_repeats = repeats if recorder_repeats is None else recorder_repeats
+    total = 2 * max(warmup, 1) + 2 * repeats + rec_repeats + repeats + (repeats if loop else 0)
+    done = 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(min(done, total), total, what)
+
+    with inference(device, amp):
+        for v in variants.values():
+            flops, peak, out = _probe(calls[v.name], device)
+            v.gflops_per_image, v.peak_mib = flops / 1e9 / b, peak / 2**20
+            v.tokens_per_image = sum(p.num_tokens for p in out.partitions) / b
+            tick(f"{v.name} probe")
+            for _ in range(max(warmup - 1, 0)):
+                calls[v.name]()
+                tick(f"{v.name} warm-up")
+        for _ in range(repeats):
+            for v in variants.values():
+                v.latencies_s.append(_timed(calls[v.name], device))
+                tick(f"{v.name} timed")
+        model.configure(policy=step_policy, exits=step_exits)
+        rec = Recorder(model)
+        for _ in range(rec_repeats):
+            result.recorder_off_s.append(_timed(lambda: model(images), device))
+            rec.attach()
+            result.recorder_on_s.append(_timed(lambda: (model(images), rec.pop_records()), device))
+            rec.detach()
+            tick("recorder on/off")
+        policy = model.policy
+        learned = model.policies["learned"].net
+        result.policy_gflops = measure_flops(lambda: policy.score(images, None))[0] / 1e9
+        result.learned_net_gflops = measure_flops(lambda: learned(images))[0] / 1e9
+        for _ in range(repeats):
+            result.policy_s.append(_timed(lambda: policy(images), device))
+            result.learned_net_s.append(_timed(lambda: learned(images), device))
+            tick("policy")
+        if loop:
+            for _ in range(repeats):
+                result.loop_s.append(_timed(lambda: [model(images[i:i + 1]) for i in range(b)], device))
+                tick("one at a time")
+    return result
