@@ -49,7 +49,8 @@ def test_run_writes_a_complete_run_folder(tmp_path: Path, image_files: dict[str,
         assert blocks["tokens_in"].tolist() == trace.block_tokens_in.tolist()
     odd = Trace.load(run / "odd")
     assert odd.meta.input_hw == (70, 101) and odd.meta.padded_hw == (80, 112) and odd.label_map.shape == (70, 101)
-    assert len(pd.read_parquet(run / "tokens.parquet")) == sum(Trace.load(run / n).num_tokens for n in ("scene", "odd"))
+    assert len(pd.read_parquet(run / "tables" / "tokens.parquet")) == sum(Trace.load(run / n).num_tokens for n in ("scene", "odd"))
+    assert (run / "scene" / "tokens.gif").is_file() and (run / "figures" / "token_flow.png").is_file()
     assert "reduction" in r.output and "GFLOPs" in r.output
 
 

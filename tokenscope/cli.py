@@ -98,7 +98,7 @@ def _report_failures(images: list[Any]) -> int:
 
 @app.command()
 def run(
-    images: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
+    images: Annotated[Optional[list[str]], typer.Argument(help="Image files or folders of images.")] = None,
     model: ModelOpt = "demo",
     weights: WeightsOpt = None,
     random_init: RandomOpt = False,
@@ -106,31 +106,61 @@ def run(
     merge_threshold: MergeOpt = None,
     exit_threshold: ExitThrOpt = None,
     exits: ExitsOpt = None,
+    budget: Annotated[Optional[float], typer.Option(help="Token budget for --policy budget: R times fewer tokens than patches.")] = None,
     labels: LabelsOpt = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Run over a data set instead of files: synthetic, folder, ade20k or cityscapes.")] = None,
+    data_root: Annotated[Optional[str], typer.Option("--data-root", help="Root folder of a folder/ade20k/cityscapes data set.")] = None,
+    split: Annotated[str, typer.Option(help="Data-set split.")] = "val",
+    seeds: Annotated[str, typer.Option(help="Synthetic scenes, START:STOP.")] = "100000:100100",
+    scene_size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
+    baseline: Annotated[Optional[bool], typer.Option("--baseline/--no-baseline", help="Also run the same weights without reduction (mIoU with/without); default: when labels exist.")] = None,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Per-image overlays and histograms, and data-set figures.")] = True,
+    animation: Annotated[bool, typer.Option("--animation/--no-animation", help="Per-image GIF of tokens leaving block by block.")] = True,
+    resume: Annotated[Optional[Path], typer.Option(help="Finish an interrupted run folder (its own settings are used).")] = None,
     device: DeviceOpt = "auto",
     size: SizeOpt = None,
     out: OutOpt = Path("outputs"),
     seed: SeedOpt = 0,
 ) -> None:
-    """Trace images: which patches merge into which supertoken, and at which block each token exits."""
-    from tokenscope.jobs.run import run_images
+    """Trace images or a data set: which patches merge into which supertoken, and at which block each token exits."""
+    from dataclasses import asdict
+
+    from tokenscope.jobs.run import RunRequest, run_job
 
     with _user_errors():
+        if resume is None and not images and dataset is None:
+            from tokenscope.errors import ConfigError
+
+            raise ConfigError("give image files/folders, --dataset, or --resume RUN_DIR")
         opts = _model_options(model, weights, random_init, policy, merge_threshold, exit_threshold, exits, device, seed)
+        opts.budget = budget
+        req = RunRequest(inputs=list(images or []), labels=labels, dataset=dataset, data_root=data_root, split=split,
+                         seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
+                         animation=animation, baseline=baseline)
         with _progress("tracing") as progress:
-            result = run_images(images, opts, out=out, size=size, labels=labels, progress=progress)
+            result = run_job(req, out=out, resume=resume, progress=progress)
     _warn(result.warnings)
     table = Table(title=f"tokenscope run: {result.model}", title_justify="left")
     for col in ("image", "patches", "tokens", "reduction", "exited early", "GFLOPs", "baseline GFLOPs", "forward"):
         table.add_column(col, justify="left" if col == "image" else "right")
-    for r in result.images:
-        if r.summary is None:
-            continue
+    shown = [r for r in result.images if r.summary is not None]
+    for r in shown[:20]:
         s = r.summary
         table.add_row(Path(s["image"]).name, str(s["patches"]), str(s["tokens"]), f"{s['reduction']:.2f}x",
                       f"{s['exited_early_pct']:.1f}%", f"{s['gflops']:.2f}", f"{s['baseline_gflops']:.2f}",
                       f"{1e3 * s['forward_s']:.0f} ms")
+    if len(shown) > 20:
+        table.add_row(f"... {len(shown) - 20} more", "", "", "", "", "", "", "")
+    if result.tables is not None and len(shown) > 1:
+        t = result.tables.summary
+        table.add_row("ALL", str(t["patches"]), str(t["tokens"]), f"{t['token_reduction']:.2f}x",
+                      f"{t['exited_early_pct']:.1f}%", f"{t['gflops_per_image']:.2f}/img",
+                      f"{t['baseline_gflops_per_image']:.2f}/img", "")
     out_console.print(table)
+    if result.tables is not None and "step_miou" in result.tables.summary:
+        t = result.tables.summary
+        base = f", without reduction {100 * t['baseline_miou']:.2f}" if "baseline_miou" in t else ""
+        out_console.print(f"mIoU with STEP {100 * t['step_miou']:.2f}{base}", highlight=False)
     out_console.print(f"outputs: [bold]{result.run_dir}[/]  (GFLOPs: 2 per multiply-add, policy included)", highlight=False)
     if _report_failures(result.images):
         raise typer.Exit(3)
@@ -376,6 +406,62 @@ def bench(
     if s["one_at_a_time_ms"] is not None:
         out_console.print(f"same batch one image at a time: {s['one_at_a_time_ms']:.1f} ms vs padded batch "
                           f"{result.step.latency_ms:.1f} ms", highlight=False)
+
+
+@app.command()
+def sweep(
+    model: ModelOpt = "demo",
+    weights: WeightsOpt = None,
+    policy: PolicyOpt = None,
+    merge: Annotated[str, typer.Option("--merge-thresholds", help="Merge thresholds to try (one value for all levels each).")] = "0.3,0.5,0.7,0.9",
+    exit_: Annotated[str, typer.Option("--exit-thresholds", help="Exit thresholds to try.")] = "0.8,0.9,0.95,0.99",
+    sizes: Annotated[Optional[str], typer.Option(help="Input sizes (long side) to try, e.g. 384,512; default: as generated/stored.")] = None,
+    data: DataOpt = "synthetic",
+    data_root: DataRootOpt = None,
+    split: Annotated[str, typer.Option(help="Split of a file data set.")] = "val",
+    seeds: Annotated[str, typer.Option(help="Synthetic scenes, START:STOP.")] = "100000:100050",
+    scene_size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
+    device: DeviceOpt = "auto",
+    out: OutOpt = Path("outputs"),
+) -> None:
+    """Sweep merge/exit thresholds (and sizes): mIoU vs GFLOPs and measured throughput, with Pareto plots."""
+    from tokenscope.jobs.sweep import parse_floats
+    from tokenscope.jobs.sweep import sweep as run_sweep
+
+    with _user_errors():
+        opts = _model_options(model, weights, False, policy, None, None, "learned", device, 0)
+        size_list = [int(v) for v in parse_floats(sizes, "--sizes")] if sizes else [None]
+        with _progress("sweeping") as progress:
+            result = run_sweep(opts, parse_floats(merge, "--merge-thresholds"), parse_floats(exit_, "--exit-thresholds"),
+                               size_list, data, data_root, split, seeds, scene_size, out, progress)
+    table = Table(title="sweep", title_justify="left")
+    for col in ("size", "point", "mIoU", "GFLOPs/img", "images/s", "reduction", "exited"):
+        table.add_column(col, justify="left" if col == "point" else "right")
+    for _, r in result.table.iterrows():
+        table.add_row(str(r["size"]), str(r["point"]), f"{100 * r['miou']:.2f}", f"{r['gflops_per_image']:.2f}",
+                      f"{r['images_per_s']:.2f}", f"{r['token_reduction']:.2f}x", f"{r['exited_early_pct']:.1f}%")
+    out_console.print(table)
+    out_console.print(f"outputs: [bold]{result.folder}[/]", highlight=False)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A run folder (default: the latest under --out).")] = None,
+    gallery: Annotated[int, typer.Option(help="Images shown in the gallery.")] = 24,
+    animations: Annotated[int, typer.Option(help="Gallery images that also show their token animation (GIF).")] = 6,
+    out: OutOpt = Path("outputs"),
+) -> None:
+    """Write one self-contained HTML report (images embedded) of a run folder."""
+    from tokenscope.jobs.runfolder import fresh_file, latest_run, write_text_atomic
+    from tokenscope.render.report import build_report
+
+    with _user_errors():
+        run = run_dir if run_dir is not None else latest_run(out)
+        text = build_report(run, gallery=gallery, animations=animations)
+        path = fresh_file(run / "report.html")
+        write_text_atomic(path, text)
+    out_console.print(f"report: [bold]{path}[/] ({len(text) / 2**20:.1f} MiB, opens from disk in any browser)",
+                      highlight=False)
 
 
 @app.command()

@@ -25,11 +25,13 @@ Progress = Callable[[int, int, str], None]
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """A policy and exit setting of one model (thresholds as configured on the model)."""
+    """A policy and exit setting of one model; thresholds left None keep the model's own."""
 
     name: str
     policy: str
     exits: bool
+    merge_thresholds: tuple[float, ...] | None = None
+    exit_threshold: float | None = None
 
 
 @dataclass
@@ -84,10 +86,10 @@ class EvalResult:
 
 
 def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[OperatingPoint], device: torch.device,
-             progress: Progress | None = None, amp: bool = False) -> EvalResult:
+             progress: Progress | None = None, amp: bool = False, size: int | None = None) -> EvalResult:
     """Run every operating point on every sample; restores the model's configuration afterwards."""
     model = loaded.model
-    saved = (model.active_policy, model.exits_enabled)
+    saved = (model.active_policy, model.exits_enabled, model.merge_thresholds, model.exit_threshold)
     c = loaded.config.num_classes
     result = EvalResult({p.name: VariantScores(p.name, np.zeros((c, c), dtype=np.int64)) for p in points})
     capture = TraceCapture(loaded, device, amp=amp)
@@ -96,11 +98,12 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
             sample = dataset[i]
             if progress:
                 progress(i, len(dataset), sample.name)
-            prepared = prepare_image(sample.image, sample.name, labels=sample.labels)
+            prepared = prepare_image(sample.image, sample.name, size=size, labels=sample.labels)
             h, w = prepared.input_hw
             gt = prepared.labels[:h, :w]  # type: ignore[index]
             for p in points:
-                model.configure(policy=p.policy, exits=p.exits)
+                model.configure(policy=p.policy, exits=p.exits, merge_thresholds=p.merge_thresholds or saved[2],
+                                exit_threshold=saved[3] if p.exit_threshold is None else p.exit_threshold)
                 trace = capture([prepared])[0]
                 s = result.variants[p.name]
                 s.confusion += confusion(trace.label_map, gt, c)
@@ -114,5 +117,5 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
         if progress:
             progress(len(dataset), len(dataset), "")
     finally:
-        model.configure(policy=saved[0], exits=saved[1])
+        model.configure(policy=saved[0], exits=saved[1], merge_thresholds=saved[2], exit_threshold=saved[3])
     return result

@@ -248,3 +248,18 @@ def find_label_for(image: Path, labels: Path) -> Path:
                 return cand
         raise ImageError(f"{image}: no label map named {image.stem}.png in {labels}")
     raise ImageError(f"{labels}: no such label file or folder")
+
+
+def patch_majority_labels(labels: np.ndarray, patch: int = PATCH) -> np.ndarray:
+    """Majority class of each patch of a padded label map, ignoring IGNORE_INDEX (int32 (gh, gw);
+    IGNORE_INDEX where a patch holds no labelled pixel). Classes must be below 255."""
+    ph, pw = labels.shape
+    gh, gw = ph // patch, pw // patch
+    lab = np.clip(labels[: gh * patch, : gw * patch], 0, IGNORE_INDEX).astype(np.int64)
+    blocks = lab.reshape(gh, patch, gw, patch).transpose(0, 2, 1, 3).reshape(gh * gw, patch * patch)
+    codes = blocks + (np.arange(gh * gw, dtype=np.int64) * 256)[:, None]
+    counts = np.bincount(codes.ravel(), minlength=gh * gw * 256).reshape(gh * gw, 256)
+    counts[:, IGNORE_INDEX] = 0
+    out = counts.argmax(axis=1).astype(np.int32)
+    out[counts.max(axis=1) == 0] = IGNORE_INDEX
+    return out.reshape(gh, gw)

@@ -1,34 +1,49 @@
-"""`tokenscope run`: trace images through a STEP model and write everything about their tokens.
+"""`tokenscope run`: trace images (files, folders or a whole data set) and write where their tokens went.
 
-Each image gets its own folder in a fresh run folder: the trace, the processed input image,
-four overlays, the per-layer histogram, tokens.csv, blocks.csv and summary.json. The run adds
-summary.csv plus tokens/blocks tables of all images in Parquet, and run.json last. An image
-that cannot be read is reported and skipped; the others are still processed.
+Each image gets its own folder in the run folder: the trace, the processed image, overlays, the
+per-layer histogram, an animation of tokens leaving, tokens.csv, blocks.csv, summary.json and,
+when labels exist, eval.json (confusion matrices of STEP and of the same weights without
+reduction). When all images are done, data-set tables (per image, class, level and block; CSV
+and Parquet) and figures are derived from those folders alone, and run.json is marked complete.
+
+A run is resumable: run.json holds the request from the start, image folders appear only once
+complete (written as `.partial-NAME`, then renamed), and `--resume RUN_DIR` redoes exactly the
+images without a folder, then rebuilds the tables, so the result equals an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 
 from tokenscope import __version__
+from tokenscope.analysis.aggregate import DatasetTables, ImageEval, aggregate
+from tokenscope.analysis.metrics import confusion, pixel_agreement
 from tokenscope.analysis.stats import blocks_table, summary, tokens_table
-from tokenscope.data.images import find_images, find_label_for, load_prepared
-from tokenscope.errors import TokenscopeError
+from tokenscope.data.datasets import SegmentationDataset, open_dataset
+from tokenscope.data.images import PreparedImage, find_images, find_label_for, load_prepared, prepare_image
+from tokenscope.errors import ConfigError, RunFolderError, TokenscopeError
 from tokenscope.jobs.runfolder import (
     MANIFEST,
+    PARTIAL_PREFIX,
     image_folder,
     new_run_dir,
+    read_manifest,
     unique_name,
     write_json_atomic,
     write_rgb,
     write_table,
 )
 from tokenscope.jobs.setup import ModelOptions, load_model
+from tokenscope.render.animation import write_exit_animation
+from tokenscope.render.dataset_plots import write_dataset_figures
 from tokenscope.render.overlays import OVERLAY_KINDS, render_overlay
 from tokenscope.render.plots import token_histogram
 from tokenscope.trace.capture import TraceCapture
@@ -39,11 +54,42 @@ Progress = Callable[[int, int, str], None]
 
 
 @dataclass
+class RunRequest:
+    """Everything needed to start, or restart, a run; stored in run.json."""
+
+    inputs: list[str] = field(default_factory=list)
+    labels: str | None = None
+    dataset: str | None = None
+    data_root: str | None = None
+    split: str = "val"
+    seeds: str = "0:100"
+    dataset_size: int = 512
+    size: int | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    figures: bool = True
+    animation: bool = True
+    baseline: bool | None = None
+    """Also run the same weights without reduction (for mIoU with/without); default: when labelled."""
+
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(**self.model)
+
+
+@dataclass
+class RunItem:
+    name: str
+    source: str
+    load: Callable[[], PreparedImage]
+    labelled: bool
+
+
+@dataclass
 class ImageResult:
     source: str
     folder: str | None = None
     summary: dict[str, Any] | None = None
     error: str | None = None
+    skipped: bool = False
 
 
 @dataclass
@@ -52,73 +98,185 @@ class RunResult:
     images: list[ImageResult]
     warnings: list[str] = field(default_factory=list)
     model: str = ""
+    tables: DatasetTables | None = None
 
     @property
     def failed(self) -> list[ImageResult]:
         return [r for r in self.images if r.error is not None]
 
 
-def write_image_outputs(folder: Path, trace: Trace, display: Any) -> None:
-    """Everything `run` writes for one image, from its trace and its processed image."""
+def _items(req: RunRequest) -> list[RunItem]:
+    """The images of a request, with folder names fixed up front so a resume finds the same ones."""
+    taken: set[str] = set()
+    if req.dataset is not None:
+        if req.inputs:
+            raise ConfigError("give images or --dataset, not both")
+        ds: SegmentationDataset = open_dataset(req.dataset, req.data_root, req.split, req.seeds, req.dataset_size)
+
+        def loader(i: int) -> Callable[[], PreparedImage]:
+            def load() -> PreparedImage:
+                s = ds[i]
+                return prepare_image(s.image, s.name, size=req.size, labels=s.labels)
+            return load
+
+        return [RunItem(unique_name(ds.name(i), taken), ds.name(i), loader(i), True) for i in range(len(ds))]
+    paths = find_images(list(req.inputs))
+    if not paths:
+        raise TokenscopeError("no images found in " + ", ".join(req.inputs))
+    labels = Path(req.labels) if req.labels is not None else None
+    items = []
+    for p in paths:
+        def load(p: Path = p) -> PreparedImage:
+            lab = find_label_for(p, labels) if labels is not None else None
+            return load_prepared(p, size=req.size, labels_path=lab)
+        items.append(RunItem(unique_name(p.stem, taken), str(p), load, labels is not None))
+    return items
+
+
+def write_image_outputs(folder: Path, trace: Trace, display: np.ndarray, figures: bool = True,
+                        animation: bool = True) -> None:
+    """What `run` writes for one image, from its trace and its processed image."""
     trace.save(folder)
     write_rgb(folder / "image.png", display)
-    for kind in OVERLAY_KINDS:
-        write_rgb(folder / f"{kind}.png", render_overlay(kind, display, trace))
-    token_histogram(trace, folder / "histogram.png")
+    if figures:
+        for kind in OVERLAY_KINDS:
+            write_rgb(folder / f"{kind}.png", render_overlay(kind, display, trace))
+        token_histogram(trace, folder / "histogram.png")
+    if animation:
+        write_exit_animation(folder / "tokens.gif", display, trace)
     write_table(tokens_table(trace), folder / "tokens.csv")
     write_table(blocks_table(trace), folder / "blocks.csv")
 
 
-def run_images(paths: list[str], opts: ModelOptions, out: str | Path = "outputs", size: int | None = None,
-               labels: str | None = None, progress: Progress | None = None) -> RunResult:
-    """Trace every image in `paths` (files or folders) into a new run folder under `out`."""
-    images = find_images(paths)
-    if not images:
-        raise TokenscopeError("no images found in " + ", ".join(map(str, paths)))
-    labels_path = Path(labels) if labels is not None else None
-    loaded, device = load_model(opts, have_labels=labels_path is not None)
-    capture = TraceCapture(loaded, device, amp=opts.amp)
-    run_dir = new_run_dir(out, "run")
-    results: list[ImageResult] = []
-    taken: set[str] = set()
-    token_frames, block_frames = [], []
-    for i, path in enumerate(images):
-        if progress:
-            progress(i, len(images), path.name)
-        result = ImageResult(source=str(path))
+def _evaluate_image(prepared: PreparedImage, trace: Trace, capture: TraceCapture, with_baseline: bool) -> ImageEval:
+    ev = ImageEval()
+    c = capture.loaded.config.num_classes
+    gt = None
+    if prepared.labels is not None:
+        h, w = prepared.input_hw
+        gt = prepared.labels[:h, :w]
+        ev.step_confusion = confusion(trace.label_map, gt, c)
+    if with_baseline:
+        model = capture.loaded.model
+        policy, exits = model.active_policy, model.exits_enabled
+        model.configure(policy="none", exits=False)
         try:
-            lab = find_label_for(path, labels_path) if labels_path is not None else None
-            prepared = load_prepared(path, size=size, labels_path=lab)
-            trace = capture([prepared])[0]
-            name = unique_name(path.stem, taken)
-            with image_folder(run_dir, name) as folder:
-                write_image_outputs(folder, trace, prepared.display)
-                info = summary(trace)
-                info["folder"] = name
-                write_json_atomic(folder / "summary.json", info)
-            result.folder, result.summary = name, info
-            token_frames.append(tokens_table(trace).assign(image=name))
-            block_frames.append(blocks_table(trace).assign(image=name))
-        except TokenscopeError as exc:
-            result.error = str(exc)
-        results.append(result)
-    if progress:
-        progress(len(images), len(images), "")
-    ok = [r for r in results if r.summary is not None]
-    if ok:
-        rows = [{k: v for k, v in r.summary.items() if not isinstance(v, (dict, list))} for r in ok]  # type: ignore[union-attr]
-        write_table(pd.DataFrame(rows), run_dir / "summary.csv")
-        write_table(pd.concat(token_frames, ignore_index=True), run_dir / "tokens.parquet")
-        write_table(pd.concat(block_frames, ignore_index=True), run_dir / "blocks.parquet")
-    manifest = {
-        "tool": "tokenscope", "version": __version__, "kind": "run",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            base = capture([prepared])[0]
+        finally:
+            model.configure(policy=policy, exits=exits)
+        ev.agreement = pixel_agreement(trace.label_map, base.label_map)
+        ev.baseline_tokens = base.num_tokens
+        ev.baseline_flops = int(base.meta.flops["total"])
+        if gt is not None:
+            ev.baseline_confusion = confusion(base.label_map, gt, c)
+    return ev
+
+
+def load_image_record(folder: Path) -> tuple[Trace, ImageEval | None]:
+    trace = Trace.load(folder)
+    ev_path = folder / "eval.json"
+    ev = ImageEval.from_json(json.loads(ev_path.read_text())) if ev_path.is_file() else None
+    return trace, ev
+
+
+def finish_run(run_dir: Path, names: list[str], figures: bool = True) -> DatasetTables | None:
+    """Derive the data-set tables and figures from the image folders alone."""
+    present = [n for n in names if (run_dir / n).is_dir()]
+    if not present:
+        return None
+    tables = aggregate((n, *load_image_record(run_dir / n)) for n in present)
+    out = run_dir / "tables"
+    out.mkdir(exist_ok=True)
+    for name in ("images", "classes", "levels", "blocks"):
+        df: pd.DataFrame = getattr(tables, name)
+        write_table(df, out / f"{name}.csv")
+        write_table(df, out / f"{name}.parquet")
+    frames = [tokens_table(Trace.load(run_dir / n)).assign(image=n) for n in present]
+    write_table(pd.concat(frames, ignore_index=True), out / "tokens.parquet")
+    write_json_atomic(run_dir / "summary.json", tables.summary)
+    if figures:
+        fig_dir = run_dir / "figures"
+        fig_dir.mkdir(exist_ok=True)
+        write_dataset_figures(tables, fig_dir)
+    return tables
+
+
+def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | None = None,
+            progress: Progress | None = None) -> RunResult:
+    """Start a run from `req`, or finish the interrupted run at `resume`."""
+    if resume is not None:
+        run_dir = Path(resume)
+        manifest = read_manifest(run_dir)
+        if manifest.get("kind") != "run":
+            raise RunFolderError(f"{run_dir}: not a tokenscope run folder")
+        req = RunRequest(**manifest["request"])
+    items = _items(req)
+    opts = req.model_options()
+    loaded, device = load_model(opts, have_labels=any(it.labelled for it in items))
+    if resume is not None:
+        if manifest.get("weights") != loaded.weights_id:
+            raise RunFolderError(f"{run_dir}: was run with weights {manifest.get('weights')}, these are {loaded.weights_id}")
+        for stale in run_dir.glob(f"{PARTIAL_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    else:
+        run_dir = new_run_dir(out, "run")
+    capture = TraceCapture(loaded, device, amp=opts.amp)
+    labelled = any(it.labelled for it in items)
+    with_baseline = labelled if req.baseline is None else req.baseline
+    base_manifest = {
+        "tool": "tokenscope", "version": __version__, "kind": "run", "status": "running",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "request": asdict(req),
         "model": loaded.config.name, "arch": loaded.config.arch, "weights": loaded.weights_id,
         "weights_source": loaded.source, "device": str(device),
         "policy": loaded.model.active_policy, "exits": loaded.model.exits_enabled,
         "merge_thresholds": list(loaded.model.merge_thresholds), "exit_threshold": loaded.model.exit_threshold,
-        "size": size, "labels": labels, "warnings": loaded.warnings,
-        "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],
+        "warnings": loaded.warnings,
     }
-    write_json_atomic(run_dir / MANIFEST, manifest)
-    return RunResult(run_dir, results, loaded.warnings, loaded.config.name)
+    if resume is None:
+        write_json_atomic(run_dir / MANIFEST, base_manifest)
+    else:
+        base_manifest["created"] = manifest.get("created", base_manifest["created"])
+        base_manifest["resumed"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    results: list[ImageResult] = []
+    for i, item in enumerate(items):
+        if progress:
+            progress(i, len(items), item.name)
+        result = ImageResult(source=item.source)
+        if (run_dir / item.name).is_dir():
+            result.folder, result.skipped = item.name, True
+            results.append(result)
+            continue
+        try:
+            prepared = item.load()
+            trace = capture([prepared])[0]
+            ev = _evaluate_image(prepared, trace, capture, with_baseline) if (prepared.labels is not None or with_baseline) else None
+            with image_folder(run_dir, item.name) as folder:
+                write_image_outputs(folder, trace, prepared.display, req.figures, req.animation)
+                info = summary(trace)
+                info["folder"] = item.name
+                if ev is not None:
+                    write_json_atomic(folder / "eval.json", ev.to_json())
+                write_json_atomic(folder / "summary.json", info)
+            result.folder, result.summary = item.name, info
+        except TokenscopeError as exc:
+            result.error = str(exc)
+        results.append(result)
+    if progress:
+        progress(len(items), len(items), "")
+    tables = finish_run(run_dir, [it.name for it in items], req.figures)
+    for r in results:
+        if r.skipped and r.folder is not None:
+            r.summary = json.loads((run_dir / r.folder / "summary.json").read_text())
+    write_json_atomic(run_dir / MANIFEST, {
+        **base_manifest, "status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "summary": tables.summary if tables is not None else {},
+        "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],
+    })
+    return RunResult(run_dir, results, loaded.warnings, loaded.config.name, tables)
+
+
+def run_images(paths: list[str], opts: ModelOptions, out: str | Path = "outputs", size: int | None = None,
+               labels: str | None = None, progress: Progress | None = None, **kw: Any) -> RunResult:
+    """Convenience: trace image files or folders with `opts`."""
+    req = RunRequest(inputs=[str(p) for p in paths], labels=labels, size=size, model=asdict(opts), **kw)
+    return run_job(req, out, progress=progress)

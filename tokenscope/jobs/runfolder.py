@@ -106,6 +106,20 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
+        f.write(text)
+    publish(f.name, path)
+
+
+def fresh_file(path: Path) -> Path:
+    """`path`, or `stem-2.suffix`, `stem-3.suffix`, ... whichever does not exist yet."""
+    cand, n = path, 2
+    while cand.exists():
+        cand, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return cand
+
+
 def write_table(df: pd.DataFrame, path: Path) -> None:
     """CSV or Parquet by suffix, via a temporary file and a rename."""
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=path.suffix, delete=False) as f:
@@ -147,10 +161,17 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         raise RunFolderError(f"{run_dir / MANIFEST}: unreadable ({exc})") from None
 
 
+def _complete(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / MANIFEST).read_text()).get("status", "complete") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
 def latest_run(root: str | os.PathLike[str], kind: str = "run") -> Path:
     """The newest finished run folder of `kind` under `root`."""
     base = Path(root)
-    runs = sorted((p for p in base.glob(f"{kind}-*") if p.is_dir() and (p / MANIFEST).is_file()),
+    runs = sorted((p for p in base.glob(f"{kind}-*") if p.is_dir() and _complete(p)),
                   key=lambda p: ((p / MANIFEST).stat().st_mtime, p.name))
     if not runs:
         raise RunFolderError(f"no finished {kind} folders in {base}; run `tokenscope {kind} IMAGE` first or pass a run folder")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tokenscope.data.images import PreparedImage
+from tokenscope.data.images import PreparedImage, patch_majority_labels
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import CostModel, cost_model, measure_flops
 from tokenscope.models.partition import grid_partition
@@ -108,6 +108,7 @@ class TraceCapture:
             token_col=part.col, token_exit_block=rec.exit_block, token_confidence=rec.confidence,
             token_class=rec.predicted, block_tokens_in=rec.block_tokens_in, block_flops=np.asarray(block_flops),
             label_map=label_map, policy_scores=rec.policy_scores,
+            patch_labels=None if im.labels is None else patch_majority_labels(im.labels),
         )
         trace.assert_consistent()
         return trace

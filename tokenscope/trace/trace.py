@@ -19,6 +19,7 @@ On disk a trace is two files in one folder (format "tokenscope-trace", version 1
 | block_flops | (depth,) int64 | FLOPs of each block (2 per multiply-add) |
 | label_map | (h, w) int32 | predicted class per pixel at the input size |
 | policy_score_l1..l4 | (gh>>k, gw>>k) float32 | the policy's merge score per aligned block |
+| patch_labels | (gh, gw) int32, optional | ground-truth majority class of each patch (255 = none), when labels were given |
 """
 
 from __future__ import annotations
@@ -107,11 +108,14 @@ class Trace:
     block_flops: np.ndarray
     label_map: np.ndarray
     policy_scores: list[np.ndarray] = field(default_factory=list)
+    patch_labels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for name in ARRAYS:
             setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=DTYPES[name]))
         self.policy_scores = [np.asarray(s, dtype=np.float32) for s in self.policy_scores]
+        if self.patch_labels is not None:
+            self.patch_labels = np.ascontiguousarray(self.patch_labels, dtype=np.int32)
 
     # ---- derived views -------------------------------------------------------------------
     @property
@@ -195,6 +199,8 @@ class Trace:
             fail(f"tokens entering blocks {self.block_tokens_in.tolist()} differ from what exits imply {implied.tolist()}")
         if self.label_map.shape != tuple(m.input_hw):
             fail(f"label map is {self.label_map.shape}, input size is {tuple(m.input_hw)}")
+        if self.patch_labels is not None and self.patch_labels.shape != (gh, gw):
+            fail(f"patch_labels has shape {self.patch_labels.shape}, grid is {(gh, gw)}")
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, folder: str | os.PathLike[str]) -> None:
@@ -204,6 +210,8 @@ class Trace:
         arrays = {name: getattr(self, name) for name in ARRAYS}
         for k, s in enumerate(self.policy_scores, start=1):
             arrays[f"policy_score_l{k}"] = s
+        if self.patch_labels is not None:
+            arrays["patch_labels"] = self.patch_labels
         doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "meta": asdict(self.meta), "arrays": sorted(arrays)}
         with tempfile.NamedTemporaryFile(dir=d, suffix=".npz", delete=False) as f:
             np.savez_compressed(f, **arrays)
@@ -236,4 +244,5 @@ class Trace:
         if missing:
             raise RunFolderError(f"{d / TRACE_NPZ}: missing arrays {missing}")
         scores = [arrays[f"policy_score_l{k}"] for k in range(1, 9) if f"policy_score_l{k}" in arrays]
-        return cls(meta=TraceMeta.from_dict(doc["meta"]), policy_scores=scores, **{a: arrays[a] for a in ARRAYS})
+        return cls(meta=TraceMeta.from_dict(doc["meta"]), policy_scores=scores, patch_labels=arrays.get("patch_labels"),
+                   **{a: arrays[a] for a in ARRAYS})

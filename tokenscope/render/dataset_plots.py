@@ -1,0 +1,193 @@
+"""Data-set figures from aggregated tables: publication-ready, colour-blind-safe (Okabe-Ito).
+
+- tokens_per_block.png: mean tokens entering each block, stacked by superpatch level;
+- class_exits.png: for each class, the share of its tokens leaving at each gate or the end;
+- class_levels.png: for each class, the share of its patches in each superpatch level;
+- token_flow.png: patches -> superpatch levels -> exit points, band widths in patches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import PathPatch  # noqa: E402
+from matplotlib.path import Path as MplPath  # noqa: E402
+
+from tokenscope.analysis.aggregate import DatasetTables  # noqa: E402
+from tokenscope.models.partition import MAX_LEVEL  # noqa: E402
+from tokenscope.render.palette import LEVEL_COLOURS, LEVEL_LABELS, exit_colours  # noqa: E402
+
+plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
+
+
+def _rgb(c: Sequence[int]) -> tuple[float, float, float]:
+    return (c[0] / 255.0, c[1] / 255.0, c[2] / 255.0)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def tokens_per_block(t: DatasetTables, path: Path) -> None:
+    s, blocks = t.summary, t.blocks
+    n = s["images"]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    x = blocks["block"].to_numpy()
+    bottom = np.zeros(len(x))
+    for k in range(MAX_LEVEL + 1):
+        vals = blocks[f"tokens_in_level{k}"].to_numpy() / n
+        if vals.any():
+            ax.bar(x, vals, bottom=bottom, color=_rgb(LEVEL_COLOURS[k]), label=LEVEL_LABELS[k], edgecolor="white", linewidth=0.3)
+        bottom += vals
+    patches = s["patches"] / n
+    ax.axhline(patches, color="grey", linestyle=":", linewidth=0.9)
+    ax.text(x[0] - 0.4, patches, " 16x16 patches", fontsize=8, va="bottom", color="grey")
+    for g in s["exit_after"]:
+        ax.axvline(g + 0.5, color="black", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("encoder block")
+    ax.set_ylabel("tokens entering (mean per image)")
+    ax.set_xticks(x if len(x) <= 24 else x[:: max(1, len(x) // 12)])
+    ax.set_ylim(0, max(patches, bottom.max()) * 1.12)
+    ax.legend(title="superpatch", fontsize=7, title_fontsize=7, loc="upper right")
+    ax.set_title(f"{n} images: {s['token_reduction']:.2f}x fewer tokens than patches, "
+                 f"{s['exited_early_pct']:.1f}% of tokens exit early")
+    _save(fig, path)
+
+
+def _class_frame(t: DatasetTables):
+    df = t.classes[t.classes["class"] != 255].copy()
+    return df.sort_values("patches", ascending=True)
+
+
+def class_exits(t: DatasetTables, path: Path) -> None:
+    df = _class_frame(t)
+    points = t.summary["flow_points"]
+    cols = exit_colours(t.summary["exit_after"])
+    counts = np.stack([df.get(f"tokens_exit_{p}", 0 * df["tokens"]).to_numpy() for p in points], axis=1).astype(float)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(df) + 1.4))
+    left = np.zeros(len(df))
+    for j, p in enumerate(points):
+        label = "reached the end" if p == "end" else f"exit after block {p[4:]}"
+        ax.barh(df["name"], share[:, j], left=left, color=_rgb(cols[j]), label=label, edgecolor="white", linewidth=0.3)
+        left += share[:, j]
+    for i, (n_tok, acc) in enumerate(zip(df["tokens"], df["exit_accuracy"])):
+        note = f"{int(n_tok)} tokens" + ("" if np.isnan(acc) else f", exit acc. {100 * acc:.0f}%")
+        ax.text(1.01, i, note, va="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of the class's tokens")
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(points), frameon=False)
+    ax.set_title(f"where each class's tokens leave (class = {t.summary['class_source']})", pad=18)
+    _save(fig, path)
+
+
+def class_levels(t: DatasetTables, path: Path) -> None:
+    df = _class_frame(t)
+    counts = np.stack([df[f"patches_level{k}"].to_numpy() for k in range(MAX_LEVEL + 1)], axis=1).astype(float)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(df) + 1.4))
+    left = np.zeros(len(df))
+    for k in range(MAX_LEVEL + 1):
+        ax.barh(df["name"], share[:, k], left=left, color=_rgb(LEVEL_COLOURS[k]), label=LEVEL_LABELS[k],
+                edgecolor="white", linewidth=0.3)
+        left += share[:, k]
+    for i, n in enumerate(df["patches"]):
+        ax.text(1.01, i, f"{int(n)} patches", va="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of the class's 16x16 patches")
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, frameon=False)
+    ax.set_title("which superpatch each class's patches end up in", pad=30)
+    _save(fig, path)
+
+
+def _band(ax: plt.Axes, x0: float, y0: tuple[float, float], x1: float, y1: tuple[float, float], colour, alpha: float) -> None:
+    """A smooth band from span y0 at x0 to span y1 at x1 (cubic Bezier edges)."""
+    xm = (x0 + x1) / 2
+    verts = [(x0, y0[0]), (xm, y0[0]), (xm, y1[0]), (x1, y1[0]), (x1, y1[1]), (xm, y1[1]), (xm, y0[1]), (x0, y0[1]), (x0, y0[0])]
+    codes = [MplPath.MOVETO, MplPath.CURVE4, MplPath.CURVE4, MplPath.CURVE4, MplPath.LINETO,
+             MplPath.CURVE4, MplPath.CURVE4, MplPath.CURVE4, MplPath.CLOSEPOLY]
+    ax.add_patch(PathPatch(MplPath(verts, codes), facecolor=colour, edgecolor="none", alpha=alpha))
+
+
+def token_flow(t: DatasetTables, path: Path) -> None:
+    """Sankey-style: all patches -> superpatch level -> exit point; widths are patches covered."""
+    s = t.summary
+    flow = np.asarray(s["flow_patches"], dtype=float)  # (levels, points)
+    flow_tok = np.asarray(s["flow_tokens"], dtype=float)
+    points = s["flow_points"]
+    total = flow.sum()
+    if total <= 0:
+        return
+    gap = 0.02 * total
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    level_tot = flow.sum(axis=1)
+    point_tot = flow.sum(axis=0)
+    levels = [k for k in range(MAX_LEVEL + 1) if level_tot[k] > 0]
+    y = 0.0
+    level_span = {}
+    for k in levels:
+        level_span[k] = (y, y + level_tot[k])
+        y += level_tot[k] + gap
+    height = y - gap
+    y = 0.0
+    point_span = {}
+    for j in range(len(points)):
+        point_span[j] = (y, y + point_tot[j])
+        y += point_tot[j] + gap
+    off = (height - (y - gap)) / 2
+    point_span = {j: (a + off, b + off) for j, (a, b) in point_span.items()}
+    src_off = (height - total) / 2
+    # left: one bar of all patches, split into the levels' shares
+    cur = src_off
+    for k in levels:
+        _band(ax, 0.08, (cur, cur + level_tot[k]), 0.42, level_span[k], _rgb(LEVEL_COLOURS[k]), 0.45)
+        cur += level_tot[k]
+    ax.add_patch(plt.Rectangle((0.0, src_off), 0.08, total, color="0.35"))
+    ax.text(-0.01, src_off + total / 2, f"{int(total)}\npatches", ha="right", va="center", fontsize=8)
+    cols = exit_colours(s["exit_after"])
+    pcur = {j: point_span[j][0] for j in point_span}
+    for k in levels:
+        a, b = level_span[k]
+        ax.add_patch(plt.Rectangle((0.42, a), 0.06, b - a, color=_rgb(LEVEL_COLOURS[k])))
+        ntok = int(flow_tok[k].sum())
+        ax.text(0.45, (a + b) / 2, f"{LEVEL_LABELS[k].split(' ')[0]}\n{ntok} tok", ha="center", va="center", fontsize=6.5)
+        cur = a
+        for j in range(len(points)):
+            v = flow[k, j]
+            if v <= 0:
+                continue
+            _band(ax, 0.48, (cur, cur + v), 0.86, (pcur[j], pcur[j] + v), _rgb(LEVEL_COLOURS[k]), 0.35)
+            cur += v
+            pcur[j] += v
+    for j, p in enumerate(points):
+        a, b = point_span[j]
+        ax.add_patch(plt.Rectangle((0.86, a), 0.06, b - a, color=_rgb(cols[j])))
+        name = "end of encoder" if p == "end" else f"exit after block {p[4:]}"
+        ax.text(0.93, (a + b) / 2, f"{name}\n{100 * point_tot[j] / total:.1f}% of patches,"
+                f" {int(flow_tok[:, j].sum())} tokens", va="center", fontsize=7.5)
+    ax.set_xlim(-0.12, 1.25)
+    ax.set_ylim(-gap, height + gap)
+    ax.invert_yaxis()
+    ax.axis("off")
+    ax.set_title("token flow: 16x16 patches -> superpatch level -> where the token leaves (widths = patches)")
+    _save(fig, path)
+
+
+def write_dataset_figures(t: DatasetTables, folder: Path) -> list[Path]:
+    """All data-set figures into `folder`; returns their paths."""
+    out = []
+    for name, fn in (("tokens_per_block", tokens_per_block), ("class_exits", class_exits),
+                     ("class_levels", class_levels), ("token_flow", token_flow)):
+        p = folder / f"{name}.png"
+        fn(t, p)
+        if p.exists():
+            out.append(p)
+    return out

@@ -1,0 +1,158 @@
+"""One self-contained HTML report of a run folder: every picture embedded, no server, no network.
+
+It reads only what `run` wrote (run.json, summary.json, tables/, figures/, image folders), so a
+report can be made on another machine from a copied run folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pandas as pd
+
+from tokenscope.errors import RunFolderError
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.meta{color:#555;font-size:13px} table{border-collapse:collapse;font-size:12.5px;margin:8px 0}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:right} th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
+.cards{display:flex;flex-wrap:wrap;gap:10px} .card{border:1px solid #ddd;border-radius:6px;padding:8px 12px;min-width:120px}
+.card b{display:block;font-size:20px} .card span{font-size:12px;color:#555}
+.figs img{max-width:100%;margin:6px 0;border:1px solid #eee} .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:14px}
+.item{border:1px solid #ddd;border-radius:6px;padding:6px;font-size:12px} .item img{width:100%;display:block;margin-bottom:4px}
+.warn{background:#fff4d6;border:1px solid #e6c45c;padding:6px 10px;border-radius:4px;font-size:13px}
+"""
+
+
+def _data_uri(path: Path, max_width: int | None = None) -> str:
+    """The file as a data: URI; PNGs wider than max_width are shrunk and sent as JPEG."""
+    if path.suffix.lower() == ".gif":
+        return "data:image/gif;base64," + base64.b64encode(path.read_bytes()).decode()
+    if max_width is not None:
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is not None and img.shape[1] > max_width:
+            img = cv2.resize(img, (max_width, int(round(img.shape[0] * max_width / img.shape[1]))), interpolation=cv2.INTER_AREA)
+            ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+            if ok:
+                return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode()
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _table(df: pd.DataFrame, columns: list[str], formats: dict[str, str]) -> str:
+    cols = [c for c in columns if c in df.columns]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    rows = []
+    for _, r in df.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            try:
+                text = formats.get(c, "{}").format(v) if not (isinstance(v, float) and pd.isna(v)) else "-"
+            except (ValueError, TypeError):
+                text = str(v)
+            cells.append(f"<td>{html.escape(text)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _cards(s: dict[str, Any]) -> str:
+    cards = [("images", f"{s.get('images', 0)}"), ("token reduction", f"{s.get('token_reduction', float('nan')):.2f}x"),
+             ("tokens exiting early", f"{s.get('exited_early_pct', float('nan')):.1f}%"),
+             ("GFLOPs / image", f"{s.get('gflops_per_image', float('nan')):.2f}"),
+             ("baseline GFLOPs / image", f"{s.get('baseline_gflops_per_image', float('nan')):.2f}"),
+             ("FLOP reduction", f"{s.get('flop_reduction', float('nan')):.2f}x")]
+    if "step_miou" in s:
+        cards.append(("mIoU, STEP", f"{100 * s['step_miou']:.2f}"))
+    if "baseline_miou" in s:
+        cards.append(("mIoU, no reduction", f"{100 * s['baseline_miou']:.2f}"))
+    return '<div class="cards">' + "".join(f'<div class="card"><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>'
+                                           for k, v in cards) + "</div>"
+
+
+def build_report(run_dir: Path, gallery: int = 24, animations: int = 6) -> str:
+    """The HTML text of the report of `run_dir`."""
+    try:
+        manifest = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        raise RunFolderError(f"{run_dir}: no readable run.json; is this a tokenscope run folder?") from None
+    if manifest.get("kind") != "run":
+        raise RunFolderError(f"{run_dir}: report works on `tokenscope run` folders (this is a {manifest.get('kind')!r})")
+    if manifest.get("status") != "complete":
+        raise RunFolderError(f"{run_dir}: the run is not complete; finish it with `tokenscope run --resume {run_dir}`")
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>tokenscope report: {html.escape(run_dir.name)}</title>",
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>Where do the tokens go? {html.escape(run_dir.name)}</h1>",
+             "<p class='meta'>" + html.escape(
+                 f"model {manifest.get('model')} ({manifest.get('arch')}), weights {manifest.get('weights')}, "
+                 f"policy {manifest.get('policy')}, exits {'on' if manifest.get('exits') else 'off'}, merge thresholds "
+                 f"{manifest.get('merge_thresholds')}, exit threshold {manifest.get('exit_threshold')}, device "
+                 f"{manifest.get('device')}, finished {manifest.get('finished', '?')}") + "</p>"]
+    for w in manifest.get("warnings", []):
+        parts.append(f"<p class='warn'>{html.escape(w)}</p>")
+    parts.append("<h2>Summary</h2>" + _cards(summary))
+    parts.append("<p class='meta'>GFLOPs count 2 FLOPs per multiply-add (policy network included). A token's class is "
+                 f"its patches' {html.escape(str(summary.get('class_source', 'class')))} majority.</p>")
+    figs = run_dir / "figures"
+    captions = {"tokens_per_block": "Tokens entering each encoder block (mean per image), by superpatch level.",
+                "token_flow": "Token flow: patches into superpatch levels, then where their tokens leave.",
+                "class_levels": "Per class: which superpatch level its patches end up in.",
+                "class_exits": "Per class: where its tokens leave, with the accuracy of early-exited predictions."}
+    if figs.is_dir():
+        parts.append("<h2>Figures</h2><div class='figs'>")
+        for name, cap in captions.items():
+            p = figs / f"{name}.png"
+            if p.is_file():
+                parts.append(f"<figure><img alt='{name}' src='{_data_uri(p)}'><figcaption class='meta'>{html.escape(cap)}"
+                             "</figcaption></figure>")
+        parts.append("</div>")
+    tables = run_dir / "tables"
+    if (tables / "classes.csv").is_file():
+        classes = pd.read_csv(tables / "classes.csv")
+        parts.append("<h2>Per class</h2>")
+        cols = ["name", "patches"] + [f"patches_level{k}" for k in range(5)] + ["tokens"] + \
+            [c for c in classes.columns if c.startswith("tokens_exit_")] + ["exit_accuracy", "iou_step", "iou_baseline"]
+        fmt = {"exit_accuracy": "{:.3f}", "iou_step": "{:.3f}", "iou_baseline": "{:.3f}"}
+        parts.append(_table(classes, cols, fmt))
+    if (tables / "levels.csv").is_file():
+        levels = pd.read_csv(tables / "levels.csv")
+        parts.append("<h2>Per superpatch level</h2>")
+        parts.append(_table(levels, ["level", "side_px", "tokens", "patches", "exited", "exit_rate", "accuracy"],
+                            {"exit_rate": "{:.3f}", "accuracy": "{:.3f}"}))
+    images = [im for im in manifest.get("images", []) if im.get("folder")]
+    errors = [im for im in manifest.get("images", []) if im.get("error")]
+    if (tables / "images.csv").is_file():
+        per_image = pd.read_csv(tables / "images.csv")
+        parts.append("<h2>Per image</h2>")
+        parts.append(_table(per_image.head(200), ["image", "patches", "tokens", "reduction", "exited_early_pct", "gflops",
+                                                  "baseline_gflops", "step_miou", "baseline_miou", "agreement", "forward_ms"],
+                            {"reduction": "{:.2f}", "exited_early_pct": "{:.1f}", "gflops": "{:.2f}", "baseline_gflops": "{:.2f}",
+                             "step_miou": "{:.3f}", "baseline_miou": "{:.3f}", "agreement": "{:.3f}", "forward_ms": "{:.0f}"}))
+    if errors:
+        parts.append("<h2>Images that could not be processed</h2><ul>" +
+                     "".join(f"<li>{html.escape(str(e['error']))}</li>" for e in errors) + "</ul>")
+    parts.append(f"<h2>Gallery ({min(gallery, len(images))} of {len(images)} images)</h2><div class='gallery'>")
+    for i, im in enumerate(images[:gallery]):
+        d = run_dir / im["folder"]
+        parts.append(f"<div class='item'><b>{html.escape(im['folder'])}</b>")
+        gif = d / "tokens.gif"
+        if i < animations and gif.is_file():
+            parts.append(f"<img alt='tokens leaving' src='{_data_uri(gif)}'>")
+        for kind in ("merge", "exit", "segmentation"):
+            p = d / f"{kind}.png"
+            if p.is_file():
+                parts.append(f"<img alt='{kind}' src='{_data_uri(p, max_width=360)}'>")
+        s_path = d / "summary.json"
+        if s_path.is_file():
+            s = json.loads(s_path.read_text())
+            parts.append(html.escape(f"{s['tokens']} tokens / {s['patches']} patches ({s['reduction']:.2f}x), "
+                                     f"{s['exited_early_pct']:.1f}% exit early, {s['gflops']:.2f} GFLOPs"))
+        parts.append("</div>")
+    parts.append("</div></body></html>")
+    return "\n".join(parts)
