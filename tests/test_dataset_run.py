@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from dataclasses import asdict
 from html.parser import HTMLParser
 from pathlib import Path
@@ -154,3 +156,15 @@ def test_animation_has_one_frame_per_stage(tmp_path: Path, ckpt8: Path) -> None:
     run = run_job(_request(ckpt8, figures=False), out=tmp_path / "out").run_dir
     gif = Image.open(run / "synthetic-000500" / "tokens.gif")
     assert gif.n_frames == CFG8.timm_kwargs["depth"] + 1
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path: Path, ckpt8: Path) -> None:
+    run = run_job(_request(ckpt8, animation=False), out=tmp_path / "out").run_dir
+    assert CliRunner().invoke(app, ["report", str(run)]).exit_code == 0
+    shot = tmp_path / "shot.png"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "report_screenshot.sh"
+    subprocess.run(["bash", str(script), str(run / "report.html"), str(shot), "1000", "1600"], check=True, timeout=120)
+    img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert img.shape == (1600, 1000)
+    assert img.std() > 20  # text, tables and figures, not a blank page

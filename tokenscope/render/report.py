@@ -58,7 +58,7 @@ def _table(df: pd.DataFrame, columns: list[str], formats: dict[str, str]) -> str
                 text = str(v)
             cells.append(f"<td>{html.escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    return f"<div style='overflow-x:auto'><table><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
 def _cards(s: dict[str, Any]) -> str:
@@ -116,8 +116,9 @@ def build_report(run_dir: Path, gallery: int = 24, animations: int = 6) -> str:
     if (tables / "classes.csv").is_file():
         classes = pd.read_csv(tables / "classes.csv")
         parts.append("<h2>Per class</h2>")
+        points = summary.get("flow_points", [])
         cols = ["name", "patches"] + [f"patches_level{k}" for k in range(5)] + ["tokens"] + \
-            [c for c in classes.columns if c.startswith("tokens_exit_")] + ["exit_accuracy", "iou_step", "iou_baseline"]
+            [f"tokens_exit_{p}" for p in points] + ["exit_accuracy", "iou_step", "iou_baseline"]
         fmt = {"exit_accuracy": "{:.3f}", "iou_step": "{:.3f}", "iou_baseline": "{:.3f}"}
         parts.append(_table(classes, cols, fmt))
     if (tables / "levels.csv").is_file():
