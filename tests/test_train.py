@@ -62,3 +62,27 @@ def test_resumed_training_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     a = whole.model.state_dict()
     b = second.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exit_aware_steps_really_drop_tokens_and_supervise_only_tokens_that_reach_a_gate(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path / "m", steps=4)
+    trainer.s.exit_aware_steps = 2
+    assert [trainer.exit_aware(s) for s in range(4)] == [False, False, True, True]
+    model = trainer.model
+    for gate in model.gates.values():
+        gate.threshold = 0.0  # every token exits at the first gate
+    trainer.s.aux_weight = 0.0  # so any gradient on a gate head comes from the final loss
+    x, y = trainer.batch(0)
+    losses = trainer.losses(x, y, exits=True)
+    assert torch.isfinite(losses["loss"])
+    first, second = model.exit_after
+    with torch.no_grad():
+        out = model(x, y, return_aux=True)
+    assert int(out.exit_block.max()) == first  # nobody went past the first gate
+    assert second not in out.aux_patch_logits  # no token reached the second gate
+    from tokenscope.train.trainer import pixel_exit_blocks
+
+    reached = pixel_exit_blocks(out, y.shape[-2:])
+    assert reached.shape == y.shape and bool((reached == first).all())
+    losses["loss"].backward()
+    assert model.gates[str(first)].head.weight.grad.abs().sum() > 0  # the final loss flows through the exit head

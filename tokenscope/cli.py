@@ -242,6 +242,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Checkpoint to write: NAME.json + NAME.safetensors (+ NAME.train.pt to resume).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Architecture: demo (ViT-Ti, 8 synthetic classes), vitt, vits, vitb, vitl, timm:<vit>.")] = "demo",
     backbone_weights: Annotated[Optional[str], typer.Option(help="Start the encoder from a local timm ViT file (else from scratch).")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Start from a tokenscope checkpoint (NAME.json) instead: fine-tuning; its architecture wins over --model.")] = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     train_split: Annotated[str, typer.Option(help="Split to train on (folder data sets ignore it).")] = "train",
@@ -253,6 +254,8 @@ def train(
     crops: Annotated[str, typer.Option(help="Crop side x batch size pairs drawn per step, e.g. 256x8,384x4,512x2.")] = "256x8,384x4,512x2",
     lr: Annotated[float, typer.Option(help="Peak learning rate of encoder, decoder and exit heads (AdamW, warm-up + cosine).")] = 1e-3,
     aux_weight: Annotated[float, typer.Option(help="Weight of each exit head's cross-entropy (deep supervision).")] = 0.5,
+    warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up steps before the cosine decay.")] = 150,
+    exit_aware_steps: Annotated[int, typer.Option(help="Apply the exits (drop confident tokens) in the last N steps, so later blocks learn without them.")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 250,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from --out.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the evaluation at the end.")] = False,
@@ -264,8 +267,14 @@ def train(
     from tokenscope.train.trainer import TrainSettings
 
     with _user_errors():
-        settings = TrainSettings(steps=steps, crops=_parse_crops(crops), lr=lr, aux_weight=aux_weight,
-                                 save_every=save_every, seed=seed)
+        from tokenscope.errors import ConfigError
+
+        if not 0 <= exit_aware_steps <= steps:
+            raise ConfigError(f"--exit-aware-steps must be in 0..{steps} (--steps), got {exit_aware_steps}")
+        if warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {warmup}")
+        settings = TrainSettings(steps=steps, crops=_parse_crops(crops), lr=lr, aux_weight=aux_weight, warmup=warmup,
+                                 save_every=save_every, seed=seed, exit_aware_steps=exit_aware_steps, init=init or "")
         d = DataOptions(kind=data, root=data_root, train_split=train_split, val_split=val_split,
                         train_seeds=train_seeds, val_seeds=val_seeds, size=size)
         columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
@@ -368,6 +377,7 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed passes per variant (medians are reported).")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed passes per variant (the first also counts FLOPs and memory).")] = 1,
     loop: Annotated[bool, typer.Option("--loop", help="Also time the same batch one image at a time.")] = False,
+    compile_blocks: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder blocks (dynamic shapes); warm-up then includes compilation.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all measurements to this JSON file.")] = None,
     seed: SeedOpt = 0,
 ) -> None:
@@ -382,7 +392,7 @@ def bench(
                             device=device, seed=seed, budget=budget, amp=amp)
         with _progress("benchmarking") as progress:
             result = run_bench_job(opts, size=size, batch=batch, image=image, repeats=repeats, warmup=warmup,
-                                   threads=threads, loop=loop, progress=progress)
+                                   threads=threads, loop=loop, compile_blocks=compile_blocks, progress=progress)
         summary = result.summary()
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)

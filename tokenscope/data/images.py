@@ -84,6 +84,14 @@ def _decode(path: Path, data: bytes, flags: int) -> np.ndarray:
     return img
 
 
+def _read_image_file(p: Path, what: str) -> np.ndarray:
+    """Bytes -> integrity check -> decoded array, channels untouched, single channel squeezed."""
+    data = _read_bytes(p, what)
+    _check_not_truncated(p, data)
+    img = _decode(p, data, cv2.IMREAD_UNCHANGED)
+    return img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img
+
+
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image as float32 RGB in [0, 1], shape (H, W, 3).
 
@@ -91,11 +99,7 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     rescaled, so every model sees the same kind of input whatever the file held.
     """
     p = Path(path)
-    data = _read_bytes(p, "image")
-    _check_not_truncated(p, data)
-    img = _decode(p, data, cv2.IMREAD_UNCHANGED)
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
+    img = _read_image_file(p, "image")
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     elif img.ndim == 3 and img.shape[2] == 4:
@@ -113,8 +117,9 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         if finite.size == 0:
             raise ImageError(f"{p}: float image holds no finite values")
         lo, hi = float(finite.min()), float(finite.max())
-        scale = hi - lo if hi > lo else 1.0
-        out = np.nan_to_num((img - lo) / scale).astype(np.float32) if (lo < 0 or hi > 1) else np.nan_to_num(img).astype(np.float32)
+        if lo < 0 or hi > 1:  # not already in [0, 1]: stretch the finite range onto it
+            img = (img - lo) / (hi - lo if hi > lo else 1.0)
+        out = np.nan_to_num(img).astype(np.float32)
     else:
         raise ImageError(f"{p}: unsupported pixel type {img.dtype}; expected 8-bit, 16-bit or float")
     h, w = out.shape[:2]
@@ -130,11 +135,7 @@ def load_label_map(path: str | os.PathLike[str]) -> np.ndarray:
     palette would silently produce wrong statistics.
     """
     p = Path(path)
-    data = _read_bytes(p, "label map")
-    _check_not_truncated(p, data)
-    lab = _decode(p, data, cv2.IMREAD_UNCHANGED)
-    if lab.ndim == 3 and lab.shape[2] == 1:
-        lab = lab[:, :, 0]
+    lab = _read_image_file(p, "label map")
     if lab.ndim != 2:
         if lab.ndim == 3 and lab.shape[2] in (3, 4) and np.all(lab[:, :, 0] == lab[:, :, 1]) and np.all(lab[:, :, 1] == lab[:, :, 2]):
             lab = lab[:, :, 0]

@@ -33,7 +33,8 @@ def bench_images(size: int, batch: int, image: str | None, seed: int = 0) -> tor
 
 
 def bench(opts: ModelOptions, size: int = 1024, batch: int = 1, image: str | None = None, repeats: int = 3,
-          warmup: int = 1, threads: int | None = None, loop: bool = False, progress: Progress | None = None) -> BenchResult:
+          warmup: int = 1, threads: int | None = None, loop: bool = False, compile_blocks: bool = False,
+          progress: Progress | None = None) -> BenchResult:
     if threads is not None:
         if threads < 1:
             raise ConfigError("--threads must be >= 1")
@@ -45,6 +46,8 @@ def bench(opts: ModelOptions, size: int = 1024, batch: int = 1, image: str | Non
     loaded, device = load_model(opts)
     x = bench_images(size, batch, image).to(device)
     m = loaded.model
+    if compile_blocks:
+        m.compile_blocks()
     return run_bench(m, x, device, m.active_policy, m.exits_enabled, repeats=repeats, warmup=warmup,
                      amp=opts.amp, loop=loop, progress=progress)
 

@@ -156,7 +156,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((run_dir / MANIFEST).read_text())
     except FileNotFoundError:
-        raise RunFolderError(f"{run_dir}: no {MANIFEST}; not a finished tokenscope run folder") from None
+        raise RunFolderError(f"{run_dir}: no {MANIFEST}; not a tokenscope run folder") from None
     except (OSError, ValueError) as exc:
         raise RunFolderError(f"{run_dir / MANIFEST}: unreadable ({exc})") from None
 

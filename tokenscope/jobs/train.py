@@ -58,12 +58,15 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
     """Train `model` (a registry name) on `data`; checkpoint to `out` (NAME.json + NAME.safetensors)."""
     dev = resolve_device(device)
     train_set = training_data(data)
-    cfg = resolve_config(model)
-    if cfg.num_classes != train_set.num_classes or (train_set.class_names and cfg.class_names != train_set.class_names):
-        cfg = StepConfig(**{**cfg.to_dict(), "num_classes": train_set.num_classes, "class_names": train_set.class_names,
-                            "class_colours": cfg.class_colours if cfg.num_classes == train_set.num_classes else ()})
     torch.manual_seed(settings.seed)
-    net = new_model(cfg, backbone_weights)
+    if settings.init:
+        net = initial_checkpoint(settings.init, train_set, backbone_weights)
+    else:
+        cfg = resolve_config(model)
+        if cfg.num_classes != train_set.num_classes or (train_set.class_names and cfg.class_names != train_set.class_names):
+            cfg = StepConfig(**{**cfg.to_dict(), "num_classes": train_set.num_classes, "class_names": train_set.class_names,
+                                "class_colours": cfg.class_colours if cfg.num_classes == train_set.num_classes else ()})
+        net = new_model(cfg, backbone_weights)
     loaded = LoadedModel(net, net.cfg, {}, "training", "training")
     trainer = Trainer(loaded, train_set, settings, out, dev, cache=data.kind == "synthetic")
     if resume:
@@ -80,6 +83,19 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
             "merge": list(final.model.merge_thresholds), "exit": final.model.exit_threshold}, "variants": metrics}}
         save_checkpoint(final.model, out, trained=final.trained, metadata=meta)
     return TrainResult(Path(out), state, evaluation, metrics)
+
+
+def initial_checkpoint(path: str, train_set: SegmentationDataset, backbone_weights: str | None):
+    """The model of a tokenscope checkpoint to continue training from (fine-tuning, e.g. exit-aware).
+
+    Its architecture and classes come from the checkpoint, so they must fit the data."""
+    if backbone_weights:
+        raise ConfigError("--init and --backbone-weights both set the starting weights; give one")
+    start = load_checkpoint(path)
+    if start.config.num_classes != train_set.num_classes:
+        raise ConfigError(f"--init {path} predicts {start.config.num_classes} classes but the data has "
+                          f"{train_set.num_classes}")
+    return start.model
 
 
 def evaluate_model(loaded: LoadedModel, device: torch.device, data: DataOptions, policy: str,

@@ -166,6 +166,13 @@ class StepViT(nn.Module):
             self.exits_enabled = bool(exits)
         return self
 
+    def compile_blocks(self) -> "StepViT":
+        """torch.compile each encoder block in place, with dynamic shapes since token counts vary
+        per image and per gate. Optional: hooks still see the blocks, outputs stay the same."""
+        for block in self.blocks:
+            block.compile(dynamic=True)
+        return self
+
     @property
     def merge_thresholds(self) -> tuple[float, ...]:
         return tuple(self.policies["none"].thresholds)

@@ -1,9 +1,13 @@
 """Training STEP models: encoder + decoder + exit heads jointly, and the dCTS policy beside them.
 
 - Encoder, decoder and exit heads: cross-entropy of the final head plus `aux_weight` times the
-  cross-entropy of each exit head on every token (deep supervision; exits are not applied while
-  training). The encoder sees oracle partitions from the ground truth with a random share of the
-  one-class blocks withheld per image, so it learns supertokens and plain patches alike.
+  cross-entropy of each exit head on every token that reaches it (deep supervision). The encoder
+  sees oracle partitions from the ground truth with a random share of the one-class blocks
+  withheld per image, so it learns supertokens and plain patches alike.
+- Exit-aware steps: for the last `exit_aware_steps` steps the gates really remove confident tokens,
+  as at inference. Without them the later blocks only ever saw full sequences and lose accuracy
+  when the easy tokens (and the context they carried) are gone; with them, the final loss reaches
+  exited tokens through their gate's prediction, as in DToP.
 - Policy: binary cross-entropy per level against ground-truth block homogeneity (CTS's target).
 
 Batches are drawn from a generator seeded by (seed, step), so a resumed run draws exactly the
@@ -33,7 +37,7 @@ from tokenscope.data.images import IGNORE_INDEX, PAD_RGB
 from tokenscope.errors import CheckpointError, ConfigError
 from tokenscope.models.checkpoints import LoadedModel, checkpoint_paths, load_checkpoint, save_checkpoint
 from tokenscope.models.partition import MAX_LEVEL, block_homogeneity
-from tokenscope.models.step_vit import StepViT
+from tokenscope.models.step_vit import StepOutput, StepViT
 
 TrainProgress = Callable[[int, int, dict[str, float]], None]
 """progress(step, total_steps, latest losses)"""
@@ -54,6 +58,10 @@ class TrainSettings:
     policy_weight: float = 1.0
     seed: int = 0
     save_every: int = 250
+    exit_aware_steps: int = 0
+    """The last N steps apply the exits during training (see the module docstring)."""
+    init: str = ""
+    """Tokenscope checkpoint the run started from ("" = backbone weights or scratch); kept for resumes."""
     rank: int = 0
     world_size: int = 1
 
@@ -65,6 +73,14 @@ class TrainSettings:
 class TrainState:
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def pixel_exit_blocks(out: StepOutput, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """(B, H, W): the block each pixel's token left after (depth if it never exited), so a gate's
+    deep-supervision loss only covers tokens that actually reached it."""
+    grid = torch.from_numpy(np.stack([p.token_of_patch for p in out.partitions])).long().to(out.exit_block.device)
+    per_patch = out.exit_block.gather(1, grid.flatten(1)).view_as(grid)
+    return F.interpolate(per_patch[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 def _unwrap(model: nn.Module) -> StepViT:
@@ -162,16 +178,23 @@ class Trainer:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     # ---- one step ------------------------------------------------------------------------------
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def exit_aware(self, step: int) -> bool:
+        return step >= self.s.steps - self.s.exit_aware_steps
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, exits: bool = False) -> dict[str, torch.Tensor]:
         m = _unwrap(self.model)
-        m.configure(policy="oracle", exits=False)
+        m.configure(policy="oracle", exits=exits)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(x, y, return_aux=True)
             size = y.shape[-2:]
             seg = F.cross_entropy(F.interpolate(out.patch_logits.float(), size=size, mode="bilinear", align_corners=False),
                                   y, ignore_index=IGNORE_INDEX)
-            aux = [F.cross_entropy(F.interpolate(a.float(), size=size, mode="bilinear", align_corners=False), y,
-                                   ignore_index=IGNORE_INDEX) for a in out.aux_patch_logits.values()]
+            reached = pixel_exit_blocks(out, size) if exits else None
+            aux = []
+            for block, logits in out.aux_patch_logits.items():
+                target = y if reached is None else torch.where(reached >= block, y, torch.full_like(y, IGNORE_INDEX))
+                aux.append(F.cross_entropy(F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False),
+                                           target, ignore_index=IGNORE_INDEX))
             policy_logits = m.policies["learned"].net(x)
         targets = block_homogeneity(y, MAX_LEVEL)
         bce = [F.binary_cross_entropy_with_logits(lg.float(), t.float()) for lg, t in zip(policy_logits, targets) if t.numel()]
@@ -186,7 +209,7 @@ class Trainer:
         x, y = self.batch(step)
         for g, base in zip(self.opt.param_groups, self.base_lrs):
             g["lr"] = base * self.lr_factor(step)
-        losses = self.losses(x, y)
+        losses = self.losses(x, y, exits=self.exit_aware(step))
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

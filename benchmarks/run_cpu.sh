@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The CPU rows of benchmarks/RESULTS.md: STEP (dCTS only, 2.5x token budget) against the same
+# network without reduction, 2 threads, random weights (speed does not depend on their values).
+# Each row takes minutes (ViT-L at 1024 px, batch 8: about an hour). Run on an idle machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ts=.venv/bin/tokenscope
+common=(--random-init --budget 2.5 --exits none --size 1024 --device cpu --threads 2)
+$ts bench --model vitb "${common[@]}" --batch 1 --repeats 5 --warmup 1 --loop --json benchmarks/results/cpu_vitb_1024_b1.json
+$ts bench --model vitb "${common[@]}" --batch 8 --repeats 2 --warmup 1 --json benchmarks/results/cpu_vitb_1024_b8.json
+$ts bench --model vitl "${common[@]}" --batch 1 --repeats 3 --warmup 1 --json benchmarks/results/cpu_vitl_1024_b1.json
+$ts bench --model vitl "${common[@]}" --batch 8 --repeats 2 --warmup 1 --json benchmarks/results/cpu_vitl_1024_b8.json
+# the shipped demo model, full STEP (learned policy + exits) at 512 px
+$ts bench --model demo --size 512 --device cpu --threads 2 --batch 1 --repeats 10 --warmup 2 --loop --json benchmarks/results/cpu_demo_512_b1.json
+$ts bench --model demo --size 512 --device cpu --threads 2 --batch 8 --repeats 5 --warmup 1 --loop --json benchmarks/results/cpu_demo_512_b8.json
