@@ -13,3 +13,7 @@ $ts bench --model vitl "${common[@]}" --batch 8 --repeats 2 --warmup 1 --json be
 # the shipped demo model, full STEP (learned policy + exits) at 512 px
 $ts bench --model demo --size 512 --device cpu --threads 2 --batch 1 --repeats 10 --warmup 2 --loop --json benchmarks/results/cpu_demo_512_b1.json
 $ts bench --model demo --size 512 --device cpu --threads 2 --batch 8 --repeats 5 --warmup 1 --loop --json benchmarks/results/cpu_demo_512_b8.json
+# recorder overhead with more on/off pairs, and padded batch against a loop without exits (ViT-B, 512 px, batch 8)
+small=(--random-init --budget 2.5 --exits none --size 512 --device cpu --threads 2)
+$ts bench --model vitb "${small[@]}" --batch 8 --repeats 8 --warmup 1 --json benchmarks/results/cpu_vitb_512_b8.json
+$ts bench --model vitb "${small[@]}" --batch 8 --repeats 3 --warmup 1 --loop --json benchmarks/results/cpu_vitb_512_b8_loop.json

@@ -119,3 +119,18 @@ def test_trace_flops_equal_torch_flop_counter(tiny_loaded: LoadedModel) -> None:
         for i, f in enumerate(trace.block_flops):
             assert per_module.get(f"StepViT.blocks.{i}", 0) == f, (policy, i)
     assert trace.meta.flops["policy"] > 0
+
+
+def test_flops_can_be_counted_inside_inference_mode_at_the_native_size() -> None:
+    """At the backbone's native size the prefix position embedding is a view of a parameter; torch's
+    counter used to crash on it under inference mode (the bench path)."""
+    from conftest import make_tiny
+
+    model = make_tiny(0)
+    x = torch.rand(1, 3, model.cfg.img_size, model.cfg.img_size)
+    with torch.inference_mode():
+        total, _, out = measure_flops(lambda: model(x))
+    with torch.no_grad():
+        expected, _, ref = measure_flops(lambda: model(x))
+    assert total == expected > 0
+    assert torch.equal(out.patch_logits, ref.patch_logits)

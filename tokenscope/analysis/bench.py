@@ -99,6 +99,8 @@ class BenchResult:
             "learned_policy_net_flops_pct_of_baseline":
                 100.0 * self.learned_net_gflops / max(self.baseline.gflops_per_image * self.batch, 1e-12),
             "one_at_a_time_ms": 1e3 * statistics.median(self.loop_s) if self.loop_s else None,
+            "raw_seconds": {"recorder_off": self.recorder_off_s, "recorder_on": self.recorder_on_s,
+                            "policy": self.policy_s, "learned_policy_net": self.learned_net_s, "one_at_a_time": self.loop_s},
             "environment": self.environment,
         }
 

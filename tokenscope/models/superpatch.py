@@ -65,6 +65,10 @@ class SuperpatchEmbed(nn.Module):
         pe = resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.native_grid),
                                     num_prefix_tokens=n_prefix_pos)
         prefix = pe[:, :n_prefix_pos] if n_prefix_pos else None
+        if prefix is not None and not torch.is_grad_enabled():
+            # At the native size this is a view of the parameter: under no_grad it still says
+            # requires_grad but has no graph, which crashes torch's FLOP counter (module tracker).
+            prefix = prefix.detach()
         grid_pe = pe[0, n_prefix_pos:].reshape(grid[0], grid[1], -1).permute(2, 0, 1)
         return grid_pe, prefix
 

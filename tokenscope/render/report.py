@@ -48,10 +48,12 @@ def _table(df: pd.DataFrame, columns: list[str], formats: dict[str, str]) -> str
     cols = [c for c in columns if c in df.columns]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     rows = []
-    for _, r in df.iterrows():
+    for r in df[cols].to_dict("records"):  # per-column types: iterrows would turn counts into floats
         cells = []
         for c in cols:
             v = r[c]
+            if isinstance(v, float) and v.is_integer() and c not in formats:
+                v = int(v)  # counts stored as float because a column has a gap
             try:
                 text = formats.get(c, "{}").format(v) if not (isinstance(v, float) and pd.isna(v)) else "-"
             except (ValueError, TypeError):

@@ -1,0 +1,54 @@
+"""Print the Markdown table of benchmarks/RESULTS.md from the JSON files `tokenscope bench --json` wrote.
+
+    .venv/bin/python benchmarks/summarise.py benchmarks/results/*.json
+
+One row per file, in the order given; every number is read from the file, none is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = ("model", "size", "batch", "device", "STEP", "tokens/img", "GFLOPs/img", "latency ms", "images/s",
+           "peak MiB", "speed-up", "FLOP reduction", "quotient", "recorder", "policy net (time / FLOPs)",
+           "batch vs loop")
+
+
+def _pair(base: float, step: float, fmt: str) -> str:
+    return f"{format(base, fmt)} -> {format(step, fmt)}"
+
+
+def row(path: Path) -> list[str]:
+    r = json.loads(path.read_text())
+    b, s = r["baseline"], r["step"]
+    variant = f"budget {r['budget']}x" if r["policy"] == "budget" else r["policy"]
+    variant += ", exits" if s["exits"] else ", no exits"
+    device = f"{r['device']} ({r['threads']} thr)" if r["device"] == "cpu" else r["device"]
+    if r.get("amp"):
+        device += " bf16"
+    loop = r.get("one_at_a_time_ms")
+    loop_text = f"{s['latency_ms']:.0f} vs {loop:.0f} ms" if loop else "-"  # both: the whole batch
+    net_time = r.get("learned_policy_net_time_pct_of_baseline")
+    net_flops = r.get("learned_policy_net_flops_pct_of_baseline")
+    net = f"{net_time:.2f}% / {net_flops:.2f}%" if net_time is not None else "-"
+    return [r["model"], f"{r['size'][0]}x{r['size'][1]}", str(r["batch"]), device, variant,
+            _pair(b["tokens_per_image"], s["tokens_per_image"], ".0f"),
+            _pair(b["gflops_per_image"], s["gflops_per_image"], ".1f"),
+            _pair(b["latency_ms"], s["latency_ms"], ".0f"),
+            _pair(b["images_per_s"], s["images_per_s"], ".3g"),
+            _pair(b["peak_mib"], s["peak_mib"], ".0f"),
+            f"{r['speedup']:.2f}x", f"{r['flop_reduction']:.2f}x", f"{r['speedup_over_flop_reduction']:.2f}",
+            f"{r['recorder_overhead_pct']:+.1f}%", net, loop_text]
+
+
+def main(paths: list[str]) -> None:
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for p in paths:
+        print("| " + " | ".join(row(Path(p))) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
