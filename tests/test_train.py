@@ -12,7 +12,7 @@ from tokenscope.data.datasets import SyntheticDataset
 from tokenscope.data.synthetic import CLASSES
 from tokenscope.models.checkpoints import LoadedModel, load_checkpoint
 from tokenscope.models.registry import StepConfig
-from tokenscope.train.trainer import Trainer, TrainSettings
+from tokenscope.train.trainer import Trainer, TrainSettings, pixel_exit_blocks
 
 CFG = StepConfig(**{**TINY.to_dict(), "num_classes": len(CLASSES), "class_names": CLASSES})
 
@@ -80,9 +80,19 @@ def test_exit_aware_steps_really_drop_tokens_and_supervise_only_tokens_that_reac
         out = model(x, y, return_aux=True)
     assert int(out.exit_block.max()) == first  # nobody went past the first gate
     assert second not in out.aux_patch_logits  # no token reached the second gate
-    from tokenscope.train.trainer import pixel_exit_blocks
-
     reached = pixel_exit_blocks(out, y.shape[-2:])
     assert reached.shape == y.shape and bool((reached == first).all())
     losses["loss"].backward()
     assert model.gates[str(first)].head.weight.grad.abs().sum() > 0  # the final loss flows through the exit head
+
+
+@pytest.mark.parametrize("flags, message", [(["--exit-aware-steps", "9"], "--exit-aware-steps must be in 0..5"),
+                                            (["--warmup", "-1"], "--warmup must be >= 0")])
+def test_bad_training_schedule_is_a_one_line_error(tmp_path: Path, flags: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from tokenscope.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "m"), "--steps", "5", "--device", "cpu", *flags])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+    assert not any(tmp_path.iterdir())

@@ -267,12 +267,6 @@ def train(
     from tokenscope.train.trainer import TrainSettings
 
     with _user_errors():
-        from tokenscope.errors import ConfigError
-
-        if not 0 <= exit_aware_steps <= steps:
-            raise ConfigError(f"--exit-aware-steps must be in 0..{steps} (--steps), got {exit_aware_steps}")
-        if warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {warmup}")
         settings = TrainSettings(steps=steps, crops=_parse_crops(crops), lr=lr, aux_weight=aux_weight, warmup=warmup,
                                  save_every=save_every, seed=seed, exit_aware_steps=exit_aware_steps, init=init or "")
         d = DataOptions(kind=data, root=data_root, train_split=train_split, val_split=val_split,

@@ -13,6 +13,7 @@ from tokenscope.data.datasets import SegmentationDataset, SyntheticDataset, open
 from tokenscope.errors import ConfigError
 from tokenscope.models.checkpoints import LoadedModel, load_checkpoint, new_model, save_checkpoint
 from tokenscope.models.registry import StepConfig, resolve_config
+from tokenscope.models.step_vit import StepViT
 from tokenscope.models.runtime import resolve_device
 from tokenscope.train.trainer import Trainer, TrainProgress, TrainSettings, TrainState
 
@@ -85,7 +86,7 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
     return TrainResult(Path(out), state, evaluation, metrics)
 
 
-def initial_checkpoint(path: str, train_set: SegmentationDataset, backbone_weights: str | None):
+def initial_checkpoint(path: str, train_set: SegmentationDataset, backbone_weights: str | None) -> StepViT:
     """The model of a tokenscope checkpoint to continue training from (fine-tuning, e.g. exit-aware).
 
     Its architecture and classes come from the checkpoint, so they must fit the data."""

@@ -71,6 +71,11 @@ def compact(x: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor) -> tup
     return x, ids, valid, counts
 
 
+def token_grid(partitions: Sequence[Partition], device: torch.device) -> torch.Tensor:
+    """(B, gh, gw) long tensor: which token covers each patch, for `unmerge` and per-patch lookups."""
+    return torch.from_numpy(np.stack([p.token_of_patch for p in partitions])).long().to(device)
+
+
 def unmerge(token_values: torch.Tensor, token_of_patch: torch.Tensor) -> torch.Tensor:
     """Copy every token's values (B, T, C) to each patch it covers: (B, C, gh, gw)."""
     b, gh, gw = token_of_patch.shape
@@ -215,7 +220,7 @@ class StepViT(nn.Module):
         exit_block = torch.where(valid, torch.full_like(ids, self.depth), torch.full_like(ids, -1))
         exit_block = torch.cat([exit_block, exit_block.new_full((b, 1), -1)], dim=1)
         aux: dict[int, torch.Tensor] = {}
-        grid_ids = torch.from_numpy(np.stack([pt.token_of_patch for pt in partitions])).long().to(images.device)
+        grid_ids = token_grid(partitions, images.device)
         for i, blk in enumerate(self.blocks):
             if max(counts) == 0:
                 break

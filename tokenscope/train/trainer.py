@@ -37,7 +37,7 @@ from tokenscope.data.images import IGNORE_INDEX, PAD_RGB
 from tokenscope.errors import CheckpointError, ConfigError
 from tokenscope.models.checkpoints import LoadedModel, checkpoint_paths, load_checkpoint, save_checkpoint
 from tokenscope.models.partition import MAX_LEVEL, block_homogeneity
-from tokenscope.models.step_vit import StepOutput, StepViT
+from tokenscope.models.step_vit import StepOutput, StepViT, token_grid, unmerge
 
 TrainProgress = Callable[[int, int, dict[str, float]], None]
 """progress(step, total_steps, latest losses)"""
@@ -78,9 +78,8 @@ class TrainState:
 def pixel_exit_blocks(out: StepOutput, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """(B, H, W): the block each pixel's token left after (depth if it never exited), so a gate's
     deep-supervision loss only covers tokens that actually reached it."""
-    grid = torch.from_numpy(np.stack([p.token_of_patch for p in out.partitions])).long().to(out.exit_block.device)
-    per_patch = out.exit_block.gather(1, grid.flatten(1)).view_as(grid)
-    return F.interpolate(per_patch[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+    per_patch = unmerge(out.exit_block[..., None], token_grid(out.partitions, out.exit_block.device))
+    return F.interpolate(per_patch.float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 def _unwrap(model: nn.Module) -> StepViT:
@@ -133,6 +132,10 @@ class Trainer:
                  device: torch.device, cache: bool = True) -> None:
         if settings.steps < 1:
             raise ConfigError("--steps must be >= 1")
+        if not 0 <= settings.exit_aware_steps <= settings.steps:
+            raise ConfigError(f"--exit-aware-steps must be in 0..{settings.steps} (--steps), got {settings.exit_aware_steps}")
+        if settings.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {settings.warmup}")
         if len(dataset) == 0:
             raise ConfigError("the training data set is empty")
         self.loaded = loaded
