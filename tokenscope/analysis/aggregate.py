@@ -207,7 +207,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]]) -> Dataset
     levels = pd.DataFrame(level_acc, columns=["tokens", "patches", "exited", "exited_patches", "correct_patches",
                                               "judged_patches"]).astype(np.int64)
     levels.insert(0, "level", np.arange(MAX_LEVEL + 1))
-    levels.insert(1, "side_px", 16 * 2 ** levels["level"])
+    levels.insert(1, "side_px", first.patch_size * 2 ** levels["level"])
     levels["exit_rate"] = levels["exited"] / levels["tokens"].where(levels["tokens"] > 0)
     levels["accuracy"] = levels["correct_patches"] / levels["judged_patches"].where(levels["judged_patches"] > 0)
     n = totals["images"]

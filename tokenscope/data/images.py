@@ -1,4 +1,4 @@
-"""Loading and validating images and label maps, and preparing them for a patch-16 ViT.
+"""Loading and validating images and label maps, and preparing them for a ViT (any patch size).
 
 Everything a user can point tokenscope at passes through here, so every way a file can be
 unusable (missing, empty, truncated, not an image, odd channel counts or bit depths, too big)
@@ -42,10 +42,12 @@ class PreparedImage:
     display: np.ndarray
     labels: np.ndarray | None = None
     """int32 (H_pad, W_pad) label map, padded with IGNORE_INDEX, when one was given."""
+    patch: int = PATCH
+    """Patch side in pixels: the padding multiple."""
 
     @property
     def grid(self) -> tuple[int, int]:
-        return self.padded_hw[0] // PATCH, self.padded_hw[1] // PATCH
+        return self.padded_hw[0] // self.patch, self.padded_hw[1] // self.patch
 
 
 def _read_bytes(path: Path, what: str) -> bytes:
@@ -166,14 +168,15 @@ def prepare_image(
     size: int | None = None,
     labels: np.ndarray | None = None,
     max_side: int = MAX_SIDE,
+    patch: int = PATCH,
 ) -> PreparedImage:
     """Resize (optional), check the size limit, and pad to a multiple of the patch size.
 
     Padding goes to the bottom and right so that patch (0, 0) stays at the image origin and
     outputs can be cropped back by slicing.
     """
-    if size is not None and size < PATCH:
-        raise ImageError(f"--size {size} is smaller than one {PATCH}-pixel patch")
+    if size is not None and size < patch:
+        raise ImageError(f"--size {size} is smaller than one {patch}-pixel patch")
     original = rgb.shape[:2]
     h, w = resized_hw(original, size)
     if max(h, w) > max_side:
@@ -192,7 +195,7 @@ def prepare_image(
             )
         if (h, w) != original:
             labels = cv2.resize(labels.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32)
-    ph, pw = padded_hw((h, w))
+    ph, pw = padded_hw((h, w), patch)
     padded = np.empty((ph, pw, 3), dtype=np.float32)
     padded[:] = np.asarray(PAD_RGB, dtype=np.float32)
     padded[:h, :w] = rgb
@@ -209,6 +212,7 @@ def prepare_image(
         tensor_rgb=np.ascontiguousarray(padded.transpose(2, 0, 1)),
         display=display,
         labels=padded_labels,
+        patch=patch,
     )
 
 
@@ -216,11 +220,12 @@ def load_prepared(
     path: str | os.PathLike[str],
     size: int | None = None,
     labels_path: str | os.PathLike[str] | None = None,
+    patch: int = PATCH,
 ) -> PreparedImage:
     """Load, validate and prepare one image (and its label map, if given)."""
     rgb = load_image(path)
     labels = load_label_map(labels_path) if labels_path is not None else None
-    return prepare_image(rgb, str(path), size=size, labels=labels)
+    return prepare_image(rgb, str(path), size=size, labels=labels, patch=patch)
 
 
 def find_images(paths: list[str | os.PathLike[str]]) -> list[Path]:

@@ -27,14 +27,38 @@ class BlockCost:
 
 
 @dataclass(frozen=True)
+class DecoderCost:
+    """FLOPs of the decoder for N tokens entering it.
+
+    Linear: N * per_token. Mask transformer: per-token projections, `fixed` for the class
+    embeddings' projection, and its blocks over N + `extra` tokens (the class embeddings).
+    """
+
+    per_token: int
+    fixed: int = 0
+    blocks: tuple[BlockCost, ...] = ()
+    extra: int = 0
+
+    def flops(self, n: int) -> int:
+        if n <= 0:
+            return 0
+        return int(n) * self.per_token + self.fixed + sum(c.flops(int(n) + self.extra) for c in self.blocks)
+
+
+@dataclass(frozen=True)
 class CostModel:
     """Per-part FLOP coefficients of a model (prefix tokens count as tokens in blocks)."""
 
     blocks: tuple[BlockCost, ...]
     embed_per_token: int
     gate_per_token: int
-    decoder_per_token: int
+    decoder: DecoderCost
     num_prefix_tokens: int
+    decoder_needs_context: bool = False
+    """The decoder sees every token (mask transformer), not only those that reached the end."""
+
+    def decoder_tokens(self, num_tokens: int, final_tokens: int) -> int:
+        return num_tokens if self.decoder_needs_context else final_tokens
 
     def block_flops(self, patch_tokens_in: list[int] | tuple[int, ...]) -> list[int]:
         """FLOPs of each block given the patch-derived tokens entering it (0 = block skipped)."""
@@ -44,7 +68,8 @@ class CostModel:
               final_tokens: int) -> int:
         """Encoder + heads for one image (policy excluded: it is measured, not modelled)."""
         return (num_tokens * self.embed_per_token + sum(self.block_flops(patch_tokens_in))
-                + sum(gate_tokens_in) * self.gate_per_token + final_tokens * self.decoder_per_token)
+                + sum(gate_tokens_in) * self.gate_per_token
+                + self.decoder.flops(self.decoder_tokens(num_tokens, final_tokens)))
 
 
 def _linear_flops_per_token(module: nn.Module) -> int:
@@ -61,6 +86,18 @@ def block_cost(block: nn.Module) -> BlockCost:
     return BlockCost(per_token=_linear_flops_per_token(block), per_pair=4 * attn_dim)
 
 
+def decoder_cost(decoder: nn.Module) -> DecoderCost:
+    """Coefficients of a LinearDecoder or a MaskTransformerDecoder."""
+    blocks = getattr(decoder, "blocks", None)
+    if blocks is None:
+        return DecoderCost(per_token=_linear_flops_per_token(decoder))
+    dim = int(decoder.proj_patch.shape[0])  # type: ignore[union-attr]
+    classes = int(decoder.num_classes)  # type: ignore[union-attr]
+    per_token = _linear_flops_per_token(decoder.proj_dec) + 2 * dim * dim + 2 * dim * classes  # type: ignore[union-attr]
+    return DecoderCost(per_token=per_token, fixed=2 * dim * dim * classes,
+                       blocks=tuple(block_cost(b) for b in blocks), extra=classes)
+
+
 def cost_model(model: nn.Module) -> CostModel:
     """Read the coefficients off a StepViT's modules."""
     proj = model.embed.patch_embed.proj  # type: ignore[attr-defined]
@@ -71,8 +108,9 @@ def cost_model(model: nn.Module) -> CostModel:
         blocks=tuple(block_cost(b) for b in model.blocks),  # type: ignore[attr-defined]
         embed_per_token=embed,
         gate_per_token=gate,
-        decoder_per_token=_linear_flops_per_token(model.decoder),  # type: ignore[attr-defined]
+        decoder=decoder_cost(model.decoder),  # type: ignore[attr-defined]
         num_prefix_tokens=int(model.num_prefix_tokens),  # type: ignore[attr-defined]
+        decoder_needs_context=bool(getattr(model.decoder, "needs_context", False)),  # type: ignore[attr-defined]
     )
 
 

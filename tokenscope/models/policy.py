@@ -28,6 +28,8 @@ from tokenscope.models.partition import (
 )
 
 POLICY_NAMES = ("learned", "oracle", "uniform", "budget", "none")
+NET_PATCH = 16
+"""Pixels per patch the learned policy network's cells are laid out for."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -240,7 +242,12 @@ class LearnedPolicy(Policy):
         self.net = net
 
     def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
-        return [torch.sigmoid(lg.float()) for lg in self.net(images, self.patch)]
+        if self.patch != NET_PATCH:
+            # The CNN's cells are laid out for 16-px patches (one stride-32 cell per 2x2 patches):
+            # other patch sizes are resampled so each patch again spans 16 px.
+            gh, gw = images.shape[-2] // self.patch, images.shape[-1] // self.patch
+            images = F.interpolate(images, size=(gh * NET_PATCH, gw * NET_PATCH), mode="bilinear", align_corners=False)
+        return [torch.sigmoid(lg.float()) for lg in self.net(images, NET_PATCH)]
 
 
 def parse_thresholds(text: str | Sequence[float] | float | None, default: Sequence[float]) -> tuple[float, ...]:

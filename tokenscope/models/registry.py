@@ -24,7 +24,7 @@ class StepConfig:
 
     name: str
     arch: str
-    """timm ViT name (patch size 16), e.g. vit_large_patch16_224."""
+    """timm ViT name, e.g. vit_large_patch16_224 (timm_kwargs may override patch size, width, depth)."""
     num_classes: int
     exit_after: tuple[int, ...]
     """Gates sit after these many blocks (1-based block counts)."""
@@ -41,6 +41,24 @@ class StepConfig:
     class_names: tuple[str, ...] = ()
     class_colours: tuple[tuple[int, int, int], ...] = ()
     """RGB per class for overlays; empty = tokenscope's default palette."""
+    decoder: str = "linear"
+    """`linear` (one Linear per token) or `mask` (Segmenter's mask transformer)."""
+    decoder_layers: int = 2
+    decoder_heads: int = 0
+    """Attention heads of the mask transformer; 0 = embed_dim // 64, as Segmenter builds it."""
+    decoder_norm_eps: float = 1e-5
+    norm_eps: float = 0.0
+    """LayerNorm eps of the encoder; 0 keeps timm's (1e-6). Segmenter's own code uses 1e-5."""
+    pos_resize: str = "timm"
+    """How the position-embedding grid is resized to other input sizes: `timm` (bicubic with
+    antialiasing), or plain `bilinear`/`bicubic` interpolation as Segmenter/mmsegmentation do."""
+    window: int = 0
+    """Sliding-window evaluation: window side in pixels (0 = whole image in one forward)."""
+    stride: int = 0
+    """Stride of the sliding windows (0 = window - 32, Segmenter's default)."""
+    dataset: str = ""
+    """Data set the weights were trained on (ade20k, cityscapes, pascal_context), if known."""
+    ignore_index: int = 255
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -58,6 +76,10 @@ class StepConfig:
         if "class_colours" in kw:
             kw["class_colours"] = tuple(tuple(int(v) for v in c) for c in kw["class_colours"])
         return cls(**kw)
+
+    def replace(self, **changes: Any) -> "StepConfig":
+        """A copy with some fields changed (the config itself is frozen)."""
+        return dataclasses.replace(self, **changes)
 
     def class_name(self, c: int) -> str:
         return self.class_names[c] if 0 <= c < len(self.class_names) else f"class_{c}"

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenscope.errors import ConfigError
-from tokenscope.models.decoders import LinearDecoder
+from tokenscope.models.decoders import build_decoder
 from tokenscope.models.exits import ExitGate, GateDecision
 from tokenscope.models.partition import MAX_LEVEL, Partition
 from tokenscope.models.policy import (
@@ -106,10 +106,14 @@ class StepViT(nn.Module):
         if vit is None:
             vit = create_backbone(cfg)
         check_backbone(vit, cfg.arch)
+        if cfg.norm_eps > 0:
+            for m in vit.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.eps = cfg.norm_eps
         dim = int(vit.embed_dim)
         self.num_prefix_tokens = int(vit.num_prefix_tokens)
         self.embed = SuperpatchEmbed(vit.patch_embed, vit.pos_embed, vit.patch_embed.grid_size,
-                                     self.num_prefix_tokens, bool(vit.no_embed_class))
+                                     self.num_prefix_tokens, bool(vit.no_embed_class), cfg.pos_resize)
         self.cls_token = vit.cls_token
         self.reg_token = vit.reg_token
         self.norm_pre = vit.norm_pre
@@ -120,13 +124,18 @@ class StepViT(nn.Module):
             if not 1 <= k < depth:
                 raise ConfigError(f"exit gate after block {k} is outside 1..{depth - 1} for {cfg.name}")
         self.gates = nn.ModuleDict({str(k): ExitGate(dim, cfg.num_classes, k, cfg.exit_threshold) for k in sorted(cfg.exit_after)})
-        self.decoder = LinearDecoder(dim, cfg.num_classes)
+        try:
+            self.decoder = build_decoder(cfg.decoder, dim, cfg.num_classes, cfg.decoder_layers, cfg.decoder_heads,
+                                         cfg.decoder_norm_eps)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        patch = self.embed.patch
         self.policies = nn.ModuleDict({
-            "learned": LearnedPolicy(PolicyNet(cfg.policy_backbone), cfg.merge_thresholds),
-            "oracle": OraclePolicy(cfg.merge_thresholds),
-            "uniform": UniformPolicy(cfg.merge_thresholds, tau=cfg.uniform_tau),
-            "budget": BudgetPolicy(tau=cfg.uniform_tau),
-            "none": NoMergePolicy(cfg.merge_thresholds),
+            "learned": LearnedPolicy(PolicyNet(cfg.policy_backbone), cfg.merge_thresholds, patch=patch),
+            "oracle": OraclePolicy(cfg.merge_thresholds, patch=patch),
+            "uniform": UniformPolicy(cfg.merge_thresholds, patch=patch, tau=cfg.uniform_tau),
+            "budget": BudgetPolicy(patch=patch, tau=cfg.uniform_tau),
+            "none": NoMergePolicy(cfg.merge_thresholds, patch=patch),
         })
         self.active_policy = "learned"
         self.exits_enabled = True
@@ -136,6 +145,11 @@ class StepViT(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.blocks)
+
+    @property
+    def patch_size(self) -> int:
+        """Side of one patch in pixels (8, 14, 16, ...): superpatch levels count in patches."""
+        return int(self.embed.patch)
 
     @property
     def exit_after(self) -> tuple[int, ...]:
@@ -199,15 +213,18 @@ class StepViT(nn.Module):
         return prefix + pos_prefix if pos_prefix is not None else prefix
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, return_aux: bool = False) -> StepOutput:
-        """`images`: RGB in [0, 1], (B, 3, H, W), H and W multiples of 16.
+        """`images`: RGB in [0, 1], (B, 3, H, W), H and W multiples of the patch size.
 
         With `return_aux`, every gate also classifies all of its tokens for deep supervision.
+        A decoder that `needs_context` (the mask transformer) receives every token at the end:
+        the survivors with their final features, exited tokens with the features they left with.
         """
         b = images.shape[0]
         decision = self.policy(images, labels)
         partitions = decision.partitions
         emb, pos_prefix = self.embed((images - self.pixel_mean) / self.pixel_std, partitions)
         x, ids, valid = emb.tokens, emb.token_ids, emb.valid
+        all_valid = valid
         counts = [p.num_tokens for p in partitions]
         prefix = self.prefix_tokens(b, pos_prefix)
         p = 0 if prefix is None else prefix.shape[1]
@@ -215,10 +232,11 @@ class StepViT(nn.Module):
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
         x = self.norm_pre(x)
         t_max = ids.shape[1]
-        num_classes = self.decoder.head.out_features
+        num_classes = self.decoder.num_classes
         token_logits = x.new_zeros((b, t_max + 1, num_classes))  # + a spare slot, see scatter_tokens
         exit_block = torch.where(valid, torch.full_like(ids, self.depth), torch.full_like(ids, -1))
         exit_block = torch.cat([exit_block, exit_block.new_full((b, 1), -1)], dim=1)
+        context = x.new_zeros((b, t_max + 1, x.shape[-1])) if self.decoder.needs_context else None
         aux: dict[int, torch.Tensor] = {}
         grid_ids = token_grid(partitions, images.device)
         for i, blk in enumerate(self.blocks):
@@ -237,10 +255,19 @@ class StepViT(nn.Module):
             if self.exits_enabled:
                 scatter_tokens(token_logits, dec.logits, ids, dec.exits)
                 scatter_tokens(exit_block, torch.full_like(ids, i + 1), ids, dec.exits)
+                if context is not None:
+                    scatter_tokens(context, x[:, p:], ids, dec.exits)
                 patch_part, ids, valid, counts = compact(x[:, p:], ids, valid & ~dec.exits)
                 x = torch.cat([x[:, :p], patch_part], dim=1)
-        if max(counts) > 0:
-            final = self.decoder(self.norm(x)[:, p:])
+        if context is not None:
+            if max(counts) > 0:
+                scatter_tokens(context, x[:, p:], ids, valid)
+            decoded = self.decoder(self.norm(context[:, :t_max]), all_valid)
+            reached_end = (exit_block[:, :t_max] == self.depth).unsqueeze(-1)
+            token_logits = torch.cat([torch.where(reached_end, decoded.to(token_logits.dtype), token_logits[:, :t_max]),
+                                      token_logits[:, t_max:]], dim=1)
+        elif max(counts) > 0:
+            final = self.decoder(self.norm(x)[:, p:], valid)
             scatter_tokens(token_logits, final, ids, valid)
         token_logits, exit_block = token_logits[:, :t_max], exit_block[:, :t_max]
         return StepOutput(unmerge(token_logits, grid_ids), token_logits, exit_block, partitions, aux)
@@ -261,8 +288,9 @@ def check_backbone(vit: nn.Module, arch: str) -> None:
     if missing:
         raise ConfigError(f"{arch} is not a plain timm VisionTransformer (missing {', '.join(missing)})")
     proj = getattr(vit.patch_embed, "proj", None)
-    if not isinstance(proj, nn.Conv2d) or tuple(proj.kernel_size) != (16, 16) or tuple(proj.stride) != (16, 16):
-        raise ConfigError(f"{arch} does not use a 16x16 conv patch embedding; tokenscope needs patch size 16")
+    square = isinstance(proj, nn.Conv2d) and proj.kernel_size[0] == proj.kernel_size[1]
+    if not square or tuple(proj.kernel_size) != tuple(proj.stride) or tuple(proj.padding) != (0, 0):
+        raise ConfigError(f"{arch} does not use a square conv patch embedding (kernel == stride); tokenscope needs one")
 
 
 def segment(patch_logits: torch.Tensor, padded_hw: tuple[int, int], input_hw: tuple[int, int],

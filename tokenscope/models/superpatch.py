@@ -41,11 +41,35 @@ def _flatten_blocks(pooled: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, h, w, c * patch * patch)
 
 
+POS_RESIZE_MODES = ("timm", "bilinear", "bicubic")
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], native: tuple[int, int], num_prefix: int,
+                     mode: str = "timm") -> torch.Tensor:
+    """(1, P + gh*gw, D) position embeddings for `grid`, from those made for `native`.
+
+    `timm` is timm's resampling (bicubic, antialiased); `bilinear`/`bicubic` are the plain
+    interpolations Segmenter and mmsegmentation use. A model must be run with the rule it was
+    trained with, or its outputs drift at every size but the native one.
+    """
+    if tuple(grid) == tuple(native):
+        return pos_embed
+    if mode == "timm":
+        return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=list(native),
+                                      num_prefix_tokens=num_prefix)
+    prefix, body = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    d = body.shape[-1]
+    body = body.reshape(1, native[0], native[1], d).permute(0, 3, 1, 2).float()
+    body = F.interpolate(body, size=tuple(grid), mode=mode, align_corners=False)
+    body = body.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], d).to(pos_embed.dtype)
+    return torch.cat([prefix, body], dim=1)
+
+
 class SuperpatchEmbed(nn.Module):
     """Embeds a batch of images under their partitions (one per image)."""
 
     def __init__(self, patch_embed: nn.Module, pos_embed: torch.Tensor | None, native_grid: Sequence[int],
-                 num_prefix_tokens: int, no_embed_class: bool) -> None:
+                 num_prefix_tokens: int, no_embed_class: bool, pos_resize: str = "timm") -> None:
         super().__init__()
         proj = patch_embed.proj
         if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.padding != (0, 0):
@@ -56,14 +80,16 @@ class SuperpatchEmbed(nn.Module):
         self.native_grid = (int(native_grid[0]), int(native_grid[1]))
         self.num_prefix_tokens = num_prefix_tokens
         self.no_embed_class = no_embed_class
+        if pos_resize not in POS_RESIZE_MODES:
+            raise ValueError(f"unknown position-embedding resize {pos_resize!r}; expected one of {POS_RESIZE_MODES}")
+        self.pos_resize = pos_resize
 
     def patch_pos_grid(self, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Position embeddings resampled to `grid` as (D, gh, gw), and those of prefix tokens."""
         if self.pos_embed is None:
             return None, None
         n_prefix_pos = 0 if self.no_embed_class else self.num_prefix_tokens
-        pe = resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.native_grid),
-                                    num_prefix_tokens=n_prefix_pos)
+        pe = resize_pos_embed(self.pos_embed, grid, self.native_grid, n_prefix_pos, self.pos_resize)
         prefix = pe[:, :n_prefix_pos] if n_prefix_pos else None
         if prefix is not None and not torch.is_grad_enabled():
             # At the native size this is a view of the parameter: under no_grad it still says

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tokenscope.render.overlays import PATCH, legend_strip
+from tokenscope.render.overlays import legend_strip
 from tokenscope.render.palette import LEVEL_COLOURS, exit_colours
 from tokenscope.trace.trace import Trace
 
@@ -33,16 +33,17 @@ def exit_frames(image: np.ndarray, trace: Trace) -> list[np.ndarray]:
     cols = exit_colours(m.exit_after)
     point_index = {k: i for i, k in enumerate(m.exit_after)}
     frames = []
+    patch = trace.patch_size
     for b in range(m.depth + 1):
         frame = base.copy()
         gone = trace.token_exit_block <= b
         alive = ~gone
         for i in np.nonzero(gone)[0]:
-            r, c, s = int(trace.token_row[i]) * PATCH, int(trace.token_col[i]) * PATCH, PATCH << int(trace.token_level[i])
+            r, c, s = int(trace.token_row[i]) * patch, int(trace.token_col[i]) * patch, patch << int(trace.token_level[i])
             tint = np.asarray(cols[point_index.get(int(trace.token_exit_block[i]), len(cols) - 1)], np.float32)
             frame[r:r + s, c:c + s] = (0.45 * grey[r:r + s, c:c + s] + 0.55 * tint).astype(np.uint8)
         for i in np.nonzero(alive & (trace.token_level > 0))[0]:
-            r, c, s = int(trace.token_row[i]) * PATCH, int(trace.token_col[i]) * PATCH, PATCH << int(trace.token_level[i])
+            r, c, s = int(trace.token_row[i]) * patch, int(trace.token_col[i]) * patch, patch << int(trace.token_level[i])
             cv2.rectangle(frame, (c, r), (c + s - 1, r + s - 1), LEVEL_COLOURS[int(trace.token_level[i])], 1)
         frame = frame[:h, :w]
         stage = "merged, entering block 1" if b == 0 else f"after block {b}"

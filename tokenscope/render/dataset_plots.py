@@ -21,9 +21,14 @@ from matplotlib.path import Path as MplPath  # noqa: E402
 
 from tokenscope.analysis.aggregate import DatasetTables  # noqa: E402
 from tokenscope.models.partition import MAX_LEVEL  # noqa: E402
-from tokenscope.render.palette import LEVEL_COLOURS, LEVEL_LABELS, exit_colours  # noqa: E402
+from tokenscope.render.palette import LEVEL_COLOURS, exit_colours, level_labels  # noqa: E402
 
 plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
+
+
+def _patch(t: DatasetTables) -> int:
+    """Patch side of the run's model, from the levels table (level 0's side)."""
+    return int(t.levels["side_px"].iloc[0]) if len(t.levels) else 16
 
 
 def _rgb(c: Sequence[int]) -> tuple[float, float, float]:
@@ -45,11 +50,11 @@ def tokens_per_block(t: DatasetTables, path: Path) -> None:
     for k in range(MAX_LEVEL + 1):
         vals = blocks[f"tokens_in_level{k}"].to_numpy() / n
         if vals.any():
-            ax.bar(x, vals, bottom=bottom, color=_rgb(LEVEL_COLOURS[k]), label=LEVEL_LABELS[k], edgecolor="white", linewidth=0.3)
+            ax.bar(x, vals, bottom=bottom, color=_rgb(LEVEL_COLOURS[k]), label=level_labels(_patch(t))[k], edgecolor="white", linewidth=0.3)
         bottom += vals
     patches = s["patches"] / n
     ax.axhline(patches, color="grey", linestyle=":", linewidth=0.9)
-    ax.text(x[0] - 0.4, patches, " 16x16 patches", fontsize=8, va="bottom", color="grey")
+    ax.text(x[0] - 0.4, patches, f" {_patch(t)}x{_patch(t)} px patches", fontsize=8, va="bottom", color="grey")
     for g in s["exit_after"]:
         ax.axvline(g + 0.5, color="black", linestyle="--", linewidth=0.8)
     ax.set_xlabel("encoder block")
@@ -96,13 +101,13 @@ def class_levels(t: DatasetTables, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(df) + 1.4))
     left = np.zeros(len(df))
     for k in range(MAX_LEVEL + 1):
-        ax.barh(df["name"], share[:, k], left=left, color=_rgb(LEVEL_COLOURS[k]), label=LEVEL_LABELS[k],
+        ax.barh(df["name"], share[:, k], left=left, color=_rgb(LEVEL_COLOURS[k]), label=level_labels(_patch(t))[k],
                 edgecolor="white", linewidth=0.3)
         left += share[:, k]
     for i, n in enumerate(df["patches"]):
         ax.text(1.01, i, f"{int(n)} patches", va="center", fontsize=7)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("share of the class's 16x16 patches")
+    ax.set_xlabel("share of the class's patches")
     ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, frameon=False)
     ax.set_title("which superpatch each class's patches end up in", pad=30)
     _save(fig, path)
@@ -158,7 +163,7 @@ def token_flow(t: DatasetTables, path: Path) -> None:
         a, b = level_span[k]
         ax.add_patch(plt.Rectangle((0.42, a), 0.06, b - a, color=_rgb(LEVEL_COLOURS[k])))
         ntok = int(flow_tok[k].sum())
-        ax.text(0.45, (a + b) / 2, f"{LEVEL_LABELS[k].split(' ')[0]}\n{ntok} tok", ha="center", va="center", fontsize=6.5)
+        ax.text(0.45, (a + b) / 2, f"{level_labels(_patch(t))[k].split(' ')[0]}\n{ntok} tok", ha="center", va="center", fontsize=6.5)
         cur = a
         for j in range(len(points)):
             v = flow[k, j]
@@ -177,7 +182,7 @@ def token_flow(t: DatasetTables, path: Path) -> None:
     ax.set_ylim(-gap, height + gap)
     ax.invert_yaxis()
     ax.axis("off")
-    ax.set_title("token flow: 16x16 patches -> superpatch level -> where the token leaves (widths = patches)")
+    ax.set_title(f"token flow: {_patch(t)} px patches -> superpatch level -> where the token leaves (widths = patches)")
     _save(fig, path)
 
 

@@ -11,17 +11,17 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from tokenscope.render.palette import LEVEL_COLOURS, LEVEL_LABELS, class_palette, exit_colours
+from tokenscope.render.palette import LEVEL_COLOURS, class_palette, exit_colours, level_labels
 from tokenscope.trace.trace import Trace
 
-PATCH = 16
 OVERLAY_KINDS = ("merge", "exit", "confidence", "segmentation")
 
 
 def _patch_map_to_pixels(colours: np.ndarray, trace: Trace) -> np.ndarray:
     """(gh, gw, 3) per-patch colours -> (h, w, 3) at the input size."""
     h, w = trace.meta.input_hw
-    up = np.repeat(np.repeat(colours, PATCH, axis=0), PATCH, axis=1)
+    patch = trace.patch_size
+    up = np.repeat(np.repeat(colours, patch, axis=0), patch, axis=1)
     return up[:h, :w]
 
 
@@ -36,12 +36,13 @@ def _blend(image: np.ndarray, colour: np.ndarray, alpha: float, where: np.ndarra
 
 
 def _outline_supertokens(img: np.ndarray, trace: Trace, min_level: int = 1, colour: Sequence[int] | None = None) -> None:
+    patch = trace.patch_size
     for r, c, lvl in zip(trace.token_row, trace.token_col, trace.token_level):
         if lvl < min_level:
             continue
-        s = PATCH << int(lvl)
+        s = patch << int(lvl)
         col = tuple(int(v) for v in (colour if colour is not None else LEVEL_COLOURS[int(lvl)]))
-        cv2.rectangle(img, (int(c) * PATCH, int(r) * PATCH), (int(c) * PATCH + s - 1, int(r) * PATCH + s - 1), col, 1)
+        cv2.rectangle(img, (int(c) * patch, int(r) * patch), (int(c) * patch + s - 1, int(r) * patch + s - 1), col, 1)
 
 
 def legend_strip(width: int, items: Sequence[tuple[tuple[int, int, int], str]], title: str = "") -> np.ndarray:
@@ -98,7 +99,8 @@ def merge_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.4) -> np.nda
     canvas = _padded_canvas(out, trace)
     _outline_supertokens(canvas, trace)
     counts = np.bincount(trace.token_level.astype(np.int64), minlength=5)
-    items = [(LEVEL_COLOURS[k], f"{LEVEL_LABELS[k]}: {int(counts[k])}") for k in range(5)]
+    names = level_labels(trace.patch_size)
+    items = [(LEVEL_COLOURS[k], f"{names[k]}: {int(counts[k])}") for k in range(5)]
     title = f"{trace.num_tokens} tokens / {trace.num_patches} patches ({trace.reduction:.2f}x)"
     return _with_strip(_crop(canvas, trace), legend_strip(image.shape[1], items, title))
 

@@ -13,6 +13,12 @@ LEVEL_COLOURS = [OKABE_ITO[c] for c in ("grey", "sky", "green", "orange", "purpl
 """RGB per superpatch level 0..4 (level 0 = a single 16x16 patch)."""
 
 LEVEL_LABELS = ["16 px (1 patch)", "32 px (2x2)", "64 px (4x4)", "128 px (8x8)", "256 px (16x16)"]
+"""Level names for ViT/16; `level_labels(patch)` gives them for other patch sizes."""
+
+
+def level_labels(patch: int = 16) -> list[str]:
+    """Names of superpatch levels 0..4 in pixels for a ViT with `patch`-pixel patches."""
+    return [f"{patch << k} px ({'1 patch' if k == 0 else f'{1 << k}x{1 << k}'})" for k in range(5)]
 
 EXIT_COLOURS = [OKABE_ITO[c] for c in ("vermillion", "yellow", "green", "sky", "purple", "orange")]
 FINAL_COLOUR = OKABE_ITO["blue"]

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from tokenscope.analysis.stats import exit_level_matrix, level_block_matrix  # noqa: E402
 from tokenscope.models.partition import MAX_LEVEL  # noqa: E402
-from tokenscope.render.palette import LEVEL_COLOURS, LEVEL_LABELS  # noqa: E402
+from tokenscope.render.palette import LEVEL_COLOURS, level_labels  # noqa: E402
 from tokenscope.trace.trace import Trace  # noqa: E402
 
 
@@ -32,14 +32,14 @@ def token_histogram(trace: Trace, path: str | os.PathLike[str], title: str | Non
     bottom = np.zeros(m.depth)
     for k in range(MAX_LEVEL + 1):
         if by_block[:, k].any():
-            ax1.bar(x, by_block[:, k], bottom=bottom, color=_rgb(LEVEL_COLOURS[k]), label=LEVEL_LABELS[k],
+            ax1.bar(x, by_block[:, k], bottom=bottom, color=_rgb(LEVEL_COLOURS[k]), label=level_labels(trace.patch_size)[k],
                     edgecolor="white", linewidth=0.3)
         bottom += by_block[:, k]
     for g in m.exit_after:
         ax1.axvline(g + 0.5, color="black", linestyle="--", linewidth=0.8)
         ax1.text(g + 0.55, bottom.max() * 0.98, f"gate {g}", fontsize=8, va="top")
     ax1.axhline(trace.num_patches, color="grey", linestyle=":", linewidth=0.8)
-    ax1.text(0.6, trace.num_patches, "16x16 patches", fontsize=8, va="bottom", color="grey")
+    ax1.text(0.6, trace.num_patches, f"{trace.patch_size}x{trace.patch_size} px patches", fontsize=8, va="bottom", color="grey")
     ax1.set_xlabel("encoder block")
     ax1.set_ylabel("tokens entering the block")
     ax1.set_xticks(x if m.depth <= 24 else x[:: max(1, m.depth // 12)])

@@ -31,7 +31,7 @@ def images_to_tensor(images: list[PreparedImage], device: torch.device) -> tuple
 
 
 def baseline_flops(cost: CostModel, num_patches: int) -> int:
-    """FLOPs of the same network with 16x16 patching and no exits (no policy to run)."""
+    """FLOPs of the same network with plain patching and no exits (no policy to run)."""
     return cost.total(num_patches, [num_patches] * len(cost.blocks), [], num_patches)
 
 
@@ -89,7 +89,7 @@ class TraceCapture:
             "embed": part.num_tokens * self.cost.embed_per_token,
             "blocks": int(sum(block_flops)),
             "gates": int(sum(gate_in)) * self.cost.gate_per_token,
-            "decoder": final * self.cost.decoder_per_token,
+            "decoder": self.cost.decoder.flops(self.cost.decoder_tokens(part.num_tokens, final)),
         }
         flops["total"] = int(sum(flops.values()))
         flops["baseline_total"] = baseline_flops(self.cost, grid_partition(part.grid).num_tokens)
@@ -108,7 +108,7 @@ class TraceCapture:
             token_col=part.col, token_exit_block=rec.exit_block, token_confidence=rec.confidence,
             token_class=rec.predicted, block_tokens_in=rec.block_tokens_in, block_flops=np.asarray(block_flops),
             label_map=label_map, policy_scores=rec.policy_scores,
-            patch_labels=None if im.labels is None else patch_majority_labels(im.labels),
+            patch_labels=None if im.labels is None else patch_majority_labels(im.labels, model.patch_size),
         )
         trace.assert_consistent()
         return trace

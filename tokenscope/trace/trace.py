@@ -9,7 +9,7 @@ On disk a trace is two files in one folder (format "tokenscope-trace", version 1
 
 | array | shape | meaning |
 |---|---|---|
-| token_of_patch | (gh, gw) int32 | token id of every 16x16 patch |
+| token_of_patch | (gh, gw) int32 | token id of every patch (patch side = padded size / grid) |
 | token_level | (T,) int8 | superpatch level (side 2**level patches) |
 | token_row, token_col | (T,) int32 | top-left patch of the token |
 | token_exit_block | (T,) int16 | blocks the token went through (depth = reached the end) |
@@ -121,6 +121,11 @@ class Trace:
     @property
     def num_tokens(self) -> int:
         return int(self.token_level.shape[0])
+
+    @property
+    def patch_size(self) -> int:
+        """Side of one patch in pixels, from the padded size and the grid (16 for traces of ViT/16)."""
+        return int(self.meta.padded_hw[0] // max(self.meta.grid[0], 1))
 
     @property
     def num_patches(self) -> int:
