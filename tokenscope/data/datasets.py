@@ -17,16 +17,13 @@ from typing import Sequence
 
 import numpy as np
 
+from tokenscope.data.classes import dataset_classes
 from tokenscope.data.images import IGNORE_INDEX, IMAGE_SUFFIXES, load_image, load_label_map
 from tokenscope.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from tokenscope.data.synthetic import synthetic_scene
 from tokenscope.errors import ConfigError
 
-DATASET_KINDS = ("folder", "ade20k", "cityscapes", "synthetic")
-
-CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-                      "motorcycle", "bicycle")
+DATASET_KINDS = ("folder", "ade20k", "cityscapes", "pascal_context", "synthetic")
 CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                           25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
@@ -111,7 +108,7 @@ class ADE20KDataset(PairedFiles):
         if not images.is_dir() or not annots.is_dir():
             raise ConfigError(f"{root}: expected images/{split} and annotations/{split} (ADEChallengeData2016 layout)")
         pairs = [(p, annots / (p.stem + ".png")) for p in sorted(images.glob("*.jpg")) if (annots / (p.stem + ".png")).exists()]
-        super().__init__(pairs, 150)
+        super().__init__(pairs, 150, dataset_classes("ade20k").names)
 
     def convert_labels(self, raw: np.ndarray) -> np.ndarray:
         out = raw.astype(np.int32) - 1
@@ -138,7 +135,7 @@ class CityscapesDataset(PairedFiles):
             elif label_ids.exists():
                 pairs.append((img, label_ids))
                 self._raw_ids.add(label_ids)
-        super().__init__(pairs, 19, CITYSCAPES_CLASSES)
+        super().__init__(pairs, 19, dataset_classes("cityscapes").names)
         self._lut = np.full(256, IGNORE_INDEX, dtype=np.int32)
         for k, v in CITYSCAPES_ID_TO_TRAIN.items():
             self._lut[k] = v
@@ -148,6 +145,27 @@ class CityscapesDataset(PairedFiles):
         raw = load_label_map(lab_path)
         labels = self._lut[np.clip(raw, 0, 255)] if lab_path in self._raw_ids else raw
         return Sample(img_path.name[: -len("_leftImg8bit.png")], load_image(img_path), labels)
+
+
+class PascalContextDataset(PairedFiles):
+    """Pascal Context as mmsegmentation prepares it: `VOC2010/JPEGImages/*.jpg`,
+    `VOC2010/SegmentationClassContext/*.png` (0 = background, 1..59; 255 = ignore) and the split
+    lists in `VOC2010/ImageSets/SegmentationContext/{train,val}.txt`. 60 classes with background."""
+
+    def __init__(self, root: str | Path, split: str = "val") -> None:
+        root = Path(root)
+        for sub in ("VOCdevkit/VOC2010", "VOC2010"):
+            if (root / sub).is_dir():
+                root = root / sub
+                break
+        listing = root / "ImageSets" / "SegmentationContext" / f"{split}.txt"
+        images, masks = root / "JPEGImages", root / "SegmentationClassContext"
+        if not listing.is_file() or not images.is_dir() or not masks.is_dir():
+            raise ConfigError(f"{root}: expected JPEGImages/, SegmentationClassContext/ and "
+                              f"ImageSets/SegmentationContext/{split}.txt (Pascal Context layout)")
+        stems = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        pairs = [(images / f"{s}.jpg", masks / f"{s}.png") for s in stems if (masks / f"{s}.png").exists()]
+        super().__init__(pairs, 60, dataset_classes("pascal_context").names)
 
 
 class SyntheticDataset(SegmentationDataset):
@@ -206,4 +224,6 @@ def open_dataset(kind: str, root: str | Path | None = None, split: str = "val", 
         return FolderDataset(root)
     if kind == "ade20k":
         return ADE20KDataset(root, split)
+    if kind == "pascal_context":
+        return PascalContextDataset(root, split)
     return CityscapesDataset(root, split)

@@ -22,6 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tokenscope.errors import CheckpointError, ConfigError
+from tokenscope.models.importers.safe_pickle import read_pickled_checkpoint
+from tokenscope.models.importers.segmenter import ImportedSegmenter, holds_segmenter, read_segmenter_checkpoint
 from tokenscope.models.registry import StepConfig, resolve_config
 from tokenscope.models.step_vit import StepViT, create_backbone
 
@@ -29,6 +31,10 @@ CHECKPOINT_FORMAT = "tokenscope-checkpoint"
 CHECKPOINT_VERSION = 1
 PARTS = ("backbone", "decoder", "exits", "policy")
 BUILTIN_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+IMPORTED = ("imported Segmenter weights: encoder and decoder are trained, the exit gates and the dCTS policy are not "
+            "(merges come from --policy uniform/oracle/budget; fine-tune both with `tokenscope train --init`)")
+IMPORTED_TRAINED = {"backbone": True, "decoder": True, "exits": False, "policy": False}
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 BACKBONE_ONLY = ("only the backbone is trained: the decoder and exit gates are random, so class predictions are "
                  "noise; merges from --policy uniform/oracle are real")
 
@@ -141,9 +147,9 @@ def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: str,
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         if wrong:
             k = wrong[0]
             parts.append(f"{len(wrong)} with wrong shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
@@ -163,6 +169,36 @@ def load_checkpoint(path: str | os.PathLike[str]) -> LoadedModel:
     _strict_load(model, _load_tensors(tensors), str(tensors), f"model {cfg.name} ({cfg.arch})")
     trained = {p: bool(doc.get("trained", {}).get(p, False)) for p in PARTS}
     return LoadedModel(model.eval(), cfg, trained, file_digest(tensors), str(tensors), metadata=doc.get("metadata", {}))
+
+
+def file_sha256(path: Path) -> str:
+    """Full SHA-256 of a file (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def loaded_from_import(imp: ImportedSegmenter, path: Path) -> LoadedModel:
+    """A ready model from a Segmenter checkpoint read in place (nothing written)."""
+    return LoadedModel(imp.build(), imp.config, dict(IMPORTED_TRAINED), file_digest(path), str(path),
+                       warnings=[IMPORTED, *imp.notes], metadata={"layout": imp.layout, "notes": imp.notes})
+
+
+def import_segmenter(path: str | os.PathLike[str], out: str | os.PathLike[str], side_file: str | os.PathLike[str] | None = None,
+                     name: str | None = None, overrides: dict[str, Any] | None = None) -> tuple[Path, ImportedSegmenter]:
+    """Convert a Segmenter/mmseg checkpoint once into a tokenscope checkpoint (`out`.json + .safetensors).
+
+    Later runs load the converted files and never unpickle anything.
+    """
+    src = Path(path)
+    _, meta = checkpoint_paths(out)
+    imp = read_segmenter_checkpoint(src, side_file, name or meta.stem, overrides)
+    model = imp.build()
+    tensors = save_checkpoint(model, out, IMPORTED_TRAINED, metadata={
+        "imported_from": src.name, "layout": imp.layout, "source_sha256": file_sha256(src), "notes": imp.notes})
+    return tensors, imp
 
 
 def _backbone_from_file(cfg: StepConfig, path: Path) -> nn.Module:
@@ -216,6 +252,10 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
         raise ConfigError("--weights and --random-init exclude each other; pick one")
     if weights is not None and str(weights) != "hub" and is_tokenscope_checkpoint(weights):
         return load_checkpoint(weights)
+    if weights is not None and Path(str(weights)).suffix.lower() in PICKLE_SUFFIXES and not random_init:
+        obj = read_pickled_checkpoint(Path(str(weights)))
+        if holds_segmenter(obj):
+            return loaded_from_import(read_segmenter_checkpoint(Path(str(weights)), obj=obj), Path(str(weights)))
     cfg = resolve_config(name)
     if num_classes is not None:
         cfg = StepConfig(**{**cfg.to_dict(), "num_classes": num_classes})

@@ -55,7 +55,9 @@ class StepConfig:
     window: int = 0
     """Sliding-window evaluation: window side in pixels (0 = whole image in one forward)."""
     stride: int = 0
-    """Stride of the sliding windows (0 = window - 32, Segmenter's default)."""
+    """Stride of the sliding windows (0 = window - 32)."""
+    resize_short: int = 0
+    """Before sliding windows, the image's short side is resized to this (0 = the window side)."""
     dataset: str = ""
     """Data set the weights were trained on (ade20k, cityscapes, pascal_context), if known."""
     ignore_index: int = 255

@@ -1,0 +1,1 @@
+"""Importers: read foreign checkpoint formats safely and turn them into tokenscope models."""
