@@ -120,17 +120,18 @@ def _load_meta(meta: Path) -> dict[str, Any]:
     return doc
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file")
-    try:
+def _load_tensors(path: Path, obj: Any = None) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file, or from a pickled file (read safely; `obj` if already read)."""
+    if obj is None:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such weights file")
         if path.suffix == ".safetensors":
-            return load_file(str(path))
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
-        raise CheckpointError(f"{path}: cannot read weights ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    except Exception as exc:  # unpickling refuses arbitrary objects with various types
-        raise CheckpointError(f"{path}: not a plain tensor checkpoint ({type(exc).__name__})") from None
+            try:
+                return load_file(str(path))
+            except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise CheckpointError(f"{path}: cannot read weights ({first})") from None
+        obj = read_pickled_checkpoint(path)
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -201,11 +202,11 @@ def import_segmenter(path: str | os.PathLike[str], out: str | os.PathLike[str], 
     return tensors, imp
 
 
-def _backbone_from_file(cfg: StepConfig, path: Path) -> nn.Module:
+def _backbone_from_file(cfg: StepConfig, path: Path, obj: Any = None) -> nn.Module:
     """A timm ViT with weights from a local file, adapted by timm's checkpoint filter."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = _load_tensors(path)
+    state = _load_tensors(path, obj)
     pos = state.get("pos_embed")
     img_size = cfg.img_size
     vit = create_backbone(cfg)
@@ -225,11 +226,11 @@ def _backbone_from_file(cfg: StepConfig, path: Path) -> nn.Module:
     return vit
 
 
-def new_model(cfg: StepConfig, backbone_weights: str | os.PathLike[str] | None = None) -> StepViT:
+def new_model(cfg: StepConfig, backbone_weights: str | os.PathLike[str] | None = None, obj: Any = None) -> StepViT:
     """An untrained StepViT for `cfg`, its backbone optionally from a local timm ViT file."""
     if backbone_weights is None:
         return StepViT(cfg)
-    vit = _backbone_from_file(cfg, Path(backbone_weights))
+    vit = _backbone_from_file(cfg, Path(backbone_weights), obj)
     cfg = StepConfig(**{**cfg.to_dict(), "img_size": int(vit.patch_embed.img_size[0])})
     return StepViT(cfg, vit)
 
@@ -252,10 +253,11 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
         raise ConfigError("--weights and --random-init exclude each other; pick one")
     if weights is not None and str(weights) != "hub" and is_tokenscope_checkpoint(weights):
         return load_checkpoint(weights)
+    pickled: Any = None
     if weights is not None and Path(str(weights)).suffix.lower() in PICKLE_SUFFIXES and not random_init:
-        obj = read_pickled_checkpoint(Path(str(weights)))
-        if holds_segmenter(obj):
-            return loaded_from_import(read_segmenter_checkpoint(Path(str(weights)), obj=obj), Path(str(weights)))
+        pickled = read_pickled_checkpoint(Path(str(weights)))
+        if holds_segmenter(pickled):
+            return loaded_from_import(read_segmenter_checkpoint(Path(str(weights)), obj=pickled), Path(str(weights)))
     cfg = resolve_config(name)
     if num_classes is not None:
         cfg = StepConfig(**{**cfg.to_dict(), "num_classes": num_classes})
@@ -283,7 +285,7 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
         path = Path(str(weights))
         if path.suffix == ".json":
             raise CheckpointError(f"{path}: not a tokenscope checkpoint description (format tag missing)")
-        model = new_model(cfg, path)
+        model = new_model(cfg, path, pickled)
         source, wid = str(path), file_digest(path)
     trained = {"backbone": True, "decoder": False, "exits": False, "policy": False}
     return LoadedModel(model.eval(), model.cfg, trained, wid, source, warnings=[BACKBONE_ONLY])

@@ -57,7 +57,7 @@ def read_pickled_checkpoint(path: str | Path) -> Any:
     """
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"{p}: no such checkpoint file")
+        raise CheckpointError(f"{p}: no such weights file")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(str(p), map_location="cpu", weights_only=True)
