@@ -44,6 +44,8 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (GPU if present), cpu or cuda
 SizeOpt = Annotated[Optional[int], typer.Option(help="Resize each image so its long side is this many pixels (then pad to a multiple of 16).")]
 OutOpt = Annotated[Path, typer.Option(help="Root folder for run folders; every call makes a new one.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for random weights.")]
+WindowOpt = Annotated[Optional[int], typer.Option(help="Sliding windows of this side in pixels (Segmenter's protocol: short side resized, windows averaged); 0 = whole image. Default: the checkpoint's.")]
+StrideOpt = Annotated[Optional[int], typer.Option(help="Stride of the sliding windows in pixels. Default: the checkpoint's, else window - 32.")]
 
 
 def _fail(exc: TokenscopeError) -> None:
@@ -119,6 +121,8 @@ def run(
     resume: Annotated[Optional[Path], typer.Option(help="Finish an interrupted run folder (its own settings are used).")] = None,
     device: DeviceOpt = "auto",
     size: SizeOpt = None,
+    window: WindowOpt = None,
+    stride: StrideOpt = None,
     out: OutOpt = Path("outputs"),
     seed: SeedOpt = 0,
 ) -> None:
@@ -136,7 +140,7 @@ def run(
         opts.budget = budget
         req = RunRequest(inputs=list(images or []), labels=labels, dataset=dataset, data_root=data_root, split=split,
                          seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
-                         animation=animation, baseline=baseline)
+                         animation=animation, baseline=baseline, window=window, stride=stride)
         with _progress("tracing") as progress:
             result = run_job(req, out=out, resume=resume, progress=progress)
     _warn(result.warnings)
@@ -198,6 +202,8 @@ def compare(
     size: SizeOpt = None,
     repeats: Annotated[int, typer.Option(help="Timed forward passes per variant (the median is reported).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed forward passes before timing.")] = 1,
+    window: WindowOpt = None,
+    stride: StrideOpt = None,
     out: OutOpt = Path("outputs"),
     seed: SeedOpt = 0,
 ) -> None:
@@ -208,7 +214,7 @@ def compare(
         opts = _model_options(model, weights, random_init, policy, merge_threshold, exit_threshold, exits, device, seed)
         with _progress("comparing") as progress:
             result = compare_images(images, opts, baseline=baseline, out=out, size=size, labels=labels,
-                                    repeats=repeats, warmup=warmup, progress=progress)
+                                    repeats=repeats, warmup=warmup, progress=progress, window=window, stride=stride)
     _warn(result.warnings)
     table = Table(title=f"STEP vs baseline ({baseline})", title_justify="left")
     cols = ["image", "tokens", "GFLOPs", "latency ms", "peak MiB", "agree"]
@@ -323,25 +329,28 @@ def evaluate(
     policy: PolicyOpt = None,
     merge_threshold: MergeOpt = None,
     exit_threshold: ExitThrOpt = None,
+    exits: ExitsOpt = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     split: Annotated[str, typer.Option(help="Split of a file data set.")] = "val",
     seeds: Annotated[str, typer.Option(help="Synthetic scenes, START:STOP.")] = "100000:100200",
     size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
+    window: WindowOpt = None,
+    stride: StrideOpt = None,
     device: DeviceOpt = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
 ) -> None:
-    """mIoU, token reduction, early exits and GFLOPs of full STEP vs the same weights without reduction."""
+    """mIoU, token reduction, early exits and GFLOPs of STEP vs the same weights without reduction."""
     from tokenscope.jobs.runfolder import write_json_atomic
     from tokenscope.jobs.setup import load_model
     from tokenscope.jobs.train import DataOptions, evaluate_model
 
     with _user_errors():
-        opts = _model_options(model, weights, False, policy, merge_threshold, exit_threshold, "learned", device, 0)
+        opts = _model_options(model, weights, False, policy, merge_threshold, exit_threshold, exits, device, 0)
         loaded, dev = load_model(opts, have_labels=True)
         d = DataOptions(kind=data, root=data_root, val_split=split, val_seeds=seeds, size=size)
         with _progress("evaluating") as progress:
-            result = evaluate_model(loaded, dev, d, loaded.model.active_policy, progress)
+            result = evaluate_model(loaded, dev, d, loaded.model.active_policy, progress, window, stride, opts.amp)
         metrics = {k: v.as_dict(loaded.config.class_names) for k, v in result.variants.items()}
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -349,7 +358,8 @@ def evaluate(
                                          "merge_thresholds": list(loaded.model.merge_thresholds),
                                          "exit_threshold": loaded.model.exit_threshold,
                                          "policy": loaded.model.active_policy, "data": d.__dict__, "variants": metrics})
-    _print_eval(metrics, f"{loaded.config.name}: STEP ({loaded.model.active_policy} policy, learned exits) vs baseline")
+    exits_text = "learned exits" if loaded.model.exits_enabled else "no exits"
+    _print_eval(metrics, f"{loaded.config.name}: STEP ({loaded.model.active_policy} policy, {exits_text}) vs baseline")
 
 
 @app.command()

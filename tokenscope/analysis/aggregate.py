@@ -87,8 +87,14 @@ class DatasetTables:
     summary: dict[str, Any]
 
 
-def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]]) -> DatasetTables:
-    """Sum per-image records into the four tables and an overall summary."""
+def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_evals: Iterable[ImageEval] = (),
+              images: int | None = None) -> DatasetTables:
+    """Sum per-image records into the four tables and an overall summary.
+
+    With sliding windows a record is one window (its trace, no eval); the windows' images are
+    scored on their stitched label maps, passed as `image_evals`, and `images` counts the images
+    (the summary then also gives `windows`, and per-image numbers divide by images).
+    """
     image_rows: list[dict[str, Any]] = []
     class_acc: dict[int, dict[str, int]] = {}
     level_acc = np.zeros((MAX_LEVEL + 1, 6), dtype=np.float64)  # tokens, patches, exited, exited patches, correct, judged
@@ -185,6 +191,11 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]]) -> Dataset
         totals["flops"] += int(flops.get("total", 0))
         totals["baseline_flops"] += int(flops.get("baseline_total", 0))
         totals["images"] += 1
+    for ev in image_evals:
+        if ev.step_confusion is not None:
+            step_conf = ev.step_confusion.copy() if step_conf is None else step_conf + ev.step_confusion
+        if ev.baseline_confusion is not None:
+            base_conf = ev.baseline_confusion.copy() if base_conf is None else base_conf + ev.baseline_confusion
     if first is None:
         empty = pd.DataFrame()
         return DatasetTables(empty, empty, empty, empty, {"images": 0})
@@ -211,16 +222,18 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]]) -> Dataset
     levels["exit_rate"] = levels["exited"] / levels["tokens"].where(levels["tokens"] > 0)
     levels["accuracy"] = levels["correct_patches"] / levels["judged_patches"].where(levels["judged_patches"] > 0)
     n = totals["images"]
+    per_image = images if images is not None else n
     blocks = pd.DataFrame({"block": np.arange(1, first.meta.depth + 1), "tokens_in": block_in, "mean_tokens_in": block_in / n,
                            "exited_after": block_exit, "flops": block_flops})
     for k in range(MAX_LEVEL + 1):
         blocks[f"tokens_in_level{k}"] = block_levels[:, k]  # type: ignore[index]
     summary: dict[str, Any] = {
-        "images": n, "patches": totals["patches"], "tokens": totals["tokens"],
+        "images": per_image, "windows": n, "patches": totals["patches"], "tokens": totals["tokens"],
         "token_reduction": totals["patches"] / max(totals["tokens"], 1),
         "exited_early_pct": 100.0 * totals["exited"] / max(totals["tokens"], 1),
         "exited_early_patch_pct": 100.0 * totals["exited_patches"] / max(totals["patches"], 1),
-        "gflops_per_image": totals["flops"] / 1e9 / n, "baseline_gflops_per_image": totals["baseline_flops"] / 1e9 / n,
+        "gflops_per_image": totals["flops"] / 1e9 / per_image,
+        "baseline_gflops_per_image": totals["baseline_flops"] / 1e9 / per_image,
         "flop_reduction": totals["baseline_flops"] / max(totals["flops"], 1),
         "class_source": " + ".join(sorted(sources)),
         "model": first.meta.model, "policy": first.meta.policy, "exits": first.meta.exits,

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from tokenscope.analysis.metrics import confusion, iou_per_class, mean_iou
+from tokenscope.analysis.windowed import predict
 from tokenscope.data.datasets import SegmentationDataset
 from tokenscope.data.images import prepare_image
+from tokenscope.data.windows import WindowSpec
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.trace.capture import TraceCapture
 
@@ -46,6 +48,8 @@ class VariantScores:
     exited_patches: int = 0
     flops: int = 0
     images: int = 0
+    windows: int = 0
+    """Forward passes: one per image, or one per sliding window."""
     forward_s: float = 0.0
 
     @property
@@ -71,7 +75,7 @@ class VariantScores:
     def as_dict(self, class_names: tuple[str, ...] = ()) -> dict[str, object]:
         ious = iou_per_class(self.confusion)
         return {
-            "variant": self.name, "images": self.images, "miou": self.miou, "patches": self.patches,
+            "variant": self.name, "images": self.images, "windows": self.windows, "miou": self.miou, "patches": self.patches,
             "tokens": self.tokens, "token_reduction": self.reduction, "exited_early_pct": self.exited_pct,
             "exited_early_patch_pct": self.exited_patch_pct, "gflops_per_image": self.gflops_per_image,
             "forward_ms_per_image": 1e3 * self.forward_s / max(self.images, 1),
@@ -86,8 +90,12 @@ class EvalResult:
 
 
 def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[OperatingPoint], device: torch.device,
-             progress: Progress | None = None, amp: bool = False, size: int | None = None) -> EvalResult:
-    """Run every operating point on every sample; restores the model's configuration afterwards."""
+             progress: Progress | None = None, amp: bool = False, size: int | None = None,
+             windows: WindowSpec | None = None) -> EvalResult:
+    """Run every operating point on every sample; restores the model's configuration afterwards.
+
+    With `windows`, each image is scored with the sliding-window protocol (size must be None).
+    """
     model = loaded.model
     saved = (model.active_policy, model.exits_enabled, model.merge_thresholds, model.exit_threshold)
     c = loaded.config.num_classes
@@ -98,21 +106,21 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
             sample = dataset[i]
             if progress:
                 progress(i, len(dataset), sample.name)
-            prepared = prepare_image(sample.image, sample.name, size=size, labels=sample.labels)
-            h, w = prepared.input_hw
-            gt = prepared.labels[:h, :w]  # type: ignore[index]
+            prepared = prepare_image(sample.image, sample.name, size=size, labels=sample.labels,
+                                     patch=model.patch_size)
             for p in points:
                 model.configure(policy=p.policy, exits=p.exits, merge_thresholds=p.merge_thresholds or saved[2],
                                 exit_threshold=saved[3] if p.exit_threshold is None else p.exit_threshold)
-                trace = capture([prepared])[0]
+                pred = predict(capture, prepared, windows)
                 s = result.variants[p.name]
-                s.confusion += confusion(trace.label_map, gt, c)
-                s.patches += trace.num_patches
-                s.tokens += trace.num_tokens
-                s.exited_tokens += int(trace.exited_early.sum())
-                s.exited_patches += int(trace.token_patches[trace.exited_early].sum())
-                s.flops += int(trace.meta.flops["total"])
-                s.forward_s += float(trace.meta.timings.get("forward_s", 0.0))
+                s.confusion += confusion(pred.label_map, pred.labels, c)  # type: ignore[arg-type]
+                s.patches += pred.patches
+                s.tokens += pred.tokens
+                s.exited_tokens += pred.exited_tokens
+                s.exited_patches += pred.exited_patches
+                s.flops += pred.flops
+                s.forward_s += pred.forward_s
+                s.windows += len(pred.traces)
                 s.images += 1
         if progress:
             progress(len(dataset), len(dataset), "")

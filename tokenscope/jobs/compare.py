@@ -21,7 +21,9 @@ from tokenscope import __version__
 from tokenscope.analysis.memory import peak_forward_bytes
 from tokenscope.analysis.metrics import confusion, mean_iou, pixel_agreement
 from tokenscope.analysis.timing import median, time_calls
+from tokenscope.analysis.windowed import ImagePrediction, predict
 from tokenscope.data.images import PreparedImage, find_images, find_label_for, load_prepared
+from tokenscope.data.windows import WindowSpec, resolve_windows
 from tokenscope.errors import ConfigError, TokenscopeError
 from tokenscope.jobs.run import ImageResult, Progress
 from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, unique_name, write_json_atomic, write_rgb, write_table
@@ -29,7 +31,7 @@ from tokenscope.jobs.setup import ModelOptions, load_model
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import measure_flops
 from tokenscope.models.runtime import inference
-from tokenscope.render.overlays import render_overlay
+from tokenscope.render.overlays import render_label_map, render_overlay
 from tokenscope.render.plots import compare_figure
 from tokenscope.trace.capture import TraceCapture, images_to_tensor
 from tokenscope.trace.trace import Trace
@@ -55,22 +57,33 @@ class CompareResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, device: torch.device,
-             capture: TraceCapture, repeats: int, warmup: int) -> tuple[Trace, dict[str, float]]:
+def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, windows: WindowSpec | None,
+             device: torch.device, capture: TraceCapture, repeats: int, warmup: int) -> tuple[ImagePrediction, dict[str, float]]:
+    """Predict one image with `variant`, then count its FLOPs and time its forward passes.
+
+    With sliding windows the windows of one size run as one batch; latency adds up the batches.
+    """
     model = loaded.model.configure(policy=variant.policy, exits=variant.exits)
-    trace = capture([image])[0]
-    x, labels = images_to_tensor([image], device)
+    pred = predict(capture, image, windows)
+    groups: dict[tuple[int, int], list[PreparedImage]] = {}
+    for inp in pred.inputs:
+        groups.setdefault(inp.padded_hw, []).append(inp)
+    flops, latency_s, peak = 0, 0.0, 0
     with inference(device, capture.amp):
-        flops, _, _ = measure_flops(lambda: model(x, labels))
-        times = time_calls(lambda: model(x, labels), device, repeats=repeats, warmup=warmup)
-        peak = peak_forward_bytes(lambda: model(x, labels), device)
-    return trace, {"gflops": flops / 1e9, "latency_ms": 1e3 * median(times), "peak_mib": peak / 2**20,
-                   "tokens": trace.num_tokens, "exited_early_pct": 100.0 * float(trace.exited_early.mean())}
+        for group in groups.values():
+            x, labels = images_to_tensor(group, device)
+            f, _, _ = measure_flops(lambda: model(x, labels))
+            flops += f
+            latency_s += median(time_calls(lambda: model(x, labels), device, repeats=repeats, warmup=warmup))
+            peak = max(peak, peak_forward_bytes(lambda: model(x, labels), device))
+    return pred, {"gflops": flops / 1e9, "latency_ms": 1e3 * latency_s, "peak_mib": peak / 2**20,
+                  "tokens": pred.tokens, "exited_early_pct": 100.0 * pred.exited_tokens / max(pred.tokens, 1)}
 
 
 def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", out: str | Path = "outputs",
                    size: int | None = None, labels: str | None = None, repeats: int = 5, warmup: int = 1,
-                   progress: Progress | None = None) -> CompareResult:
+                   progress: Progress | None = None, window: int | None = None,
+                   stride: int | None = None) -> CompareResult:
     """Compare the configured STEP operating point with the plain ViT on every image."""
     if baseline not in BASELINES:
         raise ConfigError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
@@ -81,6 +94,9 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
         raise TokenscopeError("no images found in " + ", ".join(map(str, paths)))
     labels_path = Path(labels) if labels is not None else None
     loaded, device = load_model(opts, have_labels=labels_path is not None)
+    cfg = loaded.config
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size)
+    patch = loaded.model.patch_size
     step = Variant("step", loaded.model.active_policy, loaded.model.exits_enabled)
     base = Variant("baseline", "none", False)
     capture = TraceCapture(loaded, device, amp=opts.amp)
@@ -98,39 +114,44 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
         result = ImageResult(source=str(path))
         try:
             lab = find_label_for(path, labels_path) if labels_path is not None else None
-            prepared = load_prepared(path, size=size, labels_path=lab)
-            t_step, m_step = _measure(loaded, step, prepared, device, capture, repeats, warmup)
-            t_base, m_base = _measure(loaded, base, prepared, device, capture, repeats, warmup)
+            prepared = load_prepared(path, size=size, labels_path=lab, patch=patch)
+            p_step, m_step = _measure(loaded, step, prepared, windows, device, capture, repeats, warmup)
+            p_base, m_base = _measure(loaded, base, prepared, windows, device, capture, repeats, warmup)
             row: dict[str, Any] = {"image": str(path), "input_h": prepared.input_hw[0], "input_w": prepared.input_hw[1],
-                                   "patches": t_base.num_patches}
+                                   "windows": len(p_step.traces), "patches": p_base.patches}
             for prefix, m in (("base", m_base), ("step", m_step)):
                 row.update({f"{prefix}_{k}": v for k, v in m.items()})
-            row["token_reduction"] = t_base.num_tokens / t_step.num_tokens
+            row["token_reduction"] = p_base.tokens / p_step.tokens
             row["flop_reduction"] = m_base["gflops"] / m_step["gflops"]
             row["speedup"] = m_base["latency_ms"] / m_step["latency_ms"]
-            row["agreement"] = pixel_agreement(t_step.label_map, t_base.label_map)
-            if prepared.labels is not None:
-                h, w = prepared.input_hw
-                gt = prepared.labels[:h, :w]
-                cs, cb = confusion(t_step.label_map, gt, num_classes), confusion(t_base.label_map, gt, num_classes)
+            row["agreement"] = pixel_agreement(p_step.label_map, p_base.label_map)
+            if p_step.labels is not None:
+                gt = p_step.labels
+                cs, cb = confusion(p_step.label_map, gt, num_classes), confusion(p_base.label_map, gt, num_classes)
                 conf_step += cs
                 conf_base += cb
                 row["step_miou"], row["base_miou"] = mean_iou(cs), mean_iou(cb)
             name = unique_name(path.stem, taken)
+            t_step, t_base = p_step.traces[0], p_base.traces[0]
             with image_folder(run_dir, name) as folder:
-                t_step.save(folder / "step")
-                t_base.save(folder / "baseline")
+                for variant_dir, pred in (("step", p_step), ("baseline", p_base)):
+                    for k, trace in enumerate(pred.traces):
+                        trace.save(folder / variant_dir / (f"w{k:02d}" if pred.plan is not None else ""))
                 write_rgb(folder / "image.png", prepared.display)
-                panels = [("baseline segmentation", render_overlay("segmentation", prepared.display, t_base)),
-                          ("STEP segmentation", render_overlay("segmentation", prepared.display, t_step)),
-                          ("STEP supertokens", render_overlay("merge", prepared.display, t_step)),
-                          ("STEP exits", render_overlay("exit", prepared.display, t_step))]
+                shown = p_step.inputs[0].display
+                where = "" if p_step.plan is None else f" (window 1 of {len(p_step.traces)})"
+                panels = [("baseline segmentation", render_label_map(prepared.display, p_base.label_map, cfg.class_colours,
+                                                                     cfg.class_names, num_classes)),
+                          ("STEP segmentation", render_label_map(prepared.display, p_step.label_map, cfg.class_colours,
+                                                                 cfg.class_names, num_classes)),
+                          ("STEP supertokens" + where, render_overlay("merge", shown, t_step)),
+                          ("STEP exits" + where, render_overlay("exit", shown, t_step))]
                 compare_figure(prepared.display, panels, t_step, t_base, folder / "compare.png",
                                f"{path.name}: {row['token_reduction']:.2f}x fewer tokens, {row['flop_reduction']:.2f}x "
                                f"fewer FLOPs, {row['speedup']:.2f}x faster, {100 * row['agreement']:.1f}% pixels agree")
             block_rows.append(pd.DataFrame({"image": name, "block": np.arange(1, t_step.meta.depth + 1),
-                                            "base_tokens_in": t_base.block_tokens_in,
-                                            "step_tokens_in": t_step.block_tokens_in}))
+                                            "base_tokens_in": sum(t.block_tokens_in for t in p_base.traces),
+                                            "step_tokens_in": sum(t.block_tokens_in for t in p_step.traces)}))
             row["folder"] = name
             rows.append(row)
             result.folder = name
@@ -153,6 +174,8 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
         "flop_convention": "2 FLOPs per multiply-add (torch.utils.flop_counter), policy network included",
         "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off",
         "overall": overall, "warnings": loaded.warnings,
+        "windows": None if windows is None else {"window": windows.window, "stride": windows.stride,
+                                                  "resize_short": windows.resize_short},
         "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],
     })
     return CompareResult(run_dir, rows, overall, results, loaded.warnings)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenscope.errors import ConfigError
-from tokenscope.jobs.run import Progress
+from tokenscope.jobs.run import Progress, window_folders
 from tokenscope.jobs.runfolder import image_folder, latest_run, new_run_dir, read_manifest, read_rgb, write_rgb
 from tokenscope.render.overlays import OVERLAY_KINDS, render_overlay
 from tokenscope.render.plots import token_histogram
@@ -39,15 +39,17 @@ def rerender(run_dir: str | Path | None, kind: str = "all", out_root: str | Path
     for i, name in enumerate(folders):
         if progress:
             progress(i, len(folders), name)
-        src = run / name
-        trace = Trace.load(src)
-        image = read_rgb(src / "image.png")
         with image_folder(out, name) as dst:
-            for k in kinds:
-                if k == "histogram":
-                    token_histogram(trace, dst / "histogram.png")
-                else:
-                    write_rgb(dst / f"{k}.png", render_overlay(k, image, trace))
+            for src in window_folders(run / name):
+                target = dst if src == run / name else dst / src.name
+                target.mkdir(exist_ok=True)
+                trace = Trace.load(src)
+                image = read_rgb(src / "image.png")
+                for k in kinds:
+                    if k == "histogram":
+                        token_histogram(trace, target / "histogram.png")
+                    else:
+                        write_rgb(target / f"{k}.png", render_overlay(k, image, trace))
         rendered.append(name)
     if progress:
         progress(len(folders), len(folders), "")

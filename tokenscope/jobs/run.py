@@ -6,6 +6,11 @@ when labels exist, eval.json (confusion matrices of STEP and of the same weights
 reduction). When all images are done, data-set tables (per image, class, level and block; CSV
 and Parquet) and figures are derived from those folders alone, and run.json is marked complete.
 
+With sliding windows (an imported Segmenter model's default, or `--window N`), an image folder
+holds the stitched prediction (`segmentation.png`, `eval.json`, `summary.json`, `windows.json`)
+and one sub-folder per window (`w00/`, `w01/`, ...) with that window's trace and pictures; the
+data-set tables then have one row per window, and mIoU is scored on the stitched label maps.
+
 A run is resumable: run.json holds the request from the start, image folders appear only once
 complete (written as `.partial-NAME`, then renamed), and `--resume RUN_DIR` redoes exactly the
 images without a folder, then rebuilds the tables, so the result equals an uninterrupted run.
@@ -27,8 +32,10 @@ from tokenscope import __version__
 from tokenscope.analysis.aggregate import DatasetTables, ImageEval, aggregate
 from tokenscope.analysis.metrics import confusion, pixel_agreement
 from tokenscope.analysis.stats import blocks_table, summary, tokens_table
+from tokenscope.analysis.windowed import ImagePrediction, predict
 from tokenscope.data.datasets import SegmentationDataset, open_dataset
 from tokenscope.data.images import PreparedImage, find_images, find_label_for, load_prepared, prepare_image
+from tokenscope.data.windows import WindowSpec, resolve_windows
 from tokenscope.errors import ConfigError, RunFolderError, TokenscopeError
 from tokenscope.jobs.runfolder import (
     MANIFEST,
@@ -42,13 +49,15 @@ from tokenscope.jobs.runfolder import (
     write_table,
 )
 from tokenscope.jobs.setup import ModelOptions, load_model
+from tokenscope.models.registry import StepConfig
 from tokenscope.render.animation import write_exit_animation
 from tokenscope.render.dataset_plots import write_dataset_figures
-from tokenscope.render.overlays import OVERLAY_KINDS, render_overlay
+from tokenscope.render.overlays import OVERLAY_KINDS, render_label_map, render_overlay
 from tokenscope.render.plots import token_histogram
 from tokenscope.trace.capture import TraceCapture
 from tokenscope.trace.trace import Trace
 
+WINDOWS_JSON = "windows.json"
 Progress = Callable[[int, int, str], None]
 """progress(done, total, current item)"""
 
@@ -70,6 +79,9 @@ class RunRequest:
     animation: bool = True
     baseline: bool | None = None
     """Also run the same weights without reduction (for mIoU with/without); default: when labelled."""
+    window: int | None = None
+    """Sliding-window side in pixels (0 = whole images); None = the model's own protocol."""
+    stride: int | None = None
 
     def model_options(self) -> ModelOptions:
         return ModelOptions(**self.model)
@@ -79,7 +91,8 @@ class RunRequest:
 class RunItem:
     name: str
     source: str
-    load: Callable[[], PreparedImage]
+    load: Callable[[int], PreparedImage]
+    """load(patch): the image prepared for a model with `patch`-pixel patches."""
     labelled: bool
 
 
@@ -113,10 +126,10 @@ def _items(req: RunRequest) -> list[RunItem]:
             raise ConfigError("give images or --dataset, not both")
         ds: SegmentationDataset = open_dataset(req.dataset, req.data_root, req.split, req.seeds, req.dataset_size)
 
-        def loader(i: int) -> Callable[[], PreparedImage]:
-            def load() -> PreparedImage:
+        def loader(i: int) -> Callable[[int], PreparedImage]:
+            def load(patch: int) -> PreparedImage:
                 s = ds[i]
-                return prepare_image(s.image, s.name, size=req.size, labels=s.labels)
+                return prepare_image(s.image, s.name, size=req.size, labels=s.labels, patch=patch)
             return load
 
         return [RunItem(unique_name(ds.name(i), taken), ds.name(i), loader(i), True) for i in range(len(ds))]
@@ -126,9 +139,9 @@ def _items(req: RunRequest) -> list[RunItem]:
     labels = Path(req.labels) if req.labels is not None else None
     items = []
     for p in paths:
-        def load(p: Path = p) -> PreparedImage:
+        def load(patch: int, p: Path = p) -> PreparedImage:
             lab = find_label_for(p, labels) if labels is not None else None
-            return load_prepared(p, size=req.size, labels_path=lab)
+            return load_prepared(p, size=req.size, labels_path=lab, patch=patch)
         items.append(RunItem(unique_name(p.stem, taken), str(p), load, labels is not None))
     return items
 
@@ -148,28 +161,72 @@ def write_image_outputs(folder: Path, trace: Trace, display: np.ndarray, figures
     write_table(blocks_table(trace), folder / "blocks.csv")
 
 
-def _evaluate_image(prepared: PreparedImage, trace: Trace, capture: TraceCapture, with_baseline: bool) -> ImageEval:
+def _evaluate_image(prepared: PreparedImage, pred: ImagePrediction, capture: TraceCapture,
+                    windows: WindowSpec | None, with_baseline: bool) -> ImageEval:
+    """Confusion matrices of STEP (and of the same weights without reduction) on one image."""
     ev = ImageEval()
     c = capture.loaded.config.num_classes
-    gt = None
-    if prepared.labels is not None:
-        h, w = prepared.input_hw
-        gt = prepared.labels[:h, :w]
-        ev.step_confusion = confusion(trace.label_map, gt, c)
+    if pred.labels is not None:
+        ev.step_confusion = confusion(pred.label_map, pred.labels, c)
     if with_baseline:
         model = capture.loaded.model
         policy, exits = model.active_policy, model.exits_enabled
         model.configure(policy="none", exits=False)
         try:
-            base = capture([prepared])[0]
+            base = predict(capture, prepared, windows)
         finally:
             model.configure(policy=policy, exits=exits)
-        ev.agreement = pixel_agreement(trace.label_map, base.label_map)
-        ev.baseline_tokens = base.num_tokens
-        ev.baseline_flops = int(base.meta.flops["total"])
-        if gt is not None:
-            ev.baseline_confusion = confusion(base.label_map, gt, c)
+        ev.agreement = pixel_agreement(pred.label_map, base.label_map)
+        ev.baseline_tokens = base.tokens
+        ev.baseline_flops = base.flops
+        if base.labels is not None:
+            ev.baseline_confusion = confusion(base.label_map, base.labels, c)
     return ev
+
+
+def window_folders(image_dir: Path) -> list[Path]:
+    """The folders holding traces of one image: its window folders, or the image folder itself."""
+    if (image_dir / WINDOWS_JSON).is_file():
+        return sorted(p for p in image_dir.iterdir() if p.is_dir() and p.name.startswith("w") and p.name[1:].isdigit())
+    return [image_dir]
+
+
+def prediction_summary(pred: ImagePrediction, source: str) -> dict[str, Any]:
+    """summary.json of a windowed image: its windows' numbers added up."""
+    first = summary(pred.traces[0])
+    total, base = pred.flops, pred.baseline_flops
+    exited = pred.exited_tokens
+    return {
+        **{k: first[k] for k in ("model", "policy", "exits", "merge_thresholds", "exit_threshold", "weights", "device")},
+        "image": source, "windows": len(pred.traces), "patches": pred.patches, "tokens": pred.tokens,
+        "reduction": pred.patches / max(pred.tokens, 1), "exited_early_tokens": exited,
+        "exited_early_pct": 100.0 * exited / max(pred.tokens, 1),
+        "exited_early_patch_pct": 100.0 * pred.exited_patches / max(pred.patches, 1),
+        "gflops": total / 1e9, "baseline_gflops": base / 1e9, "flop_reduction": base / total if total else float("nan"),
+        "forward_s": pred.forward_s,
+    }
+
+
+def _write_prediction(folder: Path, prepared: PreparedImage, pred: ImagePrediction, ev: ImageEval | None,
+                      req: "RunRequest", cfg: StepConfig) -> dict[str, Any]:
+    """Everything `run` writes for one image; returns its summary."""
+    if pred.plan is None:
+        write_image_outputs(folder, pred.traces[0], prepared.display, req.figures, req.animation)
+        info = summary(pred.traces[0])
+    else:
+        for k, (trace, window) in enumerate(zip(pred.traces, pred.inputs)):
+            sub = folder / f"w{k:02d}"
+            sub.mkdir()
+            write_image_outputs(sub, trace, window.display, req.figures, req.animation and k == 0)
+        write_rgb(folder / "image.png", prepared.display)
+        if req.figures:
+            write_rgb(folder / "segmentation.png", render_label_map(prepared.display, pred.label_map, cfg.class_colours,
+                                                                    cfg.class_names, cfg.num_classes))
+        write_json_atomic(folder / WINDOWS_JSON, pred.plan.to_json())
+        info = prediction_summary(pred, prepared.source)
+    if ev is not None:
+        write_json_atomic(folder / "eval.json", ev.to_json())
+    return info
 
 
 def load_image_record(folder: Path) -> tuple[Trace, ImageEval | None]:
@@ -179,19 +236,41 @@ def load_image_record(folder: Path) -> tuple[Trace, ImageEval | None]:
     return trace, ev
 
 
+def _records(run_dir: Path, names: list[str]) -> Any:
+    """(name, trace, eval) per trace of the run: one per image, or one per window (eval on the image)."""
+    for n in names:
+        folders = window_folders(run_dir / n)
+        if folders == [run_dir / n]:
+            yield (n, *load_image_record(run_dir / n))
+        else:
+            for f in folders:
+                yield f"{n}/{f.name}", Trace.load(f), None
+
+
+def _window_evals(run_dir: Path, names: list[str]) -> list[ImageEval]:
+    """The stitched (whole-image) evaluations of windowed images."""
+    out = []
+    for n in names:
+        ev_path = run_dir / n / "eval.json"
+        if (run_dir / n / WINDOWS_JSON).is_file() and ev_path.is_file():
+            out.append(ImageEval.from_json(json.loads(ev_path.read_text())))
+    return out
+
+
 def finish_run(run_dir: Path, names: list[str], figures: bool = True) -> DatasetTables | None:
     """Derive the data-set tables and figures from the image folders alone."""
     present = [n for n in names if (run_dir / n).is_dir()]
     if not present:
         return None
-    tables = aggregate((n, *load_image_record(run_dir / n)) for n in present)
+    tables = aggregate(_records(run_dir, present), image_evals=_window_evals(run_dir, present), images=len(present))
     out = run_dir / "tables"
     out.mkdir(exist_ok=True)
     for name in ("images", "classes", "levels", "blocks"):
         df: pd.DataFrame = getattr(tables, name)
         write_table(df, out / f"{name}.csv")
         write_table(df, out / f"{name}.parquet")
-    frames = [tokens_table(Trace.load(run_dir / n)).assign(image=n) for n in present]
+    frames = [tokens_table(Trace.load(f)).assign(image=n if f == run_dir / n else f"{n}/{f.name}")
+              for n in present for f in window_folders(run_dir / n)]
     write_table(pd.concat(frames, ignore_index=True), out / "tokens.parquet")
     write_json_atomic(run_dir / "summary.json", tables.summary)
     if figures:
@@ -213,6 +292,9 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
     items = _items(req)
     opts = req.model_options()
     loaded, device = load_model(opts, have_labels=any(it.labelled for it in items))
+    cfg = loaded.config
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, req.window, req.stride, req.size)
+    patch = loaded.model.patch_size
     if resume is not None:
         if manifest.get("weights") != loaded.weights_id:
             raise RunFolderError(f"{run_dir}: was run with weights {manifest.get('weights')}, these are {loaded.weights_id}")
@@ -230,7 +312,7 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
         "weights_source": loaded.source, "device": str(device),
         "policy": loaded.model.active_policy, "exits": loaded.model.exits_enabled,
         "merge_thresholds": list(loaded.model.merge_thresholds), "exit_threshold": loaded.model.exit_threshold,
-        "warnings": loaded.warnings,
+        "warnings": loaded.warnings, "windows": None if windows is None else asdict(windows),
     }
     if resume is None:
         write_json_atomic(run_dir / MANIFEST, base_manifest)
@@ -247,15 +329,13 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
             results.append(result)
             continue
         try:
-            prepared = item.load()
-            trace = capture([prepared])[0]
-            ev = _evaluate_image(prepared, trace, capture, with_baseline) if (prepared.labels is not None or with_baseline) else None
+            prepared = item.load(patch)
+            pred = predict(capture, prepared, windows)
+            ev = (_evaluate_image(prepared, pred, capture, windows, with_baseline)
+                  if (pred.labels is not None or with_baseline) else None)
             with image_folder(run_dir, item.name) as folder:
-                write_image_outputs(folder, trace, prepared.display, req.figures, req.animation)
-                info = summary(trace)
+                info = _write_prediction(folder, prepared, pred, ev, req, cfg)
                 info["folder"] = item.name
-                if ev is not None:
-                    write_json_atomic(folder / "eval.json", ev.to_json())
                 write_json_atomic(folder / "summary.json", info)
             result.folder, result.summary = item.name, info
         except TokenscopeError as exc:

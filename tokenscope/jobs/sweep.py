@@ -18,6 +18,7 @@ import pandas as pd
 from tokenscope import __version__
 from tokenscope.analysis.evaluate import OperatingPoint, Progress, evaluate
 from tokenscope.data.datasets import open_dataset
+from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
 from tokenscope.jobs.runfolder import MANIFEST, new_run_dir, write_json_atomic, write_table
 from tokenscope.jobs.setup import ModelOptions, load_model
@@ -60,7 +61,9 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
         def prog(done: int, n: int, item: str, si: int = si) -> None:
             if progress:
                 progress(si * len(ds) + done, total, f"size {size or 'native'}: {item}")
-        res = evaluate(loaded, ds, points, device, prog, amp=opts.amp, size=size)
+        cfg = loaded.config
+        windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, None, None, size)
+        res = evaluate(loaded, ds, points, device, prog, amp=opts.amp, size=size, windows=windows)
         for p in points:
             v = res.variants[p.name]
             rows.append({

@@ -10,6 +10,7 @@ import torch
 
 from tokenscope.analysis.evaluate import EvalResult, OperatingPoint, Progress, evaluate
 from tokenscope.data.datasets import SegmentationDataset, SyntheticDataset, open_dataset, parse_seeds
+from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
 from tokenscope.models.checkpoints import LoadedModel, load_checkpoint, new_model, save_checkpoint
 from tokenscope.models.registry import StepConfig, resolve_config
@@ -41,8 +42,8 @@ def validation_data(d: DataOptions) -> SegmentationDataset:
     return open_dataset(d.kind, d.root, d.val_split)
 
 
-def step_and_baseline(policy: str = "learned") -> list[OperatingPoint]:
-    return [OperatingPoint("step", policy, True), OperatingPoint("baseline", "none", False)]
+def step_and_baseline(policy: str = "learned", exits: bool = True) -> list[OperatingPoint]:
+    return [OperatingPoint("step", policy, exits), OperatingPoint("baseline", "none", False)]
 
 
 @dataclass
@@ -100,8 +101,14 @@ def initial_checkpoint(path: str, train_set: SegmentationDataset, backbone_weigh
 
 
 def evaluate_model(loaded: LoadedModel, device: torch.device, data: DataOptions, policy: str,
-                   progress: Progress | None = None) -> EvalResult:
-    """Full STEP (given policy, learned exits) against the same weights without reduction."""
+                   progress: Progress | None = None, window: int | None = None, stride: int | None = None,
+                   amp: bool = True) -> EvalResult:
+    """STEP (the model's policy and exit setting) against the same weights without reduction.
+
+    Images are scored with the model's sliding-window protocol when it has one (`--window`)."""
     if data.kind != "synthetic" and data.root is None:
         raise ConfigError(f"--data {data.kind} needs --data-root")
-    return evaluate(loaded, validation_data(data), step_and_baseline(policy), device, progress)
+    cfg = loaded.config
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, None)
+    points = step_and_baseline(policy, loaded.model.exits_enabled)
+    return evaluate(loaded, validation_data(data), points, device, progress, amp=amp, windows=windows)

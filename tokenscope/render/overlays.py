@@ -134,12 +134,22 @@ def confidence_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.55) -> 
 
 def segmentation_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.5) -> np.ndarray:
     """Predicted classes; the legend lists the most frequent ones."""
-    pal = class_palette(trace.meta.num_classes, trace.meta.class_colours)
-    pix = pal[np.clip(trace.label_map, 0, len(pal) - 1)]
+    m = trace.meta
+    return render_label_map(image, trace.label_map, m.class_colours, m.class_names, m.num_classes, alpha)
+
+
+def render_label_map(image: np.ndarray, label_map: np.ndarray, colours: Sequence[tuple[int, int, int]] = (),
+                     names: Sequence[str] = (), num_classes: int = 0, alpha: float = 0.5) -> np.ndarray:
+    """A label map over its image (the same size), with a legend of the most frequent classes.
+
+    Used for traces and for predictions that have no single trace (stitched sliding windows).
+    """
+    pal = class_palette(max(num_classes, len(colours)), tuple(colours))
+    pix = pal[np.clip(label_map, 0, len(pal) - 1)]
     out = _blend(image, pix, alpha)
-    ids, counts = np.unique(trace.label_map, return_counts=True)
+    ids, counts = np.unique(label_map, return_counts=True)
     top = ids[np.argsort(-counts)][:8]
-    items = [(tuple(int(v) for v in pal[c]), trace.meta.class_name(int(c))) for c in top]
+    items = [(tuple(int(v) for v in pal[c]), names[c] if 0 <= c < len(names) else f"class_{c}") for c in top]
     return _with_strip(out, legend_strip(image.shape[1], items, "predicted"))
 
 

@@ -144,11 +144,13 @@ def build_report(run_dir: Path, gallery: int = 24, animations: int = 6) -> str:
     for i, im in enumerate(images[:gallery]):
         d = run_dir / im["folder"]
         parts.append(f"<div class='item'><b>{html.escape(im['folder'])}</b>")
-        gif = d / "tokens.gif"
+        gif = d / "tokens.gif" if (d / "tokens.gif").is_file() else d / "w00" / "tokens.gif"
         if i < animations and gif.is_file():
             parts.append(f"<img alt='tokens leaving' src='{_data_uri(gif)}'>")
         for kind in ("merge", "exit", "segmentation"):
             p = d / f"{kind}.png"
+            if not p.is_file() and (d / "w00" / f"{kind}.png").is_file():
+                p = d / "w00" / f"{kind}.png"  # windowed image: its first window's picture
             if p.is_file():
                 parts.append(f"<img alt='{kind}' src='{_data_uri(p, max_width=360)}'>")
         s_path = d / "summary.json"

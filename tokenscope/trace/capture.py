@@ -61,6 +61,10 @@ class TraceCapture:
         return self._policy_flops[key]
 
     def __call__(self, images: list[PreparedImage]) -> list[Trace]:
+        return self.run(images)[0]
+
+    def run(self, images: list[PreparedImage]) -> tuple[list[Trace], torch.Tensor]:
+        """Traces of a batch and its un-merged patch logits (B, C, gh, gw), float32 on the CPU."""
         model = self.loaded.model
         x, labels = images_to_tensor(images, self.device)
         with inference(self.device, self.amp), Recorder(model) as rec:
@@ -72,9 +76,11 @@ class TraceCapture:
             records = rec.pop_records()
             maps = [segment(out.patch_logits[i:i + 1], im.padded_hw, im.input_hw)[0].cpu().numpy()
                     for i, im in enumerate(images)]
+            logits = out.patch_logits.float().cpu()
         policy_flops = self.policy_flops(x, labels)
-        return [self._trace(im, rec_, lm, policy_flops, forward_s, len(images))
-                for im, rec_, lm in zip(images, records, maps)]
+        traces = [self._trace(im, rec_, lm, policy_flops, forward_s, len(images))
+                  for im, rec_, lm in zip(images, records, maps)]
+        return traces, logits
 
     def _trace(self, im: PreparedImage, rec: ImageRecord, label_map: np.ndarray, policy_flops: int,
                forward_s: float, batch: int) -> Trace:
