@@ -32,8 +32,8 @@ out_console = Console(width=_WIDE)
 err_console = Console(stderr=True, width=_WIDE)
 
 # ---- shared option types: --help teaches the vocabulary ------------------------------------
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model: demo (shipped), vitt, vits, vitb, vitl, or timm:<vit name>.")]
-WeightsOpt = Annotated[Optional[str], typer.Option(help="Weights: a tokenscope checkpoint (NAME.json/.safetensors), a timm ViT file (.safetensors/.pth/.npz), or 'hub' to download timm's backbone.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model: demo (shipped), a published Segmenter model (see `tokenscope models`; downloaded once), vitt, vits, vitb, vitl, or timm:<vit name>.")]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="Weights: a tokenscope checkpoint (NAME.json/.safetensors), a Segmenter or mmsegmentation checkpoint (.pth, read without running code), a timm ViT file (.safetensors/.pth/.npz), or 'hub' to download timm's backbone.")]
 RandomOpt = Annotated[bool, typer.Option("--random-init", help="Random weights, for architecture and speed studies only (predictions are noise).")]
 PolicyOpt = Annotated[Optional[str], typer.Option(help="Merge policy: learned (dCTS network), oracle (ground truth, needs --labels), uniform (colour-variance quadtree), none (16x16 grid). Default: learned if trained, else uniform.")]
 MergeOpt = Annotated[Optional[str], typer.Option("--merge-threshold", help="Merge a block when its policy score reaches this; one value, or 4 comma-separated for superpatch levels 1-4 (32..256 px).")]
@@ -479,11 +479,15 @@ def report(
 
 
 @app.command()
-def models() -> None:
-    """List the named models and their defaults."""
+def models(
+    fetch: Annotated[Optional[str], typer.Option(help="Download, check and convert this published model now (with a progress bar).")] = None,
+) -> None:
+    """List the named models: built-in architectures and published Segmenter checkpoints."""
     from tokenscope.models.checkpoints import BUILTIN_WEIGHTS_DIR
     from tokenscope.models.registry import BUILTIN
 
+    if fetch is not None:
+        _fetch_published(fetch)
     table = Table(title="models", title_justify="left")
     for col in ("name", "timm backbone", "classes", "exit gates after", "weights"):
         table.add_column(col)
@@ -492,6 +496,62 @@ def models() -> None:
         table.add_row(name, cfg.arch, str(cfg.num_classes), ", ".join(map(str, cfg.exit_after)),
                       shipped if name == "demo" else "--weights PATH | hub | --random-init")
     out_console.print(table)
+    from tokenscope.models.published import PUBLISHED, cache_root, converted_path
+
+    pub = Table(title=f"published Segmenter models (--model NAME; downloaded once into {cache_root()})", title_justify="left")
+    for col in ("name", "backbone", "data set", "classes", "decoder", "crop", "published mIoU", "cached"):
+        pub.add_column(col, justify="right" if col in ("classes", "crop", "published mIoU") else "left")
+    for m in PUBLISHED.values():
+        pub.add_row(m.name, m.backbone, m.dataset, str(m.classes), m.decoder, str(m.crop), f"{m.miou:.2f}",
+                    "yes" if converted_path(m.name).is_file() else "no")
+    out_console.print(pub)
+
+
+def _fetch_published(name: str) -> None:
+    from tokenscope.models.checkpoints import _convert_published
+    from tokenscope.models.published import ensure_published
+
+    columns = (TextColumn("[bold]downloading"), BarColumn(), TextColumn("{task.completed:,.0f} / {task.total:,.0f} bytes"),
+               TimeRemainingColumn(), TextColumn("{task.fields[item]}"))
+    with _user_errors(), Progress(*columns, console=err_console) as bar:
+        task = bar.add_task("download", total=None, item=name)
+
+        def update(done: int, total: int, item: str) -> None:
+            bar.update(task, completed=done, total=total or None, item=item)
+
+        path = ensure_published(name, _convert_published, progress=update)
+    out_console.print(f"{name}: [bold]{path}[/]", highlight=False)
+
+
+import_app = typer.Typer(help="Convert foreign checkpoints into tokenscope checkpoints (safetensors + json).",
+                         no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("segmenter")
+def import_segmenter_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Segmenter checkpoint.pth (variant.yml beside it) or an mmsegmentation Segmenter .pth (config .py beside it).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint to write: NAME.json + NAME.safetensors.")],
+    config: Annotated[Optional[Path], typer.Option(help="The variant.yml / mmseg config, if not beside the checkpoint.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name shown in outputs (default: the --out file name).")] = None,
+) -> None:
+    """Convert a Segmenter checkpoint once, so later runs load safetensors and never unpickle anything."""
+    from tokenscope.errors import ConfigError
+    from tokenscope.models.checkpoints import checkpoint_paths, import_segmenter
+
+    with _user_errors():
+        tensors, meta = checkpoint_paths(out)
+        if tensors.exists() or meta.exists():
+            raise ConfigError(f"{meta} already exists; choose another --out (nothing is overwritten)")
+        written, imp = import_segmenter(checkpoint, out, side_file=config, name=name)
+    _warn(imp.notes)
+    cfg = imp.config
+    out_console.print(
+        f"imported {checkpoint.name} ({imp.layout} layout): {cfg.arch} patch {cfg.timm_kwargs.get('patch_size', 16)}, "
+        f"{cfg.timm_kwargs.get('depth')} blocks, {cfg.decoder} decoder, {cfg.num_classes} classes"
+        f"{' of ' + cfg.dataset if cfg.dataset else ''}, trained at {cfg.img_size} px, "
+        f"windows {cfg.window}/{cfg.stride}", highlight=False)
+    out_console.print(f"checkpoint: [bold]{written.with_suffix('.json')}[/] (run it with --weights)", highlight=False)
 
 
 def version_callback(value: bool) -> None:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tokenscope.errors import CheckpointError, ConfigError
 from tokenscope.models.importers.safe_pickle import read_pickled_checkpoint
 from tokenscope.models.importers.segmenter import ImportedSegmenter, holds_segmenter, read_segmenter_checkpoint
+from tokenscope.models.published import PUBLISHED, PublishedModel, ensure_published, suggestions
 from tokenscope.models.registry import StepConfig, resolve_config
 from tokenscope.models.step_vit import StepViT, create_backbone
 
@@ -169,7 +170,18 @@ def load_checkpoint(path: str | os.PathLike[str]) -> LoadedModel:
     model = StepViT(cfg)
     _strict_load(model, _load_tensors(tensors), str(tensors), f"model {cfg.name} ({cfg.arch})")
     trained = {p: bool(doc.get("trained", {}).get(p, False)) for p in PARTS}
-    return LoadedModel(model.eval(), cfg, trained, file_digest(tensors), str(tensors), metadata=doc.get("metadata", {}))
+    metadata = doc.get("metadata", {})
+    warnings = [IMPORTED] if metadata.get("imported_from") and not (trained["policy"] or trained["exits"]) else []
+    return LoadedModel(model.eval(), cfg, trained, file_digest(tensors), str(tensors), warnings, metadata)
+
+
+def _convert_published(raw: Path, out: Path, entry: PublishedModel) -> None:
+    import_segmenter(raw, out, name=entry.name, overrides=entry.overrides)
+
+
+def load_published(name: str) -> LoadedModel:
+    """A published model by name: from the cache, or downloaded, checked and converted on first use."""
+    return load_checkpoint(ensure_published(name, _convert_published))
 
 
 def file_sha256(path: Path) -> str:
@@ -251,6 +263,8 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
         return load_checkpoint(demo)
     if weights is not None and random_init:
         raise ConfigError("--weights and --random-init exclude each other; pick one")
+    if name in PUBLISHED and weights is None and not random_init:
+        return load_published(name)
     if weights is not None and str(weights) != "hub" and is_tokenscope_checkpoint(weights):
         return load_checkpoint(weights)
     pickled: Any = None
@@ -262,9 +276,12 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
     if num_classes is not None:
         cfg = StepConfig(**{**cfg.to_dict(), "num_classes": num_classes})
     if weights is None and not random_init:
+        published = suggestions(name)
+        hint = f"; trained segmentation models by name: --model {', --model '.join(published)}" if published else ""
         raise CheckpointError(
-            f"model {name} has no weights here: pass --weights PATH (a tokenscope checkpoint or a timm "
-            f"{cfg.arch} file), --weights hub to download timm's backbone, or --random-init for speed/architecture studies"
+            f"model {name} has no weights here: pass --weights PATH (a tokenscope checkpoint, a Segmenter/mmseg "
+            f"checkpoint or a timm {cfg.arch} file), --weights hub to download timm's backbone, or --random-init for "
+            f"speed/architecture studies{hint}"
         )
     torch.manual_seed(seed)
     if random_init:

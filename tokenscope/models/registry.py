@@ -135,4 +135,5 @@ def resolve_config(name: str) -> StepConfig:
         return BUILTIN[name]
     if name.startswith("timm:"):
         return config_for_timm(name[len("timm:"):])
-    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(BUILTIN))}, or timm:<vit name>")
+    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(BUILTIN))}, timm:<vit name>, "
+                      "or a published model (`tokenscope models` lists them)")

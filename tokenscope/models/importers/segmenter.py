@@ -376,6 +376,7 @@ def read_segmenter_checkpoint(path: str | Path, side_file: str | Path | None = N
                 names, palette = known.names, known.palette
             except ConfigError:
                 notes.append(f"{arch.num_classes} classes do not match {dataset}'s class list: classes left unnamed")
+                dataset = ""
     if len(palette) != len(names):
         palette = ()
     window = info.window or arch.grid * arch.patch

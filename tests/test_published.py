@@ -1,0 +1,127 @@
+"""Published models by name: first use downloads, checks and converts; later uses read the cache.
+
+The "internet" here is an HTTP server on 127.0.0.1 started by the test and shut down after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from segmenter_reference import segmenter_state, write_mmseg_release
+
+from tokenscope.errors import CheckpointError
+from tokenscope.models import published
+from tokenscope.models.checkpoints import build_model
+from tokenscope.models.published import PublishedModel
+
+
+class _Server:
+    def __init__(self, root: Path) -> None:
+        self.requests: list[str] = []
+        server_self = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):  # noqa: ANN002, ANN003
+                super().__init__(*a, directory=str(root), **kw)
+
+            def do_GET(self) -> None:  # noqa: N802
+                server_self.requests.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *args) -> None:  # noqa: ANN002
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.timeout = 5
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[_Server]:
+    s = _Server(tmp_path / "www")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def served_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: _Server) -> tuple[Path, str]:
+    monkeypatch.setenv("TOKENSCOPE_HOME", str(tmp_path / "cache"))
+    ckpt = write_mmseg_release(tmp_path / "www", segmenter_state("mask", seed=11))
+    return ckpt, hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
+def _register(monkeypatch: pytest.MonkeyPatch, name: str, url: str, sha: str) -> None:
+    entry = PublishedModel(name=name, backbone="ViT-tiny", dataset="ade20k", decoder="mask", crop=64, miou=1.0,
+                           url=url, sha256=sha, overrides={"window": 64, "stride": 48})
+    monkeypatch.setitem(published.PUBLISHED, name, entry)
+
+
+def test_first_use_downloads_and_converts_second_use_reads_the_cache(
+        monkeypatch: pytest.MonkeyPatch, server: _Server, served_checkpoint: tuple[Path, str]) -> None:
+    ckpt, sha = served_checkpoint
+    _register(monkeypatch, "tiny-pub", server.url(ckpt.name), sha[:8])  # a published 8-digit prefix
+    first = build_model("tiny-pub")
+    assert server.requests == [f"/{ckpt.name}"]
+    cached = published.converted_path("tiny-pub")
+    assert cached.is_file() and cached.with_suffix(".safetensors").is_file()
+    assert first.config.window == 64 and first.config.stride == 48
+    second = build_model("tiny-pub")
+    assert len(server.requests) == 1  # nothing downloaded the second time
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for m in (first.model, second.model):
+        m.configure(policy="none", exits=False)
+    with torch.no_grad():
+        assert torch.equal(first.model(x).patch_logits, second.model(x).patch_logits)
+    assert first.trained["policy"] is False and any("imported Segmenter" in w for w in first.warnings)
+
+
+def test_a_download_with_the_wrong_hash_is_an_error_and_leaves_nothing(
+        monkeypatch: pytest.MonkeyPatch, server: _Server, served_checkpoint: tuple[Path, str]) -> None:
+    ckpt, sha = served_checkpoint
+    _register(monkeypatch, "tiny-bad", server.url(ckpt.name), "0" * 64)
+    with pytest.raises(CheckpointError, match="SHA-256 .* expected 0000"):
+        build_model("tiny-bad")
+    assert len(server.requests) == 1
+    assert not published.model_dir("tiny-bad").exists()
+    assert not any(published.cache_root().rglob("*.part"))
+
+
+def test_offline_first_use_names_the_file_to_fetch_and_where_to_put_it(
+        monkeypatch: pytest.MonkeyPatch, server: _Server, served_checkpoint: tuple[Path, str]) -> None:
+    ckpt, sha = served_checkpoint
+    _register(monkeypatch, "tiny-offline", server.url("missing.pth"), sha)
+    with pytest.raises(CheckpointError, match=r"cannot download tiny-offline .*put it at .*missing\.pth"):
+        build_model("tiny-offline")
+    assert not published.model_dir("tiny-offline").exists()
+    # the user puts the file there by hand: it is checked and used, without the network
+    target = published.download_path(published.lookup("tiny-offline"))
+    target.parent.mkdir(parents=True)
+    target.write_bytes(ckpt.read_bytes())
+    n = len(server.requests)
+    loaded = build_model("tiny-offline")
+    assert len(server.requests) == n and loaded.config.name == "tiny-offline"
+
+
+def test_registry_entries_are_complete() -> None:
+    for name, m in published.PUBLISHED.items():
+        assert name == m.name and m.url.startswith("https://") and m.url.endswith(".pth")
+        assert len(m.sha256) >= 8 and all(c in "0123456789abcdef" for c in m.sha256)
+        assert m.filename.split("-")[-1] == f"{m.sha256}.pth"  # mmseg names carry the hash prefix
+        assert m.classes == 150 and 30 < m.miou < 60

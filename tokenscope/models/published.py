@@ -1,0 +1,208 @@
+"""Published Segmenter checkpoints by name, fetched once into a local cache and converted.
+
+`--model segmenter-vit-l-mask-ade20k` means: look in the cache (`$TOKENSCOPE_HOME/models/NAME/`,
+default `~/.cache/tokenscope`); if the converted checkpoint is not there, download the file from
+its published address, check its SHA-256, convert it with the Segmenter importer, and keep both.
+Only this path touches the network, and only for a name that is not cached yet. A download that
+fails or does not match its hash leaves nothing in the cache.
+
+The weights are mmsegmentation's releases of the Segmenter models (the Segmenter authors' own
+links are reported dead). mmsegmentation publishes the first 8 hex digits of each file's SHA-256
+in its file name; that prefix is what is checked (enough to catch a corrupt or wrong file, not a
+deliberate collision), and the full digest of the file actually used is recorded in the converted
+checkpoint's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tokenscope.errors import CheckpointError
+
+MMSEG = "https://download.openmmlab.com/mmsegmentation/v0.5/segmenter"
+DownloadProgress = Callable[[int, int, str], None]
+"""progress(bytes so far, total bytes or 0, file name)"""
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """A trained Segmenter checkpoint that can be fetched by name."""
+
+    name: str
+    backbone: str
+    dataset: str
+    decoder: str
+    crop: int
+    miou: float
+    """Published single-scale mIoU (%) on the data set's validation split."""
+    url: str
+    sha256: str
+    """Full hex digest, or the published prefix of it (at least 8 digits)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Facts from the model's config that the weights file alone does not carry."""
+    reference: str = "mmsegmentation configs/segmenter/metafile.yaml"
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def classes(self) -> int:
+        return {"ade20k": 150, "cityscapes": 19, "pascal_context": 60}.get(self.dataset, 0)
+
+
+def _ade(name: str, backbone: str, decoder: str, crop: int, miou: float, folder: str, stamp: str, digest: str) -> PublishedModel:
+    return PublishedModel(
+        name=name, backbone=backbone, dataset="ade20k", decoder=decoder, crop=crop, miou=miou,
+        url=f"{MMSEG}/{folder}/{folder}_{stamp}-{digest}.pth", sha256=digest,
+        overrides={"dataset": "ade20k", "window": crop, "stride": crop - 32, "resize_short": crop,
+                   "pixel_mean": (0.5, 0.5, 0.5), "pixel_std": (0.5, 0.5, 0.5)},
+    )
+
+
+PUBLISHED: dict[str, PublishedModel] = {m.name: m for m in (
+    _ade("segmenter-vit-t-mask-ade20k", "ViT-Ti/16", "mask", 512, 39.99,
+         "segmenter_vit-t_mask_8x1_512x512_160k_ade20k", "20220105_151706", "ffcf7509"),
+    _ade("segmenter-vit-s-linear-ade20k", "ViT-S/16", "linear", 512, 45.75,
+         "segmenter_vit-s_linear_8x1_512x512_160k_ade20k", "20220105_151713", "39658c46"),
+    _ade("segmenter-vit-s-mask-ade20k", "ViT-S/16", "mask", 512, 46.19,
+         "segmenter_vit-s_mask_8x1_512x512_160k_ade20k", "20220105_151706", "511bb103"),
+    _ade("segmenter-vit-b-mask-ade20k", "ViT-B/16", "mask", 512, 49.60,
+         "segmenter_vit-b_mask_8x1_512x512_160k_ade20k", "20220105_151706", "bc533b08"),
+    # Trained and evaluated at 640 px (its config: img_size 640, slide 640/608, short side 640),
+    # although mmsegmentation's file name says 512x512.
+    _ade("segmenter-vit-l-mask-ade20k", "ViT-L/16", "mask", 640, 52.16,
+         "segmenter_vit-l_mask_8x1_512x512_160k_ade20k", "20220105_162750", "7ef345be"),
+)}
+"""Named published models. mIoU: single scale, ADE20K val, as mmsegmentation reports it."""
+
+
+def cache_root() -> Path:
+    """`$TOKENSCOPE_HOME`, else `$XDG_CACHE_HOME/tokenscope`, else `~/.cache/tokenscope`."""
+    if os.environ.get("TOKENSCOPE_HOME"):
+        return Path(os.environ["TOKENSCOPE_HOME"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "tokenscope"
+
+
+def model_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def converted_path(name: str) -> Path:
+    """Where the converted (tokenscope) checkpoint of a published model lives: `NAME.json`."""
+    return model_dir(name) / f"{name}.json"
+
+
+def download_path(entry: PublishedModel) -> Path:
+    return model_dir(entry.name) / entry.filename
+
+
+def lookup(name: str) -> PublishedModel:
+    if name not in PUBLISHED:
+        raise CheckpointError(f"no published model named {name!r}; `tokenscope models` lists them")
+    return PUBLISHED[name]
+
+
+def suggestions(backbone_hint: str) -> list[str]:
+    """Published names whose backbone matches a short model name (vitl -> ViT-L/16 models)."""
+    key = {"vitt": "ViT-Ti", "vits": "ViT-S", "vitb": "ViT-B", "vitl": "ViT-L"}.get(backbone_hint, "")
+    return [f"{m.name} ({m.dataset}, {m.miou:.1f} mIoU)" for m in PUBLISHED.values() if key and m.backbone.startswith(key)]
+
+
+def _fetch(url: str, target: Path, expected: str, progress: DownloadProgress | None, timeout: float) -> str:
+    """Download `url` to `target` through a temporary file; returns the full SHA-256.
+
+    The file appears at `target` only when complete and matching `expected` (a digest prefix).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".download-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as tmp, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while chunk := response.read(1 << 20):
+                tmp.write(chunk)
+                h.update(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total, target.name)
+        digest = h.hexdigest()
+        if not digest.startswith(expected.lower()):
+            raise CheckpointError(f"{url}: downloaded file has SHA-256 {digest[:16]}..., expected {expected}...; "
+                                  "it is damaged or not the published file (nothing was kept)")
+        os.replace(tmp_name, target)
+        return digest
+    finally:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+
+
+def verify_file(path: Path, expected: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if not digest.startswith(expected.lower()):
+        raise CheckpointError(f"{path}: SHA-256 {digest[:16]}... does not match the published {expected}...; "
+                              "delete it and fetch it again")
+    return digest
+
+
+def ensure_published(name: str, convert: Callable[[Path, Path, PublishedModel], None],
+                     progress: DownloadProgress | None = None, timeout: float = 60.0) -> Path:
+    """The converted checkpoint of published model `name`, downloading and converting on first use.
+
+    `convert(downloaded_file, converted_json, entry)` writes the tokenscope checkpoint. A file the
+    user placed at the download path by hand is checked against the hash and used as it is.
+    """
+    entry = lookup(name)
+    out = converted_path(name)
+    if out.is_file() and out.with_suffix(".safetensors").is_file():
+        return out
+    try:
+        return _download_and_convert(entry, out, convert, progress, timeout)
+    finally:
+        folder = model_dir(name)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # a failed first use leaves no trace in the cache
+
+
+def _download_and_convert(entry: PublishedModel, out: Path, convert: Callable[[Path, Path, PublishedModel], None],
+                          progress: DownloadProgress | None, timeout: float) -> Path:
+    name = entry.name
+    raw = download_path(entry)
+    if raw.is_file():
+        verify_file(raw, entry.sha256)
+    else:
+        try:
+            _fetch(entry.url, raw, entry.sha256, progress, timeout)
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise CheckpointError(
+                f"cannot download {name} ({reason}); fetch {entry.url} yourself and put it at {raw} "
+                f"(SHA-256 starts with {entry.sha256}), then run the command again"
+            ) from None
+    try:
+        convert(raw, out, entry)
+    except BaseException:
+        for p in (out, out.with_suffix(".safetensors")):
+            if p.exists():
+                p.unlink()
+        raise
+    return out
+
+
+def remove_cached(name: str) -> None:
+    """Delete everything cached for `name` (used by tests and `models --forget`)."""
+    shutil.rmtree(model_dir(name), ignore_errors=True)
