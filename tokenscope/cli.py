@@ -110,8 +110,8 @@ def run(
     exits: ExitsOpt = None,
     budget: Annotated[Optional[float], typer.Option(help="Token budget for --policy budget: R times fewer tokens than patches.")] = None,
     labels: LabelsOpt = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Run over a data set instead of files: synthetic, folder, ade20k or cityscapes.")] = None,
-    data_root: Annotated[Optional[str], typer.Option("--data-root", help="Root folder of a folder/ade20k/cityscapes data set.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Run over a data set instead of files: synthetic, folder, ade20k, cityscapes or pascal_context.")] = None,
+    data_root: Annotated[Optional[str], typer.Option("--data-root", "--root", help="Root folder of a folder/ade20k/cityscapes/pascal_context data set.")] = None,
     split: Annotated[str, typer.Option(help="Data-set split.")] = "val",
     seeds: Annotated[str, typer.Option(help="Synthetic scenes, START:STOP.")] = "100000:100100",
     scene_size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
@@ -239,8 +239,8 @@ def compare(
         raise typer.Exit(3)
 
 
-DataOpt = Annotated[str, typer.Option("--data", help="Data set: synthetic (generated street scenes), folder (images/ + masks/), ade20k or cityscapes.")]
-DataRootOpt = Annotated[Optional[str], typer.Option("--data-root", help="Root folder of a folder/ade20k/cityscapes data set.")]
+DataOpt = Annotated[str, typer.Option("--data", help="Data set: synthetic (generated street scenes), folder (images/ + masks/), ade20k, cityscapes or pascal_context.")]
+DataRootOpt = Annotated[Optional[str], typer.Option("--data-root", "--root", help="Root folder of a folder/ade20k/cityscapes/pascal_context data set.")]
 
 
 @app.command()
@@ -248,7 +248,8 @@ def train(
     out: Annotated[Path, typer.Option(help="Checkpoint to write: NAME.json + NAME.safetensors (+ NAME.train.pt to resume).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Architecture: demo (ViT-Ti, 8 synthetic classes), vitt, vits, vitb, vitl, timm:<vit>.")] = "demo",
     backbone_weights: Annotated[Optional[str], typer.Option(help="Start the encoder from a local timm ViT file (else from scratch).")] = None,
-    init: Annotated[Optional[str], typer.Option(help="Start from a tokenscope checkpoint (NAME.json) instead: fine-tuning; its architecture wins over --model.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Fine-tune from a tokenscope checkpoint (NAME.json), a Segmenter/mmseg checkpoint (.pth) or a published model's name; its architecture wins over --model.")] = None,
+    freeze: Annotated[Optional[str], typer.Option(help="Keep parts fixed: encoder (a cheap run training exit heads, policy and decoder), or encoder,decoder.")] = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     train_split: Annotated[str, typer.Option(help="Split to train on (folder data sets ignore it).")] = "train",
@@ -274,7 +275,8 @@ def train(
 
     with _user_errors():
         settings = TrainSettings(steps=steps, crops=_parse_crops(crops), lr=lr, aux_weight=aux_weight, warmup=warmup,
-                                 save_every=save_every, seed=seed, exit_aware_steps=exit_aware_steps, init=init or "")
+                                 save_every=save_every, seed=seed, exit_aware_steps=exit_aware_steps, init=init or "",
+                                 freeze=tuple(p.strip() for p in freeze.split(",") if p.strip()) if freeze else ())
         d = DataOptions(kind=data, root=data_root, train_split=train_split, val_split=val_split,
                         train_seeds=train_seeds, val_seeds=val_seeds, size=size)
         columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),

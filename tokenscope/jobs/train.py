@@ -12,7 +12,15 @@ from tokenscope.analysis.evaluate import EvalResult, OperatingPoint, Progress, e
 from tokenscope.data.datasets import SegmentationDataset, SyntheticDataset, open_dataset, parse_seeds
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
-from tokenscope.models.checkpoints import LoadedModel, load_checkpoint, new_model, save_checkpoint
+from tokenscope.models.checkpoints import (
+    LoadedModel,
+    build_model,
+    load_checkpoint,
+    load_published,
+    new_model,
+    save_checkpoint,
+)
+from tokenscope.models.published import PUBLISHED
 from tokenscope.models.registry import StepConfig, resolve_config
 from tokenscope.models.step_vit import StepViT
 from tokenscope.models.runtime import resolve_device
@@ -79,7 +87,9 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
     if evaluate_after:
         final = load_checkpoint(out)
         final.model.to(dev)
-        evaluation = evaluate(final, validation_data(data), step_and_baseline(), dev, eval_progress)
+        cfg = final.config
+        windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, None, None, None)
+        evaluation = evaluate(final, validation_data(data), step_and_baseline(), dev, eval_progress, windows=windows)
         metrics = {k: v.as_dict(final.config.class_names) for k, v in evaluation.variants.items()}
         meta = {**final.metadata, "evaluation": {"data": data.__dict__, "thresholds": {
             "merge": list(final.model.merge_thresholds), "exit": final.model.exit_threshold}, "variants": metrics}}
@@ -88,12 +98,13 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
 
 
 def initial_checkpoint(path: str, train_set: SegmentationDataset, backbone_weights: str | None) -> StepViT:
-    """The model of a tokenscope checkpoint to continue training from (fine-tuning, e.g. exit-aware).
+    """The model to continue training from (fine-tuning): a tokenscope checkpoint, a Segmenter or
+    mmsegmentation checkpoint, or a published model's name (fetched once).
 
     Its architecture and classes come from the checkpoint, so they must fit the data."""
     if backbone_weights:
         raise ConfigError("--init and --backbone-weights both set the starting weights; give one")
-    start = load_checkpoint(path)
+    start = load_published(path) if path in PUBLISHED else build_model("demo", weights=path)
     if start.config.num_classes != train_set.num_classes:
         raise ConfigError(f"--init {path} predicts {start.config.num_classes} classes but the data has "
                           f"{train_set.num_classes}")

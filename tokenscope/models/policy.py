@@ -242,12 +242,16 @@ class LearnedPolicy(Policy):
         self.net = net
 
     def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
+        return [torch.sigmoid(lg.float()) for lg in self.logits(images)]
+
+    def logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Merge logits per level (B, gh>>k, gw>>k), for scoring and for training the network."""
         if self.patch != NET_PATCH:
             # The CNN's cells are laid out for 16-px patches (one stride-32 cell per 2x2 patches):
             # other patch sizes are resampled so each patch again spans 16 px.
             gh, gw = images.shape[-2] // self.patch, images.shape[-1] // self.patch
             images = F.interpolate(images, size=(gh * NET_PATCH, gw * NET_PATCH), mode="bilinear", align_corners=False)
-        return [torch.sigmoid(lg.float()) for lg in self.net(images, NET_PATCH)]
+        return list(self.net(images, NET_PATCH))
 
 
 def parse_thresholds(text: str | Sequence[float] | float | None, default: Sequence[float]) -> tuple[float, ...]:

@@ -61,7 +61,11 @@ class TrainSettings:
     exit_aware_steps: int = 0
     """The last N steps apply the exits during training (see the module docstring)."""
     init: str = ""
-    """Tokenscope checkpoint the run started from ("" = backbone weights or scratch); kept for resumes."""
+    """Checkpoint or published model the run started from ("" = backbone weights or scratch); kept for resumes."""
+    freeze: tuple[str, ...] = ()
+    """Parts kept fixed: `encoder` (patch embedding, blocks, final norm), `decoder`. A frozen
+    encoder makes a cheap run that trains the exit heads and the policy (and the decoder, unless
+    frozen too) on top of an already trained segmenter."""
     rank: int = 0
     world_size: int = 1
 
@@ -80,6 +84,18 @@ def pixel_exit_blocks(out: StepOutput, size: tuple[int, int] | torch.Size) -> to
     deep-supervision loss only covers tokens that actually reached it."""
     per_patch = unmerge(out.exit_block[..., None], token_grid(out.partitions, out.exit_block.device))
     return F.interpolate(per_patch.float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+FREEZABLE = ("encoder", "decoder")
+
+
+def frozen_parameters(model: StepViT, part: str) -> list[nn.Parameter]:
+    """The parameters of one freezable part of a StepViT."""
+    if part == "decoder":
+        return list(model.decoder.parameters())
+    params = [*model.embed.parameters(), *model.blocks.parameters(), *model.norm.parameters(), *model.norm_pre.parameters()]
+    params += [t for t in (model.cls_token, model.reg_token) if isinstance(t, nn.Parameter)]
+    return params
 
 
 def _unwrap(model: nn.Module) -> StepViT:
@@ -147,9 +163,14 @@ class Trainer:
         self.device = device
         self.state = TrainState()
         m = _unwrap(self.model)
+        for part in settings.freeze:
+            if part not in FREEZABLE:
+                raise ConfigError(f"--freeze {part!r}: choose from {', '.join(FREEZABLE)}")
+            for p in frozen_parameters(m, part):
+                p.requires_grad_(False)
         policy_params = list(m.policies["learned"].parameters())
         ids = {id(p) for p in policy_params}
-        other = [p for p in m.parameters() if id(p) not in ids]
+        other = [p for p in m.parameters() if id(p) not in ids and p.requires_grad]
         decay = [p for p in other if p.ndim > 1]
         no_decay = [p for p in other if p.ndim <= 1]
         self.opt = torch.optim.AdamW([
@@ -198,8 +219,8 @@ class Trainer:
                 target = y if reached is None else torch.where(reached >= block, y, torch.full_like(y, IGNORE_INDEX))
                 aux.append(F.cross_entropy(F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False),
                                            target, ignore_index=IGNORE_INDEX))
-            policy_logits = m.policies["learned"].net(x)
-        targets = block_homogeneity(y, MAX_LEVEL)
+            policy_logits = m.policies["learned"].logits(x)
+        targets = block_homogeneity(y, MAX_LEVEL, m.patch_size)
         bce = [F.binary_cross_entropy_with_logits(lg.float(), t.float()) for lg, t in zip(policy_logits, targets) if t.numel()]
         aux_loss = torch.stack(aux).sum() if aux else seg.new_zeros(())
         policy_loss = torch.stack(bce).mean() if bce else seg.new_zeros(())
@@ -215,7 +236,7 @@ class Trainer:
         losses = self.losses(x, y, exits=self.exit_aware(step))
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
         self.opt.step()
         return {k: float(v.detach()) for k, v in losses.items()}
 
