@@ -207,6 +207,10 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         row = {"class": c, "name": "ignore" if c == IGNORE_INDEX else first.meta.class_name(c), **{k: a.get(k, 0) for k in sorted(a)}}
         for k in range(MAX_LEVEL + 1):
             row.setdefault(f"patches_level{k}", 0)
+        # a class can cover patches without being the majority of any token: its token counts are 0
+        for key in ("tokens", "token_patches", "exited_judged_patches", "exited_correct_patches",
+                    *(f"tokens_exit_{point_name(first, k)}" for k in exit_points(first))):
+            row.setdefault(key, 0)
         row["patches"] = sum(row[f"patches_level{k}"] for k in range(MAX_LEVEL + 1))
         judged = a.get("exited_judged_patches", 0)
         row["exit_accuracy"] = a.get("exited_correct_patches", 0) / judged if judged else float("nan")
