@@ -125,3 +125,13 @@ def test_registry_entries_are_complete() -> None:
         assert len(m.sha256) >= 8 and all(c in "0123456789abcdef" for c in m.sha256)
         assert m.filename.split("-")[-1] == f"{m.sha256}.pth"  # mmseg names carry the hash prefix
         assert m.classes == 150 and 30 < m.miou < 60
+
+
+def test_published_architectures_build_without_download_for_speed_studies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENSCOPE_HOME", str(tmp_path / "cache"))
+    loaded = build_model("segmenter-vit-t-mask-ade20k", random_init=True)
+    cfg = loaded.config
+    assert (cfg.decoder, cfg.decoder_heads, cfg.timm_kwargs["embed_dim"], cfg.timm_kwargs["depth"]) == ("mask", 3, 192, 12)
+    assert (cfg.img_size, cfg.window, cfg.stride, cfg.resize_short, cfg.num_classes) == (512, 512, 480, 512, 150)
+    assert cfg.class_names[:2] == ("wall", "building") and loaded.weights_id.startswith("random-init")
+    assert not (tmp_path / "cache").exists()  # nothing was downloaded

@@ -23,7 +23,14 @@ from safetensors.torch import load_file, save_file
 
 from tokenscope.errors import CheckpointError, ConfigError
 from tokenscope.models.importers.safe_pickle import read_pickled_checkpoint
-from tokenscope.models.importers.segmenter import ImportedSegmenter, holds_segmenter, read_segmenter_checkpoint
+from tokenscope.models.importers.segmenter import (
+    ImportedSegmenter,
+    _SideInfo,
+    architecture_state,
+    describe,
+    holds_segmenter,
+    read_segmenter_checkpoint,
+)
 from tokenscope.models.published import PUBLISHED, PublishedModel, ensure_published, suggestions
 from tokenscope.models.registry import StepConfig, resolve_config
 from tokenscope.models.step_vit import StepViT, create_backbone
@@ -179,6 +186,15 @@ def _convert_published(raw: Path, out: Path, entry: PublishedModel) -> None:
     import_segmenter(raw, out, name=entry.name, overrides=entry.overrides)
 
 
+def published_architecture(entry: PublishedModel) -> StepConfig:
+    """The config a published model converts to, derived from its architecture alone (no download):
+    the importer describes shape-only tensors, so this cannot drift from a real import."""
+    dim, depth, patch = entry.architecture
+    state = architecture_state(dim, depth, patch, entry.crop // patch, entry.classes, entry.decoder)
+    info = _SideInfo(dataset_hint=entry.dataset)
+    return describe(state, info, "mmseg", entry.name, entry.overrides, entry.name, [])
+
+
 def load_published(name: str) -> LoadedModel:
     """A published model by name: from the cache, or downloaded, checked and converted on first use."""
     return load_checkpoint(ensure_published(name, _convert_published))
@@ -263,8 +279,14 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
         return load_checkpoint(demo)
     if weights is not None and random_init:
         raise ConfigError("--weights and --random-init exclude each other; pick one")
-    if name in PUBLISHED and weights is None and not random_init:
-        return load_published(name)
+    if name in PUBLISHED and weights is None:
+        if not random_init:
+            return load_published(name)
+        torch.manual_seed(seed)
+        cfg = published_architecture(PUBLISHED[name])
+        return LoadedModel(StepViT(cfg).eval(), cfg, {p: False for p in PARTS}, f"random-init(seed={seed})", "random-init",
+                           warnings=[f"{name} uses RANDOM weights (--random-init): its architecture, token counts, FLOPs "
+                                     "and timings are real; predictions are noise"])
     if weights is not None and str(weights) != "hub" and is_tokenscope_checkpoint(weights):
         return load_checkpoint(weights)
     pickled: Any = None

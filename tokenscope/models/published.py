@@ -28,6 +28,7 @@ from typing import Any, Callable
 from tokenscope.errors import CheckpointError
 
 MMSEG = "https://download.openmmlab.com/mmsegmentation/v0.5/segmenter"
+BACKBONES = {"ViT-Ti/16": (192, 12, 16), "ViT-S/16": (384, 12, 16), "ViT-B/16": (768, 12, 16), "ViT-L/16": (1024, 24, 16)}
 DownloadProgress = Callable[[int, int, str], None]
 """progress(bytes so far, total bytes or 0, file name)"""
 
@@ -49,6 +50,11 @@ class PublishedModel:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Facts from the model's config that the weights file alone does not carry."""
     reference: str = "mmsegmentation configs/segmenter/metafile.yaml"
+
+    @property
+    def architecture(self) -> tuple[int, int, int]:
+        """(width, depth, patch) of the backbone."""
+        return BACKBONES[self.backbone]
 
     @property
     def filename(self) -> str:

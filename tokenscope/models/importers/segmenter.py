@@ -242,6 +242,7 @@ class _SideInfo:
     """What a variant.yml or an mmseg config adds to the shapes (None = not said)."""
 
     heads: int | None = None
+    decoder_heads: int | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     norm_eps: float | None = None
@@ -283,7 +284,8 @@ def read_variant(path: Path) -> _SideInfo:
 def read_mmseg_side(cfg: dict[str, Any], meta: dict[str, Any]) -> _SideInfo:
     """An mmseg config (parsed, never run) and the checkpoint's meta."""
     backbone = find(cfg, "model", "backbone") or {}
-    info = _SideInfo(heads=backbone.get("num_heads"), pos_resize=backbone.get("interpolate_mode"))
+    info = _SideInfo(heads=backbone.get("num_heads"), pos_resize=backbone.get("interpolate_mode"),
+                     decoder_heads=find(cfg, "model", "decode_head", "num_heads"))
     eps = find(backbone, "norm_cfg", "eps")
     info.norm_eps = float(eps) if isinstance(eps, (int, float)) else None
     mean, std = search(cfg, "mean"), search(cfg, "std")
@@ -359,12 +361,25 @@ def read_segmenter_checkpoint(path: str | Path, side_file: str | Path | None = N
     if unknown:
         raise CheckpointError(f"{ckpt}: {len(unknown)} unexpected weights (e.g. {', '.join(unknown[:3])}); "
                               "is this a Segmenter checkpoint?")
-    arch = _arch_from_shapes(seg, str(ckpt))
+    default_name = ckpt.parent.name if ckpt.stem == "checkpoint" else ckpt.stem
+    config = describe(seg, info, layout, name or default_name, overrides, str(ckpt), notes)
+    return ImportedSegmenter(config, mapped, layout, str(ckpt), notes)
+
+
+def describe(seg: dict[str, torch.Tensor], info: _SideInfo, layout: str, name: str, overrides: dict[str, Any] | None,
+             source: str, notes: list[str]) -> StepConfig:
+    """The StepConfig of a Segmenter model from its (Segmenter-named) tensors and side information.
+
+    Only shapes are read, so tensors on the `meta` device describe an architecture without memory.
+    Assumptions made for facts the files do not state are appended to `notes`.
+    """
+    arch = _arch_from_shapes(seg, source)
     heads = info.heads or max(1, arch.dim // 64)
     if info.heads is None:
         notes.append(f"attention heads not stated: {heads} (= width / 64, as in every Segmenter ViT)")
-    if info.mean is None:
-        info.mean, info.std = DEIT_STATS if arch.distilled else VIT_STATS
+    mean, std = info.mean, info.std
+    if mean is None or std is None:
+        mean, std = DEIT_STATS if arch.distilled else VIT_STATS
         notes.append(f"input normalisation not stated: {'ImageNet (DeiT)' if arch.distilled else 'mean = std = 0.5 (ViT)'}")
     dataset = guess_dataset(arch.num_classes, info.dataset_hint)
     names, palette = info.class_names, info.palette
@@ -384,29 +399,41 @@ def read_segmenter_checkpoint(path: str | Path, side_file: str | Path | None = N
                                    "patch_size": arch.patch, "mlp_ratio": arch.mlp_ratio}
     if arch.distilled:
         timm_kwargs["reg_tokens"] = 1  # DeiT's distillation token sits right after the class token
-    big = arch.dim >= 768
-    cfg_fields: dict[str, Any] = dict(
-        name=name or (ckpt.parent.name if ckpt.stem == "checkpoint" else ckpt.stem), arch=_timm_arch(arch.dim, arch.patch), num_classes=arch.num_classes,
-        exit_after=tuple(sorted({k for k in default_exits(arch.depth) if 1 <= k < arch.depth})), img_size=arch.grid * arch.patch, pixel_mean=info.mean,
-        pixel_std=info.std, timm_kwargs=timm_kwargs, class_names=names, class_colours=palette,
-        policy_backbone="efficientnet_lite0" if big else "mini", decoder=arch.decoder,
-        decoder_layers=arch.decoder_layers, decoder_heads=max(1, arch.dim // 64) if arch.decoder == "mask" else 0,
+    fields: dict[str, Any] = dict(
+        name=name, arch=_timm_arch(arch.dim, arch.patch), num_classes=arch.num_classes,
+        exit_after=tuple(sorted({k for k in default_exits(arch.depth) if 1 <= k < arch.depth})),
+        img_size=arch.grid * arch.patch, pixel_mean=mean, pixel_std=std, timm_kwargs=timm_kwargs,
+        class_names=names, class_colours=palette, policy_backbone="efficientnet_lite0" if arch.dim >= 768 else "mini",
+        decoder=arch.decoder, decoder_layers=arch.decoder_layers,
+        decoder_heads=(info.decoder_heads or max(1, arch.dim // 64)) if arch.decoder == "mask" else 0,
         decoder_norm_eps=1e-5,
         norm_eps=(info.norm_eps or 1e-6) if layout == "mmseg" else 1e-5,
         pos_resize=(info.pos_resize or "bicubic") if layout == "mmseg" else "bilinear",
         window=window, stride=info.stride or max(arch.patch, window - 32), resize_short=info.resize_short or window,
         dataset=dataset,
     )
-    if mmseg_heads := (find(read_config_file(side), "model", "decode_head", "num_heads") if (layout == "mmseg" and side) else None):
-        cfg_fields["decoder_heads"] = int(mmseg_heads)
-    cfg_fields.update(overrides or {})
-    if cfg_fields["pos_resize"] not in ("timm", "bilinear", "bicubic"):
-        cfg_fields["pos_resize"] = "bicubic"
+    fields.update(overrides or {})
+    if fields["pos_resize"] not in ("timm", "bilinear", "bicubic"):
+        fields["pos_resize"] = "bicubic"
     try:
-        config = StepConfig.from_dict(cfg_fields)
+        return StepConfig.from_dict(fields)
     except (TypeError, ConfigError) as exc:
-        raise CheckpointError(f"{ckpt}: cannot describe this model ({exc})") from None
-    return ImportedSegmenter(config, mapped, layout, str(ckpt), notes)
+        raise CheckpointError(f"{source}: cannot describe this model ({exc})") from None
+
+
+def architecture_state(dim: int, depth: int, patch: int, grid: int, classes: int, decoder: str,
+                       decoder_layers: int = 2) -> dict[str, torch.Tensor]:
+    """Shape-only (meta-device) Segmenter tensors of an architecture, for `describe`."""
+    e = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    state = {"encoder.patch_embed.proj.weight": e(dim, 3, patch, patch), "encoder.pos_embed": e(1, grid * grid + 1, dim),
+             "encoder.cls_token": e(1, 1, dim)}
+    state.update({f"encoder.blocks.{i}.mlp.fc1.weight": e(4 * dim, dim) for i in range(depth)})
+    if decoder == "mask":
+        state.update({"decoder.cls_emb": e(1, classes, dim), "decoder.proj_dec.weight": e(dim, dim)})
+        state.update({f"decoder.blocks.{i}.norm1.weight": e(dim) for i in range(decoder_layers)})
+    else:
+        state["decoder.head.weight"] = e(classes, dim)
+    return state
 
 
 def holds_segmenter(obj: Any) -> bool:
