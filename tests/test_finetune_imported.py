@@ -45,9 +45,57 @@ def test_finetuning_an_imported_segmenter_lowers_the_loss_and_runs_with_learned_
     assert run.exit_code == 0, run.output
 
 
-def test_freezing_an_unknown_part_is_a_one_line_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags,message", [(["--freeze", "policy"], "--freeze 'policy'"),
+                                           (["--crops", "128x1"], "--crops 128x1: one 128-px crop")])
+def test_bad_fine_tuning_options_are_one_line_errors(tmp_path: Path, flags: list[str], message: str) -> None:
     ckpt = write_segmenter_release(tmp_path / "seg", segmenter_state("linear", classes=len(CLASSES)), "linear")
-    res = CliRunner().invoke(app, ["train", "--init", str(ckpt), "--out", str(tmp_path / "x"), "--freeze", "policy",
-                                   "--steps", "2", "--device", "cpu"])
-    assert res.exit_code == 2 and "--freeze 'policy'" in res.output
+    res = CliRunner().invoke(app, ["train", "--init", str(ckpt), "--out", str(tmp_path / "x"), "--steps", "2",
+                                   "--device", "cpu", *flags])
+    assert res.exit_code == 2 and message in res.output, res.output
     assert not (tmp_path / "x.json").exists()
+
+
+def _fake_ade20k(root: Path, n: int = 3) -> Path:
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = root / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (base / "images" / split).mkdir(parents=True)
+        (base / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            lab = np.zeros((80, 112), np.uint8)  # 0 = "other", ignored
+            lab[:40] = 3  # sky (class 2 after the shift)
+            lab[40:] = 7  # road
+            lab[50:70, 30:60] = rng.integers(1, 151)
+            img = (rng.random((80, 112, 3)) * 40 + lab[..., None]).astype(np.uint8)
+            cv2.imwrite(str(base / "images" / split / f"ADE_{split}_{i:08d}.jpg"), img)
+            cv2.imwrite(str(base / "annotations" / split / f"ADE_{split}_{i:08d}.png"), lab)
+    return root
+
+
+def test_finetuning_on_an_ade20k_tree_keeps_the_sliding_window_protocol(tmp_path: Path) -> None:
+    ckpt = write_segmenter_release(tmp_path / "seg", segmenter_state("linear", seed=5, classes=150), "linear")
+    root = _fake_ade20k(tmp_path / "data")
+    out = tmp_path / "ft" / "ade"
+    res = CliRunner().invoke(app, ["train", "--init", str(ckpt), "--data", "ade20k", "--root", str(root), "--out", str(out),
+                                   "--freeze", "encoder", "--steps", "3", "--crops", "64x2", "--warmup", "1",
+                                   "--device", "cpu", "--save-every", "3"])
+    assert res.exit_code == 0, res.output
+    loaded = load_checkpoint(out.with_suffix(".json"))
+    assert loaded.config.window == 64 and loaded.config.class_names[2] == "sky"
+    evaluation = loaded.metadata["evaluation"]["variants"]
+    assert evaluation["step"]["images"] == 3 and evaluation["step"]["windows"] == 3 * 2  # 64x90 after resize: 2 windows
+
+
+def test_a_new_model_on_a_known_data_set_records_segmenters_protocol(tmp_path: Path) -> None:
+    root = _fake_ade20k(tmp_path / "data", n=2)
+    out = tmp_path / "new"
+    res = CliRunner().invoke(app, ["train", "--model", "demo", "--decoder", "mask", "--data", "ade20k", "--root", str(root),
+                                   "--out", str(out), "--steps", "1", "--crops", "64x2", "--warmup", "0", "--device", "cpu",
+                                   "--no-eval"])
+    assert res.exit_code == 0, res.output
+    cfg = load_checkpoint(out.with_suffix(".json")).config
+    assert (cfg.decoder, cfg.dataset, cfg.window, cfg.stride, cfg.resize_short) == ("mask", "ade20k", 512, 512, 512)
+    assert cfg.num_classes == 150 and len(cfg.class_colours) == 150

@@ -250,6 +250,7 @@ def train(
     backbone_weights: Annotated[Optional[str], typer.Option(help="Start the encoder from a local timm ViT file (else from scratch).")] = None,
     init: Annotated[Optional[str], typer.Option(help="Fine-tune from a tokenscope checkpoint (NAME.json), a Segmenter/mmseg checkpoint (.pth) or a published model's name; its architecture wins over --model.")] = None,
     freeze: Annotated[Optional[str], typer.Option(help="Keep parts fixed: encoder (a cheap run training exit heads, policy and decoder), or encoder,decoder.")] = None,
+    decoder: Annotated[Optional[str], typer.Option(help="Decoder of a new model: linear or mask (Segmenter's mask transformer). Default: linear.")] = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     train_split: Annotated[str, typer.Option(help="Split to train on (folder data sets ignore it).")] = "train",
@@ -294,7 +295,7 @@ def train(
             with _progress("evaluating") as eval_progress:
                 result = train_model(model, out, d, settings, device=device, backbone_weights=backbone_weights,
                                      resume=resume, evaluate_after=not no_eval, progress=on_step,
-                                     eval_progress=eval_progress)
+                                     eval_progress=eval_progress, decoder=decoder)
     out_console.print(f"checkpoint: [bold]{result.checkpoint.with_suffix('.json')}[/] after {result.state.step} steps",
                       highlight=False)
     if result.metrics:

@@ -20,6 +20,10 @@ CLASSES_DIR = Path(__file__).resolve().parent / "classes"
 KNOWN_DATASETS = ("ade20k", "cityscapes", "pascal_context")
 
 
+SEGMENTER_PROTOCOL = {"ade20k": (512, 512, 512), "cityscapes": (768, 512, 1024), "pascal_context": (480, 320, 520)}
+"""(window, stride, short side) of Segmenter's sliding-window evaluation per data set (its config.yml)."""
+
+
 @dataclass(frozen=True)
 class ClassInfo:
     """Names and RGB colours of a data set's classes, in train-id order."""

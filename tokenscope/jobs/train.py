@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from tokenscope.analysis.evaluate import EvalResult, OperatingPoint, Progress, evaluate
+from tokenscope.data.classes import SEGMENTER_PROTOCOL, dataset_classes
 from tokenscope.data.datasets import SegmentationDataset, SyntheticDataset, open_dataset, parse_seeds
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
@@ -20,6 +21,7 @@ from tokenscope.models.checkpoints import (
     new_model,
     save_checkpoint,
 )
+from tokenscope.models.decoders import DECODERS
 from tokenscope.models.published import PUBLISHED
 from tokenscope.models.registry import StepConfig, resolve_config
 from tokenscope.models.step_vit import StepViT
@@ -64,18 +66,32 @@ class TrainResult:
 
 def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainSettings, device: str = "auto",
                 backbone_weights: str | None = None, resume: bool = False, evaluate_after: bool = True,
-                progress: TrainProgress | None = None, eval_progress: Progress | None = None) -> TrainResult:
-    """Train `model` (a registry name) on `data`; checkpoint to `out` (NAME.json + NAME.safetensors)."""
+                progress: TrainProgress | None = None, eval_progress: Progress | None = None,
+                decoder: str | None = None) -> TrainResult:
+    """Train `model` (a registry name) on `data`; checkpoint to `out` (NAME.json + NAME.safetensors).
+
+    `decoder` (linear or mask) chooses the decoder of a new model; a fine-tuned one keeps its own."""
     dev = resolve_device(device)
     train_set = training_data(data)
     torch.manual_seed(settings.seed)
     if settings.init:
+        if decoder is not None:
+            raise ConfigError("--decoder builds a new model; with --init the checkpoint's decoder is kept")
         net = initial_checkpoint(settings.init, train_set, backbone_weights)
     else:
         cfg = resolve_config(model)
+        if decoder is not None:
+            if decoder not in DECODERS:
+                raise ConfigError(f"--decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
+            cfg = cfg.replace(decoder=decoder)
         if cfg.num_classes != train_set.num_classes or (train_set.class_names and cfg.class_names != train_set.class_names):
             cfg = StepConfig(**{**cfg.to_dict(), "num_classes": train_set.num_classes, "class_names": train_set.class_names,
                                 "class_colours": cfg.class_colours if cfg.num_classes == train_set.num_classes else ()})
+        if data.kind in SEGMENTER_PROTOCOL:
+            # the checkpoint carries its data set's palette and evaluation protocol, as imported ones do
+            window, stride, short = SEGMENTER_PROTOCOL[data.kind]
+            cfg = cfg.replace(dataset=data.kind, class_colours=dataset_classes(data.kind, cfg.num_classes).palette,
+                              window=window, stride=stride, resize_short=short)
         net = new_model(cfg, backbone_weights)
     loaded = LoadedModel(net, net.cfg, {}, "training", "training")
     trainer = Trainer(loaded, train_set, settings, out, dev, cache=data.kind == "synthetic")

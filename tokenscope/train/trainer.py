@@ -154,6 +154,11 @@ class Trainer:
             raise ConfigError(f"--warmup must be >= 0, got {settings.warmup}")
         if len(dataset) == 0:
             raise ConfigError("the training data set is empty")
+        for side, batch in settings.crops:
+            # the policy network's coarsest level has one cell per 256x256 px; BatchNorm needs two values
+            if batch * max(1, side // 256) ** 2 < 2:
+                raise ConfigError(f"--crops {side}x{batch}: one {side}-px crop leaves the policy network's coarsest "
+                                  "level a single cell, too few for batch normalisation; use a batch >= 2 or crops >= 512 px")
         self.loaded = loaded
         self.model: nn.Module = loaded.model.to(device)
         self.data = CompactCache(dataset, cache)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The one command for a CUDA machine: the test suite (tests/test_gpu.py runs only here), then every
+# GPU benchmark row into benchmarks/results/gpu_*.json and the table benchmarks/results/gpu_summary.md.
+#
+# Rows: bf16 autocast, 1024x1024, batch 1 and 8, random weights (speed does not depend on their values):
+#   - ViT-B/16 and ViT-L/16 with a linear decoder (vitb, vitl) and the published Segmenter ViT-B/L
+#     architectures with their mask-transformer decoder (no download with --random-init);
+#   - methods: dCTS at the paper's 2.5x token budget (exits off), the training-free uniform
+#     policy, and each with torch.compile on the encoder blocks;
+#   - the shipped demo with full STEP (learned dCTS policy + learned exits) at 512 px.
+# About 30-60 minutes on one H100. Set up first as README.md says (the venv must see the GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ts=.venv/bin/tokenscope
+py=.venv/bin/python
+$py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')"
+$py -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
+out=benchmarks/results
+mkdir -p "$out"
+
+$py -m pytest -q -rs tests 2>&1 | tee "$out/gpu_tests.txt"
+
+common=(--random-init --size 1024 --device cuda --repeats 20 --warmup 5)
+for model in vitb vitl segmenter-vit-b-mask-ade20k segmenter-vit-l-mask-ade20k; do
+  for batch in 1 8; do
+    $ts bench --model "$model" "${common[@]}" --batch "$batch" --budget 2.5 --exits none \
+      --json "$out/gpu_${model}_1024_b${batch}_dcts.json"
+    $ts bench --model "$model" "${common[@]}" --batch "$batch" --budget 2.5 --exits none --compile \
+      --json "$out/gpu_${model}_1024_b${batch}_dcts_compile.json"
+    $ts bench --model "$model" "${common[@]}" --batch "$batch" --policy uniform --exits none \
+      --json "$out/gpu_${model}_1024_b${batch}_uniform.json"
+  done
+done
+for batch in 1 8; do
+  $ts bench --model demo --size 512 --device cuda --batch "$batch" --repeats 50 --warmup 10 --loop \
+    --json "$out/gpu_demo_512_b${batch}_step.json"
+done
+$py benchmarks/summarise.py "$out"/gpu_*.json | tee "$out/gpu_summary.md"

@@ -1,0 +1,76 @@
+"""GPU checks: skipped without CUDA (CI has none); `scripts/gpu_check.sh` runs them on a GPU machine.
+
+The same models must give the same tokens and (within float tolerance) the same logits on the GPU
+as on the CPU in float32; under bf16 autocast every trace must stay consistent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, blocky_image, make_tiny
+from segmenter_reference import reference_forward, segmenter_state, write_segmenter_release
+
+from tokenscope.analysis.windowed import predict
+from tokenscope.data.images import prepare_image
+from tokenscope.data.windows import WindowSpec
+from tokenscope.models.checkpoints import LoadedModel, build_model
+from tokenscope.trace.capture import TraceCapture
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+def _loaded(decoder: str) -> LoadedModel:
+    m = make_tiny(0, TINY.replace(decoder=decoder, decoder_layers=1))
+    return LoadedModel(m, m.cfg, {"backbone": True, "decoder": True, "exits": True, "policy": True}, "t", "t")
+
+
+@pytest.mark.parametrize("decoder", ["linear", "mask"])
+def test_gpu_and_cpu_agree_in_float32(decoder: str) -> None:
+    img, lab = blocky_image(96, 128)
+    im = prepare_image(img, "x", labels=lab)
+    results = []
+    for device in (torch.device("cpu"), CUDA):
+        loaded = _loaded(decoder)
+        loaded.model.configure(policy="uniform", exits=True, exit_threshold=0.3).to(device)
+        trace, logits = TraceCapture(loaded, device).run([im])
+        trace[0].assert_consistent()
+        results.append((trace[0], logits))
+    (tc, lc), (tg, lg) = results
+    assert np.array_equal(tc.token_of_patch, tg.token_of_patch)
+    assert torch.allclose(lc, lg, atol=1e-4)
+
+
+def test_bf16_autocast_traces_stay_consistent() -> None:
+    loaded = _loaded("mask")
+    loaded.model.configure(policy="uniform", exits=True, exit_threshold=0.3).to(CUDA)
+    img, lab = blocky_image(256, 320)
+    traces = TraceCapture(loaded, CUDA, amp=True)([prepare_image(img, "x", labels=lab)])
+    for t in traces:
+        t.assert_consistent()
+        assert t.meta.device.startswith("cuda")
+
+
+def test_imported_segmenter_matches_reference_on_gpu(tmp_path: Path) -> None:
+    state = segmenter_state("mask")
+    loaded = build_model("demo", weights=str(write_segmenter_release(tmp_path / "s", state, "mask")))
+    model = loaded.model.configure(policy="none", exits=False).to(CUDA)
+    x = torch.rand(2, 3, 80, 112, generator=torch.Generator().manual_seed(0))
+    ref = reference_forward(state, x, (0.5,) * 3, (0.5,) * 3, enc_eps=1e-5, pos_mode="bilinear")
+    with torch.no_grad():
+        got = model(x.to(CUDA)).patch_logits.cpu()
+    assert (got - ref).abs().max().item() < 1e-3  # TF32 matmuls may be on
+
+
+def test_sliding_windows_on_gpu(tmp_path: Path) -> None:
+    loaded = build_model("demo", weights=str(write_segmenter_release(tmp_path / "s", segmenter_state("mask"), "mask")))
+    loaded.model.configure(policy="uniform", exits=False).to(CUDA)
+    img, lab = blocky_image(96, 150)
+    pred = predict(TraceCapture(loaded, CUDA, amp=True), prepare_image(img, "x", labels=lab), WindowSpec(64, 48, 64))
+    assert len(pred.traces) == 2 and pred.label_map.shape == (96, 150)
+    for t in pred.traces:
+        t.assert_consistent()
