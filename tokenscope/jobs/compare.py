@@ -148,7 +148,8 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
                           ("STEP exits" + where, render_overlay("exit", shown, t_step))]
                 compare_figure(prepared.display, panels, t_step, t_base, folder / "compare.png",
                                f"{path.name}: {row['token_reduction']:.2f}x fewer tokens, {row['flop_reduction']:.2f}x "
-                               f"fewer FLOPs, {row['speedup']:.2f}x faster, {100 * row['agreement']:.1f}% pixels agree")
+                               f"fewer FLOPs, {row['speedup']:.2f}x faster, {100 * row['agreement']:.1f}% pixels agree",
+                               where)
             block_rows.append(pd.DataFrame({"image": name, "block": np.arange(1, t_step.meta.depth + 1),
                                             "base_tokens_in": sum(t.block_tokens_in for t in p_base.traces),
                                             "step_tokens_in": sum(t.block_tokens_in for t in p_step.traces)}))

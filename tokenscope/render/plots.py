@@ -63,7 +63,7 @@ def token_histogram(trace: Trace, path: str | os.PathLike[str], title: str | Non
 
 
 def compare_figure(image: np.ndarray, panels: Sequence[tuple[str, np.ndarray]], step: Trace, base: Trace,
-                   path: str | os.PathLike[str], title: str) -> None:
+                   path: str | os.PathLike[str], title: str, chart_note: str = "") -> None:
     """The image and labelled panels side by side, with tokens per block of both runs below."""
     n = 1 + len(panels)
     fig = plt.figure(figsize=(3.2 * n, 6.4))
@@ -84,7 +84,7 @@ def compare_figure(image: np.ndarray, panels: Sequence[tuple[str, np.ndarray]], 
             color=_rgb(LEVEL_COLOURS[2]), linewidth=2)
     for g in step.meta.exit_after:
         ax.axvline(g + 0.5, color="black", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("encoder block")
+    ax.set_xlabel("encoder block" + chart_note)
     ax.set_ylabel("tokens entering")
     ax.set_ylim(0, max(base.block_tokens_in.max(), 1) * 1.1)
     ax.legend(fontsize=8)
