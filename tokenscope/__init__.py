@@ -1,3 +1,92 @@
-"""tokenscope: where do the tokens go in token-reduction ViT segmenters (STEP)?"""
+"""tokenscope: where do the tokens go in token-reduction ViT segmenters (STEP: dCTS + early exits)?
+
+    import tokenscope as ts
+
+    model = ts.load_model("demo")                     # or a published Segmenter, e.g.
+                                                      # ts.load_model("segmenter-vit-l-mask-ade20k")
+    tr = ts.trace(model, "street.png")                # one checked Trace; shows itself in a notebook
+    tr.summary()                                      # tokens, reduction, exits, GFLOPs (dict)
+    tr.tokens()                                       # one row per (super)token (DataFrame)
+    tr.blocks()                                       # tokens entering / leaving each block (DataFrame)
+    ts.plot.merge(tr)                                 # supertokens overlay (RGB array)
+    ts.plot.histogram(tr)                             # tokens per block (matplotlib Figure)
+    tr.save("out/street"); ts.load_trace("out/street")
+
+Models
+    load_model(model="demo", weights=None, *, device="auto", policy=None, exits=None,
+               merge_threshold=None, exit_threshold=None, budget=None, random_init=False) -> Model
+    Model.configure(policy=..., exits=..., merge_threshold=..., exit_threshold=...)  operating point
+    list_models() -> DataFrame                         built-in and published models
+
+Tracing (images: paths, numpy arrays, PIL images or tensors on any device)
+    trace(model, image, *, labels=None, size=None) -> Trace        one forward, whole image
+    trace_many(model, images, *, labels=None, size=None, batch_size=8, progress=None) -> [Trace]
+    predict(model, image, *, labels=None, window=None, stride=None) -> ImagePrediction
+                                                       Segmenter's sliding windows: .traces, .label_map
+    load_trace(folder) -> Trace;  Trace.save(folder)
+    tabulate(traces) -> tables (.images, .classes, .levels, .blocks, .summary)
+
+Pictures: ts.plot.merge / exit / confidence / segmentation (RGB arrays), histogram / token_flow (figures)
+
+What the command line does, as functions (each returns what the command prints and writes)
+    run(images, *, model="demo", ..., out="outputs") -> RunResult      (run folders, tables, figures)
+    compare(images, *, baseline="vit", ...) -> CompareResult
+    evaluate(model, *, data="synthetic", ...) -> {"step": {...}, "baseline": {...}}
+    heatmap(run_dir) / report(run_dir) / import_segmenter(checkpoint, out)
+
+Errors are raised as TokenscopeError subclasses with a one-line message: ImageError (an input
+image or label map), CheckpointError (weights), ConfigError (options), RunFolderError (outputs).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = ("Model", "Trace", "load_model", "trace", "trace_many", "predict", "load_trace", "tabulate", "run",
+        "compare", "evaluate", "heatmap", "report", "import_segmenter", "list_models")
+_ERRORS = ("TokenscopeError", "ImageError", "CheckpointError", "ConfigError", "RunFolderError")
+__all__ = ["__version__", "plot", *_API, *_ERRORS]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the API on first use, so `import tokenscope` (and the CLI's start) stays light."""
+    if name in _API:
+        from tokenscope import api
+
+        return getattr(api, name)
+    if name in _ERRORS:
+        from tokenscope import errors
+
+        return getattr(errors, name)
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module("tokenscope.plot")
+    raise AttributeError(f"module 'tokenscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """`ts.trace` is the API function although `tokenscope.trace` is also a subpackage: a class
+    property wins over the module attribute that importing the subpackage sets (the subpackage
+    itself stays importable as `from tokenscope.trace.trace import ...`)."""
+
+    @property
+    def trace(self) -> Any:
+        from tokenscope.api import trace
+
+        return trace
+
+    @trace.setter
+    def trace(self, subpackage: Any) -> None:
+        self.__dict__["_trace_subpackage"] = subpackage
+
+
+sys.modules[__name__].__class__ = _Package

@@ -127,22 +127,16 @@ def run(
     seed: SeedOpt = 0,
 ) -> None:
     """Trace images or a data set: which patches merge into which supertoken, and at which block each token exits."""
-    from dataclasses import asdict
-
-    from tokenscope.jobs.run import RunRequest, run_job
+    from tokenscope import api
 
     with _user_errors():
-        if resume is None and not images and dataset is None:
-            from tokenscope.errors import ConfigError
-
-            raise ConfigError("give image files/folders, --dataset, or --resume RUN_DIR")
-        opts = _model_options(model, weights, random_init, policy, merge_threshold, exit_threshold, exits, device, seed)
-        opts.budget = budget
-        req = RunRequest(inputs=list(images or []), labels=labels, dataset=dataset, data_root=data_root, split=split,
-                         seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
-                         animation=animation, baseline=baseline, window=window, stride=stride)
         with _progress("tracing") as progress:
-            result = run_job(req, out=out, resume=resume, progress=progress)
+            result = api.run(images, model=model, weights=weights, random_init=random_init, policy=policy,
+                             merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, budget=budget,
+                             labels=labels, dataset=dataset, data_root=data_root, split=split, seeds=seeds,
+                             scene_size=scene_size, size=size, window=window, stride=stride, figures=figures,
+                             animation=animation, baseline=baseline, device=device, seed=seed, out=out, resume=resume,
+                             progress=progress)
     _warn(result.warnings)
     table = Table(title=f"tokenscope run: {result.model}", title_justify="left")
     for col in ("image", "patches", "tokens", "reduction", "exited early", "GFLOPs", "baseline GFLOPs", "forward"):
@@ -177,11 +171,11 @@ def heatmap(
     out: OutOpt = Path("outputs"),
 ) -> None:
     """Re-render overlays and histograms from saved traces, without loading any model."""
-    from tokenscope.jobs.heatmap import rerender
+    from tokenscope import api
 
     with _user_errors():
         with _progress("rendering") as progress:
-            result = rerender(run_dir, kind=kind, out_root=out, progress=progress)
+            result = api.heatmap(run_dir, kind=kind, out=out, progress=progress)
     out_console.print(f"rendered {len(result.rendered)} image(s) from {result.run_dir} into [bold]{result.out_dir}[/]",
                       highlight=False)
 
@@ -208,13 +202,14 @@ def compare(
     seed: SeedOpt = 0,
 ) -> None:
     """Run the same weights with and without token reduction: tokens, GFLOPs, latency, memory, agreement, mIoU."""
-    from tokenscope.jobs.compare import compare_images
+    from tokenscope import api
 
     with _user_errors():
-        opts = _model_options(model, weights, random_init, policy, merge_threshold, exit_threshold, exits, device, seed)
         with _progress("comparing") as progress:
-            result = compare_images(images, opts, baseline=baseline, out=out, size=size, labels=labels,
-                                    repeats=repeats, warmup=warmup, progress=progress, window=window, stride=stride)
+            result = api.compare(images, baseline=baseline, model=model, weights=weights, random_init=random_init,
+                                 policy=policy, merge_threshold=merge_threshold, exit_threshold=exit_threshold,
+                                 exits=exits, labels=labels, size=size, window=window, stride=stride, repeats=repeats,
+                                 warmup=warmup, device=device, seed=seed, out=out, progress=progress)
     _warn(result.warnings)
     table = Table(title=f"STEP vs baseline ({baseline})", title_justify="left")
     cols = ["image", "tokens", "GFLOPs", "latency ms", "peak MiB", "agree"]
@@ -344,23 +339,15 @@ def evaluate(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
 ) -> None:
     """mIoU, token reduction, early exits and GFLOPs of STEP vs the same weights without reduction."""
-    from tokenscope.jobs.runfolder import write_json_atomic
-    from tokenscope.jobs.setup import load_model
-    from tokenscope.jobs.train import DataOptions, evaluate_model
+    from tokenscope import api
 
     with _user_errors():
-        opts = _model_options(model, weights, False, policy, merge_threshold, exit_threshold, exits, device, 0)
-        loaded, dev = load_model(opts, have_labels=True)
-        d = DataOptions(kind=data, root=data_root, val_split=split, val_seeds=seeds, size=size)
+        held = api.load_model(model, weights, policy=policy, merge_threshold=merge_threshold,
+                              exit_threshold=exit_threshold, exits=exits, device=device)
         with _progress("evaluating") as progress:
-            result = evaluate_model(loaded, dev, d, loaded.model.active_policy, progress, window, stride, opts.amp)
-        metrics = {k: v.as_dict(loaded.config.class_names) for k, v in result.variants.items()}
-        if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(json_out, {"model": loaded.config.name, "weights": loaded.weights_id,
-                                         "merge_thresholds": list(loaded.model.merge_thresholds),
-                                         "exit_threshold": loaded.model.exit_threshold,
-                                         "policy": loaded.model.active_policy, "data": d.__dict__, "variants": metrics})
+            metrics = api.evaluate(held, data=data, data_root=data_root, split=split, seeds=seeds, size=size,
+                                   window=window, stride=stride, json_out=json_out, progress=progress)
+    loaded = held.loaded
     exits_text = "learned exits" if loaded.model.exits_enabled else "no exits"
     _print_eval(metrics, f"{loaded.config.name}: STEP ({loaded.model.active_policy} policy, {exits_text}) vs baseline")
 
@@ -469,15 +456,11 @@ def report(
     out: OutOpt = Path("outputs"),
 ) -> None:
     """Write one self-contained HTML report (images embedded) of a run folder."""
-    from tokenscope.jobs.runfolder import fresh_file, latest_run, write_text_atomic
-    from tokenscope.render.report import build_report
+    from tokenscope import api
 
     with _user_errors():
-        run = run_dir if run_dir is not None else latest_run(out)
-        text = build_report(run, gallery=gallery, animations=animations)
-        path = fresh_file(run / "report.html")
-        write_text_atomic(path, text)
-    out_console.print(f"report: [bold]{path}[/] ({len(text) / 2**20:.1f} MiB, opens from disk in any browser)",
+        path = api.report(run_dir, gallery=gallery, animations=animations, out=out)
+    out_console.print(f"report: [bold]{path}[/] ({path.stat().st_size / 2**20:.1f} MiB, opens from disk in any browser)",
                       highlight=False)
 
 
@@ -486,28 +469,20 @@ def models(
     fetch: Annotated[Optional[str], typer.Option(help="Download, check and convert this published model now (with a progress bar).")] = None,
 ) -> None:
     """List the named models: built-in architectures and published Segmenter checkpoints."""
-    from tokenscope.models.checkpoints import BUILTIN_WEIGHTS_DIR
-    from tokenscope.models.registry import BUILTIN
+    from tokenscope import api
+    from tokenscope.models.published import cache_root
 
     if fetch is not None:
         _fetch_published(fetch)
-    table = Table(title="models", title_justify="left")
-    for col in ("name", "timm backbone", "classes", "exit gates after", "weights"):
-        table.add_column(col)
-    shipped = "shipped" if (BUILTIN_WEIGHTS_DIR / "demo.json").is_file() else "not installed"
-    for name, cfg in BUILTIN.items():
-        table.add_row(name, cfg.arch, str(cfg.num_classes), ", ".join(map(str, cfg.exit_after)),
-                      shipped if name == "demo" else "--weights PATH | hub | --random-init")
+    df = api.list_models()
+    table = Table(title=f"models (published ones download once into {cache_root()})", title_justify="left")
+    for col in ("name", "kind", "arch", "classes", "data set", "decoder", "published mIoU", "weights"):
+        table.add_column(col, justify="right" if col in ("classes", "published mIoU") else "left")
+    for _, r in df.iterrows():
+        miou = "" if r["published_miou"] is None or r["published_miou"] != r["published_miou"] else f"{r['published_miou']:.2f}"
+        table.add_row(r["name"], r["kind"], str(r["arch"]), str(r["classes"]), str(r["data set"]), str(r["decoder"]),
+                      miou, str(r["weights"]))
     out_console.print(table)
-    from tokenscope.models.published import PUBLISHED, cache_root, converted_path
-
-    pub = Table(title=f"published Segmenter models (--model NAME; downloaded once into {cache_root()})", title_justify="left")
-    for col in ("name", "backbone", "data set", "classes", "decoder", "crop", "published mIoU", "cached"):
-        pub.add_column(col, justify="right" if col in ("classes", "crop", "published mIoU") else "left")
-    for m in PUBLISHED.values():
-        pub.add_row(m.name, m.backbone, m.dataset, str(m.classes), m.decoder, str(m.crop), f"{m.miou:.2f}",
-                    "yes" if converted_path(m.name).is_file() else "no")
-    out_console.print(pub)
 
 
 def _fetch_published(name: str) -> None:
@@ -539,22 +514,22 @@ def import_segmenter_cmd(
     name: Annotated[Optional[str], typer.Option(help="Model name shown in outputs (default: the --out file name).")] = None,
 ) -> None:
     """Convert a Segmenter checkpoint once, so later runs load safetensors and never unpickle anything."""
-    from tokenscope.errors import ConfigError
-    from tokenscope.models.checkpoints import checkpoint_paths, import_segmenter
+    import json
+
+    from tokenscope import api
 
     with _user_errors():
-        tensors, meta = checkpoint_paths(out)
-        if tensors.exists() or meta.exists():
-            raise ConfigError(f"{meta} already exists; choose another --out (nothing is overwritten)")
-        written, imp = import_segmenter(checkpoint, out, side_file=config, name=name)
-    _warn(imp.notes)
-    cfg = imp.config
+        written = api.import_segmenter(checkpoint, out, config=config, name=name)
+    doc = json.loads(written.read_text())
+    _warn(doc["metadata"].get("notes", []))
+    cfg = doc["config"]
+    kw = cfg["timm_kwargs"]
     out_console.print(
-        f"imported {checkpoint.name} ({imp.layout} layout): {cfg.arch} patch {cfg.timm_kwargs.get('patch_size', 16)}, "
-        f"{cfg.timm_kwargs.get('depth')} blocks, {cfg.decoder} decoder, {cfg.num_classes} classes"
-        f"{' of ' + cfg.dataset if cfg.dataset else ''}, trained at {cfg.img_size} px, "
-        f"windows {cfg.window}/{cfg.stride}", highlight=False)
-    out_console.print(f"checkpoint: [bold]{written.with_suffix('.json')}[/] (run it with --weights)", highlight=False)
+        f"imported {checkpoint.name} ({doc['metadata']['layout']} layout): ViT width {kw['embed_dim']}, {kw['depth']} blocks, "
+        f"patch {kw['patch_size']}, {cfg['decoder']} decoder, {cfg['num_classes']} classes"
+        f"{' of ' + cfg['dataset'] if cfg['dataset'] else ''}, trained at {cfg['img_size']} px, "
+        f"windows {cfg['window']} / stride {cfg['stride']}", highlight=False)
+    out_console.print(f"checkpoint: [bold]{written}[/] (run it with --weights)", highlight=False)
 
 
 def version_callback(value: bool) -> None:

@@ -102,19 +102,35 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """
     p = Path(path)
     img = _read_image_file(p, "image")
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    elif img.ndim == 3 and img.shape[2] == 4:
+    if img.ndim == 3 and img.shape[2] == 4:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     elif img.ndim == 3 and img.shape[2] == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    else:
-        raise ImageError(f"{p}: unsupported layout {img.shape}; expected grayscale, RGB or RGBA")
+    return rgb_from_array(img, str(p))
+
+
+def rgb_from_array(img: np.ndarray, source: str = "image") -> np.ndarray:
+    """An RGB(A) or grayscale array (H, W[, C]) of 8/16-bit or float values as float32 RGB in [0, 1].
+
+    The one normalisation for files, numpy arrays, PIL images and tensors alike.
+    """
+    p = source
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    elif not (img.ndim == 3 and img.shape[2] == 3):
+        raise ImageError(f"{p}: unsupported layout {img.shape}; expected grayscale, RGB or RGBA (H, W[, C])")
+    if img.dtype == np.bool_:
+        img = img.astype(np.uint8) * 255
     if img.dtype == np.uint8:
         out = img.astype(np.float32) / 255.0
     elif img.dtype == np.uint16:
         out = img.astype(np.float32) / 65535.0
-    elif img.dtype in (np.float32, np.float64):
+    elif img.dtype in (np.float16, np.float32, np.float64):
         finite = img[np.isfinite(img)]
         if finite.size == 0:
             raise ImageError(f"{p}: float image holds no finite values")
@@ -128,6 +144,28 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     if h < 1 or w < 1:
         raise ImageError(f"{p}: image has no pixels")
     return np.ascontiguousarray(np.clip(out, 0.0, 1.0))
+
+
+def as_rgb(image: object) -> tuple[np.ndarray, str]:
+    """(float32 RGB in [0, 1], source name) from a path, a numpy array, a PIL image or a tensor.
+
+    Tensors may live on any device and be (C, H, W) or (H, W, C), 8-bit or float; a (C, H, W)
+    tensor is recognised by C in 1, 3, 4 with C the smallest side.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image), str(image)
+    if hasattr(image, "getbands") and hasattr(image, "convert"):  # a PIL image, without importing PIL
+        mode = image.mode  # type: ignore[attr-defined]
+        arr = np.asarray(image.convert("RGB") if mode not in ("L", "I;16", "RGB", "RGBA", "F") else image)
+        return rgb_from_array(arr, f"<PIL {mode} image>"), f"<PIL {mode} image>"
+    if hasattr(image, "detach") and hasattr(image, "cpu"):  # a torch tensor
+        arr = image.detach().cpu().numpy()  # type: ignore[attr-defined]
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[0] < min(arr.shape[1:]):
+            arr = arr.transpose(1, 2, 0)
+        return rgb_from_array(arr, "<tensor>"), "<tensor>"
+    if isinstance(image, np.ndarray):
+        return rgb_from_array(image, "<array>"), "<array>"
+    raise ImageError(f"cannot use a {type(image).__name__} as an image: pass a path, a numpy array, a PIL image or a tensor")
 
 
 def load_label_map(path: str | os.PathLike[str]) -> np.ndarray:

@@ -83,7 +83,7 @@ def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, window
 def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", out: str | Path = "outputs",
                    size: int | None = None, labels: str | None = None, repeats: int = 5, warmup: int = 1,
                    progress: Progress | None = None, window: int | None = None,
-                   stride: int | None = None) -> CompareResult:
+                   stride: int | None = None, model: tuple[LoadedModel, torch.device] | None = None) -> CompareResult:
     """Compare the configured STEP operating point with the plain ViT on every image."""
     if baseline not in BASELINES:
         raise ConfigError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
@@ -93,7 +93,7 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
     if not images:
         raise TokenscopeError("no images found in " + ", ".join(map(str, paths)))
     labels_path = Path(labels) if labels is not None else None
-    loaded, device = load_model(opts, have_labels=labels_path is not None)
+    loaded, device = model if model is not None else load_model(opts, have_labels=labels_path is not None)
     cfg = loaded.config
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size)
     patch = loaded.model.patch_size

@@ -49,6 +49,7 @@ from tokenscope.jobs.runfolder import (
     write_table,
 )
 from tokenscope.jobs.setup import ModelOptions, load_model
+from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.registry import StepConfig
 from tokenscope.render.animation import write_exit_animation
 from tokenscope.render.dataset_plots import write_dataset_figures
@@ -281,8 +282,12 @@ def finish_run(run_dir: Path, names: list[str], figures: bool = True) -> Dataset
 
 
 def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | None = None,
-            progress: Progress | None = None) -> RunResult:
-    """Start a run from `req`, or finish the interrupted run at `resume`."""
+            progress: Progress | None = None, model: tuple[LoadedModel, Any] | None = None) -> RunResult:
+    """Start a run from `req`, or finish the interrupted run at `resume`.
+
+    `model` is an already loaded (model, device) matching `req.model`, reused instead of loading
+    it again (the Python API passes the one a notebook holds); a resume always loads its own.
+    """
     if resume is not None:
         run_dir = Path(resume)
         manifest = read_manifest(run_dir)
@@ -291,7 +296,10 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
         req = RunRequest(**manifest["request"])
     items = _items(req)
     opts = req.model_options()
-    loaded, device = load_model(opts, have_labels=any(it.labelled for it in items))
+    if model is not None and resume is None:
+        loaded, device = model
+    else:
+        loaded, device = load_model(opts, have_labels=any(it.labelled for it in items))
     cfg = loaded.config
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, req.window, req.stride, req.size)
     patch = loaded.model.patch_size

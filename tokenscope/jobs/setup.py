@@ -34,11 +34,13 @@ class ModelOptions:
     """bf16 autocast on CUDA (no effect on the CPU)."""
 
 
-def load_model(opts: ModelOptions, have_labels: bool = False) -> tuple[LoadedModel, torch.device]:
+def load_model(opts: ModelOptions, have_labels: bool = False,
+               loaded: LoadedModel | None = None) -> tuple[LoadedModel, torch.device]:
     """Build, configure and move the model; refuse combinations that would mislead.
 
     A learned policy or learned exits on weights where that part was never trained would show
-    noise as if it were a finding, so it is refused unless the user chose random weights.
+    noise as if it were a finding, so it is refused unless the user chose random weights. With
+    `loaded`, that model is re-configured to `opts` instead of being built again.
     """
     device = resolve_device(opts.device)
     if opts.policy is not None and opts.policy not in POLICY_NAMES:
@@ -47,7 +49,8 @@ def load_model(opts: ModelOptions, have_labels: bool = False) -> tuple[LoadedMod
         raise ConfigError(f"unknown exit mode {opts.exits!r}; choose one of {', '.join(EXIT_MODES)}")
     if opts.exit_threshold is not None and not (0.0 <= opts.exit_threshold <= 1.0):
         raise ConfigError(f"--exit-threshold must be between 0 and 1, got {opts.exit_threshold}")
-    loaded = build_model(opts.model, opts.weights, opts.random_init, opts.seed, opts.num_classes)
+    if loaded is None:
+        loaded = build_model(opts.model, opts.weights, opts.random_init, opts.seed, opts.num_classes)
     policy = opts.policy or ("budget" if opts.budget is not None else loaded.default_policy())
     if opts.budget is not None and policy != "budget":
         raise ConfigError(f"--budget applies to --policy budget, not {policy!r}")

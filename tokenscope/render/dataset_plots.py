@@ -123,6 +123,13 @@ def _band(ax: plt.Axes, x0: float, y0: tuple[float, float], x1: float, y1: tuple
 
 
 def token_flow(t: DatasetTables, path: Path) -> None:
+    """Write `token_flow_figure` to `path` (nothing when no patch was traced)."""
+    fig = token_flow_figure(t)
+    if fig is not None:
+        _save(fig, path)
+
+
+def token_flow_figure(t: DatasetTables) -> plt.Figure | None:
     """Sankey-style: all patches -> superpatch level -> exit point; widths are patches covered."""
     s = t.summary
     flow = np.asarray(s["flow_patches"], dtype=float)  # (levels, points)
@@ -130,7 +137,7 @@ def token_flow(t: DatasetTables, path: Path) -> None:
     points = s["flow_points"]
     total = flow.sum()
     if total <= 0:
-        return
+        return None
     gap = 0.02 * total
     fig, ax = plt.subplots(figsize=(8, 4.2))
     level_tot = flow.sum(axis=1)
@@ -183,7 +190,7 @@ def token_flow(t: DatasetTables, path: Path) -> None:
     ax.invert_yaxis()
     ax.axis("off")
     ax.set_title(f"token flow: {_patch(t)} px patches -> superpatch level -> where the token leaves (widths = patches)")
-    _save(fig, path)
+    return fig
 
 
 def write_dataset_figures(t: DatasetTables, folder: Path) -> list[Path]:

@@ -22,6 +22,13 @@ def _rgb(c: Sequence[int]) -> tuple[float, float, float]:
 
 
 def token_histogram(trace: Trace, path: str | os.PathLike[str], title: str | None = None) -> None:
+    """Write `histogram_figure` to `path`."""
+    fig = histogram_figure(trace, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def histogram_figure(trace: Trace, title: str | None = None) -> plt.Figure:
     """Left: tokens entering each block, stacked by superpatch level (gates marked).
     Right: tokens leaving at each gate and at the end, stacked by level."""
     m = trace.meta
@@ -58,8 +65,7 @@ def token_histogram(trace: Trace, path: str | os.PathLike[str], title: str | Non
     fig.suptitle(title or f"{os.path.basename(m.source)}: {trace.num_tokens} tokens from {trace.num_patches} patches, "
                  f"{100 * trace.exited_early.mean():.1f}% exit early ({m.policy} policy)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def compare_figure(image: np.ndarray, panels: Sequence[tuple[str, np.ndarray]], step: Trace, base: Trace,

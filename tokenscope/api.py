@@ -1,0 +1,429 @@
+"""The public Python API: what `import tokenscope as ts` exposes, and what the CLI is built on.
+
+Everything here is a thin, documented entry point over the same internals the command line uses
+(model loading, trace capture, sliding windows, tables, renderers, run folders), so a trace made
+in a notebook and one made by `tokenscope run` are the same object. Errors are raised as the
+`TokenscopeError` family (never printed); nothing here keeps global state.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from tokenscope.analysis.aggregate import DatasetTables
+from tokenscope.analysis.aggregate import aggregate as _aggregate
+from tokenscope.analysis.stats import blocks_table, summary, tokens_table
+from tokenscope.analysis.windowed import ImagePrediction
+from tokenscope.analysis.windowed import predict as _predict
+from tokenscope.data.images import as_rgb, load_label_map, prepare_image
+from tokenscope.data.windows import resolve_windows
+from tokenscope.errors import ConfigError, TokenscopeError
+from tokenscope.jobs.setup import ModelOptions
+from tokenscope.jobs.setup import load_model as _load_model
+from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.trace.capture import TraceCapture
+from tokenscope.trace.trace import Trace as _CoreTrace
+
+Progress = Callable[[int, int, str], None]
+"""progress(done, total, current item): the callback every long-running function accepts."""
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+class Model:
+    """A loaded segmenter on a device at one operating point (policy, thresholds, exits).
+
+    Made by `load_model`; `configure` changes the operating point in place. `module` is the
+    underlying `torch.nn.Module` (a StepViT) for anyone who wants to run it directly.
+    """
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, options: ModelOptions) -> None:
+        self.loaded = loaded
+        self.device = device
+        self.options = options
+        self._capture: TraceCapture | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    @property
+    def name(self) -> str:
+        return self.loaded.config.name
+
+    @property
+    def config(self) -> Any:
+        """The architecture and defaults (a StepConfig): classes, exit gates, window protocol, ..."""
+        return self.loaded.config
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.loaded.config.class_names
+
+    @property
+    def trained(self) -> dict[str, bool]:
+        """Which parts were trained: backbone, decoder, exits, policy."""
+        return dict(self.loaded.trained)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.loaded.warnings)
+
+    @property
+    def policy(self) -> str:
+        return self.loaded.model.active_policy
+
+    @property
+    def exits(self) -> bool:
+        return self.loaded.model.exits_enabled
+
+    def configure(self, *, policy: str | None = None, exits: bool | str | None = None,
+                  merge_threshold: float | str | Sequence[float] | None = None,
+                  exit_threshold: float | None = None, budget: float | None = None) -> "Model":
+        """Change the operating point in place (same checks as `load_model`); returns the model."""
+        exits_text = None if exits is None else ("learned" if exits is True or exits == "learned" else "none")
+        opts = replace(self.options, policy=policy if policy is not None else self.options.policy,
+                       exits=exits_text if exits_text is not None else self.options.exits,
+                       merge_threshold=_threshold_text(merge_threshold) if merge_threshold is not None
+                       else self.options.merge_threshold,
+                       exit_threshold=exit_threshold if exit_threshold is not None else self.options.exit_threshold,
+                       budget=budget if budget is not None else self.options.budget)
+        if policy is not None and exits_text is None and self.options.exits is None:
+            opts = replace(opts, exits="learned" if self.exits else "none")
+        loaded, device = _load_model(opts, have_labels=True, loaded=self.loaded)
+        self.loaded, self.device, self.options = loaded, device, opts
+        return self
+
+    def capture(self) -> TraceCapture:
+        """The trace capturer of this model (kept, so policy FLOPs are counted once per size)."""
+        if self._capture is None:
+            self._capture = TraceCapture(self.loaded, self.device, amp=self.options.amp)
+        return self._capture
+
+    def __repr__(self) -> str:
+        return (f"Model({self.name!r}, {self.config.arch}, patch {self.module.patch_size}, "  # type: ignore[attr-defined]
+                f"{self.config.num_classes} classes, policy={self.policy!r}, exits={self.exits}, device={self.device})")
+
+
+def _threshold_text(value: float | str | Sequence[float]) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return str(float(value))
+    return ",".join(str(float(v)) for v in value)
+
+
+def load_model(model: str = "demo", weights: str | Path | None = None, *, device: str = "auto",
+               policy: str | None = None, exits: bool | str | None = None,
+               merge_threshold: float | str | Sequence[float] | None = None, exit_threshold: float | None = None,
+               budget: float | None = None, random_init: bool = False, seed: int = 0, amp: bool = True) -> Model:
+    """Load a model and set its operating point.
+
+    `model`: "demo" (shipped), a published Segmenter model's name (downloaded once; see
+    `models()`), "vitt"/"vits"/"vitb"/"vitl", or "timm:<vit name>". `weights`: a tokenscope
+    checkpoint (NAME.json), a Segmenter or mmsegmentation .pth (read without running code), or a
+    timm ViT file. `policy`: learned | oracle | uniform | budget | none (default: learned when
+    trained, else uniform). `exits`: True/"learned" or False/"none" (default: when trained).
+    `device`: auto | cpu | cuda. Raises CheckpointError / ConfigError with a one-line message.
+    """
+    exits_text = None if exits is None else ("learned" if exits is True or exits == "learned" else "none")
+    opts = ModelOptions(model=model, weights=None if weights is None else str(weights), random_init=random_init,
+                        policy=policy, merge_threshold=None if merge_threshold is None else _threshold_text(merge_threshold),
+                        exit_threshold=exit_threshold, exits=exits_text, device=device, seed=seed, budget=budget, amp=amp)
+    loaded, dev = _load_model(opts, have_labels=True)
+    return Model(loaded, dev, opts)
+
+
+def _as_model(model: Model | str, **options: Any) -> Model:
+    return model if isinstance(model, Model) else load_model(model, **options)
+
+
+# ---- traces ------------------------------------------------------------------------------------
+
+class Trace(_CoreTrace):
+    """What happened to every token of one image (see `tokenscope.trace.trace` for the fields).
+
+    Tables: `tokens()` (one row per token), `blocks()` (one row per encoder block), `summary()`.
+    In a notebook, a Trace shows its summary and merge overlay. `save(folder)` / `load_trace(folder)`.
+    """
+
+    _image: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, core: _CoreTrace, image: np.ndarray | None = None) -> "Trace":
+        """The public view of a trace made by the internals (arrays are shared, not copied)."""
+        out = cls(**{f.name: getattr(core, f.name) for f in fields(_CoreTrace)})
+        out._image = image
+        return out
+
+    @property
+    def image(self) -> np.ndarray | None:
+        """The processed input (uint8 RGB at the input size), when known."""
+        return self._image
+
+    def tokens(self) -> pd.DataFrame:
+        return tokens_table(self)
+
+    def blocks(self) -> pd.DataFrame:
+        return blocks_table(self)
+
+    def summary(self) -> dict[str, Any]:
+        return summary(self)
+
+    def save(self, folder: str | Path) -> None:
+        """trace.json + trace.npz into `folder`, and image.png when the input is known."""
+        super().save(folder)
+        if self._image is not None:
+            from tokenscope.jobs.runfolder import write_rgb
+
+            write_rgb(Path(folder) / "image.png", self._image)
+
+    def _repr_png_(self) -> bytes:
+        from tokenscope import plot
+
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(plot.merge(self), cv2.COLOR_RGB2BGR))
+        return bytes(buf) if ok else b""
+
+    def _repr_html_(self) -> str:
+        s = self.summary()
+        rows = [("image", s["image"]), ("model", f"{s['model']} ({s['policy']} policy, exits {'on' if s['exits'] else 'off'})"),
+                ("tokens", f"{s['tokens']} of {s['patches']} patches ({s['reduction']:.2f}x fewer)"),
+                ("exited early", f"{s['exited_early_pct']:.1f}% of tokens, {s['exited_early_patch_pct']:.1f}% of patches"),
+                ("GFLOPs", f"{s['gflops']:.2f} (without reduction {s['baseline_gflops']:.2f})")]
+        table = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                        for k, v in rows)
+        png = base64.b64encode(self._repr_png_()).decode()
+        return f"<table>{table}</table><img src='data:image/png;base64,{png}' style='max-width:640px'>"
+
+
+def _labels(labels: Any) -> np.ndarray | None:
+    if labels is None:
+        return None
+    if isinstance(labels, (str, Path)):
+        return load_label_map(labels)
+    arr = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
+    if arr.ndim != 2:
+        raise ConfigError(f"labels must be a (H, W) map of class ids, got shape {arr.shape}")
+    return arr.astype(np.int32)
+
+
+def _prepare(model: Model, image: Any, labels: Any, size: int | None) -> Any:
+    rgb, source = as_rgb(image)
+    return prepare_image(rgb, source, size=size, labels=_labels(labels), patch=model.module.patch_size)  # type: ignore[attr-defined]
+
+
+def trace(model: Model, image: Any, *, labels: Any = None, size: int | None = None) -> Trace:
+    """Run the model once on the whole image and return its checked Trace.
+
+    `image`: a path, a numpy array (H, W[, C]; 8/16-bit or float), a PIL image, or a tensor on any
+    device. `labels`: a label map (path or (H, W) array of class ids, 255 = ignore), needed by the
+    oracle policy and for per-class accuracy. `size`: resize the long side first. For Segmenter's
+    sliding-window protocol use `predict`.
+    """
+    prepared = _prepare(model, image, labels, size)
+    return Trace.of(model.capture()([prepared])[0], prepared.display)
+
+
+def trace_many(model: Model, images: Iterable[Any], *, labels: Iterable[Any] | None = None, size: int | None = None,
+               batch_size: int = 8, progress: Progress | None = None) -> list[Trace]:
+    """Trace many images, `batch_size` at a time (images of one padded size share a forward pass)."""
+    items = list(images)
+    labs = list(labels) if labels is not None else [None] * len(items)
+    if len(labs) != len(items):
+        raise ConfigError(f"{len(items)} images but {len(labs)} label maps")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    prepared = [_prepare(model, im, lab, size) for im, lab in zip(items, labs)]
+    out: list[Trace | None] = [None] * len(prepared)
+    groups: dict[tuple[Any, bool], list[int]] = {}
+    for i, p in enumerate(prepared):
+        groups.setdefault((p.padded_hw, p.labels is not None), []).append(i)
+    done = 0
+    for idx in groups.values():
+        for j in range(0, len(idx), batch_size):
+            chunk = idx[j:j + batch_size]
+            for i, t in zip(chunk, model.capture()([prepared[i] for i in chunk])):
+                out[i] = Trace.of(t, prepared[i].display)
+            done += len(chunk)
+            if progress:
+                progress(done, len(prepared), prepared[chunk[-1]].source)
+    return [t for t in out if t is not None]
+
+
+def predict(model: Model, image: Any, *, labels: Any = None, size: int | None = None, window: int | None = None,
+            stride: int | None = None) -> ImagePrediction:
+    """Predict one image with the model's evaluation protocol: one forward, or Segmenter's sliding
+    windows (the checkpoint's, or `window`/`stride`; `window=0` for the whole image).
+
+    Returns an ImagePrediction: `.traces` (one per window), `.label_map` at the original size,
+    `.labels`, `.plan` (where the windows lie), and token/FLOP totals.
+    """
+    cfg = model.config
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size)
+    pred = _predict(model.capture(), _prepare(model, image, labels, size), windows)
+    pred.traces = [Trace.of(t, inp.display) for t, inp in zip(pred.traces, pred.inputs)]
+    return pred
+
+
+def load_trace(folder: str | Path) -> Trace:
+    """A trace saved by `Trace.save` or by `tokenscope run` (an image folder or a window folder)."""
+    from tokenscope.jobs.runfolder import read_rgb
+
+    t = Trace.load(folder)
+    png = Path(folder) / "image.png"
+    if png.is_file():
+        try:
+            t._image = read_rgb(png)
+        except TokenscopeError:
+            t._image = None
+    return t
+
+
+def tabulate(traces: Iterable[_CoreTrace], names: Sequence[str] | None = None) -> DatasetTables:
+    """Data-set tables over many traces: `.images`, `.classes`, `.levels`, `.blocks` (DataFrames)
+    and `.summary` (dict), exactly as `tokenscope run` writes them for a data set."""
+    items = list(traces)
+    labels = list(names) if names is not None else [f"image{i}" for i in range(len(items))]
+    return _aggregate((n, t, None) for n, t in zip(labels, items))
+
+
+# ---- the command-line jobs, as functions ---------------------------------------------------------
+
+def _options(model: str, weights: str | None, random_init: bool, policy: str | None, merge_threshold: str | None,
+             exit_threshold: float | None, exits: str | None, device: str, seed: int, budget: float | None = None,
+             amp: bool = True) -> ModelOptions:
+    return ModelOptions(model=model, weights=weights, random_init=random_init, policy=policy,
+                        merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, device=device,
+                        seed=seed, budget=budget, amp=amp)
+
+
+def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "demo", weights: str | None = None,
+        random_init: bool = False, policy: str | None = None, merge_threshold: str | None = None,
+        exit_threshold: float | None = None, exits: str | None = None, budget: float | None = None,
+        labels: str | None = None, dataset: str | None = None, data_root: str | None = None, split: str = "val",
+        seeds: str = "100000:100100", scene_size: int = 512, size: int | None = None, window: int | None = None,
+        stride: int | None = None, figures: bool = True, animation: bool = True, baseline: bool | None = None,
+        device: str = "auto", seed: int = 0, out: str | Path = "outputs", resume: str | Path | None = None,
+        progress: Progress | None = None) -> Any:
+    """`tokenscope run`: trace image files/folders or a data set into a fresh run folder.
+
+    Returns a RunResult (`.run_dir`, `.images`, `.tables`, `.warnings`). With a `Model` object its
+    operating point is used and recorded; with a name, the model options load it.
+    """
+    from tokenscope.jobs.run import RunRequest, run_job
+
+    if resume is None and not images and dataset is None:
+        raise ConfigError("give image files/folders, --dataset, or --resume RUN_DIR")
+    held = model if isinstance(model, Model) else None
+    opts = held.options if held is not None else _options(model, weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
+                                                          exit_threshold, exits, device, seed, budget)
+    req = RunRequest(inputs=[str(p) for p in images or []], labels=labels, dataset=dataset, data_root=data_root,
+                     split=split, seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
+                     animation=animation, baseline=baseline, window=window, stride=stride)
+    return run_job(req, out=out, resume=resume, progress=progress,
+                   model=None if held is None else (held.loaded, held.device))
+
+
+def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model | str = "demo",
+            weights: str | None = None, random_init: bool = False, policy: str | None = None,
+            merge_threshold: str | None = None, exit_threshold: float | None = None, exits: str | None = None,
+            labels: str | None = None, size: int | None = None, window: int | None = None, stride: int | None = None,
+            repeats: int = 5, warmup: int = 1, device: str = "auto", seed: int = 0, out: str | Path = "outputs",
+            progress: Progress | None = None) -> Any:
+    """`tokenscope compare`: the same weights with and without reduction on each image (tokens,
+    GFLOPs, latency, memory, agreement, mIoU with labels). Returns a CompareResult."""
+    from tokenscope.jobs.compare import compare_images
+
+    held = model if isinstance(model, Model) else None
+    opts = held.options if held is not None else _options(model, weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
+                                                          exit_threshold, exits, device, seed)
+    return compare_images([str(p) for p in images], opts, baseline=baseline, out=out, size=size, labels=labels,
+                          repeats=repeats, warmup=warmup, progress=progress, window=window, stride=stride,
+                          model=None if held is None else (held.loaded, held.device))
+
+
+def evaluate(model: Model | str = "demo", *, weights: str | None = None, policy: str | None = None,
+             merge_threshold: str | None = None, exit_threshold: float | None = None, exits: str | None = None,
+             data: str = "synthetic", data_root: str | None = None, split: str = "val", seeds: str = "100000:100200",
+             size: int = 512, window: int | None = None, stride: int | None = None, device: str = "auto",
+             json_out: str | Path | None = None, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """`tokenscope evaluate`: mIoU, tokens, exits and GFLOPs of the model's operating point
+    ("step") and of the same weights without reduction ("baseline") over a data set."""
+    from tokenscope.jobs.runfolder import write_json_atomic
+    from tokenscope.jobs.train import DataOptions, evaluate_model
+
+    held = _as_model(model, weights=weights, policy=policy, merge_threshold=merge_threshold,
+                     exit_threshold=exit_threshold, exits=exits, device=device)
+    d = DataOptions(kind=data, root=data_root, val_split=split, val_seeds=seeds, size=size)
+    result = evaluate_model(held.loaded, held.device, d, held.policy, progress, window, stride, held.options.amp)
+    metrics = {k: v.as_dict(held.config.class_names) for k, v in result.variants.items()}
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(json_out), {"model": held.name, "weights": held.loaded.weights_id,
+                                           "merge_thresholds": list(held.module.merge_thresholds),  # type: ignore[attr-defined]
+                                           "exit_threshold": held.module.exit_threshold,  # type: ignore[attr-defined]
+                                           "policy": held.policy, "exits": held.exits, "data": d.__dict__,
+                                           "variants": metrics})
+    return metrics
+
+
+def heatmap(run_dir: str | Path | None = None, *, kind: str = "all", out: str | Path = "outputs",
+            progress: Progress | None = None) -> Any:
+    """`tokenscope heatmap`: re-render a run's pictures from its traces (no model loaded)."""
+    from tokenscope.jobs.heatmap import rerender
+
+    return rerender(run_dir, kind=kind, out_root=out, progress=progress)
+
+
+def report(run_dir: str | Path | None = None, *, gallery: int = 24, animations: int = 6,
+           out: str | Path = "outputs") -> Path:
+    """`tokenscope report`: one self-contained HTML file of a run folder (the latest if None)."""
+    from tokenscope.jobs.runfolder import fresh_file, latest_run, write_text_atomic
+    from tokenscope.render.report import build_report
+
+    run_path = Path(run_dir) if run_dir is not None else latest_run(out)
+    text = build_report(run_path, gallery=gallery, animations=animations)
+    path = fresh_file(run_path / "report.html")
+    write_text_atomic(path, text)
+    return path
+
+
+def import_segmenter(checkpoint: str | Path, out: str | Path, *, config: str | Path | None = None,
+                     name: str | None = None) -> Path:
+    """`tokenscope import segmenter`: convert a Segmenter/mmseg checkpoint into NAME.json +
+    NAME.safetensors (never overwrites); returns the .json path, loadable with `load_model(weights=...)`."""
+    from tokenscope.models.checkpoints import checkpoint_paths
+    from tokenscope.models.checkpoints import import_segmenter as _import
+
+    tensors, meta = checkpoint_paths(out)
+    if tensors.exists() or meta.exists():
+        raise ConfigError(f"{meta} already exists; choose another --out (nothing is overwritten)")
+    written, _ = _import(checkpoint, out, side_file=config, name=name)
+    return written.with_suffix(".json")
+
+
+def list_models() -> pd.DataFrame:
+    """The named models: built-in architectures and published Segmenter checkpoints."""
+    from tokenscope.models.checkpoints import BUILTIN_WEIGHTS_DIR
+    from tokenscope.models.published import PUBLISHED, converted_path
+    from tokenscope.models.registry import BUILTIN
+
+    rows = [{"name": n, "kind": "built-in", "arch": c.arch, "classes": c.num_classes, "data set": c.dataset or
+             ("synthetic" if n == "demo" else ""), "decoder": c.decoder, "published_miou": None,
+             "weights": ("shipped" if (BUILTIN_WEIGHTS_DIR / "demo.json").is_file() else "missing") if n == "demo"
+             else "--weights / hub / --random-init"} for n, c in BUILTIN.items()]
+    rows += [{"name": m.name, "kind": "published", "arch": m.backbone, "classes": m.classes, "data set": m.dataset,
+              "decoder": m.decoder, "published_miou": m.miou,
+              "weights": "cached" if converted_path(m.name).is_file() else "downloaded on first use"}
+             for m in PUBLISHED.values()]
+    return pd.DataFrame(rows)
+
