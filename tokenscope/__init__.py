@@ -33,6 +33,7 @@ What the command line does, as functions (each returns what the command prints a
     compare(images, *, baseline="vit", ...) -> CompareResult
     evaluate(model, *, data="synthetic", ...) -> {"step": {...}, "baseline": {...}}
     heatmap(run_dir) / report(run_dir) / import_segmenter(checkpoint, out)
+    train(out, *, init=None, data="synthetic", ...) / bench(*, model, size, batch, ...) / sweep(...)
 
 Errors are raised as TokenscopeError subclasses with a one-line message: ImageError (an input
 image or label map), CheckpointError (weights), ConfigError (options), RunFolderError (outputs).
@@ -47,7 +48,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = ("Model", "Trace", "load_model", "trace", "trace_many", "predict", "load_trace", "tabulate", "run",
-        "compare", "evaluate", "heatmap", "report", "import_segmenter", "list_models")
+        "compare", "evaluate", "heatmap", "report", "import_segmenter", "list_models", "train", "bench", "sweep")
 _ERRORS = ("TokenscopeError", "ImageError", "CheckpointError", "ConfigError", "RunFolderError")
 __all__ = ["__version__", "plot", *_API, *_ERRORS]
 

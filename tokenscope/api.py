@@ -411,6 +411,65 @@ def import_segmenter(checkpoint: str | Path, out: str | Path, *, config: str | P
     return written.with_suffix(".json")
 
 
+def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None = None, init: str | None = None,
+          freeze: Sequence[str] = (), decoder: str | None = None, data: str = "synthetic", data_root: str | None = None,
+          train_split: str = "train", val_split: str = "val", train_seeds: str = "0:2000",
+          val_seeds: str = "900000:900100", size: int = 512, steps: int = 3000,
+          crops: Sequence[tuple[int, int]] = ((256, 8), (384, 4), (512, 2)), lr: float = 1e-3, aux_weight: float = 0.5,
+          warmup: int = 150, exit_aware_steps: int = 0, save_every: int = 250, resume: bool = False,
+          evaluate_after: bool = True, device: str = "auto", seed: int = 0,
+          progress: Callable[[int, int, dict[str, float]], None] | None = None,
+          eval_progress: Progress | None = None) -> Any:
+    """`tokenscope train`: train a STEP model (or fine-tune one with `init`: a checkpoint or a
+    published model) into `out`.json + .safetensors. Returns a TrainResult (`.checkpoint`,
+    `.state.history`, `.metrics` of the final evaluation)."""
+    from tokenscope.jobs.train import DataOptions, train_model
+    from tokenscope.train.trainer import TrainSettings
+
+    settings = TrainSettings(steps=steps, crops=tuple((int(a), int(b)) for a, b in crops), lr=lr, aux_weight=aux_weight,
+                             warmup=warmup, save_every=save_every, seed=seed, exit_aware_steps=exit_aware_steps,
+                             init=init or "", freeze=tuple(freeze))
+    d = DataOptions(kind=data, root=data_root, train_split=train_split, val_split=val_split, train_seeds=train_seeds,
+                    val_seeds=val_seeds, size=size)
+    return train_model(model, out, d, settings, device=device, backbone_weights=backbone_weights, resume=resume,
+                       evaluate_after=evaluate_after, progress=progress, eval_progress=eval_progress, decoder=decoder)
+
+
+def bench(*, model: str = "demo", weights: str | None = None, random_init: bool = False, policy: str | None = None,
+          budget: float | None = None, merge_threshold: str | None = None, exit_threshold: float | None = None,
+          exits: str | None = None, size: int = 1024, batch: int = 1, image: str | None = None, device: str = "auto",
+          amp: bool = True, threads: int | None = None, repeats: int = 3, warmup: int = 1, loop: bool = False,
+          compile_blocks: bool = False, seed: int = 0, json_out: str | Path | None = None,
+          progress: Progress | None = None) -> Any:
+    """`tokenscope bench`: baseline vs STEP speed (images/s, latency, memory, GFLOPs) on one batch.
+    Returns a BenchResult; `.summary()` is what `--json` writes."""
+    from tokenscope.jobs.bench import bench as run_bench
+    from tokenscope.jobs.runfolder import write_json_atomic
+
+    opts = _options(model, weights, random_init, policy, merge_threshold, exit_threshold, exits, device, seed, budget, amp)
+    result = run_bench(opts, size=size, batch=batch, image=image, repeats=repeats, warmup=warmup, threads=threads,
+                       loop=loop, compile_blocks=compile_blocks, progress=progress)
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(json_out), {"model": model, "policy": result.step.policy, "budget": budget,
+                                           **result.summary()})
+    return result
+
+
+def sweep(*, model: str = "demo", weights: str | None = None, policy: str | None = None,
+          merge_thresholds: Sequence[float] = (0.3, 0.5, 0.7, 0.9), exit_thresholds: Sequence[float] = (0.8, 0.9, 0.95, 0.99),
+          sizes: Sequence[int | None] = (None,), data: str = "synthetic", data_root: str | None = None, split: str = "val",
+          seeds: str = "100000:100050", scene_size: int = 512, device: str = "auto", out: str | Path = "outputs",
+          progress: Progress | None = None) -> Any:
+    """`tokenscope sweep`: every merge x exit threshold (x size) on one data set; a folder with
+    sweep.csv and Pareto plots. Returns a SweepResult (`.table`, `.folder`, `.default`)."""
+    from tokenscope.jobs.sweep import sweep as run_sweep
+
+    opts = _options(model, weights, False, policy, None, None, "learned", device, 0)
+    return run_sweep(opts, list(merge_thresholds), list(exit_thresholds), list(sizes), data, data_root, split, seeds,
+                     scene_size, out, progress)
+
+
 def list_models() -> pd.DataFrame:
     """The named models: built-in architectures and published Segmenter checkpoints."""
     from tokenscope.models.checkpoints import BUILTIN_WEIGHTS_DIR

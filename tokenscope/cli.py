@@ -82,15 +82,6 @@ def _warn(lines: list[str]) -> None:
         err_console.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
 
 
-def _model_options(model: str, weights: str | None, random_init: bool, policy: str | None, merge_threshold: str | None,
-                   exit_threshold: float | None, exits: str | None, device: str, seed: int) -> Any:
-    from tokenscope.jobs.setup import ModelOptions
-
-    return ModelOptions(model=model, weights=weights, random_init=random_init, policy=policy,
-                        merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits,
-                        device=device, seed=seed)
-
-
 def _report_failures(images: list[Any]) -> int:
     failed = [r for r in images if r.error]
     for r in failed:
@@ -266,15 +257,10 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for initialisation and batch order.")] = 0,
 ) -> None:
     """Train a STEP model: encoder + decoder + exit heads (cross-entropy, deep supervision) and the dCTS policy (BCE)."""
-    from tokenscope.jobs.train import DataOptions, train_model
-    from tokenscope.train.trainer import TrainSettings
+    from tokenscope import api
 
     with _user_errors():
-        settings = TrainSettings(steps=steps, crops=_parse_crops(crops), lr=lr, aux_weight=aux_weight, warmup=warmup,
-                                 save_every=save_every, seed=seed, exit_aware_steps=exit_aware_steps, init=init or "",
-                                 freeze=tuple(p.strip() for p in freeze.split(",") if p.strip()) if freeze else ())
-        d = DataOptions(kind=data, root=data_root, train_split=train_split, val_split=val_split,
-                        train_seeds=train_seeds, val_seeds=val_seeds, size=size)
+        parts = tuple(p.strip() for p in freeze.split(",") if p.strip()) if freeze else ()
         columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                    TimeRemainingColumn(), TextColumn("loss {task.fields[loss]:.3f} seg {task.fields[seg]:.3f} "
                                                      "aux {task.fields[aux]:.3f} policy {task.fields[policy]:.3f}"))
@@ -288,9 +274,13 @@ def train(
                                       ("loss", "seg", "aux", "policy", "seconds")), highlight=False)
 
             with _progress("evaluating") as eval_progress:
-                result = train_model(model, out, d, settings, device=device, backbone_weights=backbone_weights,
-                                     resume=resume, evaluate_after=not no_eval, progress=on_step,
-                                     eval_progress=eval_progress, decoder=decoder)
+                result = api.train(out, model=model, backbone_weights=backbone_weights, init=init, freeze=parts,
+                                   decoder=decoder, data=data, data_root=data_root, train_split=train_split,
+                                   val_split=val_split, train_seeds=train_seeds, val_seeds=val_seeds, size=size,
+                                   steps=steps, crops=_parse_crops(crops), lr=lr, aux_weight=aux_weight, warmup=warmup,
+                                   exit_aware_steps=exit_aware_steps, save_every=save_every, resume=resume,
+                                   evaluate_after=not no_eval, device=device, seed=seed, progress=on_step,
+                                   eval_progress=eval_progress)
     out_console.print(f"checkpoint: [bold]{result.checkpoint.with_suffix('.json')}[/] after {result.state.step} steps",
                       highlight=False)
     if result.metrics:
@@ -376,21 +366,16 @@ def bench(
     seed: SeedOpt = 0,
 ) -> None:
     """Speed: baseline vs STEP images/s, latency, memory, GFLOPs, and speed-up / FLOP reduction."""
-    from tokenscope.jobs.bench import bench as run_bench_job
-    from tokenscope.jobs.runfolder import write_json_atomic
-    from tokenscope.jobs.setup import ModelOptions
+    from tokenscope import api
 
     with _user_errors():
-        opts = ModelOptions(model=model, weights=weights, random_init=random_init, policy=policy,
-                            merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits,
-                            device=device, seed=seed, budget=budget, amp=amp)
         with _progress("benchmarking") as progress:
-            result = run_bench_job(opts, size=size, batch=batch, image=image, repeats=repeats, warmup=warmup,
-                                   threads=threads, loop=loop, compile_blocks=compile_blocks, progress=progress)
+            result = api.bench(model=model, weights=weights, random_init=random_init, policy=policy, budget=budget,
+                               merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, size=size,
+                               batch=batch, image=image, device=device, amp=amp, threads=threads, repeats=repeats,
+                               warmup=warmup, loop=loop, compile_blocks=compile_blocks, seed=seed, json_out=json_out,
+                               progress=progress)
         summary = result.summary()
-        if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(json_out, {"model": model, "policy": result.step.policy, "budget": budget, **summary})
     table = Table(title=f"bench: {model} {size}x{size}, batch {batch}, {result.device}, {result.threads} threads"
                         f"{', bf16' if result.amp else ''}", title_justify="left")
     for col in ("variant", "tokens/img", "GFLOPs/img", "latency ms", "images/s", "peak MiB"):
@@ -429,15 +414,17 @@ def sweep(
     out: OutOpt = Path("outputs"),
 ) -> None:
     """Sweep merge/exit thresholds (and sizes): mIoU vs GFLOPs and measured throughput, with Pareto plots."""
+    from tokenscope import api
     from tokenscope.jobs.sweep import parse_floats
-    from tokenscope.jobs.sweep import sweep as run_sweep
 
     with _user_errors():
-        opts = _model_options(model, weights, False, policy, None, None, "learned", device, 0)
         size_list = [int(v) for v in parse_floats(sizes, "--sizes")] if sizes else [None]
         with _progress("sweeping") as progress:
-            result = run_sweep(opts, parse_floats(merge, "--merge-thresholds"), parse_floats(exit_, "--exit-thresholds"),
-                               size_list, data, data_root, split, seeds, scene_size, out, progress)
+            result = api.sweep(model=model, weights=weights, policy=policy,
+                               merge_thresholds=parse_floats(merge, "--merge-thresholds"),
+                               exit_thresholds=parse_floats(exit_, "--exit-thresholds"), sizes=size_list, data=data,
+                               data_root=data_root, split=split, seeds=seeds, scene_size=scene_size, device=device,
+                               out=out, progress=progress)
     table = Table(title="sweep", title_justify="left")
     for col in ("size", "point", "mIoU", "GFLOPs/img", "images/s", "reduction", "exited"):
         table.add_column(col, justify="left" if col == "point" else "right")
