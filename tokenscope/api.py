@@ -97,8 +97,6 @@ class Model:
                        else self.options.merge_threshold,
                        exit_threshold=exit_threshold if exit_threshold is not None else self.options.exit_threshold,
                        budget=budget if budget is not None else self.options.budget)
-        if policy is not None and exits_text is None and self.options.exits is None:
-            opts = replace(opts, exits="learned" if self.exits else "none")
         loaded, device = _load_model(opts, have_labels=True, loaded=self.loaded)
         self.loaded, self.device, self.options = loaded, device, opts
         return self

@@ -8,7 +8,6 @@ in the model. Nothing here touches the network unless hub weights were asked for
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tokenscope.errors import CheckpointError, ConfigError
+from tokenscope.models.hashing import file_sha256
 from tokenscope.models.importers.safe_pickle import read_pickled_checkpoint
 from tokenscope.models.importers.segmenter import (
     ImportedSegmenter,
@@ -68,11 +68,8 @@ class LoadedModel:
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """The short id of a weights file shown in traces and run folders."""
+    return file_sha256(path)[:16]
 
 
 def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -198,15 +195,6 @@ def published_architecture(entry: PublishedModel) -> StepConfig:
 def load_published(name: str) -> LoadedModel:
     """A published model by name: from the cache, or downloaded, checked and converted on first use."""
     return load_checkpoint(ensure_published(name, _convert_published))
-
-
-def file_sha256(path: Path) -> str:
-    """Full SHA-256 of a file (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def loaded_from_import(imp: ImportedSegmenter, path: Path) -> LoadedModel:

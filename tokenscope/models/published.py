@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tokenscope.errors import CheckpointError
+from tokenscope.models.hashing import file_sha256
 
 MMSEG = "https://download.openmmlab.com/mmsegmentation/v0.5/segmenter"
 BACKBONES = {"ViT-Ti/16": (192, 12, 16), "ViT-S/16": (384, 12, 16), "ViT-B/16": (768, 12, 16), "ViT-L/16": (1024, 24, 16)}
@@ -154,11 +155,8 @@ def _fetch(url: str, target: Path, expected: str, progress: DownloadProgress | N
 
 
 def verify_file(path: Path, expected: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    """The file's SHA-256, checked against the published digest (or its prefix)."""
+    digest = file_sha256(path)
     if not digest.startswith(expected.lower()):
         raise CheckpointError(f"{path}: SHA-256 {digest[:16]}... does not match the published {expected}...; "
                               "delete it and fetch it again")
