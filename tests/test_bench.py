@@ -58,4 +58,4 @@ def test_bench_command_prints_ratios(tmp_path) -> None:
     assert "speed-up" in r.output and "FLOP reduction" in r.output and "recorder overhead" in r.output
     assert out.is_file()
     bad = CliRunner().invoke(app, ["bench", "--model", "vitt", "--random-init", "--size", "50", "--device", "cpu"])
-    assert bad.exit_code == 2 and "multiple of 16" in bad.output
+    assert bad.exit_code == 2 and "multiple of the 16-pixel patch" in bad.output

@@ -169,6 +169,10 @@ def heatmap(
             result = api.heatmap(run_dir, kind=kind, out=out, progress=progress)
     out_console.print(f"rendered {len(result.rendered)} image(s) from {result.run_dir} into [bold]{result.out_dir}[/]",
                       highlight=False)
+    for line in result.failed:
+        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+    if result.failed:
+        raise typer.Exit(3)
 
 
 @app.command()

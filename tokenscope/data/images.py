@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tokenscope.errors import ImageError
+from tokenscope.errors import ConfigError, ImageError
 
 PATCH = 16
 MAX_SIDE = 4096
@@ -193,6 +193,19 @@ def resized_hw(hw: tuple[int, int], long_side: int | None) -> tuple[int, int]:
         return h, w
     scale = long_side / max(h, w)
     return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def check_size(size: int | None, patch: int = PATCH, what: str = "--size") -> None:
+    """The one size rule of every command: at least one patch, at most MAX_SIDE pixels a side.
+
+    Commands call it before they create any output, so a bad value leaves nothing behind.
+    """
+    if size is None:
+        return
+    if size < patch:
+        raise ConfigError(f"{what} {size} is smaller than one {patch}-pixel patch")
+    if size > MAX_SIDE:
+        raise ConfigError(f"{what} {size} is larger than the {MAX_SIDE} px limit on an image side")
 
 
 def padded_hw(hw: tuple[int, int], multiple: int = PATCH) -> tuple[int, int]:

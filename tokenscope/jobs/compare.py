@@ -22,7 +22,7 @@ from tokenscope.analysis.memory import peak_forward_bytes
 from tokenscope.analysis.metrics import confusion, mean_iou, pixel_agreement
 from tokenscope.analysis.timing import median, time_calls
 from tokenscope.analysis.windowed import ImagePrediction, predict
-from tokenscope.data.images import PreparedImage, find_images, find_label_for, load_prepared
+from tokenscope.data.images import PreparedImage, check_size, find_images, find_label_for, load_prepared
 from tokenscope.data.windows import WindowSpec, resolve_windows
 from tokenscope.errors import ConfigError, TokenscopeError
 from tokenscope.jobs.run import ImageResult, Progress
@@ -95,8 +95,9 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
     labels_path = Path(labels) if labels is not None else None
     loaded, device = model if model is not None else load_model(opts, have_labels=labels_path is not None)
     cfg = loaded.config
-    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size)
     patch = loaded.model.patch_size
+    check_size(size, patch)
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size)
     step = Variant("step", loaded.model.active_policy, loaded.model.exits_enabled)
     base = Variant("baseline", "none", False)
     capture = TraceCapture(loaded, device, amp=opts.amp)

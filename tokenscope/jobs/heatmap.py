@@ -5,10 +5,10 @@ Renders go to a fresh `heatmaps-<time>` folder inside the run, so earlier pictur
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenscope.errors import ConfigError
+from tokenscope.errors import ConfigError, TokenscopeError
 from tokenscope.jobs.run import Progress, window_folders
 from tokenscope.jobs.runfolder import image_folder, latest_run, new_run_dir, read_manifest, read_rgb, write_rgb
 from tokenscope.render.overlays import OVERLAY_KINDS, render_overlay
@@ -23,6 +23,8 @@ class HeatmapResult:
     run_dir: Path
     out_dir: Path
     rendered: list[str]
+    failed: list[str] = field(default_factory=list)
+    """One line per image that could not be rendered (a damaged or missing trace)."""
 
 
 def rerender(run_dir: str | Path | None, kind: str = "all", out_root: str | Path = "outputs",
@@ -36,15 +38,19 @@ def rerender(run_dir: str | Path | None, kind: str = "all", out_root: str | Path
     kinds = [*OVERLAY_KINDS, "histogram"] if kind == "all" else [kind]
     out = new_run_dir(run, "heatmaps")
     rendered = []
+    failed = []
     for i, name in enumerate(folders):
         if progress:
             progress(i, len(folders), name)
+        try:
+            sources = [(src, Trace.load(src), read_rgb(src / "image.png")) for src in window_folders(run / name)]
+        except TokenscopeError as exc:  # a damaged image is named; the others still render
+            failed.append(str(exc))
+            continue
         with image_folder(out, name) as dst:
-            for src in window_folders(run / name):
+            for src, trace, image in sources:
                 target = dst if src == run / name else dst / src.name
                 target.mkdir(exist_ok=True)
-                trace = Trace.load(src)
-                image = read_rgb(src / "image.png")
                 for k in kinds:
                     if k == "histogram":
                         token_histogram(trace, target / "histogram.png")
@@ -53,4 +59,4 @@ def rerender(run_dir: str | Path | None, kind: str = "all", out_root: str | Path
         rendered.append(name)
     if progress:
         progress(len(folders), len(folders), "")
-    return HeatmapResult(run, out, rendered)
+    return HeatmapResult(run, out, rendered, failed)

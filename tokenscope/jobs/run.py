@@ -34,7 +34,7 @@ from tokenscope.analysis.metrics import confusion, pixel_agreement
 from tokenscope.analysis.stats import blocks_table, summary, tokens_table
 from tokenscope.analysis.windowed import ImagePrediction, predict
 from tokenscope.data.datasets import SegmentationDataset, open_dataset
-from tokenscope.data.images import PreparedImage, find_images, find_label_for, load_prepared, prepare_image
+from tokenscope.data.images import PreparedImage, check_size, find_images, find_label_for, load_prepared, prepare_image
 from tokenscope.data.windows import WindowSpec, resolve_windows
 from tokenscope.errors import ConfigError, RunFolderError, TokenscopeError
 from tokenscope.jobs.runfolder import (
@@ -301,8 +301,11 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
     else:
         loaded, device = load_model(opts, have_labels=any(it.labelled for it in items))
     cfg = loaded.config
-    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, req.window, req.stride, req.size)
     patch = loaded.model.patch_size
+    check_size(req.size, patch)  # before the run folder exists: a bad option leaves nothing behind
+    if req.dataset == "synthetic":
+        check_size(req.dataset_size, patch, "--scene-size")
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, req.window, req.stride, req.size)
     if resume is not None:
         if manifest.get("weights") != loaded.weights_id:
             raise RunFolderError(f"{run_dir}: was run with weights {manifest.get('weights')}, these are {loaded.weights_id}")

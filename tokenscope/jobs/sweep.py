@@ -18,6 +18,7 @@ import pandas as pd
 from tokenscope import __version__
 from tokenscope.analysis.evaluate import OperatingPoint, Progress, evaluate
 from tokenscope.data.datasets import open_dataset
+from tokenscope.data.images import check_size
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
 from tokenscope.jobs.runfolder import MANIFEST, new_run_dir, write_json_atomic, write_table
@@ -47,6 +48,10 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
           out: str | Path = "outputs", progress: Progress | None = None) -> SweepResult:
     loaded, device = load_model(opts, have_labels=True)
     model = loaded.model
+    for size in sizes:
+        check_size(size, model.patch_size, "--sizes")
+    if dataset == "synthetic":
+        check_size(scene_size, model.patch_size, "--scene-size")
     ds = open_dataset(dataset, data_root, split, seeds, scene_size)
     default_merge, default_exit = model.merge_thresholds, model.exit_threshold
     policy, exits = model.active_policy, model.exits_enabled

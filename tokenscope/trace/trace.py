@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,18 +238,27 @@ class Trace:
             raise RunFolderError(f"{d}: no {TRACE_JSON} here; is this an image folder of a tokenscope run?") from None
         except (OSError, ValueError) as exc:
             raise RunFolderError(f"{d / TRACE_JSON}: unreadable ({exc})") from None
-        if doc.get("format") != TRACE_FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") != TRACE_FORMAT:
             raise RunFolderError(f"{d / TRACE_JSON}: not a tokenscope trace")
-        if int(doc.get("version", 0)) > TRACE_VERSION:
-            raise RunFolderError(f"{d / TRACE_JSON}: trace version {doc.get('version')} is newer than this tokenscope")
+        version = doc.get("version", 0)
+        if not isinstance(version, int) or not 1 <= version <= TRACE_VERSION:
+            raise RunFolderError(f"{d / TRACE_JSON}: trace version {version!r} is unknown to this tokenscope "
+                                 f"(it reads versions 1..{TRACE_VERSION})")
+        if not (d / TRACE_NPZ).is_file():
+            raise RunFolderError(f"{d / TRACE_NPZ}: missing")
         try:
             with np.load(d / TRACE_NPZ) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as exc:
-            raise RunFolderError(f"{d / TRACE_NPZ}: unreadable ({exc})") from None
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunFolderError(f"{d / TRACE_NPZ}: damaged ({first}); re-run the image") from None
         missing = [a for a in ARRAYS if a not in arrays]
         if missing:
             raise RunFolderError(f"{d / TRACE_NPZ}: missing arrays {missing}")
         scores = [arrays[f"policy_score_l{k}"] for k in range(1, 9) if f"policy_score_l{k}" in arrays]
-        return cls(meta=TraceMeta.from_dict(doc["meta"]), policy_scores=scores, patch_labels=arrays.get("patch_labels"),
+        try:
+            meta = TraceMeta.from_dict(doc["meta"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunFolderError(f"{d / TRACE_JSON}: damaged meta ({type(exc).__name__}: {exc})") from None
+        return cls(meta=meta, policy_scores=scores, patch_labels=arrays.get("patch_labels"),
                    **{a: arrays[a] for a in ARRAYS})
