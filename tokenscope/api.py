@@ -309,9 +309,9 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
         exit_threshold: float | None = None, exits: str | None = None, budget: float | None = None,
         labels: str | None = None, dataset: str | None = None, data_root: str | None = None, split: str = "val",
         seeds: str = "100000:100100", scene_size: int = 512, size: int | None = None, window: int | None = None,
-        stride: int | None = None, figures: bool = True, animation: bool = True, baseline: bool | None = None,
-        device: str = "auto", seed: int = 0, out: str | Path = "outputs", resume: str | Path | None = None,
-        progress: Progress | None = None) -> Any:
+        stride: int | None = None, figures: bool = True, animation: bool = True, animation_limit: int | None = None,
+        baseline: bool | None = None, render_workers: int | None = None, device: str = "auto", seed: int = 0,
+        out: str | Path = "outputs", resume: str | Path | None = None, progress: Progress | None = None) -> Any:
     """`tokenscope run`: trace image files/folders or a data set into a fresh run folder.
 
     Returns a RunResult (`.run_dir`, `.images`, `.tables`, `.warnings`). With a `Model` object its
@@ -326,7 +326,8 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
                                                           exit_threshold, exits, device, seed, budget)
     req = RunRequest(inputs=[str(p) for p in images or []], labels=labels, dataset=dataset, data_root=data_root,
                      split=split, seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
-                     animation=animation, baseline=baseline, window=window, stride=stride)
+                     animation=animation, baseline=baseline, window=window, stride=stride,
+                     animation_limit=animation_limit, render_workers=render_workers)
     return run_job(req, out=out, resume=resume, progress=progress,
                    model=None if held is None else (held.loaded, held.device))
 

@@ -109,6 +109,8 @@ def run(
     baseline: Annotated[Optional[bool], typer.Option("--baseline/--no-baseline", help="Also run the same weights without reduction (mIoU with/without); default: when labels exist.")] = None,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Per-image overlays and histograms, and data-set figures.")] = True,
     animation: Annotated[bool, typer.Option("--animation/--no-animation", help="Per-image GIF of tokens leaving block by block.")] = True,
+    animation_limit: Annotated[Optional[int], typer.Option(help="GIFs for the first N images only. Default: every image file; the first 10 images of a data set.")] = None,
+    render_workers: Annotated[Optional[int], typer.Option(help="Processes that write pictures and files while the model runs (0 = none). Default: none on the CPU; cores - 1 with a GPU and 4+ images.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Finish an interrupted run folder (its own settings are used).")] = None,
     device: DeviceOpt = "auto",
     size: SizeOpt = None,
@@ -126,7 +128,8 @@ def run(
                              merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, budget=budget,
                              labels=labels, dataset=dataset, data_root=data_root, split=split, seeds=seeds,
                              scene_size=scene_size, size=size, window=window, stride=stride, figures=figures,
-                             animation=animation, baseline=baseline, device=device, seed=seed, out=out, resume=resume,
+                             animation=animation, animation_limit=animation_limit, baseline=baseline,
+                             render_workers=render_workers, device=device, seed=seed, out=out, resume=resume,
                              progress=progress)
     _warn(result.warnings)
     table = Table(title=f"tokenscope run: {result.model}", title_justify="left")

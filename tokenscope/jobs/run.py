@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +49,7 @@ from tokenscope.jobs.runfolder import (
     write_table,
 )
 from tokenscope.jobs.setup import ModelOptions, load_model
+from tokenscope.jobs.writer import BackgroundWriter, default_workers
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.registry import StepConfig
 from tokenscope.render.animation import write_exit_animation
@@ -59,6 +60,8 @@ from tokenscope.trace.capture import TraceCapture
 from tokenscope.trace.trace import Trace
 
 WINDOWS_JSON = "windows.json"
+DATASET_ANIMATIONS = 10
+"""A data-set run animates its first images only (a GIF costs more than all other pictures)."""
 Progress = Callable[[int, int, str], None]
 """progress(done, total, current item)"""
 
@@ -83,6 +86,10 @@ class RunRequest:
     window: int | None = None
     """Sliding-window side in pixels (0 = whole images); None = the model's own protocol."""
     stride: int | None = None
+    animation_limit: int | None = None
+    """GIFs for the first N images only; None = all files, or the first DATASET_ANIMATIONS of a data set."""
+    render_workers: int | None = None
+    """Processes writing image folders beside the model; None = chosen from the image count and cores."""
 
     def model_options(self) -> ModelOptions:
         return ModelOptions(**self.model)
@@ -208,6 +215,30 @@ def prediction_summary(pred: ImagePrediction, source: str) -> dict[str, Any]:
     }
 
 
+def write_image_folder(run_dir: Path, name: str, prepared: PreparedImage, pred: ImagePrediction,
+                       ev: ImageEval | None, req: "RunRequest", cfg: StepConfig) -> dict[str, Any]:
+    """The image folder `run_dir/name`, complete or not at all; returns its summary.
+
+    A top-level function of plain data, so a worker process can run it (see jobs/writer.py).
+    """
+    with image_folder(run_dir, name) as folder:
+        info = _write_prediction(folder, prepared, pred, ev, req, cfg)
+        info["folder"] = name
+        write_json_atomic(folder / "summary.json", info)
+    return info
+
+
+def _animated_items(req: "RunRequest", items: list[RunItem]) -> set[int]:
+    """Which images get a GIF: all of them for files; the first `animation_limit` (default
+    DATASET_ANIMATIONS) of a data set, since the GIFs are for looking at, not for the tables."""
+    if not req.animation:
+        return set()
+    limit = req.animation_limit
+    if limit is None:
+        limit = DATASET_ANIMATIONS if req.dataset is not None else len(items)
+    return set(range(min(max(limit, 0), len(items))))
+
+
 def _write_prediction(folder: Path, prepared: PreparedImage, pred: ImagePrediction, ev: ImageEval | None,
                       req: "RunRequest", cfg: StepConfig) -> dict[str, Any]:
     """Everything `run` writes for one image; returns its summary."""
@@ -258,12 +289,15 @@ def _window_evals(run_dir: Path, names: list[str]) -> list[ImageEval]:
     return out
 
 
-def finish_run(run_dir: Path, names: list[str], figures: bool = True) -> DatasetTables | None:
-    """Derive the data-set tables and figures from the image folders alone."""
+def finish_run(run_dir: Path, names: list[str], figures: bool = True,
+               extra: dict[str, Any] | None = None) -> DatasetTables | None:
+    """Derive the data-set tables and figures from the image folders alone (`extra`: facts about
+    the run itself added to its summary, e.g. how many images were animated)."""
     present = [n for n in names if (run_dir / n).is_dir()]
     if not present:
         return None
     tables = aggregate(_records(run_dir, present), image_evals=_window_evals(run_dir, present), images=len(present))
+    tables.summary.update(extra or {})
     out = run_dir / "tables"
     out.mkdir(exist_ok=True)
     for name in ("images", "classes", "levels", "blocks"):
@@ -324,37 +358,49 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
         "policy": loaded.model.active_policy, "exits": loaded.model.exits_enabled,
         "merge_thresholds": list(loaded.model.merge_thresholds), "exit_threshold": loaded.model.exit_threshold,
         "warnings": loaded.warnings, "windows": None if windows is None else asdict(windows),
+        "animated_images": len(_animated_items(req, items)),
     }
     if resume is None:
         write_json_atomic(run_dir / MANIFEST, base_manifest)
     else:
         base_manifest["created"] = manifest.get("created", base_manifest["created"])
         base_manifest["resumed"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    results: list[ImageResult] = []
-    for i, item in enumerate(items):
-        if progress:
-            progress(i, len(items), item.name)
-        result = ImageResult(source=item.source)
-        if (run_dir / item.name).is_dir():
-            result.folder, result.skipped = item.name, True
-            results.append(result)
-            continue
-        try:
-            prepared = item.load(patch)
-            pred = predict(capture, prepared, windows)
-            ev = (_evaluate_image(prepared, pred, capture, windows, with_baseline)
-                  if (pred.labels is not None or with_baseline) else None)
-            with image_folder(run_dir, item.name) as folder:
-                info = _write_prediction(folder, prepared, pred, ev, req, cfg)
-                info["folder"] = item.name
-                write_json_atomic(folder / "summary.json", info)
-            result.folder, result.summary = item.name, info
-        except TokenscopeError as exc:
-            result.error = str(exc)
-        results.append(result)
+    results = [ImageResult(source=item.source) for item in items]
+    animate = _animated_items(req, items)
+    todo = [i for i, item in enumerate(items) if not (run_dir / item.name).is_dir()]
+    for i in set(range(len(items))) - set(todo):
+        results[i].folder, results[i].skipped = items[i].name, True
+    workers = default_workers(len(todo), device.type) if req.render_workers is None else req.render_workers
+
+    def record(done: list[tuple[Any, Any, BaseException | None]]) -> None:
+        for i, info, exc in done:
+            if isinstance(exc, TokenscopeError):
+                results[i].error = str(exc)
+            elif exc is not None:
+                raise exc  # a bug: keep its traceback
+            else:
+                results[i].folder, results[i].summary = items[i].name, info
+
+    with BackgroundWriter(workers) as writer:
+        for n, i in enumerate(todo):
+            item = items[i]
+            if progress:
+                progress(n, len(todo), item.name)
+            try:
+                prepared = item.load(patch)
+                pred = predict(capture, prepared, windows)
+                ev = (_evaluate_image(prepared, pred, capture, windows, with_baseline)
+                      if (pred.labels is not None or with_baseline) else None)
+            except TokenscopeError as exc:
+                results[i].error = str(exc)
+                continue
+            options = replace(req, animation=req.animation and i in animate)
+            record(writer.submit(i, write_image_folder, run_dir, item.name, prepared, pred, ev, options, cfg))
+        record(writer.drain())
     if progress:
-        progress(len(items), len(items), "")
-    tables = finish_run(run_dir, [it.name for it in items], req.figures)
+        progress(len(todo), len(todo), "")
+    tables = finish_run(run_dir, [it.name for it in items], req.figures,
+                        {"animated_images": base_manifest["animated_images"]})
     for r in results:
         if r.skipped and r.folder is not None:
             r.summary = json.loads((run_dir / r.folder / "summary.json").read_text())

@@ -24,7 +24,8 @@ def _rgb(c: Sequence[int]) -> tuple[float, float, float]:
 def token_histogram(trace: Trace, path: str | os.PathLike[str], title: str | None = None) -> None:
     """Write `histogram_figure` to `path`."""
     fig = histogram_figure(trace, title)
-    fig.savefig(path, dpi=120)
+    # one of these per image: fast PNG compression (the file is ~20% larger, written 3x faster)
+    fig.savefig(path, dpi=120, pil_kwargs={"compress_level": 1})
     plt.close(fig)
 
 
@@ -64,7 +65,9 @@ def histogram_figure(trace: Trace, title: str | None = None) -> plt.Figure:
     ax2.set_ylim(0, max(1, b2.max()) * 1.15)
     fig.suptitle(title or f"{os.path.basename(m.source)}: {trace.num_tokens} tokens from {trace.num_patches} patches, "
                  f"{100 * trace.exited_early.mean():.1f}% exit early ({m.policy} policy)", fontsize=10)
-    fig.tight_layout()
+    # fixed margins: tight_layout draws the whole figure once more just to measure it (a quarter
+    # of the time of a per-image histogram)
+    fig.subplots_adjust(left=0.065, right=0.99, bottom=0.13, top=0.88, wspace=0.28)
     return fig
 
 
