@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tokenscope import dist
 from tokenscope.analysis.aggregate import DatasetTables
 from tokenscope.analysis.aggregate import aggregate as _aggregate
 from tokenscope.analysis.stats import blocks_table, summary, tokens_table
@@ -365,7 +366,7 @@ def evaluate(model: Model | str = "demo", *, weights: str | None = None, policy:
     d = DataOptions(kind=data, root=data_root, val_split=split, val_seeds=seeds, size=size)
     result = evaluate_model(held.loaded, held.device, d, held.policy, progress, window, stride, held.options.amp)
     metrics = {k: v.as_dict(held.config.class_names) for k, v in result.variants.items()}
-    if json_out is not None:
+    if json_out is not None and dist.context(held.device.type).is_writer:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(json_out), {"model": held.name, "weights": held.loaded.weights_id,
                                            "merge_thresholds": list(held.module.merge_thresholds),  # type: ignore[attr-defined]

@@ -82,6 +82,13 @@ def _warn(lines: list[str]) -> None:
         err_console.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
 
 
+def _is_writer() -> bool:
+    """Rank 0 of a torchrun job (or the only process) reports for the job."""
+    from tokenscope import dist
+
+    return dist.context().is_writer
+
+
 def _report_failures(images: list[Any]) -> int:
     failed = [r for r in images if r.error]
     for r in failed:
@@ -131,6 +138,8 @@ def run(
                              animation=animation, animation_limit=animation_limit, baseline=baseline,
                              render_workers=render_workers, device=device, seed=seed, out=out, resume=resume,
                              progress=progress)
+    if result.rank != 0:  # under torchrun, rank 0 reports for the whole job
+        raise typer.Exit(3 if any(r.error for r in result.images) else 0)
     _warn(result.warnings)
     table = Table(title=f"tokenscope run: {result.model}", title_justify="left")
     for col in ("image", "patches", "tokens", "reduction", "exited early", "GFLOPs", "baseline GFLOPs", "forward"):
@@ -344,6 +353,8 @@ def evaluate(
         with _progress("evaluating") as progress:
             metrics = api.evaluate(held, data=data, data_root=data_root, split=split, seeds=seeds, size=size,
                                    window=window, stride=stride, json_out=json_out, progress=progress)
+    if not _is_writer():
+        return
     loaded = held.loaded
     exits_text = "learned exits" if loaded.model.exits_enabled else "no exits"
     _print_eval(metrics, f"{loaded.config.name}: STEP ({loaded.model.active_policy} policy, {exits_text}) vs baseline")
@@ -432,6 +443,8 @@ def sweep(
                                exit_thresholds=parse_floats(exit_, "--exit-thresholds"), sizes=size_list, data=data,
                                data_root=data_root, split=split, seeds=seeds, scene_size=scene_size, device=device,
                                out=out, progress=progress)
+    if result.folder is None:  # not rank 0 of a torchrun job
+        return
     table = Table(title="sweep", title_justify="left")
     for col in ("size", "point", "mIoU", "GFLOPs/img", "images/s", "reduction", "exited"):
         table.add_column(col, justify="left" if col == "point" else "right")

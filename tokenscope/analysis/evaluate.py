@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tokenscope import dist
 from tokenscope.analysis.metrics import confusion, iou_per_class, mean_iou
 from tokenscope.analysis.windowed import predict
 from tokenscope.data.datasets import SegmentationDataset
@@ -51,6 +52,17 @@ class VariantScores:
     windows: int = 0
     """Forward passes: one per image, or one per sliding window."""
     forward_s: float = 0.0
+
+    COUNTS = ("patches", "tokens", "exited_tokens", "exited_patches", "flops", "images", "windows", "forward_s")
+
+    def add_up(self, ctx: dist.Context) -> None:
+        """Sum the totals of every rank into this one (a no-op in a single process)."""
+        if not ctx.active:
+            return
+        self.confusion = dist.all_reduce_sum(ctx, self.confusion)
+        totals = dist.all_reduce_sum(ctx, np.array([float(getattr(self, k)) for k in self.COUNTS]))
+        for k, v in zip(self.COUNTS, totals):
+            setattr(self, k, float(v) if k == "forward_s" else int(round(v)))
 
     @property
     def miou(self) -> float:
@@ -101,11 +113,13 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
     c = loaded.config.num_classes
     result = EvalResult({p.name: VariantScores(p.name, np.zeros((c, c), dtype=np.int64)) for p in points})
     capture = TraceCapture(loaded, device, amp=amp)
+    ctx = dist.context(device.type)  # under torchrun each rank scores its share, then counts are added
+    mine = ctx.shard(range(len(dataset)))
     try:
-        for i in range(len(dataset)):
+        for n, i in enumerate(mine):
             sample = dataset[i]
             if progress:
-                progress(i, len(dataset), sample.name)
+                progress(n, len(mine), sample.name)
             prepared = prepare_image(sample.image, sample.name, size=size, labels=sample.labels,
                                      patch=model.patch_size)
             for p in points:
@@ -123,7 +137,9 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
                 s.windows += len(pred.traces)
                 s.images += 1
         if progress:
-            progress(len(dataset), len(dataset), "")
+            progress(len(mine), len(mine), "")
     finally:
         model.configure(policy=saved[0], exits=saved[1], merge_thresholds=saved[2], exit_threshold=saved[3])
+    for scores in result.variants.values():
+        scores.add_up(ctx)
     return result

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from tokenscope import __version__
+from tokenscope import __version__, dist
 from tokenscope.analysis.aggregate import DatasetTables, ImageEval, aggregate
 from tokenscope.analysis.metrics import confusion, pixel_agreement
 from tokenscope.analysis.stats import blocks_table, summary, tokens_table
@@ -120,6 +120,8 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     model: str = ""
     tables: DatasetTables | None = None
+    rank: int = 0
+    """This process's rank under torchrun; only rank 0 has the tables and reports."""
 
     @property
     def failed(self) -> list[ImageResult]:
@@ -340,13 +342,15 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
     if req.dataset == "synthetic":
         check_size(req.dataset_size, patch, "--scene-size")
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, req.window, req.stride, req.size)
+    ctx = dist.context(device.type)  # rank 0 of 1 unless started by torchrun
     if resume is not None:
         if manifest.get("weights") != loaded.weights_id:
             raise RunFolderError(f"{run_dir}: was run with weights {manifest.get('weights')}, these are {loaded.weights_id}")
-        for stale in run_dir.glob(f"{PARTIAL_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        if ctx.is_writer:
+            for stale in run_dir.glob(f"{PARTIAL_PREFIX}*"):
+                shutil.rmtree(stale, ignore_errors=True)
     else:
-        run_dir = new_run_dir(out, "run")
+        run_dir = Path(dist.broadcast(ctx, str(new_run_dir(out, "run")) if ctx.is_writer else ""))
     capture = TraceCapture(loaded, device, amp=opts.amp)
     labelled = any(it.labelled for it in items)
     with_baseline = labelled if req.baseline is None else req.baseline
@@ -361,16 +365,20 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
         "animated_images": len(_animated_items(req, items)),
     }
     if resume is None:
-        write_json_atomic(run_dir / MANIFEST, base_manifest)
+        if ctx.is_writer:
+            write_json_atomic(run_dir / MANIFEST, base_manifest)
     else:
         base_manifest["created"] = manifest.get("created", base_manifest["created"])
         base_manifest["resumed"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    base_manifest["world_size"] = ctx.world_size
+    dist.barrier(ctx, "run folder ready")  # every rank now sees the same finished image folders
     results = [ImageResult(source=item.source) for item in items]
     animate = _animated_items(req, items)
     todo = [i for i, item in enumerate(items) if not (run_dir / item.name).is_dir()]
     for i in set(range(len(items))) - set(todo):
         results[i].folder, results[i].skipped = items[i].name, True
-    workers = default_workers(len(todo), device.type) if req.render_workers is None else req.render_workers
+    mine = ctx.shard(todo)  # each image is one rank's: no two ranks write the same folder
+    workers = default_workers(len(mine), device.type) if req.render_workers is None else req.render_workers
 
     def record(done: list[tuple[Any, Any, BaseException | None]]) -> None:
         for i, info, exc in done:
@@ -382,10 +390,10 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
                 results[i].folder, results[i].summary = items[i].name, info
 
     with BackgroundWriter(workers) as writer:
-        for n, i in enumerate(todo):
+        for n, i in enumerate(mine):
             item = items[i]
             if progress:
-                progress(n, len(todo), item.name)
+                progress(n, len(mine), item.name)
             try:
                 prepared = item.load(patch)
                 pred = predict(capture, prepared, windows)
@@ -398,7 +406,12 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
             record(writer.submit(i, write_image_folder, run_dir, item.name, prepared, pred, ev, options, cfg))
         record(writer.drain())
     if progress:
-        progress(len(todo), len(todo), "")
+        progress(len(mine), len(mine), "")
+    for rank_results in dist.gather(ctx, [(i, results[i].folder, results[i].summary, results[i].error) for i in mine]):
+        for i, folder, info, error in rank_results:
+            results[i].folder, results[i].summary, results[i].error = folder, info, error
+    if not ctx.is_writer:  # rank 0 alone builds the tables and marks the run complete
+        return RunResult(run_dir, results, loaded.warnings, loaded.config.name, None, rank=ctx.rank)
     tables = finish_run(run_dir, [it.name for it in items], req.figures,
                         {"animated_images": base_manifest["animated_images"]})
     for r in results:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from tokenscope import __version__
+from tokenscope import __version__, dist
 from tokenscope.analysis.evaluate import OperatingPoint, Progress, evaluate
 from tokenscope.data.datasets import open_dataset
 from tokenscope.data.images import check_size
@@ -38,7 +38,8 @@ def parse_floats(text: str, what: str) -> list[float]:
 
 @dataclass
 class SweepResult:
-    folder: Path
+    folder: Path | None
+    """The sweep folder (None on ranks other than 0 under torchrun)."""
     table: pd.DataFrame
     default: dict[str, Any]
 
@@ -79,8 +80,11 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
                 "miou": v.miou, "gflops_per_image": v.gflops_per_image, "images_per_s": v.images / max(v.forward_s, 1e-12),
                 "token_reduction": v.reduction, "exited_early_pct": v.exited_pct, "images": v.images,
             })
-    folder = new_run_dir(out, "sweep")
     table = pd.DataFrame(rows)
+    default = {"merge_thresholds": list(default_merge), "exit_threshold": default_exit, "policy": policy}
+    if not dist.context(device.type).is_writer:  # under torchrun, rank 0 writes the sweep folder
+        return SweepResult(None, table, default)
+    folder = new_run_dir(out, "sweep")
     write_table(table, folder / "sweep.csv")
     for s_ in table["size"].unique():
         sub = table[table["size"] == s_]
@@ -88,7 +92,6 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
                     lower_is_better=True)
         pareto_plot(sub, "images_per_s", f"measured throughput (images/s, {device.type}, batch 1)",
                     folder / f"pareto_throughput_{s_}.png", lower_is_better=False)
-    default = {"merge_thresholds": list(default_merge), "exit_threshold": default_exit, "policy": policy}
     write_json_atomic(folder / MANIFEST, {
         "tool": "tokenscope", "version": __version__, "kind": "sweep", "status": "complete",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": loaded.config.name, "weights": loaded.weights_id,

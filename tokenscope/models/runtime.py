@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -15,12 +16,17 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 def resolve_device(choice: str) -> torch.device:
     """`auto` takes the GPU when there is one; asking for `cuda` without one is an error."""
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # under torchrun, one GPU per process of a node
+        return torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if "LOCAL_RANK" in os.environ else torch.device("cuda")
     if choice == "cpu":
         return torch.device("cpu")
     if choice.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        if choice == "cuda" and "LOCAL_RANK" in os.environ:
+            return torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
         return torch.device(choice)
     raise ConfigError(f"unknown device {choice!r}; choose one of {', '.join(DEVICE_CHOICES)}")
 
