@@ -64,6 +64,8 @@ def context(device_type: str = "cpu") -> Context:
         return Context()
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
+        if backend == "nccl":  # NCCL's object collectives run on the current device: one GPU per rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         try:
             dist.init_process_group(backend=backend, timeout=timeout())
         except (RuntimeError, ValueError) as exc:
