@@ -99,7 +99,7 @@ def test_a_download_with_the_wrong_hash_is_an_error_and_leaves_nothing(
     with pytest.raises(CheckpointError, match="SHA-256 .* expected 0000"):
         build_model("tiny-bad")
     assert len(server.requests) == 1
-    assert not published.model_dir("tiny-bad").exists()
+    assert not published.model_dir("tiny-bad").exists() and not (published.cache_root() / "models").exists()
     assert not any(published.cache_root().rglob("*.part"))
 
 

@@ -177,9 +177,9 @@ def ensure_published(name: str, convert: Callable[[Path, Path, PublishedModel], 
     try:
         return _download_and_convert(entry, out, convert, progress, timeout)
     finally:
-        folder = model_dir(name)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()  # a failed first use leaves no trace in the cache
+        for folder in (model_dir(name), model_dir(name).parent):  # a failed first use leaves no trace
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _download_and_convert(entry: PublishedModel, out: Path, convert: Callable[[Path, Path, PublishedModel], None],
