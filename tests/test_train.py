@@ -72,8 +72,8 @@ def test_exit_aware_steps_really_drop_tokens_and_supervise_only_tokens_that_reac
     for gate in model.gates.values():
         gate.threshold = 0.0  # every token exits at the first gate
     trainer.s.aux_weight = 0.0  # so any gradient on a gate head comes from the final loss
-    x, y = trainer.batch(0)
-    losses = trainer.losses(x, y, exits=True)
+    x, y, seeds = trainer.batch(0)
+    losses = trainer.losses(x, y, exits=True, seeds=seeds)
     assert torch.isfinite(losses["loss"])
     first, second = model.exit_after
     with torch.no_grad():

@@ -416,7 +416,7 @@ def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None 
           train_split: str = "train", val_split: str = "val", train_seeds: str = "0:2000",
           val_seeds: str = "900000:900100", size: int = 512, steps: int = 3000,
           crops: Sequence[tuple[int, int]] = ((256, 8), (384, 4), (512, 2)), lr: float = 1e-3, aux_weight: float = 0.5,
-          warmup: int = 150, exit_aware_steps: int = 0, save_every: int = 250, resume: bool = False,
+          warmup: int = 150, exit_aware_steps: int = 0, save_every: int = 250, accumulate: int = 1, resume: bool = False,
           evaluate_after: bool = True, device: str = "auto", seed: int = 0,
           progress: Callable[[int, int, dict[str, float]], None] | None = None,
           eval_progress: Progress | None = None) -> Any:
@@ -428,7 +428,7 @@ def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None 
 
     settings = TrainSettings(steps=steps, crops=tuple((int(a), int(b)) for a, b in crops), lr=lr, aux_weight=aux_weight,
                              warmup=warmup, save_every=save_every, seed=seed, exit_aware_steps=exit_aware_steps,
-                             init=init or "", freeze=tuple(freeze))
+                             init=init or "", freeze=tuple(freeze), accumulate=accumulate)
     d = DataOptions(kind=data, root=data_root, train_split=train_split, val_split=val_split, train_seeds=train_seeds,
                     val_seeds=val_seeds, size=size)
     return train_model(model, out, d, settings, device=device, backbone_weights=backbone_weights, resume=resume,

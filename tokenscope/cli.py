@@ -253,6 +253,7 @@ def train(
     init: Annotated[Optional[str], typer.Option(help="Fine-tune from a tokenscope checkpoint (NAME.json), a Segmenter/mmseg checkpoint (.pth) or a published model's name; its architecture wins over --model.")] = None,
     freeze: Annotated[Optional[str], typer.Option(help="Keep parts fixed: encoder (a cheap run training exit heads, policy and decoder), or encoder,decoder.")] = None,
     decoder: Annotated[Optional[str], typer.Option(help="Decoder of a new model: linear or mask (Segmenter's mask transformer). Default: linear.")] = None,
+    accumulate: Annotated[int, typer.Option(help="Split each process's share of a step's batch into K micro-batches (gradient accumulation); the global batch stays the --crops batch.")] = 1,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     train_split: Annotated[str, typer.Option(help="Split to train on (folder data sets ignore it).")] = "train",
@@ -261,7 +262,7 @@ def train(
     val_seeds: Annotated[str, typer.Option(help="Synthetic scenes to evaluate on, START:STOP (never overlap training).")] = "900000:900100",
     size: Annotated[int, typer.Option(help="Side of generated synthetic scenes (training crops are cut from them).")] = 512,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 3000,
-    crops: Annotated[str, typer.Option(help="Crop side x batch size pairs drawn per step, e.g. 256x8,384x4,512x2.")] = "256x8,384x4,512x2",
+    crops: Annotated[str, typer.Option(help="Crop side x global batch size pairs drawn per step, e.g. 256x8,384x4,512x2 (split over torchrun's processes).")] = "256x8,384x4,512x2",
     lr: Annotated[float, typer.Option(help="Peak learning rate of encoder, decoder and exit heads (AdamW, warm-up + cosine).")] = 1e-3,
     aux_weight: Annotated[float, typer.Option(help="Weight of each exit head's cross-entropy (deep supervision).")] = 0.5,
     warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up steps before the cosine decay.")] = 150,
@@ -294,9 +295,12 @@ def train(
                                    decoder=decoder, data=data, data_root=data_root, train_split=train_split,
                                    val_split=val_split, train_seeds=train_seeds, val_seeds=val_seeds, size=size,
                                    steps=steps, crops=_parse_crops(crops), lr=lr, aux_weight=aux_weight, warmup=warmup,
-                                   exit_aware_steps=exit_aware_steps, save_every=save_every, resume=resume,
+                                   exit_aware_steps=exit_aware_steps, save_every=save_every, accumulate=accumulate,
+                                   resume=resume,
                                    evaluate_after=not no_eval, device=device, seed=seed, progress=on_step,
                                    eval_progress=eval_progress)
+    if not _is_writer():  # under torchrun, rank 0 reports
+        return
     out_console.print(f"checkpoint: [bold]{result.checkpoint.with_suffix('.json')}[/] after {result.state.step} steps",
                       highlight=False)
     if result.metrics:

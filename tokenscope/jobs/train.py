@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from tokenscope import dist
 from tokenscope.analysis.evaluate import EvalResult, OperatingPoint, Progress, evaluate
 from tokenscope.data.classes import SEGMENTER_PROTOCOL, dataset_classes
 from tokenscope.data.datasets import SegmentationDataset, SyntheticDataset, open_dataset, parse_seeds
@@ -109,7 +110,9 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
         metrics = {k: v.as_dict(final.config.class_names) for k, v in evaluation.variants.items()}
         meta = {**final.metadata, "evaluation": {"data": data.__dict__, "thresholds": {
             "merge": list(final.model.merge_thresholds), "exit": final.model.exit_threshold}, "variants": metrics}}
-        save_checkpoint(final.model, out, trained=final.trained, metadata=meta)
+        if trainer.ctx.is_writer:
+            save_checkpoint(final.model, out, trained=final.trained, metadata=meta)
+        dist.barrier(trainer.ctx, "evaluated checkpoint written")
     return TrainResult(Path(out), state, evaluation, metrics)
 
 

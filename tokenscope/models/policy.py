@@ -57,10 +57,19 @@ class Policy(nn.Module):
     def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> PolicyOutput:
-        """`images` are RGB in [0, 1], (B, 3, H, W) with H, W multiples of the patch size."""
+    def score_seeded(self, images: torch.Tensor, labels: torch.Tensor | None,
+                     sample_seeds: Sequence[int]) -> list[torch.Tensor]:
+        """`score` with per-image randomness; policies without randomness ignore the seeds."""
+        return self.score(images, labels)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                sample_seeds: Sequence[int] | None = None) -> PolicyOutput:
+        """`images` are RGB in [0, 1], (B, 3, H, W) with H, W multiples of the patch size.
+
+        `sample_seeds` (one per image) make a policy's training-time randomness a function of
+        the image alone, not of which batch or process it landed in (see OraclePolicy)."""
         grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
-        scores = self.score(images, labels)
+        scores = self.score(images, labels) if sample_seeds is None else self.score_seeded(images, labels, sample_seeds)
         host = [s.detach().float().cpu().numpy() for s in scores]
         partitions = [
             quadtree_partition([h[b] for h in host], self.thresholds, grid) for b in range(images.shape[0])
@@ -97,6 +106,23 @@ class OraclePolicy(Policy):
             return homog
         withhold = torch.rand(images.shape[0], 1, 1, device=images.device)
         return [h * (torch.rand_like(h) >= withhold) for h in homog]
+
+    def score_seeded(self, images: torch.Tensor, labels: torch.Tensor | None,
+                     sample_seeds: Sequence[int]) -> list[torch.Tensor]:
+        """The same withholding, drawn per image from its own seed: an image is withheld alike in
+        a batch of 8 on one process or a batch of 4 on each of two (distributed training)."""
+        if labels is None:
+            raise ConfigError("policy 'oracle' needs a label map: pass --labels")
+        homog = [h.to(images.dtype) for h in block_homogeneity(labels, MAX_LEVEL, self.patch)]
+        if not self.training:
+            return homog
+        keep = [torch.empty_like(h, device="cpu") for h in homog]
+        for b, seed in enumerate(sample_seeds):
+            g = torch.Generator().manual_seed(int(seed))
+            withhold = torch.rand(1, generator=g)
+            for k, h in zip(keep, homog):
+                k[b] = (torch.rand(h.shape[1:], generator=g) >= withhold).to(k.dtype)
+        return [h * k.to(h.device) for h, k in zip(homog, keep)]
 
 
 class UniformPolicy(Policy):
@@ -164,9 +190,10 @@ class BudgetPolicy(UniformPolicy):
         super().__init__(patch=patch, tau=tau)
         self.reduction = reduction
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> PolicyOutput:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                sample_seeds: Sequence[int] | None = None) -> PolicyOutput:
         grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
-        scores = self.score(images, labels)
+        scores = self.score(images, labels)  # deterministic: no per-image randomness to seed
         host = [s.detach().float().cpu().numpy() for s in scores]
         parts = [budget_partition([h[b] for h in host], grid, self.reduction) for b in range(images.shape[0])]
         return PolicyOutput(scores=scores, partitions=parts)

@@ -49,6 +49,8 @@ class StepOutput:
     partitions: list[Partition]
     aux_patch_logits: dict[int, torch.Tensor] = field(default_factory=dict)
     """Per gate (keyed by its block), patch logits from every token: deep supervision."""
+    aux_policy_logits: list[torch.Tensor] = field(default_factory=list)
+    """The learned dCTS policy's merge logits per level, for training it beside the segmenter."""
 
 
 def attention_mask(valid: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -212,15 +214,19 @@ class StepViT(nn.Module):
         prefix = torch.cat(parts, dim=1)
         return prefix + pos_prefix if pos_prefix is not None else prefix
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, return_aux: bool = False) -> StepOutput:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, return_aux: bool = False,
+                sample_seeds: Sequence[int] | None = None) -> StepOutput:
         """`images`: RGB in [0, 1], (B, 3, H, W), H and W multiples of the patch size.
 
-        With `return_aux`, every gate also classifies all of its tokens for deep supervision.
+        With `return_aux`, every gate also classifies all of its tokens for deep supervision and
+        the learned policy scores the image (its training target comes from the labels), so one
+        forward holds every trained part, as DistributedDataParallel needs; `sample_seeds`
+        (training) make the active policy's randomness per image (see Policy.forward).
         A decoder that `needs_context` (the mask transformer) receives every token at the end:
         the survivors with their final features, exited tokens with the features they left with.
         """
         b = images.shape[0]
-        decision = self.policy(images, labels)
+        decision = self.policy(images, labels, sample_seeds)
         partitions = decision.partitions
         emb, pos_prefix = self.embed((images - self.pixel_mean) / self.pixel_std, partitions)
         x, ids, valid = emb.tokens, emb.token_ids, emb.valid
@@ -270,7 +276,8 @@ class StepViT(nn.Module):
             final = self.decoder(self.norm(x)[:, p:], valid)
             scatter_tokens(token_logits, final, ids, valid)
         token_logits, exit_block = token_logits[:, :t_max], exit_block[:, :t_max]
-        return StepOutput(unmerge(token_logits, grid_ids), token_logits, exit_block, partitions, aux)
+        policy_logits = self.policies["learned"].logits(images) if return_aux else []
+        return StepOutput(unmerge(token_logits, grid_ids), token_logits, exit_block, partitions, aux, policy_logits)
 
 
 def create_backbone(cfg: StepConfig) -> nn.Module:

@@ -10,20 +10,24 @@
   exited tokens through their gate's prediction, as in DToP.
 - Policy: binary cross-entropy per level against ground-truth block homogeneity (CTS's target).
 
-Batches are drawn from a generator seeded by (seed, step), so a resumed run draws exactly the
-batches an uninterrupted run would have. Work is split by `rank`/`world_size` in one place
-(`_batch_indices`) and the model is reached through `_unwrap`, so torchrun + DDP only needs the
-process group, the wrapper and a gradient all-reduce added, not a rewrite.
+Batches are global and counted in images: each step draws its crop size and its images from a
+generator seeded by (seed, step), and every image draws its crop and its withheld merges from its
+own seed (seed, step, position). Under torchrun each rank takes every world_size-th image of the
+batch and, with `accumulate` K, splits its share into K micro-batches; DistributedDataParallel
+averages the gradients. So a step is the same whatever the number of processes or micro-batches
+(up to float rounding, and to the policy network's BatchNorm statistics, which are per process
+on the CPU; on CUDA they are synchronised), and a run can resume with another world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +35,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tokenscope import dist
 from tokenscope.data.datasets import Sample, SegmentationDataset
 from tokenscope.data.images import IGNORE_INDEX, PAD_RGB
 from tokenscope.errors import CheckpointError, ConfigError
@@ -66,11 +72,17 @@ class TrainSettings:
     """Parts kept fixed: `encoder` (patch embedding, blocks, final norm), `decoder`. A frozen
     encoder makes a cheap run that trains the exit heads and the policy (and the decoder, unless
     frozen too) on top of an already trained segmenter."""
+    accumulate: int = 1
+    """Micro-batches per step and process (gradient accumulation); the global batch is unchanged."""
     rank: int = 0
     world_size: int = 1
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def schedule(self) -> dict[str, object]:
+        """What must match for a resume: everything but how the work is split across processes."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("rank", "world_size", "accumulate")}
 
 
 @dataclass
@@ -146,6 +158,8 @@ class Trainer:
 
     def __init__(self, loaded: LoadedModel, dataset: SegmentationDataset, settings: TrainSettings, out: str | Path,
                  device: torch.device, cache: bool = True) -> None:
+        self.ctx = dist.context(device.type)  # rank 0 of 1 unless started by torchrun
+        settings = replace(settings, rank=self.ctx.rank, world_size=self.ctx.world_size)
         if settings.steps < 1:
             raise ConfigError("--steps must be >= 1")
         if not 0 <= settings.exit_aware_steps <= settings.steps:
@@ -154,11 +168,19 @@ class Trainer:
             raise ConfigError(f"--warmup must be >= 0, got {settings.warmup}")
         if len(dataset) == 0:
             raise ConfigError("the training data set is empty")
+        if settings.accumulate < 1:
+            raise ConfigError(f"--accumulate must be >= 1, got {settings.accumulate}")
+        split = settings.world_size * settings.accumulate
         for side, batch in settings.crops:
+            if batch % split:
+                raise ConfigError(f"--crops {side}x{batch}: a global batch of {batch} cannot be split over "
+                                  f"{settings.world_size} process(es) x {settings.accumulate} micro-batch(es)")
+            batch //= split
             # the policy network's coarsest level has one cell per 256x256 px; BatchNorm needs two values
             if batch * max(1, side // 256) ** 2 < 2:
-                raise ConfigError(f"--crops {side}x{batch}: one {side}-px crop leaves the policy network's coarsest "
-                                  "level a single cell, too few for batch normalisation; use a batch >= 2 or crops >= 512 px")
+                raise ConfigError(f"--crops {side}x{batch * split}: one {side}-px crop per micro-batch leaves the policy "
+                                  "network's coarsest level a single cell, too few for batch normalisation; use a "
+                                  "larger batch or crops >= 512 px")
         self.loaded = loaded
         self.model: nn.Module = loaded.model.to(device)
         self.data = CompactCache(dataset, cache)
@@ -184,7 +206,16 @@ class Trainer:
             {"params": policy_params, "weight_decay": 1e-4, "lr": settings.policy_lr},
         ])
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.segmenter_params = [p for p in other]
+        self.policy_params = policy_params
         self.amp = device.type == "cuda"
+        if self.ctx.active:
+            if device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            # which parameters get gradients varies by step: crops too small for the coarsest policy
+            # levels, gates that no token reaches once exits are on
+            self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                             find_unused_parameters=True)
 
     # ---- schedule and data -------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
@@ -193,28 +224,38 @@ class Trainer:
         t = (step - self.s.warmup) / max(1, self.s.steps - self.s.warmup)
         return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
-    def _batch_indices(self, step: int) -> tuple[int, list[int], np.random.Generator]:
+    def _batch_indices(self, step: int) -> tuple[int, list[int]]:
+        """Crop side and the data-set indices of the step's global batch."""
         rng = np.random.default_rng([self.s.seed, step])
         side, batch = self.s.crops[int(rng.integers(len(self.s.crops)))]
-        idx = rng.integers(0, self.n, size=batch * self.s.world_size).tolist()
-        return side, idx[self.s.rank::self.s.world_size], rng
+        return side, rng.integers(0, self.n, size=batch).tolist()
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        side, idx, rng = self._batch_indices(step)
-        crops = [random_crop(self.data[i], side, rng) for i in idx]
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's positions in the global batch, split into `accumulate` micro-batches."""
+        _, idx = self._batch_indices(step)
+        mine = list(range(len(idx)))[self.s.rank::self.s.world_size]
+        return [mine[m::self.s.accumulate] for m in range(self.s.accumulate)]
+
+    def batch(self, step: int, positions: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Images, labels and per-image seeds at `positions` of the step's global batch (default: all)."""
+        side, idx = self._batch_indices(step)
+        positions = list(range(len(idx))) if positions is None else positions
+        seeds = [int(np.random.SeedSequence([self.s.seed, step, j]).generate_state(1)[0]) for j in positions]
+        crops = [random_crop(self.data[idx[j]], side, np.random.default_rng(seed)) for j, seed in zip(positions, seeds)]
         x = torch.from_numpy(np.stack([c[0] for c in crops]).transpose(0, 3, 1, 2).copy())
         y = torch.from_numpy(np.stack([c[1] for c in crops])).long()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), seeds
 
     # ---- one step ------------------------------------------------------------------------------
     def exit_aware(self, step: int) -> bool:
         return step >= self.s.steps - self.s.exit_aware_steps
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor, exits: bool = False) -> dict[str, torch.Tensor]:
+    def losses(self, x: torch.Tensor, y: torch.Tensor, exits: bool = False,
+               seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
         m = _unwrap(self.model)
         m.configure(policy="oracle", exits=exits)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.model(x, y, return_aux=True)
+            out = self.model(x, y, return_aux=True, sample_seeds=seeds)
             size = y.shape[-2:]
             seg = F.cross_entropy(F.interpolate(out.patch_logits.float(), size=size, mode="bilinear", align_corners=False),
                                   y, ignore_index=IGNORE_INDEX)
@@ -224,26 +265,42 @@ class Trainer:
                 target = y if reached is None else torch.where(reached >= block, y, torch.full_like(y, IGNORE_INDEX))
                 aux.append(F.cross_entropy(F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False),
                                            target, ignore_index=IGNORE_INDEX))
-            policy_logits = m.policies["learned"].logits(x)
+            policy_logits = out.aux_policy_logits
         targets = block_homogeneity(y, MAX_LEVEL, m.patch_size)
         bce = [F.binary_cross_entropy_with_logits(lg.float(), t.float()) for lg, t in zip(policy_logits, targets) if t.numel()]
         aux_loss = torch.stack(aux).sum() if aux else seg.new_zeros(())
         policy_loss = torch.stack(bce).mean() if bce else seg.new_zeros(())
+        # levels with no block at this crop size take part with weight zero, so every output of the
+        # forward is in the loss (what DistributedDataParallel's bookkeeping expects)
+        policy_loss = policy_loss + sum((lg.float().sum() * 0.0 for lg in policy_logits if not lg.numel()),
+                                        seg.new_zeros(()))
         total = seg + self.s.aux_weight * aux_loss + self.s.policy_weight * policy_loss
         return {"loss": total, "seg": seg, "aux": aux_loss, "policy": policy_loss}
 
     def step(self, step: int) -> dict[str, float]:
+        """One optimiser step over the global batch: this process's micro-batches, gradients averaged
+        over processes by DDP; the losses returned are the global batch's (averaged over processes)."""
         self.model.train()
-        torch.manual_seed(self.s.seed * 1_000_003 + step)  # oracle withholding: same draws after a resume
-        x, y = self.batch(step)
         for g, base in zip(self.opt.param_groups, self.base_lrs):
             g["lr"] = base * self.lr_factor(step)
-        losses = self.losses(x, y, exits=self.exit_aware(step))
         self.opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+        micro = self.micro_batches(step)
+        totals: dict[str, float] = {}
+        for k, positions in enumerate(micro):
+            x, y, seeds = self.batch(step, positions)
+            sync = k == len(micro) - 1 or not isinstance(self.model, DDP)
+            with contextlib.nullcontext() if sync else self.model.no_sync():  # type: ignore[operator]
+                losses = self.losses(x, y, exits=self.exit_aware(step), seeds=seeds)
+                (losses["loss"] / len(micro)).backward()
+            for name, v in losses.items():
+                totals[name] = totals.get(name, 0.0) + float(v.detach()) / len(micro)
+        # the segmenter and the policy network have separate objectives: clip them separately
+        torch.nn.utils.clip_grad_norm_(self.segmenter_params, 1.0)
+        torch.nn.utils.clip_grad_norm_(self.policy_params, 1.0)
         self.opt.step()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        names = sorted(totals)
+        mean = dist.all_reduce_sum(self.ctx, np.array([totals[n] for n in names])) / self.ctx.world_size
+        return dict(zip(names, (float(v) for v in mean)))
 
     # ---- checkpoints ---------------------------------------------------------------------------
     @property
@@ -275,8 +332,10 @@ class Trainer:
             blob = torch.load(self.state_path, map_location=self.device, weights_only=True)
         except Exception as exc:  # torch raises several types for damaged files
             raise CheckpointError(f"{self.state_path}: cannot read training state ({exc})") from None
-        if blob["settings"] != self.s.to_dict():
-            raise ConfigError("--resume needs the same training settings as the interrupted run")
+        saved = {k: v for k, v in blob["settings"].items() if k not in ("rank", "world_size", "accumulate")}
+        if saved != self.s.schedule():
+            raise ConfigError("--resume needs the same training settings as the interrupted run "
+                              "(the number of processes and --accumulate may change)")
         self.opt.load_state_dict(blob["optimizer"])
         self.state = TrainState(int(blob["step"]), json.loads(blob["history"]))
 
@@ -296,4 +355,5 @@ class Trainer:
                 progress(self.state.step, self.s.steps, losses)
             if self.state.step % self.s.save_every == 0 or self.state.step == self.s.steps:
                 self.save()
+        dist.barrier(self.ctx, "final checkpoint written")  # every rank may now read it
         return self.state
