@@ -41,6 +41,16 @@ def _same_trace(a: "ts.Trace", b: "ts.Trace") -> None:
     assert ma == mb
 
 
+def test_api_names_win_over_subpackages_of_the_same_name() -> None:
+    import tokenscope.train.trainer  # noqa: F401 - binds the subpackages as attributes of the package
+    import tokenscope.trace.capture  # noqa: F401
+
+    assert callable(ts.trace) and callable(ts.train) and ts.trace.__module__ == "tokenscope.api"
+    from tokenscope.train.trainer import Trainer
+
+    assert Trainer.__name__ == "Trainer"
+
+
 def test_help_reads_as_a_short_manual() -> None:
     out = subprocess.run([sys.executable, "-c", "import tokenscope as ts; help(ts)"], capture_output=True, text=True,
                          check=True, env={"PAGER": "cat", "PATH": ""}).stdout

@@ -168,3 +168,34 @@ def test_ddp_training_on_two_ranks_equals_one_process_with_the_whole_batch(tmp_p
     assert _max_diff(one, micro, policy=False) < 1e-4
     history = json.loads(torch.load(tmp_path / "two" / "m.train.pt", weights_only=True)["history"])
     assert len(history) == 3 and history[-1]["step"] == 3
+
+
+def test_training_killed_in_one_process_resumes_on_two(tmp_path: Path) -> None:
+    """Global batches are defined in images, so a run checkpointed by one process finishes on two and
+    ends where an uninterrupted run ends (same tolerance and exclusion as above)."""
+    from safetensors.torch import load_file
+
+    import tokenscope as ts
+
+    common = dict(steps=4, crops=((64, 4),), size=96, train_seeds="0:6", evaluate_after=False, device="cpu", seed=1,
+                  warmup=1, lr=3e-3, save_every=2)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_3(step: int, total: int, losses: dict) -> None:  # noqa: ANN001
+        if step == 3:  # step 3 is done but not saved: the resumed run redoes it
+            raise Killed
+
+    try:
+        ts.train(tmp_path / "split" / "m", progress=kill_after_step_3, **common)
+    except Killed:
+        pass
+    proc = _torchrun(["train", "--steps", "4", "--crops", "64x4", "--size", "96", "--train-seeds", "0:6", "--no-eval",
+                      "--device", "cpu", "--seed", "1", "--warmup", "1", "--lr", "3e-3", "--save-every", "2",
+                      "--resume", "--out", str(tmp_path / "split" / "m")])
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    ts.train(tmp_path / "whole" / "m", **common)
+    split, whole = (load_file(str(tmp_path / n / "m.safetensors")) for n in ("split", "whole"))
+    assert _max_diff(split, whole, policy=False) < 1e-4

@@ -74,20 +74,30 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
+def _api_property(name: str) -> property:
+    def get(self: types.ModuleType) -> Any:
+        from tokenscope import api
+
+        return getattr(api, name)
+
+    def keep_subpackage(self: types.ModuleType, subpackage: Any) -> None:
+        self.__dict__[f"_{name}_subpackage"] = subpackage
+
+    return property(get, keep_subpackage)
+
+
+_SHADOWED = ("trace", "train")
+"""API functions named like a subpackage (tokenscope/trace/, tokenscope/train/)."""
+
+
 class _Package(types.ModuleType):
-    """`ts.trace` is the API function although `tokenscope.trace` is also a subpackage: a class
-    property wins over the module attribute that importing the subpackage sets (the subpackage
-    itself stays importable as `from tokenscope.trace.trace import ...`)."""
+    """`ts.trace` and `ts.train` are the API functions although `tokenscope.trace` and
+    `tokenscope.train` are subpackages too: a class property wins over the module attribute that
+    importing a subpackage sets (the subpackages stay importable with `from tokenscope.train.trainer
+    import ...`)."""
 
-    @property
-    def trace(self) -> Any:
-        from tokenscope.api import trace
 
-        return trace
-
-    @trace.setter
-    def trace(self, subpackage: Any) -> None:
-        self.__dict__["_trace_subpackage"] = subpackage
-
+for _name in _SHADOWED:
+    setattr(_Package, _name, _api_property(_name))
 
 sys.modules[__name__].__class__ = _Package
