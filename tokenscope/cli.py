@@ -83,10 +83,9 @@ def _warn(lines: list[str]) -> None:
 
 
 def _is_writer() -> bool:
-    """Rank 0 of a torchrun job (or the only process) reports for the job."""
-    from tokenscope import dist
-
-    return dist.context().is_writer
+    """Rank 0 of a torchrun job (or the only process) reports for the job. Read from torchrun's
+    environment, so the CLI never joins the process group itself (the job picks its backend)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _report_failures(images: list[Any]) -> int:
@@ -281,12 +280,13 @@ def train(
         columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                    TimeRemainingColumn(), TextColumn("loss {task.fields[loss]:.3f} seg {task.fields[seg]:.3f} "
                                                      "aux {task.fields[aux]:.3f} policy {task.fields[policy]:.3f}"))
-        with Progress(*columns, console=err_console) as bar:
+        writer = _is_writer()  # under torchrun only rank 0 shows progress and logs
+        with Progress(*columns, console=err_console, disable=not writer) as bar:
             task = bar.add_task("train", total=steps, loss=float("nan"), seg=float("nan"), aux=float("nan"), policy=float("nan"))
 
             def on_step(step: int, total: int, losses: dict[str, float]) -> None:
                 bar.update(task, completed=step, **{k: losses[k] for k in ("loss", "seg", "aux", "policy")})
-                if not err_console.is_terminal and (step % 50 == 0 or step == total):  # logs for unattended runs
+                if writer and not err_console.is_terminal and (step % 50 == 0 or step == total):  # unattended logs
                     err_console.print(f"step {step}/{total} " + " ".join(f"{k} {losses[k]:.4f}" for k in
                                       ("loss", "seg", "aux", "policy", "seconds")), highlight=False)
 
