@@ -89,7 +89,8 @@ class Model:
 
     def configure(self, *, policy: str | None = None, exits: bool | str | None = None,
                   merge_threshold: float | str | Sequence[float] | None = None,
-                  exit_threshold: float | None = None, budget: float | None = None) -> "Model":
+                  exit_threshold: float | None = None, budget: float | None = None,
+                  keep_per_class: int | None = None) -> "Model":
         """Change the operating point in place (same checks as `load_model`); returns the model."""
         exits_text = None if exits is None else ("learned" if exits is True or exits == "learned" else "none")
         opts = replace(self.options, policy=policy if policy is not None else self.options.policy,
@@ -97,7 +98,8 @@ class Model:
                        merge_threshold=_threshold_text(merge_threshold) if merge_threshold is not None
                        else self.options.merge_threshold,
                        exit_threshold=exit_threshold if exit_threshold is not None else self.options.exit_threshold,
-                       budget=budget if budget is not None else self.options.budget)
+                       budget=budget if budget is not None else self.options.budget,
+                       keep_per_class=keep_per_class if keep_per_class is not None else self.options.keep_per_class)
         loaded, device = _load_model(opts, have_labels=True, loaded=self.loaded)
         self.loaded, self.device, self.options = loaded, device, opts
         return self
@@ -124,7 +126,8 @@ def _threshold_text(value: float | str | Sequence[float]) -> str:
 def load_model(model: str = "demo", weights: str | Path | None = None, *, device: str = "auto",
                policy: str | None = None, exits: bool | str | None = None,
                merge_threshold: float | str | Sequence[float] | None = None, exit_threshold: float | None = None,
-               budget: float | None = None, random_init: bool = False, seed: int = 0, amp: bool = True) -> Model:
+               budget: float | None = None, keep_per_class: int | None = None, random_init: bool = False,
+               seed: int = 0, amp: bool = True) -> Model:
     """Load a model and set its operating point.
 
     `model`: "demo" (shipped), a published Segmenter model's name (downloaded once; see
@@ -137,7 +140,8 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, device
     exits_text = None if exits is None else ("learned" if exits is True or exits == "learned" else "none")
     opts = ModelOptions(model=model, weights=None if weights is None else str(weights), random_init=random_init,
                         policy=policy, merge_threshold=None if merge_threshold is None else _threshold_text(merge_threshold),
-                        exit_threshold=exit_threshold, exits=exits_text, device=device, seed=seed, budget=budget, amp=amp)
+                        exit_threshold=exit_threshold, exits=exits_text, device=device, seed=seed, budget=budget, amp=amp,
+                        keep_per_class=keep_per_class)
     loaded, dev = _load_model(opts, have_labels=True)
     return Model(loaded, dev, opts)
 
@@ -299,16 +303,16 @@ def tabulate(traces: Iterable[_CoreTrace], names: Sequence[str] | None = None) -
 
 def _options(model: str, weights: str | None, random_init: bool, policy: str | None, merge_threshold: str | None,
              exit_threshold: float | None, exits: str | None, device: str, seed: int, budget: float | None = None,
-             amp: bool = True) -> ModelOptions:
+             amp: bool = True, keep_per_class: int | None = None) -> ModelOptions:
     return ModelOptions(model=model, weights=weights, random_init=random_init, policy=policy,
                         merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, device=device,
-                        seed=seed, budget=budget, amp=amp)
+                        seed=seed, budget=budget, amp=amp, keep_per_class=keep_per_class)
 
 
 def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "demo", weights: str | None = None,
         random_init: bool = False, policy: str | None = None, merge_threshold: str | None = None,
         exit_threshold: float | None = None, exits: str | None = None, budget: float | None = None,
-        labels: str | None = None, dataset: str | None = None, data_root: str | None = None, split: str = "val",
+        keep_per_class: int | None = None, labels: str | None = None, dataset: str | None = None, data_root: str | None = None, split: str = "val",
         seeds: str = "100000:100100", scene_size: int = 512, size: int | None = None, window: int | None = None,
         stride: int | None = None, figures: bool = True, animation: bool = True, animation_limit: int | None = None,
         baseline: bool | None = None, render_workers: int | None = None, device: str = "auto", seed: int = 0,
@@ -324,7 +328,8 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
         raise ConfigError("give image files/folders, --dataset, or --resume RUN_DIR")
     held = model if isinstance(model, Model) else None
     opts = held.options if held is not None else _options(model, weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
-                                                          exit_threshold, exits, device, seed, budget)
+                                                          exit_threshold, exits, device, seed, budget,
+                                                          keep_per_class=keep_per_class)
     req = RunRequest(inputs=[str(p) for p in images or []], labels=labels, dataset=dataset, data_root=data_root,
                      split=split, seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
                      animation=animation, baseline=baseline, window=window, stride=stride,
@@ -336,8 +341,8 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
 def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model | str = "demo",
             weights: str | None = None, random_init: bool = False, policy: str | None = None,
             merge_threshold: str | None = None, exit_threshold: float | None = None, exits: str | None = None,
-            labels: str | None = None, size: int | None = None, window: int | None = None, stride: int | None = None,
-            repeats: int = 5, warmup: int = 1, device: str = "auto", seed: int = 0, out: str | Path = "outputs",
+            keep_per_class: int | None = None, labels: str | None = None, size: int | None = None,
+            window: int | None = None, stride: int | None = None, repeats: int = 5, warmup: int = 1, device: str = "auto", seed: int = 0, out: str | Path = "outputs",
             progress: Progress | None = None) -> Any:
     """`tokenscope compare`: the same weights with and without reduction on each image (tokens,
     GFLOPs, latency, memory, agreement, mIoU with labels). Returns a CompareResult."""
@@ -345,7 +350,8 @@ def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model
 
     held = model if isinstance(model, Model) else None
     opts = held.options if held is not None else _options(model, weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
-                                                          exit_threshold, exits, device, seed)
+                                                          exit_threshold, exits, device, seed,
+                                                          keep_per_class=keep_per_class)
     return compare_images([str(p) for p in images], opts, baseline=baseline, out=out, size=size, labels=labels,
                           repeats=repeats, warmup=warmup, progress=progress, window=window, stride=stride,
                           model=None if held is None else (held.loaded, held.device))
@@ -353,6 +359,7 @@ def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model
 
 def evaluate(model: Model | str = "demo", *, weights: str | None = None, policy: str | None = None,
              merge_threshold: str | None = None, exit_threshold: float | None = None, exits: str | None = None,
+             keep_per_class: int | None = None,
              data: str = "synthetic", data_root: str | None = None, split: str = "val", seeds: str = "100000:100200",
              size: int = 512, window: int | None = None, stride: int | None = None, device: str = "auto",
              json_out: str | Path | None = None, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
@@ -362,7 +369,7 @@ def evaluate(model: Model | str = "demo", *, weights: str | None = None, policy:
     from tokenscope.jobs.train import DataOptions, evaluate_model
 
     held = _as_model(model, weights=weights, policy=policy, merge_threshold=merge_threshold,
-                     exit_threshold=exit_threshold, exits=exits, device=device)
+                     exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device)
     d = DataOptions(kind=data, root=data_root, val_split=split, val_seeds=seeds, size=size)
     result = evaluate_model(held.loaded, held.device, d, held.policy, progress, window, stride, held.options.amp)
     metrics = {k: v.as_dict(held.config.class_names) for k, v in result.variants.items()}

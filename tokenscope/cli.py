@@ -39,6 +39,7 @@ PolicyOpt = Annotated[Optional[str], typer.Option(help="Merge policy: learned (d
 MergeOpt = Annotated[Optional[str], typer.Option("--merge-threshold", help="Merge a block when its policy score reaches this; one value, or 4 comma-separated for superpatch levels 1-4 (32..256 px).")]
 ExitThrOpt = Annotated[Optional[float], typer.Option("--exit-threshold", help="A token exits at a gate when its top-1 probability reaches this (default: the model's, 0.95).")]
 ExitsOpt = Annotated[Optional[str], typer.Option("--exits", help="Early exits: learned (auxiliary heads after the exit blocks) or none. Default: learned if trained.")]
+KeepOpt = Annotated[Optional[int], typer.Option("--keep-per-class", help="DToP's context rule: at each gate the K most confident qualifying tokens of every predicted class stay in the sequence (0 = off).")]
 LabelsOpt = Annotated[Optional[str], typer.Option(help="Ground-truth label map (integer class ids, 255 = ignore), or a folder of them named like the images.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (GPU if present), cpu or cuda.")]
 SizeOpt = Annotated[Optional[int], typer.Option(help="Resize each image so its long side is this many pixels (then pad to a multiple of 16).")]
@@ -105,6 +106,7 @@ def run(
     merge_threshold: MergeOpt = None,
     exit_threshold: ExitThrOpt = None,
     exits: ExitsOpt = None,
+    keep_per_class: KeepOpt = None,
     budget: Annotated[Optional[float], typer.Option(help="Token budget for --policy budget: R times fewer tokens than patches.")] = None,
     labels: LabelsOpt = None,
     dataset: Annotated[Optional[str], typer.Option(help="Run over a data set instead of files: synthetic, folder, ade20k, cityscapes or pascal_context.")] = None,
@@ -132,7 +134,7 @@ def run(
         with _progress("tracing") as progress:
             result = api.run(images, model=model, weights=weights, random_init=random_init, policy=policy,
                              merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, budget=budget,
-                             labels=labels, dataset=dataset, data_root=data_root, split=split, seeds=seeds,
+                             keep_per_class=keep_per_class, labels=labels, dataset=dataset, data_root=data_root, split=split, seeds=seeds,
                              scene_size=scene_size, size=size, window=window, stride=stride, figures=figures,
                              animation=animation, animation_limit=animation_limit, baseline=baseline,
                              render_workers=render_workers, device=device, seed=seed, out=out, resume=resume,
@@ -197,6 +199,7 @@ def compare(
     merge_threshold: MergeOpt = None,
     exit_threshold: ExitThrOpt = None,
     exits: ExitsOpt = None,
+    keep_per_class: KeepOpt = None,
     labels: LabelsOpt = None,
     device: DeviceOpt = "auto",
     size: SizeOpt = None,
@@ -214,7 +217,8 @@ def compare(
         with _progress("comparing") as progress:
             result = api.compare(images, baseline=baseline, model=model, weights=weights, random_init=random_init,
                                  policy=policy, merge_threshold=merge_threshold, exit_threshold=exit_threshold,
-                                 exits=exits, labels=labels, size=size, window=window, stride=stride, repeats=repeats,
+                                 exits=exits, keep_per_class=keep_per_class, labels=labels, size=size, window=window,
+                                 stride=stride, repeats=repeats,
                                  warmup=warmup, device=device, seed=seed, out=out, progress=progress)
     _warn(result.warnings)
     table = Table(title=f"STEP vs baseline ({baseline})", title_justify="left")
@@ -338,6 +342,7 @@ def evaluate(
     merge_threshold: MergeOpt = None,
     exit_threshold: ExitThrOpt = None,
     exits: ExitsOpt = None,
+    keep_per_class: KeepOpt = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     split: Annotated[str, typer.Option(help="Split of a file data set.")] = "val",
@@ -353,7 +358,7 @@ def evaluate(
 
     with _user_errors():
         held = api.load_model(model, weights, policy=policy, merge_threshold=merge_threshold,
-                              exit_threshold=exit_threshold, exits=exits, device=device)
+                              exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device)
         with _progress("evaluating") as progress:
             metrics = api.evaluate(held, data=data, data_root=data_root, split=split, seeds=seeds, size=size,
                                    window=window, stride=stride, json_out=json_out, progress=progress)

@@ -32,6 +32,8 @@ class ModelOptions:
     """Token reduction factor for the `budget` policy (implies it when no policy is named)."""
     amp: bool = True
     """bf16 autocast on CUDA (no effect on the CPU)."""
+    keep_per_class: int | None = None
+    """DToP's context rule at the exit gates (None = the model's own, normally 0 = off)."""
 
 
 def load_model(opts: ModelOptions, have_labels: bool = False,
@@ -66,6 +68,7 @@ def load_model(opts: ModelOptions, have_labels: bool = False,
     thresholds = parse_thresholds(opts.merge_threshold, cfg.merge_thresholds)
     loaded.model.configure(policy=policy, merge_thresholds=thresholds,
                            exit_threshold=opts.exit_threshold if opts.exit_threshold is not None else cfg.exit_threshold,
-                           exits=exits, budget=opts.budget)
+                           exits=exits, budget=opts.budget,
+                           keep_per_class=opts.keep_per_class if opts.keep_per_class is not None else cfg.keep_per_class)
     loaded.model.to(device).eval()
     return loaded, device

@@ -3,6 +3,10 @@
 A gate classifies every remaining token (LayerNorm + Linear, as in DToP); tokens whose top-1
 probability reaches the threshold exit: their prediction becomes final and the encoder drops
 them from the sequence. The gate only decides; removing tokens is the encoder's job.
+
+DToP's context rule (`keep_per_class` K > 0): of the tokens that qualify, the K most confident of
+each predicted class are held back in the sequence, so later blocks keep examples of every class
+as context; only the rest exit.
 """
 
 from __future__ import annotations
@@ -27,15 +31,41 @@ class GateDecision:
     predicted: torch.Tensor
     exits: torch.Tensor
     token_ids: torch.Tensor
+    held: torch.Tensor | None = None
+    """(B, N) tokens that qualified but were held back by the keep-per-class rule."""
+
+
+def hold_back_per_class(candidates: torch.Tensor, confidence: torch.Tensor, predicted: torch.Tensor,
+                        k: int) -> torch.Tensor:
+    """(B, N) bool: among `candidates`, the `k` most confident of each predicted class, per image.
+
+    One sort per image by (class, -confidence), no host synchronisation: within a class the
+    candidates come first, most confident first, and a token's rank is its distance from the
+    first slot of its class.
+    """
+    if k <= 0:
+        return torch.zeros_like(candidates)
+    score = torch.where(candidates, confidence.float().clamp(0, 1), torch.full_like(confidence, -1.0, dtype=torch.float))
+    key = predicted.to(torch.float64) * 4.0 - score.to(torch.float64)  # classes apart, best first within one
+    order = torch.argsort(key, dim=1, stable=True)
+    cls_sorted = predicted.gather(1, order)
+    pos = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    starts = torch.ones_like(cls_sorted, dtype=torch.bool)
+    starts[:, 1:] = cls_sorted[:, 1:] != cls_sorted[:, :-1]
+    first = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
+    held_sorted = candidates.gather(1, order) & ((pos - first) < k)
+    return torch.zeros_like(candidates).scatter(1, order, held_sorted)
 
 
 class ExitGate(nn.Module):
     """Auxiliary segmentation head placed after `after_block` encoder blocks."""
 
-    def __init__(self, dim: int, num_classes: int, after_block: int, threshold: float = 0.95) -> None:
+    def __init__(self, dim: int, num_classes: int, after_block: int, threshold: float = 0.95,
+                 keep_per_class: int = 0) -> None:
         super().__init__()
         self.after_block = after_block
         self.threshold = threshold
+        self.keep_per_class = keep_per_class
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -45,5 +75,6 @@ class ExitGate(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor, allow_exit: bool = True) -> GateDecision:
         logits = self.classify(x)
         conf, pred = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-        exits = valid & (conf >= self.threshold) if allow_exit else torch.zeros_like(valid)
-        return GateDecision(self.after_block, logits, conf, pred, exits, token_ids)
+        candidates = valid & (conf >= self.threshold) if allow_exit else torch.zeros_like(valid)
+        held = hold_back_per_class(candidates, conf, pred, self.keep_per_class)
+        return GateDecision(self.after_block, logits, conf, pred, candidates & ~held, token_ids, held)

@@ -29,6 +29,8 @@ class StepConfig:
     exit_after: tuple[int, ...]
     """Gates sit after these many blocks (1-based block counts)."""
     exit_threshold: float = 0.95
+    keep_per_class: int = 0
+    """DToP's context rule at the exit gates: the K most confident qualifying tokens of each class stay."""
     merge_thresholds: tuple[float, ...] = (0.5,) * MAX_LEVEL
     policy_backbone: str = "mini"
     uniform_tau: float = 0.05

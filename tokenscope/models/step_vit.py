@@ -125,7 +125,8 @@ class StepViT(nn.Module):
         for k in cfg.exit_after:
             if not 1 <= k < depth:
                 raise ConfigError(f"exit gate after block {k} is outside 1..{depth - 1} for {cfg.name}")
-        self.gates = nn.ModuleDict({str(k): ExitGate(dim, cfg.num_classes, k, cfg.exit_threshold) for k in sorted(cfg.exit_after)})
+        self.gates = nn.ModuleDict({str(k): ExitGate(dim, cfg.num_classes, k, cfg.exit_threshold, cfg.keep_per_class)
+                                    for k in sorted(cfg.exit_after)})
         try:
             self.decoder = build_decoder(cfg.decoder, dim, cfg.num_classes, cfg.decoder_layers, cfg.decoder_heads,
                                          cfg.decoder_norm_eps)
@@ -163,8 +164,14 @@ class StepViT(nn.Module):
 
     def configure(self, policy: str | None = None, merge_thresholds: Sequence[float] | None = None,
                   exit_threshold: float | None = None, exits: bool | None = None,
-                  budget: float | None = None) -> "StepViT":
-        """Set the operating point (which policy, thresholds, exits on/off, token budget) in place."""
+                  budget: float | None = None, keep_per_class: int | None = None) -> "StepViT":
+        """Set the operating point (which policy, thresholds, exits on/off, token budget, tokens of
+        each class held back at the gates) in place."""
+        if keep_per_class is not None:
+            if keep_per_class < 0:
+                raise ConfigError(f"--keep-per-class must be >= 0, got {keep_per_class}")
+            for g in self.gates.values():
+                g.keep_per_class = int(keep_per_class)
         if budget is not None:
             if not budget >= 1.0:
                 raise ConfigError(f"--budget is a token reduction factor >= 1 (e.g. 2.5), got {budget}")
@@ -197,6 +204,11 @@ class StepViT(nn.Module):
     @property
     def merge_thresholds(self) -> tuple[float, ...]:
         return tuple(self.policies["none"].thresholds)
+
+    @property
+    def keep_per_class(self) -> int:
+        gates = list(self.gates.values())
+        return int(gates[0].keep_per_class) if gates else 0
 
     @property
     def exit_threshold(self) -> float:

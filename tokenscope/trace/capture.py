@@ -105,6 +105,7 @@ class TraceCapture:
             num_prefix_tokens=model.num_prefix_tokens, exit_after=model.exit_after,
             exit_threshold=model.exit_threshold, merge_thresholds=model.merge_thresholds,
             policy=model.active_policy, exits=model.exits_enabled, weights=self.loaded.weights_id,
+            keep_per_class=model.keep_per_class if model.exits_enabled else 0,
             num_classes=cfg.num_classes, class_names=cfg.class_names, class_colours=cfg.class_colours,
             device=str(self.device),
             flops=flops, timings={"forward_s": forward_s / batch, "batch": float(batch)},
@@ -115,6 +116,7 @@ class TraceCapture:
             token_class=rec.predicted, block_tokens_in=rec.block_tokens_in, block_flops=np.asarray(block_flops),
             label_map=label_map, policy_scores=rec.policy_scores,
             patch_labels=None if im.labels is None else patch_majority_labels(im.labels, model.patch_size),
+            token_held_at=rec.held_at,
         )
         trace.assert_consistent()
         return trace

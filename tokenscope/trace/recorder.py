@@ -37,6 +37,8 @@ class ImageRecord:
     """(T,) as the model itself reported it; must equal `exit_block`."""
     confidence: np.ndarray
     predicted: np.ndarray
+    held_at: np.ndarray | None = None
+    """(T,) the first gate that held the token back under the keep-per-class rule (0 = none)."""
 
 
 class _Call:
@@ -132,16 +134,21 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
     conf, pred = (t.cpu().numpy() for t in probs.max(dim=-1))
     model_exit = out.exit_block.cpu().numpy()
     scores = [s.detach().float().cpu().numpy() for s in call.policy.scores] if call.policy is not None else []
-    gates = [(g.after_block, g.exits.cpu().numpy(), g.token_ids.cpu().numpy(), g.token_ids.ge(0).sum(dim=1).cpu().numpy())
-             for g in call.gates]
+    gates = [(g.after_block, g.exits.cpu().numpy(), g.token_ids.cpu().numpy(), g.token_ids.ge(0).sum(dim=1).cpu().numpy(),
+              None if g.held is None else g.held.cpu().numpy()) for g in call.gates]
+    any_held = any(h is not None and h.any() for *_, h in gates)
     records = []
     for i, part in enumerate(out.partitions):
         t = part.num_tokens
         exit_block = np.full(t, depth, dtype=np.int64)
+        held_at = np.zeros(t, dtype=np.int64) if any_held else None
         gate_in: dict[int, int] = {}
-        for after, exits, ids, entered in gates:
+        for after, exits, ids, entered, held in gates:
             exit_block[ids[i][exits[i]]] = after
             gate_in[after] = int(entered[i])
+            if held_at is not None and held is not None:
+                tokens = ids[i][held[i]]
+                held_at[tokens[held_at[tokens] == 0]] = after  # the first gate that held it back
         records.append(ImageRecord(
             partition=part,
             policy_scores=[s[i] for s in scores],
@@ -151,5 +158,6 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
             model_exit_block=model_exit[i, :t].astype(np.int64),
             confidence=conf[i, :t],
             predicted=pred[i, :t],
+            held_at=held_at,
         ))
     return records

@@ -20,6 +20,7 @@ On disk a trace is two files in one folder (format "tokenscope-trace", version 1
 | label_map | (h, w) int32 | predicted class per pixel at the input size |
 | policy_score_l1..l4 | (gh>>k, gw>>k) float32 | the policy's merge score per aligned block |
 | patch_labels | (gh, gw) int32, optional | ground-truth majority class of each patch (255 = none), when labels were given |
+| token_held_at | (T,) int16, optional | the first gate that held the token back although it qualified to exit (keep-per-class rule; 0 = never) |
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class TraceMeta:
     class_names: tuple[str, ...] = ()
     class_colours: tuple[tuple[int, int, int], ...] = ()
     device: str = "cpu"
+    keep_per_class: int = 0
+    """Tokens of each class held back at every gate (DToP's context rule; 0 = off)."""
     flops: dict[str, int] = field(default_factory=dict)
     """Measured or modelled FLOPs by part: policy, embed, blocks, gates, decoder, total, baseline_total."""
     timings: dict[str, float] = field(default_factory=dict)
@@ -111,6 +114,7 @@ class Trace:
     label_map: np.ndarray
     policy_scores: list[np.ndarray] = field(default_factory=list)
     patch_labels: np.ndarray | None = None
+    token_held_at: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for name in ARRAYS:
@@ -118,6 +122,8 @@ class Trace:
         self.policy_scores = [np.asarray(s, dtype=np.float32) for s in self.policy_scores]
         if self.patch_labels is not None:
             self.patch_labels = np.ascontiguousarray(self.patch_labels, dtype=np.int32)
+        if self.token_held_at is not None:
+            self.token_held_at = np.ascontiguousarray(self.token_held_at, dtype=np.int16)
 
     # ---- derived views -------------------------------------------------------------------
     @property
@@ -208,6 +214,14 @@ class Trace:
             fail(f"label map is {self.label_map.shape}, input size is {tuple(m.input_hw)}")
         if self.patch_labels is not None and self.patch_labels.shape != (gh, gw):
             fail(f"patch_labels has shape {self.patch_labels.shape}, grid is {(gh, gw)}")
+        if self.token_held_at is not None:
+            held = self.token_held_at.astype(np.int64)
+            if held.shape != (t,):
+                fail(f"token_held_at has shape {held.shape}, expected ({t},)")
+            if not set(np.unique(held).tolist()) <= {0} | set(int(k) for k in m.exit_after):
+                fail("a token was held back at a block that has no gate")
+            if np.any((held > 0) & (self.token_exit_block <= held)):
+                fail("a token held back at a gate exited there or earlier")
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, folder: str | os.PathLike[str]) -> None:
@@ -219,6 +233,8 @@ class Trace:
             arrays[f"policy_score_l{k}"] = s
         if self.patch_labels is not None:
             arrays["patch_labels"] = self.patch_labels
+        if self.token_held_at is not None:
+            arrays["token_held_at"] = self.token_held_at
         doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "meta": asdict(self.meta), "arrays": sorted(arrays)}
         with tempfile.NamedTemporaryFile(dir=d, suffix=".npz", delete=False) as f:
             np.savez_compressed(f, **arrays)
@@ -261,4 +277,5 @@ class Trace:
         except (KeyError, TypeError, ValueError) as exc:
             raise RunFolderError(f"{d / TRACE_JSON}: damaged meta ({type(exc).__name__}: {exc})") from None
         return cls(meta=meta, policy_scores=scores, patch_labels=arrays.get("patch_labels"),
+                   token_held_at=arrays.get("token_held_at"),
                    **{a: arrays[a] for a in ARRAYS})
