@@ -426,7 +426,7 @@ def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None 
           warmup: int = 150, exit_aware_steps: int = 0, save_every: int = 250, accumulate: int = 1, resume: bool = False,
           evaluate_after: bool = True, device: str = "auto", seed: int = 0,
           progress: Callable[[int, int, dict[str, float]], None] | None = None,
-          eval_progress: Progress | None = None) -> Any:
+          eval_progress: Progress | None = None, keep_per_class: int | None = None) -> Any:
     """`tokenscope train`: train a STEP model (or fine-tune one with `init`: a checkpoint or a
     published model) into `out`.json + .safetensors. Returns a TrainResult (`.checkpoint`,
     `.state.history`, `.metrics` of the final evaluation)."""
@@ -439,7 +439,8 @@ def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None 
     d = DataOptions(kind=data, root=data_root, train_split=train_split, val_split=val_split, train_seeds=train_seeds,
                     val_seeds=val_seeds, size=size)
     return train_model(model, out, d, settings, device=device, backbone_weights=backbone_weights, resume=resume,
-                       evaluate_after=evaluate_after, progress=progress, eval_progress=eval_progress, decoder=decoder)
+                       evaluate_after=evaluate_after, progress=progress, eval_progress=eval_progress, decoder=decoder,
+                       keep_per_class=keep_per_class)
 
 
 def bench(*, model: str = "demo", weights: str | None = None, random_init: bool = False, policy: str | None = None,

@@ -257,6 +257,7 @@ def train(
     freeze: Annotated[Optional[str], typer.Option(help="Keep parts fixed: encoder (a cheap run training exit heads, policy and decoder), or encoder,decoder.")] = None,
     decoder: Annotated[Optional[str], typer.Option(help="Decoder of a new model: linear or mask (Segmenter's mask transformer). Default: linear.")] = None,
     accumulate: Annotated[int, typer.Option(help="Split each process's share of a step's batch into K micro-batches (gradient accumulation); the global batch stays the --crops batch.")] = 1,
+    keep_per_class: KeepOpt = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     train_split: Annotated[str, typer.Option(help="Split to train on (folder data sets ignore it).")] = "train",
@@ -302,7 +303,7 @@ def train(
                                    exit_aware_steps=exit_aware_steps, save_every=save_every, accumulate=accumulate,
                                    resume=resume,
                                    evaluate_after=not no_eval, device=device, seed=seed, progress=on_step,
-                                   eval_progress=eval_progress)
+                                   eval_progress=eval_progress, keep_per_class=keep_per_class)
     if not _is_writer():  # under torchrun, rank 0 reports
         return
     out_console.print(f"checkpoint: [bold]{result.checkpoint.with_suffix('.json')}[/] after {result.state.step} steps",

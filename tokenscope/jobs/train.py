@@ -68,7 +68,7 @@ class TrainResult:
 def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainSettings, device: str = "auto",
                 backbone_weights: str | None = None, resume: bool = False, evaluate_after: bool = True,
                 progress: TrainProgress | None = None, eval_progress: Progress | None = None,
-                decoder: str | None = None) -> TrainResult:
+                decoder: str | None = None, keep_per_class: int | None = None) -> TrainResult:
     """Train `model` (a registry name) on `data`; checkpoint to `out` (NAME.json + NAME.safetensors).
 
     `decoder` (linear or mask) chooses the decoder of a new model; a fine-tuned one keeps its own."""
@@ -94,6 +94,9 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
             cfg = cfg.replace(dataset=data.kind, class_colours=dataset_classes(data.kind, cfg.num_classes).palette,
                               window=window, stride=stride, resize_short=short)
         net = new_model(cfg, backbone_weights)
+    if keep_per_class is not None:  # train (exit-aware steps) and ship with DToP's context rule
+        net.configure(keep_per_class=keep_per_class)
+        net.cfg = net.cfg.replace(keep_per_class=keep_per_class)
     loaded = LoadedModel(net, net.cfg, {}, "training", "training")
     trainer = Trainer(loaded, train_set, settings, out, dev, cache=data.kind == "synthetic")
     if resume:
