@@ -90,6 +90,7 @@ def test_errors_are_documented_types_with_one_line_and_nothing_is_printed(capsys
              (lambda: ts.trace(demo, np.zeros((4, 4, 5))), ts.ImageError),
              (lambda: ts.trace(demo, object()), ts.ImageError),
              (lambda: ts.load_model("demo", policy="sideways"), ts.ConfigError),
+             (lambda: ts.load_model("demo", exits="sometimes"), ts.ConfigError),
              (lambda: ts.load_model("vitl"), ts.CheckpointError),
              (lambda: ts.load_model("demo", weights="missing.json"), ts.CheckpointError),
              (lambda: ts.trace_many(demo, [STREET], batch_size=0), ts.ConfigError),

@@ -92,7 +92,7 @@ class Model:
                   exit_threshold: float | None = None, budget: float | None = None,
                   keep_per_class: int | None = None) -> "Model":
         """Change the operating point in place (same checks as `load_model`); returns the model."""
-        exits_text = None if exits is None else ("learned" if exits is True or exits == "learned" else "none")
+        exits_text = _exits_text(exits)
         opts = replace(self.options, policy=policy if policy is not None else self.options.policy,
                        exits=exits_text if exits_text is not None else self.options.exits,
                        merge_threshold=_threshold_text(merge_threshold) if merge_threshold is not None
@@ -113,6 +113,14 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model({self.name!r}, {self.config.arch}, patch {self.module.patch_size}, "  # type: ignore[attr-defined]
                 f"{self.config.num_classes} classes, policy={self.policy!r}, exits={self.exits}, device={self.device})")
+
+
+def _exits_text(exits: bool | str | None) -> str | None:
+    """True -> "learned", False -> "none" (the CLI's words); strings pass as they are, so an
+    unknown mode is refused by the same check as on the command line; None -> the model's default."""
+    if isinstance(exits, bool):
+        return "learned" if exits else "none"
+    return exits
 
 
 def _threshold_text(value: float | str | Sequence[float]) -> str:
@@ -137,7 +145,7 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, device
     trained, else uniform). `exits`: True/"learned" or False/"none" (default: when trained).
     `device`: auto | cpu | cuda. Raises CheckpointError / ConfigError with a one-line message.
     """
-    exits_text = None if exits is None else ("learned" if exits is True or exits == "learned" else "none")
+    exits_text = _exits_text(exits)
     opts = ModelOptions(model=model, weights=None if weights is None else str(weights), random_init=random_init,
                         policy=policy, merge_threshold=None if merge_threshold is None else _threshold_text(merge_threshold),
                         exit_threshold=exit_threshold, exits=exits_text, device=device, seed=seed, budget=budget, amp=amp,

@@ -106,6 +106,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
     flow_patches: np.ndarray | None = None
     step_conf: np.ndarray | None = None
     base_conf: np.ndarray | None = None
+    scored: list[ImageEval] = []
     sources = set()
     names: tuple[str, ...] = ()
     first: Trace | None = None
@@ -173,12 +174,11 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
                                "gflops": flops.get("total", 0) / 1e9, "baseline_gflops": flops.get("baseline_total", 0) / 1e9,
                                "forward_ms": 1e3 * tr.meta.timings.get("forward_s", float("nan"))}
         if ev is not None:
+            scored.append(ev)
             if ev.step_confusion is not None:
                 row["step_miou"] = mean_iou(ev.step_confusion)
-                step_conf = ev.step_confusion.copy() if step_conf is None else step_conf + ev.step_confusion
             if ev.baseline_confusion is not None:
                 row["baseline_miou"] = mean_iou(ev.baseline_confusion)
-                base_conf = ev.baseline_confusion.copy() if base_conf is None else base_conf + ev.baseline_confusion
             if ev.agreement is not None:
                 row["agreement"] = ev.agreement
             if ev.baseline_flops is not None:
@@ -191,7 +191,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         totals["flops"] += int(flops.get("total", 0))
         totals["baseline_flops"] += int(flops.get("baseline_total", 0))
         totals["images"] += 1
-    for ev in image_evals:
+    for ev in [*scored, *image_evals]:  # per-image evals, and the stitched ones of windowed images
         if ev.step_confusion is not None:
             step_conf = ev.step_confusion.copy() if step_conf is None else step_conf + ev.step_confusion
         if ev.baseline_confusion is not None:

@@ -82,7 +82,16 @@ class TrainSettings:
 
     def schedule(self) -> dict[str, object]:
         """What must match for a resume: everything but how the work is split across processes."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("rank", "world_size", "accumulate")}
+        return schedule_of(self.to_dict())
+
+
+SPLIT_FIELDS = ("rank", "world_size", "accumulate")
+"""Settings that say how a step's work is split, not what the step is."""
+
+
+def schedule_of(settings: dict[str, object]) -> dict[str, object]:
+    """A settings dict without SPLIT_FIELDS: what a resumed run must match."""
+    return {k: v for k, v in settings.items() if k not in SPLIT_FIELDS}
 
 
 @dataclass
@@ -206,7 +215,7 @@ class Trainer:
             {"params": policy_params, "weight_decay": 1e-4, "lr": settings.policy_lr},
         ])
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
-        self.segmenter_params = [p for p in other]
+        self.segmenter_params = other
         self.policy_params = policy_params
         self.amp = device.type == "cuda"
         if self.ctx.active:
@@ -332,8 +341,7 @@ class Trainer:
             blob = torch.load(self.state_path, map_location=self.device, weights_only=True)
         except Exception as exc:  # torch raises several types for damaged files
             raise CheckpointError(f"{self.state_path}: cannot read training state ({exc})") from None
-        saved = {k: v for k, v in blob["settings"].items() if k not in ("rank", "world_size", "accumulate")}
-        if saved != self.s.schedule():
+        if schedule_of(blob["settings"]) != self.s.schedule():
             raise ConfigError("--resume needs the same training settings as the interrupted run "
                               "(the number of processes and --accumulate may change)")
         self.opt.load_state_dict(blob["optimizer"])
