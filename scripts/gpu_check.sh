@@ -7,7 +7,8 @@
 #     architectures with their mask-transformer decoder (no download with --random-init);
 #   - methods: dCTS at the paper's 2.5x token budget (exits off), the training-free uniform
 #     policy, and each with torch.compile on the encoder blocks;
-#   - the shipped demo with full STEP (learned dCTS policy + learned exits) at 512 px.
+#   - the shipped demo with full STEP (learned dCTS policy + learned exits) at 512 px, also with
+#     DToP's keep-per-class rule (K = 5) at the gates.
 # About 30-60 minutes on one H100. Set up first as README.md says (the venv must see the GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,5 +35,7 @@ done
 for batch in 1 8; do
   $ts bench --model demo --size 512 --device cuda --batch "$batch" --repeats 50 --warmup 10 --loop \
     --json "$out/gpu_demo_512_b${batch}_step.json"
+  $ts bench --model demo --size 512 --device cuda --batch "$batch" --repeats 50 --warmup 10 --keep-per-class 5 \
+    --json "$out/gpu_demo_512_b${batch}_step_keep5.json"
 done
 $py benchmarks/summarise.py "$out"/gpu_*.json | tee "$out/gpu_summary.md"

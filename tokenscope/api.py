@@ -453,7 +453,8 @@ def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None 
 
 def bench(*, model: str = "demo", weights: str | None = None, random_init: bool = False, policy: str | None = None,
           budget: float | None = None, merge_threshold: str | None = None, exit_threshold: float | None = None,
-          exits: str | None = None, size: int = 1024, batch: int = 1, image: str | None = None, device: str = "auto",
+          exits: str | None = None, keep_per_class: int | None = None, size: int = 1024, batch: int = 1,
+          image: str | None = None, device: str = "auto",
           amp: bool = True, threads: int | None = None, repeats: int = 3, warmup: int = 1, loop: bool = False,
           compile_blocks: bool = False, seed: int = 0, json_out: str | Path | None = None,
           progress: Progress | None = None) -> Any:
@@ -462,7 +463,8 @@ def bench(*, model: str = "demo", weights: str | None = None, random_init: bool 
     from tokenscope.jobs.bench import bench as run_bench
     from tokenscope.jobs.runfolder import write_json_atomic
 
-    opts = _options(model, weights, random_init, policy, merge_threshold, exit_threshold, exits, device, seed, budget, amp)
+    opts = _options(model, weights, random_init, policy, merge_threshold, exit_threshold, exits, device, seed, budget, amp,
+                    keep_per_class)
     result = run_bench(opts, size=size, batch=batch, image=image, repeats=repeats, warmup=warmup, threads=threads,
                        loop=loop, compile_blocks=compile_blocks, progress=progress)
     if json_out is not None:

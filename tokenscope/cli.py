@@ -380,6 +380,7 @@ def bench(
     merge_threshold: MergeOpt = None,
     exit_threshold: ExitThrOpt = None,
     exits: ExitsOpt = None,
+    keep_per_class: KeepOpt = None,
     size: Annotated[int, typer.Option(help="Square input side in pixels (a multiple of 16).")] = 1024,
     batch: Annotated[int, typer.Option(help="Images per forward pass (different synthetic scenes, so token counts differ).")] = 1,
     image: Annotated[Optional[str], typer.Option(help="Use this image (repeated) instead of synthetic scenes.")] = None,
@@ -399,7 +400,8 @@ def bench(
     with _user_errors():
         with _progress("benchmarking") as progress:
             result = api.bench(model=model, weights=weights, random_init=random_init, policy=policy, budget=budget,
-                               merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, size=size,
+                               merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits,
+                               keep_per_class=keep_per_class, size=size,
                                batch=batch, image=image, device=device, amp=amp, threads=threads, repeats=repeats,
                                warmup=warmup, loop=loop, compile_blocks=compile_blocks, seed=seed, json_out=json_out,
                                progress=progress)
