@@ -17,13 +17,20 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 @dataclass(frozen=True)
 class BlockCost:
-    """FLOPs of one encoder block for N tokens: N * per_token + N^2 * per_pair."""
+    """FLOPs of one encoder block for N tokens: N * per_token + N^2 * per_pair.
+
+    When tokens merge inside the block (between attention and MLP), the MLP's share of
+    `per_token` (`mlp_per_token`) is paid only by the `n_mid` tokens left after merging.
+    """
 
     per_token: int
     per_pair: int
+    mlp_per_token: int = 0
 
-    def flops(self, n: int) -> int:
-        return int(n) * self.per_token + int(n) * int(n) * self.per_pair
+    def flops(self, n: int, n_mid: int | None = None) -> int:
+        mid = int(n) if n_mid is None else int(n_mid)
+        return (int(n) * (self.per_token - self.mlp_per_token) + mid * self.mlp_per_token
+                + int(n) * int(n) * self.per_pair)
 
 
 @dataclass(frozen=True)
@@ -60,9 +67,13 @@ class CostModel:
     def decoder_tokens(self, num_tokens: int, final_tokens: int) -> int:
         return num_tokens if self.decoder_needs_context else final_tokens
 
-    def block_flops(self, patch_tokens_in: list[int] | tuple[int, ...]) -> list[int]:
-        """FLOPs of each block given the patch-derived tokens entering it (0 = block skipped)."""
-        return [c.flops(n + self.num_prefix_tokens) if n > 0 else 0 for c, n in zip(self.blocks, patch_tokens_in)]
+    def block_flops(self, patch_tokens_in: list[int] | tuple[int, ...],
+                    patch_tokens_mid: list[int] | tuple[int, ...] | None = None) -> list[int]:
+        """FLOPs of each block given the patch-derived tokens entering it (0 = block skipped) and,
+        with in-block merging, the tokens left for its MLP."""
+        mids = patch_tokens_in if patch_tokens_mid is None else patch_tokens_mid
+        p = self.num_prefix_tokens
+        return [c.flops(n + p, m + p) if n > 0 else 0 for c, n, m in zip(self.blocks, patch_tokens_in, mids)]
 
     def total(self, num_tokens: int, patch_tokens_in: list[int] | tuple[int, ...], gate_tokens_in: list[int],
               final_tokens: int) -> int:
@@ -83,7 +94,9 @@ def block_cost(block: nn.Module) -> BlockCost:
     if not isinstance(qkv, nn.Linear):
         raise ValueError("block has no fused qkv projection; cannot model its cost")
     attn_dim = qkv.out_features // 3
-    return BlockCost(per_token=_linear_flops_per_token(block), per_pair=4 * attn_dim)
+    mlp = getattr(block, "mlp", None)
+    return BlockCost(per_token=_linear_flops_per_token(block), per_pair=4 * attn_dim,
+                     mlp_per_token=_linear_flops_per_token(mlp) if isinstance(mlp, nn.Module) else 0)
 
 
 def decoder_cost(decoder: nn.Module) -> DecoderCost:

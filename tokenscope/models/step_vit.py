@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from tokenscope.errors import ConfigError
 from tokenscope.models.decoders import build_decoder
 from tokenscope.models.exits import ExitGate, GateDecision
+from tokenscope.models.methods.attention import attend, size_weighted_mask
+from tokenscope.models.methods.cts import CTSPolicy
+from tokenscope.models.methods.merging import MergeContext, MergeDecision, MergingSpec, apply_merge
 from tokenscope.models.partition import MAX_LEVEL, Partition
 from tokenscope.models.policy import (
     POLICY_NAMES,
@@ -51,6 +54,9 @@ class StepOutput:
     """Per gate (keyed by its block), patch logits from every token: deep supervision."""
     aux_policy_logits: list[torch.Tensor] = field(default_factory=list)
     """The learned dCTS policy's merge logits per level, for training it beside the segmenter."""
+    token_owner: torch.Tensor | None = None
+    """(B, T) with in-network merging: the token whose prediction each token finally shares
+    (itself unless it was merged into another); None without merging."""
 
 
 def attention_mask(valid: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -59,10 +65,12 @@ def attention_mask(valid: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return torch.cat([prefix, valid], dim=1)[:, None, None, :]
 
 
-def compact(x: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+def compact(x: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor, sizes: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
     """Remove the slots not in `keep`, per image, and shrink the padding to the longest image.
 
-    Returns the new tokens, ids, validity and per-image counts (a host list: one sync per gate).
+    Returns the new tokens, ids, validity, per-image counts (a host list: one sync per gate or
+    merge) and, when given, the token sizes in the new order.
     """
     counts = keep.sum(dim=1).tolist()
     n = max(counts)
@@ -70,7 +78,9 @@ def compact(x: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor) -> tup
     x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     valid = keep.gather(1, order)
     ids = torch.where(valid, token_ids.gather(1, order), torch.full_like(order, -1))
-    return x, ids, valid, counts
+    if sizes is not None:
+        sizes = torch.where(valid, sizes.gather(1, order), torch.zeros_like(order, dtype=sizes.dtype))
+    return x, ids, valid, counts, sizes
 
 
 def token_grid(partitions: Sequence[Partition], device: torch.device) -> torch.Tensor:
@@ -140,6 +150,11 @@ class StepViT(nn.Module):
             "budget": BudgetPolicy(patch=patch, tau=cfg.uniform_tau),
             "none": NoMergePolicy(cfg.merge_thresholds, patch=patch),
         })
+        self.policies["cts"] = CTSPolicy({k: self.policies[k] for k in ("learned", "uniform")}, patch=patch)
+        self.mergers = nn.ModuleDict()
+        self.merging: MergingSpec | None = None
+        self.method = ""
+        """The method name this operating point amounts to, set by whoever configures it (for traces)."""
         self.active_policy = "learned"
         self.exits_enabled = True
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
@@ -164,9 +179,16 @@ class StepViT(nn.Module):
 
     def configure(self, policy: str | None = None, merge_thresholds: Sequence[float] | None = None,
                   exit_threshold: float | None = None, exits: bool | None = None,
-                  budget: float | None = None, keep_per_class: int | None = None) -> "StepViT":
+                  budget: float | None = None, keep_per_class: int | None = None,
+                  cts_groups: float | None = None, cts_source: str | None = None) -> "StepViT":
         """Set the operating point (which policy, thresholds, exits on/off, token budget, tokens of
-        each class held back at the gates) in place."""
+        each class held back at the gates, CTS's group count and score source) in place."""
+        if cts_groups is not None:
+            self.policies["cts"].groups = float(cts_groups)
+        if cts_source is not None:
+            if cts_source not in ("learned", "uniform"):
+                raise ConfigError(f"CTS scores come from the learned or the uniform policy, not {cts_source!r}")
+            self.policies["cts"].source = cts_source
         if keep_per_class is not None:
             if keep_per_class < 0:
                 raise ConfigError(f"--keep-per-class must be >= 0, got {keep_per_class}")
@@ -192,6 +214,18 @@ class StepViT(nn.Module):
                 g.threshold = float(exit_threshold)
         if exits is not None:
             self.exits_enabled = bool(exits)
+        return self
+
+    def set_merging(self, spec: MergingSpec | None) -> "StepViT":
+        """Turn in-network merging on (ToMe / ALGM, see models/methods/merging.py) or off."""
+        if spec is not None:
+            bad = [k for k in spec.blocks if not 1 <= k <= self.depth]
+            if bad:
+                raise ConfigError(f"merging blocks {bad} are outside 1..{self.depth} for {self.cfg.name}")
+            if spec.kind == "tome" and spec.r < 0:
+                raise ConfigError(f"--tome-r must be >= 0, got {spec.r}")
+        self.merging = spec
+        self.mergers = nn.ModuleDict({str(k): m for k, m in (spec.mergers() if spec else {}).items()})
         return self
 
     def compile_blocks(self) -> "StepViT":
@@ -257,39 +291,71 @@ class StepViT(nn.Module):
         context = x.new_zeros((b, t_max + 1, x.shape[-1])) if self.decoder.needs_context else None
         aux: dict[int, torch.Tensor] = {}
         grid_ids = token_grid(partitions, images.device)
+        merging = self.merging if len(self.mergers) else None
+        sizes = valid.to(torch.float32) if merging else None
+        owner = torch.arange(t_max + 1, device=images.device).expand(b, -1).clone() if merging else None
+        single = (torch.from_numpy(np.stack([np.pad(p.level == 0, (0, t_max - p.num_tokens)) for p in partitions]))
+                  .to(images.device) if merging else None)
+        weighted = False  # proportional attention starts once a token stands for several
         for i, blk in enumerate(self.blocks):
             if max(counts) == 0:
                 break
-            mask = attention_mask(valid, p) if min(counts) < x.shape[1] - p else None
-            x = blk(x, attn_mask=mask)
-            gate = self.gates[str(i + 1)] if str(i + 1) in self.gates else None
-            if gate is None or not (self.exits_enabled or return_aux):
-                continue
-            dec: GateDecision = gate(x[:, p:], ids, valid, allow_exit=self.exits_enabled)
-            if return_aux:
-                full = dec.logits.new_zeros((b, t_max + 1, num_classes))
-                scatter_tokens(full, dec.logits, ids, valid)
-                aux[i + 1] = unmerge(full[:, :t_max], grid_ids)
-            if self.exits_enabled:
-                scatter_tokens(token_logits, dec.logits, ids, dec.exits)
-                scatter_tokens(exit_block, torch.full_like(ids, i + 1), ids, dec.exits)
-                if context is not None:
-                    scatter_tokens(context, x[:, p:], ids, dec.exits)
-                patch_part, ids, valid, counts = compact(x[:, p:], ids, valid & ~dec.exits)
+            if weighted:
+                mask = size_weighted_mask(valid, sizes, p, x.dtype)
+            else:
+                mask = attention_mask(valid, p) if min(counts) < x.shape[1] - p else None
+            merger = self.mergers[str(i + 1)] if merging and str(i + 1) in self.mergers else None
+            if merger is None:
+                x = blk(x, attn_mask=mask)
+            else:
+                h, keys = attend(blk.attn, blk.norm1(x), mask)
+                x = x + blk.drop_path1(blk.ls1(h))
+                dec: MergeDecision = merger(x[:, p:], keys[:, p:], ids, valid, MergeContext(grid_ids, single, owner))
+                patch_part, sizes, owner = apply_merge(x[:, p:], sizes, owner, dec)
+                before = sum(counts)
+                patch_part, ids, valid, counts, sizes = compact(patch_part, ids, valid & ~dec.merged, sizes)
                 x = torch.cat([x[:, :p], patch_part], dim=1)
+                x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+                weighted = weighted or (merging.prop_attn and sum(counts) < before)
+            gate = self.gates[str(i + 1)] if str(i + 1) in self.gates else None
+            if gate is None or not (self.exits_enabled or return_aux) or max(counts) == 0:
+                continue
+            dec_g: GateDecision = gate(x[:, p:], ids, valid, allow_exit=self.exits_enabled)
+            if return_aux:
+                full = dec_g.logits.new_zeros((b, t_max + 1, num_classes))
+                scatter_tokens(full, dec_g.logits, ids, valid)
+                per_token = full if owner is None else full.gather(1, owner.unsqueeze(-1).expand(-1, -1, num_classes))
+                aux[i + 1] = unmerge(per_token[:, :t_max], grid_ids)
+            if self.exits_enabled:
+                scatter_tokens(token_logits, dec_g.logits, ids, dec_g.exits)
+                scatter_tokens(exit_block, torch.full_like(ids, i + 1), ids, dec_g.exits)
+                if context is not None:
+                    scatter_tokens(context, x[:, p:], ids, dec_g.exits)
+                patch_part, ids, valid, counts, sizes = compact(x[:, p:], ids, valid & ~dec_g.exits, sizes)
+                x = torch.cat([x[:, :p], patch_part], dim=1)
+        if owner is not None:  # every token takes what the token standing for it ended with
+            exit_block = exit_block.gather(1, owner)
         if context is not None:
             if max(counts) > 0:
                 scatter_tokens(context, x[:, p:], ids, valid)
+            if owner is not None:
+                context = context.gather(1, owner.unsqueeze(-1).expand(-1, -1, context.shape[-1]))
             decoded = self.decoder(self.norm(context[:, :t_max]), all_valid)
+            if owner is not None:
+                token_logits = token_logits.gather(1, owner.unsqueeze(-1).expand(-1, -1, num_classes))
             reached_end = (exit_block[:, :t_max] == self.depth).unsqueeze(-1)
             token_logits = torch.cat([torch.where(reached_end, decoded.to(token_logits.dtype), token_logits[:, :t_max]),
                                       token_logits[:, t_max:]], dim=1)
-        elif max(counts) > 0:
-            final = self.decoder(self.norm(x)[:, p:], valid)
-            scatter_tokens(token_logits, final, ids, valid)
+        else:
+            if max(counts) > 0:
+                final = self.decoder(self.norm(x)[:, p:], valid)
+                scatter_tokens(token_logits, final, ids, valid)
+            if owner is not None:
+                token_logits = token_logits.gather(1, owner.unsqueeze(-1).expand(-1, -1, num_classes))
         token_logits, exit_block = token_logits[:, :t_max], exit_block[:, :t_max]
         policy_logits = self.policies["learned"].logits(images) if return_aux else []
-        return StepOutput(unmerge(token_logits, grid_ids), token_logits, exit_block, partitions, aux, policy_logits)
+        return StepOutput(unmerge(token_logits, grid_ids), token_logits, exit_block, partitions, aux, policy_logits,
+                          None if owner is None else owner[:, :t_max])
 
 
 def create_backbone(cfg: StepConfig) -> nn.Module:

@@ -15,7 +15,7 @@ from tokenscope.models.partition import grid_partition
 from tokenscope.models.runtime import inference, synchronize
 from tokenscope.models.step_vit import segment
 from tokenscope.trace.recorder import ImageRecord, Recorder
-from tokenscope.trace.trace import Trace, TraceMeta
+from tokenscope.trace.trace import Trace, TraceMeta, resolve_chains
 
 
 def images_to_tensor(images: list[PreparedImage], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -28,6 +28,15 @@ def images_to_tensor(images: list[PreparedImage], device: torch.device) -> tuple
     if all(im.labels is not None for im in images):
         labels = torch.from_numpy(np.stack([im.labels for im in images])).to(device)  # type: ignore[misc]
     return x, labels
+
+
+def merging_meta(model: object) -> dict[str, object]:
+    """The model's in-network merging settings, as a trace records them (empty when off)."""
+    spec = getattr(model, "merging", None)
+    if spec is None or not len(getattr(model, "mergers", ())):
+        return {}
+    return {"kind": spec.kind, "blocks": list(spec.blocks), "r": spec.r, "threshold": spec.threshold,
+            "global_threshold": spec.global_threshold, "prop_attn": spec.prop_attn}
 
 
 def baseline_flops(cost: CostModel, num_patches: int) -> int:
@@ -86,10 +95,15 @@ class TraceCapture:
                forward_s: float, batch: int) -> Trace:
         if not np.array_equal(rec.exit_block, rec.model_exit_block):
             raise AssertionError(f"{im.source}: exits seen by the gate hooks differ from the model's own record")
+        if rec.model_owner is not None and rec.merged_into is not None:
+            if not np.array_equal(resolve_chains(np.where(rec.merged_into >= 0, rec.merged_into, np.arange(len(rec.merged_into)))), rec.model_owner):
+                raise AssertionError(f"{im.source}: merges seen by the merger hooks differ from the model's own record")
         model, cfg, part = self.loaded.model, self.loaded.config, rec.partition
-        block_flops = self.cost.block_flops(rec.block_tokens_in.tolist())
+        mid = None if rec.block_tokens_mid is None else rec.block_tokens_mid.tolist()
+        block_flops = self.cost.block_flops(rec.block_tokens_in.tolist(), mid)
         gate_in = [rec.gate_tokens_in.get(k, 0) for k in model.exit_after]
-        final = int(np.sum(rec.exit_block == model.depth))
+        alive = np.arange(part.num_tokens) if rec.merged_into is None else np.nonzero(rec.merged_into < 0)[0]
+        final = int(np.sum(rec.exit_block[alive] == model.depth))  # a merged group is decoded once
         flops = {
             "policy": policy_flops,
             "embed": part.num_tokens * self.cost.embed_per_token,
@@ -97,6 +111,8 @@ class TraceCapture:
             "gates": int(sum(gate_in)) * self.cost.gate_per_token,
             "decoder": self.cost.decoder.flops(self.cost.decoder_tokens(part.num_tokens, final)),
         }
+        if rec.merged_at is not None:
+            flops["merging"] = int(rec.matching_flops)
         flops["total"] = int(sum(flops.values()))
         flops["baseline_total"] = baseline_flops(self.cost, grid_partition(part.grid).num_tokens)
         meta = TraceMeta(
@@ -106,6 +122,7 @@ class TraceCapture:
             exit_threshold=model.exit_threshold, merge_thresholds=model.merge_thresholds,
             policy=model.active_policy, exits=model.exits_enabled, weights=self.loaded.weights_id,
             keep_per_class=model.keep_per_class if model.exits_enabled else 0,
+            method=str(getattr(model, "method", "")), merging=merging_meta(model),
             num_classes=cfg.num_classes, class_names=cfg.class_names, class_colours=cfg.class_colours,
             device=str(self.device),
             flops=flops, timings={"forward_s": forward_s / batch, "batch": float(batch)},
@@ -116,7 +133,8 @@ class TraceCapture:
             token_class=rec.predicted, block_tokens_in=rec.block_tokens_in, block_flops=np.asarray(block_flops),
             label_map=label_map, policy_scores=rec.policy_scores,
             patch_labels=None if im.labels is None else patch_majority_labels(im.labels, model.patch_size),
-            token_held_at=rec.held_at,
+            token_held_at=rec.held_at, token_merged_at=rec.merged_at, token_merged_into=rec.merged_into,
+            block_tokens_mid=rec.block_tokens_mid,
         )
         trace.assert_consistent()
         return trace

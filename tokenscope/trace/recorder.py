@@ -17,9 +17,11 @@ import torch
 import torch.nn as nn
 
 from tokenscope.models.exits import GateDecision
+from tokenscope.models.methods.merging import MergeDecision
 from tokenscope.models.partition import Partition
 from tokenscope.models.policy import PolicyOutput
 from tokenscope.models.step_vit import StepOutput, StepViT
+from tokenscope.trace.trace import resolve_chains
 
 
 @dataclass
@@ -39,6 +41,16 @@ class ImageRecord:
     predicted: np.ndarray
     held_at: np.ndarray | None = None
     """(T,) the first gate that held the token back under the keep-per-class rule (0 = none)."""
+    merged_at: np.ndarray | None = None
+    """(T,) with in-network merging: the block inside which the token merged into another (0 = never)."""
+    merged_into: np.ndarray | None = None
+    """(T,) the token it merged into (-1 = none)."""
+    block_tokens_mid: np.ndarray | None = None
+    """(depth,) tokens left for each block's MLP after merging inside it."""
+    matching_flops: int = 0
+    """FLOPs of the mergers' similarity products."""
+    model_owner: np.ndarray | None = None
+    """(T,) the token each token finally belongs to, as the model itself reported it."""
 
 
 class _Call:
@@ -48,6 +60,7 @@ class _Call:
         self.policy: PolicyOutput | None = None
         self.block_counts: list[torch.Tensor | None] = [None] * depth
         self.gates: list[GateDecision] = []
+        self.merges: list[MergeDecision] = []
 
 
 class Recorder:
@@ -72,6 +85,8 @@ class Recorder:
             self._handles.append(block.register_forward_pre_hook(self._block_hook(i), with_kwargs=True))
         for gate in m.gates.values():
             self._handles.append(gate.register_forward_hook(self._on_gate))
+        for merger in m.mergers.values():
+            self._handles.append(merger.register_forward_hook(self._on_merge))
         return self
 
     def detach(self) -> None:
@@ -109,8 +124,10 @@ class Recorder:
             mask = kwargs.get("attn_mask")
             if mask is None:
                 counts = torch.full((x.shape[0],), x.shape[1] - p, dtype=torch.long, device=x.device)
-            else:
+            elif mask.dtype == torch.bool:
                 counts = mask[:, 0, 0, p:].sum(dim=-1)
+            else:  # proportional attention: an additive mask, -inf on padding
+                counts = torch.isfinite(mask[:, 0, 0, p:]).sum(dim=-1)
             self._call.block_counts[index] = counts
 
         return hook
@@ -118,6 +135,13 @@ class Recorder:
     def _on_gate(self, module: nn.Module, args: tuple[Any, ...], output: GateDecision) -> None:
         if self._call is not None:
             self._call.gates.append(output)
+
+    def _on_merge(self, module: nn.Module, args: tuple[Any, ...], output: MergeDecision) -> None:
+        """A merger runs in the middle of its block, which is then not called as one module: the
+        tokens entering that block are the ones the merger saw."""
+        if self._call is not None:
+            self._call.merges.append(output)
+            self._call.block_counts[output.block - 1] = output.valid.sum(dim=1)
 
     def _on_end(self, module: nn.Module, args: tuple[Any, ...], output: StepOutput) -> None:
         call, self._call = self._call, None
@@ -137,6 +161,9 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
     gates = [(g.after_block, g.exits.cpu().numpy(), g.token_ids.cpu().numpy(), g.token_ids.ge(0).sum(dim=1).cpu().numpy(),
               None if g.held is None else g.held.cpu().numpy()) for g in call.gates]
     any_held = any(h is not None and h.any() for *_, h in gates)
+    merges = [(m.block, m.merged.cpu().numpy(), m.token_ids.cpu().numpy(), m.into.cpu().numpy(),
+               m.matching_flops.cpu().numpy()) for m in call.merges]
+    owners = out.token_owner.cpu().numpy() if out.token_owner is not None else None
     records = []
     for i, part in enumerate(out.partitions):
         t = part.num_tokens
@@ -149,6 +176,20 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
             if held_at is not None and held is not None:
                 tokens = ids[i][held[i]]
                 held_at[tokens[held_at[tokens] == 0]] = after  # the first gate that held it back
+        merged_at = merged_into = mid = None
+        matching = 0
+        if owners is not None:
+            merged_at = np.zeros(t, dtype=np.int64)
+            merged_into = np.full(t, -1, dtype=np.int64)
+            mid = counts[i].astype(np.int64).copy()
+            for block, merged, ids, into, flops in merges:
+                src = ids[i][merged[i]]
+                merged_at[src] = block
+                merged_into[src] = ids[i][into[i][merged[i]]]
+                mid[block - 1] -= len(src)
+                matching += int(flops[i])
+            final = resolve_chains(np.where(merged_into >= 0, merged_into, np.arange(t)))
+            exit_block = exit_block[final]
         records.append(ImageRecord(
             partition=part,
             policy_scores=[s[i] for s in scores],
@@ -159,5 +200,11 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
             confidence=conf[i, :t],
             predicted=pred[i, :t],
             held_at=held_at,
+            merged_at=merged_at,
+            merged_into=merged_into,
+            block_tokens_mid=mid,
+            matching_flops=matching,
+            model_owner=None if owners is None else owners[i, :t].astype(np.int64),
         ))
     return records
+

@@ -1,6 +1,7 @@
 """The Trace: what happened to every token of one image. The contract between model and renderers.
 
-On disk a trace is two files in one folder (format "tokenscope-trace", version 1):
+On disk a trace is two files in one folder (format "tokenscope-trace", version 2; version 1,
+written before in-network merging existed, still loads: it simply has no merges):
 
 - `trace.json`: `{"format", "version", "meta": {...}, "arrays": [names]}`; `meta` holds the image
   (source, original/input/padded size, patch grid), the model (name, arch, depth, exit blocks,
@@ -21,6 +22,14 @@ On disk a trace is two files in one folder (format "tokenscope-trace", version 1
 | policy_score_l1..l4 | (gh>>k, gw>>k) float32 | the policy's merge score per aligned block |
 | patch_labels | (gh, gw) int32, optional | ground-truth majority class of each patch (255 = none), when labels were given |
 | token_held_at | (T,) int16, optional | the first gate that held the token back although it qualified to exit (keep-per-class rule; 0 = never) |
+| token_merged_at | (T,) int16, v2 with merging | the block inside which the token merged into another (0 = never) |
+| token_merged_into | (T,) int32, v2 with merging | the token it merged into (-1 = none) |
+| block_tokens_mid | (depth,) int32, v2 with merging | tokens left for each block's MLP after merging inside it |
+
+Tokens are the policy's partition (one per supertoken or patch). In-network merging (ToMe, ALGM)
+joins tokens inside blocks; the merge forest (`token_merged_at`, `token_merged_into`) is the
+compressed record of which token covers every patch at every block (`cover_at`). A merged-away
+token reports the exit block, class and confidence of the token it finally belongs to.
 """
 
 from __future__ import annotations
@@ -39,9 +48,23 @@ import numpy as np
 from tokenscope.errors import RunFolderError
 
 TRACE_FORMAT = "tokenscope-trace"
-TRACE_VERSION = 1
+TRACE_VERSION = 2
 TRACE_JSON = "trace.json"
 TRACE_NPZ = "trace.npz"
+
+
+def resolve_chains(step: np.ndarray) -> np.ndarray:
+    """Follow `step` (token -> the token it merged into, or itself) to the end of every chain.
+
+    Merges only go to tokens still live, so chains are acyclic; pointer doubling ends them in
+    O(log T) rounds (T rounds at most, should a damaged trace hold a cycle)."""
+    owner = np.asarray(step, dtype=np.int64)
+    for _ in range(max(len(owner), 1)):
+        nxt = owner[owner]
+        if np.array_equal(nxt, owner):
+            break
+        owner = nxt
+    return owner
 
 
 class TraceInconsistency(AssertionError):
@@ -73,6 +96,10 @@ class TraceMeta:
     device: str = "cpu"
     keep_per_class: int = 0
     """Tokens of each class held back at every gate (DToP's context rule; 0 = off)."""
+    method: str = ""
+    """Token-reduction method (step, dcts, dtop, cts, tome, algm, X+tome, ...); "" in version-1 traces."""
+    merging: dict[str, Any] = field(default_factory=dict)
+    """In-network merging settings (kind, blocks, r, thresholds, prop_attn); empty without merging."""
     flops: dict[str, int] = field(default_factory=dict)
     """Measured or modelled FLOPs by part: policy, embed, blocks, gates, decoder, total, baseline_total."""
     timings: dict[str, float] = field(default_factory=dict)
@@ -86,10 +113,24 @@ class TraceMeta:
         kw["class_colours"] = tuple(tuple(int(v) for v in c) for c in kw.get("class_colours", ()))
         return cls(**kw)
 
+    @property
+    def method_name(self) -> str:
+        """The method, or for version-1 traces the one their policy and exits amount to."""
+        if self.method:
+            return self.method
+        if self.policy == "none":
+            return "dtop" if self.exits else "vit"
+        return "step" if self.exits else "dcts"
+
+    @property
+    def merge_blocks(self) -> tuple[int, ...]:
+        return tuple(int(k) for k in self.merging.get("blocks", ()))
+
     def class_name(self, c: int) -> str:
         return self.class_names[c] if 0 <= c < len(self.class_names) else f"class_{c}"
 
 
+OPTIONAL_MERGE_ARRAYS = {"token_merged_at": np.int16, "token_merged_into": np.int32, "block_tokens_mid": np.int32}
 ARRAYS = ("token_of_patch", "token_level", "token_row", "token_col", "token_exit_block", "token_confidence",
           "token_class", "block_tokens_in", "block_flops", "label_map")
 DTYPES = {"token_of_patch": np.int32, "token_level": np.int8, "token_row": np.int32, "token_col": np.int32,
@@ -115,6 +156,9 @@ class Trace:
     policy_scores: list[np.ndarray] = field(default_factory=list)
     patch_labels: np.ndarray | None = None
     token_held_at: np.ndarray | None = None
+    token_merged_at: np.ndarray | None = None
+    token_merged_into: np.ndarray | None = None
+    block_tokens_mid: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for name in ARRAYS:
@@ -124,6 +168,9 @@ class Trace:
             self.patch_labels = np.ascontiguousarray(self.patch_labels, dtype=np.int32)
         if self.token_held_at is not None:
             self.token_held_at = np.ascontiguousarray(self.token_held_at, dtype=np.int16)
+        for name, dtype in OPTIONAL_MERGE_ARRAYS.items():
+            if getattr(self, name) is not None:
+                setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=dtype))
 
     # ---- derived views -------------------------------------------------------------------
     @property
@@ -156,9 +203,49 @@ class Trace:
         """Patches per token: how many times fewer tokens than 16x16 patching."""
         return self.num_patches / max(self.num_tokens, 1)
 
+    @property
+    def has_merges(self) -> bool:
+        """Whether the trace records in-network merging (version 2 with a merging method)."""
+        return self.token_merged_at is not None
+
+    def final_owner(self) -> np.ndarray:
+        """(T,) the token whose prediction each token ends with (itself unless merged away)."""
+        return self.owner_before(self.meta.depth + 1)
+
+    def owner_before(self, block: int) -> np.ndarray:
+        """(T,) the token standing for each token as block `block` (1-based) begins; merges made
+        inside that block or later are not applied yet. depth + 1 = after the encoder."""
+        t = self.num_tokens
+        own = np.arange(t)
+        if self.token_merged_at is None or self.token_merged_into is None:
+            return own
+        at = self.token_merged_at.astype(np.int64)
+        return resolve_chains(np.where((at > 0) & (at < block), self.token_merged_into.astype(np.int64), own))
+
+    def cover_at(self, block: int) -> np.ndarray:
+        """(gh, gw) which token covers each patch as block `block` begins (1-based; the policy's
+        partition at block 1, merged groups later; depth + 1 = after the encoder)."""
+        return self.owner_before(block)[self.token_of_patch]
+
+    def merges_per_block(self) -> np.ndarray:
+        """(depth,) tokens merged away inside each block."""
+        out = np.zeros(self.meta.depth, dtype=np.int64)
+        if self.token_merged_at is not None:
+            at = self.token_merged_at[self.token_merged_at > 0].astype(np.int64)
+            np.add.at(out, at - 1, 1)
+        return out
+
+    def tokens_in_block(self) -> np.ndarray:
+        """(depth,) tokens each block worked on: entering it, or after its in-block merge, averaged
+        over the block's attention and MLP halves (for token counts that match FLOPs)."""
+        tin = self.block_tokens_in.astype(np.float64)
+        mid = tin if self.block_tokens_mid is None else self.block_tokens_mid.astype(np.float64)
+        return (tin + mid) / 2
+
     def gate_exits(self) -> dict[int, int]:
-        """Tokens leaving at each gate."""
-        return {k: int(np.sum(self.token_exit_block == k)) for k in self.meta.exit_after}
+        """Tokens leaving at each gate (a merged group counts once)."""
+        alive = self.final_owner() == np.arange(self.num_tokens)
+        return {k: int(np.sum(alive & (self.token_exit_block == k))) for k in self.meta.exit_after}
 
     def per_patch(self, values: np.ndarray) -> np.ndarray:
         """Broadcast a per-token array to the patch grid (un-merging)."""
@@ -207,9 +294,20 @@ class Trace:
             fail("tokens exited early although exits were off")
         if self.block_tokens_in.shape != (m.depth,) or self.block_flops.shape != (m.depth,):
             fail("per-block arrays do not have one entry per block")
-        implied = np.array([np.sum(self.token_exit_block > b) for b in range(m.depth)], dtype=np.int64)
+        merged_at = np.zeros(t, dtype=np.int64) if self.token_merged_at is None else self.token_merged_at.astype(np.int64)
+        if self.has_merges:
+            self._check_merges(fail)
+        never = merged_at == 0
+        implied = np.array([np.sum((self.token_exit_block > b) & (never | (merged_at > b))) for b in range(m.depth)],
+                           dtype=np.int64)
         if not np.array_equal(implied, self.block_tokens_in.astype(np.int64)):
-            fail(f"tokens entering blocks {self.block_tokens_in.tolist()} differ from what exits imply {implied.tolist()}")
+            fail(f"tokens entering blocks {self.block_tokens_in.tolist()} differ from what exits and merges imply "
+                 f"{implied.tolist()}")
+        if self.block_tokens_mid is not None:
+            mid = implied - self.merges_per_block()
+            if not np.array_equal(mid, self.block_tokens_mid.astype(np.int64)):
+                fail(f"tokens after in-block merging {self.block_tokens_mid.tolist()} differ from entering minus "
+                     f"merged {mid.tolist()}")
         if self.label_map.shape != tuple(m.input_hw):
             fail(f"label map is {self.label_map.shape}, input size is {tuple(m.input_hw)}")
         if self.patch_labels is not None and self.patch_labels.shape != (gh, gw):
@@ -223,6 +321,44 @@ class Trace:
             if np.any((held > 0) & (self.token_exit_block <= held)):
                 fail("a token held back at a gate exited there or earlier")
 
+    def _check_merges(self, fail: Any) -> None:
+        """Version-2 rules: merges happen in merging blocks, into tokens still live there, and at
+        every block each patch is covered by exactly one token that is live or has exited."""
+        m, t = self.meta, self.num_tokens
+        if self.token_merged_into is None or self.block_tokens_mid is None:
+            fail("a trace with token_merged_at needs token_merged_into and block_tokens_mid")
+        at = self.token_merged_at.astype(np.int64)  # type: ignore[union-attr]
+        into = self.token_merged_into.astype(np.int64)  # type: ignore[union-attr]
+        if at.shape != (t,) or into.shape != (t,) or self.block_tokens_mid.shape != (m.depth,):  # type: ignore[union-attr]
+            fail("merge arrays do not have one entry per token (per block for block_tokens_mid)")
+        if not set(np.unique(at).tolist()) <= {0} | set(m.merge_blocks):
+            fail(f"tokens merged in blocks {sorted(set(np.unique(at).tolist()) - {0})} but merging acts in {list(m.merge_blocks)}")
+        if np.any((at > 0) != (into >= 0)) or np.any(into >= t):
+            fail("token_merged_into must name a token exactly for the tokens that merged")
+        src = np.nonzero(at > 0)[0]
+        dst = into[src]
+        if np.any(dst == src):
+            fail("a token merged into itself")
+        if np.any((at[dst] != 0) & (at[dst] <= at[src])):
+            fail("a token merged into one that had already merged away (or did so in the same block)")
+        if np.any(self.token_exit_block[src] < at[src]):
+            fail("a token merged after its group had exited")
+        owner = self.final_owner()
+        if np.any(at[owner] != 0):
+            fail("a merge chain does not end in a token that stayed")
+        for name in ("token_exit_block", "token_class", "token_confidence"):
+            values = getattr(self, name)
+            if not np.array_equal(values[owner], values):
+                fail(f"{name} of a merged token differs from the token it ended in")
+        for block in range(1, m.depth + 2):
+            own = self.owner_before(block)
+            live = (at == 0) | (at >= block)
+            if not live[own].all():
+                fail(f"at block {block} a patch is covered by a token that had merged away")
+            area = np.bincount(own[self.token_of_patch].ravel(), minlength=t)
+            if int(area.sum()) != self.num_patches or np.any(area[~live] != 0):
+                fail(f"at block {block} the live tokens do not cover every patch exactly once")
+
     # ---- persistence ---------------------------------------------------------------------
     def save(self, folder: str | os.PathLike[str]) -> None:
         """Write trace.json + trace.npz into `folder` (each file replaced atomically)."""
@@ -235,6 +371,9 @@ class Trace:
             arrays["patch_labels"] = self.patch_labels
         if self.token_held_at is not None:
             arrays["token_held_at"] = self.token_held_at
+        for name in OPTIONAL_MERGE_ARRAYS:
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
         doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "meta": asdict(self.meta), "arrays": sorted(arrays)}
         with tempfile.NamedTemporaryFile(dir=d, suffix=".npz", delete=False) as f:
             np.savez_compressed(f, **arrays)
@@ -278,4 +417,5 @@ class Trace:
             raise RunFolderError(f"{d / TRACE_JSON}: damaged meta ({type(exc).__name__}: {exc})") from None
         return cls(meta=meta, policy_scores=scores, patch_labels=arrays.get("patch_labels"),
                    token_held_at=arrays.get("token_held_at"),
+                   **{name: arrays.get(name) for name in OPTIONAL_MERGE_ARRAYS},
                    **{a: arrays[a] for a in ARRAYS})
