@@ -87,19 +87,35 @@ class Model:
     def exits(self) -> bool:
         return self.loaded.model.exits_enabled
 
+    @property
+    def method(self) -> str:
+        """The token-reduction method of this operating point (step, tome, ...; "" = by policy and exits)."""
+        return str(self.loaded.model.method)  # type: ignore[attr-defined]
+
     def configure(self, *, policy: str | None = None, exits: bool | str | None = None,
                   merge_threshold: float | str | Sequence[float] | None = None,
                   exit_threshold: float | None = None, budget: float | None = None,
-                  keep_per_class: int | None = None) -> "Model":
-        """Change the operating point in place (same checks as `load_model`); returns the model."""
+                  keep_per_class: int | None = None, method: str | None = None, tome_r: float | None = None,
+                  algm_threshold: float | None = None, algm_global_threshold: float | None = None,
+                  prop_attn: bool | None = None, cts_groups: int | float | str | None = None) -> "Model":
+        """Change the operating point in place (same checks as `load_model`); returns the model.
+        A new `method` starts from that method's defaults (its settings are not carried over)."""
         exits_text = _exits_text(exits)
-        opts = replace(self.options, policy=policy if policy is not None else self.options.policy,
-                       exits=exits_text if exits_text is not None else self.options.exits,
+        merging = {"method": method, "tome_r": tome_r, "algm_threshold": algm_threshold,
+                   "algm_global_threshold": algm_global_threshold, "prop_attn": prop_attn,
+                   "cts_groups": None if cts_groups is None else str(cts_groups)}
+        if method is not None:
+            base = replace(self.options, policy=None, exits=None, **{k: None for k in merging})
+        else:
+            base = self.options
+        base = replace(base, **{k: v for k, v in merging.items() if v is not None})
+        opts = replace(base, policy=policy if policy is not None else base.policy,
+                       exits=exits_text if exits_text is not None else base.exits,
                        merge_threshold=_threshold_text(merge_threshold) if merge_threshold is not None
-                       else self.options.merge_threshold,
-                       exit_threshold=exit_threshold if exit_threshold is not None else self.options.exit_threshold,
-                       budget=budget if budget is not None else self.options.budget,
-                       keep_per_class=keep_per_class if keep_per_class is not None else self.options.keep_per_class)
+                       else base.merge_threshold,
+                       exit_threshold=exit_threshold if exit_threshold is not None else base.exit_threshold,
+                       budget=budget if budget is not None else base.budget,
+                       keep_per_class=keep_per_class if keep_per_class is not None else base.keep_per_class)
         loaded, device = _load_model(opts, have_labels=True, loaded=self.loaded)
         self.loaded, self.device, self.options = loaded, device, opts
         return self
@@ -135,7 +151,9 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, device
                policy: str | None = None, exits: bool | str | None = None,
                merge_threshold: float | str | Sequence[float] | None = None, exit_threshold: float | None = None,
                budget: float | None = None, keep_per_class: int | None = None, random_init: bool = False,
-               seed: int = 0, amp: bool = True) -> Model:
+               seed: int = 0, amp: bool = True, method: str | None = None, tome_r: float | None = None,
+               algm_threshold: float | None = None, algm_global_threshold: float | None = None,
+               prop_attn: bool | None = None, cts_groups: int | float | str | None = None) -> Model:
     """Load a model and set its operating point.
 
     `model`: "demo" (shipped), a published Segmenter model's name (downloaded once; see
@@ -143,13 +161,18 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, device
     checkpoint (NAME.json), a Segmenter or mmsegmentation .pth (read without running code), or a
     timm ViT file. `policy`: learned | oracle | uniform | budget | none (default: learned when
     trained, else uniform). `exits`: True/"learned" or False/"none" (default: when trained).
+    `method`: step | dcts | dtop | cts | tome | algm | vit | X+tome | X+algm, optionally with
+    inline settings (`tome:r=16`); `tome_r`, `algm_threshold`, `algm_global_threshold`,
+    `prop_attn`, `cts_groups` set the same things as keywords.
     `device`: auto | cpu | cuda. Raises CheckpointError / ConfigError with a one-line message.
     """
     exits_text = _exits_text(exits)
     opts = ModelOptions(model=model, weights=None if weights is None else str(weights), random_init=random_init,
                         policy=policy, merge_threshold=None if merge_threshold is None else _threshold_text(merge_threshold),
                         exit_threshold=exit_threshold, exits=exits_text, device=device, seed=seed, budget=budget, amp=amp,
-                        keep_per_class=keep_per_class)
+                        keep_per_class=keep_per_class, method=method, tome_r=tome_r, algm_threshold=algm_threshold,
+                        algm_global_threshold=algm_global_threshold, prop_attn=prop_attn,
+                        cts_groups=None if cts_groups is None else str(cts_groups))
     loaded, dev = _load_model(opts, have_labels=True)
     return Model(loaded, dev, opts)
 
@@ -311,16 +334,17 @@ def tabulate(traces: Iterable[_CoreTrace], names: Sequence[str] | None = None) -
 
 def _options(model: str, weights: str | None, random_init: bool, policy: str | None, merge_threshold: str | None,
              exit_threshold: float | None, exits: str | None, device: str, seed: int, budget: float | None = None,
-             amp: bool = True, keep_per_class: int | None = None) -> ModelOptions:
+             amp: bool = True, keep_per_class: int | None = None, method: str | None = None) -> ModelOptions:
     return ModelOptions(model=model, weights=weights, random_init=random_init, policy=policy,
                         merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, device=device,
-                        seed=seed, budget=budget, amp=amp, keep_per_class=keep_per_class)
+                        seed=seed, budget=budget, amp=amp, keep_per_class=keep_per_class, method=method)
 
 
 def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "demo", weights: str | None = None,
         random_init: bool = False, policy: str | None = None, merge_threshold: str | None = None,
         exit_threshold: float | None = None, exits: str | None = None, budget: float | None = None,
-        keep_per_class: int | None = None, labels: str | None = None, dataset: str | None = None, data_root: str | None = None, split: str = "val",
+        keep_per_class: int | None = None, method: str | None = None, labels: str | None = None,
+        dataset: str | None = None, data_root: str | None = None, split: str = "val",
         seeds: str = "100000:100100", scene_size: int = 512, size: int | None = None, window: int | None = None,
         stride: int | None = None, figures: bool = True, animation: bool = True, animation_limit: int | None = None,
         baseline: bool | None = None, render_workers: int | None = None, device: str = "auto", seed: int = 0,
@@ -337,7 +361,7 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
     held = model if isinstance(model, Model) else None
     opts = held.options if held is not None else _options(model, weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
                                                           exit_threshold, exits, device, seed, budget,
-                                                          keep_per_class=keep_per_class)
+                                                          keep_per_class=keep_per_class, method=method)
     req = RunRequest(inputs=[str(p) for p in images or []], labels=labels, dataset=dataset, data_root=data_root,
                      split=split, seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
                      animation=animation, baseline=baseline, window=window, stride=stride,

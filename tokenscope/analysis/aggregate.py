@@ -110,7 +110,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
     sources = set()
     names: tuple[str, ...] = ()
     first: Trace | None = None
-    totals = {"patches": 0, "tokens": 0, "exited": 0, "exited_patches": 0, "flops": 0, "baseline_flops": 0, "images": 0}
+    totals = {"patches": 0, "tokens": 0, "groups": 0, "merged": 0, "block_tokens": 0.0, "exited": 0, "exited_patches": 0, "flops": 0, "baseline_flops": 0, "images": 0}
     for name, tr, ev in records:
         first = first or tr
         names = names or tuple(tr.meta.class_names)
@@ -119,7 +119,9 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         sources.add(source)
         side = tr.token_side.astype(np.int64)
         patches = side * side
-        early = tr.exited_early
+        early = tr.exited_early  # per token: its patches left early (with its group, when merged)
+        surv = tr.survivors
+        early_groups = early & surv
         patch_lab = tr.patch_labels
         correct_patches = np.zeros(tr.num_tokens, dtype=np.int64)
         judged_patches = np.zeros(tr.num_tokens, dtype=np.int64)
@@ -136,7 +138,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
             acc["token_patches"] = acc.get("token_patches", 0) + int(patches[sel].sum())
             for k in points:
                 key = f"tokens_exit_{point_name(tr, k)}"
-                acc[key] = acc.get(key, 0) + int(np.sum(sel & (tr.token_exit_block == k)))
+                acc[key] = acc.get(key, 0) + int(np.sum(sel & surv & (tr.token_exit_block == k)))
             acc["exited_judged_patches"] = acc.get("exited_judged_patches", 0) + int(judged_patches[sel & early].sum())
             acc["exited_correct_patches"] = acc.get("exited_correct_patches", 0) + int(correct_patches[sel & early].sum())
         # patches per class at each level (a patch's class is its own label when known)
@@ -151,7 +153,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
             sel = tr.token_level == k
             level_acc[k] += [sel.sum(), patches[sel].sum(), (sel & early).sum(), patches[sel & early].sum(),
                              correct_patches[sel].sum(), judged_patches[sel].sum()]
-        exits_after = np.array([np.sum(tr.token_exit_block == b) if b in tr.meta.exit_after else 0
+        exits_after = np.array([np.sum(surv & (tr.token_exit_block == b)) if b in tr.meta.exit_after else 0
                                 for b in range(1, tr.meta.depth + 1)])
         block_in = tr.block_tokens_in.astype(np.int64) if block_in is None else block_in + tr.block_tokens_in
         block_exit = exits_after if block_exit is None else block_exit + exits_after
@@ -162,7 +164,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         fp = np.zeros_like(ft)
         for j, k in enumerate(points):
             at = tr.token_exit_block == k
-            ft[:, j] = np.bincount(tr.token_level[at].astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
+            ft[:, j] = np.bincount(tr.token_level[at & surv].astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
             fp[:, j] = np.bincount(tr.token_level[at].astype(np.int64), weights=patches[at],
                                    minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1].astype(np.int64)
         flow_tokens = ft if flow_tokens is None else flow_tokens + ft
@@ -170,7 +172,9 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         flops = tr.meta.flops
         row: dict[str, Any] = {"image": name, "source": tr.meta.source, "h": tr.meta.input_hw[0], "w": tr.meta.input_hw[1],
                                "patches": tr.num_patches, "tokens": tr.num_tokens, "reduction": tr.reduction,
-                               "exited_early": int(early.sum()), "exited_early_pct": 100.0 * float(early.mean()),
+                               "mean_tokens": tr.mean_tokens_per_block, "merged": int((~surv).sum()),
+                               "exited_early": int(early_groups.sum()),
+                               "exited_early_pct": 100.0 * float(early_groups.sum()) / max(int(surv.sum()), 1),
                                "gflops": flops.get("total", 0) / 1e9, "baseline_gflops": flops.get("baseline_total", 0) / 1e9,
                                "forward_ms": 1e3 * tr.meta.timings.get("forward_s", float("nan"))}
         if ev is not None:
@@ -186,7 +190,10 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         image_rows.append(row)
         totals["patches"] += tr.num_patches
         totals["tokens"] += tr.num_tokens
-        totals["exited"] += int(early.sum())
+        totals["groups"] += int(surv.sum())
+        totals["merged"] += int((~surv).sum())
+        totals["block_tokens"] += float(tr.tokens_in_block().sum())
+        totals["exited"] += int(early_groups.sum())
         totals["exited_patches"] += int(patches[early].sum())
         totals["flops"] += int(flops.get("total", 0))
         totals["baseline_flops"] += int(flops.get("baseline_total", 0))
@@ -234,7 +241,11 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
     summary: dict[str, Any] = {
         "images": per_image, "windows": n, "patches": totals["patches"], "tokens": totals["tokens"],
         "token_reduction": totals["patches"] / max(totals["tokens"], 1),
-        "exited_early_pct": 100.0 * totals["exited"] / max(totals["tokens"], 1),
+        "exited_early_pct": 100.0 * totals["exited"] / max(totals["groups"], 1),
+        "mean_tokens_per_block": totals["block_tokens"] / max(n * first.meta.depth, 1),
+        "block_token_reduction": totals["patches"] * first.meta.depth / max(totals["block_tokens"], 1e-9),
+        "merged_tokens": totals["merged"],
+        "method": first.meta.method_name,
         "exited_early_patch_pct": 100.0 * totals["exited_patches"] / max(totals["patches"], 1),
         "gflops_per_image": totals["flops"] / 1e9 / per_image,
         "baseline_gflops_per_image": totals["baseline_flops"] / 1e9 / per_image,

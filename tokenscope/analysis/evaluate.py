@@ -8,7 +8,7 @@ from the per-image FLOP accounting (2 per multiply-add, policy included).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -21,6 +21,7 @@ from tokenscope.data.datasets import SegmentationDataset
 from tokenscope.data.images import prepare_image
 from tokenscope.data.windows import WindowSpec
 from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.models.step_vit import ReductionSetting
 from tokenscope.trace.capture import TraceCapture
 
 Progress = Callable[[int, int, str], None]
@@ -28,13 +29,29 @@ Progress = Callable[[int, int, str], None]
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """A policy and exit setting of one model; thresholds left None keep the model's own."""
+    """A policy and exit setting of one model; thresholds left None keep the model's own.
+
+    `setting` (a whole ReductionSetting, e.g. one method's) wins over the other fields when given.
+    A point with policy none and no exits is the plain baseline: it also runs without merging;
+    otherwise the model's own in-network merging, if any, stays on.
+    """
 
     name: str
     policy: str
     exits: bool
     merge_thresholds: tuple[float, ...] | None = None
     exit_threshold: float | None = None
+    setting: ReductionSetting | None = None
+
+    def resolve(self, saved: ReductionSetting) -> ReductionSetting:
+        """The full setting this point means, given the model's own."""
+        if self.setting is not None:
+            return self.setting
+        plain = self.policy == "none" and not self.exits
+        return replace(saved, policy=self.policy, exits=self.exits,
+                       merge_thresholds=self.merge_thresholds or saved.merge_thresholds,
+                       exit_threshold=saved.exit_threshold if self.exit_threshold is None else self.exit_threshold,
+                       merging=None if plain else saved.merging, method="vit" if plain else saved.method)
 
 
 @dataclass
@@ -52,8 +69,12 @@ class VariantScores:
     windows: int = 0
     """Forward passes: one per image, or one per sliding window."""
     forward_s: float = 0.0
+    block_tokens: float = 0.0
+    """Tokens summed over blocks and images: what FLOPs follow, for every method alike."""
+    depth: int = 0
 
-    COUNTS = ("patches", "tokens", "exited_tokens", "exited_patches", "flops", "images", "windows", "forward_s")
+    COUNTS = ("patches", "tokens", "exited_tokens", "exited_patches", "flops", "images", "windows", "forward_s",
+              "block_tokens")
 
     def add_up(self, ctx: dist.Context) -> None:
         """Sum the totals of every rank into this one (a no-op in a single process)."""
@@ -62,7 +83,7 @@ class VariantScores:
         self.confusion = dist.all_reduce_sum(ctx, self.confusion)
         totals = dist.all_reduce_sum(ctx, np.array([float(getattr(self, k)) for k in self.COUNTS]))
         for k, v in zip(self.COUNTS, totals):
-            setattr(self, k, float(v) if k == "forward_s" else int(round(v)))
+            setattr(self, k, float(v) if k in ("forward_s", "block_tokens") else int(round(v)))
 
     @property
     def miou(self) -> float:
@@ -81,6 +102,16 @@ class VariantScores:
         return 100.0 * self.exited_patches / max(self.patches, 1)
 
     @property
+    def mean_tokens_per_block(self) -> float:
+        """Tokens an average block works on per forward pass (image or window)."""
+        return self.block_tokens / max(self.windows * self.depth, 1)
+
+    @property
+    def block_token_reduction(self) -> float:
+        """Patches over mean tokens per block: the token reduction that exits and merges count in."""
+        return self.patches / max(self.windows, 1) / max(self.mean_tokens_per_block, 1e-9)
+
+    @property
     def gflops_per_image(self) -> float:
         return self.flops / 1e9 / max(self.images, 1)
 
@@ -91,6 +122,7 @@ class VariantScores:
             "tokens": self.tokens, "token_reduction": self.reduction, "exited_early_pct": self.exited_pct,
             "exited_early_patch_pct": self.exited_patch_pct, "gflops_per_image": self.gflops_per_image,
             "forward_ms_per_image": 1e3 * self.forward_s / max(self.images, 1),
+            "mean_tokens_per_block": self.mean_tokens_per_block, "block_token_reduction": self.block_token_reduction,
             "iou_per_class": {(class_names[c] if c < len(class_names) else str(c)): (None if np.isnan(v) else float(v))
                               for c, v in enumerate(ious)},
         }
@@ -109,7 +141,7 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
     With `windows`, each image is scored with the sliding-window protocol (size must be None).
     """
     model = loaded.model
-    saved = (model.active_policy, model.exits_enabled, model.merge_thresholds, model.exit_threshold)
+    saved = model.setting()
     c = loaded.config.num_classes
     result = EvalResult({p.name: VariantScores(p.name, np.zeros((c, c), dtype=np.int64)) for p in points})
     capture = TraceCapture(loaded, device, amp=amp)
@@ -123,8 +155,7 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
             prepared = prepare_image(sample.image, sample.name, size=size, labels=sample.labels,
                                      patch=model.patch_size)
             for p in points:
-                model.configure(policy=p.policy, exits=p.exits, merge_thresholds=p.merge_thresholds or saved[2],
-                                exit_threshold=saved[3] if p.exit_threshold is None else p.exit_threshold)
+                model.apply(p.resolve(saved))
                 pred = predict(capture, prepared, windows)
                 s = result.variants[p.name]
                 s.confusion += confusion(pred.label_map, pred.labels, c)  # type: ignore[arg-type]
@@ -135,11 +166,13 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
                 s.flops += pred.flops
                 s.forward_s += pred.forward_s
                 s.windows += len(pred.traces)
+                s.block_tokens += pred.block_tokens
+                s.depth = model.depth
                 s.images += 1
         if progress:
             progress(len(mine), len(mine), "")
     finally:
-        model.configure(policy=saved[0], exits=saved[1], merge_thresholds=saved[2], exit_threshold=saved[3])
+        model.apply(saved)
     for scores in result.variants.values():
         scores.add_up(ctx)
     return result

@@ -32,6 +32,10 @@ def tokens_table(trace: Trace) -> pd.DataFrame:
         "confidence": trace.token_confidence.astype(float),
         "class": trace.token_class,
         "class_name": [m.class_name(int(c)) for c in trace.token_class],
+        "merged_at": (trace.token_merged_at if trace.token_merged_at is not None
+                      else np.zeros(trace.num_tokens)).astype(int),
+        "merged_into": (trace.token_merged_into if trace.token_merged_into is not None
+                        else np.full(trace.num_tokens, -1)).astype(int),
     })
 
 
@@ -39,8 +43,9 @@ def level_block_matrix(trace: Trace) -> np.ndarray:
     """(depth, MAX_LEVEL + 1): tokens of each superpatch level entering each block."""
     depth = trace.meta.depth
     out = np.zeros((depth, MAX_LEVEL + 1), dtype=np.int64)
+    merged_at = trace.token_merged_at if trace.token_merged_at is not None else np.zeros(trace.num_tokens)
     for b in range(depth):
-        alive = trace.token_exit_block > b
+        alive = (trace.token_exit_block > b) & ((merged_at == 0) | (merged_at > b))
         out[b] = np.bincount(trace.token_level[alive].astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
     return out
 
@@ -50,7 +55,7 @@ def exit_level_matrix(trace: Trace) -> tuple[list[int], np.ndarray]:
     points = [*trace.meta.exit_after, trace.meta.depth]
     mat = np.zeros((len(points), MAX_LEVEL + 1), dtype=np.int64)
     for i, k in enumerate(points):
-        sel = trace.token_exit_block == k
+        sel = (trace.token_exit_block == k) & trace.survivors
         mat[i] = np.bincount(trace.token_level[sel].astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
     return points, mat
 
@@ -60,10 +65,12 @@ def blocks_table(trace: Trace) -> pd.DataFrame:
     depth = trace.meta.depth
     gates = set(trace.meta.exit_after)
     by_level = level_block_matrix(trace)
-    exited = [int(np.sum(trace.token_exit_block == b)) if b in gates else 0 for b in range(1, depth + 1)]
+    exited = [int(np.sum(trace.survivors & (trace.token_exit_block == b))) if b in gates else 0
+              for b in range(1, depth + 1)]
     df = pd.DataFrame({
         "block": np.arange(1, depth + 1),
         "tokens_in": trace.block_tokens_in.astype(int),
+        "merged_in_block": trace.merges_per_block(),
         "gate_after": [b in gates for b in range(1, depth + 1)],
         "exited_after": exited,
         "flops": trace.block_flops.astype(np.int64),
@@ -77,6 +84,7 @@ def summary(trace: Trace) -> dict[str, Any]:
     """The numbers a user asks first: how many tokens, how much reduction, how many left early."""
     m = trace.meta
     early = trace.exited_early
+    groups = trace.survivors
     patches = trace.token_patches
     per_level = np.bincount(trace.token_level.astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
     flops = m.flops
@@ -86,16 +94,20 @@ def summary(trace: Trace) -> dict[str, Any]:
         "input_hw": list(m.input_hw),
         "grid": list(m.grid),
         "model": m.model,
+        "method": m.method_name,
         "policy": m.policy,
         "exits": m.exits,
+        "merging": dict(m.merging),
         "merge_thresholds": list(m.merge_thresholds),
         "exit_threshold": m.exit_threshold,
         "patches": trace.num_patches,
         "tokens": trace.num_tokens,
         "reduction": trace.reduction,
+        "mean_tokens_per_block": trace.mean_tokens_per_block,
+        "merged_tokens": int((~groups).sum()),
         "tokens_per_level": {str(k): int(v) for k, v in enumerate(per_level)},
-        "exited_early_tokens": int(early.sum()),
-        "exited_early_pct": 100.0 * float(early.mean()),
+        "exited_early_tokens": int((early & groups).sum()),
+        "exited_early_pct": 100.0 * float((early & groups).sum()) / max(int(groups.sum()), 1),
         "exited_early_patch_pct": 100.0 * float(patches[early].sum()) / trace.num_patches,
         "exits_per_gate": {str(k): v for k, v in trace.gate_exits().items()},
         "gflops": total / 1e9,

@@ -47,8 +47,14 @@ class ImagePrediction:
         return sum(int(t.meta.flops["baseline_total"]) for t in self.traces)
 
     @property
+    def block_tokens(self) -> float:
+        """Tokens summed over the encoder's blocks (exits and in-block merges included)."""
+        return sum(float(t.tokens_in_block().sum()) for t in self.traces)
+
+    @property
     def exited_tokens(self) -> int:
-        return sum(int(t.exited_early.sum()) for t in self.traces)
+        """Tokens (a merged group counts once) that left at a gate."""
+        return sum(int((t.exited_early & t.survivors).sum()) for t in self.traces)
 
     @property
     def exited_patches(self) -> int:

@@ -180,12 +180,12 @@ def _evaluate_image(prepared: PreparedImage, pred: ImagePrediction, capture: Tra
         ev.step_confusion = confusion(pred.label_map, pred.labels, c)
     if with_baseline:
         model = capture.loaded.model
-        policy, exits = model.active_policy, model.exits_enabled
-        model.configure(policy="none", exits=False)
+        saved = model.setting()
+        model.apply(model.plain())
         try:
             base = predict(capture, prepared, windows)
         finally:
-            model.configure(policy=policy, exits=exits)
+            model.apply(saved)
         ev.agreement = pixel_agreement(pred.label_map, base.label_map)
         ev.baseline_tokens = base.tokens
         ev.baseline_flops = base.flops

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from tokenscope.errors import ConfigError
 from tokenscope.models.checkpoints import LoadedModel, build_model
+from tokenscope.models.methods.cts import parse_groups
+from tokenscope.models.methods.merging import MergingSpec, algm_blocks
+from tokenscope.models.methods.spec import Method, parse_method
 from tokenscope.models.policy import POLICY_NAMES, parse_thresholds
 from tokenscope.models.runtime import resolve_device
 
@@ -34,6 +37,45 @@ class ModelOptions:
     """bf16 autocast on CUDA (no effect on the CPU)."""
     keep_per_class: int | None = None
     """DToP's context rule at the exit gates (None = the model's own, normally 0 = off)."""
+    method: str | None = None
+    """Token-reduction method (step, dcts, dtop, cts, tome, algm, X+tome, X+algm; see
+    models/methods/spec.py). None: policy and exits alone decide, as before methods existed."""
+    tome_r: float | None = None
+    """ToMe: tokens merged per block; a count (16) or a fraction of the image's tokens (0.05)."""
+    algm_threshold: float | None = None
+    """ALGM's local merging threshold (mean cosine similarity of a 2x2 window)."""
+    algm_global_threshold: float | None = None
+    """ALGM's global merging: a fixed similarity threshold instead of its adaptive rule."""
+    prop_attn: bool | None = None
+    """Size-weighted (proportional) attention after merging; default on for ToMe, off for ALGM."""
+    cts_groups: str | None = None
+    """CTS: 2x2 groups shared per image, a count (300) or a fraction of all groups (0.4)."""
+
+
+DEFAULT_TOME_R = 0.05
+"""Default ToMe r: 5% of the image's tokens per block (ToMe's r=16 of 197 is 8% on ViT-B/224)."""
+DEFAULT_ALGM_THRESHOLD = 0.88
+"""ALGM's public threshold for ViT-S/B Segmenter on ADE20K (its models use 0.88-0.955)."""
+DEFAULT_CTS_GROUPS = "0.4"
+"""CTS's Segmenter setting shares about 40% of the 2x2 groups (103 of 256 at 512 px)."""
+
+
+def merging_spec(method: Method, opts: ModelOptions, depth: int) -> MergingSpec | None:
+    """The in-network merging a method runs, with the user's settings or the published defaults."""
+    if method.merging is None:
+        if any(v is not None for v in (opts.tome_r, opts.algm_threshold, opts.algm_global_threshold, opts.prop_attn)):
+            raise ConfigError(f"ToMe/ALGM settings (r, threshold, global, prop) apply to methods with tome or algm, "
+                              f"not {method.name!r}")
+        return None
+    if method.merging == "tome":
+        r = DEFAULT_TOME_R if opts.tome_r is None else float(opts.tome_r)
+        if not r >= 0 or (r >= 1 and r != int(r)):
+            raise ConfigError(f"--tome-r is a whole count per block or a fraction below 1, got {opts.tome_r}")
+        return MergingSpec("tome", tuple(range(1, depth + 1)), r=r,
+                           prop_attn=True if opts.prop_attn is None else opts.prop_attn)
+    threshold = DEFAULT_ALGM_THRESHOLD if opts.algm_threshold is None else float(opts.algm_threshold)
+    return MergingSpec("algm", algm_blocks(depth), threshold=threshold, global_threshold=opts.algm_global_threshold,
+                       prop_attn=False if opts.prop_attn is None else opts.prop_attn)
 
 
 def load_model(opts: ModelOptions, have_labels: bool = False,
@@ -44,6 +86,9 @@ def load_model(opts: ModelOptions, have_labels: bool = False,
     noise as if it were a finding, so it is refused unless the user chose random weights. With
     `loaded`, that model is re-configured to `opts` instead of being built again.
     """
+    method = parse_method(opts.method) if opts.method is not None else None
+    if method is not None and method.settings:  # inline settings are the more specific: they win
+        opts = replace(opts, **method.option_values())  # type: ignore[arg-type]
     device = resolve_device(opts.device)
     if opts.policy is not None and opts.policy not in POLICY_NAMES:
         raise ConfigError(f"unknown policy {opts.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
@@ -51,12 +96,16 @@ def load_model(opts: ModelOptions, have_labels: bool = False,
         raise ConfigError(f"unknown exit mode {opts.exits!r}; choose one of {', '.join(EXIT_MODES)}")
     if opts.exit_threshold is not None and not (0.0 <= opts.exit_threshold <= 1.0):
         raise ConfigError(f"--exit-threshold must be between 0 and 1, got {opts.exit_threshold}")
+    if opts.cts_groups is not None:
+        parse_groups(opts.cts_groups)
     if loaded is None:
         loaded = build_model(opts.model, opts.weights, opts.random_init, opts.seed, opts.num_classes)
     policy = opts.policy or ("budget" if opts.budget is not None else loaded.default_policy())
+    exits = loaded.default_exits() if opts.exits is None else opts.exits == "learned"
+    if method is not None:
+        policy, exits = _method_policy_and_exits(method, opts, policy)
     if opts.budget is not None and policy != "budget":
         raise ConfigError(f"--budget applies to --policy budget, not {policy!r}")
-    exits = loaded.default_exits() if opts.exits is None else opts.exits == "learned"
     untrained = opts.random_init is False
     if policy == "learned" and untrained and not loaded.trained.get("policy"):
         raise ConfigError(f"the learned policy of {loaded.source} was never trained; use --policy uniform, oracle or none")
@@ -66,9 +115,38 @@ def load_model(opts: ModelOptions, have_labels: bool = False,
         raise ConfigError("policy 'oracle' merges by ground truth: pass --labels (a label map or a folder of them)")
     cfg = loaded.config
     thresholds = parse_thresholds(opts.merge_threshold, cfg.merge_thresholds)
+    spec = merging_spec(method, opts, loaded.model.depth) if method is not None else None
+    if method is None and any(v is not None for v in (opts.tome_r, opts.algm_threshold, opts.algm_global_threshold,
+                                                       opts.prop_attn)):
+        raise ConfigError("ToMe/ALGM settings need --method tome, algm or X+tome / X+algm")
+    if opts.cts_groups is not None and policy != "cts":
+        raise ConfigError("--cts-groups applies to --method cts (or cts+tome / cts+algm)")
     loaded.model.configure(policy=policy, merge_thresholds=thresholds,
                            exit_threshold=opts.exit_threshold if opts.exit_threshold is not None else cfg.exit_threshold,
                            exits=exits, budget=opts.budget,
-                           keep_per_class=opts.keep_per_class if opts.keep_per_class is not None else cfg.keep_per_class)
+                           keep_per_class=opts.keep_per_class if opts.keep_per_class is not None else cfg.keep_per_class,
+                           cts_groups=parse_groups(opts.cts_groups or DEFAULT_CTS_GROUPS),
+                           cts_source=loaded.default_policy())
+    loaded.model.set_merging(spec)
+    loaded.model.method = method.name if method is not None else ""
     loaded.model.to(device).eval()
     return loaded, device
+
+
+def _method_policy_and_exits(method: Method, opts: ModelOptions, default_policy: str) -> tuple[str, bool]:
+    """A method fixes what it is about; --policy / --exits may only refine what it leaves open."""
+    if method.fixes_policy:
+        if opts.policy is not None and opts.policy != method.policy:
+            hint = {"none": "dcts", "cts": "dcts"}.get(method.policy, "step")
+            suffix = method.name.partition("+")[2]
+            raise ConfigError(f"--method {method.name} decides the tokens itself (policy {method.policy!r}); for "
+                              f"--policy {opts.policy} use --method {hint}{'+' + suffix if suffix else ''}")
+        policy = method.policy
+    else:
+        policy = default_policy
+    wanted = None if opts.exits is None else opts.exits == "learned"
+    if wanted is not None and wanted != method.exits:
+        raise ConfigError(f"--method {method.name} runs {'with' if method.exits else 'without'} exits; "
+                          f"drop --exits {opts.exits} or pick a method that {'has' if wanted else 'has no'} exits "
+                          f"({'step, dtop' if wanted else 'dcts, cts, tome, algm'})")
+    return policy, method.exits

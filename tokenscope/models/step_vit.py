@@ -8,6 +8,7 @@ or writes anything.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -57,6 +58,27 @@ class StepOutput:
     token_owner: torch.Tensor | None = None
     """(B, T) with in-network merging: the token whose prediction each token finally shares
     (itself unless it was merged into another); None without merging."""
+
+
+@dataclass(frozen=True)
+class ReductionSetting:
+    """Everything that decides which tokens a forward pass keeps: one operating point.
+
+    Commands that run several operating points on one loaded model (baseline and STEP, a
+    method comparison, a sweep) take the setting, apply others, and put it back whole, so no
+    part (merging, CTS's count) can leak from one operating point into the next.
+    """
+
+    policy: str
+    exits: bool
+    merge_thresholds: tuple[float, ...]
+    exit_threshold: float
+    keep_per_class: int
+    budget: float
+    cts_groups: float
+    cts_source: str
+    merging: MergingSpec | None
+    method: str
 
 
 def attention_mask(valid: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -216,6 +238,27 @@ class StepViT(nn.Module):
             self.exits_enabled = bool(exits)
         return self
 
+    def setting(self) -> ReductionSetting:
+        """The current operating point, to restore later with `apply`."""
+        cts = self.policies["cts"]
+        return ReductionSetting(self.active_policy, self.exits_enabled, self.merge_thresholds, self.exit_threshold,
+                                self.keep_per_class, float(self.policies["budget"].reduction), float(cts.groups),
+                                str(cts.source), self.merging, self.method)
+
+    def plain(self) -> ReductionSetting:
+        """The current setting without any reduction: plain grid, no exits, no merging (`vit`)."""
+        return dataclasses.replace(self.setting(), policy="none", exits=False, merging=None, method="vit")
+
+    def apply(self, setting: ReductionSetting) -> "StepViT":
+        """Switch to an operating point taken with `setting` (or `plain`)."""
+        self.configure(policy=setting.policy, merge_thresholds=setting.merge_thresholds,
+                       exit_threshold=setting.exit_threshold if self.gates else None, exits=setting.exits,
+                       budget=setting.budget, keep_per_class=setting.keep_per_class, cts_groups=setting.cts_groups,
+                       cts_source=setting.cts_source)
+        self.set_merging(setting.merging)
+        self.method = setting.method
+        return self
+
     def set_merging(self, spec: MergingSpec | None) -> "StepViT":
         """Turn in-network merging on (ToMe / ALGM, see models/methods/merging.py) or off."""
         if spec is not None:
@@ -296,6 +339,7 @@ class StepViT(nn.Module):
         owner = torch.arange(t_max + 1, device=images.device).expand(b, -1).clone() if merging else None
         single = (torch.from_numpy(np.stack([np.pad(p.level == 0, (0, t_max - p.num_tokens)) for p in partitions]))
                   .to(images.device) if merging else None)
+        initial = torch.tensor(counts, device=images.device)
         weighted = False  # proportional attention starts once a token stands for several
         for i, blk in enumerate(self.blocks):
             if max(counts) == 0:
@@ -310,7 +354,7 @@ class StepViT(nn.Module):
             else:
                 h, keys = attend(blk.attn, blk.norm1(x), mask)
                 x = x + blk.drop_path1(blk.ls1(h))
-                dec: MergeDecision = merger(x[:, p:], keys[:, p:], ids, valid, MergeContext(grid_ids, single, owner))
+                dec: MergeDecision = merger(x[:, p:], keys[:, p:], ids, valid, MergeContext(grid_ids, single, owner, initial))
                 patch_part, sizes, owner = apply_merge(x[:, p:], sizes, owner, dec)
                 before = sum(counts)
                 patch_part, ids, valid, counts, sizes = compact(patch_part, ids, valid & ~dec.merged, sizes)

@@ -208,6 +208,20 @@ class Trace:
         """Whether the trace records in-network merging (version 2 with a merging method)."""
         return self.token_merged_at is not None
 
+    @property
+    def survivors(self) -> np.ndarray:
+        """(T,) bool: tokens never merged into another, i.e. the groups that exit or reach the end
+        (every token without in-network merging)."""
+        if self.token_merged_at is None:
+            return np.ones(self.num_tokens, dtype=bool)
+        return self.token_merged_at == 0
+
+    @property
+    def mean_tokens_per_block(self) -> float:
+        """Tokens the average encoder block works on (exits and merges included): the number that
+        FLOPs follow, comparable across methods."""
+        return float(self.tokens_in_block().mean()) if self.meta.depth else 0.0
+
     def final_owner(self) -> np.ndarray:
         """(T,) the token whose prediction each token ends with (itself unless merged away)."""
         return self.owner_before(self.meta.depth + 1)
@@ -244,8 +258,7 @@ class Trace:
 
     def gate_exits(self) -> dict[int, int]:
         """Tokens leaving at each gate (a merged group counts once)."""
-        alive = self.final_owner() == np.arange(self.num_tokens)
-        return {k: int(np.sum(alive & (self.token_exit_block == k))) for k in self.meta.exit_after}
+        return {k: int(np.sum(self.survivors & (self.token_exit_block == k))) for k in self.meta.exit_after}
 
     def per_patch(self, values: np.ndarray) -> np.ndarray:
         """Broadcast a per-token array to the patch grid (un-merging)."""

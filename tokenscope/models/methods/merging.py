@@ -50,6 +50,8 @@ class MergeContext:
     """(B, T) whether a trace token covers exactly one patch."""
     owner: torch.Tensor
     """(B, T + 1) the trace token that currently stands for each one (itself unless merged)."""
+    initial: torch.Tensor
+    """(B,) tokens each image entered the encoder with (for ToMe's r given as a fraction)."""
 
 
 def _normalise(metric: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -61,13 +63,15 @@ def _normalise(metric: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class BipartiteMerger(nn.Module):
     """Bipartite soft matching: even slots (A) propose their most similar odd slot (B).
 
-    `r` fixed (ToMe): the r best-matched A tokens merge, at most half the live tokens. `r = None`
+    `r` fixed (ToMe): the r best-matched A tokens merge, at most half the live tokens; r below 1
+    is a fraction of the tokens the image entered the encoder with, so images of every size lose
+    the same share per block. `r = None`
     (ALGM's global merging): those whose best similarity reaches `threshold`, or, when that is
     None, ALGM's adaptive rule: mean + std / block over the image's A tokens. `metric`: `keys`
     (ToMe: attention keys averaged over heads) or `x` (ALGM: the tokens after attention).
     """
 
-    def __init__(self, block: int, kind: str, r: int | None, metric: str, threshold: float | None = None) -> None:
+    def __init__(self, block: int, kind: str, r: float | None, metric: str, threshold: float | None = None) -> None:
         super().__init__()
         self.block, self.kind, self.r, self.metric, self.threshold = block, kind, r, metric, threshold
 
@@ -89,7 +93,9 @@ class BipartiteMerger(nn.Module):
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=x.device).expand_as(order))
         live = valid.sum(dim=1)
         if self.r is not None:
-            count = torch.clamp(live // 2, max=self.r)
+            wanted = (torch.round(ctx.initial.float() * self.r).long() if 0 < self.r < 1
+                      else torch.full_like(live, int(self.r)))
+            count = torch.minimum(live // 2, wanted)
         elif self.threshold is not None:
             count = torch.clamp((node_max >= self.threshold).sum(1), max=live // 2)
         else:
@@ -187,7 +193,8 @@ class MergingSpec:
 
     kind: str
     blocks: tuple[int, ...]
-    r: int = 0
+    r: float = 0
+    """ToMe: tokens merged per block, or below 1 a fraction of the image's tokens."""
     threshold: float = 0.88
     """ALGM's local threshold: mean pairwise cosine similarity of a 2x2 window."""
     global_threshold: float | None = None
