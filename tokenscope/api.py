@@ -373,25 +373,32 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
 def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model | str = "demo",
             weights: str | None = None, random_init: bool = False, policy: str | None = None,
             merge_threshold: str | None = None, exit_threshold: float | None = None, exits: str | None = None,
-            keep_per_class: int | None = None, labels: str | None = None, size: int | None = None,
+            keep_per_class: int | None = None, method: str | None = None, methods: str | Sequence[str] | None = None,
+            labels: str | None = None, size: int | None = None,
             window: int | None = None, stride: int | None = None, repeats: int = 5, warmup: int = 1, device: str = "auto", seed: int = 0, out: str | Path = "outputs",
-            progress: Progress | None = None) -> Any:
+            at_block: int | None = None, progress: Progress | None = None) -> Any:
     """`tokenscope compare`: the same weights with and without reduction on each image (tokens,
-    GFLOPs, latency, memory, agreement, mIoU with labels). Returns a CompareResult."""
+    GFLOPs, latency, memory, agreement, mIoU with labels). Returns a CompareResult.
+
+    `methods` ("step,tome,cts,dtop" or a list, settings inline as in `tome:r=16`) compares several
+    methods at once: `.method_overall` has one row per method, `.rows` one per image and method;
+    `at_block` picks the block whose tokens the per-image figure shows."""
     from tokenscope.jobs.compare import compare_images
 
     held = model if isinstance(model, Model) else None
     opts = held.options if held is not None else _options(model, weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
                                                           exit_threshold, exits, device, seed,
-                                                          keep_per_class=keep_per_class)
+                                                          keep_per_class=keep_per_class, method=method)
+    listed = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods or []) if m.strip()]
     return compare_images([str(p) for p in images], opts, baseline=baseline, out=out, size=size, labels=labels,
                           repeats=repeats, warmup=warmup, progress=progress, window=window, stride=stride,
-                          model=None if held is None else (held.loaded, held.device))
+                          model=None if held is None else (held.loaded, held.device), methods=listed or None,
+                          at_block=at_block)
 
 
 def evaluate(model: Model | str = "demo", *, weights: str | None = None, policy: str | None = None,
              merge_threshold: str | None = None, exit_threshold: float | None = None, exits: str | None = None,
-             keep_per_class: int | None = None,
+             keep_per_class: int | None = None, method: str | None = None,
              data: str = "synthetic", data_root: str | None = None, split: str = "val", seeds: str = "100000:100200",
              size: int = 512, window: int | None = None, stride: int | None = None, device: str = "auto",
              json_out: str | Path | None = None, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
@@ -401,7 +408,8 @@ def evaluate(model: Model | str = "demo", *, weights: str | None = None, policy:
     from tokenscope.jobs.train import DataOptions, evaluate_model
 
     held = _as_model(model, weights=weights, policy=policy, merge_threshold=merge_threshold,
-                     exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device)
+                     exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device,
+                     method=method)
     d = DataOptions(kind=data, root=data_root, val_split=split, val_seeds=seeds, size=size)
     result = evaluate_model(held.loaded, held.device, d, held.policy, progress, window, stride, held.options.amp)
     metrics = {k: v.as_dict(held.config.class_names) for k, v in result.variants.items()}
@@ -477,7 +485,8 @@ def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None 
 
 def bench(*, model: str = "demo", weights: str | None = None, random_init: bool = False, policy: str | None = None,
           budget: float | None = None, merge_threshold: str | None = None, exit_threshold: float | None = None,
-          exits: str | None = None, keep_per_class: int | None = None, size: int = 1024, batch: int = 1,
+          exits: str | None = None, keep_per_class: int | None = None, method: str | None = None, size: int = 1024,
+          batch: int = 1,
           image: str | None = None, device: str = "auto",
           amp: bool = True, threads: int | None = None, repeats: int = 3, warmup: int = 1, loop: bool = False,
           compile_blocks: bool = False, seed: int = 0, json_out: str | Path | None = None,
@@ -488,12 +497,13 @@ def bench(*, model: str = "demo", weights: str | None = None, random_init: bool 
     from tokenscope.jobs.runfolder import write_json_atomic
 
     opts = _options(model, weights, random_init, policy, merge_threshold, exit_threshold, exits, device, seed, budget, amp,
-                    keep_per_class)
+                    keep_per_class, method)
     result = run_bench(opts, size=size, batch=batch, image=image, repeats=repeats, warmup=warmup, threads=threads,
                        loop=loop, compile_blocks=compile_blocks, progress=progress)
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(json_out), {"model": model, "policy": result.step.policy, "budget": budget,
+        write_json_atomic(Path(json_out), {"model": model, "policy": result.step.policy, "method": result.step.method,
+                                           "budget": budget,
                                            **result.summary()})
     return result
 

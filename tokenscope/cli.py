@@ -40,6 +40,7 @@ MergeOpt = Annotated[Optional[str], typer.Option("--merge-threshold", help="Merg
 ExitThrOpt = Annotated[Optional[float], typer.Option("--exit-threshold", help="A token exits at a gate when its top-1 probability reaches this (default: the model's, 0.95).")]
 ExitsOpt = Annotated[Optional[str], typer.Option("--exits", help="Early exits: learned (auxiliary heads after the exit blocks) or none. Default: learned if trained.")]
 KeepOpt = Annotated[Optional[int], typer.Option("--keep-per-class", help="DToP's context rule: at each gate the K most confident qualifying tokens of every predicted class stay in the sequence (0 = off).")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", help="Token-reduction method: step (dCTS + exits), dcts, dtop (exits on the grid), cts (K shared 2x2 groups), tome (merging in every block), algm (local + global merging), vit (none), or X+tome / X+algm; settings after colons, e.g. tome:r=16, algm:threshold=0.92, cts:groups=300. Default: --policy/--exits decide.")]
 LabelsOpt = Annotated[Optional[str], typer.Option(help="Ground-truth label map (integer class ids, 255 = ignore), or a folder of them named like the images.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (GPU if present), cpu or cuda.")]
 SizeOpt = Annotated[Optional[int], typer.Option(help="Resize each image so its long side is this many pixels (then pad to a multiple of 16).")]
@@ -107,6 +108,7 @@ def run(
     exit_threshold: ExitThrOpt = None,
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
+    method: MethodOpt = None,
     budget: Annotated[Optional[float], typer.Option(help="Token budget for --policy budget: R times fewer tokens than patches.")] = None,
     labels: LabelsOpt = None,
     dataset: Annotated[Optional[str], typer.Option(help="Run over a data set instead of files: synthetic, folder, ade20k, cityscapes or pascal_context.")] = None,
@@ -134,7 +136,7 @@ def run(
         with _progress("tracing") as progress:
             result = api.run(images, model=model, weights=weights, random_init=random_init, policy=policy,
                              merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, budget=budget,
-                             keep_per_class=keep_per_class, labels=labels, dataset=dataset, data_root=data_root, split=split, seeds=seeds,
+                             keep_per_class=keep_per_class, method=method, labels=labels, dataset=dataset, data_root=data_root, split=split, seeds=seeds,
                              scene_size=scene_size, size=size, window=window, stride=stride, figures=figures,
                              animation=animation, animation_limit=animation_limit, baseline=baseline,
                              render_workers=render_workers, device=device, seed=seed, out=out, resume=resume,
@@ -200,6 +202,9 @@ def compare(
     exit_threshold: ExitThrOpt = None,
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
+    method: MethodOpt = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Compare several methods (or operating points) at once, comma-separated, e.g. step,tome,cts,dtop or tome:r=8,tome:r=16: one table and one side-by-side figure per image.")] = None,
+    at_block: Annotated[Optional[int], typer.Option("--at-block", help="With --methods: the block whose tokens the figure shows (default: the middle; depth + 1 = after the encoder).")] = None,
     labels: LabelsOpt = None,
     device: DeviceOpt = "auto",
     size: SizeOpt = None,
@@ -217,10 +222,16 @@ def compare(
         with _progress("comparing") as progress:
             result = api.compare(images, baseline=baseline, model=model, weights=weights, random_init=random_init,
                                  policy=policy, merge_threshold=merge_threshold, exit_threshold=exit_threshold,
-                                 exits=exits, keep_per_class=keep_per_class, labels=labels, size=size, window=window,
-                                 stride=stride, repeats=repeats,
+                                 exits=exits, keep_per_class=keep_per_class, method=method, methods=methods,
+                                 at_block=at_block,
+                                 labels=labels, size=size, window=window, stride=stride, repeats=repeats,
                                  warmup=warmup, device=device, seed=seed, out=out, progress=progress)
     _warn(result.warnings)
+    if result.methods:
+        _print_methods(result, baseline)
+        if _report_failures(result.images):
+            raise typer.Exit(3)
+        return
     table = Table(title=f"STEP vs baseline ({baseline})", title_justify="left")
     cols = ["image", "tokens", "GFLOPs", "latency ms", "peak MiB", "agree"]
     has_miou = any("step_miou" in r for r in result.rows)
@@ -242,6 +253,27 @@ def compare(
                       "latency: median after warm-up; peak: extra memory during the forward pass)", highlight=False)
     if _report_failures(result.images):
         raise typer.Exit(3)
+
+
+def _print_methods(result: Any, baseline: str) -> None:
+    """One row per method, over all images: the comparison `compare --methods` is for."""
+    table = Table(title=f"methods vs baseline ({baseline}), all images", title_justify="left")
+    cols = ["method", "tokens in", "tokens/block", "GFLOPs", "latency ms", "exited", "merged", "agree"]
+    has_miou = any("miou" in r for r in result.method_overall)
+    if has_miou:
+        cols.append("mIoU")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in result.method_overall:
+        cells = [r["method"], f"{r['tokens']:.0f}", f"{r['mean_tokens_per_block']:.0f} ({r['block_token_reduction']:.2f}x)",
+                 f"{r['gflops']:.2f} ({r['flop_reduction']:.2f}x)", f"{r['latency_ms']:.0f} ({r['speedup']:.2f}x)",
+                 f"{r['exited_early_pct']:.1f}%", f"{r['merged']:.0f}", f"{100 * r['agreement']:.1f}%"]
+        if has_miou:
+            cells.append(f"{100 * r.get('miou', float('nan')):.1f}")
+        table.add_row(*cells)
+    out_console.print(table)
+    out_console.print(f"outputs: [bold]{result.run_dir}[/] (methods.csv, tokens_per_block.csv, a methods.png per image; "
+                      "GFLOPs: torch flop counter, 2 per multiply-add; latency: median after warm-up)", highlight=False)
 
 
 DataOpt = Annotated[str, typer.Option("--data", help="Data set: synthetic (generated street scenes), folder (images/ + masks/), ade20k, cityscapes or pascal_context.")]
@@ -344,6 +376,7 @@ def evaluate(
     exit_threshold: ExitThrOpt = None,
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
+    method: MethodOpt = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     split: Annotated[str, typer.Option(help="Split of a file data set.")] = "val",
@@ -359,7 +392,8 @@ def evaluate(
 
     with _user_errors():
         held = api.load_model(model, weights, policy=policy, merge_threshold=merge_threshold,
-                              exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device)
+                              exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device,
+                              method=method)
         with _progress("evaluating") as progress:
             metrics = api.evaluate(held, data=data, data_root=data_root, split=split, seeds=seeds, size=size,
                                    window=window, stride=stride, json_out=json_out, progress=progress)
@@ -367,7 +401,8 @@ def evaluate(
         return
     loaded = held.loaded
     exits_text = "learned exits" if loaded.model.exits_enabled else "no exits"
-    _print_eval(metrics, f"{loaded.config.name}: STEP ({loaded.model.active_policy} policy, {exits_text}) vs baseline")
+    what = f"method {held.method}" if held.method else f"STEP ({loaded.model.active_policy} policy, {exits_text})"
+    _print_eval(metrics, f"{loaded.config.name}: {what} vs baseline")
 
 
 @app.command()
@@ -381,6 +416,7 @@ def bench(
     exit_threshold: ExitThrOpt = None,
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
+    method: MethodOpt = None,
     size: Annotated[int, typer.Option(help="Square input side in pixels (a multiple of 16).")] = 1024,
     batch: Annotated[int, typer.Option(help="Images per forward pass (different synthetic scenes, so token counts differ).")] = 1,
     image: Annotated[Optional[str], typer.Option(help="Use this image (repeated) instead of synthetic scenes.")] = None,
@@ -401,18 +437,20 @@ def bench(
         with _progress("benchmarking") as progress:
             result = api.bench(model=model, weights=weights, random_init=random_init, policy=policy, budget=budget,
                                merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits,
-                               keep_per_class=keep_per_class, size=size,
+                               keep_per_class=keep_per_class, method=method, size=size,
                                batch=batch, image=image, device=device, amp=amp, threads=threads, repeats=repeats,
                                warmup=warmup, loop=loop, compile_blocks=compile_blocks, seed=seed, json_out=json_out,
                                progress=progress)
         summary = result.summary()
     table = Table(title=f"bench: {model} {size}x{size}, batch {batch}, {result.device}, {result.threads} threads"
                         f"{', bf16' if result.amp else ''}", title_justify="left")
-    for col in ("variant", "tokens/img", "GFLOPs/img", "latency ms", "images/s", "peak MiB"):
+    for col in ("variant", "tokens/img", "tokens/block", "GFLOPs/img", "latency ms", "images/s", "peak MiB"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for v in (result.baseline, result.step):
-        label = v.name if v.name == "baseline" else f"STEP ({v.policy}{', exits' if v.exits else ''})"
-        table.add_row(label, f"{v.tokens_per_image:.0f}", f"{v.gflops_per_image:.1f}", f"{v.latency_ms:.1f}",
+        label = (v.name if v.name == "baseline" else f"method {v.method}" if v.method
+                 else f"STEP ({v.policy}{', exits' if v.exits else ''})")
+        table.add_row(label, f"{v.tokens_per_image:.0f}", f"{v.mean_tokens_per_block:.0f}", f"{v.gflops_per_image:.1f}",
+                      f"{v.latency_ms:.1f}",
                       f"{v.images_per_s(result.batch):.3f}", f"{v.peak_mib:.0f}")
     out_console.print(table)
     s = summary

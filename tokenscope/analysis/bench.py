@@ -10,19 +10,21 @@ of the same batch (what the padded batched path is for).
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from tokenscope.analysis.memory import LiveTensorBytes
 from tokenscope.models.cost import measure_flops
 from tokenscope.models.runtime import inference, synchronize
-from tokenscope.models.step_vit import StepViT
-from tokenscope.trace.recorder import Recorder
+from tokenscope.models.step_vit import ReductionSetting, StepViT
+from tokenscope.trace.recorder import ImageRecord, Recorder
 
 Progress = Callable[[int, int, str], None]
 
@@ -32,7 +34,13 @@ class VariantTiming:
     name: str
     policy: str
     exits: bool
+    setting: ReductionSetting | None = None
+    """The whole operating point timed (merging included)."""
+    method: str = ""
     tokens_per_image: float = 0.0
+    """Tokens entering the encoder (the policy's partition)."""
+    mean_tokens_per_block: float = 0.0
+    """Tokens the average block works on per image, exits and in-block merges included."""
     gflops_per_image: float = 0.0
     peak_mib: float = 0.0
     latencies_s: list[float] = field(default_factory=list)
@@ -127,6 +135,13 @@ def _probe(fn: Callable[[], Any], device: torch.device) -> tuple[int, int, Any]:
     return flops, mem.peak, out
 
 
+def _block_tokens(record: ImageRecord) -> float:
+    """Mean tokens per block of one image: entering, and after an in-block merge, averaged."""
+    tin = record.block_tokens_in.astype(np.float64)
+    mid = tin if record.block_tokens_mid is None else record.block_tokens_mid.astype(np.float64)
+    return float(((tin + mid) / 2).mean())
+
+
 def environment(device: torch.device) -> dict[str, str]:
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "processor": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}
@@ -138,16 +153,19 @@ def environment(device: torch.device) -> dict[str, str]:
 def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_policy: str, step_exits: bool,
               repeats: int = 3, warmup: int = 1, amp: bool = False, recorder_repeats: int | None = None,
               loop: bool = False, progress: Progress | None = None) -> BenchResult:
-    """Benchmark the configured STEP operating point against policy none + exits none."""
+    """Benchmark the configured operating point (policy, exits and any in-network merging) against
+    the same weights without reduction."""
     b = images.shape[0]
-    variants = {"baseline": VariantTiming("baseline", "none", False), "step": VariantTiming("step", step_policy, step_exits)}
+    step_setting = dataclasses.replace(model.setting(), policy=step_policy, exits=step_exits)
+    variants = {"baseline": VariantTiming("baseline", "none", False, model.plain(), "vit"),
+                "step": VariantTiming("step", step_policy, step_exits, step_setting, step_setting.method)}
     result = BenchResult(b, (int(images.shape[-2]), int(images.shape[-1])), str(device), torch.get_num_threads(),
                          amp and device.type == "cuda", variants["baseline"], variants["step"],
                          environment=environment(device))
     calls: dict[str, Callable[[], Any]] = {}
     for v in variants.values():
         def call(v: VariantTiming = v) -> Any:
-            model.configure(policy=v.policy, exits=v.exits)
+            model.apply(v.setting)  # type: ignore[arg-type]
             return model(images)
         calls[v.name] = call
     rec_repeats = repeats if recorder_repeats is None else recorder_repeats
@@ -165,11 +183,14 @@ def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_p
             flops, peak, out = _probe(calls[v.name], device)
             v.gflops_per_image, v.peak_mib = flops / 1e9 / b, peak / 2**20
             v.tokens_per_image = sum(p.num_tokens for p in out.partitions) / b
+            with Recorder(model) as probe:
+                calls[v.name]()
+                v.mean_tokens_per_block = float(np.mean([_block_tokens(r) for r in probe.pop_records()]))
             tick(f"{v.name} probe")
             for _ in range(max(warmup - 1, 0)):
                 calls[v.name]()
                 tick(f"{v.name} warm-up")
-        model.configure(policy=step_policy, exits=step_exits)
+        model.apply(step_setting)
         rec = Recorder(model)
         with rec:  # warm the hooked path too (it matters once blocks are compiled)
             model(images)
@@ -178,7 +199,7 @@ def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_p
             for v in variants.values():
                 v.latencies_s.append(_timed(calls[v.name], device))
                 tick(f"{v.name} timed")
-        model.configure(policy=step_policy, exits=step_exits)
+        model.apply(step_setting)
         for _ in range(rec_repeats):
             result.recorder_off_s.append(_timed(lambda: model(images), device))
             rec.attach()

@@ -31,6 +31,7 @@ from tokenscope.jobs.setup import ModelOptions, load_model
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import measure_flops
 from tokenscope.models.runtime import inference
+from tokenscope.models.step_vit import ReductionSetting
 from tokenscope.render.overlays import render_label_map, render_overlay
 from tokenscope.render.plots import compare_figure
 from tokenscope.trace.capture import TraceCapture, images_to_tensor
@@ -44,8 +45,7 @@ class Variant:
     """One operating point of the loaded model."""
 
     name: str
-    policy: str
-    exits: bool
+    setting: ReductionSetting
 
 
 @dataclass
@@ -55,6 +55,10 @@ class CompareResult:
     overall: dict[str, Any]
     images: list[ImageResult]
     warnings: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    """With --methods: the operating points compared (rows are then one per image and method)."""
+    method_overall: list[dict[str, Any]] = field(default_factory=list)
+    """With --methods: one row per method over all images."""
 
 
 def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, windows: WindowSpec | None,
@@ -63,7 +67,7 @@ def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, window
 
     With sliding windows the windows of one size run as one batch; latency adds up the batches.
     """
-    model = loaded.model.configure(policy=variant.policy, exits=variant.exits)
+    model = loaded.model.apply(variant.setting)
     pred = predict(capture, image, windows)
     groups: dict[tuple[int, int], list[PreparedImage]] = {}
     for inp in pred.inputs:
@@ -76,15 +80,27 @@ def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, window
             flops += f
             latency_s += median(time_calls(lambda: model(x, labels), device, repeats=repeats, warmup=warmup))
             peak = max(peak, peak_forward_bytes(lambda: model(x, labels), device))
+    groups = sum(int(t.survivors.sum()) for t in pred.traces)
+    depth = pred.traces[0].meta.depth
     return pred, {"gflops": flops / 1e9, "latency_ms": 1e3 * latency_s, "peak_mib": peak / 2**20,
-                  "tokens": pred.tokens, "exited_early_pct": 100.0 * pred.exited_tokens / max(pred.tokens, 1)}
+                  "tokens": pred.tokens, "exited_early_pct": 100.0 * pred.exited_tokens / max(groups, 1),
+                  "mean_tokens_per_block": pred.block_tokens / max(len(pred.traces) * depth, 1),
+                  "merged": pred.tokens - groups}
 
 
 def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", out: str | Path = "outputs",
                    size: int | None = None, labels: str | None = None, repeats: int = 5, warmup: int = 1,
                    progress: Progress | None = None, window: int | None = None,
-                   stride: int | None = None, model: tuple[LoadedModel, torch.device] | None = None) -> CompareResult:
-    """Compare the configured STEP operating point with the plain ViT on every image."""
+                   stride: int | None = None, model: tuple[LoadedModel, torch.device] | None = None,
+                   methods: list[str] | None = None, at_block: int | None = None) -> CompareResult:
+    """Compare the configured STEP operating point (or, with `methods`, several) with the plain
+    ViT on every image."""
+    if methods:
+        from tokenscope.jobs.compare_methods import compare_methods
+
+        return compare_methods(paths, opts, methods, baseline=baseline, out=out, size=size, labels=labels,
+                               repeats=repeats, warmup=warmup, progress=progress, window=window, stride=stride,
+                               model=model, at_block=at_block)
     if baseline not in BASELINES:
         raise ConfigError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
     if repeats < 1 or warmup < 0:
@@ -98,8 +114,8 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
     patch = loaded.model.patch_size
     check_size(size, patch)
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size)
-    step = Variant("step", loaded.model.active_policy, loaded.model.exits_enabled)
-    base = Variant("baseline", "none", False)
+    step = Variant("step", loaded.model.setting())
+    base = Variant("baseline", loaded.model.plain())
     capture = TraceCapture(loaded, device, amp=opts.amp)
     run_dir = new_run_dir(out, "compare")
     rows: list[dict[str, Any]] = []
@@ -167,11 +183,12 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
         df = pd.DataFrame(rows)
         write_table(pd.concat([df, pd.DataFrame([{"image": "ALL", **overall}])], ignore_index=True), run_dir / "compare.csv")
         write_table(pd.concat(block_rows, ignore_index=True), run_dir / "tokens_per_block.csv")
-    loaded.model.configure(policy=step.policy, exits=step.exits)
+    loaded.model.apply(step.setting)
     write_json_atomic(run_dir / MANIFEST, {
         "tool": "tokenscope", "version": __version__, "kind": "compare", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model": loaded.config.name, "weights": loaded.weights_id, "device": str(device), "baseline": baseline,
-        "step": {"policy": step.policy, "exits": step.exits, "merge_thresholds": list(loaded.model.merge_thresholds),
+        "step": {"policy": step.setting.policy, "exits": step.setting.exits, "method": step.setting.method,
+                 "merge_thresholds": list(loaded.model.merge_thresholds),
                  "exit_threshold": loaded.model.exit_threshold},
         "flop_convention": "2 FLOPs per multiply-add (torch.utils.flop_counter), policy network included",
         "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off",

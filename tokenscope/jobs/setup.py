@@ -13,6 +13,7 @@ from tokenscope.models.methods.merging import MergingSpec, algm_blocks
 from tokenscope.models.methods.spec import Method, parse_method
 from tokenscope.models.policy import POLICY_NAMES, parse_thresholds
 from tokenscope.models.runtime import resolve_device
+from tokenscope.models.step_vit import ReductionSetting
 
 EXIT_MODES = ("learned", "none")
 
@@ -128,9 +129,24 @@ def load_model(opts: ModelOptions, have_labels: bool = False,
                            cts_groups=parse_groups(opts.cts_groups or DEFAULT_CTS_GROUPS),
                            cts_source=loaded.default_policy())
     loaded.model.set_merging(spec)
-    loaded.model.method = method.name if method is not None else ""
+    loaded.model.method = method.label if method is not None else ""
     loaded.model.to(device).eval()
     return loaded, device
+
+
+def method_setting(loaded: LoadedModel, opts: ModelOptions, label: str, have_labels: bool = False) -> ReductionSetting:
+    """The operating point `label` (a method, with inline settings if any) means on `loaded`.
+
+    The user's shared options (thresholds, keep-per-class) apply where the method leaves them
+    open; --policy/--exits only to methods that do not fix them. The model is left configured
+    at this point; callers take the settings of several methods and `apply` them in turn.
+    """
+    method = parse_method(label)
+    o = replace(opts, method=label, policy=None if method.fixes_policy else opts.policy, exits=None,
+                tome_r=None, algm_threshold=None, algm_global_threshold=None, prop_attn=None,
+                cts_groups=None)
+    load_model(o, have_labels=have_labels, loaded=loaded)
+    return loaded.model.setting()
 
 
 def _method_policy_and_exits(method: Method, opts: ModelOptions, default_policy: str) -> tuple[str, bool]:

@@ -1,7 +1,7 @@
 """An animated GIF of one image's tokens leaving the encoder, block by block.
 
-Frame b shows the tokens that enter block b+1 outlined in their superpatch colour, and the tokens
-that already left greyed out under the colour of the gate they left at. GIF (via Pillow, which
+Frame b shows the tokens that enter block b+1 outlined (supertokens and groups merged inside the
+encoder alike), and the patches whose token already left greyed out under its gate's colour. GIF (via Pillow, which
 matplotlib already needs) rather than MP4, because no video encoder can be assumed installed.
 """
 
@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tokenscope.render.overlays import legend_strip
+from tokenscope.render.overlays import group_edges, legend_strip, size_class
 from tokenscope.render.palette import LEVEL_COLOURS, exit_colours
 from tokenscope.trace.trace import Trace
 
@@ -23,32 +23,47 @@ MAX_WIDTH = 512
 
 
 def exit_frames(image: np.ndarray, trace: Trace) -> list[np.ndarray]:
-    """One RGB frame per stage: before block 1, then after each block."""
+    """One RGB frame per stage: entering block 1, then after each block.
+
+    Live tokens are outlined (any shape: supertokens and in-network merged groups alike) and
+    tinted by how many patches they cover; patches whose token left are greyed under the colour
+    of the gate it left at.
+    """
     m = trace.meta
     h, w = m.input_hw
     ph, pw = m.padded_hw
+    patch = trace.patch_size
     base = np.full((ph, pw, 3), 255, np.uint8)
     base[:h, :w] = image
     grey = cv2.cvtColor(cv2.cvtColor(base, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB).astype(np.float32) * 0.5 + 127
-    cols = exit_colours(m.exit_after)
-    point_index = {k: i for i, k in enumerate(m.exit_after)}
+    cols = np.asarray(exit_colours(m.exit_after), np.float32)
+    points = np.asarray([*m.exit_after, m.depth])
+    exit_of_patch = trace.per_patch(trace.token_exit_block)
+    tint_index = np.searchsorted(points, exit_of_patch)
+    levels = np.asarray(LEVEL_COLOURS, np.float32)
+
+    def up(a: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(a, patch, axis=0), patch, axis=1)
+
     frames = []
-    patch = trace.patch_size
     for b in range(m.depth + 1):
-        frame = base.copy()
-        gone = trace.token_exit_block <= b
-        alive = ~gone
-        for i in np.nonzero(gone)[0]:
-            r, c, s = int(trace.token_row[i]) * patch, int(trace.token_col[i]) * patch, patch << int(trace.token_level[i])
-            tint = np.asarray(cols[point_index.get(int(trace.token_exit_block[i]), len(cols) - 1)], np.float32)
-            frame[r:r + s, c:c + s] = (0.45 * grey[r:r + s, c:c + s] + 0.55 * tint).astype(np.uint8)
-        for i in np.nonzero(alive & (trace.token_level > 0))[0]:
-            r, c, s = int(trace.token_row[i]) * patch, int(trace.token_col[i]) * patch, patch << int(trace.token_level[i])
-            cv2.rectangle(frame, (c, r), (c + s - 1, r + s - 1), LEVEL_COLOURS[int(trace.token_level[i])], 1)
+        cover = trace.cover_at(b + 1)
+        gone = exit_of_patch <= b
+        area = np.bincount(cover.ravel(), minlength=trace.num_tokens)[cover]
+        frame = base.astype(np.float32)
+        gone_px = up(gone)
+        frame[gone_px] = (0.45 * grey + 0.55 * up(cols[tint_index]))[gone_px]
+        big = up(~gone & (area > 1))
+        frame[big] = (0.75 * frame + 0.25 * up(levels[size_class(area)]))[big]
+        frame = frame.astype(np.uint8)
+        frame[group_edges(np.where(gone, -1, cover), patch)] = (25, 25, 25)
         frame = frame[:h, :w]
-        stage = "merged, entering block 1" if b == 0 else f"after block {b}"
-        caption = f"{stage}: {int(alive.sum())} tokens in, {int(gone.sum())} exited"
-        items = [(cols[j], f"left at gate {k}") for j, k in enumerate(m.exit_after)]
+        live = int(np.unique(cover[~gone]).size)
+        exited = int(np.unique(cover[gone]).size)
+        merged = int(np.sum((trace.token_merged_at > 0) & (trace.token_merged_at <= b))) if trace.has_merges else 0
+        stage = "entering block 1" if b == 0 else f"after block {b}"
+        caption = f"{stage}: {live} tokens live, {exited} exited" + (f", {merged} merged away" if merged else "")
+        items = [(tuple(int(v) for v in cols[j]), f"left at gate {k}") for j, k in enumerate(m.exit_after)]
         frames.append(np.concatenate([frame, legend_strip(w, items, caption)], axis=0))
     return frames
 

@@ -16,6 +16,60 @@ from tokenscope.trace.trace import Trace
 
 OVERLAY_KINDS = ("merge", "exit", "confidence", "segmentation")
 
+GROUP_BINS = (1, 2, 16, 64, 256)
+"""Lower bounds of group sizes (patches) coloured like superpatch levels 0..4: a 2x2 supertoken
+and an in-network group of 2-15 patches share a colour, a 4x4 supertoken and a group of 16-63
+the next, so supertokens and merged groups read on one scale."""
+GROUP_LABELS = ("1 patch", "2-15", "16-63", "64-255", "256+")
+
+
+def group_edges(cover: np.ndarray, patch: int) -> np.ndarray:
+    """(gh * patch, gw * patch) bool: pixels on a border between two different tokens of `cover`."""
+    gh, gw = cover.shape
+    right = np.zeros((gh, gw), dtype=bool)
+    right[:, :-1] = cover[:, :-1] != cover[:, 1:]
+    down = np.zeros((gh, gw), dtype=bool)
+    down[:-1, :] = cover[:-1, :] != cover[1:, :]
+    cell = np.zeros((gh, gw, patch, patch), dtype=bool)
+    cell[:, :, :, -1] |= right[:, :, None]
+    cell[:, :, -1, :] |= down[:, :, None]
+    return cell.transpose(0, 2, 1, 3).reshape(gh * patch, gw * patch)
+
+
+def size_class(patches: np.ndarray) -> np.ndarray:
+    """Index into GROUP_BINS / LEVEL_COLOURS for groups of `patches` patches."""
+    return np.clip(np.searchsorted(np.asarray(GROUP_BINS), patches, side="right") - 1, 0, len(GROUP_BINS) - 1)
+
+
+def groups_overlay(image: np.ndarray, trace: Trace, block: int, alpha: float = 0.45) -> np.ndarray:
+    """The tokens as block `block` begins (1-based; depth + 1 = after the encoder): each group of
+    patches one token covers is filled by its size and outlined, whatever its shape; patches whose
+    token already exited are greyed. Works on every trace (without merges: the policy's tokens)."""
+    m = trace.meta
+    block = int(np.clip(block, 1, m.depth + 1))
+    cover = trace.cover_at(block)
+    area = np.bincount(cover.ravel(), minlength=trace.num_tokens)
+    gone = trace.per_patch(trace.token_exit_block) < block
+    cls = size_class(area[cover])
+    colours = np.asarray(LEVEL_COLOURS, dtype=np.uint8)[cls]
+    pix = _patch_map_to_pixels(colours, trace)
+    shaded = _patch_map_to_pixels((cls > 0)[..., None], trace)[..., 0]
+    out = _blend(image, pix, alpha, where=shaded)
+    grey = _patch_map_to_pixels(gone[..., None], trace)[..., 0]
+    if grey.any():
+        g = cv2.cvtColor(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        out[grey] = (0.35 * g[grey] + 0.65 * 235).astype(np.uint8)
+    canvas = _padded_canvas(out, trace)
+    edges = group_edges(np.where(gone, -1, cover), trace.patch_size)
+    canvas[edges[: canvas.shape[0], : canvas.shape[1]]] = (20, 20, 20)
+    live = np.unique(cover[~gone])
+    counts = np.bincount(size_class(area[live]), minlength=len(GROUP_BINS))
+    items = [(LEVEL_COLOURS[k], f"{GROUP_LABELS[k]}: {int(counts[k])}") for k in range(len(GROUP_BINS))]
+    exited = int(np.unique(cover[gone]).size)
+    stage = "after the encoder" if block > m.depth else f"entering block {block}"
+    title = f"{stage}: {live.size} tokens" + (f", {exited} exited" if exited else "") + "; patches per token"
+    return _with_strip(_crop(canvas, trace), legend_strip(image.shape[1], items, title))
+
 
 def _patch_map_to_pixels(colours: np.ndarray, trace: Trace) -> np.ndarray:
     """(gh, gw, 3) per-patch colours -> (h, w, 3) at the input size."""
@@ -90,7 +144,10 @@ def colourbar_strip(width: int, colormap: int, label_lo: str, label_hi: str, tit
 
 
 def merge_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.4) -> np.ndarray:
-    """Supertokens filled and outlined by level; single patches left as they are."""
+    """Supertokens filled and outlined by level; single patches left as they are. With
+    in-network merging, the groups the encoder ended with (any shape, outlined)."""
+    if trace.has_merges:
+        return groups_overlay(image, trace, trace.meta.depth + 1)
     levels = trace.per_patch(trace.token_level).astype(np.int64)
     colours = np.asarray(LEVEL_COLOURS, dtype=np.uint8)[levels]
     pix = _patch_map_to_pixels(colours, trace)
@@ -112,10 +169,14 @@ def exit_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.5) -> np.ndar
     index = np.searchsorted(np.asarray(points), trace.token_exit_block)
     pix = _patch_map_to_pixels(cols[trace.per_patch(index)], trace)
     canvas = _padded_canvas(_blend(image, pix, alpha), trace)
-    _outline_supertokens(canvas, trace, colour=(255, 255, 255))
+    if trace.has_merges:
+        edges = group_edges(trace.cover_at(trace.meta.depth + 1), trace.patch_size)
+        canvas[edges[: canvas.shape[0], : canvas.shape[1]]] = (255, 255, 255)
+    else:
+        _outline_supertokens(canvas, trace, colour=(255, 255, 255))
     items = []
     for i, k in enumerate(points):
-        n = int(np.sum(trace.token_exit_block == k))
+        n = int(np.sum(trace.survivors & (trace.token_exit_block == k)))
         name = f"after block {k}" if i < len(points) - 1 else f"end (block {k})"
         items.append((tuple(int(v) for v in cols[i]), f"{name}: {n}"))
     return _with_strip(_crop(canvas, trace), legend_strip(image.shape[1], items, "tokens exiting"))

@@ -101,3 +101,41 @@ def compare_figure(image: np.ndarray, panels: Sequence[tuple[str, np.ndarray]], 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+METHOD_COLOURS = ["grey", "blue", "vermillion", "green", "orange", "purple", "sky", "yellow"]
+
+
+def methods_figure(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+                   traces: Sequence[tuple[str, Trace]], path: str | os.PathLike[str], title: str, block: int) -> None:
+    """One row per method (segmentation, its tokens entering `block`, its exits), and below, the
+    tokens entering every block for all methods on one chart."""
+    from tokenscope.render.palette import OKABE_ITO
+
+    n = len(rows)
+    fig = plt.figure(figsize=(10.5, 3.0 * n + 3.2))
+    grid = fig.add_gridspec(n + 1, 3, height_ratios=[1.0] * n + [1.1])
+    depth = traces[0][1].meta.depth
+    stage = "after the encoder" if block > depth else f"tokens entering block {block}"
+    for i, (name, seg, groups, exits) in enumerate(rows):
+        for j, (img, what) in enumerate(((seg, "segmentation"), (groups, stage), (exits, "where tokens left"))):
+            ax = fig.add_subplot(grid[i, j])
+            ax.imshow(img)
+            ax.set_title(f"{name}: {what}", fontsize=8)
+            ax.axis("off")
+    ax = fig.add_subplot(grid[n, :])
+    x = np.arange(1, depth + 1)
+    for k, (name, trace) in enumerate(traces):
+        colour = _rgb(OKABE_ITO[METHOD_COLOURS[k % len(METHOD_COLOURS)]])
+        ax.step(x, trace.block_tokens_in, where="mid", color=colour, linewidth=2 if k else 1.2,
+                label=f"{name}: {trace.mean_tokens_per_block:.0f} tokens/block, "
+                      f"{trace.meta.flops.get('total', 0) / 1e9:.2f} GFLOPs")
+    ax.axvline(block - 0.5, color="black", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("encoder block")
+    ax.set_ylabel("tokens entering")
+    ax.set_ylim(0, max(int(t.block_tokens_in.max()) for _, t in traces) * 1.1)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
