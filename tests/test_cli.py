@@ -95,7 +95,7 @@ def test_heatmap_rerenders_the_latest_run_without_a_model(tmp_path: Path, image_
     assert r.exit_code == 0, r.output
     (hm,) = _runs(run, "heatmaps")
     assert {p.name for p in (hm / "scene").iterdir()} == {"merge.png", "exit.png", "confidence.png",
-                                                         "segmentation.png", "histogram.png"}
+                                                         "segmentation.png", "histogram.png", "groups_b01.png"}
     assert (hm / "scene" / "merge.png").read_bytes() == (run / "scene" / "merge.png").read_bytes()
     r = invoke("heatmap", run, "--kind", "exit", "--out", out)
     assert r.exit_code == 0

@@ -424,11 +424,12 @@ def evaluate(model: Model | str = "demo", *, weights: str | None = None, policy:
 
 
 def heatmap(run_dir: str | Path | None = None, *, kind: str = "all", out: str | Path = "outputs",
-            progress: Progress | None = None) -> Any:
-    """`tokenscope heatmap`: re-render a run's pictures from its traces (no model loaded)."""
+            blocks: Sequence[int] | None = None, progress: Progress | None = None) -> Any:
+    """`tokenscope heatmap`: re-render a run's pictures from its traces (no model loaded).
+    `blocks`: for kind "groups" (and "all"), the blocks whose tokens are drawn."""
     from tokenscope.jobs.heatmap import rerender
 
-    return rerender(run_dir, kind=kind, out_root=out, progress=progress)
+    return rerender(run_dir, kind=kind, out_root=out, progress=progress, blocks=None if blocks is None else list(blocks))
 
 
 def report(run_dir: str | Path | None = None, *, gallery: int = 24, animations: int = 6,
@@ -512,14 +513,18 @@ def sweep(*, model: str = "demo", weights: str | None = None, policy: str | None
           merge_thresholds: Sequence[float] = (0.3, 0.5, 0.7, 0.9), exit_thresholds: Sequence[float] = (0.8, 0.9, 0.95, 0.99),
           sizes: Sequence[int | None] = (None,), data: str = "synthetic", data_root: str | None = None, split: str = "val",
           seeds: str = "100000:100050", scene_size: int = 512, device: str = "auto", out: str | Path = "outputs",
-          progress: Progress | None = None) -> Any:
+          methods: str | Sequence[str] | None = None, progress: Progress | None = None) -> Any:
     """`tokenscope sweep`: every merge x exit threshold (x size) on one data set; a folder with
-    sweep.csv and Pareto plots. Returns a SweepResult (`.table`, `.folder`, `.default`)."""
+    sweep.csv and Pareto plots. Returns a SweepResult (`.table`, `.folder`, `.default`).
+
+    `methods` ("step,dcts,dtop,cts,tome,algm"; a bare name is three operating points, a name with
+    settings such as `tome:r=16` one) puts every method on one Pareto plot instead."""
     from tokenscope.jobs.sweep import sweep as run_sweep
 
     opts = _options(model, weights, False, policy, None, None, "learned", device, 0)
+    listed = ",".join(methods) if isinstance(methods, (list, tuple)) else methods
     return run_sweep(opts, list(merge_thresholds), list(exit_thresholds), list(sizes), data, data_root, split, seeds,
-                     scene_size, out, progress)
+                     scene_size, out, progress, methods=listed or None)
 
 
 def list_models() -> pd.DataFrame:

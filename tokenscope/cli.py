@@ -173,15 +173,17 @@ def run(
 @app.command()
 def heatmap(
     run_dir: Annotated[Optional[Path], typer.Argument(help="A run folder (default: the latest under --out).")] = None,
-    kind: Annotated[str, typer.Option(help="merge (superpatch levels), exit (exit block), confidence, segmentation, histogram, or all.")] = "all",
+    kind: Annotated[str, typer.Option(help="merge (superpatch levels, or merged groups), exit (exit block), confidence, segmentation, groups (tokens entering chosen blocks, any shape), histogram, or all.")] = "all",
+    blocks: Annotated[Optional[str], typer.Option(help="For groups: blocks to draw, e.g. 1,6,13 (depth + 1 = after the encoder). Default: just after merging blocks, and the end.")] = None,
     out: OutOpt = Path("outputs"),
 ) -> None:
     """Re-render overlays and histograms from saved traces, without loading any model."""
     from tokenscope import api
 
     with _user_errors():
+        block_list = _parse_blocks(blocks) if blocks is not None else None
         with _progress("rendering") as progress:
-            result = api.heatmap(run_dir, kind=kind, out=out, progress=progress)
+            result = api.heatmap(run_dir, kind=kind, out=out, blocks=block_list, progress=progress)
     out_console.print(f"rendered {len(result.rendered)} image(s) from {result.run_dir} into [bold]{result.out_dir}[/]",
                       highlight=False)
     for line in result.failed:
@@ -344,6 +346,15 @@ def train(
         _print_eval(result.metrics, "evaluation on the validation set")
 
 
+def _parse_blocks(text: str) -> list[int]:
+    from tokenscope.errors import ConfigError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--blocks {text!r}: expected comma-separated block numbers such as 1,6,13") from None
+
+
 def _parse_crops(text: str) -> tuple[tuple[int, int], ...]:
     from tokenscope.errors import ConfigError
 
@@ -473,6 +484,7 @@ def sweep(
     merge: Annotated[str, typer.Option("--merge-thresholds", help="Merge thresholds to try (one value for all levels each).")] = "0.3,0.5,0.7,0.9",
     exit_: Annotated[str, typer.Option("--exit-thresholds", help="Exit thresholds to try.")] = "0.8,0.9,0.95,0.99",
     sizes: Annotated[Optional[str], typer.Option(help="Input sizes (long side) to try, e.g. 384,512; default: as generated/stored.")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Sweep methods instead of thresholds, e.g. step,dcts,dtop,cts,tome,algm: three operating points per bare name, one per name with settings (tome:r=16); all on one Pareto plot.")] = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     split: Annotated[str, typer.Option(help="Split of a file data set.")] = "val",
@@ -492,15 +504,16 @@ def sweep(
                                merge_thresholds=parse_floats(merge, "--merge-thresholds"),
                                exit_thresholds=parse_floats(exit_, "--exit-thresholds"), sizes=size_list, data=data,
                                data_root=data_root, split=split, seeds=seeds, scene_size=scene_size, device=device,
-                               out=out, progress=progress)
+                               out=out, methods=methods, progress=progress)
     if result.folder is None:  # not rank 0 of a torchrun job
         return
     table = Table(title="sweep", title_justify="left")
-    for col in ("size", "point", "mIoU", "GFLOPs/img", "images/s", "reduction", "exited"):
+    for col in ("size", "point", "mIoU", "GFLOPs/img", "images/s", "tokens/block", "exited"):
         table.add_column(col, justify="left" if col == "point" else "right")
     for _, r in result.table.iterrows():
         table.add_row(str(r["size"]), str(r["point"]), f"{100 * r['miou']:.2f}", f"{r['gflops_per_image']:.2f}",
-                      f"{r['images_per_s']:.2f}", f"{r['token_reduction']:.2f}x", f"{r['exited_early_pct']:.1f}%")
+                      f"{r['images_per_s']:.2f}", f"{r['mean_tokens_per_block']:.0f} ({r['block_token_reduction']:.2f}x)",
+                      f"{r['exited_early_pct']:.1f}%")
     out_console.print(table)
     out_console.print(f"outputs: [bold]{result.folder}[/]", highlight=False)
 

@@ -8,6 +8,7 @@ trace was made from when it is known, else on a grey canvas.
     ts.plot.exit(trace)         where each token left          (H, W', 3) uint8
     ts.plot.confidence(trace)   top-1 probability per patch    (H, W', 3) uint8
     ts.plot.segmentation(trace) predicted classes              (H, W', 3) uint8
+    ts.plot.groups(trace, 7)    tokens entering block 7, any shape (H, W', 3) uint8
     ts.plot.histogram(trace)    tokens per block, by level     matplotlib Figure
     ts.plot.token_flow(traces)  patches -> levels -> exits     matplotlib Figure
 """
@@ -23,11 +24,11 @@ from tokenscope.analysis.aggregate import aggregate
 from tokenscope.data.images import as_rgb
 from tokenscope.errors import ConfigError
 from tokenscope.render.dataset_plots import token_flow_figure
-from tokenscope.render.overlays import render_overlay
+from tokenscope.render.overlays import groups_overlay, render_overlay
 from tokenscope.render.plots import histogram_figure
 from tokenscope.trace.trace import Trace
 
-__all__ = ["merge", "exit", "confidence", "segmentation", "histogram", "token_flow"]
+__all__ = ["merge", "exit", "confidence", "segmentation", "groups", "histogram", "token_flow"]
 
 
 def _canvas(trace: Trace, image: Any) -> np.ndarray:
@@ -62,6 +63,15 @@ def confidence(trace: Trace, image: Any = None) -> np.ndarray:
 def segmentation(trace: Trace, image: Any = None) -> np.ndarray:
     """Predicted classes, legend with the most frequent ones."""
     return render_overlay("segmentation", _canvas(trace, image), trace)
+
+
+def groups(trace: Trace, block: int, image: Any = None) -> np.ndarray:
+    """The tokens as block `block` begins (1-based; depth + 1 = after the encoder): supertokens and
+    groups merged inside the encoder outlined, coloured by patches covered; exited ones greyed."""
+    depth = trace.meta.depth
+    if not 1 <= int(block) <= depth + 1:
+        raise ConfigError(f"block must be in 1..{depth + 1} (depth + 1 = after the encoder), got {block}")
+    return groups_overlay(_canvas(trace, image), trace, int(block))
 
 
 def histogram(trace: Trace, title: str | None = None) -> Any:

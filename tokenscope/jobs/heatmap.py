@@ -11,11 +11,11 @@ from pathlib import Path
 from tokenscope.errors import ConfigError, TokenscopeError
 from tokenscope.jobs.run import Progress, window_folders
 from tokenscope.jobs.runfolder import image_folder, latest_run, new_run_dir, read_manifest, read_rgb, write_rgb
-from tokenscope.render.overlays import OVERLAY_KINDS, render_overlay
+from tokenscope.render.overlays import OVERLAY_KINDS, default_group_blocks, groups_overlay, render_overlay
 from tokenscope.render.plots import token_histogram
 from tokenscope.trace.trace import Trace
 
-HEATMAP_KINDS = (*OVERLAY_KINDS, "histogram", "all")
+HEATMAP_KINDS = (*OVERLAY_KINDS, "groups", "histogram", "all")
 
 
 @dataclass
@@ -28,14 +28,20 @@ class HeatmapResult:
 
 
 def rerender(run_dir: str | Path | None, kind: str = "all", out_root: str | Path = "outputs",
-             progress: Progress | None = None) -> HeatmapResult:
-    """Re-draw `kind` (or all) pictures for every image of a run folder (the latest if None)."""
+             progress: Progress | None = None, blocks: list[int] | None = None) -> HeatmapResult:
+    """Re-draw `kind` (or all) pictures for every image of a run folder (the latest if None).
+
+    `groups` draws the tokens entering each of `blocks` (1-based; depth + 1 = after the
+    encoder), outlined whatever their shape; by default just after merging blocks and at the end
+    (with no in-network merging: the policy's tokens at block 1)."""
     if kind not in HEATMAP_KINDS:
         raise ConfigError(f"unknown --kind {kind!r}; choose one of {', '.join(HEATMAP_KINDS)}")
+    if blocks is not None and (not blocks or min(blocks) < 1):
+        raise ConfigError("--blocks are encoder blocks counted from 1, e.g. 1,5,13")
     run = Path(run_dir) if run_dir is not None else latest_run(out_root)
     manifest = read_manifest(run)
     folders = [im["folder"] for im in manifest.get("images", []) if im.get("folder")]
-    kinds = [*OVERLAY_KINDS, "histogram"] if kind == "all" else [kind]
+    kinds = [*OVERLAY_KINDS, "groups", "histogram"] if kind == "all" else [kind]
     out = new_run_dir(run, "heatmaps")
     rendered = []
     failed = []
@@ -54,6 +60,13 @@ def rerender(run_dir: str | Path | None, kind: str = "all", out_root: str | Path
                 for k in kinds:
                     if k == "histogram":
                         token_histogram(trace, target / "histogram.png")
+                    elif k == "groups":
+                        depth = trace.meta.depth
+                        bad = [b for b in blocks or [] if b > depth + 1]
+                        if bad:
+                            raise ConfigError(f"--blocks {bad}: {name} has {depth} blocks (depth + 1 = after the encoder)")
+                        for b in blocks or default_group_blocks(trace):
+                            write_rgb(target / f"groups_b{b:02d}.png", groups_overlay(image, trace, b))
                     else:
                         write_rgb(target / f"{k}.png", render_overlay(k, image, trace))
         rendered.append(name)

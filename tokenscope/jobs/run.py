@@ -54,7 +54,7 @@ from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.registry import StepConfig
 from tokenscope.render.animation import write_exit_animation
 from tokenscope.render.dataset_plots import write_dataset_figures
-from tokenscope.render.overlays import OVERLAY_KINDS, render_label_map, render_overlay
+from tokenscope.render.overlays import OVERLAY_KINDS, default_group_blocks, groups_overlay, render_label_map, render_overlay
 from tokenscope.render.plots import token_histogram
 from tokenscope.trace.capture import TraceCapture
 from tokenscope.trace.trace import Trace
@@ -164,6 +164,9 @@ def write_image_outputs(folder: Path, trace: Trace, display: np.ndarray, figures
     if figures:
         for kind in OVERLAY_KINDS:
             write_rgb(folder / f"{kind}.png", render_overlay(kind, display, trace))
+        if trace.has_merges:
+            for block in default_group_blocks(trace):
+                write_rgb(folder / f"groups_b{block:02d}.png", groups_overlay(display, trace, block))
         token_histogram(trace, folder / "histogram.png")
     if animation:
         write_exit_animation(folder / "tokens.gif", display, trace)

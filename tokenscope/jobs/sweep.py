@@ -22,8 +22,28 @@ from tokenscope.data.images import check_size
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
 from tokenscope.jobs.runfolder import MANIFEST, new_run_dir, write_json_atomic, write_table
-from tokenscope.jobs.setup import ModelOptions, load_model
-from tokenscope.render.pareto import pareto_plot
+from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
+from tokenscope.models.methods.spec import parse_methods
+from tokenscope.render.pareto import methods_pareto_plot, pareto_plot
+
+METHOD_LADDERS: dict[str, tuple[str, ...]] = {
+    "step": ("step:merge=0.7:exit=0.99", "step:merge=0.5:exit=0.95", "step:merge=0.3:exit=0.9"),
+    "dcts": ("dcts:merge=0.7", "dcts:merge=0.5", "dcts:merge=0.3"),
+    "dtop": ("dtop:exit=0.99", "dtop:exit=0.95", "dtop:exit=0.9"),
+    "cts": ("cts:groups=0.2", "cts:groups=0.4", "cts:groups=0.6"),
+    "tome": ("tome:r=0.02", "tome:r=0.04", "tome:r=0.06"),
+    "algm": ("algm:threshold=0.95", "algm:threshold=0.88", "algm:threshold=0.8"),
+}
+"""Three operating points per method, mildest first, when a method is named without settings.
+(A named combination such as dtop+tome, or a method with settings, is one point as written.)"""
+
+
+def expand_methods(text: str) -> list[str]:
+    """`step,tome:r=16` -> step's three ladder points and the one ToMe point, in order."""
+    out: list[str] = []
+    for m in parse_methods(text):
+        out.extend(METHOD_LADDERS.get(m.label, (m.label,)))
+    return out
 
 
 def parse_floats(text: str, what: str) -> list[float]:
@@ -46,7 +66,9 @@ class SweepResult:
 
 def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: list[int | None], dataset: str = "synthetic",
           data_root: str | None = None, split: str = "val", seeds: str = "100000:100050", scene_size: int = 512,
-          out: str | Path = "outputs", progress: Progress | None = None) -> SweepResult:
+          out: str | Path = "outputs", progress: Progress | None = None, methods: str | None = None) -> SweepResult:
+    """Threshold grid of the model's own method, or with `methods` every method's operating points
+    (three each by default, see METHOD_LADDERS), on the same images, against the plain ViT."""
     loaded, device = load_model(opts, have_labels=True)
     model = loaded.model
     for size in sizes:
@@ -57,10 +79,17 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
     default_merge, default_exit = model.merge_thresholds, model.exit_threshold
     policy, exits = model.active_policy, model.exits_enabled
     points = [OperatingPoint("baseline", "none", False)]
-    for m, e in itertools.product(merge, exit_):
-        points.append(OperatingPoint(f"merge={m:g} exit={e:g}", policy, exits, (m,) * 4, e))
     default_name = "default"
-    points.append(OperatingPoint(default_name, policy, exits, default_merge, default_exit))
+    if methods:
+        saved = model.setting()
+        for label in expand_methods(methods):
+            s = method_setting(loaded, opts, label, have_labels=True)
+            points.append(OperatingPoint(label, s.policy, s.exits, s.merge_thresholds, s.exit_threshold, setting=s))
+        model.apply(saved)
+    else:
+        for m, e in itertools.product(merge, exit_):
+            points.append(OperatingPoint(f"merge={m:g} exit={e:g}", policy, exits, (m,) * 4, e))
+        points.append(OperatingPoint(default_name, policy, exits, default_merge, default_exit))
     rows = []
     total = len(sizes) * len(ds)
     for si, size in enumerate(sizes):
@@ -73,12 +102,15 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
         for p in points:
             v = res.variants[p.name]
             rows.append({
-                "size": size or scene_size, "point": p.name, "policy": p.policy, "exits": p.exits,
+                "size": size or scene_size, "point": p.name,
+                "method": "vit" if p.name == "baseline" else p.name.split(":")[0] if methods else (model.method or "step"),
+                "policy": p.policy, "exits": p.exits,
                 "merge_threshold": None if p.merge_thresholds is None else p.merge_thresholds[0],
                 "merge_thresholds": None if p.merge_thresholds is None else ",".join(f"{t:g}" for t in p.merge_thresholds),
                 "exit_threshold": p.exit_threshold, "is_default": p.name == default_name, "is_baseline": p.name == "baseline",
                 "miou": v.miou, "gflops_per_image": v.gflops_per_image, "images_per_s": v.images / max(v.forward_s, 1e-12),
                 "token_reduction": v.reduction, "exited_early_pct": v.exited_pct, "images": v.images,
+                "mean_tokens_per_block": v.mean_tokens_per_block, "block_token_reduction": v.block_token_reduction,
             })
     table = pd.DataFrame(rows)
     default = {"merge_thresholds": list(default_merge), "exit_threshold": default_exit, "policy": policy}
@@ -86,17 +118,19 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
         return SweepResult(None, table, default)
     folder = new_run_dir(out, "sweep")
     write_table(table, folder / "sweep.csv")
+    plot = methods_pareto_plot if methods else pareto_plot
     for s_ in table["size"].unique():
         sub = table[table["size"] == s_]
-        pareto_plot(sub, "gflops_per_image", "GFLOPs per image (2 per multiply-add)", folder / f"pareto_gflops_{s_}.png",
+        plot(sub, "gflops_per_image", "GFLOPs per image (2 per multiply-add)", folder / f"pareto_gflops_{s_}.png",
                     lower_is_better=True)
-        pareto_plot(sub, "images_per_s", f"measured throughput (images/s, {device.type}, batch 1)",
+        plot(sub, "images_per_s", f"measured throughput (images/s, {device.type}, batch 1)",
                     folder / f"pareto_throughput_{s_}.png", lower_is_better=False)
     write_json_atomic(folder / MANIFEST, {
         "tool": "tokenscope", "version": __version__, "kind": "sweep", "status": "complete",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": loaded.config.name, "weights": loaded.weights_id,
         "device": str(device), "data": {"kind": dataset, "root": data_root, "split": split, "seeds": seeds},
         "merge": merge, "exit": exit_, "sizes": [s or scene_size for s in sizes], "default": default,
+        "methods": None if not methods else expand_methods(methods),
         "rows": rows,
     })
     return SweepResult(folder, table, default)

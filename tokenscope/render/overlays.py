@@ -143,6 +143,19 @@ def colourbar_strip(width: int, colormap: int, label_lo: str, label_hi: str, tit
     return strip
 
 
+def default_group_blocks(trace: Trace, limit: int = 4) -> list[int]:
+    """Blocks worth a groups picture: just after merging blocks (spread out when there are many)
+    and after the encoder; for a trace without merges only the policy's tokens (block 1)."""
+    depth = trace.meta.depth
+    if not trace.has_merges:
+        return [1]
+    after = sorted({min(k + 1, depth + 1) for k in trace.meta.merge_blocks})
+    if len(after) > limit - 1:
+        pick = np.linspace(0, len(after) - 1, limit - 1).round().astype(int)
+        after = [after[i] for i in sorted(set(pick.tolist()))]
+    return sorted(set(after) | {depth + 1})
+
+
 def merge_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.4) -> np.ndarray:
     """Supertokens filled and outlined by level; single patches left as they are. With
     in-network merging, the groups the encoder ended with (any shape, outlined)."""

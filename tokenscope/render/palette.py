@@ -20,6 +20,9 @@ def level_labels(patch: int = 16) -> list[str]:
     """Names of superpatch levels 0..4 in pixels for a ViT with `patch`-pixel patches."""
     return [f"{patch << k} px ({'1 patch' if k == 0 else f'{1 << k}x{1 << k}'})" for k in range(5)]
 
+METHOD_COLOURS = ["grey", "blue", "vermillion", "green", "orange", "purple", "sky", "yellow"]
+"""Okabe-Ito names per compared method, in order (the baseline first, in grey)."""
+
 EXIT_COLOURS = [OKABE_ITO[c] for c in ("vermillion", "yellow", "green", "sky", "purple", "orange")]
 FINAL_COLOUR = OKABE_ITO["blue"]
 

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from tokenscope.analysis.stats import exit_level_matrix, level_block_matrix  # noqa: E402
 from tokenscope.models.partition import MAX_LEVEL  # noqa: E402
-from tokenscope.render.palette import LEVEL_COLOURS, level_labels  # noqa: E402
+from tokenscope.render.palette import LEVEL_COLOURS, METHOD_COLOURS, OKABE_ITO, level_labels  # noqa: E402
 from tokenscope.trace.trace import Trace  # noqa: E402
 
 
@@ -43,6 +43,10 @@ def histogram_figure(trace: Trace, title: str | None = None) -> plt.Figure:
             ax1.bar(x, by_block[:, k], bottom=bottom, color=_rgb(LEVEL_COLOURS[k]), label=level_labels(trace.patch_size)[k],
                     edgecolor="white", linewidth=0.3)
         bottom += by_block[:, k]
+    merged = trace.merges_per_block()
+    if merged.any():  # the share of each block's tokens that merges away between attention and MLP
+        ax1.bar(x, merged, bottom=bottom - merged, color="none", edgecolor="black", hatch="////", linewidth=0.5,
+                label="merged inside the block")
     for g in m.exit_after:
         ax1.axvline(g + 0.5, color="black", linestyle="--", linewidth=0.8)
         ax1.text(g + 0.55, bottom.max() * 0.98, f"gate {g}", fontsize=8, va="top")
@@ -63,8 +67,12 @@ def histogram_figure(trace: Trace, title: str | None = None) -> plt.Figure:
         ax2.text(i, v, f"{int(v)}", ha="center", va="bottom", fontsize=8)
     ax2.set_ylabel("tokens leaving")
     ax2.set_ylim(0, max(1, b2.max()) * 1.15)
-    fig.suptitle(title or f"{os.path.basename(m.source)}: {trace.num_tokens} tokens from {trace.num_patches} patches, "
-                 f"{100 * trace.exited_early.mean():.1f}% exit early ({m.policy} policy)", fontsize=10)
+    groups = trace.survivors
+    early = 100 * float((trace.exited_early & groups).sum()) / max(int(groups.sum()), 1)
+    merges = f", {int(merged.sum())} merged inside" if merged.any() else ""
+    how = f"method {m.method}" if m.method else f"{m.policy} policy"
+    fig.suptitle(title or f"{os.path.basename(m.source)}: {trace.num_tokens} tokens from {trace.num_patches} patches"
+                 f"{merges}, {early:.1f}% exit early ({how})", fontsize=10)
     # fixed margins: tight_layout draws the whole figure once more just to measure it (a quarter
     # of the time of a per-image histogram)
     fig.subplots_adjust(left=0.065, right=0.99, bottom=0.13, top=0.88, wspace=0.28)
@@ -103,15 +111,10 @@ def compare_figure(image: np.ndarray, panels: Sequence[tuple[str, np.ndarray]], 
     plt.close(fig)
 
 
-METHOD_COLOURS = ["grey", "blue", "vermillion", "green", "orange", "purple", "sky", "yellow"]
-
-
 def methods_figure(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
                    traces: Sequence[tuple[str, Trace]], path: str | os.PathLike[str], title: str, block: int) -> None:
     """One row per method (segmentation, its tokens entering `block`, its exits), and below, the
     tokens entering every block for all methods on one chart."""
-    from tokenscope.render.palette import OKABE_ITO
-
     n = len(rows)
     fig = plt.figure(figsize=(10.5, 3.0 * n + 3.2))
     grid = fig.add_gridspec(n + 1, 3, height_ratios=[1.0] * n + [1.1])
