@@ -153,10 +153,9 @@ def _method_policy_and_exits(method: Method, opts: ModelOptions, default_policy:
     """A method fixes what it is about; --policy / --exits may only refine what it leaves open."""
     if method.fixes_policy:
         if opts.policy is not None and opts.policy != method.policy:
-            hint = {"none": "dcts", "cts": "dcts"}.get(method.policy, "step")
-            suffix = method.name.partition("+")[2]
+            hint = "dcts" + (f"+{method.merging}" if method.merging else "")
             raise ConfigError(f"--method {method.name} decides the tokens itself (policy {method.policy!r}); for "
-                              f"--policy {opts.policy} use --method {hint}{'+' + suffix if suffix else ''}")
+                              f"--policy {opts.policy} use --method {hint}")
         policy = method.policy
     else:
         policy = default_policy
