@@ -94,8 +94,8 @@ def test_sweep_methods_puts_every_method_on_one_pareto_plot(tmp_path: Path, tiny
     assert r.exit_code == 0, r.output
     (folder,) = list(tmp_path.glob("sweep-*"))
     df = pd.read_csv(folder / "sweep.csv")
-    assert list(df["point"]) == ["baseline", "dtop:exit=0.99", "dtop:exit=0.95", "dtop:exit=0.9", "tome:r=0.02",
-                                 "tome:r=0.04", "tome:r=0.06", "cts:groups=3"]
+    assert list(df["point"]) == ["baseline", "dtop:exit=0.99", "dtop:exit=0.95", "dtop:exit=0.9", "tome:r=0.03",
+                                 "tome:r=0.05", "tome:r=0.08", "cts:groups=3"]
     assert list(df["method"].unique()) == ["vit", "dtop", "tome", "cts"]
     base = df[df["is_baseline"]].iloc[0]
     assert base["block_token_reduction"] == 1.0

@@ -31,7 +31,7 @@ METHOD_LADDERS: dict[str, tuple[str, ...]] = {
     "dcts": ("dcts:merge=0.7", "dcts:merge=0.5", "dcts:merge=0.3"),
     "dtop": ("dtop:exit=0.99", "dtop:exit=0.95", "dtop:exit=0.9"),
     "cts": ("cts:groups=0.2", "cts:groups=0.4", "cts:groups=0.6"),
-    "tome": ("tome:r=0.02", "tome:r=0.04", "tome:r=0.06"),
+    "tome": ("tome:r=0.03", "tome:r=0.05", "tome:r=0.08"),
     "algm": ("algm:threshold=0.95", "algm:threshold=0.88", "algm:threshold=0.8"),
 }
 """Three operating points per method, mildest first, when a method is named without settings.
