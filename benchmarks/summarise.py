@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("model", "size", "batch", "device", "STEP", "tokens/img", "GFLOPs/img", "latency ms", "images/s",
+COLUMNS = ("model", "size", "batch", "device", "STEP", "tokens/img", "tokens/block", "GFLOPs/img", "latency ms", "images/s",
            "peak MiB", "speed-up", "FLOP reduction", "quotient", "recorder", "policy net (time / FLOPs)",
            "batch vs loop")
 
@@ -23,8 +23,13 @@ def _pair(base: float, step: float, fmt: str) -> str:
 def row(path: Path) -> list[str]:
     r = json.loads(path.read_text())
     b, s = r["baseline"], r["step"]
-    variant = f"budget {r['budget']}x" if r["policy"] == "budget" else r["policy"]
-    variant += ", exits" if s["exits"] else ", no exits"
+    if r.get("method"):
+        variant = f"method {r['method']}"
+    else:
+        variant = f"budget {r['budget']}x" if r["policy"] == "budget" else r["policy"]
+        variant += ", exits" if s["exits"] else ", no exits"
+    per_block = (_pair(b["mean_tokens_per_block"], s["mean_tokens_per_block"], ".0f")
+                 if "mean_tokens_per_block" in s else "-")  # files written before methods existed lack it
     device = f"{r['device']} ({r['threads']} thr)" if r["device"] == "cpu" else r["device"]
     if r.get("amp"):
         device += " bf16"
@@ -34,7 +39,7 @@ def row(path: Path) -> list[str]:
     net_flops = r.get("learned_policy_net_flops_pct_of_baseline")
     net = f"{net_time:.2f}% / {net_flops:.2f}%" if net_time is not None else "-"
     return [r["model"], f"{r['size'][0]}x{r['size'][1]}", str(r["batch"]), device, variant,
-            _pair(b["tokens_per_image"], s["tokens_per_image"], ".0f"),
+            _pair(b["tokens_per_image"], s["tokens_per_image"], ".0f"), per_block,
             _pair(b["gflops_per_image"], s["gflops_per_image"], ".1f"),
             _pair(b["latency_ms"], s["latency_ms"], ".0f"),
             _pair(b["images_per_s"], s["images_per_s"], ".3g"),

@@ -6,10 +6,12 @@
 #   - ViT-B/16 and ViT-L/16 with a linear decoder (vitb, vitl) and the published Segmenter ViT-B/L
 #     architectures with their mask-transformer decoder (no download with --random-init);
 #   - methods: dCTS at the paper's 2.5x token budget (exits off), the training-free uniform
-#     policy, and each with torch.compile on the encoder blocks;
+#     policy, and each with torch.compile on the encoder blocks; the training-free neighbours
+#     ToMe (r = 5% of the tokens per block, proportional attention), ALGM (local 0.88 + adaptive
+#     global) and CTS (40% of the 2x2 groups shared);
 #   - the shipped demo with full STEP (learned dCTS policy + learned exits) at 512 px, also with
 #     DToP's keep-per-class rule (K = 5) at the gates.
-# About 30-60 minutes on one H100. Set up first as README.md says (the venv must see the GPU).
+# About 45-90 minutes on one H100. Set up first as README.md says (the venv must see the GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ts=.venv/bin/tokenscope
@@ -30,6 +32,10 @@ for model in vitb vitl segmenter-vit-b-mask-ade20k segmenter-vit-l-mask-ade20k; 
       --json "$out/gpu_${model}_1024_b${batch}_dcts_compile.json"
     $ts bench --model "$model" "${common[@]}" --batch "$batch" --policy uniform --exits none \
       --json "$out/gpu_${model}_1024_b${batch}_uniform.json"
+    for method in tome algm cts; do
+      $ts bench --model "$model" "${common[@]}" --batch "$batch" --method "$method" \
+        --json "$out/gpu_${model}_1024_b${batch}_${method}.json"
+    done
   done
 done
 for batch in 1 8; do
@@ -37,5 +43,11 @@ for batch in 1 8; do
     --json "$out/gpu_demo_512_b${batch}_step.json"
   $ts bench --model demo --size 512 --device cuda --batch "$batch" --repeats 50 --warmup 10 --keep-per-class 5 \
     --json "$out/gpu_demo_512_b${batch}_step_keep5.json"
+  for method in dtop tome algm; do
+    $ts bench --model demo --size 512 --device cuda --batch "$batch" --repeats 50 --warmup 10 --method "$method" \
+      --json "$out/gpu_demo_512_b${batch}_${method}.json"
+  done
 done
+# every method's operating points on the demo's held-out scenes, one Pareto plot (mIoU against GFLOPs and GPU throughput)
+$ts sweep --methods step,dcts,dtop,cts,tome,algm --seeds 100000:100100 --device cuda --out "$out/gpu_sweep"
 $py benchmarks/summarise.py "$out"/gpu_*.json | tee "$out/gpu_summary.md"

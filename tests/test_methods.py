@@ -309,3 +309,31 @@ def test_f_interpolate_free_decoding_unmerges_tokens_for_the_mask_decoder() -> N
     for t in range(owner.shape[0]):
         assert torch.allclose(logits[t], logits[owner[t]], atol=1e-5)
     assert F.softmax(logits, -1).sum(-1).allclose(torch.ones(owner.shape[0]))
+
+
+def test_every_method_runs_under_bf16_autocast() -> None:
+    """On a GPU the model runs under bf16 autocast (`--amp`, the default); the CPU's autocast checks
+    the same dtype paths here: embedding into float32 slots, the size mask, merging, both decoders."""
+    for decoder in ("linear", "mask"):
+        model = make_tiny(0, dataclasses.replace(DEEP, decoder=decoder, decoder_layers=1))
+        for setting in ("step", "tome:r=5", "algm:threshold=0", "dtop+tome:r=3"):
+            method_setting(_loaded_for(model), ModelOptions(device="cpu", exit_threshold=0.4), setting)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(_batch())
+            assert torch.isfinite(out.patch_logits.float()).all(), (decoder, setting)
+        model.set_merging(MergingSpec("tome", tuple(range(1, 7)), r=5))
+        model.configure(policy="none", exits=False)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(_batch())
+        assert (out.token_owner != torch.arange(out.token_owner.shape[1])).sum(1).tolist() == [30, 30]
+
+
+def test_bench_counts_tokens_per_block_of_a_merging_method() -> None:
+    from tokenscope.analysis.bench import run_bench
+
+    model = make_tiny(0, DEEP)
+    method_setting(_loaded_for(model), ModelOptions(device="cpu"), "tome:r=5")
+    r = run_bench(model, _batch(2), torch.device("cpu"), "none", False, repeats=1, warmup=0)
+    assert r.baseline.mean_tokens_per_block == 80
+    assert r.step.mean_tokens_per_block == pytest.approx(80 - 5 * 2.5 - 2.5)  # 80, 75, ... entering; 5 fewer after each merge
+    assert r.step.method == "tome:r=5" and r.flop_reduction > 1

@@ -47,6 +47,9 @@ def test_run_with_tome_writes_a_version_2_trace_and_group_pictures(tmp_path: Pat
     assert groups == ["groups_b02.png", "groups_b03.png", "groups_b04.png"]
     tokens = pd.read_csv(run / "scene" / "tokens.csv")
     assert (tokens["merged_at"] > 0).sum() == 12
+    assert "method tome:r=4" in r.output
+    r = invoke("report", run)
+    assert r.exit_code == 0, r.output
     r = invoke("heatmap", run, "--kind", "groups", "--blocks", "1,3", "--out", out)
     assert r.exit_code == 0, r.output
     (hm,) = sorted(run.glob("heatmaps-*"))

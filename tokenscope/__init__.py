@@ -1,4 +1,5 @@
-"""tokenscope: where do the tokens go in token-reduction ViT segmenters (STEP: dCTS + early exits)?
+"""tokenscope: where do the tokens go in token-reduction ViT segmenters (STEP: dCTS + early exits,
+and beside it CTS, DToP, ToMe and ALGM)?
 
     import tokenscope as ts
 
@@ -14,8 +15,11 @@
 
 Models
     load_model(model="demo", weights=None, *, device="auto", policy=None, exits=None,
-               merge_threshold=None, exit_threshold=None, budget=None, random_init=False) -> Model
-    Model.configure(policy=..., exits=..., merge_threshold=..., exit_threshold=...)  operating point
+               merge_threshold=None, exit_threshold=None, budget=None, random_init=False,
+               method=None) -> Model
+    method: step | dcts | dtop | cts | tome | algm | vit | X+tome | X+algm, settings inline
+            ("tome:r=16", "algm:threshold=0.92", "cts:groups=300") or as keywords (tome_r=...)
+    Model.configure(policy=..., exits=..., merge_threshold=..., exit_threshold=..., method=...)
     list_models() -> DataFrame                         built-in and published models
 
 Tracing (images: paths, numpy arrays, PIL images or tensors on any device)
@@ -26,14 +30,17 @@ Tracing (images: paths, numpy arrays, PIL images or tensors on any device)
     load_trace(folder) -> Trace;  Trace.save(folder)
     tabulate(traces) -> tables (.images, .classes, .levels, .blocks, .summary)
 
-Pictures: ts.plot.merge / exit / confidence / segmentation (RGB arrays), histogram / token_flow (figures)
+Pictures: ts.plot.merge / exit / confidence / segmentation / groups(trace, block) (RGB arrays),
+          histogram / token_flow (figures). With ToMe/ALGM, Trace.cover_at(block) says which token
+          covers each patch as a block begins.
 
 What the command line does, as functions (each returns what the command prints and writes)
     run(images, *, model="demo", ..., out="outputs") -> RunResult      (run folders, tables, figures)
-    compare(images, *, baseline="vit", ...) -> CompareResult
+    compare(images, *, baseline="vit", methods=None, ...) -> CompareResult   (methods="step,tome,cts")
     evaluate(model, *, data="synthetic", ...) -> {"step": {...}, "baseline": {...}}
     heatmap(run_dir) / report(run_dir) / import_segmenter(checkpoint, out)
-    train(out, *, init=None, data="synthetic", ...) / bench(*, model, size, batch, ...) / sweep(...)
+    train(out, *, init=None, data="synthetic", ...) / bench(*, model, size, batch, method, ...)
+    sweep(*, methods=None, ...)                        methods: every method's operating points
 
 Errors are raised as TokenscopeError subclasses with a one-line message: ImageError (an input
 image or label map), CheckpointError (weights), ConfigError (options), RunFolderError (outputs).

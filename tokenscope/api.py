@@ -229,8 +229,11 @@ class Trace(_CoreTrace):
 
     def _repr_html_(self) -> str:
         s = self.summary()
-        rows = [("image", s["image"]), ("model", f"{s['model']} ({s['policy']} policy, exits {'on' if s['exits'] else 'off'})"),
+        rows = [("image", s["image"]), ("model", f"{s['model']} (method {s['method']}: {s['policy']} policy, "
+                                                 f"exits {'on' if s['exits'] else 'off'})"),
                 ("tokens", f"{s['tokens']} of {s['patches']} patches ({s['reduction']:.2f}x fewer)"),
+                ("tokens per block", f"{s['mean_tokens_per_block']:.0f} on average"
+                                     + (f", {s['merged_tokens']} merged inside the encoder" if s["merged_tokens"] else "")),
                 ("exited early", f"{s['exited_early_pct']:.1f}% of tokens, {s['exited_early_patch_pct']:.1f}% of patches"),
                 ("GFLOPs", f"{s['gflops']:.2f} (without reduction {s['baseline_gflops']:.2f})")]
         table = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"

@@ -41,6 +41,10 @@ ExitThrOpt = Annotated[Optional[float], typer.Option("--exit-threshold", help="A
 ExitsOpt = Annotated[Optional[str], typer.Option("--exits", help="Early exits: learned (auxiliary heads after the exit blocks) or none. Default: learned if trained.")]
 KeepOpt = Annotated[Optional[int], typer.Option("--keep-per-class", help="DToP's context rule: at each gate the K most confident qualifying tokens of every predicted class stay in the sequence (0 = off).")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="Token-reduction method: step (dCTS + exits), dcts, dtop (exits on the grid), cts (K shared 2x2 groups), tome (merging in every block), algm (local + global merging), vit (none), or X+tome / X+algm; settings after colons, e.g. tome:r=16, algm:threshold=0.92, cts:groups=300. Default: --policy/--exits decide.")]
+TomeROpt = Annotated[Optional[float], typer.Option("--tome-r", help="With --method tome (or X+tome): tokens merged per block, a count (16) or a fraction of the image's tokens (0.05, the default).")]
+AlgmOpt = Annotated[Optional[float], typer.Option("--algm-threshold", help="With --method algm: the local merging threshold, mean cosine similarity of a 2x2 window (default 0.88).")]
+CtsOpt = Annotated[Optional[str], typer.Option("--cts-groups", help="With --method cts: 2x2 groups shared per image, a count (300) or a fraction of all groups (default 0.4).")]
+PropOpt = Annotated[Optional[bool], typer.Option("--prop-attn/--no-prop-attn", help="With tome/algm: size-weighted (proportional) attention after merging. Default: on for ToMe, off for ALGM (as in their code).")]
 LabelsOpt = Annotated[Optional[str], typer.Option(help="Ground-truth label map (integer class ids, 255 = ignore), or a folder of them named like the images.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (GPU if present), cpu or cuda.")]
 SizeOpt = Annotated[Optional[int], typer.Option(help="Resize each image so its long side is this many pixels (then pad to a multiple of 16).")]
@@ -48,6 +52,23 @@ OutOpt = Annotated[Path, typer.Option(help="Root folder for run folders; every c
 SeedOpt = Annotated[int, typer.Option(help="Seed for random weights.")]
 WindowOpt = Annotated[Optional[int], typer.Option(help="Sliding windows of this side in pixels (Segmenter's protocol: short side resized, windows averaged); 0 = whole image. Default: the checkpoint's.")]
 StrideOpt = Annotated[Optional[int], typer.Option(help="Stride of the sliding windows in pixels. Default: the checkpoint's, else window - 32.")]
+
+
+def _method_text(method: str | None, tome_r: float | None = None, algm_threshold: float | None = None,
+                 cts_groups: str | None = None, prop_attn: bool | None = None) -> str | None:
+    """--method with the method flags folded in as its inline settings (`tome` + --tome-r 16 ->
+    `tome:r=16`); flags without a method stay an error the model setup explains."""
+    extra = [f"r={tome_r:g}" if tome_r is not None else "", f"threshold={algm_threshold:g}" if algm_threshold is not None else "",
+             f"groups={cts_groups}" if cts_groups is not None else "",
+             ("prop=on" if prop_attn else "prop=off") if prop_attn is not None else ""]
+    extra = [e for e in extra if e]
+    if not extra:
+        return method
+    if method is None:
+        from tokenscope.errors import ConfigError
+
+        raise ConfigError("--tome-r / --algm-threshold / --cts-groups / --prop-attn need --method (tome, algm, cts, ...)")
+    return ":".join([method, *extra])
 
 
 def _fail(exc: TokenscopeError) -> None:
@@ -109,6 +130,10 @@ def run(
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
     method: MethodOpt = None,
+    tome_r: TomeROpt = None,
+    algm_threshold: AlgmOpt = None,
+    cts_groups: CtsOpt = None,
+    prop_attn: PropOpt = None,
     budget: Annotated[Optional[float], typer.Option(help="Token budget for --policy budget: R times fewer tokens than patches.")] = None,
     labels: LabelsOpt = None,
     dataset: Annotated[Optional[str], typer.Option(help="Run over a data set instead of files: synthetic, folder, ade20k, cityscapes or pascal_context.")] = None,
@@ -133,6 +158,7 @@ def run(
     from tokenscope import api
 
     with _user_errors():
+        method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
         with _progress("tracing") as progress:
             result = api.run(images, model=model, weights=weights, random_init=random_init, policy=policy,
                              merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, budget=budget,
@@ -144,22 +170,24 @@ def run(
     if result.rank != 0:  # under torchrun, rank 0 reports for the whole job
         raise typer.Exit(3 if any(r.error for r in result.images) else 0)
     _warn(result.warnings)
-    table = Table(title=f"tokenscope run: {result.model}", title_justify="left")
-    for col in ("image", "patches", "tokens", "reduction", "exited early", "GFLOPs", "baseline GFLOPs", "forward"):
+    table = Table(title=f"tokenscope run: {result.model}" + (f", method {result.method}" if result.method else ""),
+                  title_justify="left")
+    for col in ("image", "patches", "tokens", "reduction", "tokens/block", "exited early", "GFLOPs", "baseline GFLOPs",
+                "forward"):
         table.add_column(col, justify="left" if col == "image" else "right")
     shown = [r for r in result.images if r.summary is not None]
     for r in shown[:20]:
         s = r.summary
         table.add_row(Path(s["image"]).name, str(s["patches"]), str(s["tokens"]), f"{s['reduction']:.2f}x",
-                      f"{s['exited_early_pct']:.1f}%", f"{s['gflops']:.2f}", f"{s['baseline_gflops']:.2f}",
-                      f"{1e3 * s['forward_s']:.0f} ms")
+                      f"{s['mean_tokens_per_block']:.0f}", f"{s['exited_early_pct']:.1f}%", f"{s['gflops']:.2f}",
+                      f"{s['baseline_gflops']:.2f}", f"{1e3 * s['forward_s']:.0f} ms")
     if len(shown) > 20:
-        table.add_row(f"... {len(shown) - 20} more", "", "", "", "", "", "", "")
+        table.add_row(f"... {len(shown) - 20} more", "", "", "", "", "", "", "", "")
     if result.tables is not None and len(shown) > 1:
         t = result.tables.summary
         table.add_row("ALL", str(t["patches"]), str(t["tokens"]), f"{t['token_reduction']:.2f}x",
-                      f"{t['exited_early_pct']:.1f}%", f"{t['gflops_per_image']:.2f}/img",
-                      f"{t['baseline_gflops_per_image']:.2f}/img", "")
+                      f"{t['mean_tokens_per_block']:.0f}", f"{t['exited_early_pct']:.1f}%",
+                      f"{t['gflops_per_image']:.2f}/img", f"{t['baseline_gflops_per_image']:.2f}/img", "")
     out_console.print(table)
     if result.tables is not None and "step_miou" in result.tables.summary:
         t = result.tables.summary
@@ -205,6 +233,10 @@ def compare(
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
     method: MethodOpt = None,
+    tome_r: TomeROpt = None,
+    algm_threshold: AlgmOpt = None,
+    cts_groups: CtsOpt = None,
+    prop_attn: PropOpt = None,
     methods: Annotated[Optional[str], typer.Option("--methods", help="Compare several methods (or operating points) at once, comma-separated, e.g. step,tome,cts,dtop or tome:r=8,tome:r=16: one table and one side-by-side figure per image.")] = None,
     at_block: Annotated[Optional[int], typer.Option("--at-block", help="With --methods: the block whose tokens the figure shows (default: the middle; depth + 1 = after the encoder).")] = None,
     labels: LabelsOpt = None,
@@ -221,6 +253,7 @@ def compare(
     from tokenscope import api
 
     with _user_errors():
+        method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
         with _progress("comparing") as progress:
             result = api.compare(images, baseline=baseline, model=model, weights=weights, random_init=random_init,
                                  policy=policy, merge_threshold=merge_threshold, exit_threshold=exit_threshold,
@@ -388,6 +421,10 @@ def evaluate(
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
     method: MethodOpt = None,
+    tome_r: TomeROpt = None,
+    algm_threshold: AlgmOpt = None,
+    cts_groups: CtsOpt = None,
+    prop_attn: PropOpt = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     split: Annotated[str, typer.Option(help="Split of a file data set.")] = "val",
@@ -402,6 +439,7 @@ def evaluate(
     from tokenscope import api
 
     with _user_errors():
+        method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
         held = api.load_model(model, weights, policy=policy, merge_threshold=merge_threshold,
                               exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device,
                               method=method)
@@ -428,6 +466,10 @@ def bench(
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
     method: MethodOpt = None,
+    tome_r: TomeROpt = None,
+    algm_threshold: AlgmOpt = None,
+    cts_groups: CtsOpt = None,
+    prop_attn: PropOpt = None,
     size: Annotated[int, typer.Option(help="Square input side in pixels (a multiple of 16).")] = 1024,
     batch: Annotated[int, typer.Option(help="Images per forward pass (different synthetic scenes, so token counts differ).")] = 1,
     image: Annotated[Optional[str], typer.Option(help="Use this image (repeated) instead of synthetic scenes.")] = None,
@@ -445,6 +487,7 @@ def bench(
     from tokenscope import api
 
     with _user_errors():
+        method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
         with _progress("benchmarking") as progress:
             result = api.bench(model=model, weights=weights, random_init=random_init, policy=policy, budget=budget,
                                merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits,

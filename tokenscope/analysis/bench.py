@@ -183,8 +183,9 @@ def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_p
             flops, peak, out = _probe(calls[v.name], device)
             v.gflops_per_image, v.peak_mib = flops / 1e9 / b, peak / 2**20
             v.tokens_per_image = sum(p.num_tokens for p in out.partitions) / b
+            model.apply(v.setting)  # type: ignore[arg-type]  # before hooking: a new setting may bring new mergers
             with Recorder(model) as probe:
-                calls[v.name]()
+                model(images)
                 v.mean_tokens_per_block = float(np.mean([_block_tokens(r) for r in probe.pop_records()]))
             tick(f"{v.name} probe")
             for _ in range(max(warmup - 1, 0)):

@@ -56,7 +56,7 @@ from tokenscope.render.animation import write_exit_animation
 from tokenscope.render.dataset_plots import write_dataset_figures
 from tokenscope.render.overlays import OVERLAY_KINDS, default_group_blocks, groups_overlay, render_label_map, render_overlay
 from tokenscope.render.plots import token_histogram
-from tokenscope.trace.capture import TraceCapture
+from tokenscope.trace.capture import TraceCapture, merging_meta
 from tokenscope.trace.trace import Trace
 
 WINDOWS_JSON = "windows.json"
@@ -122,6 +122,8 @@ class RunResult:
     tables: DatasetTables | None = None
     rank: int = 0
     """This process's rank under torchrun; only rank 0 has the tables and reports."""
+    method: str = ""
+    """The token-reduction method run ("" = the policy and exits alone)."""
 
     @property
     def failed(self) -> list[ImageResult]:
@@ -209,11 +211,16 @@ def prediction_summary(pred: ImagePrediction, source: str) -> dict[str, Any]:
     first = summary(pred.traces[0])
     total, base = pred.flops, pred.baseline_flops
     exited = pred.exited_tokens
+    groups = sum(int(t.survivors.sum()) for t in pred.traces)
+    depth = pred.traces[0].meta.depth
     return {
-        **{k: first[k] for k in ("model", "policy", "exits", "merge_thresholds", "exit_threshold", "weights", "device")},
+        **{k: first[k] for k in ("model", "method", "merging", "policy", "exits", "merge_thresholds", "exit_threshold",
+                                 "weights", "device")},
         "image": source, "windows": len(pred.traces), "patches": pred.patches, "tokens": pred.tokens,
         "reduction": pred.patches / max(pred.tokens, 1), "exited_early_tokens": exited,
-        "exited_early_pct": 100.0 * exited / max(pred.tokens, 1),
+        "mean_tokens_per_block": pred.block_tokens / max(len(pred.traces) * depth, 1),
+        "merged_tokens": pred.tokens - groups,
+        "exited_early_pct": 100.0 * exited / max(groups, 1),
         "exited_early_patch_pct": 100.0 * pred.exited_patches / max(pred.patches, 1),
         "gflops": total / 1e9, "baseline_gflops": base / 1e9, "flop_reduction": base / total if total else float("nan"),
         "forward_s": pred.forward_s,
@@ -363,6 +370,7 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
         "model": loaded.config.name, "arch": loaded.config.arch, "weights": loaded.weights_id,
         "weights_source": loaded.source, "device": str(device),
         "policy": loaded.model.active_policy, "exits": loaded.model.exits_enabled,
+        "method": loaded.model.method or None, "merging": merging_meta(loaded.model) or None,
         "merge_thresholds": list(loaded.model.merge_thresholds), "exit_threshold": loaded.model.exit_threshold,
         "warnings": loaded.warnings, "windows": None if windows is None else asdict(windows),
         "animated_images": len(_animated_items(req, items)),
@@ -414,7 +422,8 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
         for i, folder, info, error in rank_results:
             results[i].folder, results[i].summary, results[i].error = folder, info, error
     if not ctx.is_writer:  # rank 0 alone builds the tables and marks the run complete
-        return RunResult(run_dir, results, loaded.warnings, loaded.config.name, None, rank=ctx.rank)
+        return RunResult(run_dir, results, loaded.warnings, loaded.config.name, None, rank=ctx.rank,
+                         method=loaded.model.method)
     tables = finish_run(run_dir, [it.name for it in items], req.figures,
                         {"animated_images": base_manifest["animated_images"]})
     for r in results:
@@ -425,7 +434,7 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
         "summary": tables.summary if tables is not None else {},
         "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],
     })
-    return RunResult(run_dir, results, loaded.warnings, loaded.config.name, tables)
+    return RunResult(run_dir, results, loaded.warnings, loaded.config.name, tables, method=loaded.model.method)
 
 
 def run_images(paths: list[str], opts: ModelOptions, out: str | Path = "outputs", size: int | None = None,

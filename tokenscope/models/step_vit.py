@@ -87,6 +87,13 @@ def attention_mask(valid: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return torch.cat([prefix, valid], dim=1)[:, None, None, :]
 
 
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype queries will have inside attention: autocast's (bf16) when it is on, else x's.
+    An additive mask must match it on the CUDA kernels."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def compact(x: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor, sizes: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
     """Remove the slots not in `keep`, per image, and shrink the padding to the longest image.
@@ -267,6 +274,8 @@ class StepViT(nn.Module):
                 raise ConfigError(f"merging blocks {bad} are outside 1..{self.depth} for {self.cfg.name}")
             if spec.kind == "tome" and spec.r < 0:
                 raise ConfigError(f"--tome-r must be >= 0, got {spec.r}")
+        if spec == self.merging and (spec is None) == (len(self.mergers) == 0):
+            return self  # the same merging: keep its modules (and any hooks on them)
         self.merging = spec
         self.mergers = nn.ModuleDict({str(k): m for k, m in (spec.mergers() if spec else {}).items()})
         return self
@@ -345,7 +354,7 @@ class StepViT(nn.Module):
             if max(counts) == 0:
                 break
             if weighted:
-                mask = size_weighted_mask(valid, sizes, p, x.dtype)
+                mask = size_weighted_mask(valid, sizes, p, attention_dtype(x))
             else:
                 mask = attention_mask(valid, p) if min(counts) < x.shape[1] - p else None
             merger = self.mergers[str(i + 1)] if merging and str(i + 1) in self.mergers else None

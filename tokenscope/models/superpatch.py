@@ -127,7 +127,7 @@ class SuperpatchEmbed(nn.Module):
             if pos_grid is not None:
                 pg = pos_grid if s == 1 else F.avg_pool2d(pos_grid.unsqueeze(0), s)[0]
                 emb = emb + pg[:, ri, ci].transpose(0, 1).to(emb.dtype)
-            tokens[bi, torch.from_numpy(slot[sel]).to(device)] = emb
+            tokens[bi, torch.from_numpy(slot[sel]).to(device)] = emb.to(tokens.dtype)  # autocast gives bf16
         ids = torch.full((b, n_max), -1, dtype=torch.long)
         for i, c in enumerate(counts):
             ids[i, :c] = torch.arange(c)

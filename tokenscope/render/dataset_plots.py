@@ -189,7 +189,11 @@ def token_flow_figure(t: DatasetTables) -> plt.Figure | None:
     ax.set_ylim(-gap, height + gap)
     ax.invert_yaxis()
     ax.axis("off")
-    ax.set_title(f"token flow: {_patch(t)} px patches -> superpatch level -> where the token leaves (widths = patches)")
+    title = f"token flow: {_patch(t)} px patches -> superpatch level -> where the token leaves (widths = patches)"
+    merged = int(s.get("merged_tokens", 0))
+    if merged:  # in-network merging: a merged token's patches leave with the group it joined
+        title += f"\n{merged} tokens merged into others inside the encoder; token counts at the right count groups"
+    ax.set_title(title, fontsize=10 if merged else None)
     return fig
 
 

@@ -31,6 +31,19 @@ def pareto_front(x: np.ndarray, y: np.ndarray, lower_is_better: bool) -> np.ndar
     return np.array(sorted(idx, key=lambda i: x[i]), dtype=int)
 
 
+def _finish(fig: plt.Figure, ax: plt.Axes, df: pd.DataFrame, label: str, path: Path, lower_is_better: bool,
+            what: str) -> None:
+    """Axes, legend and title shared by both plots, then write the file."""
+    ax.set_xlabel(label)
+    ax.set_ylabel("mIoU (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right" if lower_is_better else "lower left")
+    ax.set_title(f"size {int(df['size'].iloc[0])}: {what}mIoU vs {'cost' if lower_is_better else 'speed'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, lower_is_better: bool) -> None:
     pts = df[~df["is_baseline"] & ~df["is_default"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -50,14 +63,7 @@ def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, lower_is_
         if len(row):
             ax.scatter(row[column], 100 * row["miou"], color=_rgb(colour), marker=marker, s=160, edgecolor="black",
                        linewidth=0.6, zorder=5, label=name)
-    ax.set_xlabel(label)
-    ax.set_ylabel("mIoU (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right" if lower_is_better else "lower left")
-    ax.set_title(f"size {int(df['size'].iloc[0])}: mIoU vs {'cost' if lower_is_better else 'speed'}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _finish(fig, ax, df, label, path, lower_is_better, "")
 
 
 def methods_pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, lower_is_better: bool) -> None:
@@ -82,11 +88,4 @@ def methods_pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, l
     if len(row):
         ax.scatter(row[column], 100 * row["miou"], color=_rgb("grey"), marker="X", s=160, edgecolor="black",
                    linewidth=0.6, zorder=5, label="no reduction (vit)")
-    ax.set_xlabel(label)
-    ax.set_ylabel("mIoU (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right" if lower_is_better else "lower left")
-    ax.set_title(f"size {int(df['size'].iloc[0])}: methods, mIoU vs {'cost' if lower_is_better else 'speed'}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _finish(fig, ax, df, label, path, lower_is_better, "methods, ")

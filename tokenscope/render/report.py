@@ -93,7 +93,8 @@ def build_report(run_dir: Path, gallery: int = 24, animations: int = 6) -> str:
              f"<h1>Where do the tokens go? {html.escape(run_dir.name)}</h1>",
              "<p class='meta'>" + html.escape(
                  f"model {manifest.get('model')} ({manifest.get('arch')}), weights {manifest.get('weights')}, "
-                 f"policy {manifest.get('policy')}, exits {'on' if manifest.get('exits') else 'off'}, merge thresholds "
+                 + (f"method {manifest['method']}, " if manifest.get("method") else "")
+                 + f"policy {manifest.get('policy')}, exits {'on' if manifest.get('exits') else 'off'}, merge thresholds "
                  f"{manifest.get('merge_thresholds')}, exit threshold {manifest.get('exit_threshold')}, device "
                  f"{manifest.get('device')}, finished {manifest.get('finished', '?')}") + "</p>"]
     for w in manifest.get("warnings", []):
