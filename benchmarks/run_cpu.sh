@@ -17,3 +17,5 @@ $ts bench --model demo --size 512 --device cpu --threads 2 --batch 8 --repeats 5
 small=(--random-init --budget 2.5 --exits none --size 512 --device cpu --threads 2)
 $ts bench --model vitb "${small[@]}" --batch 8 --repeats 8 --warmup 1 --json benchmarks/results/cpu_vitb_512_b8.json
 $ts bench --model vitb "${small[@]}" --batch 8 --repeats 3 --warmup 1 --loop --json benchmarks/results/cpu_vitb_512_b8_loop.json
+# ToMe (training-free, r = 5% of the tokens per block, proportional attention) on ViT-B at 1024 px, batch 8
+$ts bench --model vitb --random-init --method tome --size 1024 --device cpu --threads 2 --batch 8 --repeats 2 --warmup 1 --json benchmarks/results/cpu_vitb_1024_b8_tome.json
