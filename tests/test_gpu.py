@@ -74,3 +74,22 @@ def test_sliding_windows_on_gpu(tmp_path: Path) -> None:
     assert len(pred.traces) == 2 and pred.label_map.shape == (96, 150)
     for t in pred.traces:
         t.assert_consistent()
+
+
+@pytest.mark.parametrize("method", ["tome:r=6", "algm:threshold=0.2", "step+tome:r=3", "cts:groups=5"])
+def test_methods_on_gpu_match_the_cpu_in_float32_and_stay_consistent_in_bf16(method: str) -> None:
+    from tokenscope.jobs.setup import ModelOptions, method_setting
+
+    img, lab = blocky_image(96, 128)
+    im = prepare_image(img, "x", labels=lab)
+    traces = []
+    for device, amp in ((torch.device("cpu"), False), (CUDA, False), (CUDA, True)):
+        loaded = _loaded("mask")
+        method_setting(loaded, ModelOptions(device=device.type, exit_threshold=0.3, amp=amp), method)
+        trace = TraceCapture(loaded, device, amp=amp)([im])[0]
+        trace.assert_consistent()
+        traces.append(trace)
+    cpu, gpu, _ = traces
+    assert np.array_equal(cpu.token_of_patch, gpu.token_of_patch)
+    if "tome" in method:  # a fixed count per block; thresholded merges may flip on float noise (TF32)
+        assert np.array_equal(cpu.merges_per_block(), gpu.merges_per_block())
