@@ -107,7 +107,10 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
                     rows.append(row)
                     shown = pred.inputs[0].display
                     first = pred.traces[0]
-                    panels.append((v.name, render_label_map(prepared.display, pred.label_map, cfg.class_colours,
+                    caption = (f"{v.name} ({m['gflops']:.2f} GFLOPs, {m['latency_ms']:.0f} ms, "
+                               f"{100 * row['agreement']:.1f}% agree" + (f", mIoU {100 * row['miou']:.1f}" if "miou" in row
+                                                                         else "") + ")")
+                    panels.append((caption, render_label_map(prepared.display, pred.label_map, cfg.class_colours,
                                                             cfg.class_names, num_classes),
                                    groups_overlay(shown, first, block), render_overlay("exit", shown, first)))
                 with image_folder(run_dir, name) as folder:

@@ -124,7 +124,7 @@ def methods_figure(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray, np.n
         for j, (img, what) in enumerate(((seg, "segmentation"), (groups, stage), (exits, "where tokens left"))):
             ax = fig.add_subplot(grid[i, j])
             ax.imshow(img)
-            ax.set_title(f"{name}: {what}", fontsize=8)
+            ax.set_title(f"{name}\n{what}" if j == 0 else what, fontsize=8)
             ax.axis("off")
     ax = fig.add_subplot(grid[n, :])
     x = np.arange(1, depth + 1)
