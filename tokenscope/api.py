@@ -421,7 +421,8 @@ def evaluate(model: Model | str = "demo", *, weights: str | None = None, policy:
         write_json_atomic(Path(json_out), {"model": held.name, "weights": held.loaded.weights_id,
                                            "merge_thresholds": list(held.module.merge_thresholds),  # type: ignore[attr-defined]
                                            "exit_threshold": held.module.exit_threshold,  # type: ignore[attr-defined]
-                                           "policy": held.policy, "exits": held.exits, "data": d.__dict__,
+                                           "policy": held.policy, "exits": held.exits, "method": held.method or None,
+                                           "data": d.__dict__,
                                            "variants": metrics})
     return metrics
 

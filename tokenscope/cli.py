@@ -192,7 +192,7 @@ def run(
     if result.tables is not None and "step_miou" in result.tables.summary:
         t = result.tables.summary
         base = f", without reduction {100 * t['baseline_miou']:.2f}" if "baseline_miou" in t else ""
-        out_console.print(f"mIoU with STEP {100 * t['step_miou']:.2f}{base}", highlight=False)
+        out_console.print(f"mIoU with {result.method or 'STEP'} {100 * t['step_miou']:.2f}{base}", highlight=False)
     out_console.print(f"outputs: [bold]{result.run_dir}[/]  (GFLOPs: 2 per multiply-add, policy included)", highlight=False)
     if _report_failures(result.images):
         raise typer.Exit(3)

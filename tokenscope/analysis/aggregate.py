@@ -104,6 +104,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
     block_levels: np.ndarray | None = None
     flow_tokens: np.ndarray | None = None
     flow_patches: np.ndarray | None = None
+    flow_merged: np.ndarray | None = None
     step_conf: np.ndarray | None = None
     base_conf: np.ndarray | None = None
     scored: list[ImageEval] = []
@@ -167,8 +168,14 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
             ft[:, j] = np.bincount(tr.token_level[at & surv].astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
             fp[:, j] = np.bincount(tr.token_level[at].astype(np.int64), weights=patches[at],
                                    minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1].astype(np.int64)
+        fm = np.zeros_like(ft)  # patches of tokens that were merged into another inside the encoder
+        for j, k in enumerate(points):
+            gone = (tr.token_exit_block == k) & ~surv
+            fm[:, j] = np.bincount(tr.token_level[gone].astype(np.int64), weights=patches[gone],
+                                   minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1].astype(np.int64)
         flow_tokens = ft if flow_tokens is None else flow_tokens + ft
         flow_patches = fp if flow_patches is None else flow_patches + fp
+        flow_merged = fm if flow_merged is None else flow_merged + fm
         flops = tr.meta.flops
         row: dict[str, Any] = {"image": name, "source": tr.meta.source, "h": tr.meta.input_hw[0], "w": tr.meta.input_hw[1],
                                "patches": tr.num_patches, "tokens": tr.num_tokens, "reduction": tr.reduction,
@@ -256,6 +263,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         "exit_after": list(first.meta.exit_after), "depth": first.meta.depth, "class_names": list(names),
         "flow_points": [point_name(first, k) for k in exit_points(first)],
         "flow_tokens": flow_tokens.tolist(), "flow_patches": flow_patches.tolist(),  # type: ignore[union-attr]
+        "flow_merged_patches": flow_merged.tolist(),  # type: ignore[union-attr]
     }
     if step_conf is not None:
         summary["step_miou"] = mean_iou(step_conf)

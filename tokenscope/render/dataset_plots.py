@@ -134,6 +134,7 @@ def token_flow_figure(t: DatasetTables) -> plt.Figure | None:
     s = t.summary
     flow = np.asarray(s["flow_patches"], dtype=float)  # (levels, points)
     flow_tok = np.asarray(s["flow_tokens"], dtype=float)
+    merged_flow = np.asarray(s["flow_merged_patches"], dtype=float) if "flow_merged_patches" in s else None
     points = s["flow_points"]
     total = flow.sum()
     if total <= 0:
@@ -151,7 +152,8 @@ def token_flow_figure(t: DatasetTables) -> plt.Figure | None:
     height = y - gap
     y = 0.0
     point_span = {}
-    for j in range(len(points)):
+    shown = [j for j in range(len(points)) if point_tot[j] > 0]  # a gate nothing left at takes no room
+    for j in shown:
         point_span[j] = (y, y + point_tot[j])
         y += point_tot[j] + gap
     off = (height - (y - gap)) / 2
@@ -169,17 +171,23 @@ def token_flow_figure(t: DatasetTables) -> plt.Figure | None:
     for k in levels:
         a, b = level_span[k]
         ax.add_patch(plt.Rectangle((0.42, a), 0.06, b - a, color=_rgb(LEVEL_COLOURS[k])))
+        gone = float(merged_flow[k].sum()) if merged_flow is not None else 0.0
+        if gone > 0:  # patches whose token merged into another inside the encoder
+            ax.add_patch(plt.Rectangle((0.42, a), 0.06, gone, facecolor="none", edgecolor="black", hatch="///",
+                                       linewidth=0.4))
+            ax.text(0.49, a + gone / 2, f"{100 * gone / max(b - a, 1):.0f}% merged\ninside", va="center", fontsize=6.5)
         ntok = int(flow_tok[k].sum())
         ax.text(0.45, (a + b) / 2, f"{level_labels(_patch(t))[k].split(' ')[0]}\n{ntok} tok", ha="center", va="center", fontsize=6.5)
         cur = a
-        for j in range(len(points)):
+        for j in shown:
             v = flow[k, j]
             if v <= 0:
                 continue
             _band(ax, 0.48, (cur, cur + v), 0.86, (pcur[j], pcur[j] + v), _rgb(LEVEL_COLOURS[k]), 0.35)
             cur += v
             pcur[j] += v
-    for j, p in enumerate(points):
+    for j in shown:
+        p = points[j]
         a, b = point_span[j]
         ax.add_patch(plt.Rectangle((0.86, a), 0.06, b - a, color=_rgb(cols[j])))
         name = "end of encoder" if p == "end" else f"exit after block {p[4:]}"
