@@ -88,6 +88,12 @@ def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, window
                   "merged": pred.tokens - groups}
 
 
+def prepare_input(path: Path, labels_path: Path | None, size: int | None, patch: int) -> PreparedImage:
+    """One image of a comparison, with its label map when a labels file or folder was given."""
+    lab = find_label_for(path, labels_path) if labels_path is not None else None
+    return load_prepared(path, size=size, labels_path=lab, patch=patch)
+
+
 def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", out: str | Path = "outputs",
                    size: int | None = None, labels: str | None = None, repeats: int = 5, warmup: int = 1,
                    progress: Progress | None = None, window: int | None = None,
@@ -130,8 +136,7 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
             progress(i, len(images), path.name)
         result = ImageResult(source=str(path))
         try:
-            lab = find_label_for(path, labels_path) if labels_path is not None else None
-            prepared = load_prepared(path, size=size, labels_path=lab, patch=patch)
+            prepared = prepare_input(path, labels_path, size, patch)
             p_step, m_step = _measure(loaded, step, prepared, windows, device, capture, repeats, warmup)
             p_base, m_base = _measure(loaded, base, prepared, windows, device, capture, repeats, warmup)
             row: dict[str, Any] = {"image": str(path), "input_h": prepared.input_hw[0], "input_w": prepared.input_hw[1],

@@ -20,10 +20,10 @@ import torch
 from tokenscope import __version__
 from tokenscope.analysis.metrics import confusion, mean_iou, pixel_agreement
 from tokenscope.analysis.windowed import ImagePrediction
-from tokenscope.data.images import check_size, find_images, find_label_for, load_prepared
+from tokenscope.data.images import check_size, find_images
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError, TokenscopeError
-from tokenscope.jobs.compare import BASELINES, CompareResult, Variant, _measure
+from tokenscope.jobs.compare import BASELINES, CompareResult, Variant, _measure, prepare_input
 from tokenscope.jobs.run import ImageResult, Progress
 from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, unique_name, write_json_atomic, write_rgb, write_table
 from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
@@ -83,8 +83,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
                 progress(i, len(images), path.name)
             result = ImageResult(source=str(path))
             try:
-                lab = find_label_for(path, labels_path) if labels_path is not None else None
-                prepared = load_prepared(path, size=size, labels_path=lab, patch=patch)
+                prepared = prepare_input(path, labels_path, size, patch)
                 measured: list[tuple[Variant, ImagePrediction, dict[str, float]]] = []
                 for v in [base, *variants]:
                     pred, m = _measure(loaded, v, prepared, windows, device, capture, repeats, warmup)
