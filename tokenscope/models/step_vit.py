@@ -124,6 +124,15 @@ def unmerge(token_values: torch.Tensor, token_of_patch: torch.Tensor) -> torch.T
     return token_values.gather(1, idx).transpose(1, 2).reshape(b, -1, gh, gw)
 
 
+def by_owner(values: torch.Tensor, owner: torch.Tensor | None) -> torch.Tensor:
+    """values[b, owner[b, t]] for every token t (B, T[, C]): what the token standing for each one
+    holds, after in-network merging; `values` itself without merging."""
+    if owner is None:
+        return values
+    index = owner if values.ndim == 2 else owner.unsqueeze(-1).expand(-1, -1, values.shape[-1])
+    return values.gather(1, index)
+
+
 def scatter_tokens(target: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> None:
     """target[b, token_ids[b, n]] = values[b, n] wherever mask[b, n], without a host sync.
 
@@ -274,7 +283,7 @@ class StepViT(nn.Module):
                 raise ConfigError(f"merging blocks {bad} are outside 1..{self.depth} for {self.cfg.name}")
             if spec.kind == "tome" and spec.r < 0:
                 raise ConfigError(f"--tome-r must be >= 0, got {spec.r}")
-        if spec == self.merging and (spec is None) == (len(self.mergers) == 0):
+        if spec == self.merging:
             return self  # the same merging: keep its modules (and any hooks on them)
         self.merging = spec
         self.mergers = nn.ModuleDict({str(k): m for k, m in (spec.mergers() if spec else {}).items()})
@@ -346,9 +355,11 @@ class StepViT(nn.Module):
         merging = self.merging if len(self.mergers) else None
         sizes = valid.to(torch.float32) if merging else None
         owner = torch.arange(t_max + 1, device=images.device).expand(b, -1).clone() if merging else None
-        single = (torch.from_numpy(np.stack([np.pad(p.level == 0, (0, t_max - p.num_tokens)) for p in partitions]))
-                  .to(images.device) if merging else None)
-        initial = torch.tensor(counts, device=images.device)
+        layout = None  # where tokens lie, for mergers that only join neighbours
+        if merging:
+            single = np.stack([np.pad(part.level == 0, (0, t_max - part.num_tokens)) for part in partitions])
+            layout = MergeContext(grid_ids, torch.from_numpy(single).to(images.device), owner,
+                                  torch.tensor(counts, device=images.device))
         weighted = False  # proportional attention starts once a token stands for several
         for i, blk in enumerate(self.blocks):
             if max(counts) == 0:
@@ -363,7 +374,7 @@ class StepViT(nn.Module):
             else:
                 h, keys = attend(blk.attn, blk.norm1(x), mask)
                 x = x + blk.drop_path1(blk.ls1(h))
-                dec: MergeDecision = merger(x[:, p:], keys[:, p:], ids, valid, MergeContext(grid_ids, single, owner, initial))
+                dec: MergeDecision = merger(x[:, p:], keys[:, p:], ids, valid, dataclasses.replace(layout, owner=owner))
                 patch_part, sizes, owner = apply_merge(x[:, p:], sizes, owner, dec)
                 before = sum(counts)
                 patch_part, ids, valid, counts, sizes = compact(patch_part, ids, valid & ~dec.merged, sizes)
@@ -377,8 +388,7 @@ class StepViT(nn.Module):
             if return_aux:
                 full = dec_g.logits.new_zeros((b, t_max + 1, num_classes))
                 scatter_tokens(full, dec_g.logits, ids, valid)
-                per_token = full if owner is None else full.gather(1, owner.unsqueeze(-1).expand(-1, -1, num_classes))
-                aux[i + 1] = unmerge(per_token[:, :t_max], grid_ids)
+                aux[i + 1] = unmerge(by_owner(full, owner)[:, :t_max], grid_ids)
             if self.exits_enabled:
                 scatter_tokens(token_logits, dec_g.logits, ids, dec_g.exits)
                 scatter_tokens(exit_block, torch.full_like(ids, i + 1), ids, dec_g.exits)
@@ -386,16 +396,12 @@ class StepViT(nn.Module):
                     scatter_tokens(context, x[:, p:], ids, dec_g.exits)
                 patch_part, ids, valid, counts, sizes = compact(x[:, p:], ids, valid & ~dec_g.exits, sizes)
                 x = torch.cat([x[:, :p], patch_part], dim=1)
-        if owner is not None:  # every token takes what the token standing for it ended with
-            exit_block = exit_block.gather(1, owner)
+        exit_block = by_owner(exit_block, owner)  # every token takes what the token standing for it ended with
         if context is not None:
             if max(counts) > 0:
                 scatter_tokens(context, x[:, p:], ids, valid)
-            if owner is not None:
-                context = context.gather(1, owner.unsqueeze(-1).expand(-1, -1, context.shape[-1]))
-            decoded = self.decoder(self.norm(context[:, :t_max]), all_valid)
-            if owner is not None:
-                token_logits = token_logits.gather(1, owner.unsqueeze(-1).expand(-1, -1, num_classes))
+            decoded = self.decoder(self.norm(by_owner(context, owner)[:, :t_max]), all_valid)
+            token_logits = by_owner(token_logits, owner)
             reached_end = (exit_block[:, :t_max] == self.depth).unsqueeze(-1)
             token_logits = torch.cat([torch.where(reached_end, decoded.to(token_logits.dtype), token_logits[:, :t_max]),
                                       token_logits[:, t_max:]], dim=1)
@@ -403,8 +409,7 @@ class StepViT(nn.Module):
             if max(counts) > 0:
                 final = self.decoder(self.norm(x)[:, p:], valid)
                 scatter_tokens(token_logits, final, ids, valid)
-            if owner is not None:
-                token_logits = token_logits.gather(1, owner.unsqueeze(-1).expand(-1, -1, num_classes))
+            token_logits = by_owner(token_logits, owner)
         token_logits, exit_block = token_logits[:, :t_max], exit_block[:, :t_max]
         policy_logits = self.policies["learned"].logits(images) if return_aux else []
         return StepOutput(unmerge(token_logits, grid_ids), token_logits, exit_block, partitions, aux, policy_logits,
