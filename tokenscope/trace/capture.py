@@ -15,7 +15,7 @@ from tokenscope.models.partition import grid_partition
 from tokenscope.models.runtime import inference, synchronize
 from tokenscope.models.step_vit import segment
 from tokenscope.trace.recorder import ImageRecord, Recorder
-from tokenscope.trace.trace import Trace, TraceMeta, resolve_chains
+from tokenscope.trace.trace import Trace, TraceMeta
 
 
 def images_to_tensor(images: list[PreparedImage], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,9 +95,8 @@ class TraceCapture:
                forward_s: float, batch: int) -> Trace:
         if not np.array_equal(rec.exit_block, rec.model_exit_block):
             raise AssertionError(f"{im.source}: exits seen by the gate hooks differ from the model's own record")
-        if rec.model_owner is not None and rec.merged_into is not None:
-            if not np.array_equal(resolve_chains(np.where(rec.merged_into >= 0, rec.merged_into, np.arange(len(rec.merged_into)))), rec.model_owner):
-                raise AssertionError(f"{im.source}: merges seen by the merger hooks differ from the model's own record")
+        if rec.model_owner is not None and not np.array_equal(rec.owner, rec.model_owner):
+            raise AssertionError(f"{im.source}: merges seen by the merger hooks differ from the model's own record")
         model, cfg, part = self.loaded.model, self.loaded.config, rec.partition
         mid = None if rec.block_tokens_mid is None else rec.block_tokens_mid.tolist()
         block_flops = self.cost.block_flops(rec.block_tokens_in.tolist(), mid)

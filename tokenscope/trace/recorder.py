@@ -1,8 +1,9 @@
 """Forward hooks that watch a StepViT and collect, per image, what happened to its tokens.
 
 The model does not know it is observed: the Recorder hooks the active policy (partition and
-scores), every block (how many tokens enter), every exit gate (which tokens leave) and the model
-itself (final token logits). During the forward pass only device tensors are kept; they are
+scores), every block (how many tokens enter), every exit gate (which tokens leave), every merger
+of in-network merging (which tokens merge into which, inside their block) and the model itself
+(final token logits, and who ended in whom). During the forward pass only device tensors are kept; they are
 copied to the host once per forward call, when the model returns. Detaching the hooks leaves the
 model exactly as it was.
 """
@@ -49,8 +50,10 @@ class ImageRecord:
     """(depth,) tokens left for each block's MLP after merging inside it."""
     matching_flops: int = 0
     """FLOPs of the mergers' similarity products."""
+    owner: np.ndarray | None = None
+    """(T,) the token each token finally belongs to, from the merges the merger hooks saw."""
     model_owner: np.ndarray | None = None
-    """(T,) the token each token finally belongs to, as the model itself reported it."""
+    """(T,) the same as the model itself reported it; must equal `owner`."""
 
 
 class _Call:
@@ -176,7 +179,7 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
             if held_at is not None and held is not None:
                 tokens = ids[i][held[i]]
                 held_at[tokens[held_at[tokens] == 0]] = after  # the first gate that held it back
-        merged_at = merged_into = mid = None
+        merged_at = merged_into = mid = final = None
         matching = 0
         if owners is not None:
             merged_at = np.zeros(t, dtype=np.int64)
@@ -188,7 +191,7 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
                 merged_into[src] = ids[i][into[i][merged[i]]]
                 mid[block - 1] -= len(src)
                 matching += int(flops[i])
-            final = resolve_chains(np.where(merged_into >= 0, merged_into, np.arange(t)))
+            final = resolve_chains(np.where(merged_into >= 0, merged_into, np.arange(t)))  # merge chains followed
             exit_block = exit_block[final]
         records.append(ImageRecord(
             partition=part,
@@ -204,6 +207,7 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
             merged_into=merged_into,
             block_tokens_mid=mid,
             matching_flops=matching,
+            owner=final,
             model_owner=None if owners is None else owners[i, :t].astype(np.int64),
         ))
     return records
