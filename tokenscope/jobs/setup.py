@@ -53,6 +53,8 @@ class ModelOptions:
     """CTS: 2x2 groups shared per image, a count (300) or a fraction of all groups (0.4)."""
 
 
+MERGE_SETTINGS = ("tome_r", "algm_threshold", "algm_global_threshold", "prop_attn")
+"""ModelOptions fields that only in-network merging (tome, algm) reads."""
 DEFAULT_TOME_R = 0.05
 """Default ToMe r: 5% of the image's tokens per block (ToMe's r=16 of 197 is 8% on ViT-B/224)."""
 DEFAULT_ALGM_THRESHOLD = 0.88
@@ -61,10 +63,14 @@ DEFAULT_CTS_GROUPS = "0.4"
 """CTS's Segmenter setting shares about 40% of the 2x2 groups (103 of 256 at 512 px)."""
 
 
+def _merge_settings_given(opts: ModelOptions) -> bool:
+    return any(getattr(opts, f) is not None for f in MERGE_SETTINGS)
+
+
 def merging_spec(method: Method, opts: ModelOptions, depth: int) -> MergingSpec | None:
     """The in-network merging a method runs, with the user's settings or the published defaults."""
     if method.merging is None:
-        if any(v is not None for v in (opts.tome_r, opts.algm_threshold, opts.algm_global_threshold, opts.prop_attn)):
+        if _merge_settings_given(opts):
             raise ConfigError(f"ToMe/ALGM settings (r, threshold, global, prop) apply to methods with tome or algm, "
                               f"not {method.name!r}")
         return None
@@ -117,8 +123,7 @@ def load_model(opts: ModelOptions, have_labels: bool = False,
     cfg = loaded.config
     thresholds = parse_thresholds(opts.merge_threshold, cfg.merge_thresholds)
     spec = merging_spec(method, opts, loaded.model.depth) if method is not None else None
-    if method is None and any(v is not None for v in (opts.tome_r, opts.algm_threshold, opts.algm_global_threshold,
-                                                       opts.prop_attn)):
+    if method is None and _merge_settings_given(opts):
         raise ConfigError("ToMe/ALGM settings need --method tome, algm or X+tome / X+algm")
     if opts.cts_groups is not None and policy != "cts":
         raise ConfigError("--cts-groups applies to --method cts (or cts+tome / cts+algm)")
@@ -142,9 +147,8 @@ def method_setting(loaded: LoadedModel, opts: ModelOptions, label: str, have_lab
     at this point; callers take the settings of several methods and `apply` them in turn.
     """
     method = parse_method(label)
-    o = replace(opts, method=label, policy=None if method.fixes_policy else opts.policy, exits=None,
-                tome_r=None, algm_threshold=None, algm_global_threshold=None, prop_attn=None,
-                cts_groups=None)
+    o = replace(opts, method=label, policy=None if method.fixes_policy else opts.policy, exits=None, cts_groups=None,
+                **{f: None for f in MERGE_SETTINGS})  # type: ignore[arg-type]
     load_model(o, have_labels=have_labels, loaded=loaded)
     return loaded.model.setting()
 
