@@ -71,10 +71,12 @@ class VariantScores:
     forward_s: float = 0.0
     block_tokens: float = 0.0
     """Tokens summed over blocks and images: what FLOPs follow, for every method alike."""
+    groups: int = 0
+    """Tokens that exited or reached the end (a group merged inside the encoder counts once)."""
     depth: int = 0
 
     COUNTS = ("patches", "tokens", "exited_tokens", "exited_patches", "flops", "images", "windows", "forward_s",
-              "block_tokens")
+              "block_tokens", "groups")
 
     def add_up(self, ctx: dist.Context) -> None:
         """Sum the totals of every rank into this one (a no-op in a single process)."""
@@ -95,7 +97,7 @@ class VariantScores:
 
     @property
     def exited_pct(self) -> float:
-        return 100.0 * self.exited_tokens / max(self.tokens, 1)
+        return 100.0 * self.exited_tokens / max(self.groups, 1)
 
     @property
     def exited_patch_pct(self) -> float:
@@ -167,6 +169,7 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
                 s.forward_s += pred.forward_s
                 s.windows += len(pred.traces)
                 s.block_tokens += pred.block_tokens
+                s.groups += sum(int(t.survivors.sum()) for t in pred.traces)
                 s.depth = model.depth
                 s.images += 1
         if progress:
