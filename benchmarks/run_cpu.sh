@@ -19,3 +19,7 @@ $ts bench --model vitb "${small[@]}" --batch 8 --repeats 8 --warmup 1 --json ben
 $ts bench --model vitb "${small[@]}" --batch 8 --repeats 3 --warmup 1 --loop --json benchmarks/results/cpu_vitb_512_b8_loop.json
 # ToMe (training-free, r = 5% of the tokens per block, proportional attention) on ViT-B at 1024 px, batch 8
 $ts bench --model vitb --random-init --method tome --size 1024 --device cpu --threads 2 --batch 8 --repeats 2 --warmup 1 --json benchmarks/results/cpu_vitb_1024_b8_tome.json
+$ts bench --model vitb --random-init --method tome --size 1024 --device cpu --threads 2 --batch 1 --repeats 3 --warmup 1 --json benchmarks/results/cpu_vitb_1024_b1_tome.json
+# ALGM and CTS at their defaults (random weights make ALGM merge far more than on a trained model)
+$ts bench --model vitb --random-init --method algm --size 1024 --device cpu --threads 2 --batch 1 --repeats 3 --warmup 1 --json benchmarks/results/cpu_vitb_1024_b1_algm.json
+$ts bench --model vitb --random-init --method cts --size 1024 --device cpu --threads 2 --batch 1 --repeats 3 --warmup 1 --json benchmarks/results/cpu_vitb_1024_b1_cts.json
