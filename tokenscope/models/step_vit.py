@@ -35,6 +35,7 @@ from tokenscope.models.policy import (
     UniformPolicy,
 )
 from tokenscope.models.registry import StepConfig
+from tokenscope.models.slots import scatter_tokens
 from tokenscope.models.superpatch import SuperpatchEmbed
 
 
@@ -131,20 +132,6 @@ def by_owner(values: torch.Tensor, owner: torch.Tensor | None) -> torch.Tensor:
         return values
     index = owner if values.ndim == 2 else owner.unsqueeze(-1).expand(-1, -1, values.shape[-1])
     return values.gather(1, index)
-
-
-def scatter_tokens(target: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """target[b, token_ids[b, n]] = values[b, n] wherever mask[b, n], without a host sync.
-
-    `target` has one spare slot at the end of dim 1: unselected slots are written there, so the
-    index never depends on data the host would have to read first.
-    """
-    spare = target.shape[1] - 1
-    idx = torch.where(mask, token_ids, torch.full_like(token_ids, spare))
-    if target.ndim == 3:
-        target.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, target.shape[-1]), values.to(target.dtype))
-    else:
-        target.scatter_(1, idx, values.to(target.dtype))
 
 
 class StepViT(nn.Module):

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from tokenscope.models.slots import scatter_tokens
 
 MERGING_KINDS = ("tome", "algm")
 
@@ -54,6 +55,12 @@ class MergeContext:
     """(B,) tokens each image entered the encoder with (for ToMe's r given as a fraction)."""
 
 
+def _nothing_merged(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(merged, into) of a decision that merges no slot: every slot targets itself."""
+    b, n = valid.shape
+    return torch.zeros_like(valid), torch.arange(n, device=valid.device).expand(b, n).clone()
+
+
 def _normalise(metric: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     metric = metric.float()
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -77,14 +84,12 @@ class BipartiteMerger(nn.Module):
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor,
                 ctx: MergeContext) -> MergeDecision:
-        b, n, _ = x.shape
         metric = _normalise(keys if self.metric == "keys" else x, valid)
         a, bb = metric[:, ::2], metric[:, 1::2]
         va, vb = valid[:, ::2], valid[:, 1::2]
         scores = a @ bb.transpose(-1, -2)
         scores = scores.masked_fill(~vb[:, None, :], float("-inf")).masked_fill(~va[:, :, None], float("-inf"))
-        merged = torch.zeros_like(valid)
-        into = torch.arange(n, device=x.device).expand(b, n).clone()
+        merged, into = _nothing_merged(valid)
         flops = 2 * va.sum(1) * vb.sum(1) * metric.shape[-1]
         if bb.shape[1] == 0:
             return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, flops)
@@ -127,34 +132,32 @@ class LocalWindowMerger(nn.Module):
     def forward(self, x: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor,
                 ctx: MergeContext) -> MergeDecision:
         b, n, d = x.shape
-        merged = torch.zeros_like(valid)
-        into = torch.arange(n, device=x.device).expand(b, n).clone()
+        merged, into = _nothing_merged(valid)
         gh, gw = ctx.grid_ids.shape[1] // 2 * 2, ctx.grid_ids.shape[2] // 2 * 2
         if gh == 0 or gw == 0:
             return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, x.new_zeros(b, dtype=torch.long))
         t = ctx.owner.shape[1] - 1
-        slot_of = torch.full((b, t + 1), -1, dtype=torch.long, device=x.device)
-        safe_ids = torch.where(valid, token_ids, torch.full_like(token_ids, t))
-        slot_of.scatter_(1, safe_ids, torch.arange(n, device=x.device).expand(b, n))
+        slot_of = torch.full((b, t + 1), -1, dtype=torch.long, device=x.device)  # slot t is the spare
+        scatter_tokens(slot_of, torch.arange(n, device=x.device).expand(b, n), token_ids, valid)
         slot_of[:, t] = -1
         win = ctx.grid_ids[:, :gh, :gw].reshape(b, gh // 2, 2, gw // 2, 2).permute(0, 1, 3, 2, 4).reshape(b, -1, 4)
-        slots = slot_of.gather(1, win.reshape(b, -1)).reshape(win.shape)
+        flat = win.reshape(b, -1)
+        slots = slot_of.gather(1, flat).reshape(win.shape)
         ok = (slots >= 0).all(-1)
-        ok &= ctx.single.gather(1, win.reshape(b, -1)).reshape(win.shape).all(-1)
-        ok &= (ctx.owner.gather(1, win.reshape(b, -1)).reshape(win.shape) == win).all(-1)
+        ok &= ctx.single.gather(1, flat).reshape(win.shape).all(-1)
+        ok &= (ctx.owner.gather(1, flat).reshape(win.shape) == win).all(-1)
         feats = _normalise(x, valid).gather(1, slots.clamp_min(0).reshape(b, -1, 1).expand(-1, -1, d)).reshape(b, -1, 4, d)
         gram = feats @ feats.transpose(-1, -2)
         similarity = (gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)) / 12.0
         chosen = ok & (similarity >= self.threshold)
-        src = slots[..., :3].clamp_min(0)
-        dst = slots[..., 3:].clamp_min(0).expand_as(src)
-        spare = torch.full_like(src, n)  # unchosen windows write to a spare column, dropped below
-        merged_ext = torch.zeros((b, n + 1), dtype=torch.bool, device=x.device)
-        merged_ext.scatter_(1, torch.where(chosen[..., None], src, spare).reshape(b, -1),
-                            chosen[..., None].expand_as(src).reshape(b, -1))
+        src = slots[..., :3].reshape(b, -1)  # three slots of each window merge into the fourth
+        dst = slots[..., 3:].expand(-1, -1, 3).reshape(b, -1)
+        take = chosen[..., None].expand(-1, -1, 3).reshape(b, -1)
+        merged_ext = torch.cat([merged, merged.new_zeros((b, 1))], dim=1)  # + a spare slot, see scatter_tokens
         into_ext = torch.cat([into, into.new_zeros((b, 1))], dim=1)
-        into_ext.scatter_(1, torch.where(chosen[..., None], src, spare).reshape(b, -1), dst.reshape(b, -1))
-        merged, into = merged_ext[:, :n], torch.where(merged_ext[:, :n], into_ext[:, :n], into)
+        scatter_tokens(merged_ext, take, src, take)
+        scatter_tokens(into_ext, dst, src, take)
+        merged, into = merged_ext[:, :n], into_ext[:, :n]
         flops = torch.full((b,), 2 * 16 * d * win.shape[1], dtype=torch.long, device=x.device)
         return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, flops)
 
@@ -172,17 +175,15 @@ def apply_merge(x: torch.Tensor, sizes: torch.Tensor, owner: torch.Tensor, dec: 
     acc = torch.zeros((b, n, d), dtype=torch.float32, device=x.device).scatter_add_(
         1, target.unsqueeze(-1).expand(-1, -1, d), x.float() * w)
     size_acc = torch.zeros_like(sizes, dtype=torch.float32).scatter_add_(1, target, sizes.float())
-    hit = torch.zeros((b, n + 1), dtype=torch.bool, device=x.device)
-    hit.scatter_(1, torch.where(dec.merged, dec.into, torch.full_like(target, n)), dec.merged)
+    hit = torch.zeros((b, n + 1), dtype=torch.bool, device=x.device)  # + a spare slot
+    scatter_tokens(hit, dec.merged, dec.into, dec.merged)
     is_target = hit[:, :n] & ~dec.merged
     averaged = (acc / size_acc.clamp_min(1e-6).unsqueeze(-1)).to(x.dtype)
     x = torch.where(is_target.unsqueeze(-1), averaged, x)
     sizes = torch.where(is_target, size_acc.to(sizes.dtype), sizes)
     t = owner.shape[1] - 1
-    remap = torch.arange(t + 1, device=x.device).expand(b, t + 1).clone()
-    src_ids = torch.where(dec.merged, dec.token_ids, torch.full_like(dec.token_ids, t))
-    dst_ids = dec.token_ids.gather(1, dec.into)
-    remap.scatter_(1, src_ids, torch.where(dec.merged, dst_ids, torch.full_like(dst_ids, t)))
+    remap = torch.arange(t + 1, device=x.device).expand(b, t + 1).clone()  # slot t is the spare
+    scatter_tokens(remap, dec.token_ids.gather(1, dec.into), dec.token_ids, dec.merged)
     remap[:, t] = t
     return x, sizes, remap.gather(1, owner)
 
