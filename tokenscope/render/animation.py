@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tokenscope.render.overlays import group_edges, legend_strip, size_class
+from tokenscope.render.overlays import draw_group_edges, legend_strip, size_class
 from tokenscope.render.palette import LEVEL_COLOURS, exit_colours
 from tokenscope.trace.trace import Trace
 
@@ -56,7 +56,7 @@ def exit_frames(image: np.ndarray, trace: Trace) -> list[np.ndarray]:
         big = up(~gone & (area > 1))
         frame[big] = (0.75 * frame + 0.25 * up(levels[size_class(area)]))[big]
         frame = frame.astype(np.uint8)
-        frame[group_edges(np.where(gone, -1, cover), patch)] = (25, 25, 25)
+        draw_group_edges(frame, np.where(gone, -1, cover), patch, (25, 25, 25))
         frame = frame[:h, :w]
         live = int(np.unique(cover[~gone]).size)
         exited = int(np.unique(cover[gone]).size)

@@ -36,6 +36,11 @@ def group_edges(cover: np.ndarray, patch: int) -> np.ndarray:
     return cell.transpose(0, 2, 1, 3).reshape(gh * patch, gw * patch)
 
 
+def draw_group_edges(canvas: np.ndarray, cover: np.ndarray, patch: int, colour: tuple[int, int, int]) -> None:
+    """Outline in place, on a canvas of the padded size, every border between tokens of `cover`."""
+    canvas[group_edges(cover, patch)] = colour
+
+
 def size_class(patches: np.ndarray) -> np.ndarray:
     """Index into GROUP_BINS / LEVEL_COLOURS for groups of `patches` patches."""
     return np.clip(np.searchsorted(np.asarray(GROUP_BINS), patches, side="right") - 1, 0, len(GROUP_BINS) - 1)
@@ -60,8 +65,7 @@ def groups_overlay(image: np.ndarray, trace: Trace, block: int, alpha: float = 0
         g = cv2.cvtColor(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
         out[grey] = (0.35 * g[grey] + 0.65 * 235).astype(np.uint8)
     canvas = _padded_canvas(out, trace)
-    edges = group_edges(np.where(gone, -1, cover), trace.patch_size)
-    canvas[edges[: canvas.shape[0], : canvas.shape[1]]] = (20, 20, 20)
+    draw_group_edges(canvas, np.where(gone, -1, cover), trace.patch_size, (20, 20, 20))
     live = np.unique(cover[~gone])
     counts = np.bincount(size_class(area[live]), minlength=len(GROUP_BINS))
     items = [(LEVEL_COLOURS[k], f"{GROUP_LABELS[k]}: {int(counts[k])}") for k in range(len(GROUP_BINS))]
@@ -183,8 +187,7 @@ def exit_overlay(image: np.ndarray, trace: Trace, alpha: float = 0.5) -> np.ndar
     pix = _patch_map_to_pixels(cols[trace.per_patch(index)], trace)
     canvas = _padded_canvas(_blend(image, pix, alpha), trace)
     if trace.has_merges:
-        edges = group_edges(trace.cover_at(trace.meta.depth + 1), trace.patch_size)
-        canvas[edges[: canvas.shape[0], : canvas.shape[1]]] = (255, 255, 255)
+        draw_group_edges(canvas, trace.cover_at(trace.meta.depth + 1), trace.patch_size, (255, 255, 255))
     else:
         _outline_supertokens(canvas, trace, colour=(255, 255, 255))
     items = []
