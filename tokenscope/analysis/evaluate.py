@@ -169,7 +169,7 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
                 s.forward_s += pred.forward_s
                 s.windows += len(pred.traces)
                 s.block_tokens += pred.block_tokens
-                s.groups += sum(int(t.survivors.sum()) for t in pred.traces)
+                s.groups += pred.groups
                 s.depth = model.depth
                 s.images += 1
         if progress:

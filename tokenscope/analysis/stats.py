@@ -43,9 +43,8 @@ def level_block_matrix(trace: Trace) -> np.ndarray:
     """(depth, MAX_LEVEL + 1): tokens of each superpatch level entering each block."""
     depth = trace.meta.depth
     out = np.zeros((depth, MAX_LEVEL + 1), dtype=np.int64)
-    merged_at = trace.token_merged_at if trace.token_merged_at is not None else np.zeros(trace.num_tokens)
     for b in range(depth):
-        alive = (trace.token_exit_block > b) & ((merged_at == 0) | (merged_at > b))
+        alive = trace.entering(b + 1)
         out[b] = np.bincount(trace.token_level[alive].astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
     return out
 

@@ -52,6 +52,16 @@ class ImagePrediction:
         return sum(float(t.tokens_in_block().sum()) for t in self.traces)
 
     @property
+    def groups(self) -> int:
+        """Tokens that exited or reached the end (a group merged inside the encoder counts once)."""
+        return sum(int(t.survivors.sum()) for t in self.traces)
+
+    @property
+    def mean_tokens_per_block(self) -> float:
+        """Tokens an average block works on per forward pass (image or window)."""
+        return self.block_tokens / max(len(self.traces) * self.traces[0].meta.depth, 1)
+
+    @property
     def exited_tokens(self) -> int:
         """Tokens (a merged group counts once) that left at a gate."""
         return sum(int((t.exited_early & t.survivors).sum()) for t in self.traces)

@@ -80,12 +80,9 @@ def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, window
             flops += f
             latency_s += median(time_calls(lambda: model(x, labels), device, repeats=repeats, warmup=warmup))
             peak = max(peak, peak_forward_bytes(lambda: model(x, labels), device))
-    groups = sum(int(t.survivors.sum()) for t in pred.traces)
-    depth = pred.traces[0].meta.depth
     return pred, {"gflops": flops / 1e9, "latency_ms": 1e3 * latency_s, "peak_mib": peak / 2**20,
-                  "tokens": pred.tokens, "exited_early_pct": 100.0 * pred.exited_tokens / max(groups, 1),
-                  "mean_tokens_per_block": pred.block_tokens / max(len(pred.traces) * depth, 1),
-                  "merged": pred.tokens - groups}
+                  "tokens": pred.tokens, "exited_early_pct": 100.0 * pred.exited_tokens / max(pred.groups, 1),
+                  "mean_tokens_per_block": pred.mean_tokens_per_block, "merged": pred.tokens - pred.groups}
 
 
 def prepare_input(path: Path, labels_path: Path | None, size: int | None, patch: int) -> PreparedImage:

@@ -211,14 +211,13 @@ def prediction_summary(pred: ImagePrediction, source: str) -> dict[str, Any]:
     first = summary(pred.traces[0])
     total, base = pred.flops, pred.baseline_flops
     exited = pred.exited_tokens
-    groups = sum(int(t.survivors.sum()) for t in pred.traces)
-    depth = pred.traces[0].meta.depth
+    groups = pred.groups
     return {
         **{k: first[k] for k in ("model", "method", "merging", "policy", "exits", "merge_thresholds", "exit_threshold",
                                  "weights", "device")},
         "image": source, "windows": len(pred.traces), "patches": pred.patches, "tokens": pred.tokens,
         "reduction": pred.patches / max(pred.tokens, 1), "exited_early_tokens": exited,
-        "mean_tokens_per_block": pred.block_tokens / max(len(pred.traces) * depth, 1),
+        "mean_tokens_per_block": pred.mean_tokens_per_block,
         "merged_tokens": pred.tokens - groups,
         "exited_early_pct": 100.0 * exited / max(groups, 1),
         "exited_early_patch_pct": 100.0 * pred.exited_patches / max(pred.patches, 1),

@@ -222,6 +222,14 @@ class Trace:
         FLOPs follow, comparable across methods."""
         return float(self.tokens_in_block().mean()) if self.meta.depth else 0.0
 
+    def entering(self, block: int) -> np.ndarray:
+        """(T,) bool: the tokens that enter block `block` (1-based) as their own token: neither
+        exited at an earlier gate nor merged into another inside an earlier block."""
+        alive = self.token_exit_block >= block
+        if self.token_merged_at is not None:
+            alive &= (self.token_merged_at == 0) | (self.token_merged_at >= block)
+        return alive
+
     def final_owner(self) -> np.ndarray:
         """(T,) the token whose prediction each token ends with (itself unless merged away)."""
         return self.owner_before(self.meta.depth + 1)
@@ -307,12 +315,9 @@ class Trace:
             fail("tokens exited early although exits were off")
         if self.block_tokens_in.shape != (m.depth,) or self.block_flops.shape != (m.depth,):
             fail("per-block arrays do not have one entry per block")
-        merged_at = np.zeros(t, dtype=np.int64) if self.token_merged_at is None else self.token_merged_at.astype(np.int64)
         if self.has_merges:
             self._check_merges(fail)
-        never = merged_at == 0
-        implied = np.array([np.sum((self.token_exit_block > b) & (never | (merged_at > b))) for b in range(m.depth)],
-                           dtype=np.int64)
+        implied = np.array([np.sum(self.entering(b)) for b in range(1, m.depth + 1)], dtype=np.int64)
         if not np.array_equal(implied, self.block_tokens_in.astype(np.int64)):
             fail(f"tokens entering blocks {self.block_tokens_in.tolist()} differ from what exits and merges imply "
                  f"{implied.tolist()}")
