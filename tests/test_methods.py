@@ -88,6 +88,20 @@ def test_tome_r_as_a_fraction_and_its_limit_of_half_the_tokens() -> None:
     assert t.block_tokens_in.tolist() == [80, 40, 20, 10, 5, 3]  # at most half the live tokens merge per block
 
 
+def test_merge_count_batch_takes_the_smallest_images_count_and_per_image_each_its_own() -> None:
+    loaded = _loaded()
+    loaded.model.configure(policy="uniform", exits=False)
+    images = [_image(0, noise=0.0), _image(1)]  # 17 and 80 tokens in one padded batch
+    wanted = [round(0.1 * 17), round(0.1 * 80)]
+    for count, expected in (("batch", [min(wanted)] * 2), ("per-image", wanted)):
+        loaded.model.set_merging(MergingSpec("tome", tuple(range(1, 7)), r=0.1, count=count))
+        traces = TraceCapture(loaded, torch.device("cpu"))(images)
+        assert [int(t.merges_per_block()[0]) for t in traces] == expected, count
+        assert all(t.meta.merging["count"] == count for t in traces)
+        alone = TraceCapture(loaded, torch.device("cpu"))(images[1:])[0]
+        assert int(alone.merges_per_block()[0]) == wanted[1]  # alone, the big image merges its own count
+
+
 def test_proportional_attention_matches_a_reference_and_makes_a_duplicate_token_equal_a_merged_one() -> None:
     torch.manual_seed(0)
     attn = make_tiny(0, DEEP).blocks[0].attn

@@ -9,7 +9,7 @@ import torch
 from tokenscope.errors import ConfigError
 from tokenscope.models.checkpoints import LoadedModel, build_model
 from tokenscope.models.methods.cts import parse_groups
-from tokenscope.models.methods.merging import MergingSpec, algm_blocks
+from tokenscope.models.methods.merging import COUNTS, ORDERS, MergingSpec, algm_blocks
 from tokenscope.models.methods.spec import Method, parse_method
 from tokenscope.models.policy import POLICY_NAMES, parse_thresholds
 from tokenscope.models.runtime import resolve_device
@@ -51,9 +51,14 @@ class ModelOptions:
     """Size-weighted (proportional) attention after merging; default on for ToMe, off for ALGM."""
     cts_groups: str | None = None
     """CTS: 2x2 groups shared per image, a count (300) or a fraction of all groups (0.4)."""
+    merge_order: str | None = None
+    """ToMe/ALGM: `reference` (default: the sequence order the public code leaves after each
+    merge) or `spatial` (tokens keep raster order: tokenscope's earlier rule)."""
+    merge_count: str | None = None
+    """ToMe/ALGM: `batch` (default: one count for the batch, as the public code) or `per-image`."""
 
 
-MERGE_SETTINGS = ("tome_r", "algm_threshold", "algm_global_threshold", "prop_attn")
+MERGE_SETTINGS = ("tome_r", "algm_threshold", "algm_global_threshold", "prop_attn", "merge_order", "merge_count")
 """ModelOptions fields that only in-network merging (tome, algm) reads."""
 DEFAULT_TOME_R = 0.05
 """Default ToMe r: 5% of the image's tokens per block (ToMe's r=16 of 197 is 8% on ViT-B/224)."""
@@ -71,18 +76,24 @@ def merging_spec(method: Method, opts: ModelOptions, depth: int) -> MergingSpec 
     """The in-network merging a method runs, with the user's settings or the published defaults."""
     if method.merging is None:
         if _merge_settings_given(opts):
-            raise ConfigError(f"ToMe/ALGM settings (r, threshold, global, prop) apply to methods with tome or algm, "
+            raise ConfigError(f"ToMe/ALGM settings (r, threshold, global, prop, order, count) apply to methods with tome or algm, "
                               f"not {method.name!r}")
         return None
+    rules = {"order": opts.merge_order or "reference", "count": opts.merge_count or "batch"}
+    if rules["order"] not in ORDERS:
+        raise ConfigError(f"merge order must be one of {', '.join(ORDERS)} (e.g. tome:order=spatial), got {opts.merge_order!r}")
+    if rules["count"] not in COUNTS:
+        raise ConfigError(f"merge count must be one of {', '.join(COUNTS)} (e.g. tome:count=per-image), "
+                          f"got {opts.merge_count!r}")
     if method.merging == "tome":
         r = DEFAULT_TOME_R if opts.tome_r is None else float(opts.tome_r)
         if not r >= 0 or (r >= 1 and r != int(r)):
             raise ConfigError(f"--tome-r is a whole count per block or a fraction below 1, got {opts.tome_r}")
         return MergingSpec("tome", tuple(range(1, depth + 1)), r=r,
-                           prop_attn=True if opts.prop_attn is None else opts.prop_attn)
+                           prop_attn=True if opts.prop_attn is None else opts.prop_attn, **rules)
     threshold = DEFAULT_ALGM_THRESHOLD if opts.algm_threshold is None else float(opts.algm_threshold)
     return MergingSpec("algm", algm_blocks(depth), threshold=threshold, global_threshold=opts.algm_global_threshold,
-                       prop_attn=False if opts.prop_attn is None else opts.prop_attn)
+                       prop_attn=False if opts.prop_attn is None else opts.prop_attn, **rules)
 
 
 def load_model(opts: ModelOptions, have_labels: bool = False,

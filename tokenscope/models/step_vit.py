@@ -95,16 +95,24 @@ def attention_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def compact(x: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor, sizes: torch.Tensor | None = None
+def compact(x: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor, sizes: torch.Tensor | None = None,
+            key: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
     """Remove the slots not in `keep`, per image, and shrink the padding to the longest image.
+
+    The kept slots stay in their order, or, with `key` (B, N), are sorted by it: a merger's
+    reference order after its merge.
 
     Returns the new tokens, ids, validity, per-image counts (a host list: one sync per gate or
     merge) and, when given, the token sizes in the new order.
     """
     counts = keep.sum(dim=1).tolist()
     n = max(counts)
-    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :n]
+    if key is None:
+        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :n]
+    else:  # kept slots by their key, the others after them
+        order = torch.argsort(torch.where(keep, key, key.new_full(key.shape, torch.iinfo(key.dtype).max)),
+                              dim=1, stable=True)[:, :n]
     x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     valid = keep.gather(1, order)
     ids = torch.where(valid, token_ids.gather(1, order), torch.full_like(order, -1))
@@ -152,6 +160,7 @@ class StepViT(nn.Module):
         self.embed = SuperpatchEmbed(vit.patch_embed, vit.pos_embed, vit.patch_embed.grid_size,
                                      self.num_prefix_tokens, bool(vit.no_embed_class), cfg.pos_resize)
         self.cls_token = vit.cls_token
+        self.dist_token = getattr(vit, "dist_token", None)  # DeiT's distillation token, after the class token
         self.reg_token = vit.reg_token
         self.norm_pre = vit.norm_pre
         self.blocks = vit.blocks
@@ -301,6 +310,8 @@ class StepViT(nn.Module):
         parts = []
         if self.cls_token is not None:
             parts.append(self.cls_token.expand(batch, -1, -1))
+        if self.dist_token is not None:
+            parts.append(self.dist_token.expand(batch, -1, -1))
         if self.reg_token is not None:
             parts.append(self.reg_token.expand(batch, -1, -1))
         if not parts:
@@ -346,7 +357,7 @@ class StepViT(nn.Module):
         if merging:
             single = np.stack([np.pad(part.level == 0, (0, t_max - part.num_tokens)) for part in partitions])
             layout = MergeContext(grid_ids, torch.from_numpy(single).to(images.device), owner,
-                                  torch.tensor(counts, device=images.device))
+                                  torch.tensor(counts, device=images.device), p, self.cls_token is not None)
         weighted = False  # proportional attention starts once a token stands for several
         for i, blk in enumerate(self.blocks):
             if max(counts) == 0:
@@ -364,7 +375,7 @@ class StepViT(nn.Module):
                 dec: MergeDecision = merger(x[:, p:], keys[:, p:], ids, valid, dataclasses.replace(layout, owner=owner))
                 patch_part, sizes, owner = apply_merge(x[:, p:], sizes, owner, dec)
                 before = sum(counts)
-                patch_part, ids, valid, counts, sizes = compact(patch_part, ids, valid & ~dec.merged, sizes)
+                patch_part, ids, valid, counts, sizes = compact(patch_part, ids, valid & ~dec.merged, sizes, dec.order)
                 x = torch.cat([x[:, :p], patch_part], dim=1)
                 x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
                 weighted = weighted or (merging.prop_attn and sum(counts) < before)

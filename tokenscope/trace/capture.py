@@ -36,7 +36,8 @@ def merging_meta(model: object) -> dict[str, object]:
     if spec is None or not len(getattr(model, "mergers", ())):
         return {}
     return {"kind": spec.kind, "blocks": list(spec.blocks), "r": spec.r, "threshold": spec.threshold,
-            "global_threshold": spec.global_threshold, "prop_attn": spec.prop_attn}
+            "global_threshold": spec.global_threshold, "prop_attn": spec.prop_attn, "order": spec.order,
+            "count": spec.count}
 
 
 def baseline_flops(cost: CostModel, num_patches: int) -> int:

@@ -99,7 +99,7 @@ class TraceMeta:
     method: str = ""
     """Token-reduction method (step, dcts, dtop, cts, tome, algm, X+tome, ...); "" in version-1 traces."""
     merging: dict[str, Any] = field(default_factory=dict)
-    """In-network merging settings (kind, blocks, r, thresholds, prop_attn); empty without merging."""
+    """In-network merging settings (kind, blocks, r, thresholds, prop_attn, order, count); empty without merging."""
     flops: dict[str, int] = field(default_factory=dict)
     """Measured or modelled FLOPs by part: policy, embed, blocks, gates, decoder, total, baseline_total."""
     timings: dict[str, float] = field(default_factory=dict)

@@ -6,9 +6,22 @@ which slot each goes (`into`). `apply_merge` then averages features weighted by 
 the encoder drops the merged slots. Mergers are parameter-free named modules (`mergers.<block>`),
 so a forward hook sees every decision while the model stays unaware of being observed.
 
-Differences from the reference code, on purpose: token counts are decided per image (ToMe and
-ALGM take one count for the whole batch, so an image's result would depend on its batch-mates);
-merged tokens keep their spatial order in the sequence instead of moving to the end.
+By default both decide as their public code does (facebookresearch/ToMe `tome/merge.py`,
+tue-mps/algm-segmenter `algm/algm/local_merge.py` and `global_merge.py`):
+- the A/B split alternates over the whole sequence, prefix tokens included: with a class token
+  set A is the class token (which never merges) and the odd patches, set B the even ones;
+- after each merge the sequence is reordered as the reference concatenates it: ToMe and ALGM's
+  global merging put the unmerged A tokens first (in sequence order when there is a class
+  token, by descending similarity otherwise), then set B; ALGM's local merging puts the merged
+  windows first (most similar first), then every other token in sequence order. The next
+  merging block splits that order into A and B again;
+- one count for the whole batch: ToMe's r capped by the smallest image, ALGM's smallest count
+  over the batch (and its adaptive threshold from the batch's mean statistics).
+Two named settings bring back what tokenscope did before: `order=spatial` (tokens keep raster
+order; A is every other patch token, the prefix not counted) and `count=per-image` (each image
+decides alone, so its result does not depend on its batch-mates). Prefix tokens (class,
+distillation, registers) are always kept at the front and never merge; the reference code
+protects the class and distillation tokens the same way and does not know registers.
 """
 
 from __future__ import annotations
@@ -21,6 +34,8 @@ import torch.nn as nn
 from tokenscope.models.slots import scatter_tokens
 
 MERGING_KINDS = ("tome", "algm")
+ORDERS = ("reference", "spatial")
+COUNTS = ("batch", "per-image")
 
 
 @dataclass
@@ -39,6 +54,9 @@ class MergeDecision:
     into: torch.Tensor
     matching_flops: torch.Tensor
     """(B,) FLOPs of the similarity products this decision took, per image (2 per multiply-add)."""
+    order: torch.Tensor | None = None
+    """(B, N) sort key of the slots that stay: the sequence order after the merge (the
+    reference's concatenation order); None keeps the current order."""
 
 
 @dataclass
@@ -53,6 +71,11 @@ class MergeContext:
     """(B, T + 1) the trace token that currently stands for each one (itself unless merged)."""
     initial: torch.Tensor
     """(B,) tokens each image entered the encoder with (for ToMe's r given as a fraction)."""
+    num_prefix: int = 0
+    """Prefix tokens (class, distillation, registers) in front of the slots: they count in the
+    reference's alternation of A and B."""
+    class_token: bool = False
+    """Whether the model has a class token (the reference then keeps unmerged A in sequence order)."""
 
 
 def _nothing_merged(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,59 +85,106 @@ def _nothing_merged(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _normalise(metric: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    metric = metric.float()
+    metric = metric.float() if metric.dtype != torch.float64 else metric
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return torch.where(valid.unsqueeze(-1), metric, torch.zeros_like(metric))
 
 
+def _rank_descending(values: torch.Tensor) -> torch.Tensor:
+    """Each entry's place along dim 1 in a stable descending sort (0 = the largest)."""
+    order = torch.argsort(values, dim=1, descending=True, stable=True)
+    places = torch.arange(order.shape[1], device=values.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, places)
+
+
+def _batch_count(count: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """The reference's one count for a batch: the smallest over the images that still hold
+    tokens (an image whose tokens all exited does not stop the others merging)."""
+    has = live > 0
+    smallest = torch.where(has, count, torch.full_like(count, torch.iinfo(count.dtype).max)).min()
+    return torch.where(has, smallest.expand_as(count), count)
+
+
+def _batch_mean(values: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """Mean over the images that have a value, broadcast back to every image."""
+    total = torch.where(has, values, torch.zeros_like(values)).sum()
+    return (total / has.sum().clamp_min(1)).expand_as(values)
+
+
 class BipartiteMerger(nn.Module):
-    """Bipartite soft matching: even slots (A) propose their most similar odd slot (B).
+    """Bipartite soft matching: every A token proposes its most similar B token.
 
     `r` fixed (ToMe): the r best-matched A tokens merge, at most half the live tokens; r below 1
-    is a fraction of the tokens the image entered the encoder with, so images of every size lose
-    the same share per block. `r = None`
-    (ALGM's global merging): those whose best similarity reaches `threshold`, or, when that is
-    None, ALGM's adaptive rule: mean + std / block over the image's A tokens. `metric`: `keys`
-    (ToMe: attention keys averaged over heads) or `x` (ALGM: the tokens after attention).
+    is a fraction of the tokens the image entered the encoder with. `r = None` (ALGM's global
+    merging): those whose best similarity reaches `threshold`, or, when that is None, ALGM's
+    adaptive rule: mean + std / block of the A tokens' best similarities (the block counted
+    from 1). `metric`: `keys` (ToMe: attention keys averaged over heads) or `x` (ALGM: the
+    tokens after attention). `order` and `count`: see the module docstring.
     """
 
-    def __init__(self, block: int, kind: str, r: float | None, metric: str, threshold: float | None = None) -> None:
+    def __init__(self, block: int, kind: str, r: float | None, metric: str, threshold: float | None = None,
+                 order: str = "reference", count: str = "batch") -> None:
         super().__init__()
         self.block, self.kind, self.r, self.metric, self.threshold = block, kind, r, metric, threshold
+        self.order, self.count = order, count
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor,
                 ctx: MergeContext) -> MergeDecision:
         metric = _normalise(keys if self.metric == "keys" else x, valid)
-        a, bb = metric[:, ::2], metric[:, 1::2]
-        va, vb = valid[:, ::2], valid[:, 1::2]
-        scores = a @ bb.transpose(-1, -2)
-        scores = scores.masked_fill(~vb[:, None, :], float("-inf")).masked_fill(~va[:, :, None], float("-inf"))
+        b, n, _ = metric.shape
+        first_a = ctx.num_prefix % 2 if self.order == "reference" else 0  # the sequence alternates A, B from position 0
+        a_slots = torch.arange(first_a, n, 2, device=x.device)
+        b_slots = torch.arange(1 - first_a, n, 2, device=x.device)
+        va, vb = valid[:, a_slots], valid[:, b_slots]
         merged, into = _nothing_merged(valid)
         flops = 2 * va.sum(1) * vb.sum(1) * metric.shape[-1]
-        if bb.shape[1] == 0:
+        if a_slots.numel() == 0 or b_slots.numel() == 0:
             return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, flops)
+        scores = metric[:, a_slots] @ metric[:, b_slots].transpose(-1, -2)
+        scores = scores.masked_fill(~vb[:, None, :], float("-inf")).masked_fill(~va[:, :, None], float("-inf"))
         node_max, node_idx = scores.max(dim=-1)
-        order = torch.argsort(node_max, dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=x.device).expand_as(order))
-        live = valid.sum(dim=1)
+        finite = torch.isfinite(node_max)
+        rank = _rank_descending(node_max)
+        count = self._count(node_max, finite, valid.sum(dim=1), ctx)
+        chosen = (rank < count[:, None]) & finite
+        merged[:, a_slots] = chosen
+        into[:, a_slots] = torch.where(chosen, b_slots[node_idx], into[:, a_slots])
+        order = None
+        if self.order == "reference":  # unmerged A (by index with a class token, else best-matched first), then B
+            order = torch.empty_like(into)
+            order[:, a_slots] = a_slots.expand(b, -1) if ctx.class_token else rank
+            order[:, b_slots] = n + b_slots
+            order = torch.where(count[:, None] > 0, order, _nothing_merged(valid)[1])  # nothing merged: nothing moves
+        return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, flops, order)
+
+    def _count(self, node_max: torch.Tensor, finite: torch.Tensor, live: torch.Tensor, ctx: MergeContext
+               ) -> torch.Tensor:
+        """(B,) how many A tokens merge in each image."""
         if self.r is not None:
             wanted = (torch.round(ctx.initial.float() * self.r).long() if 0 < self.r < 1
                       else torch.full_like(live, int(self.r)))
             count = torch.minimum(live // 2, wanted)
-        elif self.threshold is not None:
-            count = torch.clamp((node_max >= self.threshold).sum(1), max=live // 2)
         else:
-            finite = torch.isfinite(node_max)
-            vals = torch.where(finite, node_max, torch.zeros_like(node_max))
-            m = finite.sum(1).clamp_min(1)
-            mean = vals.sum(1) / m
-            var = (torch.where(finite, (vals - mean[:, None]) ** 2, torch.zeros_like(vals)).sum(1) / (m - 1).clamp_min(1))
-            threshold = mean + var.sqrt() / self.block
-            count = torch.clamp(((node_max >= threshold[:, None]) & finite).sum(1), max=live // 2)
-        chosen = (rank < count[:, None]) & va & torch.isfinite(node_max)
-        merged[:, ::2] = chosen
-        into[:, ::2] = torch.where(chosen, 2 * node_idx + 1, into[:, ::2])
-        return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, flops)
+            threshold = (self._adaptive_threshold(node_max, finite, ctx) if self.threshold is None
+                         else node_max.new_full((node_max.shape[0],), float(self.threshold)))
+            count = ((node_max >= threshold[:, None]) & finite).sum(1)
+        return _batch_count(count, live) if self.count == "batch" else count
+
+    def _adaptive_threshold(self, node_max: torch.Tensor, finite: torch.Tensor, ctx: MergeContext) -> torch.Tensor:
+        """ALGM's: mean + (unbiased) std / block of the best similarities. The reference leaves the
+        sequence's first A token out of both (the class token; a patch when there is no prefix),
+        and with one count per batch averages the images' means and stds."""
+        stats = finite.clone()
+        if self.order == "reference" and ctx.num_prefix == 0:
+            stats[:, 0] = False
+        vals = torch.where(stats, node_max, torch.zeros_like(node_max))
+        m = stats.sum(1)
+        mean = vals.sum(1) / m.clamp_min(1)
+        var = torch.where(stats, (vals - mean[:, None]) ** 2, torch.zeros_like(vals)).sum(1) / (m - 1).clamp_min(1)
+        std = var.sqrt()
+        if self.count == "batch":
+            mean, std = _batch_mean(mean, m > 0), _batch_mean(std, m > 0)
+        return mean + std / self.block
 
 
 class LocalWindowMerger(nn.Module):
@@ -122,12 +192,14 @@ class LocalWindowMerger(nn.Module):
     similarity (tokens after attention) reaches `threshold` becomes one token.
 
     Windows holding a supertoken, an exited token or an already merged one are left alone, so
-    the rule composes with dCTS partitions and exits.
+    the rule composes with dCTS partitions and exits. With one count per batch (the reference),
+    every image merges its most similar windows, as many as the image with fewest qualifying.
     """
 
-    def __init__(self, block: int, threshold: float) -> None:
+    def __init__(self, block: int, threshold: float, order: str = "reference", count: str = "batch") -> None:
         super().__init__()
         self.block, self.kind, self.threshold = block, "algm", float(threshold)
+        self.order, self.count = order, count
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor,
                 ctx: MergeContext) -> MergeDecision:
@@ -149,7 +221,12 @@ class LocalWindowMerger(nn.Module):
         feats = _normalise(x, valid).gather(1, slots.clamp_min(0).reshape(b, -1, 1).expand(-1, -1, d)).reshape(b, -1, 4, d)
         gram = feats @ feats.transpose(-1, -2)
         similarity = (gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)) / 12.0
-        chosen = ok & (similarity >= self.threshold)
+        passing = ok & (similarity >= self.threshold)
+        count = passing.sum(1)
+        if self.count == "batch":
+            count = _batch_count(count, valid.sum(1))
+        rank = _rank_descending(torch.where(passing, similarity, torch.full_like(similarity, float("-inf"))))
+        chosen = passing & (rank < count[:, None])
         src = slots[..., :3].reshape(b, -1)  # three slots of each window merge into the fourth
         dst = slots[..., 3:].expand(-1, -1, 3).reshape(b, -1)
         take = chosen[..., None].expand(-1, -1, 3).reshape(b, -1)
@@ -158,8 +235,13 @@ class LocalWindowMerger(nn.Module):
         scatter_tokens(merged_ext, take, src, take)
         scatter_tokens(into_ext, dst, src, take)
         merged, into = merged_ext[:, :n], into_ext[:, :n]
+        order = None
+        if self.order == "reference":  # merged windows first, most similar first, then the rest in sequence order
+            order = torch.cat([n + torch.arange(n, device=x.device).expand(b, n), into.new_zeros((b, 1))], dim=1)
+            scatter_tokens(order, rank, slots[..., 3], chosen)
+            order = order[:, :n]
         flops = torch.full((b,), 2 * 16 * d * win.shape[1], dtype=torch.long, device=x.device)
-        return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, flops)
+        return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, flops, order)
 
 
 def apply_merge(x: torch.Tensor, sizes: torch.Tensor, owner: torch.Tensor, dec: MergeDecision
@@ -201,13 +283,25 @@ class MergingSpec:
     global_threshold: float | None = None
     """ALGM's global merging: a fixed similarity threshold, or None for its adaptive rule."""
     prop_attn: bool = True
+    order: str = "reference"
+    """`reference`: the sequence order the reference code leaves after each merge; `spatial`:
+    tokens keep raster order and A is every other patch token (see the module docstring)."""
+    count: str = "batch"
+    """`batch`: one count for the whole batch, as the reference; `per-image`: each image alone."""
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"merge order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.count not in COUNTS:
+            raise ValueError(f"merge count must be one of {', '.join(COUNTS)}, got {self.count!r}")
 
     def mergers(self) -> dict[int, nn.Module]:
+        rules = {"order": self.order, "count": self.count}
         if self.kind == "tome":
-            return {k: BipartiteMerger(k, "tome", self.r, "keys") for k in self.blocks}
+            return {k: BipartiteMerger(k, "tome", self.r, "keys", **rules) for k in self.blocks}
         first, *rest = self.blocks
-        out: dict[int, nn.Module] = {first: LocalWindowMerger(first, self.threshold)}
-        out.update({k: BipartiteMerger(k, "algm", None, "x", self.global_threshold) for k in rest})
+        out: dict[int, nn.Module] = {first: LocalWindowMerger(first, self.threshold, **rules)}
+        out.update({k: BipartiteMerger(k, "algm", None, "x", self.global_threshold, **rules) for k in rest})
         return out
 
 

@@ -16,7 +16,9 @@ exits whole).
 
 Settings may follow the name after colons, so one list can hold several operating points:
 `tome:r=16`, `tome:r=0.05:prop=off`, `algm:threshold=0.92:global=adaptive`, `cts:groups=300`,
-`step:exit=0.9`, `dcts:merge=0.7`.
+`step:exit=0.9`, `dcts:merge=0.7`. ToMe and ALGM decide as their public code by default;
+`order=spatial` and `count=per-image` switch off the two reference rules that tokenscope once
+did differently (see models/methods/merging.py).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Method:
     def option_values(self) -> dict[str, object]:
         """Settings as ModelOptions fields: r -> tome_r, threshold -> algm_threshold, global ->
         algm_global_threshold, prop -> prop_attn, groups -> cts_groups, exit -> exit_threshold,
-        merge -> merge_threshold, keep -> keep_per_class."""
+        merge -> merge_threshold, keep -> keep_per_class, order -> merge_order, count -> merge_count."""
         out: dict[str, object] = {}
         for key, value in self.settings:
             if key not in SETTINGS:
@@ -81,7 +83,8 @@ def _global(value: str) -> float | None:
 
 SETTINGS = {"r": ("tome_r", float), "threshold": ("algm_threshold", float), "global": ("algm_global_threshold", _global),
             "prop": ("prop_attn", _on_off), "groups": ("cts_groups", str), "exit": ("exit_threshold", float),
-            "merge": ("merge_threshold", str), "keep": ("keep_per_class", int)}
+            "merge": ("merge_threshold", str), "keep": ("keep_per_class", int),
+            "order": ("merge_order", str.lower), "count": ("merge_count", str.lower)}
 
 
 def parse_method(text: str) -> Method:

@@ -1,0 +1,313 @@
+"""ToMe and ALGM decide as their public code does, merge for merge, in every merging block.
+
+The references here are written for this test from the public code's semantics (read, not
+copied): facebookresearch/ToMe (`tome/merge.py`, `tome/patch/timm.py`) and tue-mps/algm-segmenter
+(`algm/algm/local_merge.py`, `global_merge.py`, `patch/algm_segmenter_patch.py`). They run the
+same timm blocks one image sequence at a time with plain Python bookkeeping (which patches each
+token holds), so they share no code with tokenscope's batched, padded implementation. Both run
+in float64 so that a near-tie between similarities cannot flip one side and not the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import blocky_image
+
+from tokenscope.models.methods.merging import MergingSpec
+from tokenscope.models.registry import StepConfig
+from tokenscope.models.step_vit import StepViT, create_backbone
+from tokenscope.trace.recorder import Recorder
+
+Groups = set[frozenset[int]]
+
+
+# ---- the models: one timm ViT, driven by tokenscope and by the references --------------------------
+
+def _pair(arch: str, seed: int = 0, decoder: str = "linear") -> tuple[StepViT, torch.nn.Module]:
+    cfg = StepConfig(name="ref", arch=arch, num_classes=4, exit_after=(), img_size=224, decoder=decoder,
+                     decoder_layers=1, timm_kwargs={"depth": 12, "embed_dim": 48, "num_heads": 3})
+    torch.manual_seed(seed)
+    vit = create_backbone(cfg)
+    with torch.no_grad():  # livelier random weights than timm's init, so tokens differ clearly
+        for blk in vit.blocks:
+            blk.attn.qkv.weight.mul_(8.0)
+            blk.mlp.fc1.weight.mul_(4.0)
+    model = StepViT(cfg, vit).double().eval().configure(policy="none", exits=False)
+    return model, vit.double().eval()
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    out = []
+    for s in range(n):
+        img, _ = blocky_image(224, 224, seed + s)
+        rng = np.random.default_rng(seed + s)
+        out.append(np.clip(img + 0.1 * rng.standard_normal(img.shape), 0, 1).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out)).double()
+
+
+def _groups_by_block(model: StepViT, images: torch.Tensor) -> list[list[Groups]]:
+    """tokenscope's merge groups after each block, per image, from what its hooks recorded."""
+    with torch.no_grad(), Recorder(model) as rec:
+        model(images)
+    out = []
+    for r in rec.pop_records():
+        per_block = []
+        for block in range(1, model.depth + 1):
+            owner = np.arange(len(r.merged_at))
+            done = (r.merged_at > 0) & (r.merged_at <= block)
+            owner[done] = r.merged_into[done]
+            for _ in range(model.depth):  # follow chains: a group merged into a later group
+                owner = owner[owner]
+            members: dict[int, set[int]] = {}
+            for patch, token in enumerate(r.partition.token_of_patch.ravel()):
+                members.setdefault(int(owner[token]), set()).add(patch)
+            per_block.append({frozenset(m) for m in members.values()})
+        out.append(per_block)
+    return out
+
+
+# ---- the references --------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Sequence:
+    """One image's tokens in the reference's order: features, sizes, and the patches each holds
+    (None for prefix tokens)."""
+
+    x: torch.Tensor
+    size: torch.Tensor
+    members: list[frozenset[int] | None]
+
+    def groups(self) -> Groups:
+        return {m for m in self.members if m is not None}
+
+
+def _start(vit: torch.nn.Module, images: torch.Tensor) -> list[Sequence]:
+    """timm's own embedding: patch embedding, prefix tokens, position embedding."""
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+    p = vit.num_prefix_tokens
+    n = x.shape[1] - p
+    return [Sequence(x[i], torch.ones(x.shape[1], dtype=x.dtype), [None] * p + [frozenset([j]) for j in range(n)])
+            for i in range(x.shape[0])]
+
+
+def _attention(attn: torch.nn.Module, h: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, with ToMe's proportional attention (log size added to the logits)
+    when `size` is given; returns the output and the keys averaged over heads."""
+    t, c = h.shape
+    q, k, v = attn.qkv(h).reshape(t, 3, attn.num_heads, c // attn.num_heads).permute(1, 2, 0, 3)
+    logits = (q @ k.transpose(-1, -2)) * attn.scale
+    if size is not None:
+        logits = logits + size.log()[None, None, :]
+    out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(t, c)
+    return attn.proj(out), k.mean(0)
+
+
+def _merge_into(seq: Sequence, pairs: list[tuple[int, int]]) -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
+    """Size-weighted sums of sources into their destinations; returns per position the new
+    feature, size and members (sources keep their old values: callers drop them)."""
+    x = [seq.x[i] * seq.size[i] for i in range(len(seq.members))]
+    size = [seq.size[i].clone() for i in range(len(seq.members))]
+    members = list(seq.members)
+    for src, dst in pairs:
+        x[dst] = x[dst] + seq.x[src] * seq.size[src]
+        size[dst] = size[dst] + seq.size[src]
+        members[dst] = members[dst] | members[src]
+    return [xi / si for xi, si in zip(x, size)], size, members
+
+
+def _best_matches(metric: torch.Tensor, protect_first_a: bool, protect_first_b: bool
+                  ) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor]:
+    """Bipartite matching's A (even positions) and B (odd positions), each A's best similarity and
+    its best B (cosine), with the class token (first A) and distillation token (first B) barred."""
+    a_pos, b_pos = list(range(0, len(metric), 2)), list(range(1, len(metric), 2))
+    unit = F.normalize(metric, dim=-1)
+    sim = unit[a_pos] @ unit[b_pos].T
+    if protect_first_a:
+        sim[0, :] = -float("inf")
+    if protect_first_b:
+        sim[:, 0] = -float("inf")
+    best, best_b = sim.max(dim=-1)
+    return a_pos, b_pos, best, best_b
+
+
+def _rematch(seq: Sequence, a_pos: list[int], b_pos: list[int], best_b: torch.Tensor, merging: list[int],
+             keep: list[int], distill: bool) -> Sequence:
+    """Merge A tokens `merging` (indices into A) into their best B; the sequence becomes the kept
+    A tokens in `keep`'s order, then B (with a distillation token: A0, B0, other A, other B)."""
+    x, size, members = _merge_into(seq, [(a_pos[a], b_pos[int(best_b[a])]) for a in merging])
+    kept = [a_pos[a] for a in keep]
+    order = [kept[0], b_pos[0], *kept[1:], *b_pos[1:]] if distill else [*kept, *b_pos]
+    return Sequence(torch.stack([x[i] for i in order]), torch.stack([size[i] for i in order]),
+                    [members[i] for i in order])
+
+
+def reference_tome(vit: torch.nn.Module, images: torch.Tensor, r: int, prop_attn: bool = True) -> list[list[Groups]]:
+    """ToMe on a timm ViT: in every block, between attention and MLP, the r best-matched A tokens
+    (keys averaged over heads, cosine) merge into their best B token, r capped at half the
+    unprotected tokens; unmerged A stay in index order when there is a class token, by descending
+    similarity otherwise; sizes weight the average and (prop_attn) the attention."""
+    cls_token = vit.cls_token is not None
+    distill = getattr(vit, "dist_token", None) is not None
+    out = []
+    for seq in _start(vit, images):
+        per_block = []
+        for blk in vit.blocks:
+            attn_out, keys = _attention(blk.attn, blk.norm1(seq.x), seq.size if prop_attn else None)
+            seq = Sequence(seq.x + blk.ls1(attn_out), seq.size, seq.members)
+            rr = min(r, (len(seq.members) - int(cls_token) - int(distill)) // 2)
+            if rr > 0:
+                a_pos, b_pos, best, best_b = _best_matches(keys, cls_token, distill)
+                ranked = torch.argsort(best, descending=True).tolist()
+                keep = sorted(ranked[rr:]) if cls_token else ranked[rr:]
+                seq = _rematch(seq, a_pos, b_pos, best_b, ranked[:rr], keep, distill)
+            seq = Sequence(seq.x + blk.ls2(blk.mlp(blk.norm2(seq.x))), seq.size, seq.members)
+            per_block.append(seq.groups())
+        out.append(per_block)
+    return out
+
+
+def _window_similarity(feat: torch.Tensor, grid: int) -> tuple[list[list[int]], torch.Tensor]:
+    """ALGM's 2x2 windows (patch indices, row-major inside the window) and each window's mean
+    cosine similarity over its 12 ordered pairs of distinct tokens."""
+    windows, sims = [], []
+    for wi in range(grid // 2):
+        for wj in range(grid // 2):
+            idx = [(2 * wi + di) * grid + 2 * wj + dj for di in (0, 1) for dj in (0, 1)]
+            unit = F.normalize(feat[idx], dim=-1)
+            gram = unit @ unit.T
+            sims.append((gram.sum() - gram.diagonal().sum()) / 12)
+            windows.append(idx)
+    return windows, torch.stack(sims)
+
+
+def reference_algm(vit: torch.nn.Module, images: torch.Tensor, threshold: float, blocks: tuple[int, int] = (1, 5)
+                   ) -> list[list[Groups]]:
+    """ALGM on a Segmenter-style ViT (one class token), for a batch as its code runs one: in the
+    first block (after attention, tokens as metric) the windows whose similarity reaches the
+    threshold, as many per image as the image with fewest, the most similar first, merge into one
+    token each; the sequence becomes class token, merged windows, the rest in index order. In
+    the second block, bipartite matching on the tokens; its threshold is the batch's mean of the
+    images' mean best similarity plus their mean std divided by the block number (class token
+    left out), and every image merges its best as many as the image with fewest at or above it;
+    unmerged A in index order, then B. No proportional attention."""
+    seqs = _start(vit, images)
+    grid = int(round((len(seqs[0].members) - 1) ** 0.5))
+    per_image: list[list[Groups]] = [[] for _ in seqs]
+    for k, blk in enumerate(vit.blocks, start=1):
+        for i, seq in enumerate(seqs):
+            attn_out, _ = _attention(blk.attn, blk.norm1(seq.x), None)
+            seqs[i] = Sequence(seq.x + blk.ls1(attn_out), seq.size, seq.members)
+        if k == blocks[0]:
+            found = [_window_similarity(s.x[1:], grid) for s in seqs]
+            r = min(int((sims >= threshold).sum()) for _, sims in found)
+            for i, (seq, (windows, sims)) in enumerate(zip(seqs, found)):
+                top = torch.argsort(sims, descending=True).tolist()[:r]
+                pairs = [(1 + w[j], 1 + w[3]) for t in top for w in [windows[t]] for j in range(3)]
+                x, size, members = _merge_into(seq, pairs)
+                merged = [1 + windows[t][3] for t in top]
+                gone = {src for src, _ in pairs} | set(merged)
+                order = [0, *merged, *[j for j in range(1, len(members)) if j not in gone]]
+                seqs[i] = Sequence(torch.stack([x[j] for j in order]), torch.stack([size[j] for j in order]),
+                                   [members[j] for j in order])
+        elif k == blocks[1]:
+            matched = [_best_matches(s.x, True, False) for s in seqs]
+            mean = np.mean([float(best[1:].mean()) for _, _, best, _ in matched])
+            std = np.mean([float(best[1:].std()) for _, _, best, _ in matched])
+            cut = mean + std / k
+            r = min(int((best >= cut).sum()) for _, _, best, _ in matched)
+            for i, (seq, (a_pos, b_pos, best, best_b)) in enumerate(zip(seqs, matched)):
+                ranked = torch.argsort(best, descending=True).tolist()
+                seqs[i] = _rematch(seq, a_pos, b_pos, best_b, ranked[:r], sorted(ranked[r:]), False)
+        for i, seq in enumerate(seqs):
+            seqs[i] = Sequence(seq.x + blk.ls2(blk.mlp(blk.norm2(seq.x))), seq.size, seq.members)
+            per_image[i].append(seqs[i].groups())
+    return per_image
+
+
+def _merged_count(groups: Groups) -> int:
+    return sum(len(g) - 1 for g in groups)
+
+
+# ---- the tests -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("r", [1, 8, 20])
+def test_tome_merge_groups_equal_the_reference_in_every_block(r: int) -> None:
+    model, vit = _pair("vit_small_patch16_224")
+    images = _images(2)
+    model.set_merging(MergingSpec("tome", tuple(range(1, 13)), r=r))
+    ours = _groups_by_block(model, images)
+    with torch.no_grad():
+        ref = reference_tome(vit, (images - model.pixel_mean) / model.pixel_std, r)
+    for image in range(2):
+        assert _merged_count(ref[image][0]) == r
+        for block in range(12):
+            assert ours[image][block] == ref[image][block], f"image {image}, block {block + 1}"
+    if r == 20:  # the cap of half the tokens was reached, so the run covered it
+        assert _merged_count(ref[0][-1]) < 12 * r
+
+
+def test_tome_with_a_distillation_token_equals_the_reference() -> None:
+    model, vit = _pair("deit_small_distilled_patch16_224")
+    assert model.num_prefix_tokens == 2 and model.dist_token is not None
+    images = _images(2, seed=3)
+    for r in (1, 8, 20):
+        model.set_merging(MergingSpec("tome", tuple(range(1, 13)), r=r))
+        ours = _groups_by_block(model, images)
+        with torch.no_grad():
+            ref = reference_tome(vit, (images - model.pixel_mean) / model.pixel_std, r)
+        assert ours == ref, f"r={r}"
+
+
+def test_tome_order_spatial_is_tokenscopes_earlier_rule_and_decides_otherwise() -> None:
+    """order=spatial: A is every other patch token counted from the first patch and tokens keep
+    their raster order: a different rule from the reference's from the first block on."""
+    model, vit = _pair("vit_small_patch16_224")
+    images = _images(1)
+    model.set_merging(MergingSpec("tome", tuple(range(1, 13)), r=8, order="spatial"))
+    spatial = _groups_by_block(model, images)[0]
+    with torch.no_grad():
+        ref = reference_tome(vit, (images - model.pixel_mean) / model.pixel_std, 8)[0]
+    pairs_spatial = [g for g in spatial[0] if len(g) > 1]
+    pairs_ref = [g for g in ref[0] if len(g) > 1]
+    assert _merged_count(spatial[0]) == _merged_count(ref[0]) == 8
+    assert all(sum(p % 2 for p in g) == 1 for g in pairs_spatial)  # one odd patch (B), the rest even (A)
+    assert all(sum(1 - p % 2 for p in g) == 1 for g in pairs_ref)  # behind a class token B is the even patches
+    assert spatial[0] != ref[0]
+
+
+def test_algm_local_windows_and_global_merges_equal_the_reference_on_a_segmenter_model() -> None:
+    model, vit = _pair("vit_small_patch16_224", seed=1, decoder="mask")
+    images = _images(2, seed=5)
+    with torch.no_grad():  # a threshold that merges some windows of each image, and not the same number
+        feats = vit.blocks[0]
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed((images - model.pixel_mean) / model.pixel_std)))
+        x = x + feats.ls1(feats.attn(feats.norm1(x)))
+        sims = [_window_similarity(x[i, 1:], 14)[1] for i in range(2)]
+    threshold = float(sims[0].median())
+    counts = [int((s >= threshold).sum()) for s in sims]
+    assert counts[0] != counts[1] and 0 < min(counts) < 49
+    model.set_merging(MergingSpec("algm", (1, 5), threshold=threshold, prop_attn=False))
+    ours = _groups_by_block(model, images)
+    with torch.no_grad():
+        ref = reference_algm(vit, (images - model.pixel_mean) / model.pixel_std, threshold)
+    for image in range(2):
+        assert _merged_count(ref[image][0]) == 3 * min(counts)  # one count for the batch
+        assert _merged_count(ref[image][4]) > _merged_count(ref[image][3])  # the global merging did merge
+        assert ours[image] == ref[image]
+
+
+def test_algm_count_per_image_lets_each_image_decide_alone() -> None:
+    model, vit = _pair("vit_small_patch16_224", seed=1, decoder="mask")
+    images = _images(2, seed=5)
+    model.set_merging(MergingSpec("algm", (1, 5), threshold=0.5, prop_attn=False, count="per-image"))
+    together = _groups_by_block(model, images)
+    alone = [_groups_by_block(model, images[i:i + 1])[0] for i in range(2)]
+    assert together == alone
+    with torch.no_grad():
+        ref = [reference_algm(vit, (images[i:i + 1] - model.pixel_mean) / model.pixel_std, 0.5)[0] for i in range(2)]
+    assert together == ref
