@@ -351,3 +351,18 @@ def test_bench_counts_tokens_per_block_of_a_merging_method() -> None:
     assert r.baseline.mean_tokens_per_block == 80
     assert r.step.mean_tokens_per_block == pytest.approx(80 - 5 * 2.5 - 2.5)  # 80, 75, ... entering; 5 fewer after each merge
     assert r.step.method == "tome:r=5" and r.flop_reduction > 1
+
+
+def test_order_and_count_settings_reach_every_merger_and_bad_values_are_one_line_errors() -> None:
+    loaded = _loaded()
+    s = method_setting(loaded, ModelOptions(device="cpu"), "tome:r=2:order=spatial:count=per-image")
+    assert (s.merging.order, s.merging.count) == ("spatial", "per-image")
+    assert all((m.order, m.count) == ("spatial", "per-image") for m in loaded.model.mergers.values())
+    s = method_setting(loaded, ModelOptions(device="cpu"), "algm")
+    assert (s.merging.order, s.merging.count) == ("reference", "batch")
+    assert all((m.order, m.count) == ("reference", "batch") for m in loaded.model.mergers.values())
+    for bad, words in (("tome:order=random", "merge order"), ("algm:count=some", "merge count"),
+                       ("dtop:order=spatial", "apply to methods with tome or algm")):
+        with pytest.raises(ConfigError, match=words) as err:
+            method_setting(loaded, ModelOptions(device="cpu"), bad)
+        assert "\n" not in str(err.value)

@@ -69,6 +69,8 @@ def test_compare_methods_gives_one_row_per_method_and_a_figure(tmp_path: Path, i
     df = pd.read_csv(run / "methods.csv")
     per_image = df[df["image"] != "ALL"]
     assert list(per_image["method"]) == ["baseline", "step", "tome:r=3", "cts:groups=4", "dtop", "algm"]
+    rules = per_image.set_index("method")["merge_rules"].fillna("")
+    assert rules["tome:r=3"] == rules["algm"] == "order=reference count=batch" and rules["step"] == ""
     overall = df[df["image"] == "ALL"].set_index("method")
     assert overall.loc["baseline", "flop_reduction"] == 1.0 and overall.loc["baseline", "agreement"] == 1.0
     assert overall.loc["tome:r=3", "merged"] == 9 and overall.loc["cts:groups=4", "tokens"] == 48 - 12

@@ -28,6 +28,7 @@ from tokenscope.jobs.run import ImageResult, Progress
 from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, unique_name, write_json_atomic, write_rgb, write_table
 from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
 from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.models.methods.merging import merge_rules
 from tokenscope.models.methods.spec import parse_methods
 from tokenscope.render.overlays import groups_overlay, render_label_map, render_overlay
 from tokenscope.render.plots import methods_figure
@@ -92,7 +93,8 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
                 name = unique_name(path.stem, taken)
                 panels = []
                 for v, pred, m in measured:
-                    row: dict[str, Any] = {"image": str(path), "method": v.name, "input_h": prepared.input_hw[0],
+                    row: dict[str, Any] = {"image": str(path), "method": v.name,
+                                           "merge_rules": merge_rules(v.setting.merging), "input_h": prepared.input_hw[0],
                                            "input_w": prepared.input_hw[1], "windows": len(pred.traces),
                                            "patches": pred.patches, **m,
                                            "agreement": pixel_agreement(pred.label_map, p_base.label_map),
@@ -165,7 +167,8 @@ def _overall(rows: list[dict[str, Any]], conf: dict[str, np.ndarray], have_label
     out = []
     for name in order:
         sub = df[df["method"] == name]
-        r: dict[str, Any] = {"method": name, **{k: float(sub[k].sum()) for k in SUMMED}}
+        r: dict[str, Any] = {"method": name, "merge_rules": sub["merge_rules"].iloc[0],
+                             **{k: float(sub[k].sum()) for k in SUMMED}}
         weights = sub["windows"].to_numpy(float)
         r["mean_tokens_per_block"] = float(np.average(sub["mean_tokens_per_block"], weights=weights))
         r["exited_early_pct"] = float(np.average(sub["exited_early_pct"], weights=weights))

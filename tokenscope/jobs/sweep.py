@@ -23,6 +23,7 @@ from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
 from tokenscope.jobs.runfolder import MANIFEST, new_run_dir, write_json_atomic, write_table
 from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
+from tokenscope.models.methods.merging import merge_rules
 from tokenscope.models.methods.spec import parse_methods
 from tokenscope.render.pareto import methods_pareto_plot, pareto_plot
 
@@ -104,6 +105,7 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
             rows.append({
                 "size": size or scene_size, "point": p.name,
                 "method": "vit" if p.name == "baseline" else p.name.split(":")[0] if methods else (model.method or "step"),
+                "merge_rules": merge_rules(p.setting.merging if p.setting is not None else None),
                 "policy": p.policy, "exits": p.exits,
                 "merge_threshold": None if p.merge_thresholds is None else p.merge_thresholds[0],
                 "merge_thresholds": None if p.merge_thresholds is None else ",".join(f"{t:g}" for t in p.merge_thresholds),

@@ -305,6 +305,11 @@ class MergingSpec:
         return out
 
 
+def merge_rules(spec: MergingSpec | None) -> str:
+    """How a merging run decided, for tables: `order=reference count=batch`; empty without merging."""
+    return "" if spec is None else f"order={spec.order} count={spec.count}"
+
+
 def algm_blocks(depth: int) -> tuple[int, int]:
     """ALGM's public settings: local merging in block 1, global in block 5 (12-block ViTs) or 7
     (24-block ViT-L); other depths scale the middle block and stay inside the encoder."""
