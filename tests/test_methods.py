@@ -366,3 +366,12 @@ def test_order_and_count_settings_reach_every_merger_and_bad_values_are_one_line
         with pytest.raises(ConfigError, match=words) as err:
             method_setting(loaded, ModelOptions(device="cpu"), bad)
         assert "\n" not in str(err.value)
+
+
+def test_dtop_keeps_five_tokens_per_class_as_its_public_code_unless_told_otherwise() -> None:
+    loaded = _loaded()
+    assert method_setting(loaded, ModelOptions(device="cpu"), "dtop").keep_per_class == 5
+    assert method_setting(loaded, ModelOptions(device="cpu"), "dtop+tome").keep_per_class == 5
+    assert method_setting(loaded, ModelOptions(device="cpu"), "dtop:keep=0").keep_per_class == 0
+    assert method_setting(loaded, ModelOptions(device="cpu", keep_per_class=2), "dtop").keep_per_class == 2
+    assert method_setting(loaded, ModelOptions(device="cpu"), "step").keep_per_class == DEEP.keep_per_class

@@ -64,6 +64,8 @@ DEFAULT_TOME_R = 0.05
 """Default ToMe r: 5% of the image's tokens per block (ToMe's r=16 of 197 is 8% on ViT-B/224)."""
 DEFAULT_ALGM_THRESHOLD = 0.88
 """ALGM's public threshold for ViT-S/B Segmenter on ADE20K (its models use 0.88-0.955)."""
+DTOP_KEEP_PER_CLASS = 5
+"""DToP's public code keeps the 5 most confident qualifying tokens of each class at every gate."""
 DEFAULT_CTS_GROUPS = "0.4"
 """CTS's Segmenter setting shares about 40% of the 2x2 groups (103 of 256 at 512 px)."""
 
@@ -141,13 +143,22 @@ def load_model(opts: ModelOptions, have_labels: bool = False,
     loaded.model.configure(policy=policy, merge_thresholds=thresholds,
                            exit_threshold=opts.exit_threshold if opts.exit_threshold is not None else cfg.exit_threshold,
                            exits=exits, budget=opts.budget,
-                           keep_per_class=opts.keep_per_class if opts.keep_per_class is not None else cfg.keep_per_class,
+                           keep_per_class=_keep_per_class(method, opts, cfg.keep_per_class),
                            cts_groups=parse_groups(opts.cts_groups or DEFAULT_CTS_GROUPS),
                            cts_source=loaded.default_policy())
     loaded.model.set_merging(spec)
     loaded.model.method = method.label if method is not None else ""
     loaded.model.to(device).eval()
     return loaded, device
+
+
+def _keep_per_class(method: Method | None, opts: ModelOptions, model_default: int) -> int:
+    """The user's K, else DToP's 5 for the dtop methods (as its public code), else the model's own."""
+    if opts.keep_per_class is not None:
+        return opts.keep_per_class
+    if method is not None and method.name.split("+")[0] == "dtop":
+        return DTOP_KEEP_PER_CLASS
+    return model_default
 
 
 def method_setting(loaded: LoadedModel, opts: ModelOptions, label: str, have_labels: bool = False) -> ReductionSetting:

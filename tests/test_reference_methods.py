@@ -1,8 +1,10 @@
-"""ToMe and ALGM decide as their public code does, merge for merge, in every merging block.
+"""Methods named after a paper decide as its public code does: ToMe and ALGM merge for merge in
+every merging block, CTS group for group and token for token.
 
 The references here are written for this test from the public code's semantics (read, not
-copied): facebookresearch/ToMe (`tome/merge.py`, `tome/patch/timm.py`) and tue-mps/algm-segmenter
-(`algm/algm/local_merge.py`, `global_merge.py`, `patch/algm_segmenter_patch.py`). They run the
+copied): facebookresearch/ToMe (`tome/merge.py`, `tome/patch/timm.py`), tue-mps/algm-segmenter
+(`algm/algm/local_merge.py`, `global_merge.py`, `patch/algm_segmenter_patch.py`) and
+tue-mps/cts-segmenter (`segm/model/efficient.py`, `segm/model/vit.py`). The merging ones run the
 same timm blocks one image sequence at a time with plain Python bookkeeping (which patches each
 token holds), so they share no code with tokenscope's batched, padded implementation. Both run
 in float64 so that a near-tie between similarities cannot flip one side and not the other.
@@ -18,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from conftest import blocky_image
 
+from tokenscope.models.methods.cts import CTSPolicy
 from tokenscope.models.methods.merging import MergingSpec
+from tokenscope.models.policy import Policy
 from tokenscope.models.registry import StepConfig
 from tokenscope.models.step_vit import StepViT, create_backbone
 from tokenscope.trace.recorder import Recorder
@@ -311,3 +315,73 @@ def test_algm_count_per_image_lets_each_image_decide_alone() -> None:
     with torch.no_grad():
         ref = [reference_algm(vit, (images[i:i + 1] - model.pixel_mean) / model.pixel_std, 0.5)[0] for i in range(2)]
     assert together == ref
+
+
+# ---- CTS: which 2x2 groups share a token, and what that token is -----------------------------------
+
+class _FixedScores(Policy):
+    """A score source that returns a given level-1 map: CTS's policy-net output, fixed."""
+
+    name = "fixed"
+
+    def __init__(self, level1: torch.Tensor) -> None:
+        super().__init__(patch=16)
+        self.level1 = level1
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
+        return [self.level1]
+
+
+def reference_cts_tokens(model: StepViT, normed: torch.Tensor, scores: torch.Tensor, k: int
+                         ) -> list[dict[tuple[int, int, int], torch.Tensor]]:
+    """CTS as its public code embeds an image: the k best-scored 2x2 groups (descending) are cut
+    from the image downsampled 2x (bilinear, align_corners=False) and position embeddings
+    downsampled the same way; every other patch at full scale. Keyed by (level, row, col)."""
+    proj = model.embed.patch_embed.proj
+    grid = normed.shape[-2] // 16, normed.shape[-1] // 16
+    p = model.num_prefix_tokens
+    pos = model.embed.pos_embed[0, p:].reshape(*grid, -1).permute(2, 0, 1)[None]
+    half = F.interpolate(normed, scale_factor=0.5, mode="bilinear", align_corners=False)
+    pos_half = F.interpolate(pos, scale_factor=0.5, mode="bilinear", align_corners=False)[0]
+    out = []
+    for b in range(normed.shape[0]):
+        flat = scores[b].reshape(-1)
+        chosen = {divmod(int(i), scores.shape[-1]) for i in torch.argsort(flat, descending=True)[:k]}
+        tokens = {}
+        for i in range(grid[0]):
+            for j in range(grid[1]):
+                if (i // 2, j // 2) in chosen:
+                    continue
+                cut = normed[b:b + 1, :, 16 * i:16 * i + 16, 16 * j:16 * j + 16]
+                tokens[(0, i, j)] = proj(cut).flatten() + pos[0, :, i, j]
+        for gi, gj in chosen:
+            cut = half[b:b + 1, :, 16 * gi:16 * gi + 16, 16 * gj:16 * gj + 16]
+            tokens[(1, 2 * gi, 2 * gj)] = proj(cut).flatten() + pos_half[:, gi, gj]
+        out.append(tokens)
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 5, 16])
+def test_cts_shares_the_groups_its_reference_shares_and_embeds_them_the_same_way(k: int) -> None:
+    cfg = StepConfig(name="cts", arch="vit_tiny_patch16_224", num_classes=4, exit_after=(), img_size=128,
+                     timm_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2})
+    torch.manual_seed(0)
+    model = StepViT(cfg).eval()
+    scores = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(k))
+    model.policies["cts"] = CTSPolicy({"uniform": _FixedScores(scores)}, patch=16, groups=k, source="uniform")
+    model.configure(policy="cts", exits=False)
+    images = _images(2).float()[:, :, :128, :128]
+    seen = []
+    handle = model.embed.register_forward_hook(lambda mod, args, out: seen.append((args[1], out[0])))
+    with torch.no_grad():
+        model(images)
+        ref = reference_cts_tokens(model, (images - model.pixel_mean) / model.pixel_std, scores, k)
+    handle.remove()
+    partitions, emb = seen[0]
+    for b in range(2):
+        part = partitions[b]
+        ours = {(int(lv), int(r), int(c)): emb.tokens[b, t] for t, (lv, r, c) in enumerate(zip(part.level, part.row, part.col))}
+        assert set(ours) == set(ref[b])
+        assert sum(1 for key in ours if key[0] == 1) == k
+        for key, vec in ref[b].items():
+            assert torch.allclose(ours[key], vec, atol=1e-5), key
