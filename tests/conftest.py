@@ -20,6 +20,13 @@ TINY = StepConfig(
 )
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own empty model and data cache, never the user's."""
+    monkeypatch.setenv("TOKENSCOPE_HOME", str(tmp_path_factory.mktemp("tokenscope-home")))
+    monkeypatch.delenv("TOKENSCOPE_OFFLINE", raising=False)
+
+
 def make_tiny(seed: int = 0, cfg: StepConfig = TINY) -> StepViT:
     torch.manual_seed(seed)
     return StepViT(cfg).eval()

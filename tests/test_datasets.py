@@ -67,6 +67,8 @@ def test_bad_dataset_requests(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown data set"):
         open_dataset("imagenet", tmp_path)
     with pytest.raises(ConfigError, match="needs a root"):
+        open_dataset("folder")
+    with pytest.raises(ConfigError, match=r"not in the cache \(looked in .*data/ade20k\); run `tokenscope data fetch"):
         open_dataset("ade20k")
     with pytest.raises(ConfigError, match="ADEChallengeData2016"):
         open_dataset("ade20k", tmp_path)

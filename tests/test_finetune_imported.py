@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from tokenscope.cli import app
 from tokenscope.data.synthetic import CLASSES
 from tokenscope.models.checkpoints import build_model, load_checkpoint
+from tokenscope.trace.trace import Trace
 
 
 @pytest.mark.parametrize("freeze", ["", "encoder"])
@@ -99,3 +100,33 @@ def test_a_new_model_on_a_known_data_set_records_segmenters_protocol(tmp_path: P
     cfg = load_checkpoint(out.with_suffix(".json")).config
     assert (cfg.decoder, cfg.dataset, cfg.window, cfg.stride, cfg.resize_short) == ("mask", "ade20k", 512, 512, 512)
     assert cfg.num_classes == 150 and len(cfg.class_colours) == 150
+
+
+def test_training_with_algm_lowers_the_loss_and_the_checkpoint_runs_with_algm(tmp_path: Path) -> None:
+    ckpt = write_segmenter_release(tmp_path / "seg", segmenter_state("mask", seed=23, classes=len(CLASSES)), "mask")
+    out = tmp_path / "ft" / "algm"
+    res = CliRunner().invoke(app, ["train", "--init", str(ckpt), "--out", str(out), "--method", "algm:threshold=0.5",
+                                   "--steps", "30", "--crops", "64x4", "--lr", "3e-3", "--warmup", "2", "--size", "96",
+                                   "--train-seeds", "0:6", "--val-seeds", "900000:900002", "--device", "cpu",
+                                   "--seed", "1", "--save-every", "30"])
+    assert res.exit_code == 0, res.output
+    blob = torch.load(out.with_suffix(".train.pt"), weights_only=True)
+    history = json.loads(blob["history"])
+    assert blob["settings"]["method"] == "algm:threshold=0.5"
+    first = sum(h["loss"] for h in history[:5]) / 5
+    last = sum(h["loss"] for h in history[-5:]) / 5
+    assert last < 0.9 * first, (first, last)
+    runs = tmp_path / "runs"
+    run = CliRunner().invoke(app, ["run", "sample_images/street_5000001.png", "--weights", str(out.with_suffix(".json")),
+                                   "--method", "algm:threshold=0.5", "--window", "0", "--size", "128", "--device", "cpu",
+                                   "--out", str(runs), "--no-animation"])
+    assert run.exit_code == 0, run.output
+    (folder,) = [p for p in next(runs.glob("run-*")).iterdir() if (p / "trace.json").is_file()]
+    trace = Trace.load(folder)
+    assert trace.meta.merging["kind"] == "algm" and trace.merges_per_block().sum() > 0
+
+
+def test_train_refuses_a_method_without_merging(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "x"), "--method", "cts", "--steps", "2",
+                                   "--device", "cpu"])
+    assert res.exit_code == 2 and "train --method takes a merging method" in res.output, res.output

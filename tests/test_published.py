@@ -135,3 +135,24 @@ def test_published_architectures_build_without_download_for_speed_studies(tmp_pa
     assert (cfg.img_size, cfg.window, cfg.stride, cfg.resize_short, cfg.num_classes) == (512, 512, 480, 512, 150)
     assert cfg.class_names[:2] == ("wall", "building") and loaded.weights_id.startswith("random-init")
     assert not (tmp_path / "cache").exists()  # nothing was downloaded
+
+
+def test_the_published_table_reads_numbers_from_result_files_and_says_what_is_not_measured(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    pd.DataFrame([{"point": "baseline", "miou": 0.4612, "gflops_per_image": 38.2},
+                  {"point": "algm:threshold=0.88", "miou": 0.4501, "gflops_per_image": 27.0}]).to_csv(
+        tmp_path / "segmenter-vit-s-mask-ade20k.csv", index=False)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "published_table.py"), str(tmp_path)],
+                         capture_output=True, text=True, check=True, cwd=root).stdout
+    rows = [ln for ln in out.splitlines() if ln.startswith("| segmenter")]
+    assert len(rows) == 4 * len(published.PUBLISHED)
+    s_base = next(r for r in rows if r.startswith("| segmenter-vit-s-mask-ade20k | vit"))
+    assert "| 46.19 |" in s_base and "| 46.12 | 38.2 |" in s_base
+    s_algm = next(r for r in rows if r.startswith("| segmenter-vit-s-mask-ade20k | algm"))
+    assert "| 46.40 |" in s_algm and "| 45.01 | 27.0 |" in s_algm and "fine-tuned with ALGM" in s_algm
+    assert all("not measured yet" in r for r in rows if not r.startswith("| segmenter-vit-s-mask-ade20k"))

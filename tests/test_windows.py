@@ -47,6 +47,9 @@ def test_window_options_are_checked_before_anything_runs() -> None:
         resolve_windows(64, 48, 64, None, 100, None)
     with pytest.raises(ConfigError, match="--stride applies"):
         resolve_windows(0, 0, 0, None, 16, None)
+    with pytest.raises(ConfigError, match="--window 7 is smaller than two 16-px patches; use at least 32"):
+        resolve_windows(0, 0, 0, 7, None, None)
+    assert resolve_windows(0, 0, 0, 16, 16, None, patch=8) == WindowSpec(16, 16, 16)  # two 8-px patches
     plan = plan_windows((96, 150), 64, 48, 64)
     assert plan.resized_hw == (64, 100) and plan.boxes == ((0, 0, 64, 64), (0, 36, 64, 64))
 

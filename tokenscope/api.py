@@ -305,7 +305,8 @@ def predict(model: Model, image: Any, *, labels: Any = None, size: int | None = 
     `.labels`, `.plan` (where the windows lie), and token/FLOP totals.
     """
     cfg = model.config
-    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size)
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size,
+                              model.loaded.model.patch_size)
     pred = _predict(model.capture(), _prepare(model, image, labels, size), windows)
     pred.traces = [Trace.of(t, inp.display) for t, inp in zip(pred.traces, pred.inputs)]
     return pred
@@ -471,16 +472,17 @@ def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None 
           warmup: int = 150, exit_aware_steps: int = 0, save_every: int = 250, accumulate: int = 1, resume: bool = False,
           evaluate_after: bool = True, device: str = "auto", seed: int = 0,
           progress: Callable[[int, int, dict[str, float]], None] | None = None,
-          eval_progress: Progress | None = None, keep_per_class: int | None = None) -> Any:
+          eval_progress: Progress | None = None, keep_per_class: int | None = None, method: str | None = None) -> Any:
     """`tokenscope train`: train a STEP model (or fine-tune one with `init`: a checkpoint or a
-    published model) into `out`.json + .safetensors. Returns a TrainResult (`.checkpoint`,
-    `.state.history`, `.metrics` of the final evaluation)."""
+    published model) into `out`.json + .safetensors; `method` (algm, tome, X+algm, ...) trains with
+    that method's in-network merging on. Returns a TrainResult (`.checkpoint`, `.state.history`,
+    `.metrics` of the final evaluation)."""
     from tokenscope.jobs.train import DataOptions, train_model
     from tokenscope.train.trainer import TrainSettings
 
     settings = TrainSettings(steps=steps, crops=tuple((int(a), int(b)) for a, b in crops), lr=lr, aux_weight=aux_weight,
                              warmup=warmup, save_every=save_every, seed=seed, exit_aware_steps=exit_aware_steps,
-                             init=init or "", freeze=tuple(freeze), accumulate=accumulate)
+                             init=init or "", freeze=tuple(freeze), accumulate=accumulate, method=method or "")
     d = DataOptions(kind=data, root=data_root, train_split=train_split, val_split=val_split, train_seeds=train_seeds,
                     val_seeds=val_seeds, size=size)
     return train_model(model, out, d, settings, device=device, backbone_weights=backbone_weights, resume=resume,
@@ -547,3 +549,28 @@ def list_models() -> pd.DataFrame:
              for m in PUBLISHED.values()]
     return pd.DataFrame(rows)
 
+
+
+def fetch_data(name: str, *, url: str | None = None, keep_archive: bool = False, offline: bool | None = None,
+               progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Download, verify and unpack data set `name` (ade20k) into the cache; its folder. Data sets
+    that need an account raise a ConfigError that says what to download and where to put it."""
+    from tokenscope.data.fetch import fetch
+
+    return fetch(name, progress=progress, url=url, keep_archive=keep_archive, offline=offline)
+
+
+def check_data(name: str, *, root: str | Path | None = None, limit: int | None = None,
+               progress: Callable[[int, int, str], None] | None = None) -> Any:
+    """Check a data-set tree (at `root`, else the cached one): counts per split and every problem
+    (missing labels, label values out of range, size mismatches), one line each."""
+    from tokenscope.data.check import check_dataset
+
+    return check_dataset(name, root, limit=limit, progress=progress)
+
+
+def list_data() -> pd.DataFrame:
+    """The data sets tokenscope knows: cached or not, where, size on disk."""
+    from tokenscope.data.fetch import listing
+
+    return pd.DataFrame(listing())

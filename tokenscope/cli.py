@@ -14,7 +14,16 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from tokenscope import __version__
@@ -325,6 +334,7 @@ def train(
     decoder: Annotated[Optional[str], typer.Option(help="Decoder of a new model: linear or mask (Segmenter's mask transformer). Default: linear.")] = None,
     accumulate: Annotated[int, typer.Option(help="Split each process's share of a step's batch into K micro-batches (gradient accumulation); the global batch stays the --crops batch.")] = 1,
     keep_per_class: KeepOpt = None,
+    method: Annotated[Optional[str], typer.Option(help="Train with a merging method on: algm, tome, or X+algm / X+tome (X: step, dcts, dtop), with its settings (algm:threshold=0.9). Run the checkpoint with the same --method.")] = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     train_split: Annotated[str, typer.Option(help="Split to train on (folder data sets ignore it).")] = "train",
@@ -370,7 +380,7 @@ def train(
                                    exit_aware_steps=exit_aware_steps, save_every=save_every, accumulate=accumulate,
                                    resume=resume,
                                    evaluate_after=not no_eval, device=device, seed=seed, progress=on_step,
-                                   eval_progress=eval_progress, keep_per_class=keep_per_class)
+                                   eval_progress=eval_progress, keep_per_class=keep_per_class, method=method)
     if not _is_writer():  # under torchrun, rank 0 reports
         return
     out_console.print(f"checkpoint: [bold]{result.checkpoint.with_suffix('.json')}[/] after {result.state.step} steps",
@@ -598,20 +608,93 @@ def models(
     out_console.print(table)
 
 
+@contextmanager
+def _download_progress(item: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A download bar: bytes so far and in all, speed, time left."""
+    columns = (TextColumn("[bold]downloading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[item]}"))
+    with Progress(*columns, console=err_console) as bar:
+        task = bar.add_task("download", total=None, item=item)
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total or None, item=name)
+
+        yield update
+
+
 def _fetch_published(name: str) -> None:
     from tokenscope.models.checkpoints import _convert_published
     from tokenscope.models.published import ensure_published
 
-    columns = (TextColumn("[bold]downloading"), BarColumn(), TextColumn("{task.completed:,.0f} / {task.total:,.0f} bytes"),
-               TimeRemainingColumn(), TextColumn("{task.fields[item]}"))
-    with _user_errors(), Progress(*columns, console=err_console) as bar:
-        task = bar.add_task("download", total=None, item=name)
-
-        def update(done: int, total: int, item: str) -> None:
-            bar.update(task, completed=done, total=total or None, item=item)
-
+    with _user_errors(), _download_progress(name) as update:
         path = ensure_published(name, _convert_published, progress=update)
     out_console.print(f"{name}: [bold]{path}[/]", highlight=False)
+
+
+data_app = typer.Typer(help="Data sets in the cache: fetch (download, verify, unpack), check a tree, list.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="ade20k (downloaded: 923 MB), or cityscapes / pascal_context (says how to get them).")],
+    url: Annotated[Optional[str], typer.Option(help="A mirror of the archive (it must still match the published hash).")] = None,
+    keep_archive: Annotated[bool, typer.Option(help="Keep the downloaded zip after unpacking.")] = False,
+    offline: Annotated[bool, typer.Option(help="No network: only use a file already in place (also TOKENSCOPE_OFFLINE=1).")] = False,
+) -> None:
+    """Download, verify and unpack a data set into the cache; then --data NAME finds it without --data-root."""
+    from tokenscope import api
+    from tokenscope.data.fetch import SOURCES, dataset_dir
+
+    if name in SOURCES and not SOURCES[name].url:  # needs an account: say how, do not fail
+        out_console.print(SOURCES[name].manual.format(dest=dataset_dir(name)), highlight=False)
+        return
+    with _user_errors(), _download_progress(name) as update:
+        path = api.fetch_data(name, url=url, keep_archive=keep_archive, offline=offline or None, progress=update)
+    out_console.print(f"{name}: [bold]{path}[/] (use it with --data {name})", highlight=False)
+
+
+@data_app.command("check")
+def data_check(
+    name: Annotated[str, typer.Argument(help="ade20k, cityscapes, pascal_context or folder.")],
+    root: Annotated[Optional[Path], typer.Option("--root", "--data-root", help="The tree to check (default: the cached one).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Read at most this many image/label pairs per split (counts stay complete).")] = None,
+    show: Annotated[int, typer.Option(help="How many problems to print.")] = 10,
+) -> None:
+    """Validate a data-set tree: image and label counts per split, label values in range, sizes agree."""
+    from tokenscope import api
+
+    with _user_errors(), _progress("checking") as update:
+        report = api.check_data(name, root=root, limit=limit, progress=update)
+    table = Table(title=f"{name} at {report.root}", title_justify="left")
+    for col in ("split", "images", "pairs", "checked", "problems"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for s in report.splits:
+        table.add_row(s.split, str(s.images), str(s.pairs), str(s.checked), str(len(s.problems)))
+    out_console.print(table)
+    problems = report.problems
+    for line in problems[:show]:
+        err_console.print(f"[bold red]problem:[/] {line}", highlight=False, soft_wrap=True)
+    if len(problems) > show:
+        err_console.print(f"... and {len(problems) - show} more (--show {len(problems)} lists them)")
+    if problems:
+        raise typer.Exit(1)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """The data sets tokenscope knows: cached or not, where, and their size on disk."""
+    from tokenscope import api
+
+    df = api.list_data()
+    table = Table(title="data sets", title_justify="left")
+    for col in ("name", "cached", "size", "download", "path"):
+        table.add_column(col)
+    for _, r in df.iterrows():
+        table.add_row(r["name"], "yes" if r["cached"] else "no", f"{r['bytes'] / 2**20:,.0f} MiB" if r["cached"] else "",
+                      r["download"], r["path"])
+    out_console.print(table)
 
 
 import_app = typer.Typer(help="Convert foreign checkpoints into tokenscope checkpoints (safetensors + json).",

@@ -30,3 +30,7 @@ class ConfigError(TokenscopeError):
 
 class RunFolderError(TokenscopeError):
     """A run folder or trace cannot be read or written."""
+
+
+class DownloadError(TokenscopeError):
+    """A file could not be downloaded, or what arrived is not the published file."""

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from tokenscope.data.classes import dataset_classes
+from tokenscope.data.fetch import cached_root
 from tokenscope.data.images import IGNORE_INDEX, IMAGE_SUFFIXES, load_image, load_label_map
 from tokenscope.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from tokenscope.data.synthetic import synthetic_scene
@@ -56,10 +57,13 @@ class SegmentationDataset:
 class PairedFiles(SegmentationDataset):
     """Image files with label files, converted by `convert_labels`."""
 
-    def __init__(self, pairs: Sequence[tuple[Path, Path]], num_classes: int, class_names: tuple[str, ...] = ()) -> None:
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], num_classes: int, class_names: tuple[str, ...] = (),
+                 unpaired: Sequence[Path] = ()) -> None:
         if not pairs:
             raise ConfigError("the data set holds no image/label pairs")
         self.pairs = list(pairs)
+        self.unpaired = list(unpaired)
+        """Images whose label file is missing (left out of the pairs; `data check` names them)."""
         self.num_classes = num_classes
         self.class_names = class_names
 
@@ -85,15 +89,17 @@ class FolderDataset(PairedFiles):
         images, masks = root / "images", root / "masks"
         if not images.is_dir() or not masks.is_dir():
             raise ConfigError(f"{root}: a folder data set needs images/ and masks/ inside")
-        pairs = []
+        pairs, unpaired = [], []
         for img in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             mask = masks / (img.stem + ".png")
             if mask.exists():
                 pairs.append((img, mask))
+            else:
+                unpaired.append(img)
         if num_classes is None:
             seen = [load_label_map(m) for _, m in pairs[:50]]
             num_classes = int(max((int(s[s != IGNORE_INDEX].max(initial=0)) for s in seen), default=0)) + 1
-        super().__init__(pairs, num_classes)
+        super().__init__(pairs, num_classes, unpaired=unpaired)
 
 
 class ADE20KDataset(PairedFiles):
@@ -107,8 +113,10 @@ class ADE20KDataset(PairedFiles):
         images, annots = root / "images" / split, root / "annotations" / split
         if not images.is_dir() or not annots.is_dir():
             raise ConfigError(f"{root}: expected images/{split} and annotations/{split} (ADEChallengeData2016 layout)")
-        pairs = [(p, annots / (p.stem + ".png")) for p in sorted(images.glob("*.jpg")) if (annots / (p.stem + ".png")).exists()]
-        super().__init__(pairs, 150, dataset_classes("ade20k").names)
+        found = sorted(images.glob("*.jpg"))
+        pairs = [(p, annots / (p.stem + ".png")) for p in found if (annots / (p.stem + ".png")).exists()]
+        unpaired = [p for p in found if not (annots / (p.stem + ".png")).exists()]
+        super().__init__(pairs, 150, dataset_classes("ade20k").names, unpaired)
 
     def convert_labels(self, raw: np.ndarray) -> np.ndarray:
         out = raw.astype(np.int32) - 1
@@ -124,7 +132,7 @@ class CityscapesDataset(PairedFiles):
         images, gt = root / "leftImg8bit" / split, root / "gtFine" / split
         if not images.is_dir() or not gt.is_dir():
             raise ConfigError(f"{root}: expected leftImg8bit/{split} and gtFine/{split} (Cityscapes layout)")
-        pairs = []
+        pairs, unpaired = [], []
         self._raw_ids: set[Path] = set()
         for img in sorted(images.glob("*/*_leftImg8bit.png")):
             stem = img.name[: -len("_leftImg8bit.png")]
@@ -135,7 +143,9 @@ class CityscapesDataset(PairedFiles):
             elif label_ids.exists():
                 pairs.append((img, label_ids))
                 self._raw_ids.add(label_ids)
-        super().__init__(pairs, 19, dataset_classes("cityscapes").names)
+            else:
+                unpaired.append(img)
+        super().__init__(pairs, 19, dataset_classes("cityscapes").names, unpaired)
         self._lut = np.full(256, IGNORE_INDEX, dtype=np.int32)
         for k, v in CITYSCAPES_ID_TO_TRAIN.items():
             self._lut[k] = v
@@ -165,7 +175,8 @@ class PascalContextDataset(PairedFiles):
                               f"ImageSets/SegmentationContext/{split}.txt (Pascal Context layout)")
         stems = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         pairs = [(images / f"{s}.jpg", masks / f"{s}.png") for s in stems if (masks / f"{s}.png").exists()]
-        super().__init__(pairs, 60, dataset_classes("pascal_context").names)
+        unpaired = [images / f"{s}.jpg" for s in stems if not (masks / f"{s}.png").exists()]
+        super().__init__(pairs, 60, dataset_classes("pascal_context").names, unpaired)
 
 
 class SyntheticDataset(SegmentationDataset):
@@ -217,7 +228,9 @@ def open_dataset(kind: str, root: str | Path | None = None, split: str = "val", 
     if kind == "synthetic":
         return SyntheticDataset(parse_seeds(seeds), size, size)
     if root is None:
-        raise ConfigError(f"data set {kind!r} needs a root folder (--data-root)")
+        if kind == "folder":
+            raise ConfigError("data set 'folder' needs a root folder (--data-root)")
+        root = cached_root(kind)  # fetched with `tokenscope data fetch`
     if not Path(root).is_dir():
         raise ConfigError(f"{root}: no such data folder")
     if kind == "folder":

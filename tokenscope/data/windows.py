@@ -66,15 +66,19 @@ class WindowSpec:
 
 
 def resolve_windows(model_window: int, model_stride: int, model_short: int, window: int | None, stride: int | None,
-                    size: int | None) -> WindowSpec | None:
+                    size: int | None, patch: int = 16) -> WindowSpec | None:
     """The window settings of a run from the options (None = the model's) and the model's defaults.
 
     `--window 0` (or a model without a window) means one forward over the whole image. A window
-    and `--size` exclude each other: the protocol resizes the short side itself.
+    and `--size` exclude each other: the protocol resizes the short side itself. A window narrower
+    than two patches would hold single patches only (nothing to merge, one token per forward).
     """
     side = model_window if window is None else window
     if side < 0:
         raise ConfigError(f"--window must be 0 (whole image) or a positive number of pixels, got {side}")
+    if 0 < side < 2 * patch:
+        raise ConfigError(f"--window {side} is smaller than two {patch}-px patches; use at least {2 * patch} "
+                          "(or 0 for whole images)")
     if side == 0:
         if stride is not None:
             raise ConfigError("--stride applies to sliding windows; this run has none (pass --window N)")

@@ -116,7 +116,7 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
     cfg = loaded.config
     patch = loaded.model.patch_size
     check_size(size, patch)
-    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size)
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size, patch)
     step = Variant("step", loaded.model.setting())
     base = Variant("baseline", loaded.model.plain())
     capture = TraceCapture(loaded, device, amp=opts.amp)

@@ -69,7 +69,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
     patch, depth = loaded.model.patch_size, loaded.model.depth
     block = figure_block(depth, at_block)
     check_size(size, patch)
-    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size)
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size, patch)
     capture = TraceCapture(loaded, device, amp=opts.amp)
     run_dir = new_run_dir(out, "compare")
     num_classes = cfg.num_classes

@@ -350,7 +350,7 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
     check_size(req.size, patch)  # before the run folder exists: a bad option leaves nothing behind
     if req.dataset == "synthetic":
         check_size(req.dataset_size, patch, "--scene-size")
-    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, req.window, req.stride, req.size)
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, req.window, req.stride, req.size, patch)
     ctx = dist.context(device.type)  # rank 0 of 1 unless started by torchrun
     if resume is not None:
         if manifest.get("weights") != loaded.weights_id:

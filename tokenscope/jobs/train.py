@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from tokenscope.data.classes import SEGMENTER_PROTOCOL, dataset_classes
 from tokenscope.data.datasets import SegmentationDataset, SyntheticDataset, open_dataset, parse_seeds
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
+from tokenscope.jobs.setup import ModelOptions, merging_spec
 from tokenscope.models.checkpoints import (
     LoadedModel,
     build_model,
@@ -23,6 +24,8 @@ from tokenscope.models.checkpoints import (
     save_checkpoint,
 )
 from tokenscope.models.decoders import DECODERS
+from tokenscope.models.methods.merging import MergingSpec
+from tokenscope.models.methods.spec import parse_method
 from tokenscope.models.published import PUBLISHED
 from tokenscope.models.registry import StepConfig, resolve_config
 from tokenscope.models.step_vit import StepViT
@@ -94,6 +97,8 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
             cfg = cfg.replace(dataset=data.kind, class_colours=dataset_classes(data.kind, cfg.num_classes).palette,
                               window=window, stride=stride, resize_short=short)
         net = new_model(cfg, backbone_weights)
+    merging = training_merging(settings.method, net.depth)
+    net.set_merging(merging)
     if keep_per_class is not None:  # train (exit-aware steps) and ship with DToP's context rule
         net.configure(keep_per_class=keep_per_class)
         net.cfg = net.cfg.replace(keep_per_class=keep_per_class)
@@ -107,9 +112,13 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
     if evaluate_after:
         final = load_checkpoint(out)
         final.model.to(dev)
+        final.model.set_merging(merging)  # a model trained with a method is evaluated with it
         cfg = final.config
         windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, None, None, None)
-        evaluation = evaluate(final, validation_data(data), step_and_baseline(), dev, eval_progress, windows=windows)
+        policy = "none" if settings.method and parse_method(settings.method).policy == "none" else "learned"
+        exits = not settings.method or parse_method(settings.method).exits
+        evaluation = evaluate(final, validation_data(data), step_and_baseline(policy, exits), dev, eval_progress,
+                              windows=windows)
         metrics = {k: v.as_dict(final.config.class_names) for k, v in evaluation.variants.items()}
         meta = {**final.metadata, "evaluation": {"data": data.__dict__, "thresholds": {
             "merge": list(final.model.merge_thresholds), "exit": final.model.exit_threshold}, "variants": metrics}}
@@ -117,6 +126,21 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
             save_checkpoint(final.model, out, trained=final.trained, metadata=meta)
         dist.barrier(trainer.ctx, "evaluated checkpoint written")
     return TrainResult(Path(out), state, evaluation, metrics)
+
+
+TRAINABLE_METHODS = "tome, algm, or X+tome / X+algm with X in step, dcts, dtop"
+
+
+def training_merging(method: str, depth: int) -> MergingSpec | None:
+    """The in-network merging a `train --method` run trains with (None for STEP alone), at the
+    method's published defaults and reference rules."""
+    if not method:
+        return None
+    parsed = parse_method(method)
+    if parsed.merging is None or parsed.policy == "cts":
+        raise ConfigError(f"train --method takes a merging method ({TRAINABLE_METHODS}), not {method!r}; "
+                          "STEP, dcts and dtop are what train does without --method")
+    return merging_spec(parsed, replace(ModelOptions(), **parsed.option_values()), depth)
 
 
 def initial_checkpoint(path: str, train_set: SegmentationDataset, backbone_weights: str | None) -> StepViT:
@@ -139,9 +163,8 @@ def evaluate_model(loaded: LoadedModel, device: torch.device, data: DataOptions,
     """STEP (the model's policy and exit setting) against the same weights without reduction.
 
     Images are scored with the model's sliding-window protocol when it has one (`--window`)."""
-    if data.kind != "synthetic" and data.root is None:
-        raise ConfigError(f"--data {data.kind} needs --data-root")
     cfg = loaded.config
-    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, None)
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, None,
+                              loaded.model.patch_size)
     points = step_and_baseline(policy, loaded.model.exits_enabled)
     return evaluate(loaded, validation_data(data), points, device, progress, amp=amp, windows=windows)

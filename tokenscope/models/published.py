@@ -3,8 +3,10 @@
 `--model segmenter-vit-l-mask-ade20k` means: look in the cache (`$TOKENSCOPE_HOME/models/NAME/`,
 default `~/.cache/tokenscope`); if the converted checkpoint is not there, download the file from
 its published address, check its SHA-256, convert it with the Segmenter importer, and keep both.
-Only this path touches the network, and only for a name that is not cached yet. A download that
-fails or does not match its hash leaves nothing in the cache.
+Only this path touches the network, and only for a name that is not cached yet, through the one
+downloader (tokenscope.data.download: resume, lock, hash check, offline mode). A download that
+fails or does not match its hash leaves nothing in the cache but, when interrupted, the bytes it
+got (`.part`), which the next try resumes from.
 
 The weights are mmsegmentation's releases of the Segmenter models (the Segmenter authors' own
 links are reported dead). mmsegmentation publishes the first 8 hex digits of each file's SHA-256
@@ -15,23 +17,16 @@ checkpoint's metadata.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tokenscope.errors import CheckpointError
-from tokenscope.models.hashing import file_sha256
+from tokenscope.data.download import DownloadProgress, cache_root, check_digest, download
+from tokenscope.errors import CheckpointError, DownloadError
 
 MMSEG = "https://download.openmmlab.com/mmsegmentation/v0.5/segmenter"
 BACKBONES = {"ViT-Ti/16": (192, 12, 16), "ViT-S/16": (384, 12, 16), "ViT-B/16": (768, 12, 16), "ViT-L/16": (1024, 24, 16)}
-DownloadProgress = Callable[[int, int, str], None]
-"""progress(bytes so far, total bytes or 0, file name)"""
 
 
 @dataclass(frozen=True)
@@ -92,14 +87,6 @@ PUBLISHED: dict[str, PublishedModel] = {m.name: m for m in (
 """Named published models. mIoU: single scale, ADE20K val, as mmsegmentation reports it."""
 
 
-def cache_root() -> Path:
-    """`$TOKENSCOPE_HOME`, else `$XDG_CACHE_HOME/tokenscope`, else `~/.cache/tokenscope`."""
-    if os.environ.get("TOKENSCOPE_HOME"):
-        return Path(os.environ["TOKENSCOPE_HOME"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "tokenscope"
-
-
 def model_dir(name: str) -> Path:
     return cache_root() / "models" / name
 
@@ -125,42 +112,12 @@ def suggestions(backbone_hint: str) -> list[str]:
     return [f"{m.name} ({m.dataset}, {m.miou:.1f} mIoU)" for m in PUBLISHED.values() if key and m.backbone.startswith(key)]
 
 
-def _fetch(url: str, target: Path, expected: str, progress: DownloadProgress | None, timeout: float) -> str:
-    """Download `url` to `target` through a temporary file; returns the full SHA-256.
-
-    The file appears at `target` only when complete and matching `expected` (a digest prefix).
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".download-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as tmp, urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            while chunk := response.read(1 << 20):
-                tmp.write(chunk)
-                h.update(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, total, target.name)
-        digest = h.hexdigest()
-        if not digest.startswith(expected.lower()):
-            raise CheckpointError(f"{url}: downloaded file has SHA-256 {digest[:16]}..., expected {expected}...; "
-                                  "it is damaged or not the published file (nothing was kept)")
-        os.replace(tmp_name, target)
-        return digest
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-
-
 def verify_file(path: Path, expected: str) -> str:
     """The file's SHA-256, checked against the published digest (or its prefix)."""
-    digest = file_sha256(path)
-    if not digest.startswith(expected.lower()):
-        raise CheckpointError(f"{path}: SHA-256 {digest[:16]}... does not match the published {expected}...; "
-                              "delete it and fetch it again")
-    return digest
+    try:
+        return check_digest(path, "sha256", expected)
+    except DownloadError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def ensure_published(name: str, convert: Callable[[Path, Path, PublishedModel], None],
@@ -186,17 +143,11 @@ def _download_and_convert(entry: PublishedModel, out: Path, convert: Callable[[P
                           progress: DownloadProgress | None, timeout: float) -> Path:
     name = entry.name
     raw = download_path(entry)
-    if raw.is_file():
-        verify_file(raw, entry.sha256)
-    else:
-        try:
-            _fetch(entry.url, raw, entry.sha256, progress, timeout)
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise CheckpointError(
-                f"cannot download {name} ({reason}); fetch {entry.url} yourself and put it at {raw} "
-                f"(SHA-256 starts with {entry.sha256}), then run the command again"
-            ) from None
+    try:
+        download(entry.url, raw, "sha256", entry.sha256, progress, timeout)
+    except DownloadError as exc:
+        hint = "" if str(exc).startswith("offline") else f"; fetch {entry.url} yourself and put it at {raw}"
+        raise CheckpointError(f"cannot download {name} ({exc}){hint}") from None
     try:
         convert(raw, out, entry)
     except BaseException:

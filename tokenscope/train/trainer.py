@@ -41,6 +41,7 @@ from tokenscope import dist
 from tokenscope.data.datasets import Sample, SegmentationDataset
 from tokenscope.data.images import IGNORE_INDEX, PAD_RGB
 from tokenscope.errors import CheckpointError, ConfigError
+from tokenscope.models.methods.spec import parse_method
 from tokenscope.models.checkpoints import LoadedModel, checkpoint_paths, load_checkpoint, save_checkpoint
 from tokenscope.models.partition import MAX_LEVEL, block_homogeneity
 from tokenscope.models.step_vit import StepOutput, StepViT, token_grid, unmerge
@@ -74,6 +75,10 @@ class TrainSettings:
     frozen too) on top of an already trained segmenter."""
     accumulate: int = 1
     """Micro-batches per step and process (gradient accumulation); the global batch is unchanged."""
+    method: str = ""
+    """A merging method to train with (`algm`, `tome`, `dcts+algm`, ...; "" = STEP alone): its merging
+    runs in every training forward, on the policy the method uses (the oracle stands in for a
+    learned one, the plain grid for none)."""
     rank: int = 0
     world_size: int = 1
 
@@ -256,13 +261,19 @@ class Trainer:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), seeds
 
     # ---- one step ------------------------------------------------------------------------------
+    @property
+    def train_policy(self) -> str:
+        """The partitions training sees: the oracle's (a learned policy's stand-in), or the plain
+        grid for a method that runs without supertokens (tome, algm, dtop+X)."""
+        return "none" if self.s.method and parse_method(self.s.method).policy == "none" else "oracle"
+
     def exit_aware(self, step: int) -> bool:
         return step >= self.s.steps - self.s.exit_aware_steps
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, exits: bool = False,
                seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
         m = _unwrap(self.model)
-        m.configure(policy="oracle", exits=exits)
+        m.configure(policy=self.train_policy, exits=exits)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(x, y, return_aux=True, sample_seeds=seeds)
             size = y.shape[-2:]
