@@ -262,3 +262,45 @@ def test_data_check_names_each_problem_of_a_broken_tree_and_counts_a_good_one(tm
     assert "ADE_val_00000001.jpg: no label file" in problems[0]
     assert "label value(s) 200 outside the 150 classes" in problems[1]
     assert "is 64x64" in problems[2] and "is 64x32" in problems[2]
+
+
+def test_a_full_disk_is_one_line_and_a_later_try_completes(home: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from tokenscope.data import download as dl
+
+    body = bytes(300_000)
+    server = Server({"/h.bin": body})
+    real_open = open
+
+    class Full:
+        def __init__(self, path, mode):  # noqa: ANN001
+            self.f = real_open(path, mode)
+
+        def __enter__(self):  # noqa: ANN204
+            return self
+
+        def __exit__(self, *exc) -> None:  # noqa: ANN002
+            self.f.close()
+
+        def write(self, chunk: bytes) -> None:
+            if self.f.tell() + len(chunk) > 100_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.f.write(chunk)
+
+    def full_disk_open(path, mode="r", *args):  # noqa: ANN001, ANN002, ANN202
+        return Full(path, mode) if mode in ("ab", "wb") else real_open(path, mode, *args)
+
+    monkeypatch.setattr(dl, "open", full_disk_open, raising=False)
+    target = tmp_path / "dl" / "h.bin"
+    try:
+        with pytest.raises(DownloadError, match=r"disk full writing .*h.bin.part .*free space and run again"):
+            download(server.url("/h.bin"), target, "sha256", hashlib.sha256(body).hexdigest())
+        assert not target.exists()
+        monkeypatch.undo()
+        monkeypatch.setenv("TOKENSCOPE_HOME", str(home))
+        assert download(server.url("/h.bin"), target, "sha256", hashlib.sha256(body).hexdigest())
+        assert target.read_bytes() == body
+    finally:
+        server.stop()

@@ -590,13 +590,14 @@ def report(
 @app.command()
 def models(
     fetch: Annotated[Optional[str], typer.Option(help="Download, check and convert this published model now (with a progress bar).")] = None,
+    offline: Annotated[bool, typer.Option(help="With --fetch: no network, only a file already in place (also TOKENSCOPE_OFFLINE=1).")] = False,
 ) -> None:
     """List the named models: built-in architectures and published Segmenter checkpoints."""
     from tokenscope import api
     from tokenscope.models.published import cache_root
 
     if fetch is not None:
-        _fetch_published(fetch)
+        _fetch_published(fetch, offline or None)
     df = api.list_models()
     table = Table(title=f"models (published ones download once into {cache_root()})", title_justify="left")
     for col in ("name", "kind", "arch", "classes", "data set", "decoder", "published mIoU", "weights"):
@@ -622,12 +623,12 @@ def _download_progress(item: str) -> Iterator[Callable[[int, int, str], None]]:
         yield update
 
 
-def _fetch_published(name: str) -> None:
+def _fetch_published(name: str, offline: bool | None = None) -> None:
     from tokenscope.models.checkpoints import _convert_published
     from tokenscope.models.published import ensure_published
 
     with _user_errors(), _download_progress(name) as update:
-        path = ensure_published(name, _convert_published, progress=update)
+        path = ensure_published(name, _convert_published, progress=update, offline=offline)
     out_console.print(f"{name}: [bold]{path}[/]", highlight=False)
 
 

@@ -121,7 +121,7 @@ def verify_file(path: Path, expected: str) -> str:
 
 
 def ensure_published(name: str, convert: Callable[[Path, Path, PublishedModel], None],
-                     progress: DownloadProgress | None = None, timeout: float = 60.0) -> Path:
+                     progress: DownloadProgress | None = None, timeout: float = 60.0, offline: bool | None = None) -> Path:
     """The converted checkpoint of published model `name`, downloading and converting on first use.
 
     `convert(downloaded_file, converted_json, entry)` writes the tokenscope checkpoint. A file the
@@ -132,7 +132,7 @@ def ensure_published(name: str, convert: Callable[[Path, Path, PublishedModel], 
     if out.is_file() and out.with_suffix(".safetensors").is_file():
         return out
     try:
-        return _download_and_convert(entry, out, convert, progress, timeout)
+        return _download_and_convert(entry, out, convert, progress, timeout, offline)
     finally:
         for folder in (model_dir(name), model_dir(name).parent):  # a failed first use leaves no trace
             if folder.is_dir() and not any(folder.iterdir()):
@@ -140,11 +140,11 @@ def ensure_published(name: str, convert: Callable[[Path, Path, PublishedModel], 
 
 
 def _download_and_convert(entry: PublishedModel, out: Path, convert: Callable[[Path, Path, PublishedModel], None],
-                          progress: DownloadProgress | None, timeout: float) -> Path:
+                          progress: DownloadProgress | None, timeout: float, offline: bool | None) -> Path:
     name = entry.name
     raw = download_path(entry)
     try:
-        download(entry.url, raw, "sha256", entry.sha256, progress, timeout)
+        download(entry.url, raw, "sha256", entry.sha256, progress, timeout, offline=offline)
     except DownloadError as exc:
         hint = "" if str(exc).startswith("offline") else f"; fetch {entry.url} yourself and put it at {raw}"
         raise CheckpointError(f"cannot download {name} ({exc}){hint}") from None
