@@ -137,6 +137,11 @@ def test_windowed_run_writes_one_trace_per_window_and_counts_windows(tmp_path: P
     totals = json.loads((run / "summary.json").read_text())
     assert totals["images"] == 2 and totals["windows"] == 4 and totals["patches"] == 64
     assert 0.0 <= totals["step_miou"] <= 1.0 and "baseline_miou" in totals
+    from tokenscope.render.explorer import image_payload  # the explorer shows each window over its own crop
+
+    panels = image_payload(run / "im0", "run", [])["panels"]
+    assert [p["name"] for p in panels] == ["im0, window 0", "im0, window 1"]
+    assert all(p["image"].startswith("data:image/jpeg") and p["grid"] == [4, 4] for p in panels)
     res = CliRunner().invoke(app, ["heatmap", str(run), "--kind", "merge"])
     assert res.exit_code == 0, res.output
     assert len(list(run.glob("heatmaps-*/im0/w01/merge.png"))) == 1

@@ -39,11 +39,14 @@ What the command line does, as functions (each returns what the command prints a
     compare(images, *, baseline="vit", methods=None, ...) -> CompareResult   (methods="step,tome,cts")
     evaluate(model, *, data="synthetic", ...) -> {"step": {...}, "baseline": {...}}
     heatmap(run_dir) / report(run_dir) / import_segmenter(checkpoint, out)
+    view(trace or run_dir) -> the interactive explorer (inline in a notebook; explorer.html for a run)
+    fetch_data("ade20k") / check_data(name, root=None) / list_data()     data sets in the cache
     train(out, *, init=None, data="synthetic", ...) / bench(*, model, size, batch, method, ...)
     sweep(*, methods=None, ...)                        methods: every method's operating points
 
 Errors are raised as TokenscopeError subclasses with a one-line message: ImageError (an input
-image or label map), CheckpointError (weights), ConfigError (options), RunFolderError (outputs).
+image or label map), CheckpointError (weights), ConfigError (options), RunFolderError (outputs),
+DownloadError (a download failed or did not match its hash).
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = ("Model", "Trace", "load_model", "trace", "trace_many", "predict", "load_trace", "tabulate", "run",
-        "compare", "evaluate", "heatmap", "report", "import_segmenter", "list_models", "train", "bench", "sweep")
-_ERRORS = ("TokenscopeError", "ImageError", "CheckpointError", "ConfigError", "RunFolderError")
+        "compare", "evaluate", "heatmap", "report", "import_segmenter", "list_models", "train", "bench", "sweep",
+        "view", "fetch_data", "check_data", "list_data")
+_ERRORS = ("TokenscopeError", "ImageError", "CheckpointError", "ConfigError", "RunFolderError", "DownloadError")
 __all__ = ["__version__", "plot", *_API, *_ERRORS]
 
 

@@ -574,3 +574,34 @@ def list_data() -> pd.DataFrame:
     from tokenscope.data.fetch import listing
 
     return pd.DataFrame(listing())
+
+
+class ExplorerView:
+    """The explorer page as HTML; in Jupyter it shows inline (in an iframe, so its script and
+    styles stay its own). `.save(path)` writes it as a file that opens from disk."""
+
+    def __init__(self, page: str, path: Path | None = None) -> None:
+        self.html = page
+        self.path = path
+
+    def _repr_html_(self) -> str:
+        return (f'<iframe srcdoc="{html.escape(self.html, quote=True)}" style="width:100%;height:900px;border:0" '
+                'sandbox="allow-scripts"></iframe>')
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.write_text(self.html, encoding="utf-8")
+        return p
+
+
+def view(obj: Any = None, *, out: str | Path = "outputs", image: Any = None) -> ExplorerView:
+    """The explorer of a trace (one image's view), or of a run / comparison folder (None = the
+    latest run under `out`; its `explorer.html` is written too, as `tokenscope view` does)."""
+    from tokenscope.jobs.view import write_view
+    from tokenscope.render.explorer import trace_html
+
+    if isinstance(obj, (Trace, _CoreTrace)):
+        rgb = None if image is None else (np.clip(as_rgb(image)[0], 0, 1) * 255).astype(np.uint8)
+        return ExplorerView(trace_html(obj, Path(obj.meta.source).stem or "trace", rgb))
+    result = write_view(obj, out=out)
+    return ExplorerView(result.page.read_text(encoding="utf-8"), result.page)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional
@@ -203,6 +204,7 @@ def run(
         base = f", without reduction {100 * t['baseline_miou']:.2f}" if "baseline_miou" in t else ""
         out_console.print(f"mIoU with {result.method or 'STEP'} {100 * t['step_miou']:.2f}{base}", highlight=False)
     out_console.print(f"outputs: [bold]{result.run_dir}[/]  (GFLOPs: 2 per multiply-add, policy included)", highlight=False)
+    out_console.print(f"explore it: [bold]tokenscope view {result.run_dir}[/]", highlight=False)
     if _report_failures(result.images):
         raise typer.Exit(3)
 
@@ -318,6 +320,7 @@ def _print_methods(result: Any, baseline: str) -> None:
     out_console.print(table)
     out_console.print(f"outputs: [bold]{result.run_dir}[/] (methods.csv, tokens_per_block.csv, a methods.png per image; "
                       "GFLOPs: torch flop counter, 2 per multiply-add; latency: median after warm-up)", highlight=False)
+    out_console.print(f"explore it: [bold]tokenscope view {result.run_dir}[/] (every method side by side)", highlight=False)
 
 
 DataOpt = Annotated[str, typer.Option("--data", help="Data set: synthetic (generated street scenes), folder (images/ + masks/), ade20k, cityscapes or pascal_context.")]
@@ -585,6 +588,35 @@ def report(
         path = api.report(run_dir, gallery=gallery, animations=animations, out=out)
     out_console.print(f"report: [bold]{path}[/] ({path.stat().st_size / 2**20:.1f} MiB, opens from disk in any browser)",
                       highlight=False)
+
+
+@app.command()
+def view(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A run or compare folder (default: the latest run under --out).")] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="Serve the folder on 127.0.0.1 and load each image's data only when opened (large runs).")] = False,
+    port: Annotated[int, typer.Option(help="Port for --serve (0 = a free one).")] = 0,
+    out: OutOpt = Path("outputs"),
+) -> None:
+    """Write the interactive explorer of a run (explorer.html: opens from disk, no network), or serve it."""
+    from tokenscope.jobs.view import serve as serve_folder
+    from tokenscope.jobs.view import write_view
+
+    with _user_errors(), _progress("explorer") as update:
+        result = write_view(run_dir, out=out, served=serve, progress=update)
+    if not serve:
+        out_console.print(f"explorer: [bold]{result.page}[/] ({result.page.stat().st_size / 2**20:.1f} MiB, "
+                          "opens from disk in any browser)", highlight=False)
+        return
+    try:
+        server, _ = serve_folder(result.run_dir, port)
+    except OSError as exc:
+        _fail(TokenscopeError(f"cannot serve on 127.0.0.1:{port} ({exc.strerror or exc})"))
+    url = f"http://127.0.0.1:{server.server_address[1]}/{result.page.name}"
+    out_console.print(f"serving {result.run_dir} at [bold]{url}[/] (Ctrl-C stops)", highlight=False)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.shutdown()
 
 
 @app.command()

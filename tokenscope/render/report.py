@@ -91,6 +91,8 @@ def build_report(run_dir: Path, gallery: int = 24, animations: int = 6) -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>tokenscope report: {html.escape(run_dir.name)}</title>",
              f"<style>{CSS}</style></head><body>",
              f"<h1>Where do the tokens go? {html.escape(run_dir.name)}</h1>",
+             "<p class='meta'>Interactive: <a href='explorer.html'>explorer.html</a> (block by block, token by token; "
+             f"write it with <code>tokenscope view {html.escape(str(run_dir))}</code> if it is not there yet)</p>",
              "<p class='meta'>" + html.escape(
                  f"model {manifest.get('model')} ({manifest.get('arch')}), weights {manifest.get('weights')}, "
                  + (f"method {manifest['method']}, " if manifest.get("method") else "")
