@@ -146,7 +146,7 @@ def test_report_is_one_self_contained_file(tmp_path: Path, ckpt8: Path) -> None:
     p = _Collect()
     p.feed(text)
     assert p.srcs and all(s.startswith("data:image/") for s in p.srcs)
-    assert not p.hrefs
+    assert p.hrefs == ["explorer.html"]  # the one link: the run's own explorer, beside the report
     assert "Per class" in text and "token_flow" in text and "image/gif" in text
     r2 = CliRunner().invoke(app, ["report", str(run)])
     assert r2.exit_code == 0 and (run / "report-2.html").is_file()  # never overwrites

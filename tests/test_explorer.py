@@ -7,6 +7,7 @@ own browser download is never used). Without Chromium or Playwright they skip wi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +29,8 @@ except ImportError:  # pragma: no cover - the dev extra installs it
     sync_playwright = None  # type: ignore[assignment]
 needs_browser = pytest.mark.skipif(CHROMIUM is None or sync_playwright is None,
                                    reason="needs Debian's chromium and the playwright package (.ci/run installs both)")
+SHOTS = Path(os.environ["TOKENSCOPE_SCREENSHOTS"]) if os.environ.get("TOKENSCOPE_SCREENSHOTS") else None
+"""Where the browser tests leave screenshots of the three views (README's come from here)."""
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-quic"]
 
@@ -51,6 +54,22 @@ def methods_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert r.exit_code == 0, r.output
     (run,) = out.glob("compare-*")
     return run
+
+
+@pytest.fixture(scope="module")
+def dataset_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dataset")
+    r = invoke("run", "--dataset", "synthetic", "--seeds", "100:106", "--scene-size", "256", "--device", "cpu",
+               "--no-animation", "--no-figures", "--out", out)
+    assert r.exit_code == 0, r.output
+    (run,) = out.glob("run-*")
+    return run
+
+
+def _shot(page: object, name: str) -> None:
+    if SHOTS is not None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / name), full_page=True)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +191,13 @@ def test_hovering_a_patch_shows_the_record_tokens_csv_gives_its_token(demo_run: 
     p.mouse.click(*_centre(box, trace, 0, 0))
     row = p.locator("#selected-row td").all_inner_texts()
     assert row[0] == str(int(trace.token_of_patch[0, 0]))
+    p.keyboard.press("ArrowRight")
+    p.keyboard.press("ArrowRight")
+    p.keyboard.press("ArrowRight")
+    p.keyboard.press("ArrowRight")
+    p.locator("input[data-layer='prediction']").check()
+    p.mouse.move(*_centre(box, trace, 10, 4))
+    _shot(p, "image_view.png")
 
 
 @needs_browser
@@ -193,6 +219,7 @@ def test_the_method_view_highlights_the_hovered_patch_in_every_panel(methods_run
             assert int(panels.nth(i).locator(".tooltip").get_attribute("data-token")) == int(tr.cover_at(2)[r, c])
     counts = [int(panels.nth(i).get_attribute("data-tokens")) for i in range(4)]
     assert counts == [int(tr.block_tokens_in[1]) for tr in traces]
+    _shot(p, "method_view.png")
     assert not p.errors and all(u.startswith(("file:", "data:")) for u in requests), requests
 
 
@@ -233,3 +260,23 @@ def test_served_explorer_loads_an_image_only_when_it_is_opened(demo_run: Path, t
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@needs_browser
+def test_the_data_set_view_sorts_filters_and_opens_an_image(dataset_run: Path, browser: object) -> None:
+    p, _ = _open(browser, write_view(dataset_run).page.as_uri())
+    images = pd.read_csv(dataset_run / "tables" / "images.csv")
+    rows = p.locator("#images-table tbody tr")
+    assert rows.count() == len(images) == 6
+    p.click("#images-table th[data-key='tokens']")
+    shown = [r.get_attribute("data-image") for r in rows.all()]
+    assert shown == images.sort_values("tokens", kind="stable")["image"].tolist()
+    p.click("#images-table th[data-key='tokens']")  # again: descending
+    assert rows.first.get_attribute("data-image") == images.sort_values("tokens")["image"].iloc[-1]
+    assert p.locator("#classes-table tbody tr").count() > 0
+    _shot(p, "dataset_view.png")
+    p.fill("#filter", images["image"].iloc[2])
+    assert rows.count() == 1
+    rows.first.click()
+    p.wait_for_selector(".panel[data-tokens]")
+    assert p.locator("#image-name").inner_text() == images["image"].iloc[2]

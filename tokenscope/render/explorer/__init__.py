@@ -153,6 +153,9 @@ def run_index(run_dir: Path) -> RunIndex:
             r["image"] = Path(str(r["image"])).stem
     else:
         rows = _records(run_dir / "tables" / "images.csv")
+        for r in rows:  # the accuracy a reduction cost this image, where labels were given
+            if r.get("step_miou") is not None and r.get("baseline_miou") is not None:
+                r["miou_change"] = r["step_miou"] - r["baseline_miou"]
     title = f"{run_dir.name}: {manifest.get('model') or manifest.get('request', {}).get('model', {}).get('model', '')}"
     index = {"kind": kind, "title": title, "methods": methods, "images": [f.name for f in folders],
              "missing": missing, "rows": rows, "classes": _records(run_dir / "tables" / "classes.csv")}

@@ -107,6 +107,7 @@
     const all = new Set();
     rows.forEach((r) => Object.keys(r).forEach((k) => all.add(k)));
     const cols = PREFERRED.filter((c) => all.has(c));
+    all.forEach((c) => { if (c.includes("miou") && !cols.includes(c)) cols.push(c); }); // accuracy and its change
     return cols.length ? cols : Array.from(all).slice(0, 12);
   }
 
