@@ -280,3 +280,17 @@ def test_the_data_set_view_sorts_filters_and_opens_an_image(dataset_run: Path, b
     rows.first.click()
     p.wait_for_selector(".panel[data-tokens]")
     assert p.locator("#image-name").inner_text() == images["image"].iloc[2]
+
+
+def test_images_a_run_could_not_process_are_named_in_the_index(tmp_path: Path) -> None:
+    bad = tmp_path / "in" / "broken.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a png")
+    shutil.copy(SAMPLE / "street_5000001.png", tmp_path / "in" / "good.png")
+    r = invoke("run", tmp_path / "in", "--size", "128", "--device", "cpu", "--no-animation", "--no-figures",
+               "--out", tmp_path / "out")
+    assert r.exit_code == 3, r.output  # one image failed, the other was traced
+    (run,) = (tmp_path / "out").glob("run-*")
+    index = run_index(run).index
+    assert index["images"] == ["good"]
+    assert len(index["missing"]) == 1 and index["missing"][0].startswith("broken.png (")

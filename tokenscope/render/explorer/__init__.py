@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -84,7 +85,7 @@ def trace_panel(trace: Trace, name: str) -> dict[str, Any]:
 def _load_panel(folder: Path, name: str) -> dict[str, Any]:
     try:
         return trace_panel(Trace.load(folder), name)
-    except (TokenscopeError, OSError, ValueError, KeyError) as exc:
+    except (TokenscopeError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         return {"name": name, "error": f"{folder.name}: the trace cannot be read ({str(exc).splitlines()[0][:200]})"}
 
 
@@ -146,6 +147,8 @@ def run_index(run_dir: Path) -> RunIndex:
                        or (p / "image.png").exists()))
     folders = [run_dir / n for n in names if (run_dir / n).is_dir()]
     missing = [n for n in names if not (run_dir / n).is_dir()]
+    missing += [f"{Path(str(e.get('source', '?'))).name} ({e['error']})" for e in manifest.get("images", [])
+                if e.get("error") and not e.get("folder")]  # images the run could not process
     if kind == "compare":
         table = run_dir / ("methods.csv" if "methods" in manifest else "compare.csv")
         rows = [r for r in _records(table) if r.get("image") != "ALL"]

@@ -139,7 +139,7 @@
     $("more").hidden = rows.length <= shown.length;
     if (idx.missing && idx.missing.length) {
       $("missing").hidden = false;
-      $("missing").textContent = "image folders named in run.json but missing: " + idx.missing.join(", ");
+      $("missing").textContent = "images without data (missing folders, or images the run could not process): " + idx.missing.join("; ");
     }
     renderClasses();
   }
