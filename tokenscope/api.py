@@ -352,8 +352,13 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
         seeds: str = "100000:100100", scene_size: int = 512, size: int | None = None, window: int | None = None,
         stride: int | None = None, figures: bool = True, animation: bool = True, animation_limit: int | None = None,
         baseline: bool | None = None, render_workers: int | None = None, device: str = "auto", seed: int = 0,
-        out: str | Path = "outputs", resume: str | Path | None = None, progress: Progress | None = None) -> Any:
-    """`tokenscope run`: trace image files/folders or a data set into a fresh run folder.
+        out: str | Path = "outputs", resume: str | Path | None = None, progress: Progress | None = None,
+        every: int = 1, start: str | None = None, end: str | None = None, max_frames: int | None = None) -> Any:
+    """`tokenscope run`: trace image files/folders, video clips or a data set into a fresh run folder.
+
+    Video files (.mp4, .avi, ...) are traced frame by frame (`every` N-th frame, from `start` to
+    `end` in frames or seconds such as "2.5s", at most `max_frames`): a frame table with the
+    changes between consecutive frames, a timeline figure and an overlay video per clip.
 
     Returns a RunResult (`.run_dir`, `.images`, `.tables`, `.warnings`). With a `Model` object its
     operating point is used and recorded; with a name, the model options load it.
@@ -369,7 +374,8 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
     req = RunRequest(inputs=[str(p) for p in images or []], labels=labels, dataset=dataset, data_root=data_root,
                      split=split, seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
                      animation=animation, baseline=baseline, window=window, stride=stride,
-                     animation_limit=animation_limit, render_workers=render_workers)
+                     animation_limit=animation_limit, render_workers=render_workers, every=every, start=start,
+                     end=end, max_frames=max_frames)
     return run_job(req, out=out, resume=resume, progress=progress,
                    model=None if held is None else (held.loaded, held.device))
 

@@ -121,16 +121,39 @@ def _is_writer() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _print_tails(summary: dict[str, Any]) -> None:
+    """Distributions, not just means: the tails of latency, tokens and GFLOPs, and each clip's stability."""
+    tails = summary.get("tails", {})
+    if summary.get("images", 0) > 1:
+        for label, unit in (("latency_ms", "ms"), ("tokens", "tokens"), ("gflops", "GFLOPs")):
+            t = tails.get(label)
+            if t:
+                worst = ", ".join(w["name"] for w in t["worst"][:2])
+                out_console.print(f"{label}: p50 {t['p50']:.3g} p90 {t['p90']:.3g} p95 {t['p95']:.3g} p99 {t['p99']:.3g} "
+                                  f"max {t['max']:.3g} {unit} (p99/p50 {t['p99_over_p50']:.2f}; worst: {worst})",
+                                  highlight=False)
+    for name, clip in summary.get("clips", {}).items():
+        changes = ", ".join(f"{k.replace('_change', '')} {100 * clip[k]['mean']:.1f}% (max {100 * clip[k]['max']:.1f}%)"
+                            for k in ("level_change", "exit_change", "class_change"))
+        video = f"; overlay video {clip['overlay_video']}" if clip.get("overlay_video") else ""
+        out_console.print(f"clip {name}: {clip['frames']} frames; patches changed between frames: {changes}{video}",
+                          highlight=False)
+
+
 def _report_failures(images: list[Any]) -> int:
     failed = [r for r in images if r.error]
-    for r in failed:
-        err_console.print(f"[bold red]error:[/] {r.error}", highlight=False, soft_wrap=True)
+    counts: dict[str, int] = {}
+    for r in failed:  # a damaged clip fails all its later frames with one message: say it once
+        counts[r.error] = counts.get(r.error, 0) + 1
+    for error, n in counts.items():
+        more = f" ({n} frames or images)" if n > 1 else ""
+        err_console.print(f"[bold red]error:[/] {error}{more}", highlight=False, soft_wrap=True)
     return len(failed)
 
 
 @app.command()
 def run(
-    images: Annotated[Optional[list[str]], typer.Argument(help="Image files or folders of images.")] = None,
+    images: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders of images, or video clips (.mp4, .avi, ...: traced frame by frame).")] = None,
     model: ModelOpt = "demo",
     weights: WeightsOpt = None,
     random_init: RandomOpt = False,
@@ -157,6 +180,10 @@ def run(
     animation_limit: Annotated[Optional[int], typer.Option(help="GIFs for the first N images only. Default: every image file; the first 10 images of a data set.")] = None,
     render_workers: Annotated[Optional[int], typer.Option(help="Processes that write pictures and files while the model runs (0 = none). Default: none on the CPU; cores - 1 with a GPU and 4+ images.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Finish an interrupted run folder (its own settings are used).")] = None,
+    every: Annotated[int, typer.Option(help="Video inputs: trace every N-th frame.")] = 1,
+    start: Annotated[Optional[str], typer.Option(help="Video inputs: first frame, in frames (300) or seconds (12.5s).")] = None,
+    end: Annotated[Optional[str], typer.Option(help="Video inputs: stop before this frame or time.")] = None,
+    max_frames: Annotated[Optional[int], typer.Option(help="Video inputs: at most this many frames per clip.")] = None,
     device: DeviceOpt = "auto",
     size: SizeOpt = None,
     window: WindowOpt = None,
@@ -176,7 +203,7 @@ def run(
                              scene_size=scene_size, size=size, window=window, stride=stride, figures=figures,
                              animation=animation, animation_limit=animation_limit, baseline=baseline,
                              render_workers=render_workers, device=device, seed=seed, out=out, resume=resume,
-                             progress=progress)
+                             progress=progress, every=every, start=start, end=end, max_frames=max_frames)
     if result.rank != 0:  # under torchrun, rank 0 reports for the whole job
         raise typer.Exit(3 if any(r.error for r in result.images) else 0)
     _warn(result.warnings)
@@ -205,6 +232,7 @@ def run(
         out_console.print(f"mIoU with {result.method or 'STEP'} {100 * t['step_miou']:.2f}{base}", highlight=False)
     out_console.print(f"outputs: [bold]{result.run_dir}[/]  (GFLOPs: 2 per multiply-add, policy included)", highlight=False)
     out_console.print(f"explore it: [bold]tokenscope view {result.run_dir}[/]", highlight=False)
+    _print_tails(result.tables.summary if result.tables is not None else {})
     if _report_failures(result.images):
         raise typer.Exit(3)
 

@@ -57,6 +57,10 @@ from tokenscope.render.dataset_plots import write_dataset_figures
 from tokenscope.render.overlays import OVERLAY_KINDS, default_group_blocks, groups_overlay, render_label_map, render_overlay
 from tokenscope.render.plots import token_histogram
 from tokenscope.trace.capture import TraceCapture, merging_meta
+from tokenscope.analysis.stability import tails
+from tokenscope.data.video import FrameReader, FrameSelection, is_video, probe
+from tokenscope.jobs.clips import Clip, ClipFrame, clip_outputs
+from tokenscope.render.timeline import tails_figure
 from tokenscope.trace.trace import Trace
 
 WINDOWS_JSON = "windows.json"
@@ -90,6 +94,14 @@ class RunRequest:
     """GIFs for the first N images only; None = all files, or the first DATASET_ANIMATIONS of a data set."""
     render_workers: int | None = None
     """Processes writing image folders beside the model; None = chosen from the image count and cores."""
+    every: int = 1
+    """Video inputs: take every N-th frame."""
+    start: str | None = None
+    """Video inputs: first frame, as frames (300) or seconds (12.5s)."""
+    end: str | None = None
+    """Video inputs: stop before this frame or time."""
+    max_frames: int | None = None
+    """Video inputs: at most this many frames per clip."""
 
     def model_options(self) -> ModelOptions:
         return ModelOptions(**self.model)
@@ -102,6 +114,8 @@ class RunItem:
     load: Callable[[int], PreparedImage]
     """load(patch): the image prepared for a model with `patch`-pixel patches."""
     labelled: bool
+    clip: Clip | None = None
+    """The video clip this frame belongs to (None for images)."""
 
 
 @dataclass
@@ -145,16 +159,34 @@ def _items(req: RunRequest) -> list[RunItem]:
             return load
 
         return [RunItem(unique_name(ds.name(i), taken), ds.name(i), loader(i), True) for i in range(len(ds))]
-    paths = find_images(list(req.inputs))
-    if not paths:
+    videos = [p for p in req.inputs if is_video(p)]
+    items = _frame_items(videos, req, taken)
+    paths = find_images([p for p in req.inputs if p not in videos])
+    if not paths and not items:
         raise TokenscopeError("no images found in " + ", ".join(req.inputs))
     labels = Path(req.labels) if req.labels is not None else None
-    items = []
     for p in paths:
         def load(patch: int, p: Path = p) -> PreparedImage:
             lab = find_label_for(p, labels) if labels is not None else None
             return load_prepared(p, size=req.size, labels_path=lab, patch=patch)
         items.append(RunItem(unique_name(p.stem, taken), str(p), load, labels is not None))
+    return items
+
+
+def _frame_items(videos: list[str], req: RunRequest, taken: set[str]) -> list[RunItem]:
+    """One item per selected frame of each clip; a clip's frames share one sequential reader."""
+    selection = FrameSelection(req.every, req.start, req.end, req.max_frames)
+    items = []
+    for v in videos:
+        info = probe(v)
+        reader = FrameReader(info)
+        clip = Clip(unique_name(Path(v).stem, taken), v, info.fps, req.every)
+        for index in selection.indices(info):
+            def load(patch: int, index: int = index, reader: FrameReader = reader) -> PreparedImage:
+                return prepare_image(reader.frame(index), f"{reader.info.path}#frame={index}", size=req.size, patch=patch)
+            name = unique_name(f"{clip.name}-f{index:06d}", taken)
+            clip.frames.append(ClipFrame(index, index / info.fps, name))
+            items.append(RunItem(name, f"{v}#frame={index}", load, False, clip))
     return items
 
 
@@ -309,6 +341,7 @@ def finish_run(run_dir: Path, names: list[str], figures: bool = True,
         return None
     tables = aggregate(_records(run_dir, present), image_evals=_window_evals(run_dir, present), images=len(present))
     tables.summary.update(extra or {})
+    tables.summary["tails"] = tails(tables.images)
     out = run_dir / "tables"
     out.mkdir(exist_ok=True)
     for name in ("images", "classes", "levels", "blocks"):
@@ -323,6 +356,8 @@ def finish_run(run_dir: Path, names: list[str], figures: bool = True,
         fig_dir = run_dir / "figures"
         fig_dir.mkdir(exist_ok=True)
         write_dataset_figures(tables, fig_dir)
+        if len(tables.images) > 1:
+            tails_figure(tables.images, fig_dir / "tails.png", f"{run_dir.name}: distributions over {len(tables.images)} images")
     return tables
 
 
@@ -425,6 +460,10 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
                          method=loaded.model.method)
     tables = finish_run(run_dir, [it.name for it in items], req.figures,
                         {"animated_images": base_manifest["animated_images"]})
+    clips = list({id(it.clip): it.clip for it in items if it.clip is not None}.values())
+    if clips and tables is not None:
+        tables.summary["clips"] = clip_outputs(run_dir, clips, tables.images, req.figures)
+        write_json_atomic(run_dir / "summary.json", tables.summary)
     for r in results:
         if r.skipped and r.folder is not None:
             r.summary = json.loads((run_dir / r.folder / "summary.json").read_text())

@@ -1,0 +1,100 @@
+"""Video clips as input: one trace per frame, frame-to-frame stability, an overlay video, tails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from test_cli import invoke
+
+from tokenscope.data.synthetic import synthetic_scene
+from tokenscope.data.video import FrameSelection, VideoInfo
+from tokenscope.errors import ConfigError
+
+
+def _frames(seed: int, n: int, pan: int = 8, size: int = 128) -> list[np.ndarray]:
+    scene = synthetic_scene(seed, size, size + pan * n)
+    rgb = (np.clip(scene.image, 0, 1) * 255).round().astype(np.uint8)
+    return [np.ascontiguousarray(rgb[:, pan * k:pan * k + size]) for k in range(n)]
+
+
+def write_clip(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
+    """Motion-JPEG AVI: every frame decodes on its own, so a cut file keeps its first frames."""
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def _run(clip: Path, out: Path, *flags: str) -> tuple[object, Path]:
+    r = invoke("run", clip, "--device", "cpu", "--no-animation", "--out", out, *flags)
+    runs = sorted(out.glob("run-*"))
+    return r, runs[-1] if runs else out
+
+
+def test_a_clip_is_traced_frame_by_frame_with_an_overlay_video_and_tails(tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "pan.avi", _frames(3, 8))
+    r, run = _run(clip, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    folders = sorted(p.name for p in run.iterdir() if (p / "trace.json").is_file())
+    assert folders == [f"pan-f{k:06d}" for k in range(8)]
+    frames = pd.read_csv(run / "tables" / "frames.csv")
+    assert frames["frame"].tolist() == list(range(8)) and np.allclose(frames["time_s"], np.arange(8) / 10.0)
+    assert np.isnan(frames["level_change"].iloc[0]) and (frames["class_change"].iloc[1:] >= 0).all()
+    video = cv2.VideoCapture(str(run / "pan_overlay.mp4"))
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 8
+    assert int(video.get(cv2.CAP_PROP_FRAME_WIDTH)) >= 3 * 128 and int(video.get(cv2.CAP_PROP_FRAME_HEIGHT)) >= 128
+    assert (run / "figures" / "timeline_pan.png").is_file() and (run / "figures" / "tails.png").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    images = pd.read_csv(run / "tables" / "images.csv")
+    for q in (50, 90, 95, 99):  # the tails are numpy's percentiles of the run's own table
+        assert summary["tails"]["latency_ms"][f"p{q}"] == pytest.approx(np.percentile(images["forward_ms"], q), rel=1e-12)
+        assert summary["tails"]["tokens"][f"p{q}"] == pytest.approx(np.percentile(images["tokens"], q), rel=1e-12)
+    worst = summary["tails"]["gflops"]["worst"][0]
+    assert worst["name"] == images.loc[images["gflops"].idxmax(), "image"]
+    assert summary["clips"]["pan"]["frames"] == 8 and "p99" in r.output and "clip pan: 8 frames" in r.output
+
+
+def test_a_still_clip_changes_nothing_and_a_cut_shows_as_a_jump(tmp_path: Path) -> None:
+    still = write_clip(tmp_path / "still.avi", [_frames(4, 1)[0]] * 5)
+    r, run = _run(still, tmp_path / "a", "--no-figures")
+    assert r.exit_code == 0, r.output
+    frames = pd.read_csv(run / "tables" / "frames.csv")
+    for column in ("level_change", "exit_change", "class_change"):
+        assert frames[column].iloc[1:].tolist() == [0.0] * 4
+    cut = write_clip(tmp_path / "cut.avi", _frames(5, 4, pan=2) + _frames(6, 4, pan=2))
+    r, run = _run(cut, tmp_path / "b", "--no-figures")
+    frames = pd.read_csv(run / "tables" / "frames.csv")
+    change = frames["level_change"] + frames["exit_change"] + frames["class_change"]
+    assert int(change.idxmax()) == 4 and change[4] > 2 * change.drop(index=[0, 4]).max()
+
+
+def test_frame_selection_takes_every_nth_between_start_and_end() -> None:
+    info = VideoInfo("x.mp4", 10.0, 100, 64, 64)
+    assert FrameSelection(every=5, start="1s", end="30").indices(info) == [10, 15, 20, 25]
+    assert FrameSelection(every=2, max_frames=3).indices(info) == [0, 2, 4]
+    assert FrameSelection(start="95", end="2000").indices(info) == [95, 96, 97, 98, 99]
+    for bad in (FrameSelection(every=0), FrameSelection(start="abc"), FrameSelection(max_frames=0)):
+        with pytest.raises(ConfigError):
+            bad.indices(info)
+
+
+def test_a_truncated_clip_keeps_the_frames_before_the_damage(tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "cut.avi", _frames(7, 10))
+    data = clip.read_bytes()
+    clip.write_bytes(data[: int(len(data) * 0.55)])
+    r, run = _run(clip, tmp_path / "out", "--no-figures")
+    assert r.exit_code == 3, r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "cut.avi" in errors[0] and "last frame read" in errors[0]
+    traced = sorted(p.name for p in run.iterdir() if (p / "trace.json").is_file())
+    assert 0 < len(traced) < 10 and traced == [f"cut-f{k:06d}" for k in range(len(traced))]
+    assert len(pd.read_csv(run / "tables" / "frames.csv")) == len(traced)
+    r = invoke("run", tmp_path / "missing.mp4", "--device", "cpu", "--out", tmp_path / "o2")
+    assert r.exit_code != 0 and "missing.mp4: cannot be read as a video" in r.output and "Traceback" not in r.output
