@@ -98,3 +98,36 @@ def test_a_truncated_clip_keeps_the_frames_before_the_damage(tmp_path: Path) -> 
     assert len(pd.read_csv(run / "tables" / "frames.csv")) == len(traced)
     r = invoke("run", tmp_path / "missing.mp4", "--device", "cpu", "--out", tmp_path / "o2")
     assert r.exit_code != 0 and "missing.mp4: cannot be read as a video" in r.output and "Traceback" not in r.output
+
+
+def test_evaluate_compare_and_bench_report_latency_tails_as_numpy_computes_them(tmp_path: Path) -> None:
+    import torch
+    from conftest import TINY, make_tiny
+
+    from tokenscope.analysis.bench import VariantTiming
+    from tokenscope.analysis.evaluate import OperatingPoint, evaluate
+    from tokenscope.data.datasets import SyntheticDataset
+    from tokenscope.models.checkpoints import LoadedModel
+
+    loaded = LoadedModel(make_tiny(0, TINY), TINY, {"backbone": True, "decoder": True, "exits": True, "policy": True},
+                         "t", "t")
+    res = evaluate(loaded, SyntheticDataset(range(5), 64, 64), [OperatingPoint("baseline", "none", False)],
+                   torch.device("cpu"))
+    scores = res.variants["baseline"]
+    lat = np.array([row[1] for row in scores.per_image])
+    tail = scores.as_dict()["tails"]["latency_ms"]
+    assert len(lat) == 5 and tail["p95"] == pytest.approx(np.percentile(lat, 95)) and tail["max"] == pytest.approx(lat.max())
+    timing = VariantTiming("step", "none", False, latencies_s=[0.010, 0.012, 0.011, 0.030])
+    t = timing.latency_tail()
+    assert t["p50"] == pytest.approx(11.5) and t["p99"] == pytest.approx(np.percentile([10, 12, 11, 30], 99))
+    out = tmp_path / "cmp"
+    clip_frames = _frames(8, 3)
+    for k, f in enumerate(clip_frames):
+        cv2.imwrite(str(tmp_path / f"im{k}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    r = invoke("compare", *(tmp_path / f"im{k}.png" for k in range(3)), "--methods", "tome:r=4", "--device", "cpu",
+               "--repeats", "1", "--warmup", "0", "--out", out)
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(next(out.glob("compare-*")) / "methods.csv")
+    per_image = df[(df["image"] != "ALL") & (df["method"] == "tome:r=4")]["latency_ms"].to_numpy()
+    overall = df[(df["image"] == "ALL") & (df["method"] == "tome:r=4")].iloc[0]
+    assert overall["latency_p99_ms"] == pytest.approx(np.percentile(per_image, 99))

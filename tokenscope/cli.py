@@ -450,6 +450,11 @@ def _print_eval(metrics: dict[str, dict[str, Any]], title: str) -> None:
                       f"{m['token_reduction']:.2f}x", f"{m['exited_early_pct']:.1f}%", f"{m['gflops_per_image']:.2f}",
                       f"{m['forward_ms_per_image']:.0f}")
     out_console.print(table)
+    for name, m in metrics.items():  # the tail of the latency, not just its mean
+        t = m.get("tails", {}).get("latency_ms")
+        if t and m["images"] > 1:
+            out_console.print(f"{name} latency: p50 {t['p50']:.1f} p95 {t['p95']:.1f} p99 {t['p99']:.1f} max {t['max']:.1f} ms "
+                              f"(p99/p50 {t['p99_over_p50']:.2f}; worst {t['worst'][0]['name']})", highlight=False)
 
 
 @app.command()
@@ -555,6 +560,11 @@ def bench(
                       f"of baseline time ({s['policy_flops_pct_of_baseline']:.3f}% of FLOPs)  learned dCTS policy net "
                       f"{s['learned_policy_net_time_pct_of_baseline']:.2f}% of time ({s['learned_policy_net_flops_pct_of_baseline']:.3f}% of FLOPs)",
                       highlight=False)
+    tails = [(name, s[name].get("latency_tail") or {}) for name in ("baseline", "step")]
+    if all(t.get("repeats", 0) > 1 for _, t in tails):
+        out_console.print("latency over the repeats: " + "; ".join(
+            f"{name} p50 {t['p50']:.1f} p99 {t['p99']:.1f} max {t['max']:.1f} ms (p99/p50 {t['p99_over_p50']:.2f})"
+            for name, t in tails), highlight=False)
     if s["one_at_a_time_ms"] is not None:
         out_console.print(f"same batch one image at a time: {s['one_at_a_time_ms']:.1f} ms vs padded batch "
                           f"{result.step.latency_ms:.1f} ms", highlight=False)

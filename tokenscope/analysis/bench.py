@@ -52,6 +52,16 @@ class VariantTiming:
     def images_per_s(self, batch: int) -> float:
         return batch / statistics.median(self.latencies_s)
 
+    def latency_tail(self) -> dict[str, float]:
+        """p50/p90/p95/p99/max of the timed repeats, in ms (numpy's linear percentiles; with few
+        repeats the high percentiles are close to the maximum, which they then say)."""
+        ms = 1e3 * np.asarray(self.latencies_s, dtype=np.float64)
+        if ms.size == 0:
+            return {}
+        tail = {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 95, 99)}
+        tail.update({"max": float(ms.max()), "repeats": int(ms.size), "p99_over_p50": tail["p99"] / tail["p50"]})
+        return tail
+
 
 @dataclass
 class BenchResult:
@@ -97,8 +107,9 @@ class BenchResult:
         return {
             "batch": self.batch, "size": list(self.size), "device": self.device, "threads": self.threads, "amp": self.amp,
             "baseline": {**asdict(self.baseline), "latency_ms": self.baseline.latency_ms,
-                         "images_per_s": self.baseline.images_per_s(self.batch)},
-            "step": {**asdict(self.step), "latency_ms": self.step.latency_ms, "images_per_s": self.step.images_per_s(self.batch)},
+                         "images_per_s": self.baseline.images_per_s(self.batch), "latency_tail": self.baseline.latency_tail()},
+            "step": {**asdict(self.step), "latency_ms": self.step.latency_ms, "images_per_s": self.step.images_per_s(self.batch),
+                     "latency_tail": self.step.latency_tail()},
             "speedup": self.speedup, "flop_reduction": self.flop_reduction, "speedup_over_flop_reduction": self.quotient,
             "recorder_overhead_pct": self.recorder_overhead_pct,
             "policy_time_pct_of_baseline": self.share_pct(self.policy_s),

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
 from tokenscope import dist
 from tokenscope.analysis.metrics import confusion, iou_per_class, mean_iou
+from tokenscope.analysis.stability import tails
 from tokenscope.analysis.windowed import predict
 from tokenscope.data.datasets import SegmentationDataset
 from tokenscope.data.images import prepare_image
@@ -74,6 +76,8 @@ class VariantScores:
     groups: int = 0
     """Tokens that exited or reached the end (a group merged inside the encoder counts once)."""
     depth: int = 0
+    per_image: list[tuple[str, float, int, float]] = field(default_factory=list)
+    """(image, latency ms, tokens in, GFLOPs) of every image: the distributions behind the means."""
 
     COUNTS = ("patches", "tokens", "exited_tokens", "exited_patches", "flops", "images", "windows", "forward_s",
               "block_tokens", "groups")
@@ -82,6 +86,7 @@ class VariantScores:
         """Sum the totals of every rank into this one (a no-op in a single process)."""
         if not ctx.active:
             return
+        self.per_image = [row for rank_rows in dist.gather(ctx, self.per_image) for row in rank_rows]
         self.confusion = dist.all_reduce_sum(ctx, self.confusion)
         totals = dist.all_reduce_sum(ctx, np.array([float(getattr(self, k)) for k in self.COUNTS]))
         for k, v in zip(self.COUNTS, totals):
@@ -125,6 +130,7 @@ class VariantScores:
             "exited_early_patch_pct": self.exited_patch_pct, "gflops_per_image": self.gflops_per_image,
             "forward_ms_per_image": 1e3 * self.forward_s / max(self.images, 1),
             "mean_tokens_per_block": self.mean_tokens_per_block, "block_token_reduction": self.block_token_reduction,
+            "tails": tails(pd.DataFrame(self.per_image, columns=["image", "forward_ms", "tokens", "gflops"])),
             "iou_per_class": {(class_names[c] if c < len(class_names) else str(c)): (None if np.isnan(v) else float(v))
                               for c, v in enumerate(ious)},
         }
@@ -170,6 +176,7 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
                 s.windows += len(pred.traces)
                 s.block_tokens += pred.block_tokens
                 s.groups += pred.groups
+                s.per_image.append((sample.name, 1e3 * pred.forward_s, int(pred.tokens), pred.flops / 1e9))
                 s.depth = model.depth
                 s.images += 1
         if progress:

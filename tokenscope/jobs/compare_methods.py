@@ -177,6 +177,10 @@ def _overall(rows: list[dict[str, Any]], conf: dict[str, np.ndarray], have_label
         r["block_token_reduction"] = float(np.average(base["mean_tokens_per_block"], weights=base["windows"])
                                            / r["mean_tokens_per_block"])
         r["agreement"] = float(np.average(sub["agreement"], weights=sub["input_h"] * sub["input_w"]))
+        lat = sub["latency_ms"].to_numpy(dtype=np.float64)  # the tail of the per-image latencies
+        for q in (50, 95, 99):
+            r[f"latency_p{q}_ms"] = float(np.percentile(lat, q))
+        r["latency_p99_over_p50"] = r["latency_p99_ms"] / r["latency_p50_ms"] if r["latency_p50_ms"] else float("nan")
         if have_labels:
             r["miou"] = mean_iou(conf[name])
         out.append(r)
