@@ -611,3 +611,11 @@ def view(obj: Any = None, *, out: str | Path = "outputs", image: Any = None) -> 
         return ExplorerView(trace_html(obj, Path(obj.meta.source).stem or "trace", rgb))
     result = write_view(obj, out=out)
     return ExplorerView(result.page.read_text(encoding="utf-8"), result.page)
+
+
+def read_operating_point(path: str | Path) -> str:
+    """The method label (with its settings) an operating-point file from `tokenscope tune` holds:
+    pass it as `method=` to load_model, run, evaluate or bench."""
+    from tokenscope.jobs.tune import read_operating_point as _read
+
+    return _read(path)

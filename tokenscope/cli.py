@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from tokenscope import __version__
-from tokenscope.errors import TokenscopeError
+from tokenscope.errors import ConfigError, TokenscopeError
 
 app = typer.Typer(
     name="tokenscope",
@@ -50,6 +50,7 @@ MergeOpt = Annotated[Optional[str], typer.Option("--merge-threshold", help="Merg
 ExitThrOpt = Annotated[Optional[float], typer.Option("--exit-threshold", help="A token exits at a gate when its top-1 probability reaches this (default: the model's, 0.95).")]
 ExitsOpt = Annotated[Optional[str], typer.Option("--exits", help="Early exits: learned (auxiliary heads after the exit blocks) or none. Default: learned if trained.")]
 KeepOpt = Annotated[Optional[int], typer.Option("--keep-per-class", help="DToP's context rule: at each gate the K most confident qualifying tokens of every predicted class stay in the sequence (0 = off).")]
+OperatingPointOpt = Annotated[Optional[Path], typer.Option("--operating-point", help="An operating point written by `tokenscope tune` (a method with its settings); instead of --method.")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", help="Token-reduction method: step (dCTS + exits), dcts, dtop (exits on the grid), cts (K shared 2x2 groups), tome (merging in every block), algm (local + global merging), vit (none), or X+tome / X+algm; settings after colons, e.g. tome:r=16, algm:threshold=0.92, cts:groups=300. Default: --policy/--exits decide.")]
 TomeROpt = Annotated[Optional[float], typer.Option("--tome-r", help="With --method tome (or X+tome): tokens merged per block, a count (16) or a fraction of the image's tokens (0.05, the default).")]
 AlgmOpt = Annotated[Optional[float], typer.Option("--algm-threshold", help="With --method algm: the local merging threshold, mean cosine similarity of a 2x2 window (default 0.88).")]
@@ -140,6 +141,17 @@ def _print_tails(summary: dict[str, Any]) -> None:
                           highlight=False)
 
 
+def _with_operating_point(method: str | None, operating_point: Path | None) -> str | None:
+    """The method an operating-point file holds (it replaces --method, never mixes with it)."""
+    if operating_point is None:
+        return method
+    from tokenscope.jobs.tune import read_operating_point
+
+    if method is not None:
+        raise ConfigError("give --method or --operating-point, not both")
+    return read_operating_point(operating_point)
+
+
 def _report_failures(images: list[Any]) -> int:
     failed = [r for r in images if r.error]
     counts: dict[str, int] = {}
@@ -163,6 +175,7 @@ def run(
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
     method: MethodOpt = None,
+    operating_point: OperatingPointOpt = None,
     tome_r: TomeROpt = None,
     algm_threshold: AlgmOpt = None,
     cts_groups: CtsOpt = None,
@@ -196,6 +209,7 @@ def run(
 
     with _user_errors():
         method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
+        method = _with_operating_point(method, operating_point)
         with _progress("tracing") as progress:
             result = api.run(images, model=model, weights=weights, random_init=random_init, policy=policy,
                              merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, budget=budget,
@@ -467,6 +481,7 @@ def evaluate(
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
     method: MethodOpt = None,
+    operating_point: OperatingPointOpt = None,
     tome_r: TomeROpt = None,
     algm_threshold: AlgmOpt = None,
     cts_groups: CtsOpt = None,
@@ -486,6 +501,7 @@ def evaluate(
 
     with _user_errors():
         method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
+        method = _with_operating_point(method, operating_point)
         held = api.load_model(model, weights, policy=policy, merge_threshold=merge_threshold,
                               exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device,
                               method=method)
@@ -512,6 +528,7 @@ def bench(
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
     method: MethodOpt = None,
+    operating_point: OperatingPointOpt = None,
     tome_r: TomeROpt = None,
     algm_threshold: AlgmOpt = None,
     cts_groups: CtsOpt = None,
@@ -534,6 +551,7 @@ def bench(
 
     with _user_errors():
         method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
+        method = _with_operating_point(method, operating_point)
         with _progress("benchmarking") as progress:
             result = api.bench(model=model, weights=weights, random_init=random_init, policy=policy, budget=budget,
                                merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits,
@@ -626,6 +644,65 @@ def report(
         path = api.report(run_dir, gallery=gallery, animations=animations, out=out)
     out_console.print(f"report: [bold]{path}[/] ({path.stat().st_size / 2**20:.1f} MiB, opens from disk in any browser)",
                       highlight=False)
+
+
+@app.command()
+def tune(
+    out: Annotated[Path, typer.Option(help="The operating-point file to write (JSON; never overwritten).")],
+    model: ModelOpt = "demo",
+    weights: WeightsOpt = None,
+    method: Annotated[str, typer.Option(help="The method whose settings are searched: step, dcts, dtop, cts, tome or algm.")] = "step",
+    max_gflops: Annotated[Optional[float], typer.Option(help="Target: at most this many GFLOPs per image.")] = None,
+    p95_latency_ms: Annotated[Optional[float], typer.Option(help="Target: 95% of images within this latency (ms).")] = None,
+    min_speedup: Annotated[Optional[float], typer.Option(help="Target: at least this speed-up of the mean latency over the unreduced model.")] = None,
+    max_miou_drop: Annotated[float, typer.Option(help="Accuracy limit: mIoU points the point may lose against the unreduced model.")] = 1.0,
+    data: DataOpt = "synthetic",
+    data_root: DataRootOpt = None,
+    calib_split: Annotated[str, typer.Option(help="Split of a file data set to choose on.")] = "train",
+    held_split: Annotated[str, typer.Option(help="Split of a file data set to report on.")] = "val",
+    calib_seeds: Annotated[str, typer.Option(help="Synthetic scenes to choose on, START:STOP.")] = "200000:200040",
+    held_seeds: Annotated[str, typer.Option(help="Synthetic scenes to report on, START:STOP (never the calibration ones).")] = "300000:300040",
+    scene_size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Choose the cheapest operating point that meets a target within an accuracy limit; exit 0 when
+    it meets it on held-out images too, 4 when no point meets it on the calibration images, 5 when
+    the chosen one misses it on the held-out images."""
+    from tokenscope.jobs.setup import ModelOptions
+    from tokenscope.jobs.tune import Target
+    from tokenscope.jobs.tune import tune as run_tune
+
+    with _user_errors(), _progress("tuning") as progress:
+        if data == "synthetic" and set(parse_seeds_range(calib_seeds)) & set(parse_seeds_range(held_seeds)):
+            raise TokenscopeError("--calib-seeds and --held-seeds overlap: the held-out report would not be held out")
+        result = run_tune(ModelOptions(model=model, weights=weights, device=device), method,
+                          Target(max_gflops, p95_latency_ms, min_speedup, max_miou_drop), out, data, data_root,
+                          calib_split, held_split, calib_seeds, held_seeds, scene_size, progress)
+    table = Table(title=f"tune {method} on the calibration images", title_justify="left")
+    for col in ("operating point", "mIoU", "drop", "GFLOPs", "p95 ms", "speed-up", "meets"):
+        table.add_column(col, justify="left" if col in ("operating point", "meets") else "right")
+    for m in result.calibration:
+        table.add_row(m.point, f"{m.miou:.2f}", f"{m.miou_drop:+.2f}", f"{m.gflops:.2f}", f"{m.p95_ms:.1f}",
+                      f"{m.speedup:.2f}x", "yes" if m.ok else ", ".join(k for k, v in m.meets.items() if not v) + " missed")
+    out_console.print(table)
+    if result.chosen is None:
+        err_console.print("[bold red]error:[/] no operating point meets the target on the calibration images "
+                          "(nothing written)", highlight=False)
+        raise typer.Exit(result.exit_code)
+    h = result.held_out
+    assert h is not None
+    out_console.print(f"chosen: [bold]{result.chosen.point}[/] -> {result.path}", highlight=False)
+    out_console.print(f"held out: mIoU {h.miou:.2f} ({h.miou_drop:+.2f} against unreduced), {h.gflops:.2f} GFLOPs, p95 "
+                      f"{h.p95_ms:.1f} ms, speed-up {h.speedup:.2f}x: target {'met' if h.ok else 'NOT met'}"
+                      + ("" if h.ok else " (" + ", ".join(k for k, v in h.meets.items() if not v) + ")"), highlight=False)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+def parse_seeds_range(text: str) -> range:
+    from tokenscope.data.datasets import parse_seeds
+
+    return parse_seeds(text)
 
 
 @app.command()

@@ -1,0 +1,165 @@
+"""`tokenscope tune`: the operating point that meets a compute or latency target within an accuracy
+limit, chosen on a calibration split and reported honestly on a held-out one.
+
+An operating point is a method label with its settings (`step:merge=0.7:exit=0.9`, `tome:r=0.05`,
+`algm:threshold=0.92`): everything that decides which tokens a forward keeps, in one string that
+`run`, `evaluate`, `bench` and the API already accept. `tune` writes it to a small JSON file
+(`--operating-point FILE` reads it back) with what was measured where.
+
+The search: every point of the method's grid (plus the baseline) is evaluated on the calibration
+images; a point qualifies when it meets every target given (GFLOPs per image, p95 latency,
+speed-up over the unreduced model) and loses at most `max_miou_drop` mIoU points against the
+labels (the data sets here all have labels; tuning against the unreduced model's own predictions
+on unlabelled images is not built yet). Among those, the cheapest in GFLOPs wins. The winner is then measured on the held-out images and the report says
+whether it still meets the target there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenscope import __version__
+from tokenscope.analysis.evaluate import OperatingPoint, VariantScores, evaluate
+from tokenscope.data.datasets import open_dataset
+from tokenscope.data.windows import resolve_windows
+from tokenscope.errors import ConfigError, TokenscopeError
+from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
+from tokenscope.models.methods.spec import parse_method
+
+OP_FORMAT = "tokenscope-operating-point"
+GRIDS: dict[str, list[str]] = {
+    "step": [f"step:merge={m}:exit={e}" for m, e in itertools.product((0.3, 0.5, 0.7, 0.9), (0.8, 0.9, 0.95, 0.99))],
+    "dcts": [f"dcts:merge={m}" for m in (0.3, 0.5, 0.7, 0.9, 1.01)],
+    "dtop": [f"dtop:exit={e}" for e in (0.8, 0.9, 0.95, 0.99)],
+    "cts": [f"cts:groups={g}" for g in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)],
+    "tome": [f"tome:r={r}" for r in (0.01, 0.02, 0.03, 0.05, 0.08)],
+    "algm": [f"algm:threshold={t}" for t in (0.8, 0.85, 0.88, 0.92, 0.95)],
+}
+EXIT_NOT_MET_CALIBRATION = 4
+EXIT_NOT_MET_HELD_OUT = 5
+
+
+@dataclass
+class Target:
+    max_gflops: float | None = None
+    p95_latency_ms: float | None = None
+    min_speedup: float | None = None
+    max_miou_drop: float = 1.0
+    """mIoU points (0-100 scale) the point may lose against the unreduced model."""
+
+    def check(self) -> None:
+        if self.max_gflops is None and self.p95_latency_ms is None and self.min_speedup is None:
+            raise ConfigError("tune needs a target: --max-gflops, --p95-latency-ms or --min-speedup")
+        if self.max_miou_drop < 0:
+            raise ConfigError(f"--max-miou-drop must be >= 0, got {self.max_miou_drop}")
+
+
+@dataclass
+class Measured:
+    point: str
+    miou: float
+    miou_drop: float
+    gflops: float
+    p95_ms: float
+    speedup: float
+    meets: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(self.meets.values())
+
+
+def measure(point: str, scores: VariantScores, base: VariantScores, target: Target) -> Measured:
+    tail = scores.as_dict()["tails"].get("latency_ms", {})
+    base_tail = base.as_dict()["tails"].get("latency_ms", {})
+    p95 = float(tail.get("p95", float("nan")))
+    speedup = float(base_tail.get("mean", float("nan"))) / max(float(tail.get("mean", float("nan"))), 1e-9)
+    m = Measured(point, 100 * scores.miou, 100 * (base.miou - scores.miou), scores.gflops_per_image, p95, speedup)
+    m.meets["miou"] = m.miou_drop <= target.max_miou_drop + 1e-9
+    if target.max_gflops is not None:
+        m.meets["gflops"] = m.gflops <= target.max_gflops
+    if target.p95_latency_ms is not None:
+        m.meets["p95_latency"] = m.p95_ms <= target.p95_latency_ms
+    if target.min_speedup is not None:
+        m.meets["speedup"] = m.speedup >= target.min_speedup
+    return m
+
+
+@dataclass
+class TuneResult:
+    chosen: Measured | None
+    held_out: Measured | None
+    calibration: list[Measured]
+    path: Path | None
+    exit_code: int
+
+
+def _evaluate(loaded: Any, device: Any, points: list[str], opts: ModelOptions, data: str, root: str | None, split: str,
+              seeds: str, size: int, progress: Any) -> dict[str, VariantScores]:
+    saved = loaded.model.setting()
+    ops = [OperatingPoint("baseline", "none", False)]
+    for label in points:
+        s = method_setting(loaded, opts, label, have_labels=True)
+        ops.append(OperatingPoint(label, s.policy, s.exits, s.merge_thresholds, s.exit_threshold, setting=s))
+    loaded.model.apply(saved)
+    ds = open_dataset(data, root, split, seeds, size)
+    cfg = loaded.config
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, None, None, None, loaded.model.patch_size)
+    return evaluate(loaded, ds, ops, device, progress, amp=opts.amp, windows=windows).variants
+
+
+def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data: str = "synthetic",
+         data_root: str | None = None, calib_split: str = "train", held_split: str = "val",
+         calib_seeds: str = "200000:200040", held_seeds: str = "300000:300040", scene_size: int = 512,
+         progress: Any = None) -> TuneResult:
+    """Search `method`'s grid on the calibration images, write the chosen point to `out`, measure it
+    on the held-out images. The exit code says whether the target was met (0), not even on the
+    calibration images (4, nothing written), or not on the held-out ones (5, the file says so)."""
+    target.check()
+    base_method = parse_method(method).name
+    if base_method not in GRIDS:
+        raise ConfigError(f"tune searches {', '.join(GRIDS)}; not {method!r}")
+    loaded, device = load_model(opts, have_labels=True)
+    calib = _evaluate(loaded, device, GRIDS[base_method], opts, data, data_root, calib_split, calib_seeds, scene_size,
+                      progress)
+    base = calib["baseline"]
+    measured = [measure(p, calib[p], base, target) for p in GRIDS[base_method]]
+    ok = [m for m in measured if m.ok]
+    if not ok:
+        return TuneResult(None, None, measured, None, EXIT_NOT_MET_CALIBRATION)
+    chosen = min(ok, key=lambda m: (m.gflops, -m.miou))
+    held = _evaluate(loaded, device, [chosen.point], opts, data, data_root, held_split, held_seeds, scene_size, progress)
+    held_m = measure(chosen.point, held[chosen.point], held["baseline"], target)
+    path = Path(out)
+    if path.exists():
+        raise TokenscopeError(f"{path} exists; tune never overwrites an operating point (give another --out)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": OP_FORMAT, "version": 1, "tool": "tokenscope", "tool_version": __version__,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": chosen.point, "model": opts.model,
+           "weights": loaded.weights_id, "target": target.__dict__,
+           "calibration": {"data": data, "split": calib_split if data != "synthetic" else calib_seeds,
+                           **{k: v for k, v in chosen.__dict__.items() if k != "point"}},
+           "held_out": {"data": data, "split": held_split if data != "synthetic" else held_seeds,
+                        **{k: v for k, v in held_m.__dict__.items() if k != "point"}, "met": held_m.ok}}
+    path.write_text(json.dumps(doc, indent=2))
+    return TuneResult(chosen, held_m, measured, path, 0 if held_m.ok else EXIT_NOT_MET_HELD_OUT)
+
+
+def read_operating_point(path: str | Path) -> str:
+    """The method label an operating-point file holds; one line when the file is not one."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such operating-point file") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{p}: not a readable operating-point file ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != OP_FORMAT or not isinstance(doc.get("method"), str):
+        raise ConfigError(f"{p}: not a tokenscope operating point (written by `tokenscope tune`)")
+    parse_method(doc["method"])  # refuses an unknown method or setting with its own message
+    return doc["method"]
