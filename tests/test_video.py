@@ -131,3 +131,18 @@ def test_evaluate_compare_and_bench_report_latency_tails_as_numpy_computes_them(
     per_image = df[(df["image"] != "ALL") & (df["method"] == "tome:r=4")]["latency_ms"].to_numpy()
     overall = df[(df["image"] == "ALL") & (df["method"] == "tome:r=4")].iloc[0]
     assert overall["latency_p99_ms"] == pytest.approx(np.percentile(per_image, 99))
+
+
+def test_a_folder_of_numbered_frames_is_a_clip_in_numeric_order(tmp_path: Path) -> None:
+    frames = _frames(9, 11)
+    seq = tmp_path / "seq"
+    seq.mkdir()
+    for k, f in enumerate(frames):  # frame_2 must come before frame_10
+        cv2.imwrite(str(seq / f"frame_{k}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    r, run = _run(seq, tmp_path / "out", "--frames", "--fps", "5", "--every", "2", "--no-figures")
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(run / "tables" / "frames.csv")
+    assert table["frame"].tolist() == [0, 2, 4, 6, 8, 10] and np.allclose(table["time_s"], table["frame"] / 5.0)
+    manifest = json.loads((run / "run.json").read_text())
+    sources = [e["source"] for e in manifest["images"]]
+    assert [Path(s).name for s in sources] == [f"frame_{k}.png" for k in (0, 2, 4, 6, 8, 10)]

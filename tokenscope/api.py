@@ -353,7 +353,8 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
         stride: int | None = None, figures: bool = True, animation: bool = True, animation_limit: int | None = None,
         baseline: bool | None = None, render_workers: int | None = None, device: str = "auto", seed: int = 0,
         out: str | Path = "outputs", resume: str | Path | None = None, progress: Progress | None = None,
-        every: int = 1, start: str | None = None, end: str | None = None, max_frames: int | None = None) -> Any:
+        every: int = 1, start: str | None = None, end: str | None = None, max_frames: int | None = None,
+        frames: bool = False, fps: float = 25.0) -> Any:
     """`tokenscope run`: trace image files/folders, video clips or a data set into a fresh run folder.
 
     Video files (.mp4, .avi, ...) are traced frame by frame (`every` N-th frame, from `start` to
@@ -375,7 +376,7 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
                      split=split, seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
                      animation=animation, baseline=baseline, window=window, stride=stride,
                      animation_limit=animation_limit, render_workers=render_workers, every=every, start=start,
-                     end=end, max_frames=max_frames)
+                     end=end, max_frames=max_frames, frames=frames, fps=fps)
     return run_job(req, out=out, resume=resume, progress=progress,
                    model=None if held is None else (held.loaded, held.device))
 

@@ -197,6 +197,8 @@ def run(
     start: Annotated[Optional[str], typer.Option(help="Video inputs: first frame, in frames (300) or seconds (12.5s).")] = None,
     end: Annotated[Optional[str], typer.Option(help="Video inputs: stop before this frame or time.")] = None,
     max_frames: Annotated[Optional[int], typer.Option(help="Video inputs: at most this many frames per clip.")] = None,
+    frames: Annotated[bool, typer.Option("--frames", help="Image folders are clips of numbered frames (numeric order), traced like a video.")] = False,
+    fps: Annotated[float, typer.Option(help="With --frames: frames per second of the sequence (for times and the overlay video).")] = 25.0,
     device: DeviceOpt = "auto",
     size: SizeOpt = None,
     window: WindowOpt = None,
@@ -217,7 +219,8 @@ def run(
                              scene_size=scene_size, size=size, window=window, stride=stride, figures=figures,
                              animation=animation, animation_limit=animation_limit, baseline=baseline,
                              render_workers=render_workers, device=device, seed=seed, out=out, resume=resume,
-                             progress=progress, every=every, start=start, end=end, max_frames=max_frames)
+                             progress=progress, every=every, start=start, end=end, max_frames=max_frames,
+                             frames=frames, fps=fps)
     if result.rank != 0:  # under torchrun, rank 0 reports for the whole job
         raise typer.Exit(3 if any(r.error for r in result.images) else 0)
     _warn(result.warnings)

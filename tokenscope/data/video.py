@@ -10,6 +10,7 @@ file and the last frame read; the frames before it keep their outputs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,12 @@ class FrameSelection:
         stop = info.frames if self.end is None else min(info.frames, position(self.end, info.fps, "--end"))
         picked = list(range(first, stop, self.every))
         return picked if self.max_frames is None else picked[: self.max_frames]
+
+
+def frame_number(path: Path) -> tuple[int, str]:
+    """Sort key of a numbered frame file: the last number in its name, then the name."""
+    digits = re.findall(r"\d+", Path(path).stem)
+    return (int(digits[-1]) if digits else -1, Path(path).name)
 
 
 def position(text: str, fps: float, flag: str) -> int:

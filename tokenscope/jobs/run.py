@@ -58,7 +58,7 @@ from tokenscope.render.overlays import OVERLAY_KINDS, default_group_blocks, grou
 from tokenscope.render.plots import token_histogram
 from tokenscope.trace.capture import TraceCapture, merging_meta
 from tokenscope.analysis.stability import tails
-from tokenscope.data.video import FrameReader, FrameSelection, is_video, probe
+from tokenscope.data.video import FrameReader, FrameSelection, VideoInfo, frame_number, is_video, probe
 from tokenscope.jobs.clips import Clip, ClipFrame, clip_outputs
 from tokenscope.render.timeline import tails_figure
 from tokenscope.trace.trace import Trace
@@ -102,6 +102,11 @@ class RunRequest:
     """Video inputs: stop before this frame or time."""
     max_frames: int | None = None
     """Video inputs: at most this many frames per clip."""
+    histograms: bool = True
+    """Per-image token histograms (set off for video frames by the run itself)."""
+    frames: bool = False
+    """Image folders are clips: numbered frames, taken in numeric order (at `fps` frames per second)."""
+    fps: float = 25.0
 
     def model_options(self) -> ModelOptions:
         return ModelOptions(**self.model)
@@ -160,8 +165,9 @@ def _items(req: RunRequest) -> list[RunItem]:
 
         return [RunItem(unique_name(ds.name(i), taken), ds.name(i), loader(i), True) for i in range(len(ds))]
     videos = [p for p in req.inputs if is_video(p)]
-    items = _frame_items(videos, req, taken)
-    paths = find_images([p for p in req.inputs if p not in videos])
+    sequences = [p for p in req.inputs if req.frames and Path(p).is_dir()]
+    items = _frame_items(videos, req, taken) + _sequence_items(sequences, req, taken)
+    paths = find_images([p for p in req.inputs if p not in videos and p not in sequences])
     if not paths and not items:
         raise TokenscopeError("no images found in " + ", ".join(req.inputs))
     labels = Path(req.labels) if req.labels is not None else None
@@ -170,6 +176,25 @@ def _items(req: RunRequest) -> list[RunItem]:
             lab = find_label_for(p, labels) if labels is not None else None
             return load_prepared(p, size=req.size, labels_path=lab, patch=patch)
         items.append(RunItem(unique_name(p.stem, taken), str(p), load, labels is not None))
+    return items
+
+
+def _sequence_items(folders: list[str], req: RunRequest, taken: set[str]) -> list[RunItem]:
+    """A folder of numbered frames as one clip (frame_0001.png, ...; numeric order, not text order)."""
+    selection = FrameSelection(req.every, req.start, req.end, req.max_frames)
+    items = []
+    for folder in folders:
+        files = sorted(find_images([folder]), key=frame_number)
+        if not files:
+            raise TokenscopeError(f"{folder}: no frames (image files) in this folder")
+        info = VideoInfo(folder, req.fps, len(files), 0, 0)
+        clip = Clip(unique_name(Path(folder).name, taken), folder, req.fps, req.every)
+        for index in selection.indices(info):
+            def load(patch: int, f: Path = files[index]) -> PreparedImage:
+                return load_prepared(f, size=req.size, labels_path=None, patch=patch)
+            name = unique_name(f"{clip.name}-f{index:06d}", taken)
+            clip.frames.append(ClipFrame(index, index / req.fps, name))
+            items.append(RunItem(name, str(files[index]), load, False, clip))
     return items
 
 
@@ -191,8 +216,9 @@ def _frame_items(videos: list[str], req: RunRequest, taken: set[str]) -> list[Ru
 
 
 def write_image_outputs(folder: Path, trace: Trace, display: np.ndarray, figures: bool = True,
-                        animation: bool = True) -> None:
-    """What `run` writes for one image, from its trace and its processed image."""
+                        animation: bool = True, histogram: bool = True) -> None:
+    """What `run` writes for one image, from its trace and its processed image (a video frame
+    skips its own histogram: the clip's timeline plots every frame at once, at a fraction of the cost)."""
     trace.save(folder)
     write_rgb(folder / "image.png", display)
     if figures:
@@ -201,7 +227,8 @@ def write_image_outputs(folder: Path, trace: Trace, display: np.ndarray, figures
         if trace.has_merges:
             for block in default_group_blocks(trace):
                 write_rgb(folder / f"groups_b{block:02d}.png", groups_overlay(display, trace, block))
-        token_histogram(trace, folder / "histogram.png")
+        if histogram:
+            token_histogram(trace, folder / "histogram.png")
     if animation:
         write_exit_animation(folder / "tokens.gif", display, trace)
     write_table(tokens_table(trace), folder / "tokens.csv")
@@ -286,7 +313,7 @@ def _write_prediction(folder: Path, prepared: PreparedImage, pred: ImagePredicti
                       req: "RunRequest", cfg: StepConfig) -> dict[str, Any]:
     """Everything `run` writes for one image; returns its summary."""
     if pred.plan is None:
-        write_image_outputs(folder, pred.traces[0], prepared.display, req.figures, req.animation)
+        write_image_outputs(folder, pred.traces[0], prepared.display, req.figures, req.animation, req.histograms)
         info = summary(pred.traces[0])
     else:
         for k, (trace, window) in enumerate(zip(pred.traces, pred.inputs)):
@@ -447,7 +474,7 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
             except TokenscopeError as exc:
                 results[i].error = str(exc)
                 continue
-            options = replace(req, animation=req.animation and i in animate)
+            options = replace(req, animation=req.animation and i in animate, histograms=item.clip is None)
             record(writer.submit(i, write_image_folder, run_dir, item.name, prepared, pred, ev, options, cfg))
         record(writer.drain())
     if progress:
