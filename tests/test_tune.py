@@ -58,3 +58,27 @@ def test_operating_point_files_are_checked_and_exclude_method(tmp_path: Path) ->
     good.write_text(json.dumps({"format": "tokenscope-operating-point", "version": 1, "method": "dtop:exit=0.9"}))
     r = invoke("run", sample, "--operating-point", good, "--method", "tome", "--device", "cpu", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_without_labels_tune_scores_against_the_unreduced_models_own_predictions(tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    from tokenscope.data.synthetic import synthetic_scene
+
+    for split, seeds in (("train", range(3)), ("val", range(10, 13))):
+        (tmp_path / "imgs" / split).mkdir(parents=True)
+        for s in seeds:
+            rgb = (np.clip(synthetic_scene(s, 64, 64).image, 0, 1) * 255).astype(np.uint8)
+            cv2.imwrite(str(tmp_path / "imgs" / split / f"s{s}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    op = tmp_path / "op.json"
+    r = invoke("tune", "--out", op, "--max-gflops", "1000", "--max-miou-drop", "100", "--data", "images",
+               "--data-root", tmp_path / "imgs", "--method", "dtop", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(op.read_text())
+    assert doc["calibration"]["miou"] == pytest.approx(100 - doc["calibration"]["miou_drop"])  # the unreduced model is 100
+    js = tmp_path / "e.json"
+    r = invoke("evaluate", "--data", "images", "--data-root", tmp_path / "imgs" / "val", "--method", "vit", "--device",
+               "cpu", "--json", js)
+    assert r.exit_code == 0, r.output
+    assert json.loads(js.read_text())["variants"]["baseline"]["miou"] == pytest.approx(1.0)

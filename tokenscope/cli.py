@@ -368,7 +368,7 @@ def _print_methods(result: Any, baseline: str) -> None:
     out_console.print(f"explore it: [bold]tokenscope view {result.run_dir}[/] (every method side by side)", highlight=False)
 
 
-DataOpt = Annotated[str, typer.Option("--data", help="Data set: synthetic (generated street scenes), folder (images/ + masks/), ade20k, cityscapes or pascal_context.")]
+DataOpt = Annotated[str, typer.Option("--data", help="Data set: synthetic (generated street scenes), folder (images/ + masks/), images (no labels: scored against the unreduced model), ade20k, cityscapes or pascal_context.")]
 DataRootOpt = Annotated[Optional[str], typer.Option("--data-root", "--root", help="Root folder of a folder/ade20k/cityscapes/pascal_context data set.")]
 
 

@@ -146,6 +146,9 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
              windows: WindowSpec | None = None) -> EvalResult:
     """Run every operating point on every sample; restores the model's configuration afterwards.
 
+    An unlabelled data set (`images`) is scored against the unreduced model's own predictions, so
+    mIoU then says how much of the plain network's output a reduction keeps.
+
     With `windows`, each image is scored with the sliding-window protocol (size must be None).
     """
     model = loaded.model
@@ -155,6 +158,8 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
     capture = TraceCapture(loaded, device, amp=amp)
     ctx = dist.context(device.type)  # under torchrun each rank scores its share, then counts are added
     mine = ctx.shard(range(len(dataset)))
+    unlabelled = bool(getattr(dataset, "unlabelled", False))
+    plain = model.plain()  # without labels, every point is scored against this one's predictions
     try:
         for n, i in enumerate(mine):
             sample = dataset[i]
@@ -162,11 +167,16 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
                 progress(n, len(mine), sample.name)
             prepared = prepare_image(sample.image, sample.name, size=size, labels=sample.labels,
                                      patch=model.patch_size)
+            reference = None
+            if unlabelled:
+                model.apply(plain)
+                reference = predict(capture, prepared, windows).label_map
             for p in points:
                 model.apply(p.resolve(saved))
                 pred = predict(capture, prepared, windows)
                 s = result.variants[p.name]
-                s.confusion += confusion(pred.label_map, pred.labels, c)  # type: ignore[arg-type]
+                truth = pred.labels if reference is None else reference
+                s.confusion += confusion(pred.label_map, truth, c)  # type: ignore[arg-type]
                 s.patches += pred.patches
                 s.tokens += pred.tokens
                 s.exited_tokens += pred.exited_tokens

@@ -1,6 +1,7 @@
 """Segmentation data sets: image + integer label map pairs, with each layout's label conventions.
 
 - `folder`: `ROOT/images/NAME.{png,jpg,...}` + `ROOT/masks/NAME.png` (class ids; 255 = ignore).
+- `images`: `ROOT/*.{png,jpg,...}` without labels (accuracy against the unreduced model's predictions).
 - `ade20k`: `ADEChallengeData2016/{images,annotations}/{training,validation}/`; annotation 0 means
   "other" and is ignored, classes 1..150 become 0..149 (the usual "reduce zero label" shift).
 - `cityscapes`: `leftImg8bit/{split}/{city}/*_leftImg8bit.png` with `gtFine/{split}/{city}/`
@@ -24,18 +25,19 @@ from tokenscope.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from tokenscope.data.synthetic import synthetic_scene
 from tokenscope.errors import ConfigError
 
-DATASET_KINDS = ("folder", "ade20k", "cityscapes", "pascal_context", "synthetic")
+DATASET_KINDS = ("folder", "images", "ade20k", "cityscapes", "pascal_context", "synthetic")
 CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                           25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One image (float32 RGB in [0, 1], (H, W, 3)) with its int32 label map (H, W)."""
+    """One image (float32 RGB in [0, 1], (H, W, 3)) with its int32 label map (H, W), or None for
+    an unlabelled image (the `images` data set)."""
 
     name: str
     image: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
 
 
 class SegmentationDataset:
@@ -100,6 +102,27 @@ class FolderDataset(PairedFiles):
             seen = [load_label_map(m) for _, m in pairs[:50]]
             num_classes = int(max((int(s[s != IGNORE_INDEX].max(initial=0)) for s in seen), default=0)) + 1
         super().__init__(pairs, num_classes, unpaired=unpaired)
+
+
+class ImageFolder(SegmentationDataset):
+    """`ROOT/*` image files without labels: accuracy is then measured against the unreduced
+    model's own predictions (evaluate, tune)."""
+
+    unlabelled = True
+
+    def __init__(self, root: str | Path) -> None:
+        self.files = sorted(p for p in Path(root).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise ConfigError(f"{root}: no image files in this folder")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, i: int) -> str:
+        return self.files[i].stem
+
+    def __getitem__(self, i: int) -> Sample:
+        return Sample(self.files[i].stem, load_image(self.files[i]), None)
 
 
 class ADE20KDataset(PairedFiles):
@@ -228,13 +251,15 @@ def open_dataset(kind: str, root: str | Path | None = None, split: str = "val", 
     if kind == "synthetic":
         return SyntheticDataset(parse_seeds(seeds), size, size)
     if root is None:
-        if kind == "folder":
-            raise ConfigError("data set 'folder' needs a root folder (--data-root)")
+        if kind in ("folder", "images"):
+            raise ConfigError(f"data set {kind!r} needs a root folder (--data-root)")
         root = cached_root(kind)  # fetched with `tokenscope data fetch`
     if not Path(root).is_dir():
         raise ConfigError(f"{root}: no such data folder")
     if kind == "folder":
         return FolderDataset(root)
+    if kind == "images":
+        return ImageFolder(root)
     if kind == "ade20k":
         return ADE20KDataset(root, split)
     if kind == "pascal_context":

@@ -163,7 +163,8 @@ def _items(req: RunRequest) -> list[RunItem]:
                 return prepare_image(s.image, s.name, size=req.size, labels=s.labels, patch=patch)
             return load
 
-        return [RunItem(unique_name(ds.name(i), taken), ds.name(i), loader(i), True) for i in range(len(ds))]
+        labelled = not getattr(ds, "unlabelled", False)
+        return [RunItem(unique_name(ds.name(i), taken), ds.name(i), loader(i), labelled) for i in range(len(ds))]
     videos = [p for p in req.inputs if is_video(p)]
     sequences = [p for p in req.inputs if req.frames and Path(p).is_dir()]
     items = _frame_items(videos, req, taken) + _sequence_items(sequences, req, taken)

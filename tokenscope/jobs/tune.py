@@ -9,8 +9,8 @@ An operating point is a method label with its settings (`step:merge=0.7:exit=0.9
 The search: every point of the method's grid (plus the baseline) is evaluated on the calibration
 images; a point qualifies when it meets every target given (GFLOPs per image, p95 latency,
 speed-up over the unreduced model) and loses at most `max_miou_drop` mIoU points against the
-labels (the data sets here all have labels; tuning against the unreduced model's own predictions
-on unlabelled images is not built yet). Among those, the cheapest in GFLOPs wins. The winner is then measured on the held-out images and the report says
+labels, or, for unlabelled images (`--data images`), against the unreduced model's own
+predictions (whose mIoU is then 100 by definition). Among those, the cheapest in GFLOPs wins. The winner is then measured on the held-out images and the report says
 whether it still meets the target there.
 """
 
@@ -107,7 +107,8 @@ def _evaluate(loaded: Any, device: Any, points: list[str], opts: ModelOptions, d
         s = method_setting(loaded, opts, label, have_labels=True)
         ops.append(OperatingPoint(label, s.policy, s.exits, s.merge_thresholds, s.exit_threshold, setting=s))
     loaded.model.apply(saved)
-    ds = open_dataset(data, root, split, seeds, size)
+    # unlabelled images: `--data-root DIR` holds one folder per split (DIR/train, DIR/val)
+    ds = open_dataset(data, str(Path(root) / split) if data == "images" and root else root, split, seeds, size)
     cfg = loaded.config
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, None, None, None, loaded.model.patch_size)
     return evaluate(loaded, ds, ops, device, progress, amp=opts.amp, windows=windows).variants
@@ -124,7 +125,7 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
     base_method = parse_method(method).name
     if base_method not in GRIDS:
         raise ConfigError(f"tune searches {', '.join(GRIDS)}; not {method!r}")
-    loaded, device = load_model(opts, have_labels=True)
+    loaded, device = load_model(opts, have_labels=data != "images")
     calib = _evaluate(loaded, device, GRIDS[base_method], opts, data, data_root, calib_split, calib_seeds, scene_size,
                       progress)
     base = calib["baseline"]
