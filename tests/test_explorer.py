@@ -294,3 +294,33 @@ def test_images_a_run_could_not_process_are_named_in_the_index(tmp_path: Path) -
     index = run_index(run).index
     assert index["images"] == ["good"]
     assert len(index["missing"]) == 1 and index["missing"][0].startswith("broken.png (")
+
+
+@needs_browser
+def test_sliding_windows_are_drawn_at_their_place_over_the_whole_image(tmp_path: Path, browser: object) -> None:
+    from segmenter_reference import segmenter_state, write_segmenter_release
+    from test_windows import _folder_dataset
+
+    ckpt = write_segmenter_release(tmp_path / "seg", segmenter_state("mask", seed=8), "mask", window=64, stride=48)
+    _folder_dataset(tmp_path / "data", n=1)
+    r = invoke("run", tmp_path / "data" / "images", "--weights", ckpt, "--policy", "uniform", "--exits", "none",
+               "--device", "cpu", "--no-animation", "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    run = next((tmp_path / "out").glob("run-*"))
+    p, _ = _open(browser, write_view(run).page.as_uri())
+    p.click("#images-table tbody tr")
+    p.wait_for_selector(".panel[data-tokens]")
+    plan = json.loads((run / "im0" / "windows.json").read_text())
+    panels = p.locator(".panel")
+    assert panels.count() == len(plan["boxes"]) == 2
+    for k, (top, left, h, w) in enumerate(plan["boxes"]):
+        trace = Trace.load(run / "im0" / f"w{k:02d}")
+        assert int(panels.nth(k).get_attribute("data-tokens")) == int(trace.block_tokens_in[0])
+        box = p.locator(".panel canvas").nth(k).bounding_box()
+        sx, sy = box["width"] / plan["resized_hw"][1], box["height"] / plan["resized_hw"][0]
+        for r_, c_ in ((0, 0), (1, 2), (3, 3)):  # the centre of a window patch, in whole-image pixels
+            y = top + (r_ + 0.5) * trace.patch_size
+            x = left + (c_ + 0.5) * trace.patch_size
+            p.mouse.move(box["x"] + x * sx, box["y"] + y * sy)
+            tip = panels.nth(k).locator(".tooltip")
+            assert int(tip.get_attribute("data-token")) == int(trace.token_of_patch[r_, c_]), (k, r_, c_)

@@ -141,7 +141,8 @@ def test_windowed_run_writes_one_trace_per_window_and_counts_windows(tmp_path: P
 
     panels = image_payload(run / "im0", "run", [])["panels"]
     assert [p["name"] for p in panels] == ["im0, window 0", "im0, window 1"]
-    assert all(p["image"].startswith("data:image/jpeg") and p["grid"] == [4, 4] for p in panels)
+    assert [p["box"] for p in panels] == plan["boxes"] and all(p["whole"] == [64, 100] for p in panels)
+    assert all(p["grid"] == [4, 4] for p in panels)
     res = CliRunner().invoke(app, ["heatmap", str(run), "--kind", "merge"])
     assert res.exit_code == 0, res.output
     assert len(list(run.glob("heatmaps-*/im0/w01/merge.png"))) == 1

@@ -95,10 +95,18 @@ def _panels(folder: Path, name: str, max_side: int) -> list[dict[str, Any]]:
     windows = sorted(p for p in folder.glob("w[0-9][0-9]*") if p.is_dir()) if not (folder / TRACE_JSON).exists() else []
     if not windows:
         return [_load_panel(folder, name)]
+    try:  # where each window lies on the (resized) whole image
+        plan = json.loads((folder / "windows.json").read_text())
+        boxes, whole = plan["boxes"], plan["resized_hw"]
+    except (OSError, ValueError, KeyError):
+        boxes, whole = [], None
     panels = []
     for k, sub in enumerate(windows):
         panel = _load_panel(sub, f"{name}, window {k}")
-        panel["image"] = _jpeg_uri(sub / "image.png", max_side)
+        if whole is not None and k < len(boxes):
+            panel["box"], panel["whole"] = boxes[k], whole  # drawn over the stitched image, at its place
+        else:
+            panel["image"] = _jpeg_uri(sub / "image.png", max_side)  # no plan: the window on its own
         panels.append(panel)
     return panels
 

@@ -197,11 +197,21 @@
         panelsEl.appendChild(el);
         return;
       }
-      const scale = Math.min(maxWidth / panel.padded[1], 1.5);
-      panel.cell = scale * panel.patch;
       const canvas = document.createElement("canvas");
-      canvas.width = Math.round(panel.gw * panel.cell);
-      canvas.height = Math.round(panel.gh * panel.cell);
+      if (panel.box) { // a sliding window, drawn at its place over the whole (stitched) image
+        const scale = Math.min(maxWidth / panel.whole[1], 1.5);
+        panel.cell = scale * panel.patch;
+        panel.offY = panel.box[0] * scale;
+        panel.offX = panel.box[1] * scale;
+        canvas.width = Math.round(panel.whole[1] * scale);
+        canvas.height = Math.round(panel.whole[0] * scale);
+      } else {
+        const scale = Math.min(maxWidth / panel.padded[1], 1.5);
+        panel.cell = scale * panel.patch;
+        panel.offX = panel.offY = 0;
+        canvas.width = Math.round(panel.gw * panel.cell);
+        canvas.height = Math.round(panel.gh * panel.cell);
+      }
       el.innerHTML = "<h3>" + esc(panel.name === p.name ? (panel.method || "trace") : panel.name) + "</h3>";
       el.appendChild(canvas);
       el.insertAdjacentHTML("beforeend", '<div class="caption"></div><div class="tooltip" hidden></div>');
@@ -222,7 +232,8 @@
 
   function patchAt(ev, panel, canvas) {
     const rect = canvas.getBoundingClientRect();
-    const x = (ev.clientX - rect.left) * (canvas.width / rect.width), y = (ev.clientY - rect.top) * (canvas.height / rect.height);
+    const x = (ev.clientX - rect.left) * (canvas.width / rect.width) - panel.offX;
+    const y = (ev.clientY - rect.top) * (canvas.height / rect.height) - panel.offY;
     const r = Math.floor(y / panel.cell), c = Math.floor(x / panel.cell);
     return r >= 0 && c >= 0 && r < panel.gh && c < panel.gw ? r * panel.gw + c : -1;
   }
@@ -287,10 +298,23 @@
   function drawPanel(panel) {
     const k = state.block, ctx = panel.canvas.getContext("2d"), cover = coverAt(panel, k);
     const { gh, gw, cell } = panel, L = state.layers, n = gh * gw;
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.globalAlpha = 1;
     ctx.fillStyle = "#eee";
     ctx.fillRect(0, 0, panel.canvas.width, panel.canvas.height);
     const picture = panel.img || current.img;
-    if (picture && picture.complete && picture.naturalWidth) {
+    const ready = picture && picture.complete && picture.naturalWidth;
+    if (panel.box) { // the whole image, dimmed outside this window
+      if (ready) ctx.drawImage(picture, 0, 0, panel.canvas.width, panel.canvas.height);
+      ctx.fillStyle = "rgba(255,255,255,0.6)";
+      ctx.fillRect(0, 0, panel.canvas.width, panel.canvas.height);
+      if (ready) {
+        const sx = picture.naturalWidth / panel.canvas.width, sy = picture.naturalHeight / panel.canvas.height;
+        const w = panel.input[1] * cell / panel.patch, h = panel.input[0] * cell / panel.patch;
+        ctx.drawImage(picture, panel.offX * sx, panel.offY * sy, w * sx, h * sy, panel.offX, panel.offY, w, h);
+      }
+      ctx.translate(panel.offX, panel.offY);
+    } else if (ready) {
       ctx.drawImage(picture, 0, 0, panel.input[1] * cell / panel.patch, panel.input[0] * cell / panel.patch);
     }
     const fill = (j, style, alpha) => {
@@ -328,7 +352,7 @@
       tip.hidden = false;
       tip.innerHTML = tooltip(panel, t);
       Object.assign(tip.dataset, { token: t, level: panel.level[t], exit: panel.exit[t], cls: panel.classes[panel.cls[t]] || panel.cls[t] });
-      const x = (hp % gw + 1) * cell + 10, y = Math.floor(hp / gw) * cell + 24;
+      const x = (hp % gw + 1) * cell + 10 + panel.offX, y = Math.floor(hp / gw) * cell + 24 + panel.offY;
       tip.style.left = Math.min(x, panel.canvas.width - 120) + "px";
       tip.style.top = y + "px";
     } else {
