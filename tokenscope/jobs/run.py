@@ -102,8 +102,6 @@ class RunRequest:
     """Video inputs: stop before this frame or time."""
     max_frames: int | None = None
     """Video inputs: at most this many frames per clip."""
-    histograms: bool = True
-    """Per-image token histograms (set off for video frames by the run itself)."""
     frames: bool = False
     """Image folders are clips: numbered frames, taken in numeric order (at `fps` frames per second)."""
     fps: float = 25.0
@@ -217,9 +215,8 @@ def _frame_items(videos: list[str], req: RunRequest, taken: set[str]) -> list[Ru
 
 
 def write_image_outputs(folder: Path, trace: Trace, display: np.ndarray, figures: bool = True,
-                        animation: bool = True, histogram: bool = True) -> None:
-    """What `run` writes for one image, from its trace and its processed image (a video frame
-    skips its own histogram: the clip's timeline plots every frame at once, at a fraction of the cost)."""
+                        animation: bool = True) -> None:
+    """What `run` writes for one image, from its trace and its processed image."""
     trace.save(folder)
     write_rgb(folder / "image.png", display)
     if figures:
@@ -228,8 +225,7 @@ def write_image_outputs(folder: Path, trace: Trace, display: np.ndarray, figures
         if trace.has_merges:
             for block in default_group_blocks(trace):
                 write_rgb(folder / f"groups_b{block:02d}.png", groups_overlay(display, trace, block))
-        if histogram:
-            token_histogram(trace, folder / "histogram.png")
+        token_histogram(trace, folder / "histogram.png")
     if animation:
         write_exit_animation(folder / "tokens.gif", display, trace)
     write_table(tokens_table(trace), folder / "tokens.csv")
@@ -314,7 +310,7 @@ def _write_prediction(folder: Path, prepared: PreparedImage, pred: ImagePredicti
                       req: "RunRequest", cfg: StepConfig) -> dict[str, Any]:
     """Everything `run` writes for one image; returns its summary."""
     if pred.plan is None:
-        write_image_outputs(folder, pred.traces[0], prepared.display, req.figures, req.animation, req.histograms)
+        write_image_outputs(folder, pred.traces[0], prepared.display, req.figures, req.animation)
         info = summary(pred.traces[0])
     else:
         for k, (trace, window) in enumerate(zip(pred.traces, pred.inputs)):
@@ -475,7 +471,11 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
             except TokenscopeError as exc:
                 results[i].error = str(exc)
                 continue
-            options = replace(req, animation=req.animation and i in animate, histograms=item.clip is None)
+            # a video frame's pictures are its clip's: the overlay video and the timeline show every
+            # frame at a fraction of the cost of per-frame PNGs and GIFs (the trace and image.png stay)
+            frame = item.clip is not None
+            options = replace(req, animation=req.animation and i in animate and not frame,
+                              figures=req.figures and not frame)
             record(writer.submit(i, write_image_folder, run_dir, item.name, prepared, pred, ev, options, cfg))
         record(writer.drain())
     if progress:
