@@ -10,7 +10,8 @@
 #     ToMe (r = 5% of the tokens per block, proportional attention), ALGM (local 0.88 + adaptive
 #     global) and CTS (40% of the 2x2 groups shared);
 #   - the shipped demo with full STEP (learned dCTS policy + learned exits) at 512 px, also with
-#     DToP's keep-per-class rule (K = 5) at the gates.
+#     DToP's keep-per-class rule (K = 5) at the gates;
+#   - latency tails of the demo on 200 held-out scenes, and a video clip's frame rate.
 # About 45-90 minutes on one H100. Set up first as README.md says (the venv must see the GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,4 +51,14 @@ for batch in 1 8; do
 done
 # every method's operating points on the demo's held-out scenes, one Pareto plot (mIoU against GFLOPs and GPU throughput)
 $ts sweep --methods step,dcts,dtop,cts,tome,algm --seeds 100000:100100 --device cuda --out "$out/gpu_sweep"
+# latency tails of the demo on 200 held-out scenes, reduced against unreduced (p50/p95/p99, p99/p50)
+$ts evaluate --seeds 100000:100200 --device cuda --json "$out/gpu_demo_eval_tails.json"
+# a clip traced frame by frame: run time against the model alone (the frames' forward times summed)
+$ts run sample_images/street_clip.avi --device cuda --out "$out/gpu_clip"
+$py - "$out" <<'PY'
+import json, sys, glob, pandas as pd
+run = sorted(glob.glob(sys.argv[1] + "/gpu_clip/run-*"))[-1]
+m = json.load(open(run + "/run.json")); df = pd.read_csv(run + "/tables/images.csv")
+print("clip frames", len(df), "model-only ms/frame", df.forward_ms.mean(), "started", m["created"], "finished", m["finished"])
+PY
 $py benchmarks/summarise.py "$out"/gpu_*.json | tee "$out/gpu_summary.md"
