@@ -52,7 +52,7 @@ done
 # every method's operating points on the demo's held-out scenes, one Pareto plot (mIoU against GFLOPs and GPU throughput)
 $ts sweep --methods step,dcts,dtop,cts,tome,algm --seeds 100000:100100 --device cuda --out "$out/gpu_sweep"
 # latency tails of the demo on 200 held-out scenes, reduced against unreduced (p50/p95/p99, p99/p50)
-$ts evaluate --seeds 100000:100200 --device cuda --json "$out/gpu_demo_eval_tails.json"
+$ts evaluate --seeds 100000:100200 --device cuda --json "$out/eval_tails_gpu_demo.json"  # not gpu_*: summarise.py reads bench files only
 # a clip traced frame by frame: run time against the model alone (the frames' forward times summed)
 $ts run sample_images/street_clip.avi --device cuda --out "$out/gpu_clip"
 $py - "$out" <<'PY'
