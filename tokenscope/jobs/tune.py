@@ -122,6 +122,9 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
     on the held-out images. The exit code says whether the target was met (0), not even on the
     calibration images (4, nothing written), or not on the held-out ones (5, the file says so)."""
     target.check()
+    path = Path(out)
+    if path.exists():
+        raise TokenscopeError(f"{path} exists; tune never overwrites an operating point (give another --out)")
     base_method = parse_method(method).name
     if base_method not in GRIDS:
         raise ConfigError(f"tune searches {', '.join(GRIDS)}; not {method!r}")
@@ -136,9 +139,6 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
     chosen = min(ok, key=lambda m: (m.gflops, -m.miou))
     held = _evaluate(loaded, device, [chosen.point], opts, data, data_root, held_split, held_seeds, scene_size, progress)
     held_m = measure(chosen.point, held[chosen.point], held["baseline"], target)
-    path = Path(out)
-    if path.exists():
-        raise TokenscopeError(f"{path} exists; tune never overwrites an operating point (give another --out)")
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": OP_FORMAT, "version": 1, "tool": "tokenscope", "tool_version": __version__,
            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": chosen.point, "model": opts.model,
