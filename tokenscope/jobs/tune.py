@@ -28,6 +28,7 @@ from tokenscope.analysis.evaluate import OperatingPoint, VariantScores, evaluate
 from tokenscope.data.datasets import open_dataset
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError, TokenscopeError
+from tokenscope.jobs.runfolder import write_json_atomic
 from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
 from tokenscope.models.methods.spec import parse_method
 
@@ -147,7 +148,7 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
                            **{k: v for k, v in chosen.__dict__.items() if k != "point"}},
            "held_out": {"data": data, "split": held_split if data != "synthetic" else held_seeds,
                         **{k: v for k, v in held_m.__dict__.items() if k != "point"}, "met": held_m.ok}}
-    path.write_text(json.dumps(doc, indent=2))
+    write_json_atomic(path, doc)
     return TuneResult(chosen, held_m, measured, path, 0 if held_m.ok else EXIT_NOT_MET_HELD_OUT)
 
 
