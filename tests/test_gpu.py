@@ -93,3 +93,20 @@ def test_methods_on_gpu_match_the_cpu_in_float32_and_stay_consistent_in_bf16(met
     assert np.array_equal(cpu.token_of_patch, gpu.token_of_patch)
     if "tome" in method:  # a fixed count per block; thresholded merges may flip on float noise (TF32)
         assert np.array_equal(cpu.merges_per_block(), gpu.merges_per_block())
+
+
+def test_cuda_event_timing_agrees_with_synchronised_wall_time() -> None:
+    import time
+
+    from tokenscope.models.runtime import Stopwatch, synchronize
+
+    device = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    with Stopwatch(device) as watch:
+        for _ in range(20):
+            a = a @ a / 64.0
+    synchronize(device)
+    wall = time.perf_counter() - t0
+    assert 0 < watch.seconds <= wall * 1.05 and watch.seconds > 0.5 * wall

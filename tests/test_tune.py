@@ -82,3 +82,16 @@ def test_without_labels_tune_scores_against_the_unreduced_models_own_predictions
                "cpu", "--json", js)
     assert r.exit_code == 0, r.output
     assert json.loads(js.read_text())["variants"]["baseline"]["miou"] == pytest.approx(1.0)
+
+
+def test_tune_can_search_a_forced_token_budget(tmp_path: Path) -> None:
+    op = tmp_path / "op.json"
+    fast = [a for a in FAST if a not in ("--method", "dtop")]
+    r = invoke("tune", "--out", op, "--max-gflops", "1000", "--max-miou-drop", "100", "--method", "budget", *fast)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(op.read_text())
+    assert doc["method"].startswith("dcts:budget=") and doc["held_out"]["met"] is True
+    js = tmp_path / "e.json"
+    r = invoke("evaluate", "--operating-point", op, "--seeds", "300000:300003", "--size", "64", "--device", "cpu",
+               "--json", js)
+    assert r.exit_code == 0 and json.loads(js.read_text())["variants"]["step"]["token_reduction"] > 1.0

@@ -146,3 +146,15 @@ def test_a_folder_of_numbered_frames_is_a_clip_in_numeric_order(tmp_path: Path) 
     manifest = json.loads((run / "run.json").read_text())
     sources = [e["source"] for e in manifest["images"]]
     assert [Path(s).name for s in sources] == [f"frame_{k}.png" for k in (0, 2, 4, 6, 8, 10)]
+
+
+def test_the_stopwatch_times_work_on_the_cpu() -> None:
+    import time
+
+    import torch
+
+    from tokenscope.models.runtime import Stopwatch
+
+    with Stopwatch(torch.device("cpu")) as watch:
+        time.sleep(0.05)
+    assert 0.045 <= watch.seconds < 0.5

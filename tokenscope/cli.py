@@ -654,7 +654,7 @@ def tune(
     out: Annotated[Path, typer.Option(help="The operating-point file to write (JSON; never overwritten).")],
     model: ModelOpt = "demo",
     weights: WeightsOpt = None,
-    method: Annotated[str, typer.Option(help="The method whose settings are searched: step, dcts, dtop, cts, tome or algm.")] = "step",
+    method: Annotated[str, typer.Option(help="The method whose settings are searched: step, dcts, dtop, cts, tome, algm, or budget (dcts at a forced token reduction).")] = "step",
     max_gflops: Annotated[Optional[float], typer.Option(help="Target: at most this many GFLOPs per image.")] = None,
     p95_latency_ms: Annotated[Optional[float], typer.Option(help="Target: 95% of images within this latency (ms).")] = None,
     min_speedup: Annotated[Optional[float], typer.Option(help="Target: at least this speed-up of the mean latency over the unreduced model.")] = None,

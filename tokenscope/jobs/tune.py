@@ -2,7 +2,7 @@
 limit, chosen on a calibration split and reported honestly on a held-out one.
 
 An operating point is a method label with its settings (`step:merge=0.7:exit=0.9`, `tome:r=0.05`,
-`algm:threshold=0.92`): everything that decides which tokens a forward keeps, in one string that
+`algm:threshold=0.92`, `dcts:budget=2.5`): everything that decides which tokens a forward keeps, in one string that
 `run`, `evaluate`, `bench` and the API already accept. `tune` writes it to a small JSON file
 (`--operating-point FILE` reads it back) with what was measured where.
 
@@ -36,6 +36,7 @@ OP_FORMAT = "tokenscope-operating-point"
 GRIDS: dict[str, list[str]] = {
     "step": [f"step:merge={m}:exit={e}" for m, e in itertools.product((0.3, 0.5, 0.7, 0.9), (0.8, 0.9, 0.95, 0.99))],
     "dcts": [f"dcts:merge={m}" for m in (0.3, 0.5, 0.7, 0.9, 1.01)],
+    "budget": [f"dcts:budget={b}" for b in (1.5, 2.0, 2.5, 3.0, 4.0)],
     "dtop": [f"dtop:exit={e}" for e in (0.8, 0.9, 0.95, 0.99)],
     "cts": [f"cts:groups={g}" for g in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)],
     "tome": [f"tome:r={r}" for r in (0.01, 0.02, 0.03, 0.05, 0.08)],
@@ -126,7 +127,7 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
     path = Path(out)
     if path.exists():
         raise TokenscopeError(f"{path} exists; tune never overwrites an operating point (give another --out)")
-    base_method = parse_method(method).name
+    base_method = method.strip().lower() if method.strip().lower() == "budget" else parse_method(method).name
     if base_method not in GRIDS:
         raise ConfigError(f"tune searches {', '.join(GRIDS)}; not {method!r}")
     loaded, device = load_model(opts, have_labels=data != "images")

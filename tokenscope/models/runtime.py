@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -35,6 +36,32 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock time covers the computation itself."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Seconds a piece of work took: on a GPU from a pair of CUDA events (the device's own clock,
+    in stream order, so host-side waits in between do not count twice), on the CPU by wall time.
+    `with Stopwatch(device) as sw: ...` then `sw.seconds`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        if self.device.type == "cuda":
+            self._start, self._stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self._stop.record()
+            self._stop.synchronize()
+            self.seconds = self._start.elapsed_time(self._stop) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self._t0
 
 
 @contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,7 +11,7 @@ from tokenscope.data.images import PreparedImage, patch_majority_labels
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import CostModel, cost_model, measure_flops
 from tokenscope.models.partition import grid_partition
-from tokenscope.models.runtime import inference, synchronize
+from tokenscope.models.runtime import Stopwatch, inference, synchronize
 from tokenscope.models.step_vit import segment
 from tokenscope.trace.recorder import ImageRecord, Recorder
 from tokenscope.trace.trace import Trace, TraceMeta
@@ -79,10 +78,9 @@ class TraceCapture:
         x, labels = images_to_tensor(images, self.device)
         with inference(self.device, self.amp), Recorder(model) as rec:
             synchronize(self.device)
-            t0 = time.perf_counter()
-            out = model(x, labels)
-            synchronize(self.device)
-            forward_s = time.perf_counter() - t0
+            with Stopwatch(self.device) as watch:  # CUDA events on a GPU
+                out = model(x, labels)
+            forward_s = watch.seconds
             records = rec.pop_records()
             maps = [segment(out.patch_logits[i:i + 1], im.padded_hw, im.input_hw)[0].cpu().numpy()
                     for i, im in enumerate(images)]

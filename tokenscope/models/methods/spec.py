@@ -52,7 +52,8 @@ class Method:
     def option_values(self) -> dict[str, object]:
         """Settings as ModelOptions fields: r -> tome_r, threshold -> algm_threshold, global ->
         algm_global_threshold, prop -> prop_attn, groups -> cts_groups, exit -> exit_threshold,
-        merge -> merge_threshold, keep -> keep_per_class, order -> merge_order, count -> merge_count."""
+        merge -> merge_threshold, keep -> keep_per_class, order -> merge_order, count -> merge_count,
+        budget -> budget (dcts/step: exactly that token reduction, `dcts:budget=2.5`)."""
         out: dict[str, object] = {}
         for key, value in self.settings:
             if key not in SETTINGS:
@@ -84,7 +85,7 @@ def _global(value: str) -> float | None:
 SETTINGS = {"r": ("tome_r", float), "threshold": ("algm_threshold", float), "global": ("algm_global_threshold", _global),
             "prop": ("prop_attn", _on_off), "groups": ("cts_groups", str), "exit": ("exit_threshold", float),
             "merge": ("merge_threshold", str), "keep": ("keep_per_class", int),
-            "order": ("merge_order", str.lower), "count": ("merge_count", str.lower)}
+            "order": ("merge_order", str.lower), "count": ("merge_count", str.lower), "budget": ("budget", float)}
 
 
 def parse_method(text: str) -> Method:
