@@ -17,7 +17,6 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np

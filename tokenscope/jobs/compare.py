@@ -35,7 +35,6 @@ from tokenscope.models.step_vit import ReductionSetting
 from tokenscope.render.overlays import render_label_map, render_overlay
 from tokenscope.render.plots import compare_figure
 from tokenscope.trace.capture import TraceCapture, images_to_tensor
-from tokenscope.trace.trace import Trace
 
 BASELINES = ("vit",)
 
