@@ -65,8 +65,8 @@ class Server:
                     part = part[: len(part) // 2]
                     self.close_connection = True
                 for i in range(0, len(part), 4096):
+                    owner.sent += len(part[i:i + 4096])  # counted before the write: the client may finish first
                     self.wfile.write(part[i:i + 4096])
-                    owner.sent += len(part[i:i + 4096])
                     if owner.delay:
                         time.sleep(owner.delay)
 
