@@ -32,9 +32,9 @@ Groups = set[frozenset[int]]
 
 # ---- the models: one timm ViT, driven by tokenscope and by the references --------------------------
 
-def _pair(arch: str, seed: int = 0, decoder: str = "linear") -> tuple[StepViT, torch.nn.Module]:
+def _pair(arch: str, seed: int = 0, decoder: str = "linear", **timm_kwargs: object) -> tuple[StepViT, torch.nn.Module]:
     cfg = StepConfig(name="ref", arch=arch, num_classes=4, exit_after=(), img_size=224, decoder=decoder,
-                     decoder_layers=1, timm_kwargs={"depth": 12, "embed_dim": 48, "num_heads": 3})
+                     decoder_layers=1, timm_kwargs={"depth": 12, "embed_dim": 48, "num_heads": 3, **timm_kwargs})
     torch.manual_seed(seed)
     vit = create_backbone(cfg)
     with torch.no_grad():  # livelier random weights than timm's init, so tokens differ clearly
@@ -259,6 +259,18 @@ def test_tome_with_a_distillation_token_equals_the_reference() -> None:
     model, vit = _pair("deit_small_distilled_patch16_224")
     assert model.num_prefix_tokens == 2 and model.dist_token is not None
     images = _images(2, seed=3)
+    for r in (1, 8, 20):
+        model.set_merging(MergingSpec("tome", tuple(range(1, 13)), r=r))
+        ours = _groups_by_block(model, images)
+        with torch.no_grad():
+            ref = reference_tome(vit, (images - model.pixel_mean) / model.pixel_std, r)
+        assert ours == ref, f"r={r}"
+
+
+def test_tome_without_a_class_token_orders_unmerged_tokens_by_similarity_as_the_reference() -> None:
+    model, vit = _pair("vit_small_patch16_224", class_token=False, global_pool="avg")
+    assert model.num_prefix_tokens == 0
+    images = _images(2, seed=1)
     for r in (1, 8, 20):
         model.set_merging(MergingSpec("tome", tuple(range(1, 13)), r=r))
         ours = _groups_by_block(model, images)
