@@ -255,28 +255,26 @@ def test_tome_merge_groups_equal_the_reference_in_every_block(r: int) -> None:
         assert _merged_count(ref[0][-1]) < 12 * r
 
 
-def test_tome_with_a_distillation_token_equals_the_reference() -> None:
-    model, vit = _pair("deit_small_distilled_patch16_224")
-    assert model.num_prefix_tokens == 2 and model.dist_token is not None
-    images = _images(2, seed=3)
+def _assert_tome_equals_reference(model: StepViT, vit: torch.nn.Module, images: torch.Tensor) -> None:
+    """Every block's merge groups of every image, for r = 1, 8, 20."""
     for r in (1, 8, 20):
         model.set_merging(MergingSpec("tome", tuple(range(1, 13)), r=r))
         ours = _groups_by_block(model, images)
         with torch.no_grad():
             ref = reference_tome(vit, (images - model.pixel_mean) / model.pixel_std, r)
         assert ours == ref, f"r={r}"
+
+
+def test_tome_with_a_distillation_token_equals_the_reference() -> None:
+    model, vit = _pair("deit_small_distilled_patch16_224")
+    assert model.num_prefix_tokens == 2 and model.dist_token is not None
+    _assert_tome_equals_reference(model, vit, _images(2, seed=3))
 
 
 def test_tome_without_a_class_token_orders_unmerged_tokens_by_similarity_as_the_reference() -> None:
     model, vit = _pair("vit_small_patch16_224", class_token=False, global_pool="avg")
     assert model.num_prefix_tokens == 0
-    images = _images(2, seed=1)
-    for r in (1, 8, 20):
-        model.set_merging(MergingSpec("tome", tuple(range(1, 13)), r=r))
-        ours = _groups_by_block(model, images)
-        with torch.no_grad():
-            ref = reference_tome(vit, (images - model.pixel_mean) / model.pixel_std, r)
-        assert ours == ref, f"r={r}"
+    _assert_tome_equals_reference(model, vit, _images(2, seed=1))
 
 
 def test_tome_order_spatial_is_tokenscopes_earlier_rule_and_decides_otherwise() -> None:

@@ -671,12 +671,13 @@ def tune(
     """Choose the cheapest operating point that meets a target within an accuracy limit; exit 0 when
     it meets it on held-out images too, 4 when no point meets it on the calibration images, 5 when
     the chosen one misses it on the held-out images."""
+    from tokenscope.data.datasets import parse_seeds
     from tokenscope.jobs.setup import ModelOptions
     from tokenscope.jobs.tune import Target
     from tokenscope.jobs.tune import tune as run_tune
 
     with _user_errors(), _progress("tuning") as progress:
-        if data == "synthetic" and set(parse_seeds_range(calib_seeds)) & set(parse_seeds_range(held_seeds)):
+        if data == "synthetic" and set(parse_seeds(calib_seeds)) & set(parse_seeds(held_seeds)):
             raise TokenscopeError("--calib-seeds and --held-seeds overlap: the held-out report would not be held out")
         result = run_tune(ModelOptions(model=model, weights=weights, device=device), method,
                           Target(max_gflops, p95_latency_ms, min_speedup, max_miou_drop), out, data, data_root,
@@ -700,12 +701,6 @@ def tune(
                       + ("" if h.ok else " (" + ", ".join(k for k, v in h.meets.items() if not v) + ")"), highlight=False)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
-
-
-def parse_seeds_range(text: str) -> range:
-    from tokenscope.data.datasets import parse_seeds
-
-    return parse_seeds(text)
 
 
 @app.command()

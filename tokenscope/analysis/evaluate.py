@@ -122,6 +122,10 @@ class VariantScores:
     def gflops_per_image(self) -> float:
         return self.flops / 1e9 / max(self.images, 1)
 
+    def tails(self) -> dict[str, object]:
+        """Percentiles of latency, tokens and GFLOPs over the images (see analysis/stability.py)."""
+        return tails(pd.DataFrame(self.per_image, columns=["image", "forward_ms", "tokens", "gflops"]))
+
     def as_dict(self, class_names: tuple[str, ...] = ()) -> dict[str, object]:
         ious = iou_per_class(self.confusion)
         return {
@@ -130,7 +134,7 @@ class VariantScores:
             "exited_early_patch_pct": self.exited_patch_pct, "gflops_per_image": self.gflops_per_image,
             "forward_ms_per_image": 1e3 * self.forward_s / max(self.images, 1),
             "mean_tokens_per_block": self.mean_tokens_per_block, "block_token_reduction": self.block_token_reduction,
-            "tails": tails(pd.DataFrame(self.per_image, columns=["image", "forward_ms", "tokens", "gflops"])),
+            "tails": self.tails(),
             "iou_per_class": {(class_names[c] if c < len(class_names) else str(c)): (None if np.isnan(v) else float(v))
                               for c, v in enumerate(ious)},
         }

@@ -1,6 +1,7 @@
 """What a run writes for each video clip once its frames are traced: the frame table (per frame:
 tokens, exits, GFLOPs, latency and the changes since the previous frame), a timeline figure, an
-overlay video (frame | supertokens and merges | exits, side by side) and `clips.json`.
+overlay video (frame | supertokens and merges | exits, side by side) and `clips.json`, in one
+pass over the frames.
 
 Everything is derived from the frames' folders and the run's tables, so a resumed run or a run
 copied elsewhere gives the same outputs.
@@ -42,8 +43,48 @@ class Clip:
     frames: list[ClipFrame] = field(default_factory=list)
 
 
-def frames_table(run_dir: Path, clip: Clip, images: pd.DataFrame) -> pd.DataFrame:
-    """One row per traced frame, in order; the changes are against the previous traced frame."""
+def side_by_side(pictures: list[np.ndarray]) -> np.ndarray:
+    """Pictures next to each other, shorter ones padded white below (overlays carry a legend),
+    with even sides as video codecs want."""
+    h = max(p.shape[0] for p in pictures)
+    h += h % 2
+    padded = [np.pad(p, ((0, h - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in pictures]
+    row = np.hstack(padded)
+    return row if row.shape[1] % 2 == 0 else np.pad(row, ((0, 0), (0, 1), (0, 0)), constant_values=255)
+
+
+class OverlayVideo:
+    """frame | supertokens and merges | exits, side by side, one frame at a time; written to a
+    partial name and renamed when closed with at least one frame."""
+
+    def __init__(self, path: Path, fps: float) -> None:
+        self.path, self.fps, self.frames = path, fps, 0
+        self._partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+        self._writer: cv2.VideoWriter | None = None
+
+    def add(self, folder: Path, trace: Trace) -> None:
+        image = read_rgb(folder / "image.png")
+        panel = side_by_side([image, render_overlay("merge", image, trace), render_overlay("exit", image, trace)])
+        if self._writer is None:
+            self._writer = cv2.VideoWriter(str(self._partial), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
+                                           (panel.shape[1], panel.shape[0]))
+        self._writer.write(cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+        self.frames += 1
+
+    def close(self, complete: bool = True) -> int:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        if complete and self.frames:
+            os.replace(self._partial, self.path)
+        elif self._partial.exists():
+            self._partial.unlink()
+        return self.frames
+
+
+def frames_table(run_dir: Path, clip: Clip, images: pd.DataFrame, video: OverlayVideo | None = None) -> pd.DataFrame:
+    """One row per traced frame, in order; the changes are against the previous traced frame.
+    With `video`, each traced frame is also added to it (one pass, each trace loaded once)."""
     rows: list[dict[str, Any]] = []
     prev: Trace | None = None
     by_name = images.set_index("image") if "image" in images.columns else pd.DataFrame()
@@ -53,6 +94,8 @@ def frames_table(run_dir: Path, clip: Clip, images: pd.DataFrame) -> pd.DataFram
             prev = None  # a frame that failed breaks the chain of comparisons
             continue
         trace = Trace.load(folder)
+        if video is not None:
+            video.add(folder, trace)
         row: dict[str, Any] = {"clip": clip.name, "frame": f.index, "time_s": f.time_s, "image": f.folder}
         if f.folder in by_name.index:
             r = by_name.loc[f.folder]
@@ -66,48 +109,18 @@ def frames_table(run_dir: Path, clip: Clip, images: pd.DataFrame) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def side_by_side(pictures: list[np.ndarray]) -> np.ndarray:
-    """Pictures next to each other, shorter ones padded white below (overlays carry a legend),
-    with even sides as video codecs want."""
-    h = max(p.shape[0] for p in pictures)
-    h += h % 2
-    padded = [np.pad(p, ((0, h - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in pictures]
-    row = np.hstack(padded)
-    return row if row.shape[1] % 2 == 0 else np.pad(row, ((0, 0), (0, 1), (0, 0)), constant_values=255)
-
-
-def overlay_video(run_dir: Path, clip: Clip, path: Path) -> int:
-    """frame | supertokens and merges | exits, side by side, at the clip's rate over the frames
-    taken; written to a partial name and renamed when complete. Returns the frames written."""
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    writer: cv2.VideoWriter | None = None
-    written = 0
-    try:
-        for f in clip.frames:
-            folder = run_dir / f.folder
-            if not (folder / "trace.json").exists():
-                continue
-            trace = Trace.load(folder)
-            image = read_rgb(folder / "image.png")
-            panel = side_by_side([image, render_overlay("merge", image, trace), render_overlay("exit", image, trace)])
-            if writer is None:
-                writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), max(clip.fps / clip.every, 1.0),
-                                         (panel.shape[1], panel.shape[0]))
-            writer.write(cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
-            written += 1
-    finally:
-        if writer is not None:
-            writer.release()
-    if written:
-        os.replace(partial, path)
-    return written
-
-
 def clip_outputs(run_dir: Path, clips: list[Clip], images: pd.DataFrame, figures: bool) -> dict[str, Any]:
     """Tables, figures, overlay videos and `clips.json` of every clip; returns the per-clip summary."""
     tables, summary = [], {}
     for clip in clips:
-        table = frames_table(run_dir, clip, images)
+        video = OverlayVideo(run_dir / f"{clip.name}_overlay.mp4", max(clip.fps / clip.every, 1.0)) if figures else None
+        try:
+            table = frames_table(run_dir, clip, images, video)
+        except BaseException:
+            if video is not None:
+                video.close(complete=False)  # no half-written video is left under the final name
+            raise
+        written = video.close() if video is not None else 0
         if table.empty:
             continue
         tables.append(table)
@@ -120,7 +133,7 @@ def clip_outputs(run_dir: Path, clips: list[Clip], images: pd.DataFrame, figures
             (run_dir / "figures").mkdir(exist_ok=True)
             timeline_figure(table, run_dir / "figures" / f"timeline_{clip.name}.png", f"{clip.name}: frame by frame")
             stats["overlay_video"] = f"{clip.name}_overlay.mp4"
-            stats["overlay_frames"] = overlay_video(run_dir, clip, run_dir / stats["overlay_video"])
+            stats["overlay_frames"] = written
         summary[clip.name] = stats
     if tables:
         (run_dir / "tables").mkdir(exist_ok=True)

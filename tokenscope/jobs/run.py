@@ -18,6 +18,7 @@ images without a folder, then rebuilds the tables, so the result equals an unint
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -180,38 +181,45 @@ def _items(req: RunRequest) -> list[RunItem]:
 
 def _sequence_items(folders: list[str], req: RunRequest, taken: set[str]) -> list[RunItem]:
     """A folder of numbered frames as one clip (frame_0001.png, ...; numeric order, not text order)."""
-    selection = FrameSelection(req.every, req.start, req.end, req.max_frames)
     items = []
     for folder in folders:
         files = sorted(find_images([folder]), key=frame_number)
         if not files:
             raise TokenscopeError(f"{folder}: no frames (image files) in this folder")
-        info = VideoInfo(folder, req.fps, len(files), 0, 0)
         clip = Clip(unique_name(Path(folder).name, taken), folder, req.fps, req.every)
-        for index in selection.indices(info):
-            def load(patch: int, f: Path = files[index]) -> PreparedImage:
-                return load_prepared(f, size=req.size, labels_path=None, patch=patch)
-            name = unique_name(f"{clip.name}-f{index:06d}", taken)
-            clip.frames.append(ClipFrame(index, index / req.fps, name))
-            items.append(RunItem(name, str(files[index]), load, False, clip))
+        items += _clip_items(clip, VideoInfo(folder, req.fps, len(files), 0, 0), req, taken,
+                             functools.partial(_file_frame, files, req.size), lambda i, files=files: str(files[i]))
     return items
 
 
 def _frame_items(videos: list[str], req: RunRequest, taken: set[str]) -> list[RunItem]:
     """One item per selected frame of each clip; a clip's frames share one sequential reader."""
-    selection = FrameSelection(req.every, req.start, req.end, req.max_frames)
     items = []
     for v in videos:
         info = probe(v)
-        reader = FrameReader(info)
         clip = Clip(unique_name(Path(v).stem, taken), v, info.fps, req.every)
-        for index in selection.indices(info):
-            def load(patch: int, index: int = index, reader: FrameReader = reader) -> PreparedImage:
-                return prepare_image(reader.frame(index), f"{reader.info.path}#frame={index}", size=req.size, patch=patch)
-            name = unique_name(f"{clip.name}-f{index:06d}", taken)
-            clip.frames.append(ClipFrame(index, index / info.fps, name))
-            items.append(RunItem(name, f"{v}#frame={index}", load, False, clip))
+        items += _clip_items(clip, info, req, taken, functools.partial(_video_frame, FrameReader(info), req.size),
+                             lambda i, v=v: f"{v}#frame={i}")
     return items
+
+
+def _clip_items(clip: Clip, info: VideoInfo, req: RunRequest, taken: set[str],
+                load_frame: Callable[[int, int], PreparedImage], source: Callable[[int], str]) -> list[RunItem]:
+    """The run items of the frames `req` selects from a clip; `load_frame(index, patch)`."""
+    items = []
+    for index in FrameSelection(req.every, req.start, req.end, req.max_frames).indices(info):
+        name = unique_name(f"{clip.name}-f{index:06d}", taken)
+        clip.frames.append(ClipFrame(index, index / info.fps, name))
+        items.append(RunItem(name, source(index), functools.partial(load_frame, index), False, clip))
+    return items
+
+
+def _video_frame(reader: FrameReader, size: int | None, index: int, patch: int) -> PreparedImage:
+    return prepare_image(reader.frame(index), f"{reader.info.path}#frame={index}", size=size, patch=patch)
+
+
+def _file_frame(files: list[Path], size: int | None, index: int, patch: int) -> PreparedImage:
+    return load_prepared(files[index], size=size, labels_path=None, patch=patch)
 
 
 def write_image_outputs(folder: Path, trace: Trace, display: np.ndarray, figures: bool = True,

@@ -77,8 +77,8 @@ class Measured:
 
 
 def measure(point: str, scores: VariantScores, base: VariantScores, target: Target) -> Measured:
-    tail = scores.as_dict()["tails"].get("latency_ms", {})
-    base_tail = base.as_dict()["tails"].get("latency_ms", {})
+    tail = scores.tails().get("latency_ms", {})
+    base_tail = base.tails().get("latency_ms", {})
     p95 = float(tail.get("p95", float("nan")))
     speedup = float(base_tail.get("mean", float("nan"))) / max(float(tail.get("mean", float("nan"))), 1e-9)
     m = Measured(point, 100 * scores.miou, 100 * (base.miou - scores.miou), scores.gflops_per_image, p95, speedup)
