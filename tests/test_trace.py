@@ -137,3 +137,21 @@ def test_flops_can_be_counted_inside_inference_mode_at_the_native_size() -> None
         expected, _, ref = measure_flops(lambda: model(x))
     assert total == expected > 0
     assert torch.equal(out.patch_logits, ref.patch_logits)
+
+
+def test_the_npz_reader_gives_what_numpy_gives(tmp_path: Path) -> None:
+    """Trace.load's own .npz reader equals np.load, for the arrays traces hold and for the ones it
+    hands to np.load (Fortran order, 0-d, bool, big-endian)."""
+    from tokenscope.trace.trace import _read_npz
+
+    rng = np.random.default_rng(0)
+    arrays = {"i32": rng.integers(-5, 5, (7, 3)).astype(np.int32), "u8": rng.integers(0, 255, (4, 4)).astype(np.uint8),
+              "f32": rng.random(5, dtype=np.float32), "empty": np.zeros((0,), np.int16), "scalar": np.array(3.5),
+              "fortran": np.asfortranarray(rng.random((3, 4))), "flags": rng.random(6) > 0.5,
+              "big": np.arange(4, dtype=">i4")}
+    np.savez_compressed(tmp_path / "a.npz", **arrays)
+    got = _read_npz(tmp_path / "a.npz")
+    assert sorted(got) == sorted(arrays)
+    for name, a in arrays.items():
+        assert got[name].dtype == a.dtype and got[name].shape == a.shape and np.array_equal(got[name], a), name
+        assert got[name].flags.writeable
