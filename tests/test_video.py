@@ -158,3 +158,102 @@ def test_the_stopwatch_times_work_on_the_cpu() -> None:
     with Stopwatch(torch.device("cpu")) as watch:
         time.sleep(0.05)
     assert 0.045 <= watch.seconds < 0.5
+
+
+def test_frame_folders_hold_a_jpeg_and_the_run_reads_them_like_images(tmp_path: Path) -> None:
+    """A frame keeps its trace (class map stored narrow, read back as int32), a JPEG and a summary;
+    its tokens are rows of the run's token table; heatmap and explorer find the JPEG."""
+    from tokenscope.trace.trace import Trace
+
+    clip = write_clip(tmp_path / "pan.avi", _frames(10, 3))
+    r, run = _run(clip, tmp_path / "out", "--no-figures")
+    assert r.exit_code == 0, r.output
+    frame = run / "pan-f000001"
+    assert {p.name for p in frame.iterdir()} == {"trace.json", "trace.npz", "image.jpg", "summary.json"}
+    with np.load(frame / "trace.npz") as z:
+        assert z["label_map"].dtype == np.uint8
+    trace = Trace.load(frame)
+    assert trace.label_map.dtype == np.int32 and trace.label_map.shape == (128, 128)
+    tokens = pd.read_parquet(run / "tables" / "tokens.parquet")
+    assert (tokens["image"] == "pan-f000001").sum() == trace.num_tokens
+    r = invoke("heatmap", run, "--kind", "merge")
+    assert r.exit_code == 0, r.output
+    assert (next(run.glob("heatmaps-*")) / "pan-f000001" / "merge.png").is_file()
+    r = invoke("view", run)
+    assert r.exit_code == 0, r.output
+    assert (run / "explorer.html").is_file()
+
+
+def test_the_video_follows_frames_in_order_whatever_order_they_finish_in(tmp_path: Path) -> None:
+    """Frames settled out of order reach the video in frame order; a failed frame is left out and
+    the last frame closes the clip's video."""
+    from tokenscope.jobs.clips import Clip, ClipFrame, ClipPass
+
+    clip = Clip("c", "c.mp4", 10.0, 1, [ClipFrame(k, k / 10, f"c-f{k:06d}") for k in range(4)])
+    for f in clip.frames:
+        (tmp_path / f.folder).mkdir()
+        (tmp_path / f.folder / "trace.json").write_text("{}")
+    sent: list[str] = []
+
+    class Recorder:
+        def add(self, name: str, folder: Path) -> None:
+            sent.append(folder.name)
+
+        def close(self, name: str) -> None:
+            sent.append("close")
+
+        def release(self) -> None:
+            pass
+
+    clip_pass = ClipPass(tmp_path, [clip], figures=False)
+    clip_pass.videos = Recorder()  # type: ignore[assignment]
+    clip_pass.settle("c-f000002", True)
+    clip_pass.settle("c-f000001", False)  # failed
+    assert sent == []
+    clip_pass.settle("c-f000000", True)
+    assert sent == ["c-f000000", "c-f000002"]
+    clip_pass.settle("c-f000003", True)
+    assert sent == ["c-f000000", "c-f000002", "c-f000003", "close"]
+
+
+def test_the_drawing_process_reports_a_damaged_frame_in_one_line_and_abort_leaves_nothing(tmp_path: Path) -> None:
+    from tokenscope.errors import RunFolderError
+    from tokenscope.jobs.clips import Clip, ClipVideos
+
+    clip = write_clip(tmp_path / "pan.avi", _frames(11, 2))
+    r, run = _run(clip, tmp_path / "out", "--no-figures")
+    assert r.exit_code == 0, r.output
+    (run / "pan-f000001" / "image.jpg").write_bytes(b"not a jpeg")
+    videos = ClipVideos(run, [Clip("pan", str(clip), 10.0, 1)])
+    videos.add("pan", run / "pan-f000000")
+    videos.add("pan", run / "pan-f000001")
+    videos.close("pan")
+    with pytest.raises(RunFolderError, match="overlay video: .*pan-f000001.*unreadable"):
+        videos.finish()
+    assert not list(run.glob("*.mp4")) and not list(run.glob(".*partial*"))
+    videos = ClipVideos(run, [Clip("pan", str(clip), 10.0, 1)], follow=False)
+    videos.add("pan", run / "pan-f000000")
+    videos.abort()
+    assert videos._proc.returncode is not None and not list(run.glob(".*partial*")) and not list(run.glob("*.mp4"))
+
+
+def test_tables_from_held_traces_equal_tables_read_from_the_folders(tmp_path: Path) -> None:
+    from tokenscope.jobs.run import HeldTraces, finish_run
+    from tokenscope.trace.trace import Trace
+
+    clip = write_clip(tmp_path / "pan.avi", _frames(12, 3))
+    r, run = _run(clip, tmp_path / "out", "--no-figures")
+    assert r.exit_code == 0, r.output
+    names = [f"pan-f{k:06d}" for k in range(3)]
+    read = finish_run(run, names, figures=False)
+    held = HeldTraces()
+    for n in names[:2]:
+        held.hold(n, Trace.load(run / n))
+    mixed = finish_run(run, names, figures=False, held=held)
+    assert read is not None and mixed is not None
+    for table in ("images", "classes", "levels", "blocks"):
+        pd.testing.assert_frame_equal(getattr(read, table), getattr(mixed, table))
+    assert HeldTraces(budget=10).take("x") is None
+    small = HeldTraces(budget=10)
+    small.hold(names[0], Trace.load(run / names[0]))
+    assert small.take(names[0]) is None  # over the budget: read from the folder instead

@@ -33,6 +33,7 @@ from tokenscope.jobs.setup import load_model as _load_model
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.trace.capture import TraceCapture
 from tokenscope.trace.trace import Trace as _CoreTrace
+from tokenscope.trace.trace import image_beside
 
 Progress = Callable[[int, int, str], None]
 """progress(done, total, current item): the callback every long-running function accepts."""
@@ -317,7 +318,7 @@ def load_trace(folder: str | Path) -> Trace:
     from tokenscope.jobs.runfolder import read_rgb
 
     t = Trace.load(folder)
-    png = Path(folder) / "image.png"
+    png = image_beside(folder)
     if png.is_file():
         try:
             t._image = read_rgb(png)

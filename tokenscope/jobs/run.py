@@ -3,8 +3,11 @@
 Each image gets its own folder in the run folder: the trace, the processed image, overlays, the
 per-layer histogram, an animation of tokens leaving, tokens.csv, blocks.csv, summary.json and,
 when labels exist, eval.json (confusion matrices of STEP and of the same weights without
-reduction). When all images are done, data-set tables (per image, class, level and block; CSV
-and Parquet) and figures are derived from those folders alone, and run.json is marked complete.
+reduction). A video frame's folder holds its trace, image.jpg and summary.json: its pictures are
+the clip's (overlay video, timeline; jobs/clips.py) and its token rows are in the run's tables.
+When all images are done, data-set tables (per image, class, level and block; CSV and Parquet)
+and figures are derived from those folders alone (traces this process has just written are used
+as held rather than read back), and run.json is marked complete.
 
 With sliding windows (an imported Segmenter model's default, or `--window N`), an image folder
 holds the stitched prediction (`segmentation.png`, `eval.json`, `summary.json`, `windows.json`)
@@ -60,7 +63,7 @@ from tokenscope.render.plots import token_histogram
 from tokenscope.trace.capture import TraceCapture, merging_meta
 from tokenscope.analysis.stability import tails
 from tokenscope.data.video import FrameReader, FrameSelection, VideoInfo, frame_number, is_video, probe
-from tokenscope.jobs.clips import Clip, ClipFrame, clip_outputs
+from tokenscope.jobs.clips import Clip, ClipFrame, ClipPass
 from tokenscope.render.timeline import tails_figure
 from tokenscope.trace.trace import Trace
 
@@ -223,10 +226,15 @@ def _file_frame(files: list[Path], size: int | None, index: int, patch: int) -> 
 
 
 def write_image_outputs(folder: Path, trace: Trace, display: np.ndarray, figures: bool = True,
-                        animation: bool = True) -> None:
-    """What `run` writes for one image, from its trace and its processed image."""
-    trace.save(folder)
-    write_rgb(folder / "image.png", display)
+                        animation: bool = True, frame: bool = False) -> None:
+    """What `run` writes for one image, from its trace and its processed image.
+
+    A video `frame` keeps its trace, summary and image (JPEG: the frame was lossy already) and no
+    per-frame tables: tokens.csv and blocks.csv of every frame are rows of the run's tables
+    (tables/tokens.parquet, tables/frames.csv), and writing them per frame cost as much as the
+    trace itself."""
+    trace.save(folder, atomic=False)  # the image folder is renamed into place once complete
+    write_rgb(folder / ("image.jpg" if frame else "image.png"), display)
     if figures:
         for kind in OVERLAY_KINDS:
             write_rgb(folder / f"{kind}.png", render_overlay(kind, display, trace))
@@ -236,8 +244,9 @@ def write_image_outputs(folder: Path, trace: Trace, display: np.ndarray, figures
         token_histogram(trace, folder / "histogram.png")
     if animation:
         write_exit_animation(folder / "tokens.gif", display, trace)
-    write_table(tokens_table(trace), folder / "tokens.csv")
-    write_table(blocks_table(trace), folder / "blocks.csv")
+    if not frame:
+        write_table(tokens_table(trace), folder / "tokens.csv")
+        write_table(blocks_table(trace), folder / "blocks.csv")
 
 
 def _evaluate_image(prepared: PreparedImage, pred: ImagePrediction, capture: TraceCapture,
@@ -291,13 +300,14 @@ def prediction_summary(pred: ImagePrediction, source: str) -> dict[str, Any]:
 
 
 def write_image_folder(run_dir: Path, name: str, prepared: PreparedImage, pred: ImagePrediction,
-                       ev: ImageEval | None, req: "RunRequest", cfg: StepConfig) -> dict[str, Any]:
-    """The image folder `run_dir/name`, complete or not at all; returns its summary.
+                       ev: ImageEval | None, req: "RunRequest", cfg: StepConfig, frame: bool = False) -> dict[str, Any]:
+    """The image folder `run_dir/name`, complete or not at all; returns its summary (`frame`: a
+    video frame, see `write_image_outputs`).
 
     A top-level function of plain data, so a worker process can run it (see jobs/writer.py).
     """
     with image_folder(run_dir, name) as folder:
-        info = _write_prediction(folder, prepared, pred, ev, req, cfg)
+        info = _write_prediction(folder, prepared, pred, ev, req, cfg, frame)
         info["folder"] = name
         write_json_atomic(folder / "summary.json", info)
     return info
@@ -315,17 +325,17 @@ def _animated_items(req: "RunRequest", items: list[RunItem]) -> set[int]:
 
 
 def _write_prediction(folder: Path, prepared: PreparedImage, pred: ImagePrediction, ev: ImageEval | None,
-                      req: "RunRequest", cfg: StepConfig) -> dict[str, Any]:
+                      req: "RunRequest", cfg: StepConfig, frame: bool = False) -> dict[str, Any]:
     """Everything `run` writes for one image; returns its summary."""
     if pred.plan is None:
-        write_image_outputs(folder, pred.traces[0], prepared.display, req.figures, req.animation)
+        write_image_outputs(folder, pred.traces[0], prepared.display, req.figures, req.animation, frame)
         info = summary(pred.traces[0])
     else:
         for k, (trace, window) in enumerate(zip(pred.traces, pred.inputs)):
             sub = folder / f"w{k:02d}"
             sub.mkdir()
-            write_image_outputs(sub, trace, window.display, req.figures, req.animation and k == 0)
-        write_rgb(folder / "image.png", prepared.display)
+            write_image_outputs(sub, trace, window.display, req.figures, req.animation and k == 0, frame)
+        write_rgb(folder / ("image.jpg" if frame else "image.png"), prepared.display)
         if req.figures:
             write_rgb(folder / "segmentation.png", render_label_map(prepared.display, pred.label_map, cfg.class_colours,
                                                                     cfg.class_names, cfg.num_classes))
@@ -343,15 +353,41 @@ def load_image_record(folder: Path) -> tuple[Trace, ImageEval | None]:
     return trace, ev
 
 
-def _records(run_dir: Path, names: list[str]) -> Any:
-    """(name, trace, eval) per trace of the run: one per image, or one per window (eval on the image)."""
+class HeldTraces:
+    """Traces this process has just written to their folders, kept (up to `budget` bytes) for the
+    run's tables so they are not read back from disk: a clip's frames are many and small, and
+    reading each again cost as much as drawing its overlay. They equal what `Trace.load` gives
+    (saving and loading round-trip exactly: tests/test_trace.py), so tables built from held
+    traces equal those of a resumed run that reads every folder."""
+
+    def __init__(self, budget: int = 512 << 20) -> None:
+        self._traces: dict[str, Trace] = {}
+        self._left = budget
+
+    def hold(self, name: str, trace: Trace | None) -> None:
+        if trace is None:
+            return
+        size = sum(a.nbytes for a in vars(trace).values() if isinstance(a, np.ndarray))
+        if size <= self._left:
+            self._traces[name], self._left = trace, self._left - size
+
+    def take(self, name: str) -> Trace | None:
+        return self._traces.pop(name, None)
+
+
+def _records(run_dir: Path, names: list[str], held: HeldTraces | None = None) -> Any:
+    """(name, folder, trace, eval) per trace of the run: one per image, or one per window (eval on the image)."""
     for n in names:
         folders = window_folders(run_dir / n)
-        if folders == [run_dir / n]:
-            yield (n, *load_image_record(run_dir / n))
+        trace = held.take(n) if held is not None else None
+        if trace is not None and folders == [run_dir / n]:
+            ev_path = run_dir / n / "eval.json"
+            yield n, run_dir / n, trace, ImageEval.from_json(json.loads(ev_path.read_text())) if ev_path.is_file() else None
+        elif folders == [run_dir / n]:
+            yield (n, run_dir / n, *load_image_record(run_dir / n))
         else:
             for f in folders:
-                yield f"{n}/{f.name}", Trace.load(f), None
+                yield f"{n}/{f.name}", f, Trace.load(f), None
 
 
 def _window_evals(run_dir: Path, names: list[str]) -> list[ImageEval]:
@@ -364,14 +400,29 @@ def _window_evals(run_dir: Path, names: list[str]) -> list[ImageEval]:
     return out
 
 
-def finish_run(run_dir: Path, names: list[str], figures: bool = True,
-               extra: dict[str, Any] | None = None) -> DatasetTables | None:
+Visit = Callable[[str, Path, Trace], None]
+"""visit(name, folder, trace): called for every trace while the run's tables read it."""
+
+
+def finish_run(run_dir: Path, names: list[str], figures: bool = True, extra: dict[str, Any] | None = None,
+               visit: Visit | None = None, held: HeldTraces | None = None) -> DatasetTables | None:
     """Derive the data-set tables and figures from the image folders alone (`extra`: facts about
-    the run itself added to its summary, e.g. how many images were animated)."""
+    the run itself added to its summary, e.g. how many images were animated). Every trace is read
+    once: the aggregate tables, the token table and `visit` (a clip's outputs) share that read;
+    traces in `held` were just written by this process and are not read again."""
     present = [n for n in names if (run_dir / n).is_dir()]
     if not present:
         return None
-    tables = aggregate(_records(run_dir, present), image_evals=_window_evals(run_dir, present), images=len(present))
+    token_rows: list[pd.DataFrame] = []
+
+    def records() -> Any:
+        for name, folder, trace, ev in _records(run_dir, present, held):
+            token_rows.append(tokens_table(trace).assign(image=name))
+            if visit is not None:
+                visit(name, folder, trace)
+            yield name, trace, ev
+
+    tables = aggregate(records(), image_evals=_window_evals(run_dir, present), images=len(present))
     tables.summary.update(extra or {})
     tables.summary["tails"] = tails(tables.images)
     out = run_dir / "tables"
@@ -380,9 +431,7 @@ def finish_run(run_dir: Path, names: list[str], figures: bool = True,
         df: pd.DataFrame = getattr(tables, name)
         write_table(df, out / f"{name}.csv")
         write_table(df, out / f"{name}.parquet")
-    frames = [tokens_table(Trace.load(f)).assign(image=n if f == run_dir / n else f"{n}/{f.name}")
-              for n in present for f in window_folders(run_dir / n)]
-    write_table(pd.concat(frames, ignore_index=True), out / "tokens.parquet")
+    write_table(pd.concat(token_rows, ignore_index=True), out / "tokens.parquet")
     write_json_atomic(run_dir / "summary.json", tables.summary)
     if figures:
         fig_dir = run_dir / "figures"
@@ -452,10 +501,21 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
     results = [ImageResult(source=item.source) for item in items]
     animate = _animated_items(req, items)
     todo = [i for i, item in enumerate(items) if not (run_dir / item.name).is_dir()]
-    for i in set(range(len(items))) - set(todo):
-        results[i].folder, results[i].skipped = items[i].name, True
     mine = ctx.shard(todo)  # each image is one rank's: no two ranks write the same folder
     workers = default_workers(len(mine), device.type) if req.render_workers is None else req.render_workers
+    clips = list({id(it.clip): it.clip for it in items if it.clip is not None}.values())
+    clip_pass = ClipPass(run_dir, clips, req.figures, follow=device.type != "cpu") if clips and ctx.is_writer else None
+    held = HeldTraces()
+    for i in sorted(set(range(len(items))) - set(todo)):
+        results[i].folder, results[i].skipped = items[i].name, True
+        if clip_pass is not None:
+            clip_pass.settle(items[i].name, True)  # frames of an earlier, interrupted run
+
+    written: dict[int, Trace] = {}  # traces whose folder is being written
+
+    def settle(i: int) -> None:
+        if clip_pass is not None:
+            clip_pass.settle(items[i].name, results[i].folder is not None)
 
     def record(done: list[tuple[Any, Any, BaseException | None]]) -> None:
         for i, info, exc in done:
@@ -465,41 +525,54 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
                 raise exc  # a bug: keep its traceback
             else:
                 results[i].folder, results[i].summary = items[i].name, info
+                held.hold(items[i].name, written.get(i))
+            written.pop(i, None)
+            settle(i)
 
-    with BackgroundWriter(workers) as writer:
-        for n, i in enumerate(mine):
-            item = items[i]
-            if progress:
-                progress(n, len(mine), item.name)
-            try:
-                prepared = item.load(patch)
-                pred = predict(capture, prepared, windows)
-                ev = (_evaluate_image(prepared, pred, capture, windows, with_baseline)
-                      if (pred.labels is not None or with_baseline) else None)
-            except TokenscopeError as exc:
-                results[i].error = str(exc)
-                continue
-            # a video frame's pictures are its clip's: the overlay video and the timeline show every
-            # frame at a fraction of the cost of per-frame PNGs and GIFs (the trace and image.png stay)
-            frame = item.clip is not None
-            options = replace(req, animation=req.animation and i in animate and not frame,
-                              figures=req.figures and not frame)
-            record(writer.submit(i, write_image_folder, run_dir, item.name, prepared, pred, ev, options, cfg))
-        record(writer.drain())
-    if progress:
-        progress(len(mine), len(mine), "")
-    for rank_results in dist.gather(ctx, [(i, results[i].folder, results[i].summary, results[i].error) for i in mine]):
-        for i, folder, info, error in rank_results:
-            results[i].folder, results[i].summary, results[i].error = folder, info, error
-    if not ctx.is_writer:  # rank 0 alone builds the tables and marks the run complete
-        return RunResult(run_dir, results, loaded.warnings, loaded.config.name, None, rank=ctx.rank,
-                         method=loaded.model.method)
-    tables = finish_run(run_dir, [it.name for it in items], req.figures,
-                        {"animated_images": base_manifest["animated_images"]})
-    clips = list({id(it.clip): it.clip for it in items if it.clip is not None}.values())
-    if clips and tables is not None:
-        tables.summary["clips"] = clip_outputs(run_dir, clips, tables.images, req.figures)
-        write_json_atomic(run_dir / "summary.json", tables.summary)
+    try:
+        with BackgroundWriter(workers) as writer:
+            for n, i in enumerate(mine):
+                item = items[i]
+                if progress:
+                    progress(n, len(mine), item.name)
+                try:
+                    prepared = item.load(patch)
+                    pred = predict(capture, prepared, windows)
+                    ev = (_evaluate_image(prepared, pred, capture, windows, with_baseline)
+                          if (pred.labels is not None or with_baseline) else None)
+                except TokenscopeError as exc:
+                    results[i].error = str(exc)
+                    settle(i)
+                    continue
+                # a video frame's pictures are its clip's: the overlay video and the timeline show every
+                # frame at a fraction of the cost of per-frame PNGs and GIFs (the trace and image stay)
+                frame = item.clip is not None
+                options = replace(req, animation=req.animation and i in animate and not frame,
+                                  figures=req.figures and not frame)
+                if pred.plan is None:
+                    written[i] = pred.traces[0]
+                record(writer.submit(i, write_image_folder, run_dir, item.name, prepared, pred, ev, options, cfg, frame))
+            record(writer.drain())
+        if clip_pass is not None:
+            clip_pass.model_done()
+        if progress:
+            progress(len(mine), len(mine), "")
+        for rank_results in dist.gather(ctx, [(i, results[i].folder, results[i].summary, results[i].error) for i in mine]):
+            for i, folder, info, error in rank_results:
+                results[i].folder, results[i].summary, results[i].error = folder, info, error
+        if not ctx.is_writer:  # rank 0 alone builds the tables and marks the run complete
+            return RunResult(run_dir, results, loaded.warnings, loaded.config.name, None, rank=ctx.rank,
+                             method=loaded.model.method)
+        tables = finish_run(run_dir, [it.name for it in items], req.figures,
+                            {"animated_images": base_manifest["animated_images"]},
+                            visit=clip_pass.visit if clip_pass is not None else None, held=held)
+        if clip_pass is not None and tables is not None:
+            tables.summary["clips"] = clip_pass.finish(tables.images)
+            write_json_atomic(run_dir / "summary.json", tables.summary)
+    except BaseException:
+        if clip_pass is not None:
+            clip_pass.abort()  # no drawing process outlives the run, no half-written video stays
+        raise
     for r in results:
         if r.skipped and r.folder is not None:
             r.summary = json.loads((run_dir / r.folder / "summary.json").read_text())

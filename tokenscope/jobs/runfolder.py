@@ -136,8 +136,9 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
 
 
 def write_rgb(path: Path, rgb: np.ndarray) -> None:
-    """PNG from an RGB uint8 array (OpenCV writes BGR)."""
-    ok, buf = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    """PNG (or JPEG at quality 95, by suffix) from an RGB uint8 array (OpenCV writes BGR)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if path.suffix.lower() in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise RunFolderError(f"cannot encode {path.name}")
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=path.suffix, delete=False) as f:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from tokenscope.errors import RunFolderError, TokenscopeError
-from tokenscope.trace.trace import TRACE_JSON, Trace
+from tokenscope.trace.trace import TRACE_JSON, Trace, image_beside
 
 HERE = Path(__file__).parent
 DATA_DIR = "explorer_data"
@@ -106,7 +106,7 @@ def _panels(folder: Path, name: str, max_side: int) -> list[dict[str, Any]]:
         if whole is not None and k < len(boxes):
             panel["box"], panel["whole"] = boxes[k], whole  # drawn over the stitched image, at its place
         else:
-            panel["image"] = _jpeg_uri(sub / "image.png", max_side)  # no plan: the window on its own
+            panel["image"] = _jpeg_uri(image_beside(sub), max_side)  # no plan: the window on its own
         panels.append(panel)
     return panels
 
@@ -114,7 +114,7 @@ def _panels(folder: Path, name: str, max_side: int) -> list[dict[str, Any]]:
 def image_payload(folder: Path, kind: str, methods: list[str], max_side: int = 768) -> dict[str, Any]:
     """One image folder of a run (one panel, or one per window) or of a comparison (one panel per
     method)."""
-    payload: dict[str, Any] = {"name": folder.name, "image": _jpeg_uri(folder / "image.png", max_side)}
+    payload: dict[str, Any] = {"name": folder.name, "image": _jpeg_uri(image_beside(folder), max_side)}
     if kind == "compare":
         payload["panels"] = [panel for method in methods for panel in
                              _panels(folder / method.replace(":", "_").replace("=", "").replace("+", "-"), method, max_side)]
@@ -152,7 +152,7 @@ def run_index(run_dir: Path) -> RunIndex:
     names = [e.get("folder") for e in manifest.get("images", []) if e.get("folder")]
     if not names:  # older manifests: every sub-folder that holds (or held) a trace
         names = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and ((p / TRACE_JSON).exists()
-                       or (p / "image.png").exists()))
+                       or image_beside(p).exists()))
     folders = [run_dir / n for n in names if (run_dir / n).is_dir()]
     missing = [n for n in names if not (run_dir / n).is_dir()]
     missing += [f"{Path(str(e.get('source', '?'))).name} ({e['error']})" for e in manifest.get("images", [])

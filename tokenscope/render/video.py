@@ -1,0 +1,155 @@
+"""Overlay videos of clips: frame | supertokens and merges | exits, side by side, one row per frame.
+
+`OverlayVideo` writes one clip from traces and images in memory. Run as a program,
+
+    python -m tokenscope.render.video
+
+this module is the low-priority process a run starts to draw its clips' videos while it traces:
+it reads one JSON request a line on standard input, in frame order,
+
+    {"video": "out/run-1/clip_overlay.mp4", "fps": 12.0, "frame": "out/run-1/clip-f000003"}
+    {"close": "out/run-1/clip_overlay.mp4"}
+
+loads each frame's trace and image from its folder (the folder is complete once it exists: runs
+rename it into place), and at the end of its input prints one JSON line {video: frames written}.
+It lowers its own priority, so on a CPU it takes the cycles the model leaves idle and a core of
+its own once the model is done; it never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tokenscope.render.overlays import render_overlay
+from tokenscope.trace.trace import Trace, image_beside
+
+
+def side_by_side(pictures: list[np.ndarray]) -> np.ndarray:
+    """Pictures next to each other on white, top-aligned (overlays carry a legend below), with
+    even sides as video codecs want."""
+    h = max(p.shape[0] for p in pictures)
+    w = sum(p.shape[1] for p in pictures)
+    row = np.full((h + h % 2, w + w % 2, 3), 255, dtype=np.uint8)
+    x = 0
+    for p in pictures:
+        row[: p.shape[0], x:x + p.shape[1]] = p
+        x += p.shape[1]
+    return row
+
+
+def overlay_panel(image: np.ndarray, trace: Trace) -> np.ndarray:
+    """One video frame: the frame, its supertokens and merges, its exits."""
+    return side_by_side([image, render_overlay("merge", image, trace), render_overlay("exit", image, trace)])
+
+
+class OverlayVideo:
+    """An mp4 (MPEG-4 part 2, which every OpenCV build writes) filled one frame at a time; written
+    to a hidden partial name and renamed when closed with at least one frame.
+
+    Encoding runs in a thread of its own, a few frames behind the drawing: OpenCV lets go of
+    Python's lock while it encodes, so the next frame's trace is read and drawn meanwhile."""
+
+    def __init__(self, path: Path, fps: float, backlog: int = 4) -> None:
+        self.path, self.fps, self.frames = path, fps, 0
+        self.partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+        self._writer: cv2.VideoWriter | None = None
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=backlog)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def add(self, image: np.ndarray, trace: Trace) -> None:
+        if self._error is not None:
+            raise self._error
+        panel = cv2.cvtColor(overlay_panel(image, trace), cv2.COLOR_RGB2BGR)
+        if self._writer is None:
+            self._writer = cv2.VideoWriter(str(self.partial), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
+                                           (panel.shape[1], panel.shape[0]))
+            if not self._writer.isOpened():
+                raise OSError(f"{self.path}: OpenCV cannot write mp4v video here")
+            self._thread = threading.Thread(target=self._encode, args=(self._writer,), daemon=True)
+            self._thread.start()
+        self._queue.put(panel)
+        self.frames += 1
+
+    def _encode(self, writer: cv2.VideoWriter) -> None:
+        while (panel := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    writer.write(panel)
+                except BaseException as exc:  # raised by the next add() or by close()
+                    self._error = exc
+
+    def close(self, complete: bool = True) -> int:
+        """Finish the file (renamed into place when `complete` and not empty); returns its frames."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        error, self._error = self._error, None
+        if complete and error is None and self.frames:
+            os.replace(self.partial, self.path)
+        elif self.partial.exists():
+            self.partial.unlink()
+        if error is not None and complete:
+            raise error
+        return self.frames
+
+
+def read_frame(folder: Path) -> tuple[np.ndarray, Trace]:
+    """A traced frame's image (RGB) and trace, from its folder."""
+    path = image_beside(folder)
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise OSError(f"{path}: missing or unreadable")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), Trace.load(folder)
+
+
+def serve(requests: "list[str] | object", out: "object") -> dict[str, int]:
+    """Follow the requests (lines of JSON, see the module docstring); returns frames per video.
+    A video left open when the input ends is deleted: its run did not finish."""
+    open_videos: dict[str, OverlayVideo] = {}
+    written: dict[str, int] = {}
+    try:
+        for line in requests:  # type: ignore[attr-defined]
+            if not line.strip():
+                continue
+            req = json.loads(line)
+            if "close" in req:
+                video = open_videos.pop(req["close"], None)
+                written[req["close"]] = video.close() if video is not None else 0
+                continue
+            video = open_videos.get(req["video"])
+            if video is None:
+                video = open_videos[req["video"]] = OverlayVideo(Path(req["video"]), float(req["fps"]))
+            video.add(*read_frame(Path(req["frame"])))
+    finally:
+        for video in open_videos.values():
+            video.close(complete=False)
+    print(json.dumps(written), file=out, flush=True)  # type: ignore[arg-type]
+    return written
+
+
+def main() -> int:
+    if hasattr(os, "nice"):
+        os.nice(19)  # only the cycles nobody else wants, while the run's model works
+    try:
+        serve(sys.stdin, sys.stdout)
+    except Exception as exc:  # the run reports it in one line, naming the video
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
