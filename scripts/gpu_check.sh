@@ -53,12 +53,8 @@ done
 $ts sweep --methods step,dcts,dtop,cts,tome,algm --seeds 100000:100100 --device cuda --out "$out/gpu_sweep"
 # latency tails of the demo on 200 held-out scenes, reduced against unreduced (p50/p95/p99, p99/p50)
 $ts evaluate --seeds 100000:100200 --device cuda --json "$out/eval_tails_gpu_demo.json"  # not gpu_*: summarise.py reads bench files only
-# a clip traced frame by frame: run time against the model alone (the frames' forward times summed)
-$ts run sample_images/street_clip.avi --device cuda --out "$out/gpu_clip"
-$py - "$out" <<'PY'
-import json, sys, glob, pandas as pd
-run = sorted(glob.glob(sys.argv[1] + "/gpu_clip/run-*"))[-1]
-m = json.load(open(run + "/run.json")); df = pd.read_csv(run + "/tables/images.csv")
-print("clip frames", len(df), "model-only ms/frame", df.forward_ms.mean(), "started", m["created"], "finished", m["finished"])
-PY
+# a clip traced frame by frame: frames/s of `run` (figures and overlay video on) against the model
+# alone on the same frames (decode, forward, label map), three alternating pairs, median ratio
+$py benchmarks/clip_bench.py --device cuda --size 512 --frames 240 --out "$out/clip_gpu_512_240.json"
+$py benchmarks/clip_bench.py --device cuda --size 1024 --frames 120 --out "$out/clip_gpu_1024_120.json"
 $py benchmarks/summarise.py "$out"/gpu_*.json | tee "$out/gpu_summary.md"
