@@ -29,6 +29,7 @@ from tokenscope.analysis.stability import frame_changes, tails
 from tokenscope.errors import RunFolderError
 from tokenscope.jobs.runfolder import write_json_atomic, write_table
 from tokenscope.render.timeline import timeline_figure
+from tokenscope.render.video import partial_path
 from tokenscope.trace.trace import Trace
 
 CLIPS_JSON = "clips.json"
@@ -126,7 +127,7 @@ class ClipVideos:
         self._proc.kill()
         self._proc.wait()
         for path in self.paths.values():
-            path.with_name(f".{path.stem}.partial{path.suffix}").unlink(missing_ok=True)
+            partial_path(path).unlink(missing_ok=True)
 
 
 @dataclass

@@ -346,11 +346,9 @@ def _write_prediction(folder: Path, prepared: PreparedImage, pred: ImagePredicti
     return info
 
 
-def load_image_record(folder: Path) -> tuple[Trace, ImageEval | None]:
-    trace = Trace.load(folder)
+def read_image_eval(folder: Path) -> ImageEval | None:
     ev_path = folder / "eval.json"
-    ev = ImageEval.from_json(json.loads(ev_path.read_text())) if ev_path.is_file() else None
-    return trace, ev
+    return ImageEval.from_json(json.loads(ev_path.read_text())) if ev_path.is_file() else None
 
 
 class HeldTraces:
@@ -379,12 +377,9 @@ def _records(run_dir: Path, names: list[str], held: HeldTraces | None = None) ->
     """(name, folder, trace, eval) per trace of the run: one per image, or one per window (eval on the image)."""
     for n in names:
         folders = window_folders(run_dir / n)
-        trace = held.take(n) if held is not None else None
-        if trace is not None and folders == [run_dir / n]:
-            ev_path = run_dir / n / "eval.json"
-            yield n, run_dir / n, trace, ImageEval.from_json(json.loads(ev_path.read_text())) if ev_path.is_file() else None
-        elif folders == [run_dir / n]:
-            yield (n, run_dir / n, *load_image_record(run_dir / n))
+        if folders == [run_dir / n]:
+            trace = held.take(n) if held is not None else None
+            yield n, run_dir / n, trace if trace is not None else Trace.load(run_dir / n), read_image_eval(run_dir / n)
         else:
             for f in folders:
                 yield f"{n}/{f.name}", f, Trace.load(f), None

@@ -50,6 +50,11 @@ def overlay_panel(image: np.ndarray, trace: Trace) -> np.ndarray:
     return side_by_side([image, render_overlay("merge", image, trace), render_overlay("exit", image, trace)])
 
 
+def partial_path(path: Path) -> Path:
+    """Where a video is written until it is complete (hidden, beside its final name)."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
 class OverlayVideo:
     """An mp4 (MPEG-4 part 2, which every OpenCV build writes) filled one frame at a time; written
     to a hidden partial name and renamed when closed with at least one frame.
@@ -59,7 +64,7 @@ class OverlayVideo:
 
     def __init__(self, path: Path, fps: float, backlog: int = 4) -> None:
         self.path, self.fps, self.frames = path, fps, 0
-        self.partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+        self.partial = partial_path(path)
         self._writer: cv2.VideoWriter | None = None
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=backlog)
         self._error: BaseException | None = None
