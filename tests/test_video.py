@@ -231,7 +231,7 @@ def test_the_drawing_process_reports_a_damaged_frame_in_one_line_and_abort_leave
     with pytest.raises(RunFolderError, match="overlay video: .*pan-f000001.*unreadable"):
         videos.finish()
     assert not list(run.glob("*.mp4")) and not list(run.glob(".*partial*"))
-    videos = ClipVideos(run, [Clip("pan", str(clip), 10.0, 1)], follow=False)
+    videos = ClipVideos(run, [Clip("pan", str(clip), 10.0, 1)], cores_free=False)
     videos.add("pan", run / "pan-f000000")
     videos.abort()
     assert videos._proc.returncode is not None and not list(run.glob(".*partial*")) and not list(run.glob("*.mp4"))

@@ -499,7 +499,7 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
     mine = ctx.shard(todo)  # each image is one rank's: no two ranks write the same folder
     workers = default_workers(len(mine), device.type) if req.render_workers is None else req.render_workers
     clips = list({id(it.clip): it.clip for it in items if it.clip is not None}.values())
-    clip_pass = ClipPass(run_dir, clips, req.figures, follow=device.type != "cpu") if clips and ctx.is_writer else None
+    clip_pass = ClipPass(run_dir, clips, req.figures, cores_free=device.type != "cpu") if clips and ctx.is_writer else None
     held = HeldTraces()
     for i in sorted(set(range(len(items))) - set(todo)):
         results[i].folder, results[i].skipped = items[i].name, True

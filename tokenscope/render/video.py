@@ -12,8 +12,9 @@ it reads one JSON request a line on standard input, in frame order,
 
 loads each frame's trace and image from its folder (the folder is complete once it exists: runs
 rename it into place), and at the end of its input prints one JSON line {video: frames written}.
-It lowers its own priority, so on a CPU it takes the cycles the model leaves idle and a core of
-its own once the model is done; it never imports torch.
+It gives itself the lowest nice value (the run also puts it under SCHED_IDLE where the system
+allows), so on a CPU it takes the cycles the model leaves idle and the cores once the model is
+done; it never imports torch.
 """
 
 from __future__ import annotations
