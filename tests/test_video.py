@@ -185,56 +185,101 @@ def test_frame_folders_hold_a_jpeg_and_the_run_reads_them_like_images(tmp_path: 
 
 
 def test_the_video_follows_frames_in_order_whatever_order_they_finish_in(tmp_path: Path) -> None:
-    """Frames settled out of order reach the video in frame order; a failed frame is left out and
-    the last frame closes the clip's video."""
+    """Frames handed to the sink and frames settled (written elsewhere, or failed) come in any
+    order; the video gets them in frame order (a failed frame left out), a frame handed over
+    before its turn is written at once and drawn from its folder when its turn comes, and the
+    last frame closes the clip's video."""
     from tokenscope.jobs.clips import Clip, ClipFrame, ClipPass
 
-    clip = Clip("c", "c.mp4", 10.0, 1, [ClipFrame(k, k / 10, f"c-f{k:06d}") for k in range(4)])
-    for f in clip.frames:
-        (tmp_path / f.folder).mkdir()
-        (tmp_path / f.folder / "trace.json").write_text("{}")
-    sent: list[str] = []
+    clip = Clip("c", "c.mp4", 10.0, 1, [ClipFrame(k, k / 10, f"c-f{k:06d}") for k in range(5)])
+    for k in (2,):
+        (tmp_path / f"c-f{k:06d}").mkdir()
+        (tmp_path / f"c-f{k:06d}" / "trace.json").write_text("{}")
+    sent: list[tuple[str, str]] = []
 
     class Recorder:
-        def add(self, name: str, folder: Path) -> None:
-            sent.append(folder.name)
+        def frame(self, run_dir: Path, name: str, *data: object, video: Path | None = None, fps: float = 0.0) -> None:
+            video = data[4] if len(data) > 4 else video  # type: ignore[assignment]
+            sent.append(("write+draw" if video is not None else "write", name))
 
-        def close(self, name: str) -> None:
-            sent.append("close")
+        def draw(self, video: Path, fps: float, folder: Path) -> None:
+            sent.append(("draw", folder.name))
 
-        def release(self) -> None:
-            pass
+        def close(self, video: Path) -> None:
+            sent.append(("close", video.name))
 
-    clip_pass = ClipPass(tmp_path, [clip], figures=False)
-    clip_pass.videos = Recorder()  # type: ignore[assignment]
-    clip_pass.settle("c-f000002", True)
+        def sync(self) -> int:
+            return 0
+
+    clip_pass = ClipPass(tmp_path, [clip], figures=True)
+    assert clip_pass.sink is not None
+    clip_pass.sink.abort()
+    clip_pass.sink, clip_pass.writes = Recorder(), True  # type: ignore[assignment]
+    frame = np.zeros((4, 4, 3), np.uint8)
+    clip_pass.settle("c-f000002", True)  # written by another process
     clip_pass.settle("c-f000001", False)  # failed
     assert sent == []
-    clip_pass.settle("c-f000000", True)
-    assert sent == ["c-f000000", "c-f000002"]
-    clip_pass.settle("c-f000003", True)
-    assert sent == ["c-f000000", "c-f000002", "c-f000003", "close"]
+    clip_pass.write("c-f000000", frame, None, {}, None)  # type: ignore[arg-type]
+    assert sent == [("write+draw", "c-f000000"), ("draw", "c-f000002")]
+    clip_pass.write("c-f000004", frame, None, {}, None)  # type: ignore[arg-type]
+    assert sent[-1] == ("write", "c-f000004")
+    clip_pass.write("c-f000003", frame, None, {}, None)  # type: ignore[arg-type]
+    assert sent[-3:] == [("write+draw", "c-f000003"), ("draw", "c-f000004"), ("close", "c_overlay.mp4")]
 
 
-def test_the_drawing_process_reports_a_damaged_frame_in_one_line_and_abort_leaves_nothing(tmp_path: Path) -> None:
+def test_the_sink_reports_a_damaged_frame_or_a_failed_write_in_one_line_and_abort_leaves_nothing(tmp_path: Path) -> None:
     from tokenscope.errors import RunFolderError
-    from tokenscope.jobs.clips import Clip, ClipVideos
+    from tokenscope.jobs.frame_sink import FrameSink
+    from tokenscope.trace.trace import Trace
 
     clip = write_clip(tmp_path / "pan.avi", _frames(11, 2))
     r, run = _run(clip, tmp_path / "out", "--no-figures")
     assert r.exit_code == 0, r.output
     (run / "pan-f000001" / "image.jpg").write_bytes(b"not a jpeg")
-    videos = ClipVideos(run, [Clip("pan", str(clip), 10.0, 1)])
-    videos.add("pan", run / "pan-f000000")
-    videos.add("pan", run / "pan-f000001")
-    videos.close("pan")
+    video = run / "pan_overlay.mp4"
+    sink = FrameSink()
+    sink.draw(video, 10.0, run / "pan-f000000")
+    sink.draw(video, 10.0, run / "pan-f000001")
+    sink.close(video)
     with pytest.raises(RunFolderError, match="overlay video: .*pan-f000001.*unreadable"):
-        videos.finish()
+        sink.finish()
     assert not list(run.glob("*.mp4")) and not list(run.glob(".*partial*"))
-    videos = ClipVideos(run, [Clip("pan", str(clip), 10.0, 1)], cores_free=False)
-    videos.add("pan", run / "pan-f000000")
-    videos.abort()
-    assert videos._proc.returncode is not None and not list(run.glob(".*partial*")) and not list(run.glob("*.mp4"))
+    sink = FrameSink()  # a frame whose folder cannot be written: the run learns it at the next sync
+    trace = Trace.load(run / "pan-f000000")
+    sink.frame(tmp_path / "no-such-run", "pan-f000000", np.zeros((128, 128, 3), np.uint8), trace, {}, None)
+    with pytest.raises(RunFolderError, match="frame pan-f000000: "):
+        sink.sync()
+    sink = FrameSink()
+    sink.draw(video, 10.0, run / "pan-f000000")
+    sink.abort()
+    assert sink._proc.returncode is not None and not list(run.glob(".*partial*")) and not list(run.glob("*.mp4"))
+
+
+def test_frames_written_by_the_sink_equal_frames_the_run_writes_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the sink cannot run at idle priority a CPU run writes its frames itself and draws the
+    video from the folders once the model is done: the same folders, tables and video."""
+    import tokenscope.jobs.frame_sink as frame_sink
+    from tokenscope.trace.trace import Trace
+
+    clip = write_clip(tmp_path / "pan.avi", _frames(13, 4))
+    r, handed = _run(clip, tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    monkeypatch.setattr(frame_sink, "idle_priority", lambda pid: False)
+    r, own = _run(clip, tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    for k in range(4):
+        name = f"pan-f{k:06d}"
+        assert sorted(p.name for p in (handed / name).iterdir()) == sorted(p.name for p in (own / name).iterdir())
+        a, b = Trace.load(handed / name), Trace.load(own / name)
+        assert np.array_equal(a.label_map, b.label_map) and np.array_equal(a.token_of_patch, b.token_of_patch)
+        sa, sb = (json.loads((d / name / "summary.json").read_text()) for d in (handed, own))
+        assert set(sa) == set(sb) and sa["tokens"] == sb["tokens"] and sa["folder"] == sb["folder"] == name
+        assert np.array_equal(cv2.imread(str(handed / name / "image.jpg")), cv2.imread(str(own / name / "image.jpg")))
+    for run in (handed, own):
+        video = cv2.VideoCapture(str(run / "pan_overlay.mp4"))
+        assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    ta, tb = (pd.read_csv(d / "tables" / "frames.csv") for d in (handed, own))
+    pd.testing.assert_frame_equal(ta.drop(columns=["forward_ms"]), tb.drop(columns=["forward_ms"]))
 
 
 def test_tables_from_held_traces_equal_tables_read_from_the_folders(tmp_path: Path) -> None:

@@ -5,19 +5,12 @@ overlay video (frame | supertokens and merges | exits, side by side) and `clips.
 Everything is derived from the frames' folders and the run's tables, so a resumed run or a run
 copied elsewhere gives the same outputs. The frame tables ride on the pass in which the run's
 tables read every trace (`finish_run(visit=...)`), so the run reads each frame's trace once; the
-videos are drawn by a separate idle-priority process that follows the run as frames are written
-(`ClipVideos`).
+frames' folders and the videos are written by a separate idle-priority process that follows the
+run (`FrameSink`, jobs/frame_sink.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import queue
-import subprocess
-import sys
-import tempfile
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,25 +19,12 @@ import numpy as np
 import pandas as pd
 
 from tokenscope.analysis.stability import frame_changes, tails
-from tokenscope.errors import RunFolderError
+from tokenscope.jobs.frame_sink import FrameSink
 from tokenscope.jobs.runfolder import write_json_atomic, write_table
 from tokenscope.render.timeline import timeline_figure
-from tokenscope.render.video import partial_path
 from tokenscope.trace.trace import Trace
 
 CLIPS_JSON = "clips.json"
-
-
-def idle_priority(pid: int) -> bool:
-    """Put process `pid` under SCHED_IDLE (Linux); False where the system does not allow it (the
-    process then keeps the lowest nice value it gives itself)."""
-    if not hasattr(os, "SCHED_IDLE"):
-        return False
-    try:
-        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
-        return False
-    return True
 
 
 @dataclass
@@ -63,90 +43,6 @@ class Clip:
     frames: list[ClipFrame] = field(default_factory=list)
 
 
-class ClipVideos:
-    """The overlay videos of a run's clips, drawn by a separate process (`python -m
-    tokenscope.render.video`) that follows the run: each frame is handed over as soon as its
-    folder exists, in frame order. The process reads only the frame folders, so the videos are
-    derived from them as everything else is.
-
-    On Linux the process runs under SCHED_IDLE: it gets a core only when no other task wants it,
-    and a waking model thread takes the core back at once. Following a CPU run that way cost
-    the model next to nothing (2 cores: 1.17 s of tracing overhead against 1.01 s for 240 frames)
-    and left less to draw once the model is done (derived outputs 1.49 s against 1.78 s), where
-    merely the lowest nice value slowed the model by more than it saved (2.58 s of overhead).
-    Where idle scheduling is not available and the model needs every core (`cores_free`
-    False: a CPU run), frames are held back until `release`."""
-
-    def __init__(self, run_dir: Path, clips: list[Clip], cores_free: bool = True) -> None:
-        self.paths = {clip.name: run_dir / f"{clip.name}_overlay.mp4" for clip in clips}
-        self._held: list[str] = []
-        self.fps = {clip.name: max(clip.fps / clip.every, 1.0) for clip in clips}
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[2])  # tokenscope importable without installing
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-        self._stderr = tempfile.TemporaryFile("w+")
-        self._proc = subprocess.Popen([sys.executable, "-m", "tokenscope.render.video"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
-        self.idle = idle_priority(self._proc.pid)
-        self.follow = cores_free or self.idle
-        """Hand frames over as they come (else keep them until `release`)."""
-        self._lines: queue.Queue[str | None] = queue.Queue()  # the pipe may fill while the process waits for CPU
-        self._feeder = threading.Thread(target=self._feed, name="overlay-video-feed", daemon=True)
-        self._feeder.start()
-
-    def _feed(self) -> None:
-        assert self._proc.stdin is not None
-        try:
-            while (line := self._lines.get()) is not None:
-                self._proc.stdin.write(line)
-                self._proc.stdin.flush()
-            self._proc.stdin.close()
-        except (BrokenPipeError, OSError):  # the process died: finish() reports why
-            pass
-
-    def _send(self, line: str) -> None:
-        if self.follow:
-            self._lines.put(line)
-        else:
-            self._held.append(line)
-
-    def add(self, clip: str, folder: Path) -> None:
-        self._send(json.dumps({"video": str(self.paths[clip]), "fps": self.fps[clip], "frame": str(folder)}) + "\n")
-
-    def close(self, clip: str) -> None:
-        self._send(json.dumps({"close": str(self.paths[clip])}) + "\n")
-
-    def release(self) -> None:
-        """From now on frames go to the drawing process as they come, the held ones first."""
-        self.follow = True
-        for line in self._held:
-            self._lines.put(line)
-        self._held.clear()
-
-    def finish(self) -> dict[str, int]:
-        """Wait for the videos; returns the frames written per clip."""
-        self.release()
-        self._lines.put(None)
-        self._feeder.join()
-        assert self._proc.stdout is not None
-        out = self._proc.stdout.read()  # the feeder closed its input; it prints once, at the end
-        self._proc.wait()
-        if self._proc.returncode != 0:
-            self._stderr.seek(0)
-            lines = [ln for ln in self._stderr.read().splitlines() if ln.strip()]
-            raise RunFolderError(f"overlay video: {lines[-1] if lines else f'drawing process exited with {self._proc.returncode}'}")
-        written = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-        return {clip: int(written.get(str(path), 0)) for clip, path in self.paths.items()}
-
-    def abort(self) -> None:
-        """Stop drawing and leave no video behind (its partial files included)."""
-        self._lines.put(None)
-        self._proc.kill()
-        self._proc.wait()
-        for path in self.paths.values():
-            partial_path(path).unlink(missing_ok=True)
-
-
 @dataclass
 class _ClipState:
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -157,24 +53,57 @@ class _ClipState:
     """Frames whose fate is known (True: its folder exists), not yet handed to the video."""
     handed: int = 0
     """Frames handed to the video (or skipped), in order."""
+    closed: bool = False
 
 
 class ClipPass:
-    """Frame tables, overlay videos, timelines and `clips.json` of a run's clips. `settle` each
-    frame as its folder is written (or fails), in any order: the video follows in frame order;
-    `visit` each (name, folder, trace) in run order while the run's tables read the traces; then
-    `finish` with the run's per-image table (or `abort` on failure: no half-written video is kept)."""
+    """Frame tables, overlay videos, timelines and `clips.json` of a run's clips.
+
+    Frames reach their folders one of two ways: handed over with `write` (image and trace in
+    memory) to the frame sink, which writes the folder and draws the frame into its video; or
+    written by the run itself and then `settle`d (also for a frame that failed, or one written by
+    an earlier run or another process). Either may come in any order; the videos get their
+    frames in frame order. Then `visit` each (name, folder, trace) in run order while the run's
+    tables read the traces, and `finish` with the run's per-image table (or `abort` on failure:
+    no half-written video is kept).
+
+    The sink takes frames as they come where it runs at idle priority or the model leaves cores
+    free (`cores_free`: not a CPU run); otherwise (`writes` False) the run writes its frames, and
+    the videos are drawn from their folders once the model is done (`model_done`)."""
 
     def __init__(self, run_dir: Path, clips: list[Clip], figures: bool, cores_free: bool = True) -> None:
         self.run_dir, self.clips, self.figures = run_dir, clips, figures
         self._where = {f.folder: (clip, k) for clip in clips for k, f in enumerate(clip.frames)}
         self._state = {clip.name: _ClipState() for clip in clips}
-        self.videos = ClipVideos(run_dir, clips, cores_free) if figures and clips else None
+        self.sink = FrameSink() if clips else None
+        self.writes = self.sink is not None and (self.sink.idle or cores_free)
+        """Whether the run should hand its frames over with `write`."""
+        self._draws: list[tuple[Path, float, Path] | Path] = []
+        """Video work held back until `model_done` (when the sink would compete with the model)."""
+        self._in_sink: set[str] = set()
+        self._must_sync = False
+        self.videos = {clip.name: run_dir / f"{clip.name}_overlay.mp4" for clip in clips}
+        self.fps = {clip.name: max(clip.fps / clip.every, 1.0) for clip in clips}
 
-    def model_done(self) -> None:
-        """The model has traced every frame: the videos may take the cores now."""
-        if self.videos is not None:
-            self.videos.release()
+    def write(self, name: str, display: np.ndarray, trace: Trace, info: dict[str, Any],
+              evaluation: dict[str, Any] | None, held: bool = True) -> None:
+        """Hand frame `name` to the sink, which writes its folder (and draws it, when its turn has
+        come). `held`: the run keeps the trace for its tables; if not, they read it from the
+        folder, which `model_done` then waits for."""
+        assert self.sink is not None and self.writes
+        self._must_sync |= not held
+        clip, k = self._where[name]
+        state = self._state[clip.name]
+        draw_now = self.figures and k == state.handed
+        self.sink.frame(self.run_dir, name, display, trace, info, evaluation,
+                        self.videos[clip.name] if draw_now else None, self.fps[clip.name])
+        self._in_sink.add(name)
+        if draw_now:
+            state.handed += 1
+            self._advance(clip)
+        else:
+            state.settled[name] = True
+            self._advance(clip)
 
     def settle(self, name: str, written: bool) -> None:
         """Frame `name` is done: its folder was `written` (or it failed). Hands the clip's frames
@@ -184,16 +113,50 @@ class ClipPass:
             return
         clip, k = hit
         state = self._state[clip.name]
-        if k < state.handed:  # already handed over
+        if k < state.handed or name in self._in_sink:  # already handed over
             return
         state.settled[name] = written
+        self._advance(clip)
+
+    def _advance(self, clip: Clip) -> None:
+        state = self._state[clip.name]
         while state.handed < len(clip.frames) and clip.frames[state.handed].folder in state.settled:
             folder = clip.frames[state.handed].folder
-            if state.settled.pop(folder) and self.videos is not None and (self.run_dir / folder / "trace.json").is_file():
-                self.videos.add(clip.name, self.run_dir / folder)  # a windowed frame has no single trace
+            if state.settled.pop(folder) and self.figures and (
+                    folder in self._in_sink or (self.run_dir / folder / "trace.json").is_file()):
+                self._video(self.videos[clip.name], self.fps[clip.name], self.run_dir / folder)
             state.handed += 1
-            if state.handed == len(clip.frames) and self.videos is not None:
-                self.videos.close(clip.name)
+        if state.handed == len(clip.frames) and self.figures and not state.closed:
+            state.closed = True
+            self._video(self.videos[clip.name])
+
+    def _video(self, video: Path, fps: float = 0.0, folder: Path | None = None) -> None:
+        """Draw `folder` into `video` (None: close the video), now or once the model is done."""
+        assert self.sink is not None
+        if not self.writes:
+            self._draws.append(video if folder is None else (video, fps, folder))
+        elif folder is None:
+            self.sink.close(video)
+        else:
+            self.sink.draw(video, fps, folder)
+
+    def model_done(self) -> None:
+        """The model has traced every frame: held-back drawing may take the cores now. Frames
+        handed over are written while the run builds its tables from the traces it holds (all
+        of them written before `finish` returns); a frame the run did not hold is waited for here,
+        since the tables read it from its folder."""
+        if self.sink is None:
+            return
+        self.writes = True
+        for job in self._draws:
+            if isinstance(job, Path):
+                self.sink.close(job)
+            else:
+                self.sink.draw(*job)
+        self._draws.clear()
+        if self._must_sync:
+            self.sink.sync()
+            self._must_sync = False
 
     def visit(self, name: str, folder: Path, trace: Trace) -> None:
         hit = self._where.get(name)
@@ -209,9 +172,9 @@ class ClipPass:
         state.prev, state.position = trace, k
 
     def abort(self) -> None:
-        """Stop the videos without keeping them (called while another error propagates)."""
-        if self.videos is not None:
-            self.videos.abort()
+        """Stop the sink without keeping its videos (called while another error propagates)."""
+        if self.sink is not None:
+            self.sink.abort()
 
     def finish(self, images: pd.DataFrame) -> dict[str, Any]:
         """Write every clip's outputs; returns the per-clip summary. `images`: the run's per-image
@@ -221,7 +184,7 @@ class ClipPass:
         numbers = images.set_index("image")[columns] if "image" in images.columns else pd.DataFrame()
         for name in self._where:  # frames of other processes (torchrun), settled by their folders
             self.settle(name, (self.run_dir / name).is_dir())
-        written = self.videos.finish() if self.videos is not None else {}
+        self.model_done()  # held-back drawing, if the run never said so (a resumed run with nothing to trace)
         for clip in self.clips:
             state = self._state[clip.name]
             if not state.rows:
@@ -240,9 +203,13 @@ class ClipPass:
             if self.figures:
                 (self.run_dir / "figures").mkdir(exist_ok=True)
                 timeline_figure(table, self.run_dir / "figures" / f"timeline_{clip.name}.png", f"{clip.name}: frame by frame")
-                stats["overlay_video"] = f"{clip.name}_overlay.mp4"
-                stats["overlay_frames"] = written.get(clip.name, 0)
             summary[clip.name] = stats
+        written = self.sink.finish() if self.sink is not None else {}  # the timelines were drawn meanwhile
+        if self.figures:
+            for clip in self.clips:
+                if clip.name in summary:
+                    summary[clip.name]["overlay_video"] = self.videos[clip.name].name
+                    summary[clip.name]["overlay_frames"] = written.get(str(self.videos[clip.name]), 0)
         if tables:
             (self.run_dir / "tables").mkdir(exist_ok=True)
             write_table(pd.concat(tables, ignore_index=True), self.run_dir / "tables" / "frames.csv")

@@ -64,6 +64,7 @@ from tokenscope.trace.capture import TraceCapture, merging_meta
 from tokenscope.analysis.stability import tails
 from tokenscope.data.video import FrameReader, FrameSelection, VideoInfo, frame_number, is_video, probe
 from tokenscope.jobs.clips import Clip, ClipFrame, ClipPass
+from tokenscope.jobs.frame_sink import write_frame_files
 from tokenscope.render.timeline import tails_figure
 from tokenscope.trace.trace import Trace
 
@@ -233,8 +234,11 @@ def write_image_outputs(folder: Path, trace: Trace, display: np.ndarray, figures
     per-frame tables: tokens.csv and blocks.csv of every frame are rows of the run's tables
     (tables/tokens.parquet, tables/frames.csv), and writing them per frame cost as much as the
     trace itself."""
-    trace.save(folder, atomic=False)  # the image folder is renamed into place once complete
-    write_rgb(folder / ("image.jpg" if frame else "image.png"), display)
+    if frame:
+        write_frame_files(folder, trace, display)
+    else:
+        trace.save(folder, atomic=False)  # the image folder is renamed into place once complete
+        write_rgb(folder / "image.png", display)
     if figures:
         for kind in OVERLAY_KINDS:
             write_rgb(folder / f"{kind}.png", render_overlay(kind, display, trace))
@@ -352,34 +356,44 @@ def read_image_eval(folder: Path) -> ImageEval | None:
 
 
 class HeldTraces:
-    """Traces this process has just written to their folders, kept (up to `budget` bytes) for the
-    run's tables so they are not read back from disk: a clip's frames are many and small, and
-    reading each again cost as much as drawing its overlay. They equal what `Trace.load` gives
-    (saving and loading round-trip exactly: tests/test_trace.py), so tables built from held
-    traces equal those of a resumed run that reads every folder."""
+    """Traces this process has just traced (and written, or handed to the frame sink to write),
+    kept with their evaluations (up to `budget` bytes) for the run's tables so they are not read
+    back from disk: a clip's frames are many and small, and reading each again cost as much as
+    drawing its overlay. They equal what `Trace.load` gives (saving and loading round-trip
+    exactly: tests/test_trace.py), so tables built from held traces equal those of a resumed run
+    that reads every folder. A held trace always has a folder of its own (no windows)."""
 
     def __init__(self, budget: int = 512 << 20) -> None:
-        self._traces: dict[str, Trace] = {}
+        self._traces: dict[str, tuple[Trace, ImageEval | None]] = {}
         self._left = budget
 
-    def hold(self, name: str, trace: Trace | None) -> None:
+    def hold(self, name: str, trace: Trace | None, evaluation: ImageEval | None = None) -> bool:
+        """Keep `trace` if the budget allows; returns whether it was kept."""
         if trace is None:
-            return
+            return False
         size = sum(a.nbytes for a in vars(trace).values() if isinstance(a, np.ndarray))
-        if size <= self._left:
-            self._traces[name], self._left = trace, self._left - size
+        if size > self._left:
+            return False
+        self._traces[name], self._left = (trace, evaluation), self._left - size
+        return True
 
-    def take(self, name: str) -> Trace | None:
+    def __contains__(self, name: str) -> bool:
+        return name in self._traces
+
+    def take(self, name: str) -> tuple[Trace, ImageEval | None] | None:
         return self._traces.pop(name, None)
 
 
 def _records(run_dir: Path, names: list[str], held: HeldTraces | None = None) -> Any:
     """(name, folder, trace, eval) per trace of the run: one per image, or one per window (eval on the image)."""
     for n in names:
+        kept = held.take(n) if held is not None else None
+        if kept is not None:
+            yield n, run_dir / n, kept[0], kept[1]
+            continue
         folders = window_folders(run_dir / n)
         if folders == [run_dir / n]:
-            trace = held.take(n) if held is not None else None
-            yield n, run_dir / n, trace if trace is not None else Trace.load(run_dir / n), read_image_eval(run_dir / n)
+            yield n, run_dir / n, Trace.load(run_dir / n), read_image_eval(run_dir / n)
         else:
             for f in folders:
                 yield f"{n}/{f.name}", f, Trace.load(f), None
@@ -404,8 +418,9 @@ def finish_run(run_dir: Path, names: list[str], figures: bool = True, extra: dic
     """Derive the data-set tables and figures from the image folders alone (`extra`: facts about
     the run itself added to its summary, e.g. how many images were animated). Every trace is read
     once: the aggregate tables, the token table and `visit` (a clip's outputs) share that read;
-    traces in `held` were just written by this process and are not read again."""
-    present = [n for n in names if (run_dir / n).is_dir()]
+    traces in `held` were just traced by this process and are not read again (their folders may
+    still be on their way: the frame sink writes them meanwhile)."""
+    present = [n for n in names if (held is not None and n in held) or (run_dir / n).is_dir()]
     if not present:
         return None
     token_rows: list[pd.DataFrame] = []
@@ -506,7 +521,7 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
         if clip_pass is not None:
             clip_pass.settle(items[i].name, True)  # frames of an earlier, interrupted run
 
-    written: dict[int, Trace] = {}  # traces whose folder is being written
+    written: dict[int, tuple[Trace, ImageEval | None]] = {}  # traces whose folder is being written
 
     def settle(i: int) -> None:
         if clip_pass is not None:
@@ -520,7 +535,7 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
                 raise exc  # a bug: keep its traceback
             else:
                 results[i].folder, results[i].summary = items[i].name, info
-                held.hold(items[i].name, written.get(i))
+                held.hold(items[i].name, *written.get(i, (None, None)))
             written.pop(i, None)
             settle(i)
 
@@ -542,10 +557,17 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
                 # a video frame's pictures are its clip's: the overlay video and the timeline show every
                 # frame at a fraction of the cost of per-frame PNGs and GIFs (the trace and image stay)
                 frame = item.clip is not None
+                if frame and pred.plan is None and clip_pass is not None and clip_pass.writes:
+                    trace = pred.traces[0]  # the frame sink writes its folder while the model goes on
+                    info = {**summary(trace), "folder": item.name}
+                    kept = held.hold(item.name, trace, ev)  # else the tables read it once the sink has written it
+                    clip_pass.write(item.name, prepared.display, trace, info, None if ev is None else ev.to_json(), kept)
+                    results[i].folder, results[i].summary = item.name, info
+                    continue
                 options = replace(req, animation=req.animation and i in animate and not frame,
                                   figures=req.figures and not frame)
                 if pred.plan is None:
-                    written[i] = pred.traces[0]
+                    written[i] = (pred.traces[0], ev)
                 record(writer.submit(i, write_image_folder, run_dir, item.name, prepared, pred, ev, options, cfg, frame))
             record(writer.drain())
         if clip_pass is not None:

@@ -1,28 +1,14 @@
 """Overlay videos of clips: frame | supertokens and merges | exits, side by side, one row per frame.
 
-`OverlayVideo` writes one clip from traces and images in memory. Run as a program,
-
-    python -m tokenscope.render.video
-
-this module is the low-priority process a run starts to draw its clips' videos while it traces:
-it reads one JSON request a line on standard input, in frame order,
-
-    {"video": "out/run-1/clip_overlay.mp4", "fps": 12.0, "frame": "out/run-1/clip-f000003"}
-    {"close": "out/run-1/clip_overlay.mp4"}
-
-loads each frame's trace and image from its folder (the folder is complete once it exists: runs
-rename it into place), and at the end of its input prints one JSON line {video: frames written}.
-It gives itself the lowest nice value (the run also puts it under SCHED_IDLE where the system
-allows), so on a CPU it takes the cycles the model leaves idle and the cores once the model is
-done; it never imports torch.
+`OverlayVideo` writes one clip from traces and images in memory; `read_frame` gives a traced
+frame's image and trace from its folder. A run draws its videos in the process that writes its
+frames (jobs/frame_sink.py); this module never imports torch.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
-import sys
 import threading
 from pathlib import Path
 
@@ -119,43 +105,3 @@ def read_frame(folder: Path) -> tuple[np.ndarray, Trace]:
     if bgr is None:
         raise OSError(f"{path}: missing or unreadable")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), Trace.load(folder)
-
-
-def serve(requests: "list[str] | object", out: "object") -> dict[str, int]:
-    """Follow the requests (lines of JSON, see the module docstring); returns frames per video.
-    A video left open when the input ends is deleted: its run did not finish."""
-    open_videos: dict[str, OverlayVideo] = {}
-    written: dict[str, int] = {}
-    try:
-        for line in requests:  # type: ignore[attr-defined]
-            if not line.strip():
-                continue
-            req = json.loads(line)
-            if "close" in req:
-                video = open_videos.pop(req["close"], None)
-                written[req["close"]] = video.close() if video is not None else 0
-                continue
-            video = open_videos.get(req["video"])
-            if video is None:
-                video = open_videos[req["video"]] = OverlayVideo(Path(req["video"]), float(req["fps"]))
-            video.add(*read_frame(Path(req["frame"])))
-    finally:
-        for video in open_videos.values():
-            video.close(complete=False)
-    print(json.dumps(written), file=out, flush=True)  # type: ignore[arg-type]
-    return written
-
-
-def main() -> int:
-    if hasattr(os, "nice"):
-        os.nice(19)  # only the cycles nobody else wants, while the run's model works
-    try:
-        serve(sys.stdin, sys.stdout)
-    except Exception as exc:  # the run reports it in one line, naming the video
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -87,7 +87,7 @@ class TraceInconsistency(AssertionError):
     """A trace breaks the accounting invariant: a bug, never a user error."""
 
 
-def _narrowest(a: np.ndarray) -> np.ndarray:
+def narrowest(a: np.ndarray) -> np.ndarray:
     """Class maps stored as uint8/uint16 when their values fit (loading widens them again): a
     1024 px label map compresses and decompresses four times faster, and a video run saves and
     re-reads one per frame."""
@@ -465,7 +465,7 @@ class Trace:
         doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "meta": asdict(self.meta), "arrays": sorted(arrays)}
         for name in ("label_map", "patch_labels"):
             if name in arrays:
-                arrays[name] = _narrowest(arrays[name])
+                arrays[name] = narrowest(arrays[name])
         if not atomic:  # the folder itself appears atomically (a run's partial image folder)
             with open(d / TRACE_NPZ, "wb") as f:
                 _write_npz(f, arrays)
