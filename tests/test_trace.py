@@ -155,3 +155,29 @@ def test_the_npz_reader_gives_what_numpy_gives(tmp_path: Path) -> None:
     for name, a in arrays.items():
         assert got[name].dtype == a.dtype and got[name].shape == a.shape and np.array_equal(got[name], a), name
         assert got[name].flags.writeable
+
+
+def test_a_runs_token_table_joins_the_token_tables_of_its_traces(tiny_loaded: LoadedModel) -> None:
+    """The run's tokens.parquet is built from arrays in one go; it equals the per-trace tables
+    stacked with their image, with in-network merging or without, whatever the classes are called."""
+    import pandas as pd
+
+    from tokenscope.analysis.stats import joined_tokens_table, tokens_columns, tokens_table
+    from tokenscope.models.methods.merging import MergingSpec
+
+    model = tiny_loaded.model.configure(policy="uniform", exits=True, exit_threshold=0.3)
+    with RandomScorePolicyPatch(model, 3):
+        plain = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(2, 112, 160)])[0]
+    model.configure(policy="uniform", exits=False)
+    model.set_merging(MergingSpec("tome", tuple(range(1, model.depth + 1)), r=2))
+    try:
+        merged = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(3)])[0]
+    finally:
+        model.set_merging(None)
+    assert merged.has_merges and not plain.has_merges
+    unnamed = dataclasses.replace(plain, meta=dataclasses.replace(plain.meta, class_names=plain.meta.class_names[:1]))
+    parts = [("a", plain), ("b", merged), ("c", unnamed)]
+    expected = pd.concat([tokens_table(t).assign(image=n) for n, t in parts], ignore_index=True)
+    joined = joined_tokens_table([(n, tokens_columns(t)) for n, t in parts])
+    pd.testing.assert_frame_equal(joined, expected)
+    assert (joined["class_name"].str.startswith("class_")).any()  # classes past the names get a made-up name

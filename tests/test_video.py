@@ -249,10 +249,12 @@ def test_the_sink_reports_a_damaged_frame_or_a_failed_write_in_one_line_and_abor
     sink.frame(tmp_path / "no-such-run", "pan-f000000", np.zeros((128, 128, 3), np.uint8), trace, {}, None)
     with pytest.raises(RunFolderError, match="frame pan-f000000: "):
         sink.sync()
+    sink.abort()
     sink = FrameSink()
     sink.draw(video, 10.0, run / "pan-f000000")
     sink.abort()
-    assert sink._proc.returncode is not None and not list(run.glob(".*partial*")) and not list(run.glob("*.mp4"))
+    assert sink._writer.proc.returncode is not None and sink._drawer is not None and sink._drawer.proc.returncode is not None
+    assert not list(run.glob(".*partial*")) and not list(run.glob("*.mp4"))
 
 
 def test_frames_written_by_the_sink_equal_frames_the_run_writes_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

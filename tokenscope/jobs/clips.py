@@ -75,7 +75,7 @@ class ClipPass:
         self.run_dir, self.clips, self.figures = run_dir, clips, figures
         self._where = {f.folder: (clip, k) for clip in clips for k, f in enumerate(clip.frames)}
         self._state = {clip.name: _ClipState() for clip in clips}
-        self.sink = FrameSink() if clips else None
+        self.sink = FrameSink(videos=figures) if clips else None
         self.writes = self.sink is not None and (self.sink.idle or cores_free)
         """Whether the run should hand its frames over with `write`."""
         self._draws: list[tuple[Path, float, Path] | Path] = []

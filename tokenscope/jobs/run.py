@@ -35,7 +35,7 @@ import pandas as pd
 from tokenscope import __version__, dist
 from tokenscope.analysis.aggregate import DatasetTables, ImageEval, aggregate
 from tokenscope.analysis.metrics import confusion, pixel_agreement
-from tokenscope.analysis.stats import blocks_table, summary, tokens_table
+from tokenscope.analysis.stats import blocks_table, joined_tokens_table, summary, tokens_columns, tokens_table
 from tokenscope.analysis.windowed import ImagePrediction, predict
 from tokenscope.data.datasets import SegmentationDataset, open_dataset
 from tokenscope.data.images import PreparedImage, check_size, find_images, find_label_for, load_prepared, prepare_image
@@ -423,11 +423,11 @@ def finish_run(run_dir: Path, names: list[str], figures: bool = True, extra: dic
     present = [n for n in names if (held is not None and n in held) or (run_dir / n).is_dir()]
     if not present:
         return None
-    token_rows: list[pd.DataFrame] = []
+    token_rows: list[tuple[str, dict[str, np.ndarray]]] = []
 
     def records() -> Any:
         for name, folder, trace, ev in _records(run_dir, present, held):
-            token_rows.append(tokens_table(trace).assign(image=name))
+            token_rows.append((name, tokens_columns(trace)))
             if visit is not None:
                 visit(name, folder, trace)
             yield name, trace, ev
@@ -441,7 +441,7 @@ def finish_run(run_dir: Path, names: list[str], figures: bool = True, extra: dic
         df: pd.DataFrame = getattr(tables, name)
         write_table(df, out / f"{name}.csv")
         write_table(df, out / f"{name}.parquet")
-    write_table(pd.concat(token_rows, ignore_index=True), out / "tokens.parquet")
+    write_table(joined_tokens_table(token_rows), out / "tokens.parquet")
     write_json_atomic(run_dir / "summary.json", tables.summary)
     if figures:
         fig_dir = run_dir / "figures"

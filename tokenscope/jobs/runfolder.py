@@ -13,14 +13,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from contextlib import contextmanager
 
 import cv2
 import numpy as np
-import pandas as pd
 
 from tokenscope.errors import RunFolderError
+
+if TYPE_CHECKING:  # the frame sink's processes write folders, never tables: they need not load pandas
+    import pandas as pd
 
 MANIFEST = "run.json"
 PARTIAL_PREFIX = ".partial-"

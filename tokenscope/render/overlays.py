@@ -108,12 +108,11 @@ def _blend(image: np.ndarray, colour: np.ndarray, alpha: float, where: np.ndarra
 
 def _outline_supertokens(img: np.ndarray, trace: Trace, min_level: int = 1, colour: Sequence[int] | None = None) -> None:
     patch = trace.patch_size
-    for r, c, lvl in zip(trace.token_row, trace.token_col, trace.token_level):
-        if lvl < min_level:
-            continue
-        s = patch << int(lvl)
-        col = tuple(int(v) for v in (colour if colour is not None else LEVEL_COLOURS[int(lvl)]))
-        cv2.rectangle(img, (int(c) * patch, int(r) * patch), (int(c) * patch + s - 1, int(r) * patch + s - 1), col, 1)
+    pick = np.flatnonzero(trace.token_level >= min_level)
+    colours = [tuple(int(v) for v in (colour if colour is not None else c)) for c in LEVEL_COLOURS]
+    for r, c, lvl in zip(trace.token_row[pick].tolist(), trace.token_col[pick].tolist(), trace.token_level[pick].tolist()):
+        s = patch << lvl
+        cv2.rectangle(img, (c * patch, r * patch), (c * patch + s - 1, r * patch + s - 1), colours[lvl], 1)
 
 
 def legend_strip(width: int, items: Sequence[tuple[tuple[int, int, int], str]], title: str = "") -> np.ndarray:
@@ -244,7 +243,11 @@ def render_label_map(image: np.ndarray, label_map: np.ndarray, colours: Sequence
 
 
 def _padded_canvas(img: np.ndarray, trace: Trace) -> np.ndarray:
+    """`img` on white at the padded size, to draw outlines on; `img` itself (callers hand over
+    a picture of their own) when it needs no padding, the usual case, saving two copies."""
     ph, pw = trace.meta.padded_hw
+    if img.shape[:2] == (ph, pw) and img.flags.c_contiguous:
+        return img
     canvas = np.full((ph, pw, 3), 255, dtype=np.uint8)
     canvas[: img.shape[0], : img.shape[1]] = img
     return canvas
@@ -252,7 +255,7 @@ def _padded_canvas(img: np.ndarray, trace: Trace) -> np.ndarray:
 
 def _crop(canvas: np.ndarray, trace: Trace) -> np.ndarray:
     h, w = trace.meta.input_hw
-    return np.ascontiguousarray(canvas[:h, :w])
+    return canvas if canvas.shape[:2] == (h, w) else np.ascontiguousarray(canvas[:h, :w])
 
 
 def _with_strip(img: np.ndarray, strip: np.ndarray) -> np.ndarray:

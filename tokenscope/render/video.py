@@ -19,22 +19,26 @@ from tokenscope.render.overlays import render_overlay
 from tokenscope.trace.trace import Trace, image_beside
 
 
-def side_by_side(pictures: list[np.ndarray]) -> np.ndarray:
+def side_by_side(pictures: list[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
     """Pictures next to each other on white, top-aligned (overlays carry a legend below), with
-    even sides as video codecs want."""
+    even sides as video codecs want; drawn into `out` when it has the right shape. Only the
+    margins are painted white."""
     h = max(p.shape[0] for p in pictures)
     w = sum(p.shape[1] for p in pictures)
-    row = np.full((h + h % 2, w + w % 2, 3), 255, dtype=np.uint8)
+    shape = (h + h % 2, w + w % 2, 3)
+    row = out if out is not None and out.shape == shape and out.dtype == np.uint8 else np.empty(shape, np.uint8)
     x = 0
     for p in pictures:
         row[: p.shape[0], x:x + p.shape[1]] = p
+        row[p.shape[0]:, x:x + p.shape[1]] = 255
         x += p.shape[1]
+    row[:, x:] = 255
     return row
 
 
-def overlay_panel(image: np.ndarray, trace: Trace) -> np.ndarray:
-    """One video frame: the frame, its supertokens and merges, its exits."""
-    return side_by_side([image, render_overlay("merge", image, trace), render_overlay("exit", image, trace)])
+def overlay_panel(image: np.ndarray, trace: Trace, out: np.ndarray | None = None) -> np.ndarray:
+    """One video frame: the frame, its supertokens and merges, its exits (into `out` if it fits)."""
+    return side_by_side([image, render_overlay("merge", image, trace), render_overlay("exit", image, trace)], out)
 
 
 def partial_path(path: Path) -> Path:
@@ -47,7 +51,9 @@ class OverlayVideo:
     to a hidden partial name and renamed when closed with at least one frame.
 
     Encoding runs in a thread of its own, a few frames behind the drawing: OpenCV lets go of
-    Python's lock while it encodes, so the next frame's trace is read and drawn meanwhile."""
+    Python's lock while it encodes, so the next frame is drawn meanwhile. Panels are drawn into
+    buffers used over and over (one to draw in, a ring of `backlog` + 2 handed to the encoder):
+    a fresh panel a frame cost more in page faults than drawing it."""
 
     def __init__(self, path: Path, fps: float, backlog: int = 4) -> None:
         self.path, self.fps, self.frames = path, fps, 0
@@ -56,11 +62,17 @@ class OverlayVideo:
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=backlog)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._drawn: np.ndarray | None = None
+        self._ring: list[np.ndarray] = []
 
     def add(self, image: np.ndarray, trace: Trace) -> None:
         if self._error is not None:
             raise self._error
-        panel = cv2.cvtColor(overlay_panel(image, trace), cv2.COLOR_RGB2BGR)
+        self._drawn = overlay_panel(image, trace, self._drawn)
+        if not self._ring or self._ring[0].shape != self._drawn.shape:
+            # at most `backlog` panels wait in the queue and one is being encoded: the next slot is free
+            self._ring = [np.empty_like(self._drawn) for _ in range(self._queue.maxsize + 2)]
+        panel = cv2.cvtColor(self._drawn, cv2.COLOR_RGB2BGR, dst=self._ring[self.frames % len(self._ring)])
         if self._writer is None:
             self._writer = cv2.VideoWriter(str(self.partial), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
                                            (panel.shape[1], panel.shape[0]))
