@@ -21,7 +21,8 @@ On Linux both run under SCHED_IDLE (`idle_priority`): they take a core only when
 the model wants one, and a waking model thread takes it back at once; on a GPU machine they use
 the cores the model leaves.
 
-Messages are pickled dicts, each after its length (8 bytes, little-endian):
+Messages are dicts pickled with their arrays out of band (`encode`, `decode`: the lengths, the
+pickle, then each array's bytes, so neither side copies a frame into or out of a pickle):
 
     {"op": "frame", "run_dir", "name", "image", "trace", "info", "eval", "video", "fps"}
         writer: write the folder run_dir/name; drawer: draw the frame into `video`
@@ -82,6 +83,51 @@ def write_frame_folder(run_dir: Path, name: str, display: np.ndarray, trace: Tra
         write_json_atomic(folder / "summary.json", info)
 
 
+Message = list[bytes | memoryview]
+"""One message as written to a pipe: lengths, the pickle, then the arrays' bytes."""
+
+
+def encode(obj: dict[str, Any]) -> Message:
+    """`obj` pickled with its arrays out of band: the arrays' bytes go down the pipe straight from
+    the arrays (no copy into the pickle in the run, none out of it in the process). The run does
+    not change an image or trace it handed over."""
+    buffers: list[pickle.PickleBuffer] = []
+    head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    sizes = b"".join(len(r).to_bytes(8, "little") for r in raws)
+    return [len(head).to_bytes(8, "little") + len(raws).to_bytes(8, "little") + sizes, head, *raws]
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytearray | None:
+    out = bytearray(size)
+    view, got = memoryview(out), 0
+    while got < size:
+        n = stream.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            return None
+        got += n
+    return out
+
+
+def decode(stream: BinaryIO) -> dict[str, Any] | None:
+    """The next message on `stream` (None at its end); arrays come back writable, over the bytes read."""
+    fixed = _read_exactly(stream, 16)
+    if fixed is None:
+        return None
+    head_size, count = int.from_bytes(fixed[:8], "little"), int.from_bytes(fixed[8:], "little")
+    sizes = _read_exactly(stream, 8 * count) if count else bytearray()
+    head = _read_exactly(stream, head_size)
+    if sizes is None or head is None:
+        return None
+    buffers = []
+    for k in range(count):
+        raw = _read_exactly(stream, int.from_bytes(sizes[8 * k:8 * k + 8], "little"))
+        if raw is None:
+            return None
+        buffers.append(raw)
+    return pickle.loads(head, buffers=buffers)
+
+
 def idle_priority(pid: int) -> bool:
     """Put process `pid` under SCHED_IDLE (Linux); False where the system does not allow it."""
     if not hasattr(os, "SCHED_IDLE"):
@@ -94,6 +140,10 @@ def idle_priority(pid: int) -> bool:
 
 
 # ---- the run's side ------------------------------------------------------------------------
+
+def _size(message: Message) -> int:
+    return sum(len(part) if isinstance(part, bytes) else part.nbytes for part in message)
+
 
 class _Child:
     """One process of the sink, its pipe, and the thread that feeds the pipe (the process may be
@@ -109,7 +159,7 @@ class _Child:
         self.idle = idle_priority(self.proc.pid)
         self._budget, self._waiting = budget, 0
         self._cond = threading.Condition()
-        self._queue: queue.Queue[bytes | None] = queue.Queue()
+        self._queue: queue.Queue[Message | None] = queue.Queue()
         self._broken = False
         self._feeder = threading.Thread(target=self._feed, name=f"frame-sink-{role}", daemon=True)
         self._feeder.start()
@@ -117,12 +167,12 @@ class _Child:
     def _feed(self) -> None:
         assert self.proc.stdin is not None
         try:
-            while (data := self._queue.get()) is not None:
-                self.proc.stdin.write(len(data).to_bytes(8, "little"))
-                self.proc.stdin.write(data)
+            while (message := self._queue.get()) is not None:
+                for part in message:
+                    self.proc.stdin.write(part)
                 self.proc.stdin.flush()
                 with self._cond:
-                    self._waiting -= len(data)
+                    self._waiting -= _size(message)
                     self._cond.notify_all()
             self.proc.stdin.close()
         except (BrokenPipeError, OSError):  # the process died: the next send, sync or finish says why
@@ -130,14 +180,15 @@ class _Child:
                 self._broken = True
                 self._cond.notify_all()
 
-    def send(self, data: bytes) -> None:
+    def send(self, message: Message) -> None:
+        size = _size(message)
         with self._cond:
-            while self._waiting > 0 and self._waiting + len(data) > self._budget and not self._broken:
+            while self._waiting > 0 and self._waiting + size > self._budget and not self._broken:
                 self._cond.wait()
             if self._broken:
                 raise self.failure()
-            self._waiting += len(data)
-        self._queue.put(data)
+            self._waiting += size
+        self._queue.put(message)
 
     def answer(self) -> dict[str, Any]:
         """The process's next line of JSON (it answers a sync, or ends its input)."""
@@ -187,9 +238,8 @@ class FrameSink:
         """Write frame `name` (and draw it into `video` now, when given)."""
         light = copy.copy(trace)  # the class map travels as it is stored (uint8 for most data sets)
         light.label_map = narrowest(trace.label_map)
-        data = pickle.dumps({"op": "frame", "run_dir": str(run_dir), "name": name, "image": display, "trace": light,
-                             "info": info, "eval": evaluation, "video": None if video is None else str(video),
-                             "fps": fps}, protocol=pickle.HIGHEST_PROTOCOL)
+        data = encode({"op": "frame", "run_dir": str(run_dir), "name": name, "image": display, "trace": light,
+                       "info": info, "eval": evaluation, "video": None if video is None else str(video), "fps": fps})
         self._writer.send(data)
         self._unwritten.add(str(Path(run_dir) / name))
         if video is not None:
@@ -201,10 +251,10 @@ class FrameSink:
         if str(folder) in self._unwritten:
             self.sync()
         self.videos.add(str(video))
-        self._to_drawer().send(pickle.dumps({"op": "draw", "video": str(video), "fps": fps, "folder": str(folder)}))
+        self._to_drawer().send(encode({"op": "draw", "video": str(video), "fps": fps, "folder": str(folder)}))
 
     def close(self, video: Path) -> None:
-        self._to_drawer().send(pickle.dumps({"op": "close", "video": str(video)}))
+        self._to_drawer().send(encode({"op": "close", "video": str(video)}))
 
     def _to_drawer(self) -> _Child:
         if self._drawer is None:
@@ -213,7 +263,7 @@ class FrameSink:
 
     def sync(self) -> int:
         """Wait until every frame handed over so far is written; returns how many were."""
-        self._writer.send(pickle.dumps({"op": "sync"}))
+        self._writer.send(encode({"op": "sync"}))
         self._unwritten.clear()
         return int(self._writer.answer()["written"])
 
@@ -244,21 +294,10 @@ class FrameSink:
 
 # ---- the processes' side ------------------------------------------------------------------
 
-def _read_message(stream: BinaryIO) -> dict[str, Any] | None:
-    head = stream.read(8)
-    if len(head) < 8:
-        return None
-    size = int.from_bytes(head, "little")
-    data = stream.read(size)
-    if len(data) < size:
-        return None
-    return pickle.loads(data)
-
-
 def serve_writer(stream: BinaryIO, out: Any) -> int:
     """Write the folders of the frames on `stream`; returns how many."""
     written = 0
-    while (msg := _read_message(stream)) is not None:
+    while (msg := decode(stream)) is not None:
         if msg["op"] == "frame":
             try:
                 write_frame_folder(Path(msg["run_dir"]), msg["name"], msg["image"], msg["trace"], msg["info"], msg["eval"])
@@ -277,7 +316,7 @@ def serve_drawer(stream: BinaryIO, out: Any) -> dict[str, int]:
     videos: dict[str, OverlayVideo] = {}
     drawn: dict[str, int] = {}
     try:
-        while (msg := _read_message(stream)) is not None:
+        while (msg := decode(stream)) is not None:
             op = msg["op"]
             try:
                 if op == "close":
