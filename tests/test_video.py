@@ -304,3 +304,37 @@ def test_tables_from_held_traces_equal_tables_read_from_the_folders(tmp_path: Pa
     small = HeldTraces(budget=10)
     small.hold(names[0], Trace.load(run / names[0]))
     assert small.take(names[0]) is None  # over the budget: read from the folder instead
+
+
+def test_a_killed_clip_run_resumes_to_the_same_frames_and_a_whole_video(tmp_path: Path) -> None:
+    """Killed after three frames: the frame sink stops, leaves no video, and the folders it had
+    not written yet are traced again on resume; the finished run equals an uninterrupted one."""
+    from dataclasses import asdict
+
+    from tokenscope.jobs.run import RunRequest, run_job
+    from tokenscope.jobs.setup import ModelOptions
+
+    clip = write_clip(tmp_path / "pan.avi", _frames(14, 6))
+    r, whole = _run(clip, tmp_path / "a")
+    assert r.exit_code == 0, r.output
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_fourth(done: int, total: int, item: str) -> None:
+        if done == 3:
+            raise Killed
+
+    request = RunRequest(inputs=[str(clip)], model=asdict(ModelOptions(model="demo", device="cpu")), animation=False)
+    with pytest.raises(Killed):
+        run_job(request, out=tmp_path / "b", progress=kill_at_fourth)
+    (part,) = list((tmp_path / "b").glob("run-*"))
+    assert not list(part.glob("*.mp4")) and not list(part.glob(".*partial*.mp4"))
+    assert len([p for p in part.iterdir() if p.is_dir() and not p.name.startswith(".")]) <= 3
+    r = invoke("run", "--resume", part, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert json.loads((part / "run.json").read_text())["status"] == "complete" and not list(part.glob(".partial-*"))
+    video = cv2.VideoCapture(str(part / "pan_overlay.mp4"))
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
+    a, b = (pd.read_csv(d / "tables" / "frames.csv").drop(columns=["forward_ms"]) for d in (whole, part))
+    pd.testing.assert_frame_equal(a, b)
