@@ -4,10 +4,11 @@ Each image gets its own folder in the run folder: the trace, the processed image
 per-layer histogram, an animation of tokens leaving, tokens.csv, blocks.csv, summary.json and,
 when labels exist, eval.json (confusion matrices of STEP and of the same weights without
 reduction). A video frame's folder holds its trace, image.jpg and summary.json: its pictures are
-the clip's (overlay video, timeline; jobs/clips.py) and its token rows are in the run's tables.
-When all images are done, data-set tables (per image, class, level and block; CSV and Parquet)
-and figures are derived from those folders alone (traces this process has just written are used
-as held rather than read back), and run.json is marked complete.
+the clip's (overlay video, timeline; jobs/clips.py) and its token rows are in the run's tables;
+the frame sink (jobs/frame_sink.py) writes those folders while the model goes on. When all
+images are done, data-set tables (per image, class, level and block; CSV and Parquet) and
+figures are derived from the folders (traces this process holds are used rather than read back:
+they equal what their folders give), and run.json is marked complete once every folder is.
 
 With sliding windows (an imported Segmenter model's default, or `--window N`), an image folder
 holds the stitched prediction (`segmentation.png`, `eval.json`, `summary.json`, `windows.json`)
