@@ -99,11 +99,10 @@ class ClipPass:
                         self.videos[clip.name] if draw_now else None, self.fps[clip.name])
         self._in_sink.add(name)
         if draw_now:
-            state.handed += 1
-            self._advance(clip)
+            state.handed += 1  # drawn from what the sink was handed
         else:
-            state.settled[name] = True
-            self._advance(clip)
+            state.settled[name] = True  # drawn from its folder when its turn comes
+        self._advance(clip)
 
     def settle(self, name: str, written: bool) -> None:
         """Frame `name` is done: its folder was `written` (or it failed). Hands the clip's frames

@@ -587,6 +587,8 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
         if clip_pass is not None and tables is not None:
             tables.summary["clips"] = clip_pass.finish(tables.images)
             write_json_atomic(run_dir / "summary.json", tables.summary)
+        elif clip_pass is not None:  # no frame was traced: the sink was handed nothing
+            clip_pass.abort()
     except BaseException:
         if clip_pass is not None:
             clip_pass.abort()  # no drawing process outlives the run, no half-written video stays
