@@ -257,6 +257,27 @@ def test_the_sink_reports_a_damaged_frame_or_a_failed_write_in_one_line_and_abor
     assert not list(run.glob(".*partial*")) and not list(run.glob("*.mp4"))
 
 
+def test_frame_messages_carry_their_arrays_out_of_band_and_back_exactly() -> None:
+    import io
+
+    from tokenscope.jobs.frame_sink import decode, encode
+
+    arrays = {"image": np.arange(48, dtype=np.uint8).reshape(4, 4, 3), "strided": np.arange(20.0)[::2],
+              "empty": np.zeros((0, 3), np.int16), "fortran": np.asfortranarray(np.arange(6).reshape(2, 3)),
+              "big_endian": np.arange(5, dtype=">i4")}
+    wire = b"".join(bytes(part) for message in (encode({"op": "frame", "name": "f", **arrays}), encode({"op": "sync"}))
+                    for part in message)
+    stream = io.BytesIO(wire)
+    got = decode(stream)
+    assert got is not None and got["op"] == "frame" and got["name"] == "f"
+    for key, a in arrays.items():
+        b = got[key]
+        assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b), key
+    got["image"][0, 0, 0] = 7  # arrays come back writable
+    assert decode(stream) == {"op": "sync"} and decode(stream) is None
+    assert decode(io.BytesIO(wire[:len(wire) // 2])) is None  # a message cut short reads as the end
+
+
 def test_frames_written_by_the_sink_equal_frames_the_run_writes_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the sink cannot run at idle priority a CPU run writes its frames itself and draws the
     video from the folders once the model is done: the same folders, tables and video."""
