@@ -513,9 +513,11 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
     animate = _animated_items(req, items)
     todo = [i for i, item in enumerate(items) if not (run_dir / item.name).is_dir()]
     mine = ctx.shard(todo)  # each image is one rank's: no two ranks write the same folder
-    workers = default_workers(len(mine), device.type) if req.render_workers is None else req.render_workers
     clips = list({id(it.clip): it.clip for it in items if it.clip is not None}.values())
     clip_pass = ClipPass(run_dir, clips, req.figures, cores_free=device.type != "cpu") if clips and ctx.is_writer else None
+    sunk = clip_pass is not None and clip_pass.writes  # frames go to the frame sink, not to render workers
+    written_here = [i for i in mine if not (sunk and items[i].clip is not None)]
+    workers = default_workers(len(written_here), device.type) if req.render_workers is None else req.render_workers
     held = HeldTraces()
     for i in sorted(set(range(len(items))) - set(todo)):
         results[i].folder, results[i].skipped = items[i].name, True
