@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,11 +23,10 @@ TIMING = ("forward_ms",)
 
 def _torchrun(args: list[str], **kw) -> subprocess.Popen:  # noqa: ANN003
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENSCOPE_DIST_TIMEOUT": "60"}
-    with socket.socket() as s:  # a free port: torchrun's default one may still be held by an earlier job
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), "-m", "tokenscope", *args]
+    # --standalone: the rendezvous store takes a port the system gives it and keeps it (a port found
+    # free and then let go could be taken in between, or still be held by an earlier job)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tokenscope", *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
