@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tokenscope.analysis.memory import LiveTensorBytes
+from tokenscope.analysis.stability import spread
 from tokenscope.models.cost import measure_flops
 from tokenscope.models.runtime import inference, synchronize
 from tokenscope.models.step_vit import ReductionSetting, StepViT
@@ -58,9 +59,7 @@ class VariantTiming:
         ms = 1e3 * np.asarray(self.latencies_s, dtype=np.float64)
         if ms.size == 0:
             return {}
-        tail = {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 95, 99)}
-        tail.update({"max": float(ms.max()), "repeats": int(ms.size), "p99_over_p50": tail["p99"] / tail["p50"]})
-        return tail
+        return {**spread(ms), "repeats": int(ms.size)}
 
 
 @dataclass

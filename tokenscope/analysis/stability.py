@@ -33,6 +33,15 @@ def frame_changes(prev: Trace, cur: Trace) -> dict[str, float]:
     return {f"{k}_change": float(np.mean(a[k] != b[k])) for k in a}
 
 
+def spread(values: np.ndarray, percentiles: tuple[int, ...] = PERCENTILES) -> dict[str, float]:
+    """pXX of `values` (numpy's linear percentiles; `percentiles` must hold 50 and 99), their
+    max, and p99 over p50 (NaN when p50 is 0): the one summary every tail in tokenscope gives."""
+    row = {f"p{q}": float(np.percentile(values, q)) for q in percentiles}
+    row["max"] = float(np.max(values))
+    row["p99_over_p50"] = row["p99"] / row["p50"] if row["p50"] else float("nan")
+    return row
+
+
 def tails(images: pd.DataFrame, name_column: str = "image", worst: int = 3) -> dict[str, Any]:
     """p50/p90/p95/p99/max (and mean) of latency, tokens and GFLOPs, with the `worst` rows named."""
     out: dict[str, Any] = {}
@@ -41,9 +50,7 @@ def tails(images: pd.DataFrame, name_column: str = "image", worst: int = 3) -> d
             continue
         values = images[column].to_numpy(dtype=np.float64)
         keep = ~np.isnan(values)
-        row = {f"p{q}": float(np.percentile(values[keep], q)) for q in PERCENTILES}
-        row.update({"max": float(values[keep].max()), "mean": float(values[keep].mean())})
-        row["p99_over_p50"] = row["p99"] / row["p50"] if row["p50"] else float("nan")
+        row: dict[str, Any] = {**spread(values[keep]), "mean": float(values[keep].mean())}
         order = np.argsort(-np.where(keep, values, -np.inf), kind="stable")[:worst]
         row["worst"] = [{"name": str(images[name_column].iloc[i]), "value": float(values[i])} for i in order if keep[i]]
         out[label] = row

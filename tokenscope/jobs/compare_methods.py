@@ -19,6 +19,7 @@ import torch
 
 from tokenscope import __version__
 from tokenscope.analysis.metrics import confusion, mean_iou, pixel_agreement
+from tokenscope.analysis.stability import spread
 from tokenscope.analysis.windowed import ImagePrediction
 from tokenscope.data.images import check_size, find_images
 from tokenscope.data.windows import resolve_windows
@@ -177,10 +178,9 @@ def _overall(rows: list[dict[str, Any]], conf: dict[str, np.ndarray], have_label
         r["block_token_reduction"] = float(np.average(base["mean_tokens_per_block"], weights=base["windows"])
                                            / r["mean_tokens_per_block"])
         r["agreement"] = float(np.average(sub["agreement"], weights=sub["input_h"] * sub["input_w"]))
-        lat = sub["latency_ms"].to_numpy(dtype=np.float64)  # the tail of the per-image latencies
-        for q in (50, 95, 99):
-            r[f"latency_p{q}_ms"] = float(np.percentile(lat, q))
-        r["latency_p99_over_p50"] = r["latency_p99_ms"] / r["latency_p50_ms"] if r["latency_p50_ms"] else float("nan")
+        tail = spread(sub["latency_ms"].to_numpy(dtype=np.float64), (50, 95, 99))  # of the per-image latencies
+        r.update({f"latency_{p}_ms": tail[p] for p in ("p50", "p95", "p99")})
+        r["latency_p99_over_p50"] = tail["p99_over_p50"]
         if have_labels:
             r["miou"] = mean_iou(conf[name])
         out.append(r)
