@@ -79,8 +79,9 @@ def write_frame_files(folder: Path, trace: Trace, display: np.ndarray) -> None:
 
 def write_frame_folder(run_dir: Path, name: str, display: np.ndarray, trace: Trace, info: dict[str, Any],
                        evaluation: dict[str, Any] | None) -> None:
-    """The folder `run_dir/name` of one frame, complete or not at all: what `run` writes for a
-    frame (see jobs/run.py, write_image_folder), from its summary `info` and its evaluation."""
+    """The folder `run_dir/name` of one frame, complete or not at all, from its summary `info` and
+    its evaluation: written here by the sink, or by the run itself when it keeps its frames
+    (jobs/run.py, write_image_folder), so both write the same folder."""
     with image_folder(run_dir, name) as folder:
         write_frame_files(folder, trace, display)
         if evaluation is not None:

@@ -65,7 +65,7 @@ from tokenscope.trace.capture import TraceCapture, merging_meta
 from tokenscope.analysis.stability import tails
 from tokenscope.data.video import FrameReader, FrameSelection, VideoInfo, frame_number, is_video, probe
 from tokenscope.jobs.clips import Clip, ClipFrame, ClipPass
-from tokenscope.jobs.frame_sink import write_frame_files
+from tokenscope.jobs.frame_sink import write_frame_files, write_frame_folder
 from tokenscope.render.timeline import tails_figure
 from tokenscope.trace.trace import Trace
 
@@ -311,11 +311,20 @@ def write_image_folder(run_dir: Path, name: str, prepared: PreparedImage, pred: 
 
     A top-level function of plain data, so a worker process can run it (see jobs/writer.py).
     """
+    if frame and pred.plan is None:  # the very folder the frame sink writes for a frame handed to it
+        info = frame_summary(name, pred.traces[0])
+        write_frame_folder(run_dir, name, prepared.display, pred.traces[0], info, None if ev is None else ev.to_json())
+        return info
     with image_folder(run_dir, name) as folder:
         info = _write_prediction(folder, prepared, pred, ev, req, cfg, frame)
         info["folder"] = name
         write_json_atomic(folder / "summary.json", info)
     return info
+
+
+def frame_summary(name: str, trace: Trace) -> dict[str, Any]:
+    """summary.json of a video frame's folder (whoever writes it: the run or the frame sink)."""
+    return {**summary(trace), "folder": name}
 
 
 def _animated_items(req: "RunRequest", items: list[RunItem]) -> set[int]:
@@ -562,7 +571,7 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
                 frame = item.clip is not None
                 if frame and pred.plan is None and clip_pass is not None and clip_pass.writes:
                     trace = pred.traces[0]  # the frame sink writes its folder while the model goes on
-                    info = {**summary(trace), "folder": item.name}
+                    info = frame_summary(item.name, trace)
                     kept = held.hold(item.name, trace, ev)  # else the tables read it once the sink has written it
                     clip_pass.write(item.name, prepared.display, trace, info, None if ev is None else ev.to_json(), kept)
                     results[i].folder, results[i].summary = item.name, info
