@@ -44,7 +44,7 @@ import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -104,6 +104,19 @@ def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
         for name, a in arrays.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
                 np.lib.format.write_array(out, np.asanyarray(a), allow_pickle=False)
+
+
+def _write_file(path: Path, mode: str, write: Callable[[Any], None], atomic: bool) -> None:
+    """`write(file)` into `path`: through a temporary file renamed over it (`atomic`), or in place
+    when the folder itself appears atomically (a run's partial image folder)."""
+    if not atomic:
+        with open(path, mode) as f:
+            write(f)
+        return
+    with tempfile.NamedTemporaryFile(mode, dir=path.parent, suffix=path.suffix, delete=False) as f:
+        write(f)
+    os.chmod(f.name, 0o644)
+    os.replace(f.name, path)
 
 
 _NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[biufc]\d+)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}\s*$")
@@ -466,20 +479,8 @@ class Trace:
         for name in ("label_map", "patch_labels"):
             if name in arrays:
                 arrays[name] = narrowest(arrays[name])
-        if not atomic:  # the folder itself appears atomically (a run's partial image folder)
-            with open(d / TRACE_NPZ, "wb") as f:
-                _write_npz(f, arrays)
-            with open(d / TRACE_JSON, "w") as f:
-                json.dump(doc, f, indent=1)
-            return
-        with tempfile.NamedTemporaryFile(dir=d, suffix=".npz", delete=False) as f:
-            _write_npz(f, arrays)
-        os.chmod(f.name, 0o644)
-        os.replace(f.name, d / TRACE_NPZ)
-        with tempfile.NamedTemporaryFile("w", dir=d, suffix=".json", delete=False) as f:
-            json.dump(doc, f, indent=1)
-        os.chmod(f.name, 0o644)
-        os.replace(f.name, d / TRACE_JSON)
+        _write_file(d / TRACE_NPZ, "wb", lambda f: _write_npz(f, arrays), atomic)
+        _write_file(d / TRACE_JSON, "w", lambda f: json.dump(doc, f, indent=1), atomic)
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> "Trace":
