@@ -525,19 +525,19 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
     clips = list({id(it.clip): it.clip for it in items if it.clip is not None}.values())
     clip_pass = ClipPass(run_dir, clips, req.figures, cores_free=device.type != "cpu") if clips and ctx.is_writer else None
     sunk = clip_pass is not None and clip_pass.writes  # frames go to the frame sink, not to render workers
-    written_here = [i for i in mine if not (sunk and items[i].clip is not None)]
-    workers = default_workers(len(written_here), device.type) if req.render_workers is None else req.render_workers
+    written_here = sum(1 for i in mine if not (sunk and items[i].clip is not None))
+    workers = default_workers(written_here, device.type) if req.render_workers is None else req.render_workers
     held = HeldTraces()
-    for i in sorted(set(range(len(items))) - set(todo)):
-        results[i].folder, results[i].skipped = items[i].name, True
-        if clip_pass is not None:
-            clip_pass.settle(items[i].name, True)  # frames of an earlier, interrupted run
-
-    written: dict[int, tuple[Trace, ImageEval | None]] = {}  # traces whose folder is being written
 
     def settle(i: int) -> None:
         if clip_pass is not None:
             clip_pass.settle(items[i].name, results[i].folder is not None)
+
+    for i in sorted(set(range(len(items))) - set(todo)):
+        results[i].folder, results[i].skipped = items[i].name, True
+        settle(i)  # frames of an earlier, interrupted run
+
+    written: dict[int, tuple[Trace, ImageEval | None]] = {}  # traces whose folder is being written
 
     def record(done: list[tuple[Any, Any, BaseException | None]]) -> None:
         for i, info, exc in done:
@@ -569,7 +569,8 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
                 # a video frame's pictures are its clip's: the overlay video and the timeline show every
                 # frame at a fraction of the cost of per-frame PNGs and GIFs (the trace and image stay)
                 frame = item.clip is not None
-                if frame and pred.plan is None and clip_pass is not None and clip_pass.writes:
+                if frame and sunk and pred.plan is None:
+                    assert clip_pass is not None
                     trace = pred.traces[0]  # the frame sink writes its folder while the model goes on
                     info = frame_summary(item.name, trace)
                     kept = held.hold(item.name, trace, ev)  # else the tables read it once the sink has written it
