@@ -35,35 +35,31 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
          "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
+def _made(out: Path, command: str, *args: object) -> Path:
+    """The one folder `tokenscope COMMAND ARGS --out OUT` makes (run-* or compare-*)."""
+    r = invoke(command, *args, "--out", out)
+    assert r.exit_code == 0, r.output
+    (folder,) = out.glob(f"{command}-*")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped demo (STEP: supertokens and exits) on the sample street scene at 256 px, with labels."""
-    out = tmp_path_factory.mktemp("runs")
-    r = invoke("run", SAMPLE / "street_5000001.png", "--labels", SAMPLE / "labels", "--size", "256", "--device", "cpu",
-               "--no-animation", "--out", out)
-    assert r.exit_code == 0, r.output
-    (run,) = out.glob("run-*")
-    return run
+    return _made(tmp_path_factory.mktemp("runs"), "run", SAMPLE / "street_5000001.png", "--labels", SAMPLE / "labels",
+                 "--size", "256", "--device", "cpu", "--no-animation")
 
 
 @pytest.fixture(scope="module")
 def methods_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("compare")
-    r = invoke("compare", SAMPLE / "street_5000001.png", "--size", "256", "--device", "cpu", "--methods",
-               "step,tome:r=8,algm", "--repeats", "1", "--warmup", "0", "--out", out)
-    assert r.exit_code == 0, r.output
-    (run,) = out.glob("compare-*")
-    return run
+    return _made(tmp_path_factory.mktemp("compare"), "compare", SAMPLE / "street_5000001.png", "--size", "256",
+                 "--device", "cpu", "--methods", "step,tome:r=8,algm", "--repeats", "1", "--warmup", "0")
 
 
 @pytest.fixture(scope="module")
 def dataset_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dataset")
-    r = invoke("run", "--dataset", "synthetic", "--seeds", "100:106", "--scene-size", "256", "--device", "cpu",
-               "--no-animation", "--no-figures", "--out", out)
-    assert r.exit_code == 0, r.output
-    (run,) = out.glob("run-*")
-    return run
+    return _made(tmp_path_factory.mktemp("dataset"), "run", "--dataset", "synthetic", "--seeds", "100:106",
+                 "--scene-size", "256", "--device", "cpu", "--no-animation", "--no-figures")
 
 
 def _shot(page: object, name: str) -> None:
