@@ -157,3 +157,19 @@ def test_predict_follows_the_sliding_window_protocol(tmp_path: Path) -> None:
     assert all(isinstance(t, ts.Trace) for t in pred.traces)
     whole = ts.predict(model, rgb, window=0)
     assert len(whole.traces) == 1
+
+
+def test_a_torch_module_where_a_model_is_expected_is_one_error_saying_what_to_pass() -> None:
+    import timm
+
+    import tokenscope as ts
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1)
+    image = np.zeros((32, 32, 3), np.uint8)
+    for call in (lambda: ts.trace(vit, image), lambda: ts.load_model(vit), lambda: ts.trace_many(vit, [image]),
+                 lambda: ts.predict(vit, image), lambda: ts.run([], model=vit, dataset="synthetic"),
+                 lambda: ts.load_model("demo", weights=vit)):
+        with pytest.raises(ts.TokenscopeError, match="expected .*(Model|path)"):
+            call()
+    with pytest.raises(ts.TokenscopeError, match=r"ts.load_model\('demo'\)"):
+        ts.trace("demo", image)

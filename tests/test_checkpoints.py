@@ -64,3 +64,64 @@ def test_wrong_or_broken_weights_are_clear_errors(tmp_path: Path, tiny_checkpoin
     (tmp_path / "other.safetensors").write_bytes(tiny_checkpoint.with_suffix(".safetensors").read_bytes()[:50])
     with pytest.raises(CheckpointError):
         load_checkpoint(other)
+
+
+def _write_jax_npz(vit: torch.nn.Module, path: Path) -> None:
+    """A ViT's weights in the original JAX (`.npz`) layout, written from the layout's own conventions
+    (kernels input-major, HWIO convolutions, attention split into query/key/value heads)."""
+    import numpy as np
+
+    sd = {k: v.detach().numpy() for k, v in vit.state_dict().items()}
+    dim = sd["cls_token"].shape[-1]
+    heads = vit.blocks[0].attn.num_heads
+    w: dict[str, np.ndarray] = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+                                "embedding/bias": sd["patch_embed.proj.bias"], "cls": sd["cls_token"],
+                                "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+                                "Transformer/encoder_norm/scale": sd["norm.weight"],
+                                "Transformer/encoder_norm/bias": sd["norm.bias"]}
+    for i in range(len(vit.blocks)):
+        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = sd[b + "norm1.weight"], sd[b + "norm1.bias"]
+        w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
+        qkv_w, qkv_b = sd[b + "attn.qkv.weight"].reshape(3, dim, dim), sd[b + "attn.qkv.bias"].reshape(3, dim)
+        for j, n in enumerate(("query", "key", "value")):
+            w[p + f"MultiHeadDotProductAttention_1/{n}/kernel"] = qkv_w[j].T.reshape(dim, heads, dim // heads)
+            w[p + f"MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j].reshape(heads, dim // heads)
+        w[p + "MultiHeadDotProductAttention_1/out/kernel"] = sd[b + "attn.proj.weight"].T.reshape(heads, dim // heads, dim)
+        w[p + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
+        for r in range(2):
+            w[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
+            w[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+    np.savez(path, **w)
+
+
+def test_jax_npz_backbone_loads_through_its_own_reader_not_torch_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    path = tmp_path / "ViT-Ti_16.npz"
+    _write_jax_npz(vit, path)
+    loaded = build_model("vitt", weights=path)
+    assert torch.allclose(loaded.model.blocks[5].attn.qkv.weight, vit.blocks[5].attn.qkv.weight)
+    assert torch.allclose(loaded.model.blocks[5].mlp.fc2.bias, vit.blocks[5].mlp.fc2.bias)
+    assert torch.allclose(loaded.model.embed.pos_embed, vit.pos_embed)
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="broken.npz"):
+        build_model("vitt", weights=broken)
+
+
+def test_a_patch_14_backbone_keeps_its_own_position_grid(tmp_path: Path) -> None:
+    """DINOv2's 37x37 grid (518 px at patch 14) stays 37x37: it is not read as 16-pixel patches."""
+    torch.manual_seed(0)
+    arch = "vit_small_patch14_dinov2"
+    vit = timm.create_model(arch, pretrained=False, num_classes=0, img_size=518, depth=2)
+    path = tmp_path / "dinov2.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    backbone = __import__("tokenscope.models.checkpoints", fromlist=["_backbone_from_file"])._backbone_from_file
+    from tokenscope.models.registry import StepConfig, resolve_config
+
+    cfg = resolve_config(f"timm:{arch}")
+    cfg = StepConfig(**{**cfg.to_dict(), "timm_kwargs": {**cfg.timm_kwargs, "depth": 2}})
+    loaded = backbone(cfg, path)
+    assert tuple(loaded.patch_embed.grid_size) == (37, 37)
+    assert torch.equal(loaded.pos_embed, vit.pos_embed)

@@ -167,6 +167,9 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, device
     `prop_attn`, `cts_groups` set the same things as keywords.
     `device`: auto | cpu | cuda. Raises CheckpointError / ConfigError with a one-line message.
     """
+    model = _model_name(model, "load_model(model=...)")
+    if weights is not None and not isinstance(weights, (str, Path)):
+        raise ConfigError(f"load_model(weights=...): expected a file path or 'hub', got a {type(weights).__name__}")
     exits_text = _exits_text(exits)
     opts = ModelOptions(model=model, weights=None if weights is None else str(weights), random_init=random_init,
                         policy=policy, merge_threshold=None if merge_threshold is None else _threshold_text(merge_threshold),
@@ -179,7 +182,25 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, device
 
 
 def _as_model(model: Model | str, **options: Any) -> Model:
-    return model if isinstance(model, Model) else load_model(model, **options)
+    return model if isinstance(model, Model) else load_model(_model_name(model, "model"), **options)
+
+
+def _model_name(model: Any, what: str) -> str:
+    """`model` as a name or path, or one error that says what to pass (never an AttributeError deep inside)."""
+    if isinstance(model, (str, Path)):
+        return str(model)
+    kind = type(model).__module__.split(".")[0] + "." + type(model).__name__
+    raise ConfigError(f"{what}: expected a model name or checkpoint path (str) or a tokenscope Model from "
+                      f"ts.load_model(...), got a {kind}; for a timm ViT use ts.load_model('timm:<name>', weights=FILE)")
+
+
+def _held(model: Any, what: str) -> Model:
+    """The Model a function that traces needs, or one error naming what was passed instead."""
+    if isinstance(model, Model):
+        return model
+    _model_name(model, what)
+    raise ConfigError(f"{what}: expected a tokenscope Model, got the name {model!r}; load it first: "
+                      f"model = ts.load_model({str(model)!r})")
 
 
 # ---- traces ------------------------------------------------------------------------------------
@@ -267,6 +288,7 @@ def trace(model: Model, image: Any, *, labels: Any = None, size: int | None = No
     oracle policy and for per-class accuracy. `size`: resize the long side first. For Segmenter's
     sliding-window protocol use `predict`.
     """
+    model = _held(model, "trace(model, ...)")
     prepared = _prepare(model, image, labels, size)
     return Trace.of(model.capture()([prepared])[0], prepared.display)
 
@@ -274,6 +296,7 @@ def trace(model: Model, image: Any, *, labels: Any = None, size: int | None = No
 def trace_many(model: Model, images: Iterable[Any], *, labels: Iterable[Any] | None = None, size: int | None = None,
                batch_size: int = 8, progress: Progress | None = None) -> list[Trace]:
     """Trace many images, `batch_size` at a time (images of one padded size share a forward pass)."""
+    model = _held(model, "trace_many(model, ...)")
     items = list(images)
     labs = list(labels) if labels is not None else [None] * len(items)
     if len(labs) != len(items):
@@ -305,6 +328,7 @@ def predict(model: Model, image: Any, *, labels: Any = None, size: int | None = 
     Returns an ImagePrediction: `.traces` (one per window), `.label_map` at the original size,
     `.labels`, `.plan` (where the windows lie), and token/FLOP totals.
     """
+    model = _held(model, "predict(model, ...)")
     cfg = model.config
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size,
                               model.loaded.model.patch_size)
@@ -370,7 +394,7 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
     if resume is None and not images and dataset is None:
         raise ConfigError("give image files/folders, --dataset, or --resume RUN_DIR")
     held = model if isinstance(model, Model) else None
-    opts = held.options if held is not None else _options(model, weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
+    opts = held.options if held is not None else _options(_model_name(model, "run(model=...)"), weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
                                                           exit_threshold, exits, device, seed, budget,
                                                           keep_per_class=keep_per_class, method=method)
     req = RunRequest(inputs=[str(p) for p in images or []], labels=labels, dataset=dataset, data_root=data_root,
@@ -398,7 +422,7 @@ def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model
     from tokenscope.jobs.compare import compare_images
 
     held = model if isinstance(model, Model) else None
-    opts = held.options if held is not None else _options(model, weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
+    opts = held.options if held is not None else _options(_model_name(model, "compare(model=...)"), weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
                                                           exit_threshold, exits, device, seed,
                                                           keep_per_class=keep_per_class, method=method)
     listed = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods or []) if m.strip()]
