@@ -1,33 +1,35 @@
-"""Print the Markdown table of methods in README.md from a `tokenscope sweep --methods` folder.
+"""Print README's methods table from a `tokenscope sweep --methods` folder.
 
-    .venv/bin/python benchmarks/methods_table.py outputs/sweep-YYYYMMDD-HHMMSS/sweep.csv
+    .venv/bin/python benchmarks/methods_table.py outputs/sweep-YYYYMMDD-HHMMSS [--format markdown|latex|csv]
 
-One row per operating point, in the sweep's order; every number is read from the file.
+One row per operating point, in the sweep's order, every number read from the folder's files
+(the same table as `tokenscope table FOLDER`): mIoU and its change against the unreduced model
+with 95% bootstrap intervals, per-image GFLOPs, measured throughput, and the conditions as notes.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
-import pandas as pd
-
-COLUMNS = ("method", "operating point", "mIoU", "GFLOPs/img", "FLOP reduction", "tokens/block", "exited",
-           "images/s (measured)")
+from tokenscope.errors import TokenscopeError
+from tokenscope.render.tables import FORMATS, paper_table, render_table
 
 
-def main(path: str) -> None:
-    df = pd.read_csv(path)
-    base = df[df["is_baseline"]].iloc[0]
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    for _, r in df.iterrows():
-        point = "-" if r["is_baseline"] else str(r["point"]).partition(":")[2] or "default"
-        print("| " + " | ".join([
-            str(r["method"]), point, f"{100 * r['miou']:.2f}", f"{r['gflops_per_image']:.2f}",
-            f"{base['gflops_per_image'] / r['gflops_per_image']:.2f}x",
-            f"{r['mean_tokens_per_block']:.0f}", f"{r['exited_early_pct']:.1f}%", f"{r['images_per_s']:.2f}",
-        ]) + " |")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a sweep folder (or its sweep.csv)")
+    parser.add_argument("--format", choices=FORMATS, default="markdown")
+    args = parser.parse_args(argv)
+    folder = args.folder.parent if args.folder.name == "sweep.csv" else args.folder
+    try:
+        sys.stdout.write(render_table(paper_table(folder, "methods"), args.format))
+    except TokenscopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main())

@@ -58,7 +58,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = ("Model", "Trace", "load_model", "trace", "trace_many", "predict", "load_trace", "tabulate", "run",
-        "compare", "evaluate", "heatmap", "report", "import_segmenter", "list_models", "train", "bench", "sweep",
+        "compare", "evaluate", "heatmap", "report", "import_segmenter", "list_models", "train", "bench", "sweep", "table",
         "view", "fetch_data", "check_data", "list_data", "read_operating_point")
 _ERRORS = ("TokenscopeError", "ImageError", "CheckpointError", "ConfigError", "RunFolderError", "DownloadError")
 __all__ = ["__version__", "plot", *_API, *_ERRORS]

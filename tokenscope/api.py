@@ -379,12 +379,17 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
         baseline: bool | None = None, render_workers: int | None = None, device: str = "auto", seed: int = 0,
         out: str | Path = "outputs", resume: str | Path | None = None, progress: Progress | None = None,
         every: int = 1, start: str | None = None, end: str | None = None, max_frames: int | None = None,
-        frames: bool = False, fps: float = 25.0) -> Any:
+        frames: bool = False, fps: float = 25.0, class_map: str | Path | None = None,
+        ignore_class_mismatch: bool = False) -> Any:
     """`tokenscope run`: trace image files/folders, video clips or a data set into a fresh run folder.
 
     Video files (.mp4, .avi, ...) are traced frame by frame (`every` N-th frame, from `start` to
     `end` in frames or seconds such as "2.5s", at most `max_frames`): a frame table with the
     changes between consecutive frames, a timeline figure and an overlay video per clip.
+
+    Labels (`labels`, or a data set's) must use the model's classes: otherwise it refuses, unless
+    `class_map` (a file: data class -> model class) maps them or `ignore_class_mismatch` waives
+    the check (recorded in run.json and summary.json, and in `.class_space`).
 
     Returns a RunResult (`.run_dir`, `.images`, `.tables`, `.warnings`). With a `Model` object its
     operating point is used and recorded; with a name, the model options load it.
@@ -397,6 +402,8 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
     opts = held.options if held is not None else _options(_model_name(model, "run(model=...)"), weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
                                                           exit_threshold, exits, device, seed, budget,
                                                           keep_per_class=keep_per_class, method=method)
+    opts = replace(opts, class_map=None if class_map is None else str(class_map),
+                   ignore_class_mismatch=ignore_class_mismatch or opts.ignore_class_mismatch)
     req = RunRequest(inputs=[str(p) for p in images or []], labels=labels, dataset=dataset, data_root=data_root,
                      split=split, seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
                      animation=animation, baseline=baseline, window=window, stride=stride,
@@ -412,7 +419,8 @@ def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model
             keep_per_class: int | None = None, method: str | None = None, methods: str | Sequence[str] | None = None,
             labels: str | None = None, size: int | None = None,
             window: int | None = None, stride: int | None = None, repeats: int = 5, warmup: int = 1, device: str = "auto", seed: int = 0, out: str | Path = "outputs",
-            at_block: int | None = None, progress: Progress | None = None) -> Any:
+            at_block: int | None = None, progress: Progress | None = None, class_map: str | Path | None = None,
+            ignore_class_mismatch: bool = False) -> Any:
     """`tokenscope compare`: the same weights with and without reduction on each image (tokens,
     GFLOPs, latency, memory, agreement, mIoU with labels). Returns a CompareResult.
 
@@ -425,6 +433,8 @@ def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model
     opts = held.options if held is not None else _options(_model_name(model, "compare(model=...)"), weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
                                                           exit_threshold, exits, device, seed,
                                                           keep_per_class=keep_per_class, method=method)
+    opts = replace(opts, class_map=None if class_map is None else str(class_map),
+                   ignore_class_mismatch=ignore_class_mismatch or opts.ignore_class_mismatch)
     listed = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods or []) if m.strip()]
     return compare_images([str(p) for p in images], opts, baseline=baseline, out=out, size=size, labels=labels,
                           repeats=repeats, warmup=warmup, progress=progress, window=window, stride=stride,
@@ -432,30 +442,44 @@ def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model
                           at_block=at_block)
 
 
-def evaluate(model: Model | str = "demo", *, weights: str | None = None, policy: str | None = None,
-             merge_threshold: str | None = None, exit_threshold: float | None = None, exits: str | None = None,
-             keep_per_class: int | None = None, method: str | None = None,
+def evaluate(model: Model | str = "demo", *, weights: str | None = None, random_init: bool = False,
+             policy: str | None = None, merge_threshold: str | None = None, exit_threshold: float | None = None,
+             exits: str | None = None, keep_per_class: int | None = None, method: str | None = None,
              data: str = "synthetic", data_root: str | None = None, split: str = "val", seeds: str = "100000:100200",
              size: int = 512, window: int | None = None, stride: int | None = None, device: str = "auto",
+             class_map: str | Path | None = None, ignore_class_mismatch: bool = False,
              json_out: str | Path | None = None, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """`tokenscope evaluate`: mIoU, tokens, exits and GFLOPs of the model's operating point
-    ("step") and of the same weights without reduction ("baseline") over a data set."""
+    ("step") and of the same weights without reduction ("baseline") over a data set.
+
+    Every variant's dict has `miou_ci` (95% bootstrap interval over the images), the reduced one
+    `miou_change_ci` (paired, against the baseline on the same images) and `class_space` (how the
+    data's classes met the model's: they must agree unless `class_map` maps them or
+    `ignore_class_mismatch` waives the check; the waiver is recorded there)."""
     from tokenscope.jobs.runfolder import write_json_atomic
     from tokenscope.jobs.train import DataOptions, evaluate_model
 
-    held = _as_model(model, weights=weights, policy=policy, merge_threshold=merge_threshold,
+    held = _as_model(model, weights=weights, random_init=random_init, policy=policy, merge_threshold=merge_threshold,
                      exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device,
                      method=method)
     d = DataOptions(kind=data, root=data_root, val_split=split, val_seeds=seeds, size=size)
-    result = evaluate_model(held.loaded, held.device, d, held.policy, progress, window, stride, held.options.amp)
+    result = evaluate_model(held.loaded, held.device, d, held.policy, progress, window, stride, held.options.amp,
+                            class_map=None if class_map is None else str(class_map),
+                            ignore_class_mismatch=ignore_class_mismatch)
     metrics = {k: v.as_dict(held.config.class_names) for k, v in result.variants.items()}
+    base = result.variants.get("baseline")
+    record = result.class_space.record() if result.class_space is not None else {}
+    for name, v in result.variants.items():
+        metrics[name]["class_space"] = record
+        if base is not None and v is not base:
+            metrics[name]["miou_change_ci"] = v.miou_change(base).as_dict()
     if json_out is not None and dist.context(held.device.type).is_writer:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(json_out), {"model": held.name, "weights": held.loaded.weights_id,
                                            "merge_thresholds": list(held.module.merge_thresholds),  # type: ignore[attr-defined]
                                            "exit_threshold": held.module.exit_threshold,  # type: ignore[attr-defined]
                                            "policy": held.policy, "exits": held.exits, "method": held.method or None,
-                                           "data": d.__dict__,
+                                           "data": d.__dict__, "class_space": record,
                                            "variants": metrics})
     return metrics
 
@@ -547,22 +571,52 @@ def bench(*, model: str = "demo", weights: str | None = None, random_init: bool 
     return result
 
 
-def sweep(*, model: str = "demo", weights: str | None = None, policy: str | None = None,
+def sweep(*, model: str = "demo", weights: str | None = None, random_init: bool = False, policy: str | None = None,
+          exits: bool | str | None = None, keep_per_class: int | None = None,
           merge_thresholds: Sequence[float] = (0.3, 0.5, 0.7, 0.9), exit_thresholds: Sequence[float] = (0.8, 0.9, 0.95, 0.99),
           sizes: Sequence[int | None] = (None,), data: str = "synthetic", data_root: str | None = None, split: str = "val",
-          seeds: str = "100000:100050", scene_size: int = 512, device: str = "auto", out: str | Path = "outputs",
-          methods: str | Sequence[str] | None = None, progress: Progress | None = None) -> Any:
+          seeds: str = "100000:100050", scene_size: int = 512, window: int | None = None, stride: int | None = None,
+          class_map: str | Path | None = None, ignore_class_mismatch: bool = False, device: str = "auto", seed: int = 0,
+          out: str | Path = "outputs", methods: str | Sequence[str] | None = None, style: Any = None,
+          progress: Progress | None = None) -> Any:
     """`tokenscope sweep`: every merge x exit threshold (x size) on one data set; a folder with
     sweep.csv and Pareto plots. Returns a SweepResult (`.table`, `.folder`, `.default`).
 
     `methods` ("step,dcts,dtop,cts,tome,algm"; a bare name is three operating points, a name with
-    settings such as `tome:r=16` one) puts every method on one Pareto plot instead."""
+    settings such as `tome:r=16` one) puts every method on one Pareto plot instead. The model
+    options are `run`'s: a model without trained exit gates sweeps without exits by default (and
+    its training-free methods with `methods`). Every row has the mIoU's 95% bootstrap interval
+    (`miou_low`, `miou_high`) and the paired change against the plain ViT (`miou_change*`).
+    `style` (a render.figures.FigureStyle) picks png/pdf/svg figures, their dpi and titles."""
     from tokenscope.jobs.sweep import sweep as run_sweep
+    from tokenscope.render.figures import DEFAULT_STYLE
 
-    opts = _options(model, weights, False, policy, None, None, "learned", device, 0)
+    opts = replace(_options(_model_name(model, "sweep(model=...)"), weights, random_init, policy, None, None,
+                            _exits_text(exits), device, seed, keep_per_class=keep_per_class),
+                   class_map=None if class_map is None else str(class_map), ignore_class_mismatch=ignore_class_mismatch)
     listed = ",".join(methods) if isinstance(methods, (list, tuple)) else methods
     return run_sweep(opts, list(merge_thresholds), list(exit_thresholds), list(sizes), data, data_root, split, seeds,
-                     scene_size, out, progress, methods=listed or None)
+                     scene_size, out, progress, methods=listed or None, window=window, stride=stride,
+                     style=style or DEFAULT_STYLE)
+
+
+def table(folder: str | Path, *, kind: str = "methods", format: str = "markdown",
+          out: str | Path | None = None) -> str:
+    """`tokenscope table`: the comparison table a sweep folder or `compare --methods` folder holds
+    (`kind="methods"`), or a run's per-class table (`kind="classes"`), as Markdown, LaTeX
+    (booktabs) or CSV, with units, per-image/total in the headers and the conditions as notes.
+    Written to `out` too when given (never over an existing file)."""
+    from tokenscope.jobs.runfolder import write_text_atomic
+    from tokenscope.render.tables import paper_table, render_table
+
+    text = render_table(paper_table(folder, kind), format)
+    if out is not None:
+        path = Path(out)
+        if path.exists():
+            raise ConfigError(f"{path} exists; choose another --out (nothing is overwritten)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
+    return text
 
 
 def list_models() -> pd.DataFrame:

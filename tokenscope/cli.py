@@ -62,6 +62,8 @@ SizeOpt = Annotated[Optional[int], typer.Option(help="Resize each image so its l
 OutOpt = Annotated[Path, typer.Option(help="Root folder for run folders; every call makes a new one.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for random weights.")]
 WindowOpt = Annotated[Optional[int], typer.Option(help="Sliding windows of this side in pixels (Segmenter's protocol: short side resized, windows averaged); 0 = whole image. Default: the checkpoint's.")]
+ClassMapOpt = Annotated[Optional[Path], typer.Option("--class-map", help="A file mapping the data's classes to the model's (JSON {\"data id or name\": model id or name} or CSV data_id,model_id; the rest is ignored), for models whose classes are not the data set's. Recorded and printed beside every mIoU.")]
+IgnoreMismatchOpt = Annotated[bool, typer.Option("--ignore-class-mismatch", help="Score even though the model's classes are not the data's (labels outside the model's classes are skipped); recorded and printed beside every mIoU.")]
 StrideOpt = Annotated[Optional[int], typer.Option(help="Stride of the sliding windows in pixels. Default: the checkpoint's, else window - 32.")]
 
 
@@ -203,6 +205,8 @@ def run(
     size: SizeOpt = None,
     window: WindowOpt = None,
     stride: StrideOpt = None,
+    class_map: ClassMapOpt = None,
+    ignore_class_mismatch: IgnoreMismatchOpt = False,
     out: OutOpt = Path("outputs"),
     seed: SeedOpt = 0,
 ) -> None:
@@ -220,7 +224,7 @@ def run(
                              animation=animation, animation_limit=animation_limit, baseline=baseline,
                              render_workers=render_workers, device=device, seed=seed, out=out, resume=resume,
                              progress=progress, every=every, start=start, end=end, max_frames=max_frames,
-                             frames=frames, fps=fps)
+                             frames=frames, fps=fps, class_map=class_map, ignore_class_mismatch=ignore_class_mismatch)
     if result.rank != 0:  # under torchrun, rank 0 reports for the whole job
         raise typer.Exit(3 if any(r.error for r in result.images) else 0)
     _warn(result.warnings)
@@ -244,14 +248,30 @@ def run(
                       f"{t['gflops_per_image']:.2f}/img", f"{t['baseline_gflops_per_image']:.2f}/img", "")
     out_console.print(table)
     if result.tables is not None and "step_miou" in result.tables.summary:
-        t = result.tables.summary
-        base = f", without reduction {100 * t['baseline_miou']:.2f}" if "baseline_miou" in t else ""
-        out_console.print(f"mIoU with {result.method or 'STEP'} {100 * t['step_miou']:.2f}{base}", highlight=False)
+        _print_run_miou(result)
     out_console.print(f"outputs: [bold]{result.run_dir}[/]  (GFLOPs: 2 per multiply-add, policy included)", highlight=False)
     out_console.print(f"explore it: [bold]tokenscope view {result.run_dir}[/]", highlight=False)
     _print_tails(result.tables.summary if result.tables is not None else {})
     if _report_failures(result.images):
         raise typer.Exit(3)
+
+
+def _print_run_miou(result: Any) -> None:
+    """mIoU with and without reduction, each with its 95% interval, the paired change, the image
+    count and, when the classes did not simply agree, the condition it was scored under."""
+    t = result.tables.summary
+    n = (t.get("step_miou_ci") or {}).get("images", t.get("images", 0))
+    base = f", without reduction {100 * t['baseline_miou']:.2f}{_ci_text(t.get('baseline_miou_ci'))}" if "baseline_miou" in t else ""
+    change = t.get("miou_change_ci")
+    delta = f"; change {100 * change['value']:+.2f}{_ci_text(change, signed=True)}" if change else ""
+    tag = result.class_space.tag if result.class_space is not None else ""
+    how = "95% bootstrap CI" if n > 1 else "no CI"
+    out_console.print(f"mIoU with {result.method or 'STEP'} {100 * t['step_miou']:.2f}{_ci_text(t.get('step_miou_ci'))}"
+                      f"{base}{delta} ({n} image{'s' if n != 1 else ''}, {how}{'; ' + tag if tag else ''})",
+                      highlight=False, soft_wrap=True)
+    if n < 10:
+        err_console.print(f"[bold yellow]note:[/] an mIoU over {n} image{'s' if n != 1 else ''} says little about a data set; "
+                          "its interval is wide or undefined", highlight=False)
 
 
 @app.command()
@@ -302,6 +322,8 @@ def compare(
     warmup: Annotated[int, typer.Option(help="Untimed forward passes before timing.")] = 1,
     window: WindowOpt = None,
     stride: StrideOpt = None,
+    class_map: ClassMapOpt = None,
+    ignore_class_mismatch: IgnoreMismatchOpt = False,
     out: OutOpt = Path("outputs"),
     seed: SeedOpt = 0,
 ) -> None:
@@ -316,7 +338,8 @@ def compare(
                                  exits=exits, keep_per_class=keep_per_class, method=method, methods=methods,
                                  at_block=at_block,
                                  labels=labels, size=size, window=window, stride=stride, repeats=repeats,
-                                 warmup=warmup, device=device, seed=seed, out=out, progress=progress)
+                                 warmup=warmup, device=device, seed=seed, out=out, progress=progress,
+                                 class_map=class_map, ignore_class_mismatch=ignore_class_mismatch)
     _warn(result.warnings)
     if result.methods:
         _print_methods(result, baseline)
@@ -340,19 +363,30 @@ def compare(
             cells.append(f"{100 * r.get('base_miou', float('nan')):.1f} -> {100 * r.get('step_miou', float('nan')):.1f}")
         table.add_row(*cells)
     out_console.print(table)
-    out_console.print(f"outputs: [bold]{result.run_dir}[/]  (GFLOPs: torch flop counter, 2 per multiply-add; "
-                      "latency: median after warm-up; peak: extra memory during the forward pass)", highlight=False)
+    o = result.overall
+    if "step_miou_ci" in o:
+        n = o["step_miou_ci"]["images"]
+        tag = result.class_space.tag if result.class_space is not None else ""
+        out_console.print(f"ALL mIoU: baseline {100 * o['base_miou']:.2f}{_ci_text(o['base_miou_ci'])}, reduced "
+                          f"{100 * o['step_miou']:.2f}{_ci_text(o['step_miou_ci'])}, change "
+                          f"{100 * o['miou_change_ci']['value']:+.2f}{_ci_text(o['miou_change_ci'], signed=True)} "
+                          f"({n} image{'s' if n != 1 else ''}, pooled, {'95% bootstrap CI' if n > 1 else 'no CI'}"
+                          f"{'; ' + tag if tag else ''})", highlight=False, soft_wrap=True)
+    out_console.print(f"outputs: [bold]{result.run_dir}[/]  (ALL: totals over the images; GFLOPs: torch flop counter, 2 per "
+                      "multiply-add; latency: median after warm-up; peak: extra memory during the forward pass)", highlight=False)
     if _report_failures(result.images):
         raise typer.Exit(3)
 
 
 def _print_methods(result: Any, baseline: str) -> None:
     """One row per method, over all images: the comparison `compare --methods` is for."""
-    table = Table(title=f"methods vs baseline ({baseline}), all images", title_justify="left")
+    n = len({r["image"] for r in result.rows})
+    table = Table(title=f"methods vs baseline ({baseline}): tokens in, GFLOPs, latency and merged are totals over "
+                        f"{n} image{'s' if n != 1 else ''}; tokens/block and exited are means", title_justify="left")
     cols = ["method", "tokens in", "tokens/block", "GFLOPs", "latency ms", "exited", "merged", "agree"]
     has_miou = any("miou" in r for r in result.method_overall)
     if has_miou:
-        cols.append("mIoU")
+        cols += ["mIoU [95% CI]", "change [95% CI]"]
     for col in cols:
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in result.method_overall:
@@ -360,9 +394,15 @@ def _print_methods(result: Any, baseline: str) -> None:
                  f"{r['gflops']:.2f} ({r['flop_reduction']:.2f}x)", f"{r['latency_ms']:.0f} ({r['speedup']:.2f}x)",
                  f"{r['exited_early_pct']:.1f}%", f"{r['merged']:.0f}", f"{100 * r['agreement']:.1f}%"]
         if has_miou:
-            cells.append(f"{100 * r.get('miou', float('nan')):.1f}")
+            change = r.get("miou_change_ci")
+            cells += [f"{100 * r.get('miou', float('nan')):.2f}{_ci_text(r.get('miou_ci'))}",
+                      "" if not change else f"{100 * change['value']:+.2f}{_ci_text(change, signed=True)}"]
         table.add_row(*cells)
     out_console.print(table)
+    tag = result.class_space.tag if getattr(result, "class_space", None) is not None else ""
+    if has_miou:
+        out_console.print(f"mIoU pooled over the images, 95% percentile bootstrap CI; change paired against the plain "
+                          f"ViT on the same images{'; ' + tag if tag else ''}", highlight=False, soft_wrap=True)
     out_console.print(f"outputs: [bold]{result.run_dir}[/] (methods.csv, tokens_per_block.csv, a methods.png per image; "
                       "GFLOPs: torch flop counter, 2 per multiply-add; latency: median after warm-up)", highlight=False)
     out_console.print(f"explore it: [bold]tokenscope view {result.run_dir}[/] (every method side by side)", highlight=False)
@@ -458,15 +498,36 @@ def _parse_crops(text: str) -> tuple[tuple[int, int], ...]:
     return pairs  # type: ignore[return-value]
 
 
+def _ci_text(ci: dict[str, Any] | None, signed: bool = False) -> str:
+    """`[45.10, 47.30]` from an interval's dict ("" when there is none or it is undefined)."""
+    if not ci or ci.get("low") is None or ci["low"] != ci["low"]:  # none, or undefined: fewer than two images
+        return ""
+    f = "{:+.2f}" if signed else "{:.2f}"
+    return f" [{f.format(100 * ci['low'])}, {f.format(100 * ci['high'])}]"
+
+
 def _print_eval(metrics: dict[str, dict[str, Any]], title: str) -> None:
     table = Table(title=title, title_justify="left")
-    for col in ("variant", "images", "mIoU", "tokens/image", "token reduction", "exited early", "GFLOPs/image", "ms/image"):
+    for col in ("variant", "images", "mIoU [95% CI]", "mIoU change [95% CI]", "tokens/image", "token reduction",
+                "exited early", "GFLOPs/image", "ms/image"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for name, m in metrics.items():
-        table.add_row(name, str(m["images"]), f"{100 * m['miou']:.2f}", f"{m['tokens'] / max(m['images'], 1):.0f}",
+        change = m.get("miou_change_ci")
+        table.add_row(name, str(m["images"]), f"{100 * m['miou']:.2f}{_ci_text(m.get('miou_ci'))}",
+                      "" if not change else f"{100 * change['value']:+.2f}{_ci_text(change, signed=True)}",
+                      f"{m['tokens'] / max(m['images'], 1):.0f}",
                       f"{m['token_reduction']:.2f}x", f"{m['exited_early_pct']:.1f}%", f"{m['gflops_per_image']:.2f}",
                       f"{m['forward_ms_per_image']:.0f}")
     out_console.print(table)
+    first = next(iter(metrics.values()), {})
+    ci = first.get("miou_ci") or {}
+    if ci:
+        out_console.print(f"intervals: {100 * ci['level']:.0f}% percentile bootstrap over {ci['images']} images "
+                          f"({ci['resamples']} resamples, seed {ci['seed']}; changes paired on the same images)",
+                          highlight=False)
+    condition = (first.get("class_space") or {}).get("condition")
+    if condition:
+        err_console.print(f"[bold yellow]mIoU condition:[/] {condition}", highlight=False, soft_wrap=True)
     for name, m in metrics.items():  # the tail of the latency, not just its mean
         t = m.get("tails", {}).get("latency_ms")
         if t and m["images"] > 1:
@@ -478,6 +539,7 @@ def _print_eval(metrics: dict[str, dict[str, Any]], title: str) -> None:
 def evaluate(
     model: ModelOpt = "demo",
     weights: WeightsOpt = None,
+    random_init: RandomOpt = False,
     policy: PolicyOpt = None,
     merge_threshold: MergeOpt = None,
     exit_threshold: ExitThrOpt = None,
@@ -496,6 +558,8 @@ def evaluate(
     size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
     window: WindowOpt = None,
     stride: StrideOpt = None,
+    class_map: ClassMapOpt = None,
+    ignore_class_mismatch: IgnoreMismatchOpt = False,
     device: DeviceOpt = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
 ) -> None:
@@ -505,12 +569,13 @@ def evaluate(
     with _user_errors():
         method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
         method = _with_operating_point(method, operating_point)
-        held = api.load_model(model, weights, policy=policy, merge_threshold=merge_threshold,
+        held = api.load_model(model, weights, random_init=random_init, policy=policy, merge_threshold=merge_threshold,
                               exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device,
                               method=method)
         with _progress("evaluating") as progress:
             metrics = api.evaluate(held, data=data, data_root=data_root, split=split, seeds=seeds, size=size,
-                                   window=window, stride=stride, json_out=json_out, progress=progress)
+                                   window=window, stride=stride, class_map=class_map,
+                                   ignore_class_mismatch=ignore_class_mismatch, json_out=json_out, progress=progress)
     if not _is_writer():
         return
     loaded = held.loaded
@@ -595,9 +660,12 @@ def bench(
 def sweep(
     model: ModelOpt = "demo",
     weights: WeightsOpt = None,
+    random_init: RandomOpt = False,
     policy: PolicyOpt = None,
+    exits: ExitsOpt = None,
+    keep_per_class: KeepOpt = None,
     merge: Annotated[str, typer.Option("--merge-thresholds", help="Merge thresholds to try (one value for all levels each).")] = "0.3,0.5,0.7,0.9",
-    exit_: Annotated[str, typer.Option("--exit-thresholds", help="Exit thresholds to try.")] = "0.8,0.9,0.95,0.99",
+    exit_: Annotated[str, typer.Option("--exit-thresholds", help="Exit thresholds to try (ignored when the exits are off).")] = "0.8,0.9,0.95,0.99",
     sizes: Annotated[Optional[str], typer.Option(help="Input sizes (long side) to try, e.g. 384,512; default: as generated/stored.")] = None,
     methods: Annotated[Optional[str], typer.Option("--methods", help="Sweep methods instead of thresholds, e.g. step,dcts,dtop,cts,tome,algm: three operating points per bare name, one per name with settings (tome:r=16); all on one Pareto plot.")] = None,
     data: DataOpt = "synthetic",
@@ -605,32 +673,74 @@ def sweep(
     split: Annotated[str, typer.Option(help="Split of a file data set.")] = "val",
     seeds: Annotated[str, typer.Option(help="Synthetic scenes, START:STOP.")] = "100000:100050",
     scene_size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
+    window: WindowOpt = None,
+    stride: StrideOpt = None,
+    class_map: ClassMapOpt = None,
+    ignore_class_mismatch: IgnoreMismatchOpt = False,
+    fmt: Annotated[str, typer.Option("--format", help="Figure files: png, pdf or svg (vector, for papers).")] = "png",
+    dpi: Annotated[int, typer.Option(help="Resolution of png figures.")] = 150,
+    titles: Annotated[bool, typer.Option("--titles/--no-titles", help="Titles on the figures (off for a paper, whose caption says it).")] = True,
     device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
     out: OutOpt = Path("outputs"),
 ) -> None:
-    """Sweep merge/exit thresholds (and sizes): mIoU vs GFLOPs and measured throughput, with Pareto plots."""
+    """Sweep merge/exit thresholds (and sizes): mIoU [95% CI] vs GFLOPs and measured throughput, with Pareto plots."""
     from tokenscope import api
     from tokenscope.jobs.sweep import parse_floats
+    from tokenscope.render.figures import FigureStyle
 
     with _user_errors():
+        style = FigureStyle.parse(fmt, dpi, titles)
         size_list = [int(v) for v in parse_floats(sizes, "--sizes")] if sizes else [None]
         with _progress("sweeping") as progress:
-            result = api.sweep(model=model, weights=weights, policy=policy,
+            result = api.sweep(model=model, weights=weights, random_init=random_init, policy=policy, exits=exits,
+                               keep_per_class=keep_per_class,
                                merge_thresholds=parse_floats(merge, "--merge-thresholds"),
                                exit_thresholds=parse_floats(exit_, "--exit-thresholds"), sizes=size_list, data=data,
-                               data_root=data_root, split=split, seeds=seeds, scene_size=scene_size, device=device,
-                               out=out, methods=methods, progress=progress)
+                               data_root=data_root, split=split, seeds=seeds, scene_size=scene_size, window=window,
+                               stride=stride, class_map=class_map, ignore_class_mismatch=ignore_class_mismatch,
+                               device=device, seed=seed, out=out, methods=methods, style=style, progress=progress)
     if result.folder is None:  # not rank 0 of a torchrun job
         return
-    table = Table(title="sweep", title_justify="left")
-    for col in ("size", "point", "mIoU", "GFLOPs/img", "images/s", "tokens/block", "exited"):
+    _print_sweep_table(result.table, "sweep")
+    out_console.print(f"outputs: [bold]{result.folder}[/]", highlight=False)
+
+
+def _print_sweep_table(df: Any, title: str) -> None:
+    """One row per operating point: mIoU and its change with 95% intervals, cost, speed."""
+    table = Table(title=f"{title} (mIoU: pooled over {int(df['images'].iloc[0]) if len(df) else 0} images, "
+                        "[95% bootstrap CI]; change: paired, against the plain ViT)", title_justify="left")
+    for col in ("size", "point", "mIoU [95% CI]", "change [95% CI]", "GFLOPs/img", "images/s", "tokens/block", "exited"):
         table.add_column(col, justify="left" if col == "point" else "right")
-    for _, r in result.table.iterrows():
-        table.add_row(str(r["size"]), str(r["point"]), f"{100 * r['miou']:.2f}", f"{r['gflops_per_image']:.2f}",
+    for _, r in df.iterrows():
+        ci = {"low": r["miou_low"], "high": r["miou_high"]}
+        ch = {"low": r["miou_change_low"], "high": r["miou_change_high"]}
+        change = "" if r["is_baseline"] else f"{100 * r['miou_change']:+.2f}{_ci_text(ch, signed=True)}"
+        table.add_row(str(r["size"]), str(r["point"]), f"{100 * r['miou']:.2f}{_ci_text(ci)}", change,
+                      f"{r['gflops_per_image']:.2f}",
                       f"{r['images_per_s']:.2f}", f"{r['mean_tokens_per_block']:.0f} ({r['block_token_reduction']:.2f}x)",
                       f"{r['exited_early_pct']:.1f}%")
     out_console.print(table)
-    out_console.print(f"outputs: [bold]{result.folder}[/]", highlight=False)
+    condition = str(df["class_condition"].iloc[0]) if len(df) and "class_condition" in df else ""
+    if condition and condition != "nan":
+        err_console.print(f"[bold yellow]mIoU condition:[/] {condition} (see sweep.json)", highlight=False)
+
+
+@app.command("table")
+def table_cmd(
+    folder: Annotated[Path, typer.Argument(help="A sweep folder, a `compare --methods` folder, or a run folder (with --kind classes).")],
+    kind: Annotated[str, typer.Option(help="methods (one row per operating point) or classes (a run's per-class table).")] = "methods",
+    fmt: Annotated[str, typer.Option("--format", help="markdown, latex (booktabs) or csv.")] = "markdown",
+    out: Annotated[Optional[Path], typer.Option(help="Also write the table to this file (never overwritten).")] = None,
+) -> None:
+    """Print a comparison table for a paper: units, per image or total in every header, intervals and conditions as notes."""
+    from tokenscope import api
+
+    with _user_errors():
+        text = api.table(folder, kind=kind, format=fmt, out=out)
+    sys.stdout.write(text)
+    if out is not None:
+        err_console.print(f"table: [bold]{out}[/]", highlight=False)
 
 
 @app.command()
@@ -654,6 +764,9 @@ def tune(
     out: Annotated[Path, typer.Option(help="The operating-point file to write (JSON; never overwritten).")],
     model: ModelOpt = "demo",
     weights: WeightsOpt = None,
+    random_init: RandomOpt = False,
+    policy: PolicyOpt = None,
+    keep_per_class: KeepOpt = None,
     method: Annotated[str, typer.Option(help="The method whose settings are searched: step, dcts, dtop, cts, tome, algm, or budget (dcts at a forced token reduction).")] = "step",
     max_gflops: Annotated[Optional[float], typer.Option(help="Target: at most this many GFLOPs per image.")] = None,
     p95_latency_ms: Annotated[Optional[float], typer.Option(help="Target: 95% of images within this latency (ms).")] = None,
@@ -666,7 +779,12 @@ def tune(
     calib_seeds: Annotated[str, typer.Option(help="Synthetic scenes to choose on, START:STOP.")] = "200000:200040",
     held_seeds: Annotated[str, typer.Option(help="Synthetic scenes to report on, START:STOP (never the calibration ones).")] = "300000:300040",
     scene_size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
+    window: WindowOpt = None,
+    stride: StrideOpt = None,
+    class_map: ClassMapOpt = None,
+    ignore_class_mismatch: IgnoreMismatchOpt = False,
     device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
 ) -> None:
     """Choose the cheapest operating point that meets a target within an accuracy limit; exit 0 when
     it meets it on held-out images too, 4 when no point meets it on the calibration images, 5 when
@@ -679,14 +797,19 @@ def tune(
     with _user_errors(), _progress("tuning") as progress:
         if data == "synthetic" and set(parse_seeds(calib_seeds)) & set(parse_seeds(held_seeds)):
             raise TokenscopeError("--calib-seeds and --held-seeds overlap: the held-out report would not be held out")
-        result = run_tune(ModelOptions(model=model, weights=weights, device=device), method,
-                          Target(max_gflops, p95_latency_ms, min_speedup, max_miou_drop), out, data, data_root,
-                          calib_split, held_split, calib_seeds, held_seeds, scene_size, progress)
+        opts = ModelOptions(model=model, weights=weights, random_init=random_init, policy=policy,
+                            keep_per_class=keep_per_class, device=device, seed=seed,
+                            class_map=None if class_map is None else str(class_map),
+                            ignore_class_mismatch=ignore_class_mismatch)
+        result = run_tune(opts, method, Target(max_gflops, p95_latency_ms, min_speedup, max_miou_drop), out, data,
+                          data_root, calib_split, held_split, calib_seeds, held_seeds, scene_size, progress,
+                          window=window, stride=stride)
     table = Table(title=f"tune {method} on the calibration images", title_justify="left")
-    for col in ("operating point", "mIoU", "drop", "GFLOPs", "p95 ms", "speed-up", "meets"):
+    for col in ("operating point", "mIoU [95% CI]", "drop", "change [95% CI]", "GFLOPs", "p95 ms", "speed-up", "meets"):
         table.add_column(col, justify="left" if col in ("operating point", "meets") else "right")
     for m in result.calibration:
-        table.add_row(m.point, f"{m.miou:.2f}", f"{m.miou_drop:+.2f}", f"{m.gflops:.2f}", f"{m.p95_ms:.1f}",
+        table.add_row(m.point, f"{m.miou:.2f}{_ci_text(m.miou_ci)}", f"{m.miou_drop:+.2f}",
+                      f"{100 * m.change_ci.get('value', float('nan')):+.2f}{_ci_text(m.change_ci, signed=True)}", f"{m.gflops:.2f}", f"{m.p95_ms:.1f}",
                       f"{m.speedup:.2f}x", "yes" if m.ok else ", ".join(k for k, v in m.meets.items() if not v) + " missed")
     out_console.print(table)
     if result.chosen is None:
@@ -696,7 +819,8 @@ def tune(
     h = result.held_out
     assert h is not None
     out_console.print(f"chosen: [bold]{result.chosen.point}[/] -> {result.path}", highlight=False)
-    out_console.print(f"held out: mIoU {h.miou:.2f} ({h.miou_drop:+.2f} against unreduced), {h.gflops:.2f} GFLOPs, p95 "
+    out_console.print(f"held out: mIoU {h.miou:.2f}{_ci_text(h.miou_ci)} ({h.miou_drop:+.2f} against unreduced, change "
+                      f"95% CI{_ci_text(h.change_ci, signed=True)} over {h.miou_ci.get('images', 0)} images), {h.gflops:.2f} GFLOPs, p95 "
                       f"{h.p95_ms:.1f} ms, speed-up {h.speedup:.2f}x: target {'met' if h.ok else 'NOT met'}"
                       + ("" if h.ok else " (" + ", ".join(k for k, v in h.meets.items() if not v) + ")"), highlight=False)
     if result.exit_code:

@@ -11,24 +11,34 @@ trace was made from when it is known, else on a grey canvas.
     ts.plot.groups(trace, 7)    tokens entering block 7, any shape (H, W', 3) uint8
     ts.plot.histogram(trace)    tokens per block, by level     matplotlib Figure
     ts.plot.token_flow(traces)  patches -> levels -> exits     matplotlib Figure
+    ts.plot.pareto(sweep)       mIoU [95% CI] vs cost          matplotlib Figure
+    ts.plot.classes(run)        per class: levels or exits     matplotlib Figure
+    ts.plot.tokens_per_block(run) tokens entering each block    matplotlib Figure
+
+Figures are plain matplotlib: `fig.savefig("pareto.pdf")` writes a vector file for a paper. The
+data-set figures take traces, a run folder, or tables from `ts.tabulate`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
-from tokenscope.analysis.aggregate import aggregate
+from tokenscope.analysis.aggregate import DatasetTables, aggregate
 from tokenscope.data.images import as_rgb
 from tokenscope.errors import ConfigError
-from tokenscope.render.dataset_plots import token_flow_figure
+from tokenscope.render.dataset_plots import (class_exits_figure, class_levels_figure, token_flow_figure,
+                                             tokens_per_block_figure)
 from tokenscope.render.overlays import groups_overlay, render_overlay
+from tokenscope.render.pareto import methods_pareto_figure, pareto_figure
 from tokenscope.render.plots import histogram_figure
 from tokenscope.trace.trace import Trace
 
-__all__ = ["merge", "exit", "confidence", "segmentation", "groups", "histogram", "token_flow"]
+__all__ = ["merge", "exit", "confidence", "segmentation", "groups", "histogram", "token_flow", "pareto", "classes",
+           "tokens_per_block"]
 
 
 def _canvas(trace: Trace, image: Any) -> np.ndarray:
@@ -79,12 +89,78 @@ def histogram(trace: Trace, title: str | None = None) -> Any:
     return histogram_figure(trace, title)
 
 
-def token_flow(traces: Trace | Iterable[Trace]) -> Any:
-    """Patches -> superpatch levels -> where the tokens leave, for one trace or many."""
-    items = [traces] if isinstance(traces, Trace) else list(traces)
+def _tables(source: Any) -> DatasetTables:
+    """Data-set tables from traces, a run folder (its tables/ are read, no model) or tables themselves."""
+    if isinstance(source, DatasetTables):
+        return source
+    if isinstance(source, (str, Path)):
+        return _run_tables(Path(source))
+    items = [source] if isinstance(source, Trace) else list(source)
     if not items:
-        raise ConfigError("token_flow needs at least one trace")
-    fig = token_flow_figure(aggregate((f"image{i}", t, None) for i, t in enumerate(items)))
+        raise ConfigError("a data-set figure needs at least one trace")
+    return aggregate((f"image{i}", t, None) for i, t in enumerate(items))
+
+
+def _run_tables(folder: Path) -> DatasetTables:
+    import json
+
+    import pandas as pd
+
+    tables = folder / "tables"
+    try:
+        frames = {n: pd.read_csv(tables / f"{n}.csv") for n in ("images", "classes", "levels", "blocks")}
+        summary = json.loads((folder / "summary.json").read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{folder}: not a finished run folder ({Path(str(exc.filename)).name} missing)") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder}: its tables cannot be read ({exc})") from None
+    return DatasetTables(frames["images"], frames["classes"], frames["levels"], frames["blocks"], summary)
+
+
+def token_flow(traces: Any) -> Any:
+    """Patches -> superpatch levels -> where the tokens leave, for one trace, many, or a run folder."""
+    fig = token_flow_figure(_tables(traces))
     if fig is None:
         raise ConfigError("the traces cover no patches")
     return fig
+
+
+def classes(source: Any, kind: str = "levels") -> Any:
+    """Per class: the share of its patches in each superpatch level (`kind="levels"`) or of its
+    tokens leaving at each gate (`kind="exits"`), for traces or a run folder."""
+    if kind not in ("levels", "exits"):
+        raise ConfigError(f"kind must be 'levels' or 'exits', got {kind!r}")
+    t = _tables(source)
+    return class_levels_figure(t) if kind == "levels" else class_exits_figure(t)
+
+
+def tokens_per_block(source: Any) -> Any:
+    """Tokens entering each block (mean per image) by superpatch level, for traces or a run folder."""
+    return tokens_per_block_figure(_tables(source))
+
+
+def pareto(sweep: Any, column: str = "gflops_per_image", size: int | None = None) -> Any:
+    """mIoU (95% interval bars) against `column` (gflops_per_image, or images_per_s for speed) of a
+    sweep: a sweep folder, a SweepResult, or its table; one input size (default: the first)."""
+    import pandas as pd
+
+    if isinstance(sweep, (str, Path)):
+        path = Path(sweep)
+        csv = path / "sweep.csv" if path.is_dir() else path
+        if not csv.is_file():
+            raise ConfigError(f"{path}: no sweep.csv here")
+        df = pd.read_csv(csv)
+    else:
+        df = getattr(sweep, "table", sweep)
+    if not isinstance(df, pd.DataFrame) or column not in df:
+        raise ConfigError(f"pareto needs a sweep table with a {column!r} column")
+    sizes = list(df["size"].unique())
+    chosen = sizes[0] if size is None else size
+    if chosen not in sizes:
+        raise ConfigError(f"size {size} is not in this sweep (it has {', '.join(map(str, sizes))})")
+    sub = df[df["size"] == chosen]
+    cheap = column != "images_per_s"
+    label = "GFLOPs per image (2 per multiply-add)" if column == "gflops_per_image" else column.replace("_", " ")
+    methods = sub["method"].nunique() > 1 or "is_default" not in sub or not sub["is_default"].any()
+    make = methods_pareto_figure if methods else pareto_figure
+    return make(sub, column, label, lower_is_better=cheap)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from tokenscope.analysis.metrics import iou_per_class, mean_iou
+from tokenscope.analysis.uncertainty import class_counts, miou_change_interval, miou_interval
 from tokenscope.analysis.stats import level_block_matrix
 from tokenscope.data.images import IGNORE_INDEX
 from tokenscope.models.partition import MAX_LEVEL
@@ -265,8 +266,17 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         "flow_tokens": flow_tokens.tolist(), "flow_patches": flow_patches.tolist(),  # type: ignore[union-attr]
         "flow_merged_patches": flow_merged.tolist(),  # type: ignore[union-attr]
     }
+    evals = [*scored, *image_evals]
     if step_conf is not None:
         summary["step_miou"] = mean_iou(step_conf)
+        summary["step_miou_ci"] = miou_interval([class_counts(ev.step_confusion) for ev in evals
+                                                 if ev.step_confusion is not None]).as_dict()
     if base_conf is not None:
         summary["baseline_miou"] = mean_iou(base_conf)
+        summary["baseline_miou_ci"] = miou_interval([class_counts(ev.baseline_confusion) for ev in evals
+                                                     if ev.baseline_confusion is not None]).as_dict()
+    paired = [ev for ev in evals if ev.step_confusion is not None and ev.baseline_confusion is not None]
+    if paired:
+        summary["miou_change_ci"] = miou_change_interval([class_counts(ev.step_confusion) for ev in paired],
+                                                         [class_counts(ev.baseline_confusion) for ev in paired]).as_dict()
     return DatasetTables(pd.DataFrame(image_rows), pd.DataFrame(class_rows), levels, blocks, summary)

@@ -18,6 +18,9 @@ import torch
 from tokenscope import dist
 from tokenscope.analysis.metrics import confusion, iou_per_class, mean_iou
 from tokenscope.analysis.stability import tails
+from tokenscope.analysis.uncertainty import Interval, miou_change_interval, miou_interval
+from tokenscope.analysis.uncertainty import class_counts as counts_of
+from tokenscope.data.classspace import ClassSpace, dataset_space
 from tokenscope.analysis.windowed import predict
 from tokenscope.data.datasets import SegmentationDataset
 from tokenscope.data.images import prepare_image
@@ -78,6 +81,9 @@ class VariantScores:
     depth: int = 0
     per_image: list[tuple[str, float, int, float]] = field(default_factory=list)
     """(image, latency ms, tokens in, GFLOPs) of every image: the distributions behind the means."""
+    class_counts: list[np.ndarray] = field(default_factory=list)
+    """(3, C) intersection / target / predicted pixels per class of every image, in the order of
+    `per_image`: what the bootstrap intervals resample."""
 
     COUNTS = ("patches", "tokens", "exited_tokens", "exited_patches", "flops", "images", "windows", "forward_s",
               "block_tokens", "groups")
@@ -87,6 +93,7 @@ class VariantScores:
         if not ctx.active:
             return
         self.per_image = [row for rank_rows in dist.gather(ctx, self.per_image) for row in rank_rows]
+        self.class_counts = [c for rank_rows in dist.gather(ctx, self.class_counts) for c in rank_rows]
         self.confusion = dist.all_reduce_sum(ctx, self.confusion)
         totals = dist.all_reduce_sum(ctx, np.array([float(getattr(self, k)) for k in self.COUNTS]))
         for k, v in zip(self.COUNTS, totals):
@@ -95,6 +102,14 @@ class VariantScores:
     @property
     def miou(self) -> float:
         return mean_iou(self.confusion)
+
+    def miou_interval(self) -> Interval:
+        """mIoU with its 95% bootstrap interval over the images."""
+        return miou_interval(self.class_counts)
+
+    def miou_change(self, reference: "VariantScores") -> Interval:
+        """mIoU minus the reference's on the same images, with a paired 95% bootstrap interval."""
+        return miou_change_interval(self.class_counts, reference.class_counts)
 
     @property
     def reduction(self) -> float:
@@ -129,7 +144,8 @@ class VariantScores:
     def as_dict(self, class_names: tuple[str, ...] = ()) -> dict[str, object]:
         ious = iou_per_class(self.confusion)
         return {
-            "variant": self.name, "images": self.images, "windows": self.windows, "miou": self.miou, "patches": self.patches,
+            "variant": self.name, "images": self.images, "windows": self.windows, "miou": self.miou,
+            "miou_ci": self.miou_interval().as_dict(), "patches": self.patches,
             "tokens": self.tokens, "token_reduction": self.reduction, "exited_early_pct": self.exited_pct,
             "exited_early_patch_pct": self.exited_patch_pct, "gflops_per_image": self.gflops_per_image,
             "forward_ms_per_image": 1e3 * self.forward_s / max(self.images, 1),
@@ -143,22 +159,31 @@ class VariantScores:
 @dataclass
 class EvalResult:
     variants: dict[str, VariantScores] = field(default_factory=dict)
+    class_space: ClassSpace | None = None
+    """How the data's labels were matched to the model's classes (its `condition` goes beside every mIoU)."""
 
 
 def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[OperatingPoint], device: torch.device,
              progress: Progress | None = None, amp: bool = False, size: int | None = None,
-             windows: WindowSpec | None = None) -> EvalResult:
+             windows: WindowSpec | None = None, data_label: str = "the data set", class_map: str | None = None,
+             ignore_class_mismatch: bool = False) -> EvalResult:
     """Run every operating point on every sample; restores the model's configuration afterwards.
 
     An unlabelled data set (`images`) is scored against the unreduced model's own predictions, so
     mIoU then says how much of the plain network's output a reduction keeps.
 
     With `windows`, each image is scored with the sliding-window protocol (size must be None).
+    The data's classes must be the model's (checked before any image, so a mismatch costs
+    nothing) unless `class_map` (a file) maps them or `ignore_class_mismatch` waives the check;
+    either is in `EvalResult.class_space.condition`, for printing beside every mIoU.
     """
     model = loaded.model
+    cfg = loaded.config
+    space = dataset_space(cfg.name, cfg.class_names, cfg.num_classes, dataset, data_label, class_map,
+                          ignore_class_mismatch)
     saved = model.setting()
     c = loaded.config.num_classes
-    result = EvalResult({p.name: VariantScores(p.name, np.zeros((c, c), dtype=np.int64)) for p in points})
+    result = EvalResult({p.name: VariantScores(p.name, np.zeros((c, c), dtype=np.int64)) for p in points}, space)
     capture = TraceCapture(loaded, device, amp=amp)
     ctx = dist.context(device.type)  # under torchrun each rank scores its share, then counts are added
     mine = ctx.shard(range(len(dataset)))
@@ -169,8 +194,8 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
             sample = dataset[i]
             if progress:
                 progress(n, len(mine), sample.name)
-            prepared = prepare_image(sample.image, sample.name, size=size, labels=sample.labels,
-                                     patch=model.patch_size)
+            labels = None if sample.labels is None else space.labels(sample.labels, sample.name)
+            prepared = prepare_image(sample.image, sample.name, size=size, labels=labels, patch=model.patch_size)
             reference = None
             if unlabelled:
                 model.apply(plain)
@@ -180,7 +205,9 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
                 pred = predict(capture, prepared, windows)
                 s = result.variants[p.name]
                 truth = pred.labels if reference is None else reference
-                s.confusion += confusion(pred.label_map, truth, c)  # type: ignore[arg-type]
+                image_conf = confusion(pred.label_map, truth, c)  # type: ignore[arg-type]
+                s.confusion += image_conf
+                s.class_counts.append(counts_of(image_conf))
                 s.patches += pred.patches
                 s.tokens += pred.tokens
                 s.exited_tokens += pred.exited_tokens

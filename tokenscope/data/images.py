@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -272,10 +273,14 @@ def load_prepared(
     size: int | None = None,
     labels_path: str | os.PathLike[str] | None = None,
     patch: int = PATCH,
+    convert_labels: Callable[[np.ndarray, str], np.ndarray] | None = None,
 ) -> PreparedImage:
-    """Load, validate and prepare one image (and its label map, if given)."""
+    """Load, validate and prepare one image (and its label map, if given; `convert_labels(raw,
+    source)` turns its values into the model's class ids, or refuses them)."""
     rgb = load_image(path)
     labels = load_label_map(labels_path) if labels_path is not None else None
+    if labels is not None and convert_labels is not None:
+        labels = convert_labels(labels, str(labels_path))
     return prepare_image(rgb, str(path), size=size, labels=labels, patch=patch)
 
 

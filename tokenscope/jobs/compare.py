@@ -21,13 +21,15 @@ from tokenscope import __version__
 from tokenscope.analysis.memory import peak_forward_bytes
 from tokenscope.analysis.metrics import confusion, mean_iou, pixel_agreement
 from tokenscope.analysis.timing import median, time_calls
+from tokenscope.analysis.uncertainty import class_counts, miou_change_interval, miou_interval
 from tokenscope.analysis.windowed import ImagePrediction, predict
+from tokenscope.data.classspace import ClassSpace
 from tokenscope.data.images import PreparedImage, check_size, find_images, find_label_for, load_prepared
 from tokenscope.data.windows import WindowSpec, resolve_windows
 from tokenscope.errors import ConfigError, TokenscopeError
 from tokenscope.jobs.run import ImageResult, Progress
 from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, unique_name, write_json_atomic, write_rgb, write_table
-from tokenscope.jobs.setup import ModelOptions, load_model
+from tokenscope.jobs.setup import ModelOptions, label_file_space, load_model
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import measure_flops
 from tokenscope.models.runtime import inference
@@ -58,6 +60,8 @@ class CompareResult:
     """With --methods: the operating points compared (rows are then one per image and method)."""
     method_overall: list[dict[str, Any]] = field(default_factory=list)
     """With --methods: one row per method over all images."""
+    class_space: ClassSpace | None = None
+    """How the labels met the model's classes (None without labels); its `tag` goes beside every mIoU."""
 
 
 def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, windows: WindowSpec | None,
@@ -84,10 +88,13 @@ def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, window
                   "mean_tokens_per_block": pred.mean_tokens_per_block, "merged": pred.tokens - pred.groups}
 
 
-def prepare_input(path: Path, labels_path: Path | None, size: int | None, patch: int) -> PreparedImage:
-    """One image of a comparison, with its label map when a labels file or folder was given."""
+def prepare_input(path: Path, labels_path: Path | None, size: int | None, patch: int,
+                  space: ClassSpace | None = None) -> PreparedImage:
+    """One image of a comparison, with its label map (in the model's class ids, see `space`) when a
+    labels file or folder was given."""
     lab = find_label_for(path, labels_path) if labels_path is not None else None
-    return load_prepared(path, size=size, labels_path=lab, patch=patch)
+    return load_prepared(path, size=size, labels_path=lab, patch=patch,
+                         convert_labels=None if space is None else space.labels)
 
 
 def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", out: str | Path = "outputs",
@@ -112,6 +119,7 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
         raise TokenscopeError("no images found in " + ", ".join(map(str, paths)))
     labels_path = Path(labels) if labels is not None else None
     loaded, device = model if model is not None else load_model(opts, have_labels=labels_path is not None)
+    space = label_file_space(loaded, opts, str(labels), images) if labels is not None else None
     cfg = loaded.config
     patch = loaded.model.patch_size
     check_size(size, patch)
@@ -126,13 +134,15 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
     num_classes = loaded.config.num_classes
     conf_step = np.zeros((num_classes, num_classes), dtype=np.int64)
     conf_base = np.zeros_like(conf_step)
+    counts_step: list[np.ndarray] = []  # per image, for the bootstrap intervals
+    counts_base: list[np.ndarray] = []
     taken: set[str] = set()
     for i, path in enumerate(images):
         if progress:
             progress(i, len(images), path.name)
         result = ImageResult(source=str(path))
         try:
-            prepared = prepare_input(path, labels_path, size, patch)
+            prepared = prepare_input(path, labels_path, size, patch, space)
             p_step, m_step = _measure(loaded, step, prepared, windows, device, capture, repeats, warmup)
             p_base, m_base = _measure(loaded, base, prepared, windows, device, capture, repeats, warmup)
             row: dict[str, Any] = {"image": str(path), "input_h": prepared.input_hw[0], "input_w": prepared.input_hw[1],
@@ -148,6 +158,8 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
                 cs, cb = confusion(p_step.label_map, gt, num_classes), confusion(p_base.label_map, gt, num_classes)
                 conf_step += cs
                 conf_base += cb
+                counts_step.append(class_counts(cs))
+                counts_base.append(class_counts(cb))
                 row["step_miou"], row["base_miou"] = mean_iou(cs), mean_iou(cb)
             name = unique_name(path.stem, taken)
             t_step, t_base = p_step.traces[0], p_base.traces[0]
@@ -180,6 +192,10 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
     if progress:
         progress(len(images), len(images), "")
     overall = _overall(rows, conf_step, conf_base, labels_path is not None)
+    if counts_step:
+        overall["step_miou_ci"] = miou_interval(counts_step).as_dict()
+        overall["base_miou_ci"] = miou_interval(counts_base).as_dict()
+        overall["miou_change_ci"] = miou_change_interval(counts_step, counts_base).as_dict()
     if rows:
         df = pd.DataFrame(rows)
         write_table(pd.concat([df, pd.DataFrame([{"image": "ALL", **overall}])], ignore_index=True), run_dir / "compare.csv")
@@ -193,12 +209,16 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
                  "exit_threshold": loaded.model.exit_threshold},
         "flop_convention": "2 FLOPs per multiply-add (torch.utils.flop_counter), policy network included",
         "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off",
-        "overall": overall, "warnings": loaded.warnings,
+        "overall": overall, "warnings": [*loaded.warnings, *([space.condition] if space and space.condition else []),
+                                         *(space.notes if space else [])],
+        "class_space": None if space is None else space.record(),
         "windows": None if windows is None else {"window": windows.window, "stride": windows.stride,
                                                   "resize_short": windows.resize_short},
         "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],
     })
-    return CompareResult(run_dir, rows, overall, results, loaded.warnings)
+    return CompareResult(run_dir, rows, overall, results,
+                         [*loaded.warnings, *([space.condition] if space and space.condition else []),
+                          *(space.notes if space else [])], class_space=space)
 
 
 def _overall(rows: list[dict[str, Any]], conf_step: np.ndarray, conf_base: np.ndarray, have_labels: bool) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch
 from tokenscope import __version__
 from tokenscope.analysis.metrics import confusion, mean_iou, pixel_agreement
 from tokenscope.analysis.stability import spread
+from tokenscope.analysis.uncertainty import class_counts, miou_change_interval, miou_interval
 from tokenscope.analysis.windowed import ImagePrediction
 from tokenscope.data.images import check_size, find_images
 from tokenscope.data.windows import resolve_windows
@@ -27,7 +28,7 @@ from tokenscope.errors import ConfigError, TokenscopeError
 from tokenscope.jobs.compare import BASELINES, CompareResult, Variant, _measure, prepare_input
 from tokenscope.jobs.run import ImageResult, Progress
 from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, unique_name, write_json_atomic, write_rgb, write_table
-from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
+from tokenscope.jobs.setup import ModelOptions, label_file_space, load_model, method_setting
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.methods.merging import merge_rules
 from tokenscope.models.methods.spec import parse_methods
@@ -66,6 +67,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
     variants = [Variant(m.label, method_setting(loaded, opts, m.label, labels_path is not None)) for m in parsed]
     base = Variant("baseline", loaded.model.plain())
     loaded.model.apply(saved)
+    space = label_file_space(loaded, opts, str(labels), images) if labels is not None else None
     cfg = loaded.config
     patch, depth = loaded.model.patch_size, loaded.model.depth
     block = figure_block(depth, at_block)
@@ -75,6 +77,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
     run_dir = new_run_dir(out, "compare")
     num_classes = cfg.num_classes
     conf = {v.name: np.zeros((num_classes, num_classes), dtype=np.int64) for v in [base, *variants]}
+    counts: dict[str, list[np.ndarray]] = {v.name: [] for v in [base, *variants]}  # per image: the intervals
     rows: list[dict[str, Any]] = []
     block_rows: list[pd.DataFrame] = []
     results: list[ImageResult] = []
@@ -85,7 +88,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
                 progress(i, len(images), path.name)
             result = ImageResult(source=str(path))
             try:
-                prepared = prepare_input(path, labels_path, size, patch)
+                prepared = prepare_input(path, labels_path, size, patch, space)
                 measured: list[tuple[Variant, ImagePrediction, dict[str, float]]] = []
                 for v in [base, *variants]:
                     pred, m = _measure(loaded, v, prepared, windows, device, capture, repeats, warmup)
@@ -105,6 +108,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
                     if pred.labels is not None:
                         c = confusion(pred.label_map, pred.labels, num_classes)
                         conf[v.name] += c
+                        counts[v.name].append(class_counts(c))
                         row["miou"] = mean_iou(c)
                     rows.append(row)
                     shown = pred.inputs[0].display
@@ -137,6 +141,13 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
     if progress:
         progress(len(images), len(images), "")
     overall = _overall(rows, conf, labels_path is not None, [base.name, *(v.name for v in variants)])
+    for r in overall:  # an mIoU over the images with its interval, and its change against the plain ViT (paired)
+        if counts[r["method"]]:
+            r["miou_ci"] = miou_interval(counts[r["method"]]).as_dict()
+            if r["method"] != base.name:
+                r["miou_change_ci"] = miou_change_interval(counts[r["method"]], counts[base.name]).as_dict()
+        r["class_condition"] = space.tag if space is not None else ""
+    warnings = [*loaded.warnings, *([space.condition] if space and space.condition else []), *(space.notes if space else [])]
     if rows:
         write_table(pd.concat([pd.DataFrame(rows), pd.DataFrame([{"image": "ALL", **r} for r in overall])],
                               ignore_index=True), run_dir / "methods.csv")
@@ -147,10 +158,11 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
         "methods": [v.name for v in variants], "figure_block": block,
         "flop_convention": "2 FLOPs per multiply-add (torch.utils.flop_counter), policy network and matching included",
         "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off",
-        "overall": overall, "warnings": loaded.warnings,
+        "overall": overall, "warnings": warnings, "class_space": None if space is None else space.record(),
+        "totals": "tokens, GFLOPs and latency in `overall` are totals over the images; mIoU is pooled over them",
         "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],
     })
-    return CompareResult(run_dir, rows, {}, results, loaded.warnings, [v.name for v in variants], overall)
+    return CompareResult(run_dir, rows, {}, results, warnings, [v.name for v in variants], overall, class_space=space)
 
 
 def _folder_name(method: str) -> str:

@@ -53,7 +53,7 @@ from tokenscope.jobs.runfolder import (
     write_rgb,
     write_table,
 )
-from tokenscope.jobs.setup import ModelOptions, load_model
+from tokenscope.jobs.setup import ModelOptions, label_file_space, load_model, scoring_space
 from tokenscope.jobs.writer import BackgroundWriter, default_workers
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.registry import StepConfig
@@ -64,6 +64,7 @@ from tokenscope.render.plots import token_histogram
 from tokenscope.trace.capture import TraceCapture, merging_meta
 from tokenscope.analysis.stability import tails
 from tokenscope.data.video import FrameReader, FrameSelection, VideoInfo, frame_number, is_video, probe
+from tokenscope.data.classspace import ClassSpace
 from tokenscope.jobs.clips import Clip, ClipFrame, ClipPass
 from tokenscope.jobs.frame_sink import write_frame_files, write_frame_folder
 from tokenscope.render.timeline import tails_figure
@@ -147,24 +148,50 @@ class RunResult:
     """This process's rank under torchrun; only rank 0 has the tables and reports."""
     method: str = ""
     """The token-reduction method run ("" = the policy and exits alone)."""
+    class_space: ClassSpace | None = None
+    """How labels met the model's classes (None: nothing was scored); its `tag` goes beside every mIoU."""
 
     @property
     def failed(self) -> list[ImageResult]:
         return [r for r in self.images if r.error is not None]
 
 
-def _items(req: RunRequest) -> list[RunItem]:
+@dataclass
+class Scoring:
+    """How the run's labels meet the model's classes: set once the model is known (the items are
+    made before it), read by every item's loader."""
+
+    dataset: SegmentationDataset | None = None
+    space: ClassSpace | None = None
+    labelled_files: list[Path] = field(default_factory=list)
+    """Image files whose label maps the user gave: checked before the run starts."""
+
+    def labels(self, raw: np.ndarray, source: str) -> np.ndarray:
+        return raw if self.space is None else self.space.labels(raw, source)
+
+    def check(self, loaded: LoadedModel, opts: ModelOptions, req: RunRequest) -> ClassSpace | None:
+        """Refuse (before the run folder exists) a model whose classes are not the data's."""
+        if self.dataset is not None:
+            self.space = scoring_space(loaded, opts, self.dataset, str(req.dataset))
+        elif req.labels is not None:
+            self.space = label_file_space(loaded, opts, req.labels, self.labelled_files)
+        return self.space
+
+
+def _items(req: RunRequest, scoring: Scoring) -> list[RunItem]:
     """The images of a request, with folder names fixed up front so a resume finds the same ones."""
     taken: set[str] = set()
     if req.dataset is not None:
         if req.inputs:
             raise ConfigError("give images or --dataset, not both")
         ds: SegmentationDataset = open_dataset(req.dataset, req.data_root, req.split, req.seeds, req.dataset_size)
+        scoring.dataset = ds
 
         def loader(i: int) -> Callable[[int], PreparedImage]:
             def load(patch: int) -> PreparedImage:
                 s = ds[i]
-                return prepare_image(s.image, s.name, size=req.size, labels=s.labels, patch=patch)
+                labels = None if s.labels is None else scoring.labels(s.labels, s.name)
+                return prepare_image(s.image, s.name, size=req.size, labels=labels, patch=patch)
             return load
 
         labelled = not getattr(ds, "unlabelled", False)
@@ -176,10 +203,12 @@ def _items(req: RunRequest) -> list[RunItem]:
     if not paths and not items:
         raise TokenscopeError("no images found in " + ", ".join(req.inputs))
     labels = Path(req.labels) if req.labels is not None else None
+    if labels is not None:
+        scoring.labelled_files = list(paths)
     for p in paths:
         def load(patch: int, p: Path = p) -> PreparedImage:
             lab = find_label_for(p, labels) if labels is not None else None
-            return load_prepared(p, size=req.size, labels_path=lab, patch=patch)
+            return load_prepared(p, size=req.size, labels_path=lab, patch=patch, convert_labels=scoring.labels)
         items.append(RunItem(unique_name(p.stem, taken), str(p), load, labels is not None))
     return items
 
@@ -475,12 +504,14 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
         if manifest.get("kind") != "run":
             raise RunFolderError(f"{run_dir}: not a tokenscope run folder")
         req = RunRequest(**manifest["request"])
-    items = _items(req)
+    scoring = Scoring()
+    items = _items(req, scoring)
     opts = req.model_options()
     if model is not None and resume is None:
         loaded, device = model
     else:
         loaded, device = load_model(opts, have_labels=any(it.labelled for it in items))
+    space = scoring.check(loaded, opts, req)
     cfg = loaded.config
     patch = loaded.model.patch_size
     check_size(req.size, patch)  # before the run folder exists: a bad option leaves nothing behind
@@ -507,7 +538,8 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
         "policy": loaded.model.active_policy, "exits": loaded.model.exits_enabled,
         "method": loaded.model.method or None, "merging": merging_meta(loaded.model) or None,
         "merge_thresholds": list(loaded.model.merge_thresholds), "exit_threshold": loaded.model.exit_threshold,
-        "warnings": loaded.warnings, "windows": None if windows is None else asdict(windows),
+        "warnings": [*loaded.warnings, *([space.condition] if space is not None and space.condition else [])],
+        "class_space": None if space is None else space.record(), "windows": None if windows is None else asdict(windows),
         "animated_images": len(_animated_items(req, items)),
     }
     if resume is None:
@@ -594,7 +626,8 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
             return RunResult(run_dir, results, loaded.warnings, loaded.config.name, None, rank=ctx.rank,
                              method=loaded.model.method)
         tables = finish_run(run_dir, [it.name for it in items], req.figures,
-                            {"animated_images": base_manifest["animated_images"]},
+                            {"animated_images": base_manifest["animated_images"],
+                             **({"class_space": space.record()} if space is not None else {})},
                             visit=clip_pass.visit if clip_pass is not None else None, held=held)
         if clip_pass is not None and tables is not None:
             tables.summary["clips"] = clip_pass.finish(tables.images)
@@ -608,12 +641,16 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
     for r in results:
         if r.skipped and r.folder is not None:
             r.summary = json.loads((run_dir / r.folder / "summary.json").read_text())
+    if space is not None:  # mismatches met while scoring (with --ignore-class-mismatch) join the record
+        base_manifest["class_space"] = space.record()
+        base_manifest["warnings"] = [*base_manifest["warnings"], *space.notes]
     write_json_atomic(run_dir / MANIFEST, {
         **base_manifest, "status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "summary": tables.summary if tables is not None else {},
         "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],
     })
-    return RunResult(run_dir, results, loaded.warnings, loaded.config.name, tables, method=loaded.model.method)
+    return RunResult(run_dir, results, base_manifest["warnings"], loaded.config.name, tables, method=loaded.model.method,
+                     class_space=space)
 
 
 def run_images(paths: list[str], opts: ModelOptions, out: str | Path = "outputs", size: int | None = None,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from tokenscope.errors import ConfigError
+from tokenscope.data.classspace import ClassSpace, class_space, dataset_space
+from tokenscope.data.images import find_label_for, load_label_map
+from tokenscope.errors import ConfigError, TokenscopeError
 from tokenscope.models.checkpoints import LoadedModel, build_model
 from tokenscope.models.methods.cts import parse_groups
 from tokenscope.models.methods.merging import COUNTS, ORDERS, MergingSpec, algm_blocks
@@ -56,6 +60,10 @@ class ModelOptions:
     merge) or `spatial` (tokens keep raster order: tokenscope's earlier rule)."""
     merge_count: str | None = None
     """ToMe/ALGM: `batch` (default: one count for the batch, as the public code) or `per-image`."""
+    class_map: str | None = None
+    """A file mapping the data's class ids (or names) to the model's (see data/classspace.py)."""
+    ignore_class_mismatch: bool = False
+    """Score even when the model's classes are not the data's (recorded and printed beside every mIoU)."""
 
 
 MERGE_SETTINGS = ("tome_r", "algm_threshold", "algm_global_threshold", "prop_attn", "merge_order", "merge_count")
@@ -130,7 +138,8 @@ def load_model(opts: ModelOptions, have_labels: bool = False,
     if policy == "learned" and untrained and not loaded.trained.get("policy"):
         raise ConfigError(f"the learned policy of {loaded.source} was never trained; use --policy uniform, oracle or none")
     if exits and untrained and not loaded.trained.get("exits"):
-        raise ConfigError(f"the exit gates of {loaded.source} were never trained; use --exits none")
+        raise ConfigError(f"the exit gates of {loaded.source} were never trained; use --exits none, or a method "
+                          "without exits (dcts, cts, tome, algm)")
     if policy == "oracle" and not have_labels:
         raise ConfigError("policy 'oracle' merges by ground truth: pass --labels (a label map or a folder of them)")
     cfg = loaded.config
@@ -159,6 +168,31 @@ def _keep_per_class(method: Method | None, opts: ModelOptions, model_default: in
     if method is not None and method.name.split("+")[0] == "dtop":
         return DTOP_KEEP_PER_CLASS
     return model_default
+
+
+def scoring_space(loaded: LoadedModel, opts: ModelOptions, dataset: object, data_label: str) -> ClassSpace:
+    """The model's classes checked against a data set's, with the user's class map or waiver."""
+    cfg = loaded.config
+    return dataset_space(cfg.name, cfg.class_names, cfg.num_classes, dataset, data_label, opts.class_map,
+                         opts.ignore_class_mismatch)
+
+
+def label_file_space(loaded: LoadedModel, opts: ModelOptions, labels: str,
+                     images: Sequence[Path] = ()) -> ClassSpace:
+    """The class space of label files given by the user: the label maps of `images` are read now,
+    so values the model cannot predict refuse the command before any work (a missing or
+    unreadable label map stays that image's own error)."""
+    cfg = loaded.config
+    space = class_space(cfg.name, cfg.class_names, cfg.num_classes, f"label maps {labels}", (), None, opts.class_map,
+                        opts.ignore_class_mismatch)
+    for image in images:
+        try:
+            path = find_label_for(image, Path(labels))
+            raw = load_label_map(path)
+        except TokenscopeError:
+            continue
+        space.labels(raw, str(path))
+    return space
 
 
 def method_setting(loaded: LoadedModel, opts: ModelOptions, label: str, have_labels: bool = False) -> ReductionSetting:

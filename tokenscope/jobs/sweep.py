@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,16 @@ import pandas as pd
 
 from tokenscope import __version__, dist
 from tokenscope.analysis.evaluate import OperatingPoint, Progress, evaluate
+from tokenscope.analysis.uncertainty import LEVEL, RESAMPLES, SEED
 from tokenscope.data.datasets import open_dataset
 from tokenscope.data.images import check_size
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
 from tokenscope.jobs.runfolder import MANIFEST, new_run_dir, write_json_atomic, write_table
-from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
+from tokenscope.jobs.setup import ModelOptions, load_model, method_setting, scoring_space
 from tokenscope.models.methods.merging import merge_rules
 from tokenscope.models.methods.spec import parse_methods
+from tokenscope.render.figures import DEFAULT_STYLE, FigureStyle
 from tokenscope.render.pareto import methods_pareto_plot, pareto_plot
 
 METHOD_LADDERS: dict[str, tuple[str, ...]] = {
@@ -67,9 +69,14 @@ class SweepResult:
 
 def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: list[int | None], dataset: str = "synthetic",
           data_root: str | None = None, split: str = "val", seeds: str = "100000:100050", scene_size: int = 512,
-          out: str | Path = "outputs", progress: Progress | None = None, methods: str | None = None) -> SweepResult:
+          out: str | Path = "outputs", progress: Progress | None = None, methods: str | None = None,
+          window: int | None = None, stride: int | None = None, style: FigureStyle = DEFAULT_STYLE) -> SweepResult:
     """Threshold grid of the model's own method, or with `methods` every method's operating points
-    (three each by default, see METHOD_LADDERS), on the same images, against the plain ViT."""
+    (three each by default, see METHOD_LADDERS), on the same images, against the plain ViT.
+
+    Every mIoU comes with its 95% bootstrap interval over the images, and every reduced point
+    with its mIoU change against the plain ViT on the same images (paired interval). A model
+    whose exits are off (never trained, or `--exits none`) sweeps merge thresholds alone."""
     loaded, device = load_model(opts, have_labels=True)
     model = loaded.model
     for size in sizes:
@@ -77,6 +84,7 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
     if dataset == "synthetic":
         check_size(scene_size, model.patch_size, "--scene-size")
     ds = open_dataset(dataset, data_root, split, seeds, scene_size)
+    space = scoring_space(loaded, opts, ds, dataset)  # a class mismatch refuses before any image
     default_merge, default_exit = model.merge_thresholds, model.exit_threshold
     policy, exits = model.active_policy, model.exits_enabled
     points = [OperatingPoint("baseline", "none", False)]
@@ -88,8 +96,9 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
             points.append(OperatingPoint(label, s.policy, s.exits, s.merge_thresholds, s.exit_threshold, setting=s))
         model.apply(saved)
     else:
-        for m, e in itertools.product(merge, exit_):
-            points.append(OperatingPoint(f"merge={m:g} exit={e:g}", policy, exits, (m,) * 4, e))
+        for m, e in itertools.product(merge, exit_ if exits else [None]):
+            name = f"merge={m:g}" + ("" if e is None else f" exit={e:g}")
+            points.append(OperatingPoint(name, policy, exits, (m,) * 4, e))
         points.append(OperatingPoint(default_name, policy, exits, default_merge, default_exit))
     rows = []
     total = len(sizes) * len(ds)
@@ -98,10 +107,13 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
             if progress:
                 progress(si * len(ds) + done, total, f"size {size or 'native'}: {item}")
         cfg = loaded.config
-        windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, None, None, size)
-        res = evaluate(loaded, ds, points, device, prog, amp=opts.amp, size=size, windows=windows)
+        windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size, model.patch_size)
+        res = evaluate(loaded, ds, points, device, prog, amp=opts.amp, size=size, windows=windows, data_label=dataset,
+                       class_map=opts.class_map, ignore_class_mismatch=opts.ignore_class_mismatch)
+        base = res.variants["baseline"]
         for p in points:
             v = res.variants[p.name]
+            ci, change = v.miou_interval(), v.miou_change(base)
             rows.append({
                 "size": size or scene_size, "point": p.name,
                 "method": "vit" if p.name == "baseline" else p.name.split(":")[0] if methods else (model.method or "step"),
@@ -110,7 +122,9 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
                 "merge_threshold": None if p.merge_thresholds is None else p.merge_thresholds[0],
                 "merge_thresholds": None if p.merge_thresholds is None else ",".join(f"{t:g}" for t in p.merge_thresholds),
                 "exit_threshold": p.exit_threshold, "is_default": p.name == default_name, "is_baseline": p.name == "baseline",
-                "miou": v.miou, "gflops_per_image": v.gflops_per_image, "images_per_s": v.images / max(v.forward_s, 1e-12),
+                "miou": v.miou, "miou_low": ci.low, "miou_high": ci.high, "miou_change": change.value,
+                "miou_change_low": change.low, "miou_change_high": change.high, "class_condition": space.tag,
+                "gflops_per_image": v.gflops_per_image, "images_per_s": v.images / max(v.forward_s, 1e-12),
                 "token_reduction": v.reduction, "exited_early_pct": v.exited_pct, "images": v.images,
                 "mean_tokens_per_block": v.mean_tokens_per_block, "block_token_reduction": v.block_token_reduction,
             })
@@ -124,15 +138,18 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
     for s_ in table["size"].unique():
         sub = table[table["size"] == s_]
         plot(sub, "gflops_per_image", "GFLOPs per image (2 per multiply-add)", folder / f"pareto_gflops_{s_}.png",
-                    lower_is_better=True)
+             lower_is_better=True, style=style)
         plot(sub, "images_per_s", f"measured throughput (images/s, {device.type}, batch 1)",
-                    folder / f"pareto_throughput_{s_}.png", lower_is_better=False)
+             folder / f"pareto_throughput_{s_}.png", lower_is_better=False, style=style)
     write_json_atomic(folder / MANIFEST, {
         "tool": "tokenscope", "version": __version__, "kind": "sweep", "status": "complete",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": loaded.config.name, "weights": loaded.weights_id,
         "device": str(device), "data": {"kind": dataset, "root": data_root, "split": split, "seeds": seeds},
         "merge": merge, "exit": exit_, "sizes": [s or scene_size for s in sizes], "default": default,
         "methods": None if not methods else expand_methods(methods),
+        "class_space": space.record(), "window": window, "stride": stride, "figures": asdict(style),
+        "intervals": {"kind": "percentile bootstrap over images; changes paired against the baseline",
+                      "level": LEVEL, "resamples": RESAMPLES, "seed": SEED},
         "rows": rows,
     })
     return SweepResult(folder, table, default)

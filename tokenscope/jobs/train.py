@@ -159,12 +159,14 @@ def initial_checkpoint(path: str, train_set: SegmentationDataset, backbone_weigh
 
 def evaluate_model(loaded: LoadedModel, device: torch.device, data: DataOptions, policy: str,
                    progress: Progress | None = None, window: int | None = None, stride: int | None = None,
-                   amp: bool = True) -> EvalResult:
+                   amp: bool = True, class_map: str | None = None, ignore_class_mismatch: bool = False) -> EvalResult:
     """STEP (the model's policy and exit setting) against the same weights without reduction.
 
-    Images are scored with the model's sliding-window protocol when it has one (`--window`)."""
+    Images are scored with the model's sliding-window protocol when it has one (`--window`);
+    the data's classes must be the model's unless `class_map` maps them or the check is waived."""
     cfg = loaded.config
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, None,
                               loaded.model.patch_size)
     points = step_and_baseline(policy, loaded.model.exits_enabled)
-    return evaluate(loaded, validation_data(data), points, device, progress, amp=amp, windows=windows)
+    return evaluate(loaded, validation_data(data), points, device, progress, amp=amp, windows=windows,
+                    data_label=data.kind, class_map=class_map, ignore_class_mismatch=ignore_class_mismatch)

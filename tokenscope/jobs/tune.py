@@ -70,6 +70,10 @@ class Measured:
     p95_ms: float
     speedup: float
     meets: dict[str, bool] = field(default_factory=dict)
+    miou_ci: dict[str, float | int] = field(default_factory=dict)
+    """95% bootstrap interval of the mIoU over the images (fractions, see analysis/uncertainty.py)."""
+    change_ci: dict[str, float | int] = field(default_factory=dict)
+    """mIoU change against the unreduced model on the same images, paired 95% interval."""
 
     @property
     def ok(self) -> bool:
@@ -81,7 +85,8 @@ def measure(point: str, scores: VariantScores, base: VariantScores, target: Targ
     base_tail = base.tails().get("latency_ms", {})
     p95 = float(tail.get("p95", float("nan")))
     speedup = float(base_tail.get("mean", float("nan"))) / max(float(tail.get("mean", float("nan"))), 1e-9)
-    m = Measured(point, 100 * scores.miou, 100 * (base.miou - scores.miou), scores.gflops_per_image, p95, speedup)
+    m = Measured(point, 100 * scores.miou, 100 * (base.miou - scores.miou), scores.gflops_per_image, p95, speedup,
+                 miou_ci=scores.miou_interval().as_dict(), change_ci=scores.miou_change(base).as_dict())
     m.meets["miou"] = m.miou_drop <= target.max_miou_drop + 1e-9
     if target.max_gflops is not None:
         m.meets["gflops"] = m.gflops <= target.max_gflops
@@ -102,7 +107,8 @@ class TuneResult:
 
 
 def _evaluate(loaded: Any, device: Any, points: list[str], opts: ModelOptions, data: str, root: str | None, split: str,
-              seeds: str, size: int, progress: Any) -> dict[str, VariantScores]:
+              seeds: str, size: int, progress: Any, window: int | None = None,
+              stride: int | None = None) -> dict[str, VariantScores]:
     saved = loaded.model.setting()
     ops = [OperatingPoint("baseline", "none", False)]
     for label in points:
@@ -112,14 +118,15 @@ def _evaluate(loaded: Any, device: Any, points: list[str], opts: ModelOptions, d
     # unlabelled images: `--data-root DIR` holds one folder per split (DIR/train, DIR/val)
     ds = open_dataset(data, str(Path(root) / split) if data == "images" and root else root, split, seeds, size)
     cfg = loaded.config
-    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, None, None, None, loaded.model.patch_size)
-    return evaluate(loaded, ds, ops, device, progress, amp=opts.amp, windows=windows).variants
+    windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, None, loaded.model.patch_size)
+    return evaluate(loaded, ds, ops, device, progress, amp=opts.amp, windows=windows, data_label=data,
+                    class_map=opts.class_map, ignore_class_mismatch=opts.ignore_class_mismatch).variants
 
 
 def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data: str = "synthetic",
          data_root: str | None = None, calib_split: str = "train", held_split: str = "val",
          calib_seeds: str = "200000:200040", held_seeds: str = "300000:300040", scene_size: int = 512,
-         progress: Any = None) -> TuneResult:
+         progress: Any = None, window: int | None = None, stride: int | None = None) -> TuneResult:
     """Search `method`'s grid on the calibration images, write the chosen point to `out`, measure it
     on the held-out images. The exit code says whether the target was met (0), not even on the
     calibration images (4, nothing written), or not on the held-out ones (5, the file says so)."""
@@ -132,14 +139,15 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
         raise ConfigError(f"tune searches {', '.join(GRIDS)}; not {method!r}")
     loaded, device = load_model(opts, have_labels=data != "images")
     calib = _evaluate(loaded, device, GRIDS[base_method], opts, data, data_root, calib_split, calib_seeds, scene_size,
-                      progress)
+                      progress, window, stride)
     base = calib["baseline"]
     measured = [measure(p, calib[p], base, target) for p in GRIDS[base_method]]
     ok = [m for m in measured if m.ok]
     if not ok:
         return TuneResult(None, None, measured, None, EXIT_NOT_MET_CALIBRATION)
     chosen = min(ok, key=lambda m: (m.gflops, -m.miou))
-    held = _evaluate(loaded, device, [chosen.point], opts, data, data_root, held_split, held_seeds, scene_size, progress)
+    held = _evaluate(loaded, device, [chosen.point], opts, data, data_root, held_split, held_seeds, scene_size, progress,
+                     window, stride)
     held_m = measure(chosen.point, held[chosen.point], held["baseline"], target)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": OP_FORMAT, "version": 1, "tool": "tokenscope", "tool_version": __version__,

@@ -21,6 +21,7 @@ from matplotlib.path import Path as MplPath  # noqa: E402
 
 from tokenscope.analysis.aggregate import DatasetTables  # noqa: E402
 from tokenscope.models.partition import MAX_LEVEL  # noqa: E402
+from tokenscope.render.figures import DEFAULT_STYLE, FigureStyle  # noqa: E402
 from tokenscope.render.palette import LEVEL_COLOURS, exit_colours, level_labels  # noqa: E402
 
 plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
@@ -35,13 +36,8 @@ def _rgb(c: Sequence[int]) -> tuple[float, float, float]:
     return (c[0] / 255.0, c[1] / 255.0, c[2] / 255.0)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
-def tokens_per_block(t: DatasetTables, path: Path) -> None:
+def tokens_per_block_figure(t: DatasetTables) -> plt.Figure:
+    """Tokens entering each block (mean per image), stacked by superpatch level, gates marked."""
     s, blocks = t.summary, t.blocks
     n = s["images"]
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
@@ -64,7 +60,8 @@ def tokens_per_block(t: DatasetTables, path: Path) -> None:
     ax.legend(title="superpatch", fontsize=7, title_fontsize=7, loc="upper right")
     ax.set_title(f"{n} images: {s['token_reduction']:.2f}x fewer tokens than patches, "
                  f"{s['exited_early_pct']:.1f}% of tokens exit early")
-    _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def _class_frame(t: DatasetTables):
@@ -72,7 +69,8 @@ def _class_frame(t: DatasetTables):
     return df.sort_values("patches", ascending=True)
 
 
-def class_exits(t: DatasetTables, path: Path) -> None:
+def class_exits_figure(t: DatasetTables) -> plt.Figure:
+    """Per class, the share of its tokens leaving at each gate or at the end."""
     df = _class_frame(t)
     points = t.summary["flow_points"]
     cols = exit_colours(t.summary["exit_after"])
@@ -91,10 +89,12 @@ def class_exits(t: DatasetTables, path: Path) -> None:
     ax.set_xlabel("share of the class's tokens")
     ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(points), frameon=False)
     ax.set_title(f"where each class's tokens leave (class = {t.summary['class_source']})", pad=18)
-    _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
-def class_levels(t: DatasetTables, path: Path) -> None:
+def class_levels_figure(t: DatasetTables) -> plt.Figure:
+    """Per class, the share of its patches in each superpatch level."""
     df = _class_frame(t)
     counts = np.stack([df[f"patches_level{k}"].to_numpy() for k in range(MAX_LEVEL + 1)], axis=1).astype(float)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -110,7 +110,8 @@ def class_levels(t: DatasetTables, path: Path) -> None:
     ax.set_xlabel("share of the class's patches")
     ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, frameon=False)
     ax.set_title("which superpatch each class's patches end up in", pad=30)
-    _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def _band(ax: plt.Axes, x0: float, y0: tuple[float, float], x1: float, y1: tuple[float, float], colour, alpha: float) -> None:
@@ -120,13 +121,6 @@ def _band(ax: plt.Axes, x0: float, y0: tuple[float, float], x1: float, y1: tuple
     codes = [MplPath.MOVETO, MplPath.CURVE4, MplPath.CURVE4, MplPath.CURVE4, MplPath.LINETO,
              MplPath.CURVE4, MplPath.CURVE4, MplPath.CURVE4, MplPath.CLOSEPOLY]
     ax.add_patch(PathPatch(MplPath(verts, codes), facecolor=colour, edgecolor="none", alpha=alpha))
-
-
-def token_flow(t: DatasetTables, path: Path) -> None:
-    """Write `token_flow_figure` to `path` (nothing when no patch was traced)."""
-    fig = token_flow_figure(t)
-    if fig is not None:
-        _save(fig, path)
 
 
 def token_flow_figure(t: DatasetTables) -> plt.Figure | None:
@@ -202,16 +196,21 @@ def token_flow_figure(t: DatasetTables) -> plt.Figure | None:
     if merged:  # in-network merging: a merged token's patches leave with the group it joined
         title += f"\n{merged} tokens merged into others inside the encoder; token counts at the right count groups"
     ax.set_title(title, fontsize=10 if merged else None)
+    fig.tight_layout()
     return fig
 
 
-def write_dataset_figures(t: DatasetTables, folder: Path) -> list[Path]:
-    """All data-set figures into `folder`; returns their paths."""
+DATASET_FIGURES = (("tokens_per_block", tokens_per_block_figure), ("class_exits", class_exits_figure),
+                   ("class_levels", class_levels_figure), ("token_flow", token_flow_figure))
+
+
+def write_dataset_figures(t: DatasetTables, folder: Path, style: FigureStyle = DEFAULT_STYLE) -> list[Path]:
+    """All data-set figures into `folder` in `style` (png by default); returns their paths."""
     out = []
-    for name, fn in (("tokens_per_block", tokens_per_block), ("class_exits", class_exits),
-                     ("class_levels", class_levels), ("token_flow", token_flow)):
-        p = folder / f"{name}.png"
-        fn(t, p)
-        if p.exists():
-            out.append(p)
+    for name, make in DATASET_FIGURES:
+        fig = make(t)
+        if fig is None:  # no patch was traced
+            continue
+        out.append(style.save(fig, folder / f"{name}.png"))
+        plt.close(fig)
     return out

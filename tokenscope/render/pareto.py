@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from tokenscope.render.figures import DEFAULT_STYLE, FigureStyle  # noqa: E402
 from tokenscope.render.palette import METHOD_COLOURS, OKABE_ITO  # noqa: E402
 
 
@@ -31,24 +32,48 @@ def pareto_front(x: np.ndarray, y: np.ndarray, lower_is_better: bool) -> np.ndar
     return np.array(sorted(idx, key=lambda i: x[i]), dtype=int)
 
 
-def _finish(fig: plt.Figure, ax: plt.Axes, df: pd.DataFrame, label: str, path: Path, lower_is_better: bool,
-            what: str) -> None:
-    """Axes, legend and title shared by both plots, then write the file."""
+def _error_bars(ax: plt.Axes, df: pd.DataFrame, column: str, colour: Any) -> None:
+    """The 95% bootstrap interval of each point's mIoU, as a vertical bar (rows without one: none)."""
+    if "miou_low" not in df or not len(df):
+        return
+    y = 100 * df["miou"].to_numpy(float)
+    low, high = 100 * df["miou_low"].to_numpy(float), 100 * df["miou_high"].to_numpy(float)
+    ok = np.isfinite(low) & np.isfinite(high)
+    if ok.any():
+        ax.errorbar(df[column].to_numpy(float)[ok], y[ok], yerr=np.vstack([y[ok] - low[ok], high[ok] - y[ok]]),
+                    fmt="none", ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.8, zorder=3)
+
+
+def _finish(fig: plt.Figure, ax: plt.Axes, df: pd.DataFrame, label: str, lower_is_better: bool, what: str) -> plt.Figure:
+    """Axes, legend and title shared by both plots."""
     ax.set_xlabel(label)
-    ax.set_ylabel("mIoU (%)")
+    images = int(df["images"].iloc[0]) if "images" in df and len(df) else 0
+    ax.set_ylabel("mIoU (%)" + (f", 95% CI over {images} images" if "miou_low" in df else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right" if lower_is_better else "lower left")
     ax.set_title(f"size {int(df['size'].iloc[0])}: {what}mIoU vs {'cost' if lower_is_better else 'speed'}")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    return fig
+
+
+def write_figure(fig: plt.Figure, path: Path, style: FigureStyle = DEFAULT_STYLE) -> Path:
+    """Write a figure in `style` and free it."""
+    written = style.save(fig, path)
     plt.close(fig)
+    return written
 
 
-def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, lower_is_better: bool) -> None:
+def pareto_figure(df: pd.DataFrame, column: str, label: str, lower_is_better: bool) -> plt.Figure:
+    """A threshold sweep: every point coloured by merge threshold, marker by exit threshold, the
+    95% interval of each mIoU as a bar, the Pareto front, the default and the unreduced model."""
     pts = df[~df["is_baseline"] & ~df["is_default"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     exits = sorted(pts["exit_threshold"].dropna().unique())
     markers = "osD^v<>p"
+    _error_bars(ax, df, column, "0.45")
+    if pts["exit_threshold"].isna().all() and len(pts):  # exits off: merge thresholds alone
+        sc = ax.scatter(pts[column], 100 * pts["miou"], c=pts["merge_threshold"], cmap="viridis", vmin=0, vmax=1,
+                        marker="o", s=36, edgecolor="black", linewidth=0.4, label="no exits")
     for j, e in enumerate(exits):
         sub = pts[pts["exit_threshold"] == e]
         sc = ax.scatter(sub[column], 100 * sub["miou"], c=sub["merge_threshold"], cmap="viridis", vmin=0, vmax=1,
@@ -63,12 +88,12 @@ def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, lower_is_
         if len(row):
             ax.scatter(row[column], 100 * row["miou"], color=_rgb(colour), marker=marker, s=160, edgecolor="black",
                        linewidth=0.6, zorder=5, label=name)
-    _finish(fig, ax, df, label, path, lower_is_better, "")
+    return _finish(fig, ax, df, label, lower_is_better, "")
 
 
-def methods_pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, lower_is_better: bool) -> None:
+def methods_pareto_figure(df: pd.DataFrame, column: str, label: str, lower_is_better: bool) -> plt.Figure:
     """Every method's operating points in its own colour, joined in order of cost, with the
-    plain ViT and the Pareto front over all methods."""
+    plain ViT and the Pareto front over all methods (bars: 95% intervals of the mIoUs)."""
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
     pts = df[~df["is_baseline"]]
     markers = "osD^v<>p"
@@ -76,6 +101,7 @@ def methods_pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, l
         sub = sub.sort_values(column)
         colour = _rgb(METHOD_COLOURS[(j + 1) % len(METHOD_COLOURS)])
         ax.plot(sub[column], 100 * sub["miou"], color=colour, linewidth=1.0, alpha=0.8)
+        _error_bars(ax, sub, column, colour)
         ax.scatter(sub[column], 100 * sub["miou"], color=colour, marker=markers[j % len(markers)], s=40,
                    edgecolor="black", linewidth=0.4, label=method, zorder=4)
         for _, r in sub.iterrows():
@@ -86,6 +112,17 @@ def methods_pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, l
     ax.plot(x[front], y[front], color="black", linewidth=0.8, linestyle="--", label="Pareto front (all methods)")
     row = df[df["is_baseline"]]
     if len(row):
+        _error_bars(ax, row, column, _rgb("grey"))
         ax.scatter(row[column], 100 * row["miou"], color=_rgb("grey"), marker="X", s=160, edgecolor="black",
                    linewidth=0.6, zorder=5, label="no reduction (vit)")
-    _finish(fig, ax, df, label, path, lower_is_better, "methods, ")
+    return _finish(fig, ax, df, label, lower_is_better, "methods, ")
+
+
+def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, lower_is_better: bool,
+                style: FigureStyle = DEFAULT_STYLE) -> Path:
+    return write_figure(pareto_figure(df, column, label, lower_is_better), path, style)
+
+
+def methods_pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, lower_is_better: bool,
+                        style: FigureStyle = DEFAULT_STYLE) -> Path:
+    return write_figure(methods_pareto_figure(df, column, label, lower_is_better), path, style)

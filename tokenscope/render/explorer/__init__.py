@@ -168,8 +168,10 @@ def run_index(run_dir: Path) -> RunIndex:
             if r.get("step_miou") is not None and r.get("baseline_miou") is not None:
                 r["miou_change"] = r["step_miou"] - r["baseline_miou"]
     title = f"{run_dir.name}: {manifest.get('model') or manifest.get('request', {}).get('model', {}).get('model', '')}"
+    warnings = [str(w) for w in manifest.get("warnings", []) if w] if isinstance(manifest.get("warnings"), list) else []
     index = {"kind": kind, "title": title, "methods": methods, "images": [f.name for f in folders],
-             "missing": missing, "rows": rows, "classes": _records(run_dir / "tables" / "classes.csv")}
+             "missing": missing, "rows": rows, "classes": _records(run_dir / "tables" / "classes.csv"),
+             "warnings": warnings}
     return RunIndex(kind, title, methods, folders, index)
 
 
@@ -205,7 +207,7 @@ def trace_html(trace: Trace, name: str = "trace", image: np.ndarray | None = Non
         uri = "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode() if ok else None
     payload = {"name": name, "image": uri, "panels": [trace_panel(trace, name)]}
     index = {"kind": "run", "title": name, "methods": [], "images": [name], "missing": [], "rows": [], "classes": [],
-             "open": name}
+             "warnings": [], "open": name}
     return _page(f'<script id="ts-data" type="application/json">{_inline_json({"index": index, "images": {name: payload}})}</script>')
 
 

@@ -141,6 +141,10 @@
       $("missing").hidden = false;
       $("missing").textContent = "images without data (missing folders, or images the run could not process): " + idx.missing.join("; ");
     }
+    if (idx.warnings && idx.warnings.length) {  // conditions of the run's numbers (e.g. a class mismatch let through)
+      $("warnings").hidden = false;
+      $("warnings").textContent = "warnings: " + idx.warnings.join("; ");
+    }
     renderClasses();
   }
 

@@ -1,0 +1,215 @@
+"""Comparison tables for papers, read from a sweep, compare or run folder: Markdown, LaTeX or CSV.
+
+Every number is read from the folder's own files (sweep.csv, methods.csv, tables/classes.csv and
+the manifest); every header says its unit and whether a column is per image, a total over the
+images or pooled over them; the conditions a reader needs (how many images, what the intervals
+are, a class mismatch that was let through, the device that timed it) come as notes under the
+table, never left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from tokenscope.errors import ConfigError
+
+FORMATS = ("markdown", "latex", "csv")
+KINDS = ("methods", "classes")
+
+
+@dataclass
+class PaperTable:
+    """Column headers (with units), rows of formatted cells, notes printed under the table."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+def _num(v: Any, digits: int = 2, signed: bool = False) -> str:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return ""
+    if not math.isfinite(x):
+        return ""
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _ci(value: Any, low: Any, high: Any, signed: bool = False) -> str:
+    """`46.21 [45.10, 47.30]` in points (inputs are fractions); the value alone without an interval."""
+    v = _num(100 * float(value), signed=signed) if _num(value) else ""
+    lo, hi = (_num(100 * float(low), signed=signed) if _num(low) else ""), (_num(100 * float(high), signed=signed) if _num(high) else "")
+    return f"{v} [{lo}, {hi}]" if v and lo and hi else v
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    path = folder / "run.json"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{folder}: no run.json here (give a sweep, compare or run folder)") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return doc
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing (the folder is incomplete)") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a readable table ({exc})") from None
+
+
+def _condition_notes(manifest: dict[str, Any]) -> list[str]:
+    space = manifest.get("class_space") or {}
+    notes = []
+    if isinstance(space, dict) and (space.get("condition") or space.get("notes")):
+        notes.append("Class spaces: " + "; ".join([str(space.get("condition") or ""), *map(str, space.get("notes") or [])]).strip("; "))
+    return notes
+
+
+def sweep_methods_table(folder: Path) -> PaperTable:
+    manifest = _manifest(folder)
+    df = _read_csv(folder / "sweep.csv")
+    base = df[df["is_baseline"]]
+    if not len(base):
+        raise ConfigError(f"{folder / 'sweep.csv'}: no baseline row")
+    images = int(df["images"].iloc[0]) if "images" in df else 0
+    base_gflops = float(base["gflops_per_image"].iloc[0])
+    columns = ["method", "operating point", "size (px)", "mIoU (%) [95% CI]", "ΔmIoU (points) [95% CI]",
+               "GFLOPs per image", "FLOP reduction (x)", "tokens per block (mean)", "exited early (% of tokens)",
+               "throughput (images/s)"]
+    rows = []
+    for _, r in df.iterrows():
+        point = "-" if r["is_baseline"] else (str(r["point"]).partition(":")[2] or str(r["point"]))
+        change = "" if r["is_baseline"] else _ci(r.get("miou_change"), r.get("miou_change_low"), r.get("miou_change_high"), True)
+        rows.append([str(r["method"]), point, str(r["size"]), _ci(r["miou"], r.get("miou_low"), r.get("miou_high")), change,
+                     _num(r["gflops_per_image"]), _num(base_gflops / float(r["gflops_per_image"])),
+                     _num(r["mean_tokens_per_block"], 0), _num(r["exited_early_pct"], 1), _num(r["images_per_s"])])
+    data = manifest.get("data") or {}
+    notes = [f"mIoU pooled over {images} images of {data.get('kind', '?')}"
+             + (f" ({data.get('split')})" if data.get("kind") not in (None, "synthetic") else f" (scenes {data.get('seeds')})")
+             + "; 95% percentile bootstrap intervals over images"
+             + (f" ({manifest['intervals']['resamples']} resamples, seed {manifest['intervals']['seed']})"
+                if isinstance(manifest.get("intervals"), dict) else "")
+             + "; ΔmIoU paired against the unreduced model (vit) on the same images.",
+             "GFLOPs: 2 per multiply-add, counted by torch's flop counter, policy network included, per image.",
+             f"Throughput: measured on {manifest.get('device', '?')}, batch 1, forward passes only.",
+             f"Model: {manifest.get('model', '?')} (weights {manifest.get('weights', '?')})."]
+    return PaperTable(f"Methods on {manifest.get('model', '?')}", columns, rows, notes + _condition_notes(manifest))
+
+
+def compare_methods_table(folder: Path) -> PaperTable:
+    manifest = _manifest(folder)
+    df = _read_csv(folder / "methods.csv")
+    every = df[df["image"] == "ALL"]
+    images = int(df[df["image"] != "ALL"]["image"].nunique())
+    overall = {r.get("method"): r for r in manifest.get("overall", []) if isinstance(r, dict)}
+    columns = ["method", f"tokens in (total, {images} images)", "tokens per block (mean)", f"GFLOPs (total, {images} images)",
+               f"latency (ms, total, {images} images)", "exited early (% of tokens)", "pixels agreeing with vit (%)",
+               "mIoU (%) [95% CI]", "ΔmIoU (points) [95% CI]"]
+    rows = []
+    for _, r in every.iterrows():
+        o = overall.get(r["method"], {})
+        ci, ch = o.get("miou_ci") or {}, o.get("miou_change_ci") or {}
+        rows.append([str(r["method"]), _num(r["tokens"], 0), _num(r["mean_tokens_per_block"], 0), _num(r["gflops"]),
+                     _num(r["latency_ms"], 1), _num(r["exited_early_pct"], 1), _num(100 * float(r["agreement"]), 1),
+                     _ci(o["miou"], ci.get("low"), ci.get("high")) if "miou" in o else "",
+                     _ci(ch.get("value"), ch.get("low"), ch.get("high"), True) if ch else ""])
+    notes = [f"Totals are sums over the {images} images; mIoU is pooled over them (95% percentile bootstrap over "
+             "images; Δ paired against vit on the same images).",
+             f"Latency: {manifest.get('latency', 'median of repeated runs')}, on {manifest.get('device', '?')}; "
+             f"GFLOPs: {manifest.get('flop_convention', '2 per multiply-add')}.",
+             f"Model: {manifest.get('model', '?')} (weights {manifest.get('weights', '?')})."]
+    return PaperTable(f"Methods compared on {images} images", columns, rows, notes + _condition_notes(manifest))
+
+
+def run_classes_table(folder: Path) -> PaperTable:
+    manifest = _manifest(folder)
+    df = _read_csv(folder / "tables" / "classes.csv")
+    df = df[df["class"] != 255]
+    levels = sorted(int(c.removeprefix("patches_level")) for c in df.columns if c.startswith("patches_level"))
+    patch = 16
+    columns = ["class", "patches (total)", *[f"in {patch * 2 ** k}-px supertokens (% of patches)" for k in levels if k > 0],
+               "exit accuracy (% of exited patches)", "IoU reduced (%)", "IoU unreduced (%)"]
+    rows = []
+    for _, r in df.iterrows():
+        total = float(r["patches"]) or 1.0
+        rows.append([str(r["name"]), _num(r["patches"], 0),
+                     *[_num(100 * float(r[f"patches_level{k}"]) / total, 1) for k in levels if k > 0],
+                     _num(100 * float(r["exit_accuracy"]), 1) if "exit_accuracy" in r else "",
+                     _num(100 * float(r["iou_step"]), 1) if "iou_step" in r else "",
+                     _num(100 * float(r["iou_baseline"]), 1) if "iou_baseline" in r else ""])
+    n = len([e for e in manifest.get("images", []) if isinstance(e, dict) and e.get("folder")])
+    notes = [f"Per class over {n} images (patches: 16x16-pixel grid cells of the processed input; supertoken sizes in "
+             "pixels of that input). IoU pooled over the images.", f"Model: {manifest.get('model', '?')}."]
+    return PaperTable(f"Where each class's tokens went ({n} images)", columns, rows, notes + _condition_notes(manifest))
+
+
+def paper_table(folder: str | Path, kind: str = "methods") -> PaperTable:
+    """The table of `kind` (methods, classes) that `folder` (sweep, compare --methods or run) holds."""
+    p = Path(folder)
+    if kind not in KINDS:
+        raise ConfigError(f"--kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if not p.is_dir():
+        raise ConfigError(f"{p}: no such folder")
+    manifest = _manifest(p)
+    what = manifest.get("kind")
+    if kind == "classes":
+        if what != "run":
+            raise ConfigError(f"{p}: per-class tables come from run folders; this is a {what} folder")
+        return run_classes_table(p)
+    if what == "sweep":
+        return sweep_methods_table(p)
+    if what == "compare" and "methods" in manifest:
+        return compare_methods_table(p)
+    raise ConfigError(f"{p}: a methods table needs a sweep folder or a `compare --methods` folder (this is {what!r}); "
+                      "for a run, use --kind classes")
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "Δ": r"$\Delta$"}
+
+
+def _latex(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def to_markdown(t: PaperTable) -> str:
+    cell: Callable[[str], str] = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(cell, t.columns)) + " |", "|" + "---|" * len(t.columns)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in t.rows]
+    return "\n".join(lines + [""] + [f"{n}" for n in t.notes]) + "\n"
+
+
+def to_latex(t: PaperTable) -> str:
+    """A booktabs table (needs \\usepackage{booktabs}); the notes become its caption."""
+    spec = "l" * 2 + "r" * (len(t.columns) - 2)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{" + spec + "}", r"\toprule",
+             " & ".join(_latex(c) for c in t.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(_latex(c) for c in r) + r" \\" for r in t.rows]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _latex(t.title + ". " + " ".join(t.notes)) + "}",
+              r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(t: PaperTable) -> str:
+    return pd.DataFrame(t.rows, columns=t.columns).to_csv(index=False) + "".join(f"# {n}\n" for n in t.notes)
+
+
+def render_table(t: PaperTable, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    return {"markdown": to_markdown, "latex": to_latex, "csv": to_csv}[fmt](t)
