@@ -263,7 +263,7 @@ def _print_run_miou(result: Any) -> None:
     n = (t.get("step_miou_ci") or {}).get("images", t.get("images", 0))
     base = f", without reduction {100 * t['baseline_miou']:.2f}{_ci_text(t.get('baseline_miou_ci'))}" if "baseline_miou" in t else ""
     change = t.get("miou_change_ci")
-    delta = f"; change {100 * change['value']:+.2f}{_ci_text(change, signed=True)}" if change else ""
+    delta = f"; change {_ci_value(change, signed=True)}" if change else ""
     tag = result.class_space.tag if result.class_space is not None else ""
     how = "95% bootstrap CI" if n > 1 else "no CI"
     out_console.print(f"mIoU with {result.method or 'STEP'} {100 * t['step_miou']:.2f}{_ci_text(t.get('step_miou_ci'))}"
@@ -369,7 +369,7 @@ def compare(
         tag = result.class_space.tag if result.class_space is not None else ""
         out_console.print(f"ALL mIoU: baseline {100 * o['base_miou']:.2f}{_ci_text(o['base_miou_ci'])}, reduced "
                           f"{100 * o['step_miou']:.2f}{_ci_text(o['step_miou_ci'])}, change "
-                          f"{100 * o['miou_change_ci']['value']:+.2f}{_ci_text(o['miou_change_ci'], signed=True)} "
+                          f"{_ci_value(o['miou_change_ci'], signed=True)} "
                           f"({n} image{'s' if n != 1 else ''}, pooled, {'95% bootstrap CI' if n > 1 else 'no CI'}"
                           f"{'; ' + tag if tag else ''})", highlight=False, soft_wrap=True)
     out_console.print(f"outputs: [bold]{result.run_dir}[/]  (ALL: totals over the images; GFLOPs: torch flop counter, 2 per "
@@ -396,7 +396,7 @@ def _print_methods(result: Any, baseline: str) -> None:
         if has_miou:
             change = r.get("miou_change_ci")
             cells += [f"{100 * r.get('miou', float('nan')):.2f}{_ci_text(r.get('miou_ci'))}",
-                      "" if not change else f"{100 * change['value']:+.2f}{_ci_text(change, signed=True)}"]
+                      _ci_value(change, signed=True)]
         table.add_row(*cells)
     out_console.print(table)
     tag = result.class_space.tag if getattr(result, "class_space", None) is not None else ""
@@ -498,6 +498,18 @@ def _parse_crops(text: str) -> tuple[tuple[int, int], ...]:
     return pairs  # type: ignore[return-value]
 
 
+def _pts(value: Any, signed: bool = False) -> str:
+    """A fraction as points (46.21, or +0.52); "n/a" when undefined (no class was present)."""
+    if value is None or value != value:
+        return "n/a"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def _ci_value(ci: dict[str, Any] | None, signed: bool = False) -> str:
+    """An interval's value with its bounds: `+0.52 [-0.10, +1.20]`."""
+    return "" if not ci else _pts(ci.get("value"), signed) + _ci_text(ci, signed)
+
+
 def _ci_text(ci: dict[str, Any] | None, signed: bool = False) -> str:
     """`[45.10, 47.30]` from an interval's dict ("" when there is none or it is undefined)."""
     if not ci or ci.get("low") is None or ci["low"] != ci["low"]:  # none, or undefined: fewer than two images
@@ -514,7 +526,7 @@ def _print_eval(metrics: dict[str, dict[str, Any]], title: str) -> None:
     for name, m in metrics.items():
         change = m.get("miou_change_ci")
         table.add_row(name, str(m["images"]), f"{100 * m['miou']:.2f}{_ci_text(m.get('miou_ci'))}",
-                      "" if not change else f"{100 * change['value']:+.2f}{_ci_text(change, signed=True)}",
+                      _ci_value(change, signed=True),
                       f"{m['tokens'] / max(m['images'], 1):.0f}",
                       f"{m['token_reduction']:.2f}x", f"{m['exited_early_pct']:.1f}%", f"{m['gflops_per_image']:.2f}",
                       f"{m['forward_ms_per_image']:.0f}")
@@ -715,7 +727,7 @@ def _print_sweep_table(df: Any, title: str) -> None:
     for _, r in df.iterrows():
         ci = {"low": r["miou_low"], "high": r["miou_high"]}
         ch = {"low": r["miou_change_low"], "high": r["miou_change_high"]}
-        change = "" if r["is_baseline"] else f"{100 * r['miou_change']:+.2f}{_ci_text(ch, signed=True)}"
+        change = "" if r["is_baseline"] else f"{_pts(r['miou_change'], signed=True)}{_ci_text(ch, signed=True)}"
         table.add_row(str(r["size"]), str(r["point"]), f"{100 * r['miou']:.2f}{_ci_text(ci)}", change,
                       f"{r['gflops_per_image']:.2f}",
                       f"{r['images_per_s']:.2f}", f"{r['mean_tokens_per_block']:.0f} ({r['block_token_reduction']:.2f}x)",
@@ -809,7 +821,7 @@ def tune(
         table.add_column(col, justify="left" if col in ("operating point", "meets") else "right")
     for m in result.calibration:
         table.add_row(m.point, f"{m.miou:.2f}{_ci_text(m.miou_ci)}", f"{m.miou_drop:+.2f}",
-                      f"{100 * m.change_ci.get('value', float('nan')):+.2f}{_ci_text(m.change_ci, signed=True)}", f"{m.gflops:.2f}", f"{m.p95_ms:.1f}",
+                      _ci_value(m.change_ci, signed=True), f"{m.gflops:.2f}", f"{m.p95_ms:.1f}",
                       f"{m.speedup:.2f}x", "yes" if m.ok else ", ".join(k for k, v in m.meets.items() if not v) + " missed")
     out_console.print(table)
     if result.chosen is None:

@@ -14,7 +14,8 @@ right one. So every command that scores predictions first builds a `ClassSpace`:
 
 A class map file is JSON, `{"road": "road", "3": 0, "sky": 5}` (keys: the data set's class ids
 after its own conversion, or its class names; values: the model's class ids or names, or 255 to
-ignore), or a two-column CSV `data_id,model_id`. Ids left out become 255 (ignored).
+ignore), or a two-column CSV `data_id,model_id`. Ids left out become 255 (ignored). Label files
+given with `--labels` have no class names of their own: names on their side are the model's.
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ def read_class_map(path: str | Path, model_names: Sequence[str], model_classes: 
     entries = _read_map(p)
     if not entries:
         raise ConfigError(f"--class-map {p}: maps no class")
-    for key, value in entries.items():
-        src = _class_id(key, data_names, data_classes, "the data set", p)
+    for key, value in entries.items():  # label files have no names of their own: theirs are the model's
+        src = _class_id(key, data_names or model_names, data_classes, "the data set", p)
         dst = _class_id(value, model_names, model_classes, "the model", p)
         lookup[src] = dst
     return lookup
