@@ -95,6 +95,8 @@ def test_evaluate_and_tune_take_run_model_options_on_an_imported_model(tmp_path:
     assert tome["miou_ci"]["images"] == 4 and tome["miou_ci"]["seed"] == 0
     assert tome["miou_ci"]["low"] <= tome["miou"] <= tome["miou_ci"]["high"]
     assert "miou_change_ci" in tome and doc["class_space"]["agree"] is True
+    base = doc["variants"]["baseline"]  # evaluate runs ToMe itself, not the plain model under its name
+    assert tome["mean_tokens_per_block"] < base["mean_tokens_per_block"] and tome["gflops_per_image"] < base["gflops_per_image"]
     r = invoke("evaluate", "--weights", imported, "--method", "step", "--data", "ade20k", "--root", tree, "--device", "cpu")
     assert r.exit_code != 0 and "never trained" in r.output and "tome, algm" in r.output
     r = invoke("tune", "--weights", imported, "--method", "tome", "--max-gflops", "1000", "--max-miou-drop", "100",

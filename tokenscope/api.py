@@ -398,6 +398,8 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
 
     if resume is None and not images and dataset is None:
         raise ConfigError("give image files/folders, --dataset, or --resume RUN_DIR")
+    if resume is not None and (images or dataset is not None):
+        raise ConfigError("--resume finishes a run with its own images and settings; give it alone (no images or --dataset)")
     held = model if isinstance(model, Model) else None
     opts = held.options if held is not None else _options(_model_name(model, "run(model=...)"), weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
                                                           exit_threshold, exits, device, seed, budget,
@@ -436,6 +438,8 @@ def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model
     opts = replace(opts, class_map=None if class_map is None else str(class_map),
                    ignore_class_mismatch=ignore_class_mismatch or opts.ignore_class_mismatch)
     listed = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods or []) if m.strip()]
+    if methods is not None and not listed:
+        raise ConfigError("--methods needs at least one method, e.g. step,tome,cts,dtop")
     return compare_images([str(p) for p in images], opts, baseline=baseline, out=out, size=size, labels=labels,
                           repeats=repeats, warmup=warmup, progress=progress, window=window, stride=stride,
                           model=None if held is None else (held.loaded, held.device), methods=listed or None,
@@ -494,13 +498,14 @@ def heatmap(run_dir: str | Path | None = None, *, kind: str = "all", out: str | 
 
 
 def report(run_dir: str | Path | None = None, *, gallery: int = 24, animations: int = 6,
-           out: str | Path = "outputs") -> Path:
-    """`tokenscope report`: one self-contained HTML file of a run folder (the latest if None)."""
+           out: str | Path = "outputs", problems: list[str] | None = None) -> Path:
+    """`tokenscope report`: one self-contained HTML file of a run folder (the latest if None).
+    Damaged image folders are listed in the report and, if `problems` is a list, added to it."""
     from tokenscope.jobs.runfolder import fresh_file, latest_run, write_text_atomic
     from tokenscope.render.report import build_report
 
     run_path = Path(run_dir) if run_dir is not None else latest_run(out)
-    text = build_report(run_path, gallery=gallery, animations=animations)
+    text = build_report(run_path, gallery=gallery, animations=animations, problems=problems)
     path = fresh_file(run_path / "report.html")
     write_text_atomic(path, text)
     return path
@@ -528,10 +533,13 @@ def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None 
           warmup: int = 150, exit_aware_steps: int = 0, save_every: int = 250, accumulate: int = 1, resume: bool = False,
           evaluate_after: bool = True, device: str = "auto", seed: int = 0,
           progress: Callable[[int, int, dict[str, float]], None] | None = None,
-          eval_progress: Progress | None = None, keep_per_class: int | None = None, method: str | None = None) -> Any:
+          eval_progress: Progress | None = None, keep_per_class: int | None = None, method: str | None = None,
+          overwrite: bool = False) -> Any:
     """`tokenscope train`: train a STEP model (or fine-tune one with `init`: a checkpoint or a
     published model) into `out`.json + .safetensors; `method` (algm, tome, X+algm, ...) trains with
-    that method's in-network merging on. Returns a TrainResult (`.checkpoint`, `.state.history`,
+    that method's in-network merging on. An existing checkpoint at `out` is refused unless `resume`
+    (continue it) or `overwrite` (replace it, keeping the old files as NAME.backup-STAMP.*).
+    Returns a TrainResult (`.checkpoint`, `.state.history`,
     `.metrics` of the final evaluation)."""
     from tokenscope.jobs.train import DataOptions, train_model
     from tokenscope.train.trainer import TrainSettings
@@ -543,7 +551,7 @@ def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None 
                     val_seeds=val_seeds, size=size)
     return train_model(model, out, d, settings, device=device, backbone_weights=backbone_weights, resume=resume,
                        evaluate_after=evaluate_after, progress=progress, eval_progress=eval_progress, decoder=decoder,
-                       keep_per_class=keep_per_class)
+                       keep_per_class=keep_per_class, overwrite=overwrite)
 
 
 def bench(*, model: str = "demo", weights: str | None = None, random_init: bool = False, policy: str | None = None,

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,11 +27,35 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
 
 from tokenscope import __version__
 from tokenscope.errors import ConfigError, TokenscopeError
 
+class _OneLineErrors(TyperGroup):
+    """Usage errors (an unknown option, a value of the wrong type, a missing argument) as one line
+    and exit code 2, like every other error: never click's boxed usage text."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            err_console.print("[bold red]interrupted[/]", highlight=False)
+            sys.exit(130)
+        except typer.TyperException as exc:  # click's usage errors (typer ships its own click)
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "tokenscope"
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            err_console.print(f"[bold red]error:[/] {escape(message)} (see `{where} --help`)",
+                              highlight=False, soft_wrap=True)
+            sys.exit(int(getattr(exc, "exit_code", 2)))
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="tokenscope",
     help="Where do the tokens go? Trace supertoken merges (dCTS) and early exits in STEP ViT segmenters.",
     no_args_is_help=True,
@@ -85,16 +110,26 @@ def _method_text(method: str | None, tome_r: float | None = None, algm_threshold
 
 
 def _fail(exc: TokenscopeError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
+    """User errors and refused writes become one line; a fresh output folder the command could not
+    finish (no run.json yet) is taken away, so nothing half-written looks like a result."""
+    from tokenscope import storage
+
     try:
         yield
     except TokenscopeError as exc:
+        storage.discard_incomplete()
         _fail(exc)
+    except OSError as exc:
+        if not storage.is_storage_error(exc):
+            raise  # a bug: keep its traceback
+        storage.discard_incomplete()
+        _fail(storage.storage_error(exc))
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]; finished images are kept, the run folder has no run.json")
         raise typer.Exit(130) from None
@@ -111,6 +146,14 @@ def _progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
             bar.update(task, completed=done, total=total, item=item)
 
         yield update
+
+
+def _fail_on_problems(problems: list[str]) -> None:
+    """One line per damaged image, then exit 3 (the page or report was still written)."""
+    for line in problems:
+        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(3)
 
 
 def _warn(lines: list[str]) -> None:
@@ -438,6 +481,7 @@ def train(
     exit_aware_steps: Annotated[int, typer.Option(help="Apply the exits (drop confident tokens) in the last N steps, so later blocks learn without them.")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 250,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing checkpoint at --out (its files are kept as NAME.backup-STAMP.*); without it, train refuses to write over one.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the evaluation at the end.")] = False,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed for initialisation and batch order.")] = 0,
@@ -466,7 +510,7 @@ def train(
                                    val_split=val_split, train_seeds=train_seeds, val_seeds=val_seeds, size=size,
                                    steps=steps, crops=_parse_crops(crops), lr=lr, aux_weight=aux_weight, warmup=warmup,
                                    exit_aware_steps=exit_aware_steps, save_every=save_every, accumulate=accumulate,
-                                   resume=resume,
+                                   resume=resume, overwrite=overwrite,
                                    evaluate_after=not no_eval, device=device, seed=seed, progress=on_step,
                                    eval_progress=eval_progress, keep_per_class=keep_per_class, method=method)
     if not _is_writer():  # under torchrun, rank 0 reports
@@ -765,10 +809,12 @@ def report(
     """Write one self-contained HTML report (images embedded) of a run folder."""
     from tokenscope import api
 
+    problems: list[str] = []
     with _user_errors():
-        path = api.report(run_dir, gallery=gallery, animations=animations, out=out)
+        path = api.report(run_dir, gallery=gallery, animations=animations, out=out, problems=problems)
     out_console.print(f"report: [bold]{path}[/] ({path.stat().st_size / 2**20:.1f} MiB, opens from disk in any browser)",
                       highlight=False)
+    _fail_on_problems(problems)
 
 
 @app.command()
@@ -850,12 +896,17 @@ def view(
     from tokenscope.jobs.view import serve as serve_folder
     from tokenscope.jobs.view import write_view
 
+    if not 0 <= port <= 65535:
+        _fail(ConfigError(f"--port {port}: a TCP port is 0 (a free one) to 65535"))
     with _user_errors(), _progress("explorer") as update:
         result = write_view(run_dir, out=out, served=serve, progress=update)
     if not serve:
         out_console.print(f"explorer: [bold]{result.page}[/] ({result.page.stat().st_size / 2**20:.1f} MiB, "
                           "opens from disk in any browser)", highlight=False)
+        _fail_on_problems(result.problems)
         return
+    for line in result.problems:  # served anyway: the page shows each in place of its image
+        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
     try:
         server, _ = serve_folder(result.run_dir, port)
     except OSError as exc:
@@ -947,6 +998,8 @@ def data_check(
     """Validate a data-set tree: image and label counts per split, label values in range, sizes agree."""
     from tokenscope import api
 
+    if show < 0 or (limit is not None and limit < 1):
+        _fail(ConfigError("--show must be >= 0 and --limit >= 1"))
     with _user_errors(), _progress("checking") as update:
         report = api.check_data(name, root=root, limit=limit, progress=update)
     table = Table(title=f"{name} at {report.root}", title_justify="left")

@@ -34,3 +34,9 @@ class RunFolderError(TokenscopeError):
 
 class DownloadError(TokenscopeError):
     """A file could not be downloaded, or what arrived is not the published file."""
+
+
+class StorageError(TokenscopeError):
+    """The disk refused a write: full, read-only, no permission, or the folder vanished."""
+
+    exit_code = 3

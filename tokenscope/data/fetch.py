@@ -82,6 +82,15 @@ def cached_root(name: str) -> Path:
     raise ConfigError(f"data set {name!r} is not in the cache (looked in {dest}); run {how} or pass --data-root")
 
 
+def check_url(url: str) -> None:
+    """A mirror's address must be an http(s) or file URL with a place to fetch from."""
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.netloc) or not parts.path:
+        raise ConfigError(f"--url {url!r}: expected an http://, https:// or file:// address of the archive")
+
+
 def fetch(name: str, progress: DownloadProgress | None = None, url: str | None = None,
           keep_archive: bool = False, offline: bool | None = None) -> Path:
     """Download, verify and unpack data set `name` into the cache; returns its folder.
@@ -97,6 +106,8 @@ def fetch(name: str, progress: DownloadProgress | None = None, url: str | None =
     if (dest / source.top).is_dir():
         return dest
     archive = cache_root() / "downloads" / source.filename
+    if url is not None:
+        check_url(url)
     download(url or source.url, archive, source.algorithm, source.digest, progress, offline=offline)
     with file_lock(dest):
         if not (dest / source.top).is_dir():

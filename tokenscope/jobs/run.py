@@ -26,7 +26,7 @@ import functools
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +48,7 @@ from tokenscope.jobs.runfolder import (
     image_folder,
     new_run_dir,
     read_manifest,
+    run_lock,
     unique_name,
     write_json_atomic,
     write_rgb,
@@ -497,13 +498,36 @@ def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | N
 
     `model` is an already loaded (model, device) matching `req.model`, reused instead of loading
     it again (the Python API passes the one a notebook holds); a resume always loads its own.
+    A resumed folder is locked while it is worked on: a second `--resume` of it says it is busy.
     """
+    if resume is None:
+        return _run_job(req, out, None, progress, model)
+    with run_lock(Path(resume)):
+        return _run_job(req, out, resume, progress, model)
+
+
+def _request_of(manifest: dict[str, Any], run_dir: Path) -> RunRequest:
+    """The request a run folder recorded, or one line naming what is wrong with it."""
+    raw = manifest.get("request")
+    known = {f.name for f in fields(RunRequest)}
+    if not isinstance(raw, dict) or set(raw) - known:
+        extra = sorted(set(raw) - known) if isinstance(raw, dict) else []
+        raise RunFolderError(f"{run_dir / MANIFEST}: field 'request' " + (f"has unknown keys {extra}" if extra else
+                                                                         "must be a JSON object"))
+    model = raw.get("model", {})
+    if not isinstance(model, dict) or set(model) - {f.name for f in fields(ModelOptions)}:
+        raise RunFolderError(f"{run_dir / MANIFEST}: field 'request.model' is not a set of model options")
+    return RunRequest(**raw)
+
+
+def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progress: Progress | None,
+             model: tuple[LoadedModel, Any] | None) -> RunResult:
     if resume is not None:
         run_dir = Path(resume)
         manifest = read_manifest(run_dir)
         if manifest.get("kind") != "run":
             raise RunFolderError(f"{run_dir}: not a tokenscope run folder")
-        req = RunRequest(**manifest["request"])
+        req = _request_of(manifest, run_dir)
     scoring = Scoring()
     items = _items(req, scoring)
     opts = req.model_options()

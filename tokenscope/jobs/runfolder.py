@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -20,6 +19,8 @@ import cv2
 import numpy as np
 
 from tokenscope.errors import RunFolderError
+from tokenscope.render.manifest import read_manifest as _read_checked
+from tokenscope.storage import atomic_write, track_folder, writing
 
 if TYPE_CHECKING:  # the frame sink's processes write folders, never tables: they need not load pandas
     import pandas as pd
@@ -28,40 +29,22 @@ MANIFEST = "run.json"
 PARTIAL_PREFIX = ".partial-"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()
-
-
-def publish(tmp: str | Path, path: Path) -> None:
-    """Give a finished temporary file normal permissions and move it into place atomically."""
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, path)
-
-
 def new_run_dir(root: str | os.PathLike[str], kind: str = "run") -> Path:
     """Create and return a new, empty run folder under `root` (never reuses an existing one)."""
     base = Path(root)
     if base.exists() and not base.is_dir():
         raise RunFolderError(f"--out {base} is a file, not a folder")
-    try:
+    with writing(base):
         base.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunFolderError(f"cannot create output folder {base} ({exc.strerror or exc})") from None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1, 1000):
         cand = base / (f"{kind}-{stamp}" if n == 1 else f"{kind}-{stamp}-{n}")
         try:
-            cand.mkdir()
-            return cand
+            with writing(cand):
+                cand.mkdir()
+            return track_folder(cand)
         except FileExistsError:
             continue
-        except OSError as exc:
-            raise RunFolderError(f"cannot create run folder in {base} ({exc.strerror or exc})") from None
     raise RunFolderError(f"too many runs named {kind}-{stamp} in {base}")
 
 
@@ -81,19 +64,40 @@ def image_folder(run_dir: Path, name: str) -> Iterator[Path]:
     partial = run_dir / f"{PARTIAL_PREFIX}{name}"
     if partial.exists():
         shutil.rmtree(partial)
-    partial.mkdir()
+    with writing(partial):
+        partial.mkdir()
     try:
-        yield partial
+        with writing(partial):
+            yield partial
+            os.replace(partial, run_dir / name)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    os.replace(partial, run_dir / name)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    publish(f.name, path)
+    """JSON (standard: NaN and infinities are refused, never written as bare tokens) via storage."""
+    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
+    atomic_write(path, lambda f: f.write(_standard_json(text, obj)))
+
+
+def _standard_json(text: str, obj: Any) -> str:
+    """`text` when it is standard JSON; else the same document with NaN/inf as null."""
+    if "NaN" not in text and "Infinity" not in text:
+        return text
+    return json.dumps(_finite(obj), indent=2, default=_json_default)
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    if isinstance(o, np.floating) and not np.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:
@@ -109,9 +113,7 @@ def _json_default(o: Any) -> Any:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
-        f.write(text)
-    publish(f.name, path)
+    atomic_write(path, lambda f: f.write(text))
 
 
 def fresh_file(path: Path) -> Path:
@@ -124,17 +126,10 @@ def fresh_file(path: Path) -> Path:
 
 def write_table(df: pd.DataFrame, path: Path) -> None:
     """CSV or Parquet by suffix, via a temporary file and a rename."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=path.suffix, delete=False) as f:
-        tmp = f.name
-    try:
-        if path.suffix == ".parquet":
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_csv(tmp, index=False)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if path.suffix == ".parquet":
+        atomic_write(path, lambda f: df.to_parquet(f, index=False), mode="wb")
+    else:
+        atomic_write(path, lambda f: df.to_csv(f, index=False))
 
 
 def write_rgb(path: Path, rgb: np.ndarray) -> None:
@@ -143,9 +138,7 @@ def write_rgb(path: Path, rgb: np.ndarray) -> None:
     ok, buf = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise RunFolderError(f"cannot encode {path.name}")
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=path.suffix, delete=False) as f:
-        f.write(buf.tobytes())
-    publish(f.name, path)
+    atomic_write(path, lambda f: f.write(buf.tobytes()), mode="wb")
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -155,13 +148,33 @@ def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def read_manifest(run_dir: Path) -> dict[str, Any]:
+LOCK = ".lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder for this process (an OS file lock, freed however the process ends);
+    a second holder gets one line saying the folder is busy."""
+    import fcntl
+
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: no such run folder")
+    with writing(run_dir / LOCK):
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        return json.loads((run_dir / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise RunFolderError(f"{run_dir}: no {MANIFEST}; not a tokenscope run folder") from None
-    except (OSError, ValueError) as exc:
-        raise RunFolderError(f"{run_dir / MANIFEST}: unreadable ({exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderError(f"{run_dir} is busy: another tokenscope process is working on it (wait for it, "
+                                 "or stop it first)") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The run folder's checked run.json (see render/manifest.py)."""
+    return _read_checked(run_dir)
 
 
 def _complete(run_dir: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -68,6 +69,8 @@ class ModelOptions:
 
 MERGE_SETTINGS = ("tome_r", "algm_threshold", "algm_global_threshold", "prop_attn", "merge_order", "merge_count")
 """ModelOptions fields that only in-network merging (tome, algm) reads."""
+MAX_TOME_R = 100_000
+"""More tokens than any image has (a 16k x 16k image at patch 16 has 1M patches; r is per block)."""
 DEFAULT_TOME_R = 0.05
 """Default ToMe r: 5% of the image's tokens per block (ToMe's r=16 of 197 is 8% on ViT-B/224)."""
 DEFAULT_ALGM_THRESHOLD = 0.88
@@ -97,11 +100,15 @@ def merging_spec(method: Method, opts: ModelOptions, depth: int) -> MergingSpec 
                           f"got {opts.merge_count!r}")
     if method.merging == "tome":
         r = DEFAULT_TOME_R if opts.tome_r is None else float(opts.tome_r)
-        if not r >= 0 or (r >= 1 and r != int(r)):
-            raise ConfigError(f"--tome-r is a whole count per block or a fraction below 1, got {opts.tome_r}")
+        if not math.isfinite(r) or not 0 <= r <= MAX_TOME_R or (r >= 1 and r != int(r)):
+            raise ConfigError(f"ToMe's r is a whole count per block (at most {MAX_TOME_R}) or a fraction below 1, "
+                              f"got {opts.tome_r}")
         return MergingSpec("tome", tuple(range(1, depth + 1)), r=r,
                            prop_attn=True if opts.prop_attn is None else opts.prop_attn, **rules)
     threshold = DEFAULT_ALGM_THRESHOLD if opts.algm_threshold is None else float(opts.algm_threshold)
+    for name, value in (("threshold", threshold), ("global", opts.algm_global_threshold)):
+        if value is not None and not (math.isfinite(value) and -1.0 <= value <= 1.0):
+            raise ConfigError(f"ALGM's {name} is a cosine similarity in [-1, 1], got {value}")
     return MergingSpec("algm", algm_blocks(depth), threshold=threshold, global_threshold=opts.algm_global_threshold,
                        prop_attn=False if opts.prop_attn is None else opts.prop_attn, **rules)
 
@@ -122,6 +129,10 @@ def load_model(opts: ModelOptions, have_labels: bool = False,
         raise ConfigError(f"unknown policy {opts.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
     if opts.exits is not None and opts.exits not in EXIT_MODES:
         raise ConfigError(f"unknown exit mode {opts.exits!r}; choose one of {', '.join(EXIT_MODES)}")
+    if opts.budget is not None and not (math.isfinite(opts.budget) and 1.0 <= opts.budget <= 1e6):
+        raise ConfigError(f"--budget is a token reduction factor of at least 1 (e.g. 2.5), got {opts.budget}")
+    if opts.keep_per_class is not None and not 0 <= opts.keep_per_class <= 1_000_000:
+        raise ConfigError(f"--keep-per-class must be 0 (off) or a positive count, got {opts.keep_per_class}")
     if opts.exit_threshold is not None and not (0.0 <= opts.exit_threshold <= 1.0):
         raise ConfigError(f"--exit-threshold must be between 0 and 1, got {opts.exit_threshold}")
     if opts.cts_groups is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from tokenscope.jobs.setup import ModelOptions, merging_spec
 from tokenscope.models.checkpoints import (
     LoadedModel,
     build_model,
+    checkpoint_paths,
     load_checkpoint,
     load_published,
     new_model,
@@ -28,7 +31,8 @@ from tokenscope.models.methods.merging import MergingSpec
 from tokenscope.models.methods.spec import parse_method
 from tokenscope.models.published import PUBLISHED
 from tokenscope.models.registry import StepConfig, resolve_config
-from tokenscope.models.step_vit import StepViT
+from tokenscope.models.step_vit import ReductionSetting, StepViT
+from tokenscope.storage import check_writable, writing
 from tokenscope.models.runtime import resolve_device
 from tokenscope.train.trainer import Trainer, TrainProgress, TrainSettings, TrainState
 
@@ -56,8 +60,14 @@ def validation_data(d: DataOptions) -> SegmentationDataset:
     return open_dataset(d.kind, d.root, d.val_split)
 
 
-def step_and_baseline(policy: str = "learned", exits: bool = True) -> list[OperatingPoint]:
-    return [OperatingPoint("step", policy, exits), OperatingPoint("baseline", "none", False)]
+def step_and_baseline(policy: str = "learned", exits: bool = True,
+                      saved: ReductionSetting | None = None) -> list[OperatingPoint]:
+    """The model's operating point ("step") and the same weights without reduction. With `saved`
+    (the model's whole setting) the step point keeps its in-network merging, so a ToMe or ALGM
+    model (policy none, no exits) is not mistaken for the plain one."""
+    step = OperatingPoint("step", policy, exits,
+                          setting=None if saved is None else replace(saved, policy=policy, exits=exits))
+    return [step, OperatingPoint("baseline", "none", False)]
 
 
 @dataclass
@@ -71,10 +81,15 @@ class TrainResult:
 def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainSettings, device: str = "auto",
                 backbone_weights: str | None = None, resume: bool = False, evaluate_after: bool = True,
                 progress: TrainProgress | None = None, eval_progress: Progress | None = None,
-                decoder: str | None = None, keep_per_class: int | None = None) -> TrainResult:
+                decoder: str | None = None, keep_per_class: int | None = None, overwrite: bool = False) -> TrainResult:
     """Train `model` (a registry name) on `data`; checkpoint to `out` (NAME.json + NAME.safetensors).
 
-    `decoder` (linear or mask) chooses the decoder of a new model; a fine-tuned one keeps its own."""
+    `decoder` (linear or mask) chooses the decoder of a new model; a fine-tuned one keeps its own.
+    An existing checkpoint at `out` is continued with `resume`, replaced with `overwrite` (the old
+    files kept beside it as NAME.backup-STAMP.*), and otherwise refused: training never silently
+    replaces a model."""
+    settings.check()
+    protect_checkpoint(out, resume, overwrite)
     dev = resolve_device(device)
     train_set = training_data(data)
     torch.manual_seed(settings.seed)
@@ -117,7 +132,8 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
         windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, None, None, None)
         policy = "none" if settings.method and parse_method(settings.method).policy == "none" else "learned"
         exits = not settings.method or parse_method(settings.method).exits
-        evaluation = evaluate(final, validation_data(data), step_and_baseline(policy, exits), dev, eval_progress,
+        evaluation = evaluate(final, validation_data(data), step_and_baseline(policy, exits, final.model.setting()),
+                              dev, eval_progress,
                               windows=windows)
         metrics = {k: v.as_dict(final.config.class_names) for k, v in evaluation.variants.items()}
         meta = {**final.metadata, "evaluation": {"data": data.__dict__, "thresholds": {
@@ -126,6 +142,33 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
             save_checkpoint(final.model, out, trained=final.trained, metadata=meta)
         dist.barrier(trainer.ctx, "evaluated checkpoint written")
     return TrainResult(Path(out), state, evaluation, metrics)
+
+
+def protect_checkpoint(out: str | Path, resume: bool, overwrite: bool) -> list[Path]:
+    """Refuse to write over an existing checkpoint unless resuming or told to overwrite; with
+    `overwrite`, move the old files aside first (returned). Also refuses an unwritable folder now,
+    before any training step."""
+    tensors, meta = checkpoint_paths(out)
+    state = tensors.with_suffix(".train.pt")
+    existing = [p for p in (meta, tensors, state) if p.exists()]
+    check_writable(tensors.parent)
+    if resume:
+        if overwrite:
+            raise ConfigError("--resume continues the checkpoint at --out and --overwrite replaces it; give one")
+        return []
+    if not existing:
+        return []
+    if not overwrite:
+        raise ConfigError(f"{existing[0]} exists (a checkpoint); --resume continues it, --overwrite replaces it "
+                          "(keeping the old files as a backup), or choose another --out")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for p in existing:
+        backup = p.with_name(p.name.replace(meta.stem, f"{meta.stem}.backup-{stamp}", 1))
+        with writing(backup):
+            os.replace(p, backup)
+        moved.append(backup)
+    return moved
 
 
 TRAINABLE_METHODS = "tome, algm, or X+tome / X+algm with X in step, dcts, dtop"
@@ -167,6 +210,6 @@ def evaluate_model(loaded: LoadedModel, device: torch.device, data: DataOptions,
     cfg = loaded.config
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, None,
                               loaded.model.patch_size)
-    points = step_and_baseline(policy, loaded.model.exits_enabled)
+    points = step_and_baseline(policy, loaded.model.exits_enabled, loaded.model.setting())
     return evaluate(loaded, validation_data(data), points, device, progress, amp=amp, windows=windows,
                     data_label=data.kind, class_map=class_map, ignore_class_mismatch=ignore_class_mismatch)

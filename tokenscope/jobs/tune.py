@@ -17,6 +17,7 @@ whether it still meets the target there.
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
 from tokenscope.models.methods.spec import parse_method
 
 OP_FORMAT = "tokenscope-operating-point"
+OP_VERSION = 1
 GRIDS: dict[str, list[str]] = {
     "step": [f"step:merge={m}:exit={e}" for m, e in itertools.product((0.3, 0.5, 0.7, 0.9), (0.8, 0.9, 0.95, 0.99))],
     "dcts": [f"dcts:merge={m}" for m in (0.3, 0.5, 0.7, 0.9, 1.01)],
@@ -55,10 +57,15 @@ class Target:
     """mIoU points (0-100 scale) the point may lose against the unreduced model."""
 
     def check(self) -> None:
+        """Refuse targets no point can meet or that are not numbers, before the search starts."""
         if self.max_gflops is None and self.p95_latency_ms is None and self.min_speedup is None:
             raise ConfigError("tune needs a target: --max-gflops, --p95-latency-ms or --min-speedup")
-        if self.max_miou_drop < 0:
-            raise ConfigError(f"--max-miou-drop must be >= 0, got {self.max_miou_drop}")
+        for flag, value in (("--max-gflops", self.max_gflops), ("--p95-latency-ms", self.p95_latency_ms),
+                            ("--min-speedup", self.min_speedup)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be a finite number above 0, got {value}")
+        if not (math.isfinite(self.max_miou_drop) and 0 <= self.max_miou_drop <= 100):
+            raise ConfigError(f"--max-miou-drop is in mIoU points, from 0 to 100, got {self.max_miou_drop}")
 
 
 @dataclass
@@ -150,7 +157,7 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
                      window, stride)
     held_m = measure(chosen.point, held[chosen.point], held["baseline"], target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"format": OP_FORMAT, "version": 1, "tool": "tokenscope", "tool_version": __version__,
+    doc = {"format": OP_FORMAT, "version": OP_VERSION, "tool": "tokenscope", "tool_version": __version__,
            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": chosen.point, "model": opts.model,
            "weights": loaded.weights_id, "target": target.__dict__,
            "calibration": {"data": data, "split": calib_split if data != "synthetic" else calib_seeds,
@@ -172,5 +179,8 @@ def read_operating_point(path: str | Path) -> str:
         raise ConfigError(f"{p}: not a readable operating-point file ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != OP_FORMAT or not isinstance(doc.get("method"), str):
         raise ConfigError(f"{p}: not a tokenscope operating point (written by `tokenscope tune`)")
+    if not isinstance(doc.get("version"), int) or not 1 <= doc["version"] <= OP_VERSION:
+        raise ConfigError(f"{p}: operating-point version {doc.get('version')!r} is unknown to this tokenscope "
+                          f"(it reads version {OP_VERSION})")
     parse_method(doc["method"])  # refuses an unknown method or setting with its own message
     return doc["method"]

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
+import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenscope.jobs.runfolder import fresh_file, latest_run, write_text_atomic
-from tokenscope.render.explorer import Progress, explorer_html, served_files
+from tokenscope.render.explorer import DATA_DIR, Progress, explorer_html, served_files
+from tokenscope.storage import writing
 
 
 @dataclass
@@ -23,21 +26,47 @@ class ViewResult:
     run_dir: Path
     page: Path
     """The page written (explorer.html, or explorer-served.html for --serve)."""
+    problems: list[str] = field(default_factory=list)
+    """One line per damaged or missing image (the page shows each in place of that image)."""
 
 
 def write_view(run_dir: str | Path | None = None, out: str | Path = "outputs", served: bool = False,
                progress: Progress | None = None) -> ViewResult:
+    """Write the explorer of a run or comparison folder. `--serve`'s data folder is written whole
+    beside the old one and swapped in when complete, so a killed export never leaves an index
+    naming images whose files were not written."""
     run_path = Path(run_dir) if run_dir is not None else latest_run(out)
+    problems: list[str] = []
     if not served:
         page = fresh_file(run_path / "explorer.html")
-        write_text_atomic(page, explorer_html(run_path, progress))
-        return ViewResult(run_path, page)
+        write_text_atomic(page, explorer_html(run_path, progress, problems=problems))
+        return ViewResult(run_path, page, problems)
     page = run_path / "explorer-served.html"
-    for rel, text in served_files(run_path, progress):
-        target = run_path / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(target, text)
-    return ViewResult(run_path, page)
+    staging = run_path / f".{DATA_DIR}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for rel, text in served_files(run_path, progress, problems=problems):
+            if rel == page.name:  # the page comes last: only once its data is in place
+                _swap_in(staging, run_path / DATA_DIR)
+                write_text_atomic(page, text)
+                continue
+            target = staging / Path(rel).relative_to(DATA_DIR)
+            with writing(target.parent):
+                target.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(target, text)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ViewResult(run_path, page, problems)
+
+
+def _swap_in(new: Path, current: Path) -> None:
+    """Put the complete folder `new` where `current` is (the old one removed after the swap)."""
+    old = current.with_name(f".{current.name}.old-{os.getpid()}")
+    with writing(current):
+        if current.exists():
+            os.replace(current, old)
+        os.replace(new, current)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

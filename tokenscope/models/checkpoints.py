@@ -36,6 +36,7 @@ from tokenscope.models.importers.segmenter import (
 from tokenscope.models.published import PUBLISHED, PublishedModel, ensure_published, suggestions
 from tokenscope.models.registry import StepConfig, resolve_config
 from tokenscope.models.step_vit import StepViT, create_backbone
+from tokenscope.storage import writing
 
 CHECKPOINT_FORMAT = "tokenscope-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -95,7 +96,8 @@ def save_checkpoint(model: StepViT, path: str | os.PathLike[str], trained: dict[
                     metadata: dict[str, Any] | None = None) -> Path:
     """Write `NAME.safetensors` + `NAME.json` atomically (temp files, then rename)."""
     tensors, meta = checkpoint_paths(path)
-    tensors.parent.mkdir(parents=True, exist_ok=True)
+    with writing(tensors.parent):
+        tensors.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     doc = {
         "format": CHECKPOINT_FORMAT,
@@ -104,7 +106,7 @@ def save_checkpoint(model: StepViT, path: str | os.PathLike[str], trained: dict[
         "trained": {p: bool(trained.get(p, False)) for p in PARTS},
         "metadata": metadata or {},
     }
-    with tempfile.TemporaryDirectory(dir=tensors.parent) as tmp:
+    with writing(tensors), tempfile.TemporaryDirectory(dir=tensors.parent, prefix=".checkpoint-") as tmp:
         t_tmp, m_tmp = Path(tmp) / tensors.name, Path(tmp) / meta.name
         save_file(state, str(t_tmp))
         m_tmp.write_text(json.dumps(doc, indent=2))
@@ -171,14 +173,34 @@ def load_checkpoint(path: str | os.PathLike[str]) -> LoadedModel:
     doc = _load_meta(meta)
     try:
         cfg = StepConfig.from_dict(doc["config"])
-    except (KeyError, TypeError, ConfigError) as exc:
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{meta}: invalid model config ({exc})") from None
+    _check_sizes(cfg, meta)
+    state = _load_tensors(tensors)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{tensors}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]}): the "
+                              "weights are unusable (a diverged training?)")
     model = StepViT(cfg)
-    _strict_load(model, _load_tensors(tensors), str(tensors), f"model {cfg.name} ({cfg.arch})")
+    _strict_load(model, state, str(tensors), f"model {cfg.name} ({cfg.arch})")
     trained = {p: bool(doc.get("trained", {}).get(p, False)) for p in PARTS}
     metadata = doc.get("metadata", {})
     warnings = [IMPORTED] if metadata.get("imported_from") and not (trained["policy"] or trained["exits"]) else []
     return LoadedModel(model.eval(), cfg, trained, file_digest(tensors), str(tensors), warnings, metadata)
+
+
+SIZE_LIMITS = {"num_classes": (1, 65535), "img_size": (16, 16384), "embed_dim": (1, 16384), "depth": (1, 512),
+               "num_heads": (1, 1024), "patch_size": (1, 1024)}
+"""What a checkpoint description may ask for before anything is allocated (label maps are 16-bit)."""
+
+
+def _check_sizes(cfg: StepConfig, meta: Path) -> None:
+    values = {"num_classes": cfg.num_classes, "img_size": cfg.img_size,
+              **{k: v for k, v in cfg.timm_kwargs.items() if k in SIZE_LIMITS}}
+    for key, value in values.items():
+        low, high = SIZE_LIMITS[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise CheckpointError(f"{meta}: {key} {value!r} is outside {low}..{high}; not a usable checkpoint description")
 
 
 def _convert_published(raw: Path, out: Path, entry: PublishedModel) -> None:

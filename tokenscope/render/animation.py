@@ -8,7 +8,6 @@ matplotlib already needs) rather than MP4, because no video encoder can be assum
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -17,6 +16,7 @@ from PIL import Image
 
 from tokenscope.render.overlays import draw_group_edges, legend_strip, size_class
 from tokenscope.render.palette import LEVEL_COLOURS, exit_colours
+from tokenscope.storage import atomic_write
 from tokenscope.trace.trace import Trace
 
 MAX_WIDTH = 512
@@ -90,7 +90,5 @@ def write_exit_animation(path: str | os.PathLike[str], image: np.ndarray, trace:
     pil = shared_palette_frames(frames)
     durations = [ms_per_frame] * (len(pil) - 1) + [ms_per_frame * 4]
     target = Path(path)
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".gif", delete=False) as f:
-        pil[0].save(f, format="GIF", save_all=True, append_images=pil[1:], duration=durations, loop=0)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, target)
+    atomic_write(target, lambda f: pil[0].save(f, format="GIF", save_all=True, append_images=pil[1:],
+                                               duration=durations, loop=0), mode="wb", file_mode=0o644)

@@ -16,6 +16,8 @@ import cv2
 import pandas as pd
 
 from tokenscope.errors import RunFolderError
+from tokenscope.render.manifest import read_manifest
+from tokenscope.trace.trace import trace_damage
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
@@ -77,12 +79,10 @@ def _cards(s: dict[str, Any]) -> str:
                                            for k, v in cards) + "</div>"
 
 
-def build_report(run_dir: Path, gallery: int = 24, animations: int = 6) -> str:
-    """The HTML text of the report of `run_dir`."""
-    try:
-        manifest = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        raise RunFolderError(f"{run_dir}: no readable run.json; is this a tokenscope run folder?") from None
+def build_report(run_dir: Path, gallery: int = 24, animations: int = 6, problems: list[str] | None = None) -> str:
+    """The HTML text of the report of `run_dir`; damaged image folders are listed in it and, when
+    `problems` is given, collected there one line each (for the terminal)."""
+    manifest = read_manifest(run_dir)
     if manifest.get("kind") != "run":
         raise RunFolderError(f"{run_dir}: report works on `tokenscope run` folders (this is a {manifest.get('kind')!r})")
     if manifest.get("status") != "complete":
@@ -143,6 +143,12 @@ def build_report(run_dir: Path, gallery: int = 24, animations: int = 6) -> str:
     if errors:
         parts.append("<h2>Images that could not be processed</h2><ul>" +
                      "".join(f"<li>{html.escape(str(e['error']))}</li>" for e in errors) + "</ul>")
+    damaged = [d for d in (trace_damage(run_dir / im["folder"]) for im in images) if d]
+    if problems is not None:
+        problems.extend(damaged)
+    if damaged:
+        parts.append("<h2>Damaged image folders (their numbers above may be stale; re-run those images)</h2><ul>" +
+                     "".join(f"<li>{html.escape(d)}</li>" for d in damaged) + "</ul>")
     parts.append(f"<h2>Gallery ({min(gallery, len(images))} of {len(images)} images)</h2><div class='gallery'>")
     for i, im in enumerate(images[:gallery]):
         d = run_dir / im["folder"]

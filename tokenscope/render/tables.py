@@ -9,7 +9,6 @@ table, never left out.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from tokenscope.errors import ConfigError
+from tokenscope.render.manifest import read_manifest
 
 FORMATS = ("markdown", "latex", "csv")
 KINDS = ("methods", "classes")
@@ -51,16 +51,7 @@ def _ci(value: Any, low: Any, high: Any, signed: bool = False) -> str:
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
-    path = folder / "run.json"
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{folder}: no run.json here (give a sweep, compare or run folder)") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return doc
+    return read_manifest(folder, "sweep, compare or run folder")
 
 
 def _read_csv(path: Path) -> pd.DataFrame:

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -49,6 +48,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tokenscope.errors import RunFolderError
+from tokenscope.storage import atomic_write, writing
 
 TRACE_FORMAT = "tokenscope-trace"
 TRACE_VERSION = 2
@@ -110,13 +110,10 @@ def _write_file(path: Path, mode: str, write: Callable[[Any], None], atomic: boo
     """`write(file)` into `path`: through a temporary file renamed over it (`atomic`), or in place
     when the folder itself appears atomically (a run's partial image folder)."""
     if not atomic:
-        with open(path, mode) as f:
+        with writing(path), open(path, mode) as f:
             write(f)
         return
-    with tempfile.NamedTemporaryFile(mode, dir=path.parent, suffix=path.suffix, delete=False) as f:
-        write(f)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
+    atomic_write(path, write, mode, file_mode=0o644)
 
 
 _NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[biufc]\d+)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}\s*$")
@@ -516,3 +513,32 @@ class Trace:
                    token_held_at=arrays.get("token_held_at"),
                    **{name: arrays.get(name) for name in OPTIONAL_MERGE_ARRAYS},
                    **{a: arrays[a] for a in ARRAYS})
+
+
+def trace_damage(folder: str | os.PathLike[str]) -> str | None:
+    """A one-line description of what is wrong with the trace files of an image folder (or of its
+    window folders `w00`, `w01`, ...), or None when they look whole. Cheap: the JSON is parsed and
+    the npz's zip directory read, no array is decompressed (so a run of 10,000 images checks fast)."""
+    d = Path(folder)
+    if not d.is_dir():
+        return f"{d}: image folder missing"
+    targets = [d] if (d / TRACE_JSON).exists() or not any(p.name.startswith("w") for p in d.iterdir() if p.is_dir()) \
+        else sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("w") and p.name[1:].isdigit())
+    for t in targets:
+        try:
+            doc = json.loads((t / TRACE_JSON).read_text())
+        except FileNotFoundError:
+            return f"{t}: no {TRACE_JSON}"
+        except (OSError, ValueError) as exc:
+            return f"{t / TRACE_JSON}: unreadable ({exc})"
+        if not isinstance(doc, dict) or doc.get("format") != TRACE_FORMAT:
+            return f"{t / TRACE_JSON}: not a tokenscope trace"
+        if not isinstance(doc.get("version"), int) or not 1 <= doc["version"] <= TRACE_VERSION:
+            return f"{t / TRACE_JSON}: trace version {doc.get('version')!r} is unknown to this tokenscope"
+        npz = t / TRACE_NPZ
+        if not npz.is_file():
+            return f"{t}: no {TRACE_NPZ}"
+        if not zipfile.is_zipfile(npz):
+            return f"{npz}: damaged (not a whole npz file)"
+    return None
+

@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,6 +43,7 @@ from tokenscope.models.methods.spec import parse_method
 from tokenscope.models.checkpoints import LoadedModel, checkpoint_paths, load_checkpoint, save_checkpoint
 from tokenscope.models.partition import MAX_LEVEL, block_homogeneity
 from tokenscope.models.step_vit import StepOutput, StepViT, token_grid, unmerge
+from tokenscope.storage import atomic_write
 
 TrainProgress = Callable[[int, int, dict[str, float]], None]
 """progress(step, total_steps, latest losses)"""
@@ -88,6 +87,41 @@ class TrainSettings:
     def schedule(self) -> dict[str, object]:
         """What must match for a resume: everything but how the work is split across processes."""
         return schedule_of(self.to_dict())
+
+    def check(self) -> None:
+        """Refuse settings that cannot train a usable model, before any step (the message gives the range)."""
+        def number(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+            ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number in "
+                                  f"{'(' if low_open else '['}{low:g}, {high:g}], got {value:g}")
+        number("lr", float(self.lr), 0.0, MAX_LR, low_open=True)
+        number("aux_weight", float(self.aux_weight), 0.0, 100.0)
+        if self.steps < 1:
+            raise ConfigError("--steps must be >= 1")
+        if not 0 <= self.exit_aware_steps <= self.steps:
+            raise ConfigError(f"--exit-aware-steps must be in 0..{self.steps} (--steps), got {self.exit_aware_steps}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.accumulate < 1:
+            raise ConfigError(f"--accumulate must be >= 1, got {self.accumulate}")
+        if self.save_every < 1:
+            raise ConfigError(f"--save-every must be >= 1, got {self.save_every}")
+        if not self.crops:
+            raise ConfigError("--crops needs at least one SIDExBATCH pair, e.g. 256x8")
+        for side, batch in self.crops:
+            if not (16 <= side <= MAX_CROP_SIDE and side % 16 == 0 and 1 <= batch <= MAX_CROP_BATCH
+                    and side * side * batch <= MAX_CROP_PIXELS):
+                raise ConfigError(f"--crops {side}x{batch}: sides are multiples of 16 from 16 to {MAX_CROP_SIDE}, "
+                                  f"batches 1 to {MAX_CROP_BATCH}, at most {MAX_CROP_PIXELS // 2**20} Mpixels a step")
+
+
+MAX_LR = 1.0
+"""Above this AdamW diverges at once; the recipes use 1e-4 to 1e-3."""
+MAX_CROP_SIDE = 4096
+MAX_CROP_BATCH = 1024
+MAX_CROP_PIXELS = 64 * 2**20
+"""A step's crops in pixels (side x side x batch): 64 Mpixels is 64 crops of 1024 px, far above any recipe."""
 
 
 SPLIT_FIELDS = ("rank", "world_size", "accumulate")
@@ -174,16 +208,9 @@ class Trainer:
                  device: torch.device, cache: bool = True) -> None:
         self.ctx = dist.context(device.type)  # rank 0 of 1 unless started by torchrun
         settings = replace(settings, rank=self.ctx.rank, world_size=self.ctx.world_size)
-        if settings.steps < 1:
-            raise ConfigError("--steps must be >= 1")
-        if not 0 <= settings.exit_aware_steps <= settings.steps:
-            raise ConfigError(f"--exit-aware-steps must be in 0..{settings.steps} (--steps), got {settings.exit_aware_steps}")
-        if settings.warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {settings.warmup}")
+        settings.check()
         if len(dataset) == 0:
             raise ConfigError("the training data set is empty")
-        if settings.accumulate < 1:
-            raise ConfigError(f"--accumulate must be >= 1, got {settings.accumulate}")
         split = settings.world_size * settings.accumulate
         for side, batch in settings.crops:
             if batch % split:
@@ -203,6 +230,8 @@ class Trainer:
         self.out = Path(out)
         self.device = device
         self.state = TrainState()
+        self._saved_step = 0
+        """The last step written as a checkpoint by this run (0: none yet)."""
         m = _unwrap(self.model)
         for part in settings.freeze:
             if part not in FREEZABLE:
@@ -329,18 +358,21 @@ class Trainer:
         return tensors.with_suffix(".train.pt")
 
     def save(self, metadata: dict[str, object] | None = None) -> None:
+        m = _unwrap(self.model)
+        if not all(bool(torch.isfinite(p).all()) for p in m.parameters()):  # NaN/inf weights: never a checkpoint
+            kept = f"the checkpoint of step {self._saved_step} is kept" if self._saved_step else "nothing was written"
+            raise ConfigError(f"training diverged by step {self.state.step} (weights are no longer finite); {kept}; "
+                              "lower --lr")
+        self._saved_step = self.state.step
         if self.s.rank != 0:
             return
-        m = _unwrap(self.model)
         m.configure(policy="learned", exits=True)
         meta = {"train_settings": self.s.to_dict(), "step": self.state.step, **(metadata or {})}
         save_checkpoint(m, self.out, trained={"backbone": True, "decoder": True, "exits": True, "policy": True},
                         metadata=meta)
         blob = {"step": self.state.step, "optimizer": self.opt.state_dict(), "settings": self.s.to_dict(),
                 "history": json.dumps(self.state.history)}
-        with tempfile.NamedTemporaryFile(dir=self.state_path.parent, suffix=".tmp", delete=False) as f:
-            torch.save(blob, f)
-        os.replace(f.name, self.state_path)
+        atomic_write(self.state_path, lambda f: torch.save(blob, f), mode="wb")
 
     def resume(self) -> None:
         """Continue from the checkpoint and optimiser state under `out`."""
@@ -357,6 +389,7 @@ class Trainer:
                               "(the number of processes and --accumulate may change)")
         self.opt.load_state_dict(blob["optimizer"])
         self.state = TrainState(int(blob["step"]), json.loads(blob["history"]))
+        self._saved_step = self.state.step
 
     def fit(self, progress: TrainProgress | None = None) -> TrainState:
         """Train from `state.step` to `steps`, saving every `save_every` steps and at the end."""
@@ -365,7 +398,8 @@ class Trainer:
         while self.state.step < self.s.steps:
             losses = self.step(self.state.step)
             if not all(math.isfinite(v) for v in losses.values()):
-                raise ConfigError(f"training diverged at step {self.state.step} (loss {losses['loss']}); lower --lr")
+                kept = f"the checkpoint of step {self._saved_step} is kept" if self._saved_step else "nothing was written"
+                raise ConfigError(f"training diverged at step {self.state.step} (loss {losses['loss']}); {kept}; lower --lr")
             self.state.step += 1
             losses["step"] = self.state.step
             losses["seconds"] = time.perf_counter() - t0

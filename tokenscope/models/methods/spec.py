@@ -23,6 +23,7 @@ did differently (see models/methods/merging.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tokenscope.errors import ConfigError
@@ -55,14 +56,20 @@ class Method:
         merge -> merge_threshold, keep -> keep_per_class, order -> merge_order, count -> merge_count,
         budget -> budget (dcts/step: exactly that token reduction, `dcts:budget=2.5`)."""
         out: dict[str, object] = {}
+        seen: set[str] = set()
         for key, value in self.settings:
             if key not in SETTINGS:
                 raise ConfigError(f"method {self.label!r}: unknown setting {key!r}; known: {', '.join(SETTINGS)}")
+            if key in seen:
+                raise ConfigError(f"method {self.label!r}: {key} is given twice; give each setting once")
+            seen.add(key)
             field, convert = SETTINGS[key]
             try:
                 out[field] = convert(value)
             except ValueError:
                 raise ConfigError(f"method {self.label!r}: {key}={value!r} is not a valid value") from None
+            if isinstance(out[field], float) and not math.isfinite(out[field]):  # type: ignore[arg-type]
+                raise ConfigError(f"method {self.label!r}: {key}={value!r} must be a finite number")
         return out
 
     @property

@@ -29,7 +29,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tokenscope.errors import RunFolderError, TokenscopeError
+from tokenscope.errors import TokenscopeError
+from tokenscope.render.manifest import read_manifest
 from tokenscope.trace.trace import TRACE_JSON, Trace, image_beside
 
 HERE = Path(__file__).parent
@@ -38,12 +39,7 @@ Progress = Callable[[int, int, str], None]
 
 
 def _read_manifest(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / "run.json").read_text())
-    except FileNotFoundError:
-        raise RunFolderError(f"{run_dir}: no run.json; not a tokenscope run or compare folder") from None
-    except (OSError, ValueError) as exc:
-        raise RunFolderError(f"{run_dir / 'run.json'}: unreadable ({exc})") from None
+    return read_manifest(run_dir, "tokenscope run or compare folder")
 
 
 def _jpeg_uri(path: Path, max_side: int) -> str | None:
@@ -187,14 +183,29 @@ def _inline_json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":")).replace("</", "<\\/")
 
 
-def explorer_html(run_dir: Path, progress: Progress | None = None, max_side: int = 768) -> str:
-    """The whole explorer as one HTML string, every image's data inline."""
+def _note_problems(problems: list[str] | None, ri: RunIndex, folder: Path | None, payload: dict[str, Any] | None) -> None:
+    """Collect one line per damaged image (for the terminal), beside the message the page shows."""
+    if problems is None:
+        return
+    if folder is None:
+        problems.extend(f"missing: {m}" for m in ri.index["missing"])
+        return
+    errors = sorted({str(p["error"]) for p in (payload or {}).get("panels", []) if "error" in p})
+    problems.extend(f"{folder.name}: {e}" for e in errors)
+
+
+def explorer_html(run_dir: Path, progress: Progress | None = None, max_side: int = 768,
+                  problems: list[str] | None = None) -> str:
+    """The whole explorer as one HTML string, every image's data inline; `problems` (if given)
+    collects one line per damaged or missing image."""
     ri = run_index(run_dir)
+    _note_problems(problems, ri, None, None)
     images = {}
     for i, folder in enumerate(ri.folders):
         if progress:
             progress(i, len(ri.folders), folder.name)
         images[folder.name] = image_payload(folder, ri.kind, ri.methods, max_side)
+        _note_problems(problems, ri, folder, images[folder.name])
     data = {"index": ri.index, "images": images}
     return _page(f'<script id="ts-data" type="application/json">{_inline_json(data)}</script>')
 
@@ -211,15 +222,18 @@ def trace_html(trace: Trace, name: str = "trace", image: np.ndarray | None = Non
     return _page(f'<script id="ts-data" type="application/json">{_inline_json({"index": index, "images": {name: payload}})}</script>')
 
 
-def served_files(run_dir: Path, progress: Progress | None = None, max_side: int = 768):  # noqa: ANN201
+def served_files(run_dir: Path, progress: Progress | None = None, max_side: int = 768,  # noqa: ANN201
+                 problems: list[str] | None = None):
     """(relative path, text) of everything `view --serve` needs: `explorer-served.html`, which reads
     `explorer_data/index.json` first and `explorer_data/images/NAME.json` only when an image is
     opened. Payloads come one at a time, so a 10,000-image run never sits in memory at once."""
     ri = run_index(run_dir)
-    yield "explorer-served.html", _page(f'<script id="ts-data" type="application/json">{_inline_json({"lazy": DATA_DIR})}</script>')
+    _note_problems(problems, ri, None, None)
     yield f"{DATA_DIR}/index.json", json.dumps(ri.index, separators=(",", ":"))
     for i, folder in enumerate(ri.folders):
         if progress:
             progress(i, len(ri.folders), folder.name)
-        yield f"{DATA_DIR}/images/{folder.name}.json", json.dumps(image_payload(folder, ri.kind, ri.methods, max_side),
-                                                                  separators=(",", ":"))
+        payload = image_payload(folder, ri.kind, ri.methods, max_side)
+        _note_problems(problems, ri, folder, payload)
+        yield f"{DATA_DIR}/images/{folder.name}.json", json.dumps(payload, separators=(",", ":"))
+    yield "explorer-served.html", _page(f'<script id="ts-data" type="application/json">{_inline_json({"lazy": DATA_DIR})}</script>')

@@ -1,0 +1,61 @@
+"""A folder's `run.json`, read and checked against its shape before anything uses it.
+
+Every reader of run, compare and sweep folders (view, heatmap, report, table, `run --resume`)
+comes through here, so a manifest that is valid JSON of the wrong shape (a list, `"images":
+"oops"`, an image folder pointing outside the run) is one line naming the file and the field,
+never an AttributeError three calls later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenscope.errors import RunFolderError
+
+MANIFEST = "run.json"
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "kind": str, "status": str, "model": str, "request": dict, "summary": dict, "warnings": list, "images": list,
+    "methods": list, "overall": (dict, list), "class_space": (dict, type(None)),
+}
+
+
+def check_manifest(doc: Any, path: Path) -> dict[str, Any]:
+    """`doc` if it has the shape of a manifest, else one RunFolderError naming the first bad field."""
+    if not isinstance(doc, dict):
+        raise RunFolderError(f"{path}: expected a JSON object, got a {type(doc).__name__}")
+    for key, kind in FIELD_TYPES.items():
+        if key in doc and not isinstance(doc[key], kind):
+            raise RunFolderError(f"{path}: field {key!r} must be a {_names(kind)}, got {type(doc[key]).__name__}")
+    for i, entry in enumerate(doc.get("images", [])):
+        if not isinstance(entry, dict):
+            raise RunFolderError(f"{path}: images[{i}] must be an object, got {type(entry).__name__}")
+        folder = entry.get("folder")
+        if folder is not None and (not isinstance(folder, str) or not folder or "/" in folder or "\\" in folder
+                                   or folder in (".", "..")):
+            raise RunFolderError(f"{path}: images[{i}].folder must be a folder name inside the run, got {folder!r}")
+        for key in ("source", "error"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise RunFolderError(f"{path}: images[{i}].{key} must be a string")
+    if not all(isinstance(w, str) for w in doc.get("warnings", [])):
+        raise RunFolderError(f"{path}: field 'warnings' must be a list of strings")
+    return doc
+
+
+def _names(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    words = {"str": "string", "dict": "JSON object", "list": "list", "NoneType": "null"}
+    return " or ".join(words.get(k.__name__, k.__name__) for k in kinds)
+
+
+def read_manifest(folder: Path, what: str = "tokenscope run folder") -> dict[str, Any]:
+    """The checked manifest of `folder`; one line when it is missing, unreadable or misshapen."""
+    path = Path(folder) / MANIFEST
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunFolderError(f"{folder}: no {MANIFEST}; not a {what}") from None
+    except (OSError, ValueError) as exc:
+        raise RunFolderError(f"{path}: unreadable ({exc})") from None
+    return check_manifest(doc, path)

@@ -1,0 +1,124 @@
+"""Where every file write goes: atomically, cleaned up on failure, and one clear line when the
+disk says no.
+
+A file is written to a temporary name in its own folder and renamed over its target only when
+complete, so a reader never sees half a file; on any failure the temporary file is removed. An
+operating-system refusal (a full disk or quota, a read-only or vanished folder, no permission)
+becomes a `StorageError` naming the path and what to do, with exit code 3, instead of a
+traceback. Fresh output folders are registered when made, so a command that fails before it
+marks one complete (`run.json` present) can take away what it left: no empty or half-filled
+`compare-*` folder stays behind, while a run folder that has its `run.json` stays, for `--resume`.
+
+This module is a leaf (standard library only), so every layer may write through it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from tokenscope.errors import StorageError
+
+MANIFEST = "run.json"
+HINTS = {
+    errno.ENOSPC: "the disk is full: free some space (a run then finishes with --resume) or choose another --out",
+    errno.EDQUOT: "the disk quota is used up: free some space or choose another --out",
+    errno.EROFS: "the folder is read-only: choose another --out",
+    errno.EACCES: "no permission to write there: choose another --out",
+    errno.EPERM: "no permission to write there: choose another --out",
+    errno.ENOENT: "the folder vanished while writing: make sure it exists and try again",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another --out",
+    errno.EIO: "the device reported an I/O error: check the disk",
+}
+_created: list[Path] = []
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in HINTS
+
+
+def storage_error(exc: OSError, path: str | os.PathLike[str] | None = None) -> StorageError:
+    """The one-line error for an OS refusal to write `path` (or the file the exception names)."""
+    where = path if path is not None else (exc.filename or "?")
+    hint = HINTS.get(exc.errno or 0, "check the output folder")
+    return StorageError(f"cannot write {where}: {exc.strerror or exc} ({hint})")
+
+
+@contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn an OS refusal inside the block into a StorageError naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if is_storage_error(exc):
+            raise storage_error(exc, path) from None
+        raise
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], mode: str = "w",
+                 file_mode: int | None = None) -> Path:
+    """`write(file)` into a temporary file beside `path`, then rename it over `path`; the temporary
+    file is removed whatever goes wrong. Returns `path`."""
+    target = Path(path)
+    tmp: str | None = None
+    with writing(target):
+        try:
+            kw: dict[str, Any] = {"encoding": "utf-8"} if "b" not in mode else {}
+            with tempfile.NamedTemporaryFile(mode, dir=target.parent, suffix=".tmp", delete=False,
+                                             prefix=f".{target.name}.", **kw) as f:
+                tmp = f.name
+                write(f)
+            os.chmod(tmp, _file_mode() if file_mode is None else file_mode)
+            os.replace(tmp, target)
+            tmp = None
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """Refuse, before any work, an output folder that cannot take a file (read-only, no permission,
+    a file in the way); creates the folder if needed."""
+    d = Path(folder)
+    with writing(d):
+        if d.exists() and not d.is_dir():
+            raise StorageError(f"cannot write into {d}: it is a file, not a folder (choose another --out)")
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".tokenscope-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+
+
+def track_folder(folder: Path) -> Path:
+    """Note a fresh output folder, so a failure before it is complete can take it away again."""
+    _created.append(Path(folder))
+    return folder
+
+
+def forget_folder(folder: Path) -> None:
+    """A folder that is complete (or was handed over) is no longer this process's to remove."""
+    _created[:] = [p for p in _created if p != Path(folder)]
+
+
+def discard_incomplete() -> list[Path]:
+    """Remove the fresh folders this process made that never got their manifest; return them.
+    A folder with `run.json` (an interrupted run, resumable) is kept."""
+    removed = []
+    for folder in reversed(_created):
+        if folder.is_dir() and not (folder / MANIFEST).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    _created.clear()
+    return removed
