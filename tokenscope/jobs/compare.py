@@ -26,7 +26,7 @@ from tokenscope.analysis.windowed import ImagePrediction, predict
 from tokenscope.data.classspace import ClassSpace
 from tokenscope.data.images import PreparedImage, check_size, find_images, find_label_for, load_prepared
 from tokenscope.data.windows import WindowSpec, resolve_windows
-from tokenscope.errors import ConfigError, TokenscopeError
+from tokenscope.errors import ConfigError, StorageError, TokenscopeError
 from tokenscope.jobs.run import ImageResult, Progress
 from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, unique_name, write_json_atomic, write_rgb, write_table
 from tokenscope.jobs.setup import ModelOptions, label_file_space, load_model
@@ -186,6 +186,8 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
             row["folder"] = name
             rows.append(row)
             result.folder = name
+        except StorageError:
+            raise  # the disk refused: stop (the folder is taken away)
         except TokenscopeError as exc:
             result.error = str(exc)
         results.append(result)

@@ -24,7 +24,7 @@ from tokenscope.analysis.uncertainty import class_counts, miou_change_interval, 
 from tokenscope.analysis.windowed import ImagePrediction
 from tokenscope.data.images import check_size, find_images
 from tokenscope.data.windows import resolve_windows
-from tokenscope.errors import ConfigError, TokenscopeError
+from tokenscope.errors import ConfigError, StorageError, TokenscopeError
 from tokenscope.jobs.compare import BASELINES, CompareResult, Variant, _measure, prepare_input
 from tokenscope.jobs.run import ImageResult, Progress
 from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, unique_name, write_json_atomic, write_rgb, write_table
@@ -133,6 +133,8 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
                     per_block[f"{v.name}_merged"] = sum(t.merges_per_block() for t in pred.traces)
                 block_rows.append(pd.DataFrame(per_block))
                 result.folder = name
+            except StorageError:
+                raise  # the disk refused: stop (the folder is taken away)
             except TokenscopeError as exc:
                 result.error = str(exc)
             results.append(result)

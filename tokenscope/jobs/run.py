@@ -41,7 +41,7 @@ from tokenscope.analysis.windowed import ImagePrediction, predict
 from tokenscope.data.datasets import SegmentationDataset, open_dataset
 from tokenscope.data.images import PreparedImage, check_size, find_images, find_label_for, load_prepared, prepare_image
 from tokenscope.data.windows import WindowSpec, resolve_windows
-from tokenscope.errors import ConfigError, RunFolderError, TokenscopeError
+from tokenscope.errors import ConfigError, RunFolderError, StorageError, TokenscopeError
 from tokenscope.jobs.runfolder import (
     MANIFEST,
     PARTIAL_PREFIX,
@@ -597,6 +597,8 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
 
     def record(done: list[tuple[Any, Any, BaseException | None]]) -> None:
         for i, info, exc in done:
+            if isinstance(exc, StorageError):
+                raise exc  # the disk refused: every later image would too; stop with one line (resumable)
             if isinstance(exc, TokenscopeError):
                 results[i].error = str(exc)
             elif exc is not None:
@@ -618,6 +620,8 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
                     pred = predict(capture, prepared, windows)
                     ev = (_evaluate_image(prepared, pred, capture, windows, with_baseline)
                           if (pred.labels is not None or with_baseline) else None)
+                except StorageError:
+                    raise
                 except TokenscopeError as exc:
                     results[i].error = str(exc)
                     settle(i)

@@ -8,8 +8,10 @@ in the model. Nothing here touches the network unless hub weights were asked for
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from tokenscope.models.importers.segmenter import (
 from tokenscope.models.published import PUBLISHED, PublishedModel, ensure_published, suggestions
 from tokenscope.models.registry import StepConfig, resolve_config
 from tokenscope.models.step_vit import StepViT, create_backbone
-from tokenscope.storage import writing
+from tokenscope.storage import storage_error, writing
 
 CHECKPOINT_FORMAT = "tokenscope-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -108,7 +110,12 @@ def save_checkpoint(model: StepViT, path: str | os.PathLike[str], trained: dict[
     }
     with writing(tensors), tempfile.TemporaryDirectory(dir=tensors.parent, prefix=".checkpoint-") as tmp:
         t_tmp, m_tmp = Path(tmp) / tensors.name, Path(tmp) / meta.name
-        save_file(state, str(t_tmp))
+        try:
+            save_file(state, str(t_tmp))
+        except SafetensorError as exc:  # safetensors reports the OS refusal in its own type
+            found = re.search(r"os error (\d+)", str(exc))
+            code = int(found.group(1)) if found else errno.EIO
+            raise storage_error(OSError(code, os.strerror(code)), tensors) from None
         m_tmp.write_text(json.dumps(doc, indent=2))
         for tmp in (t_tmp, m_tmp):
             os.chmod(tmp, 0o644)
