@@ -269,11 +269,9 @@ def test_an_injected_disk_error_is_one_line_and_leaves_no_temporary_file(tmp_pat
     (["run", "--resume", "x", IMAGE], "give it alone"),
     (["run", IMAGE, "--keep-per-class", "-3"], "--keep-per-class"),
 ])
-def test_values_that_overflow_or_make_no_sense_are_one_line_before_any_work(tmp_path: Path, args: list[object],
-                                                                            message: str) -> None:
-    import os
-
-    os.chdir(tmp_path)
+def test_values_that_overflow_or_make_no_sense_are_one_line_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[object], message: str) -> None:
+    monkeypatch.chdir(tmp_path)
     line = one_line_error(invoke(*args, *(["--out", tmp_path / "o"] if args[0] in ("run", "compare") else [])))
     assert message in line, line
     assert not (tmp_path / "o").exists() and not (tmp_path / "op.json").exists()
