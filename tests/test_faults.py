@@ -411,3 +411,23 @@ def test_fuzz_every_command_with_bad_values_is_one_line_and_writes_nothing_outsi
         outside = [p.name for p in tmp_path.iterdir() if not p.name.startswith("out-")]
         assert not outside, (cmd, option, value, outside)
     assert tried == 60 and failed >= 30  # most draws are bad values, and each was refused in one line
+
+
+def test_a_resume_traces_a_damaged_image_folder_again(finished_run: Path) -> None:
+    manifest = json.loads((finished_run / "run.json").read_text())
+    (finished_run / "run.json").write_text(json.dumps({**manifest, "status": "running"}))
+    npz = finished_run / "street_5000002" / "trace.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    r = invoke("run", "--resume", finished_run)
+    assert r.exit_code == 0, r.output
+    from tokenscope.trace.trace import Trace
+
+    Trace.load(finished_run / "street_5000002").assert_consistent()
+    assert json.loads((finished_run / "run.json").read_text())["status"] == "complete"
+
+
+def test_random_bytes_named_pth_are_called_unreadable_not_unsafe(tmp_path: Path) -> None:
+    junk = tmp_path / "random.pth"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    line = one_line_error(invoke("import", "segmenter", junk, "--out", tmp_path / "imp"))
+    assert "not a readable PyTorch checkpoint" in line and "Weights only load failed" not in line

@@ -186,15 +186,22 @@ def _print_tails(summary: dict[str, Any]) -> None:
                           highlight=False)
 
 
-def _with_operating_point(method: str | None, operating_point: Path | None) -> str | None:
-    """The method an operating-point file holds (it replaces --method, never mixes with it)."""
+def _with_operating_point(method: str | None, operating_point: Path | None, model: str | None = None) -> str | None:
+    """The method an operating-point file holds (it replaces --method, never mixes with it); a
+    point tuned for another model is said (its numbers were measured there)."""
     if operating_point is None:
         return method
+    import json
+
     from tokenscope.jobs.tune import read_operating_point
 
     if method is not None:
         raise ConfigError("give --method or --operating-point, not both")
-    return read_operating_point(operating_point)
+    label = read_operating_point(operating_point)
+    tuned_for = json.loads(operating_point.read_text()).get("model")
+    if model is not None and tuned_for not in (None, model):
+        _warn([f"{operating_point} was tuned for model {tuned_for}, not {model}: its measured targets may not hold here"])
+    return label
 
 
 def _report_failures(images: list[Any]) -> int:
@@ -258,7 +265,7 @@ def run(
 
     with _user_errors():
         method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
-        method = _with_operating_point(method, operating_point)
+        method = _with_operating_point(method, operating_point, model)
         with _progress("tracing") as progress:
             result = api.run(images, model=model, weights=weights, random_init=random_init, policy=policy,
                              merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, budget=budget,
@@ -624,7 +631,7 @@ def evaluate(
 
     with _user_errors():
         method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
-        method = _with_operating_point(method, operating_point)
+        method = _with_operating_point(method, operating_point, model)
         held = api.load_model(model, weights, random_init=random_init, policy=policy, merge_threshold=merge_threshold,
                               exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device,
                               method=method)
@@ -675,7 +682,7 @@ def bench(
 
     with _user_errors():
         method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
-        method = _with_operating_point(method, operating_point)
+        method = _with_operating_point(method, operating_point, model)
         with _progress("benchmarking") as progress:
             result = api.bench(model=model, weights=weights, random_init=random_init, policy=policy, budget=budget,
                                merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits,

@@ -90,13 +90,16 @@ def _file_mode() -> int:
 
 def check_writable(folder: str | os.PathLike[str]) -> None:
     """Refuse, before any work, an output folder that cannot take a file (read-only, no permission,
-    a file in the way); creates the folder if needed."""
-    d = Path(folder)
+    a file in the way). A folder that does not exist yet is judged by the nearest one that does
+    (nothing is created here)."""
+    d = Path(folder).absolute()
+    probe_dir = d
+    while not probe_dir.exists() and probe_dir.parent != probe_dir:
+        probe_dir = probe_dir.parent
     with writing(d):
-        if d.exists() and not d.is_dir():
-            raise StorageError(f"cannot write into {d}: it is a file, not a folder (choose another --out)")
-        d.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=d, prefix=".tokenscope-write-check-")
+        if not probe_dir.is_dir():
+            raise StorageError(f"cannot write into {d}: {probe_dir} is a file, not a folder (choose another --out)")
+        fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".tokenscope-write-check-")
         os.close(fd)
         os.unlink(probe)
 

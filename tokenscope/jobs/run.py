@@ -69,7 +69,7 @@ from tokenscope.data.classspace import ClassSpace
 from tokenscope.jobs.clips import Clip, ClipFrame, ClipPass
 from tokenscope.jobs.frame_sink import write_frame_files, write_frame_folder
 from tokenscope.render.timeline import tails_figure
-from tokenscope.trace.trace import Trace
+from tokenscope.trace.trace import Trace, trace_damage
 
 WINDOWS_JSON = "windows.json"
 DATASET_ANIMATIONS = 10
@@ -549,6 +549,10 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
         if ctx.is_writer:
             for stale in run_dir.glob(f"{PARTIAL_PREFIX}*"):
                 shutil.rmtree(stale, ignore_errors=True)
+            for item in items:  # a damaged image folder (a truncated trace, say) is traced again
+                folder = run_dir / item.name
+                if folder.is_dir() and trace_damage(folder) is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
     else:
         run_dir = Path(dist.broadcast(ctx, str(new_run_dir(out, "run")) if ctx.is_writer else ""))
     capture = TraceCapture(loaded, device, amp=opts.amp)

@@ -32,6 +32,7 @@ from tokenscope.errors import ConfigError, TokenscopeError
 from tokenscope.jobs.runfolder import write_json_atomic
 from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
 from tokenscope.models.methods.spec import parse_method
+from tokenscope.storage import check_writable, writing
 
 OP_FORMAT = "tokenscope-operating-point"
 OP_VERSION = 1
@@ -141,6 +142,7 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
     path = Path(out)
     if path.exists():
         raise TokenscopeError(f"{path} exists; tune never overwrites an operating point (give another --out)")
+    check_writable(path.parent)  # a read-only or full folder says so now, not after the whole search
     base_method = method.strip().lower() if method.strip().lower() == "budget" else parse_method(method).name
     if base_method not in GRIDS:
         raise ConfigError(f"tune searches {', '.join(GRIDS)}; not {method!r}")
@@ -156,7 +158,8 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
     held = _evaluate(loaded, device, [chosen.point], opts, data, data_root, held_split, held_seeds, scene_size, progress,
                      window, stride)
     held_m = measure(chosen.point, held[chosen.point], held["baseline"], target)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": OP_FORMAT, "version": OP_VERSION, "tool": "tokenscope", "tool_version": __version__,
            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": chosen.point, "model": opts.model,
            "weights": loaded.weights_id, "target": target.__dict__,

@@ -375,9 +375,14 @@ class Trainer:
         atomic_write(self.state_path, lambda f: torch.save(blob, f), mode="wb")
 
     def resume(self) -> None:
-        """Continue from the checkpoint and optimiser state under `out`."""
+        """Continue from the checkpoint and optimiser state under `out` (temporary files a killed
+        run left beside them are removed first)."""
         if not self.state_path.is_file():
             raise CheckpointError(f"nothing to resume: {self.state_path} does not exist")
+        tensors, meta = checkpoint_paths(self.out)
+        for name in (self.state_path.name, tensors.name, meta.name):
+            for stale in self.state_path.parent.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         loaded = load_checkpoint(self.out)
         _unwrap(self.model).load_state_dict(loaded.model.state_dict())
         try:

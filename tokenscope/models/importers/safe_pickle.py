@@ -63,7 +63,11 @@ def read_pickled_checkpoint(path: str | Path) -> Any:
             return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = _GLOBAL_RE.search(str(exc))
-        what = found.group(1) if found else str(exc).strip().splitlines()[0][:120]
+        if found is None:  # not a request to run code: the bytes are simply not a pickle torch can read
+            detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(exc), re.S)
+            reason = detail.group(1).strip().splitlines()[0][:120] if detail else "not a pickle"
+            raise CheckpointError(f"{p}: not a readable PyTorch checkpoint ({reason})") from None
+        what = found.group(1)
         raise CheckpointError(
             f"{p}: refused: loading it would import or call {what}, and tokenscope runs no code from a "
             f"checkpoint (only tensors, numbers, strings, containers and numpy data are read)"
