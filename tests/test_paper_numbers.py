@@ -75,6 +75,7 @@ def test_reproduce_published_steps_run_offline_on_an_imported_segmenter_checkpoi
     df = pd.read_csv(results / "segmenter-vit-t-mask-ade20k.csv")
     assert set(df["point"]) == {"baseline", *_script_methods().split(",")}
     assert (df["images"] == 4).all() and (df["exited_early_pct"] == 0).all()
+    assert (df["size"] == 0).all() and (folder / "pareto_gflops_native.png").is_file()  # each image at its own size
     capsys.readouterr()
     runpy.run_path(str(ROOT / "benchmarks" / "published_table.py"), run_name="__not_main__")["main"](str(results))
     printed = capsys.readouterr().out

@@ -779,7 +779,7 @@ def _print_sweep_table(df: Any, title: str) -> None:
         ci = {"low": r["miou_low"], "high": r["miou_high"]}
         ch = {"low": r["miou_change_low"], "high": r["miou_change_high"]}
         change = "" if r["is_baseline"] else f"{_pts(r['miou_change'], signed=True)}{_ci_text(ch, signed=True)}"
-        table.add_row(str(r["size"]), str(r["point"]), f"{100 * r['miou']:.2f}{_ci_text(ci)}", change,
+        table.add_row(str(r["size"]) if r["size"] else "native", str(r["point"]), f"{100 * r['miou']:.2f}{_ci_text(ci)}", change,
                       f"{r['gflops_per_image']:.2f}",
                       f"{r['images_per_s']:.2f}", f"{r['mean_tokens_per_block']:.0f} ({r['block_token_reduction']:.2f}x)",
                       f"{r['exited_early_pct']:.1f}%")

@@ -101,6 +101,8 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
             points.append(OperatingPoint(name, policy, exits, (m,) * 4, e))
         points.append(OperatingPoint(default_name, policy, exits, default_merge, default_exit))
     rows = []
+    native = scene_size if dataset == "synthetic" else 0
+    """A row's size: the long side it was resized to; 0 = each image at its own size (a file data set)."""
     total = len(sizes) * len(ds)
     for si, size in enumerate(sizes):
         def prog(done: int, n: int, item: str, si: int = si) -> None:
@@ -115,7 +117,7 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
             v = res.variants[p.name]
             ci, change = v.miou_interval(), v.miou_change(base)
             rows.append({
-                "size": size or scene_size, "point": p.name,
+                "size": size or native, "point": p.name,
                 "method": "vit" if p.name == "baseline" else p.name.split(":")[0] if methods else (model.method or "step"),
                 "merge_rules": merge_rules(p.setting.merging if p.setting is not None else None),
                 "policy": p.policy, "exits": p.exits,
@@ -137,15 +139,16 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
     plot = methods_pareto_plot if methods else pareto_plot
     for s_ in table["size"].unique():
         sub = table[table["size"] == s_]
-        plot(sub, "gflops_per_image", "GFLOPs per image (2 per multiply-add)", folder / f"pareto_gflops_{s_}.png",
+        name = s_ or "native"
+        plot(sub, "gflops_per_image", "GFLOPs per image (2 per multiply-add)", folder / f"pareto_gflops_{name}.png",
              lower_is_better=True, style=style)
         plot(sub, "images_per_s", f"measured throughput (images/s, {device.type}, batch 1)",
-             folder / f"pareto_throughput_{s_}.png", lower_is_better=False, style=style)
+             folder / f"pareto_throughput_{name}.png", lower_is_better=False, style=style)
     write_json_atomic(folder / MANIFEST, {
         "tool": "tokenscope", "version": __version__, "kind": "sweep", "status": "complete",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": loaded.config.name, "weights": loaded.weights_id,
         "device": str(device), "data": {"kind": dataset, "root": data_root, "split": split, "seeds": seeds},
-        "merge": merge, "exit": exit_, "sizes": [s or scene_size for s in sizes], "default": default,
+        "merge": merge, "exit": exit_, "sizes": [s or native for s in sizes], "default": default,
         "methods": None if not methods else expand_methods(methods),
         "class_space": space.record(), "window": window, "stride": stride, "figures": asdict(style),
         "intervals": {"kind": "percentile bootstrap over images; changes paired against the baseline",

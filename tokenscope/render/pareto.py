@@ -51,7 +51,8 @@ def _finish(fig: plt.Figure, ax: plt.Axes, df: pd.DataFrame, label: str, lower_i
     ax.set_ylabel("mIoU (%)" + (f", 95% CI over {images} images" if "miou_low" in df else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right" if lower_is_better else "lower left")
-    ax.set_title(f"size {int(df['size'].iloc[0])}: {what}mIoU vs {'cost' if lower_is_better else 'speed'}")
+    side = int(df["size"].iloc[0])
+    ax.set_title(f"{f'size {side}' if side else 'native sizes'}: {what}mIoU vs {'cost' if lower_is_better else 'speed'}")
     fig.tight_layout()
     return fig
 

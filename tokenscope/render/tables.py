@@ -86,7 +86,7 @@ def sweep_methods_table(folder: Path) -> PaperTable:
     for _, r in df.iterrows():
         point = "-" if r["is_baseline"] else (str(r["point"]).partition(":")[2] or str(r["point"]))
         change = "" if r["is_baseline"] else _ci(r.get("miou_change"), r.get("miou_change_low"), r.get("miou_change_high"), True)
-        rows.append([str(r["method"]), point, str(r["size"]), _ci(r["miou"], r.get("miou_low"), r.get("miou_high")), change,
+        rows.append([str(r["method"]), point, str(r["size"]) if int(r["size"]) else "native", _ci(r["miou"], r.get("miou_low"), r.get("miou_high")), change,
                      _num(r["gflops_per_image"]), _num(base_gflops / float(r["gflops_per_image"])),
                      _num(r["mean_tokens_per_block"], 0), _num(r["exited_early_pct"], 1), _num(r["images_per_s"])])
     data = manifest.get("data") or {}
