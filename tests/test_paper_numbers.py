@@ -104,8 +104,9 @@ def test_evaluate_and_tune_take_run_model_options_on_an_imported_model(tmp_path:
                "--data", "ade20k", "--root", tree, "--calib-split", "val", "--held-split", "val", "--device", "cpu",
                "--out", tmp_path / "op.json")
     assert r.exit_code == 0, r.output
-    held = json.loads((tmp_path / "op.json").read_text())["held_out"]
-    assert held["miou_ci"]["images"] == 4 and "value" in held["change_ci"]
+    op = json.loads((tmp_path / "op.json").read_text())
+    held = op["held_out"]
+    assert held["miou_ci"]["images"] == 4 and "value" in held["change_ci"] and op["class_space"]["agree"] is True
 
 
 def test_a_data_set_whose_classes_are_not_the_models_is_refused_or_said_beside_every_miou(tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ class TuneResult:
 
 def _evaluate(loaded: Any, device: Any, points: list[str], opts: ModelOptions, data: str, root: str | None, split: str,
               seeds: str, size: int, progress: Any, window: int | None = None,
-              stride: int | None = None) -> dict[str, VariantScores]:
+              stride: int | None = None) -> tuple[dict[str, VariantScores], dict[str, Any]]:
     saved = loaded.model.setting()
     ops = [OperatingPoint("baseline", "none", False)]
     for label in points:
@@ -127,8 +127,9 @@ def _evaluate(loaded: Any, device: Any, points: list[str], opts: ModelOptions, d
     ds = open_dataset(data, str(Path(root) / split) if data == "images" and root else root, split, seeds, size)
     cfg = loaded.config
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, None, loaded.model.patch_size)
-    return evaluate(loaded, ds, ops, device, progress, amp=opts.amp, windows=windows, data_label=data,
-                    class_map=opts.class_map, ignore_class_mismatch=opts.ignore_class_mismatch).variants
+    result = evaluate(loaded, ds, ops, device, progress, amp=opts.amp, windows=windows, data_label=data,
+                      class_map=opts.class_map, ignore_class_mismatch=opts.ignore_class_mismatch)
+    return result.variants, result.class_space.record() if result.class_space is not None else {}
 
 
 def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data: str = "synthetic",
@@ -147,22 +148,22 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
     if base_method not in GRIDS:
         raise ConfigError(f"tune searches {', '.join(GRIDS)}; not {method!r}")
     loaded, device = load_model(opts, have_labels=data != "images")
-    calib = _evaluate(loaded, device, GRIDS[base_method], opts, data, data_root, calib_split, calib_seeds, scene_size,
-                      progress, window, stride)
+    calib, space = _evaluate(loaded, device, GRIDS[base_method], opts, data, data_root, calib_split, calib_seeds,
+                             scene_size, progress, window, stride)
     base = calib["baseline"]
     measured = [measure(p, calib[p], base, target) for p in GRIDS[base_method]]
     ok = [m for m in measured if m.ok]
     if not ok:
         return TuneResult(None, None, measured, None, EXIT_NOT_MET_CALIBRATION)
     chosen = min(ok, key=lambda m: (m.gflops, -m.miou))
-    held = _evaluate(loaded, device, [chosen.point], opts, data, data_root, held_split, held_seeds, scene_size, progress,
-                     window, stride)
+    held, _ = _evaluate(loaded, device, [chosen.point], opts, data, data_root, held_split, held_seeds, scene_size,
+                        progress, window, stride)
     held_m = measure(chosen.point, held[chosen.point], held["baseline"], target)
     with writing(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": OP_FORMAT, "version": OP_VERSION, "tool": "tokenscope", "tool_version": __version__,
            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": chosen.point, "model": opts.model,
-           "weights": loaded.weights_id, "target": target.__dict__,
+           "weights": loaded.weights_id, "target": target.__dict__, "class_space": space,
            "calibration": {"data": data, "split": calib_split if data != "synthetic" else calib_seeds,
                            **{k: v for k, v in chosen.__dict__.items() if k != "point"}},
            "held_out": {"data": data, "split": held_split if data != "synthetic" else held_seeds,
