@@ -311,12 +311,12 @@ def _print_run_miou(result: Any) -> None:
     count and, when the classes did not simply agree, the condition it was scored under."""
     t = result.tables.summary
     n = (t.get("step_miou_ci") or {}).get("images", t.get("images", 0))
-    base = f", without reduction {100 * t['baseline_miou']:.2f}{_ci_text(t.get('baseline_miou_ci'))}" if "baseline_miou" in t else ""
+    base = f", without reduction {_pts(t['baseline_miou'])}{_ci_text(t.get('baseline_miou_ci'))}" if "baseline_miou" in t else ""
     change = t.get("miou_change_ci")
     delta = f"; change {_ci_value(change, signed=True)}" if change else ""
     tag = result.class_space.tag if result.class_space is not None else ""
     how = "95% bootstrap CI" if n > 1 else "no CI"
-    out_console.print(f"mIoU with {result.method or 'STEP'} {100 * t['step_miou']:.2f}{_ci_text(t.get('step_miou_ci'))}"
+    out_console.print(f"mIoU with {result.method or 'STEP'} {_pts(t['step_miou'])}{_ci_text(t.get('step_miou_ci'))}"
                       f"{base}{delta} ({n} image{'s' if n != 1 else ''}, {how}{'; ' + tag if tag else ''})",
                       highlight=False, soft_wrap=True)
     if n < 10:

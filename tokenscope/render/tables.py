@@ -132,8 +132,10 @@ def run_classes_table(folder: Path) -> PaperTable:
     df = _read_csv(folder / "tables" / "classes.csv")
     df = df[df["class"] != 255]
     levels = sorted(int(c.removeprefix("patches_level")) for c in df.columns if c.startswith("patches_level"))
-    patch = 16
-    columns = ["class", "patches (total)", *[f"in {patch * 2 ** k}-px supertokens (% of patches)" for k in levels if k > 0],
+    level_table = folder / "tables" / "levels.csv"
+    side = dict(zip(*_read_csv(level_table)[["level", "side_px"]].T.values)) if level_table.is_file() else {}
+    columns = ["class", "patches (total)",
+               *[f"in {int(side.get(k, 16 * 2 ** k))}-px supertokens (% of patches)" for k in levels if k > 0],
                "exit accuracy (% of exited patches)", "IoU reduced (%)", "IoU unreduced (%)"]
     rows = []
     for _, r in df.iterrows():
@@ -144,8 +146,9 @@ def run_classes_table(folder: Path) -> PaperTable:
                      _num(100 * float(r["iou_step"]), 1) if "iou_step" in r else "",
                      _num(100 * float(r["iou_baseline"]), 1) if "iou_baseline" in r else ""])
     n = len([e for e in manifest.get("images", []) if isinstance(e, dict) and e.get("folder")])
-    notes = [f"Per class over {n} images (patches: 16x16-pixel grid cells of the processed input; supertoken sizes in "
-             "pixels of that input). IoU pooled over the images.", f"Model: {manifest.get('model', '?')}."]
+    patch = int(side.get(0, 16))
+    notes = [f"Per class over {n} images (patches: {patch}x{patch}-pixel grid cells of the processed input; supertoken "
+             "sizes in pixels of that input). IoU pooled over the images.", f"Model: {manifest.get('model', '?')}."]
     return PaperTable(f"Where each class's tokens went ({n} images)", columns, rows, notes + _condition_notes(manifest))
 
 
