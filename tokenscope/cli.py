@@ -550,10 +550,9 @@ def _parse_crops(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def _pts(value: Any, signed: bool = False) -> str:
-    """A fraction as points (46.21, or +0.52); "n/a" when undefined (no class was present)."""
-    if value is None or value != value:
-        return "n/a"
-    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+    from tokenscope.analysis.uncertainty import points
+
+    return points(value, signed)
 
 
 def _ci_value(ci: dict[str, Any] | None, signed: bool = False) -> str:
@@ -562,11 +561,10 @@ def _ci_value(ci: dict[str, Any] | None, signed: bool = False) -> str:
 
 
 def _ci_text(ci: dict[str, Any] | None, signed: bool = False) -> str:
-    """`[45.10, 47.30]` from an interval's dict ("" when there is none or it is undefined)."""
-    if not ci or ci.get("low") is None or ci["low"] != ci["low"]:  # none, or undefined: fewer than two images
-        return ""
-    f = "{:+.2f}" if signed else "{:.2f}"
-    return f" [{f.format(100 * ci['low'])}, {f.format(100 * ci['high'])}]"
+    """` [45.10, 47.30]` from an interval's dict ("" when there is none or it is undefined)."""
+    from tokenscope.analysis.uncertainty import bounds_text
+
+    return bounds_text(ci, signed)
 
 
 def _print_eval(metrics: dict[str, dict[str, Any]], title: str) -> None:

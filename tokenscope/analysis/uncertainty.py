@@ -58,10 +58,27 @@ class Interval:
         """For JSON: an undefined bound (fewer than two images) is null, not NaN."""
         return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(self).items()}
 
-    def text(self, scale: float = 100.0, digits: int = 2, signed: bool = False) -> str:
-        """`46.21 [45.10, 47.30]` (or `+0.52 [-0.10, +1.20]` for a change)."""
-        f = f"{{:{'+' if signed else ''}.{digits}f}}"
-        return f"{f.format(scale * self.value)} [{f.format(scale * self.low)}, {f.format(scale * self.high)}]"
+
+def _finite(v: object) -> bool:
+    try:
+        return np.isfinite(float(v))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def points(value: object, signed: bool = False) -> str:
+    """A fraction as mIoU points (`46.21`, `+0.52`); "n/a" when undefined (no class was present)."""
+    if not _finite(value):
+        return "n/a"
+    return f"{100 * float(value):{'+' if signed else ''}.2f}"  # type: ignore[arg-type]
+
+
+def bounds_text(interval: dict[str, object] | None, signed: bool = False) -> str:
+    """` [45.10, 47.30]` from an interval's dict (`as_dict`, or a row with low/high), "" when it has
+    none (fewer than two images): the one way every command, table and report writes an interval."""
+    if not interval or not _finite(interval.get("low")) or not _finite(interval.get("high")):
+        return ""
+    return f" [{points(interval['low'], signed)}, {points(interval['high'], signed)}]"
 
 
 def draws(images: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:

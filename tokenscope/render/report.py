@@ -15,6 +15,7 @@ from typing import Any
 import cv2
 import pandas as pd
 
+from tokenscope.analysis.uncertainty import bounds_text, points
 from tokenscope.errors import RunFolderError
 from tokenscope.render.manifest import read_manifest
 from tokenscope.trace.trace import trace_damage
@@ -71,23 +72,19 @@ def _cards(s: dict[str, Any]) -> str:
              ("GFLOPs / image", f"{s.get('gflops_per_image', float('nan')):.2f}"),
              ("baseline GFLOPs / image", f"{s.get('baseline_gflops_per_image', float('nan')):.2f}"),
              ("FLOP reduction", f"{s.get('flop_reduction', float('nan')):.2f}x")]
-    def ci(key: str, signed: bool = False) -> str:  # the interval under the number, when there is one
-        c = s.get(key) or {}
-        if c.get("low") is None:
-            return ""
-        f = "{:+.2f}" if signed else "{:.2f}"
-        return f" [{f.format(100 * c['low'])}, {f.format(100 * c['high'])}]"
+    def ci(key: str, signed: bool = False) -> str:  # the interval beside the number, when there is one
+        return bounds_text(s.get(key), signed)
 
     tag = "" if not (s.get("class_space") or {}).get("ignore_mismatch") and not (s.get("class_space") or {}).get("class_map") \
         else " (classes: see warnings)"
     if "step_miou" in s:
-        cards.append((f"mIoU, STEP [95% CI]{tag}", f"{100 * s['step_miou']:.2f}{ci('step_miou_ci')}"))
+        cards.append((f"mIoU, STEP [95% CI]{tag}", f"{points(s['step_miou'])}{ci('step_miou_ci')}"))
     if "baseline_miou" in s:
-        cards.append(("mIoU, no reduction [95% CI]", f"{100 * s['baseline_miou']:.2f}{ci('baseline_miou_ci')}"))
+        cards.append(("mIoU, no reduction [95% CI]", f"{points(s['baseline_miou'])}{ci('baseline_miou_ci')}"))
     change = s.get("miou_change_ci") or {}
     if change.get("value") is not None:
         cards.append((f"mIoU change, paired [95% CI] over {change.get('images')} images",
-                      f"{100 * change['value']:+.2f}{ci('miou_change_ci', signed=True)}"))
+                      f"{points(change['value'], signed=True)}{ci('miou_change_ci', signed=True)}"))
     return '<div class="cards">' + "".join(f'<div class="card"><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>'
                                            for k, v in cards) + "</div>"
 

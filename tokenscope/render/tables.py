@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from tokenscope.analysis.uncertainty import bounds_text, points
 from tokenscope.errors import ConfigError
 from tokenscope.render.manifest import read_manifest
 
@@ -45,9 +46,9 @@ def _num(v: Any, digits: int = 2, signed: bool = False) -> str:
 
 def _ci(value: Any, low: Any, high: Any, signed: bool = False) -> str:
     """`46.21 [45.10, 47.30]` in points (inputs are fractions); the value alone without an interval."""
-    v = _num(100 * float(value), signed=signed) if _num(value) else ""
-    lo, hi = (_num(100 * float(low), signed=signed) if _num(low) else ""), (_num(100 * float(high), signed=signed) if _num(high) else "")
-    return f"{v} [{lo}, {hi}]" if v and lo and hi else v
+    if not _num(value):
+        return ""
+    return points(value, signed) + bounds_text({"low": low, "high": high}, signed)
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
