@@ -129,7 +129,7 @@ def _user_errors() -> Iterator[None]:
         if not storage.is_storage_error(exc):
             raise  # a bug: keep its traceback
         storage.discard_incomplete()
-        _fail(storage.storage_error(exc))
+        _fail(storage.storage_error(exc, verb="use"))  # not raised inside a write: read or written
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]; finished images are kept, the run folder has no run.json")
         raise typer.Exit(130) from None

@@ -42,11 +42,12 @@ def is_storage_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in HINTS
 
 
-def storage_error(exc: OSError, path: str | os.PathLike[str] | None = None) -> StorageError:
-    """The one-line error for an OS refusal to write `path` (or the file the exception names)."""
+def storage_error(exc: OSError, path: str | os.PathLike[str] | None = None, verb: str = "write") -> StorageError:
+    """The one-line error for an OS refusal to write `path` (or the file the exception names);
+    `verb` "use" where it is not known whether the file was being read or written."""
     where = path if path is not None else (exc.filename or "?")
     hint = HINTS.get(exc.errno or 0, "check the output folder")
-    return StorageError(f"cannot write {where}: {exc.strerror or exc} ({hint})")
+    return StorageError(f"cannot {verb} {where}: {exc.strerror or exc} ({hint})")
 
 
 @contextmanager

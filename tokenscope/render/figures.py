@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenscope.errors import ConfigError
+from tokenscope.storage import atomic_write
 
 FORMATS = ("png", "pdf", "svg")
 
@@ -42,13 +43,19 @@ class FigureStyle:
             if getattr(fig, "_suptitle", None) is not None:
                 fig._suptitle.set_text("")
         if self.format == "png":
-            fig.savefig(out, dpi=self.dpi, **kw)
+            save_figure(fig, out, dpi=self.dpi, **kw)
         else:
             import matplotlib
 
             with matplotlib.rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}):
-                fig.savefig(out, **kw)
+                save_figure(fig, out, **kw)
         return out
+
+
+def save_figure(fig: Any, path: Path, **kw: Any) -> Path:
+    """`fig.savefig` through the one atomic writer (a full disk is one line, no half-written file)."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, **kw), mode="wb")
 
 
 DEFAULT_STYLE = FigureStyle()

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from tokenscope.render.figures import save_figure  # noqa: E402
+
 
 def timeline_figure(frames: pd.DataFrame, path: Path, title: str) -> None:
     """Tokens, exited %, GFLOPs, latency and frame-to-frame changes against time."""
@@ -32,7 +34,7 @@ def timeline_figure(frames: pd.DataFrame, path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, Path(path), dpi=110)
     plt.close(fig)
 
 
@@ -53,5 +55,5 @@ def tails_figure(images: pd.DataFrame, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, Path(path), dpi=110)
     plt.close(fig)
