@@ -50,7 +50,9 @@ for batch in 1 8; do
   done
 done
 # every method's operating points on the demo's held-out scenes, one Pareto plot (mIoU against GFLOPs and GPU throughput)
-$ts sweep --methods step,dcts,dtop,cts,tome,algm --seeds 100000:100100 --device cuda --out "$out/gpu_sweep"
+$ts sweep --methods step,dcts,dtop,cts,tome,algm --seeds 100000:100100 --device cuda --format pdf --out "$out/gpu_sweep"
+# its table with each mIoU's 95% interval and the paired change against the unreduced model (GPU throughput)
+$ts table "$(ls -d "$out"/gpu_sweep/sweep-* | tail -n 1)" > "$out/gpu_methods_table.md"
 # latency tails of the demo on 200 held-out scenes, reduced against unreduced (p50/p95/p99, p99/p50)
 $ts evaluate --seeds 100000:100200 --device cuda --json "$out/eval_tails_gpu_demo.json"  # not gpu_*: summarise.py reads bench files only
 # a clip traced frame by frame: frames/s of `run` (figures and overlay video on) against the model

@@ -683,8 +683,10 @@ class ExplorerView:
                 'sandbox="allow-scripts"></iframe>')
 
     def save(self, path: str | Path) -> Path:
+        from tokenscope.jobs.runfolder import write_text_atomic
+
         p = Path(path)
-        p.write_text(self.html, encoding="utf-8")
+        write_text_atomic(p, self.html)
         return p
 
 
