@@ -177,6 +177,9 @@ def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_a_run_resumes_o
     base_run = invoke("run", IMAGE, "--out", tmp_path / "good", "--no-animation")  # for view/report/heatmap
     assert base_run.exit_code == 0
     good = next((tmp_path / "good").glob("run-*"))
+    from segmenter_reference import segmenter_state, write_segmenter_release
+
+    release = write_segmenter_release(tmp_path / "seg", segmenter_state("linear"), "linear")
     copy = small_disk / "copy"  # a finished run on the small disk, for view, report and heatmap
     shutil.copytree(good, copy, ignore=shutil.ignore_patterns("*.gif", "*.parquet"))
     _fill(small_disk)
@@ -186,7 +189,10 @@ def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_a_run_resumes_o
              ["compare", IMAGE, "--repeats", "1", "--out", out],
              ["compare", IMAGE, "--methods", "step,tome", "--repeats", "1", "--out", out],
              ["sweep", "--methods", "tome", "--seeds", "1:3", "--scene-size", "128", "--out", out],
-             ["train", "--out", small_disk / "m", "--steps", "1", *TRAIN]]
+             ["train", "--out", small_disk / "m", "--steps", "1", *TRAIN],
+             ["import", "segmenter", release, "--out", small_disk / "imp"],
+             ["run", "--dataset", "synthetic", "--seeds", "1:3", "--scene-size", "256", "--out", small_disk / "ds"],
+             ["run", SAMPLES / "street_clip.avi", "--max-frames", "6", "--out", small_disk / "clip"]]
     for case in cases:
         r = invoke(*case, "--device", "cpu") if case[0] in ("run", "compare", "sweep") else invoke(*case)
         line = one_line_error(r, 3)

@@ -882,8 +882,10 @@ def tune(
     h = result.held_out
     assert h is not None
     out_console.print(f"chosen: [bold]{result.chosen.point}[/] -> {result.path}", highlight=False)
-    out_console.print(f"held out: mIoU {h.miou:.2f}{_ci_text(h.miou_ci)} ({h.miou_drop:+.2f} against unreduced, change "
-                      f"95% CI{_ci_text(h.change_ci, signed=True)} over {h.miou_ci.get('images', 0)} images), {h.gflops:.2f} GFLOPs, p95 "
+    n = h.miou_ci.get("images", 0)
+    out_console.print(f"held out: mIoU {h.miou:.2f}{_ci_text(h.miou_ci)} (change against unreduced "
+                      f"{_ci_value(h.change_ci, signed=True)} over {n} image{'s' if n != 1 else ''}"
+                      f"{', 95% CI' if n > 1 else ', no CI'}), {h.gflops:.2f} GFLOPs, p95 "
                       f"{h.p95_ms:.1f} ms, speed-up {h.speedup:.2f}x: target {'met' if h.ok else 'NOT met'}"
                       + ("" if h.ok else " (" + ", ".join(k for k, v in h.meets.items() if not v) + ")"), highlight=False)
     if result.exit_code:
