@@ -249,3 +249,14 @@ def test_sweep_writes_vector_figures_with_interval_bars_and_a_latex_table(tmp_pa
         assert r.exit_code == 2 and not (tmp_path / "x").exists()
     r = invoke("table", folder, "--kind", "classes")
     assert r.exit_code == 2 and "run folders" in r.output
+
+
+def test_run_writes_its_data_set_figures_as_vector_files_beside_the_pngs(tmp_path: Path) -> None:
+    r = invoke("run", ROOT / "sample_images" / "street_5000001.png", ROOT / "sample_images" / "street_5000002.png",
+               "--out", tmp_path, "--no-animation", "--device", "cpu", "--format", "svg", "--no-titles")
+    assert r.exit_code == 0, r.output
+    figs = next(tmp_path.glob("run-*")) / "figures"
+    svgs = sorted(p.stem for p in figs.glob("*.svg"))
+    assert svgs == sorted(p.stem for p in figs.glob("*.png")) and "token_flow" in svgs
+    assert "<svg" in (figs / "token_flow.svg").read_text()[:500]
+    assert json.loads((next(tmp_path.glob("run-*")) / "run.json").read_text())["request"]["figure_format"] == "svg"

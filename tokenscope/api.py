@@ -380,7 +380,8 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
         out: str | Path = "outputs", resume: str | Path | None = None, progress: Progress | None = None,
         every: int = 1, start: str | None = None, end: str | None = None, max_frames: int | None = None,
         frames: bool = False, fps: float = 25.0, class_map: str | Path | None = None,
-        ignore_class_mismatch: bool = False) -> Any:
+        ignore_class_mismatch: bool = False, figure_format: str = "png", figure_dpi: int = 150,
+        figure_titles: bool = True) -> Any:
     """`tokenscope run`: trace image files/folders, video clips or a data set into a fresh run folder.
 
     Video files (.mp4, .avi, ...) are traced frame by frame (`every` N-th frame, from `start` to
@@ -389,7 +390,8 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
 
     Labels (`labels`, or a data set's) must use the model's classes: otherwise it refuses, unless
     `class_map` (a file: data class -> model class) maps them or `ignore_class_mismatch` waives
-    the check (recorded in run.json and summary.json, and in `.class_space`).
+    the check (recorded in run.json and summary.json, and in `.class_space`). `figure_format`
+    "pdf" or "svg" also writes the data-set figures as vector files (`figure_dpi`, `figure_titles`).
 
     Returns a RunResult (`.run_dir`, `.images`, `.tables`, `.warnings`). With a `Model` object its
     operating point is used and recorded; with a name, the model options load it.
@@ -410,7 +412,8 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
                      split=split, seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
                      animation=animation, baseline=baseline, window=window, stride=stride,
                      animation_limit=animation_limit, render_workers=render_workers, every=every, start=start,
-                     end=end, max_frames=max_frames, frames=frames, fps=fps)
+                     end=end, max_frames=max_frames, frames=frames, fps=fps, figure_format=figure_format,
+                     figure_dpi=figure_dpi, figure_titles=figure_titles)
     return run_job(req, out=out, resume=resume, progress=progress,
                    model=None if held is None else (held.loaded, held.device))
 

@@ -257,6 +257,9 @@ def run(
     stride: StrideOpt = None,
     class_map: ClassMapOpt = None,
     ignore_class_mismatch: IgnoreMismatchOpt = False,
+    fmt: Annotated[str, typer.Option("--format", help="Data-set figures also as pdf or svg (vector, for papers); PNGs are always written.")] = "png",
+    dpi: Annotated[int, typer.Option(help="Resolution of the data-set figures.")] = 150,
+    titles: Annotated[bool, typer.Option("--titles/--no-titles", help="Titles on the data-set figures.")] = True,
     out: OutOpt = Path("outputs"),
     seed: SeedOpt = 0,
 ) -> None:
@@ -274,7 +277,8 @@ def run(
                              animation=animation, animation_limit=animation_limit, baseline=baseline,
                              render_workers=render_workers, device=device, seed=seed, out=out, resume=resume,
                              progress=progress, every=every, start=start, end=end, max_frames=max_frames,
-                             frames=frames, fps=fps, class_map=class_map, ignore_class_mismatch=ignore_class_mismatch)
+                             frames=frames, fps=fps, class_map=class_map, ignore_class_mismatch=ignore_class_mismatch,
+                             figure_format=fmt, figure_dpi=dpi, figure_titles=titles)
     if result.rank != 0:  # under torchrun, rank 0 reports for the whole job
         raise typer.Exit(3 if any(r.error for r in result.images) else 0)
     _warn(result.warnings)

@@ -60,6 +60,7 @@ from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.registry import StepConfig
 from tokenscope.render.animation import write_exit_animation
 from tokenscope.render.dataset_plots import write_dataset_figures
+from tokenscope.render.figures import DEFAULT_STYLE, FigureStyle
 from tokenscope.render.overlays import OVERLAY_KINDS, default_group_blocks, groups_overlay, render_label_map, render_overlay
 from tokenscope.render.plots import token_histogram
 from tokenscope.trace.capture import TraceCapture, merging_meta
@@ -113,6 +114,14 @@ class RunRequest:
     frames: bool = False
     """Image folders are clips: numbered frames, taken in numeric order (at `fps` frames per second)."""
     fps: float = 25.0
+    figure_format: str = "png"
+    """Data-set figures also as pdf or svg (vector files for a paper); PNGs are always written (the
+    report and explorer show them)."""
+    figure_dpi: int = 150
+    figure_titles: bool = True
+
+    def figure_style(self) -> FigureStyle:
+        return FigureStyle.parse(self.figure_format, self.figure_dpi, self.figure_titles)
 
     def model_options(self) -> ModelOptions:
         return ModelOptions(**self.model)
@@ -454,7 +463,8 @@ Visit = Callable[[str, Path, Trace], None]
 
 
 def finish_run(run_dir: Path, names: list[str], figures: bool = True, extra: dict[str, Any] | None = None,
-               visit: Visit | None = None, held: HeldTraces | None = None) -> DatasetTables | None:
+               visit: Visit | None = None, held: HeldTraces | None = None,
+               style: FigureStyle | None = None) -> DatasetTables | None:
     """Derive the data-set tables and figures from the image folders alone (`extra`: facts about
     the run itself added to its summary, e.g. how many images were animated). Every trace is read
     once: the aggregate tables, the token table and `visit` (a clip's outputs) share that read;
@@ -486,9 +496,13 @@ def finish_run(run_dir: Path, names: list[str], figures: bool = True, extra: dic
     if figures:
         fig_dir = run_dir / "figures"
         fig_dir.mkdir(exist_ok=True)
-        write_dataset_figures(tables, fig_dir)
-        if len(tables.images) > 1:
-            tails_figure(tables.images, fig_dir / "tails.png", f"{run_dir.name}: distributions over {len(tables.images)} images")
+        png = style if style is not None and style.format == "png" else DEFAULT_STYLE
+        for fig_style in [png, *([style] if style is not None and style.format != "png" else [])]:  # PNGs, then vectors
+            write_dataset_figures(tables, fig_dir, fig_style)
+            if len(tables.images) > 1:
+                tails_figure(tables.images, fig_dir / "tails.png",
+                             f"{run_dir.name}: distributions over {len(tables.images)} images",
+                             None if fig_style is DEFAULT_STYLE else fig_style)
     return tables
 
 
@@ -528,6 +542,7 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
         if manifest.get("kind") != "run":
             raise RunFolderError(f"{run_dir}: not a tokenscope run folder")
         req = _request_of(manifest, run_dir)
+    style = req.figure_style()  # a bad --format or --dpi is refused before anything else
     scoring = Scoring()
     items = _items(req, scoring)
     opts = req.model_options()
@@ -660,7 +675,7 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
         tables = finish_run(run_dir, [it.name for it in items], req.figures,
                             {"animated_images": base_manifest["animated_images"],
                              **({"class_space": space.record()} if space is not None else {})},
-                            visit=clip_pass.visit if clip_pass is not None else None, held=held)
+                            visit=clip_pass.visit if clip_pass is not None else None, held=held, style=style)
         if clip_pass is not None and tables is not None:
             tables.summary["clips"] = clip_pass.finish(tables.images)
             write_json_atomic(run_dir / "summary.json", tables.summary)

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tokenscope.render.figures import save_figure  # noqa: E402
+from tokenscope.render.figures import FigureStyle, save_figure  # noqa: E402
 
 
 def timeline_figure(frames: pd.DataFrame, path: Path, title: str) -> None:
@@ -38,8 +38,9 @@ def timeline_figure(frames: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def tails_figure(images: pd.DataFrame, path: Path, title: str) -> None:
-    """Cumulative distribution of latency and tokens, with p50 / p95 / p99 marked."""
+def tails_figure(images: pd.DataFrame, path: Path, title: str, figure_style: FigureStyle | None = None) -> None:
+    """Cumulative distribution of latency and tokens, with p50 / p95 / p99 marked (`figure_style`:
+    the file format, resolution and titles; default a 110-dpi PNG)."""
     cols = [(c, label) for c, label in (("forward_ms", "latency (ms)"), ("tokens", "tokens in"), ("gflops", "GFLOPs"))
             if c in images.columns and not images[c].dropna().empty]
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.2))
@@ -55,5 +56,8 @@ def tails_figure(images: pd.DataFrame, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    save_figure(fig, Path(path), dpi=110)
+    if figure_style is None:
+        save_figure(fig, Path(path), dpi=110)
+    else:
+        figure_style.save(fig, Path(path))
     plt.close(fig)
