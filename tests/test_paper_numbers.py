@@ -260,3 +260,14 @@ def test_run_writes_its_data_set_figures_as_vector_files_beside_the_pngs(tmp_pat
     assert svgs == sorted(p.stem for p in figs.glob("*.png")) and "token_flow" in svgs
     assert "<svg" in (figs / "token_flow.svg").read_text()[:500]
     assert json.loads((next(tmp_path.glob("run-*")) / "run.json").read_text())["request"]["figure_format"] == "svg"
+
+
+def test_a_plain_comparison_tabulates_its_totals_and_interval(tmp_path: Path) -> None:
+    r = invoke("compare", ROOT / "sample_images" / "street_5000001.png", ROOT / "sample_images" / "street_5000002.png",
+               "--labels", ROOT / "sample_images" / "labels", "--repeats", "1", "--out", tmp_path, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    text = invoke("table", next(tmp_path.glob("compare-*")), "--format", "csv").output
+    header, vit, step = text.splitlines()[:3]
+    assert "GFLOPs (total, 2 images)" in header and vit.startswith("vit,") and step.startswith("step,")
+    overall = json.loads((next(tmp_path.glob("compare-*")) / "run.json").read_text())["overall"]
+    assert f"{overall['step_gflops']:.2f}" in step and f"{100 * overall['miou_change_ci']['value']:+.2f}" in step

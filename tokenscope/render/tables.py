@@ -128,6 +128,35 @@ def compare_methods_table(folder: Path) -> PaperTable:
     return PaperTable(f"Methods compared on {images} images", columns, rows, notes + _condition_notes(manifest))
 
 
+def compare_table(folder: Path) -> PaperTable:
+    """A plain `compare` folder: the model's operating point against the same weights unreduced."""
+    manifest = read_manifest(folder, "compare folder")
+    o = manifest.get("overall") or {}
+    if not isinstance(o, dict) or not o:
+        raise ConfigError(f"{folder}: this comparison holds no image (nothing to tabulate)")
+    images = len([e for e in manifest.get("images", []) if isinstance(e, dict) and e.get("folder")])
+    step = manifest.get("step") or {}
+    name = str(step.get("method") or "step")
+    columns = ["variant", f"tokens in (total, {images} images)", f"GFLOPs (total, {images} images)",
+               f"latency (ms, total, {images} images)", "peak extra memory (MiB, max)", "mIoU (%) [95% CI]",
+               "ΔmIoU (points) [95% CI]"]
+    rows = []
+    for label, key in (("vit", "base"), (name, "step")):
+        ci = o.get(f"{key}_miou_ci") or {}
+        change = o.get("miou_change_ci") or {} if key == "step" else {}
+        rows.append([label, _num(o.get(f"{key}_tokens"), 0), _num(o.get(f"{key}_gflops")), _num(o.get(f"{key}_latency_ms"), 1),
+                     _num(o.get(f"{key}_peak_mib"), 0),
+                     _ci(o[f"{key}_miou"], ci.get("low"), ci.get("high")) if f"{key}_miou" in o else "",
+                     _ci(change.get("value"), change.get("low"), change.get("high"), True) if change else ""])
+    notes = [f"Totals over the {images} images; mIoU pooled over them (95% percentile bootstrap over images; Δ paired "
+             "against vit on the same images).",
+             f"Latency: {manifest.get('latency', 'median of repeated runs')}, on {manifest.get('device', '?')}; "
+             f"GFLOPs: {manifest.get('flop_convention', '2 per multiply-add')}.",
+             f"Model: {manifest.get('model', '?')} (weights {manifest.get('weights', '?')})."]
+    return PaperTable(f"{name} against the unreduced model on {images} images", columns, rows,
+                      notes + _condition_notes(manifest))
+
+
 def run_classes_table(folder: Path) -> PaperTable:
     manifest = _manifest(folder)
     df = _read_csv(folder / "tables" / "classes.csv")
@@ -168,9 +197,9 @@ def paper_table(folder: str | Path, kind: str = "methods") -> PaperTable:
         return run_classes_table(p)
     if what == "sweep":
         return sweep_methods_table(p)
-    if what == "compare" and "methods" in manifest:
-        return compare_methods_table(p)
-    raise ConfigError(f"{p}: a methods table needs a sweep folder or a `compare --methods` folder (this is {what!r}); "
+    if what == "compare":
+        return compare_methods_table(p) if "methods" in manifest else compare_table(p)
+    raise ConfigError(f"{p}: a methods table needs a sweep or compare folder (this is {what!r}); "
                       "for a run, use --kind classes")
 
 
