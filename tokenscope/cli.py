@@ -89,6 +89,9 @@ SeedOpt = Annotated[int, typer.Option(help="Seed for random weights.")]
 WindowOpt = Annotated[Optional[int], typer.Option(help="Sliding windows of this side in pixels (Segmenter's protocol: short side resized, windows averaged); 0 = whole image. Default: the checkpoint's.")]
 ClassMapOpt = Annotated[Optional[Path], typer.Option("--class-map", help="A file mapping the data's classes to the model's (JSON {\"data id or name\": model id or name} or CSV data_id,model_id; the rest is ignored), for models whose classes are not the data set's. Recorded and printed beside every mIoU.")]
 IgnoreMismatchOpt = Annotated[bool, typer.Option("--ignore-class-mismatch", help="Score even though the model's classes are not the data's (labels outside the model's classes are skipped); recorded and printed beside every mIoU.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="Figure files: png, or pdf / svg (vector, for papers; a run writes them beside its PNGs).")]
+DpiOpt = Annotated[int, typer.Option(help="Resolution of png figures.")]
+TitlesOpt = Annotated[bool, typer.Option("--titles/--no-titles", help="Titles on the figures (off for a paper, whose caption says it).")]
 StrideOpt = Annotated[Optional[int], typer.Option(help="Stride of the sliding windows in pixels. Default: the checkpoint's, else window - 32.")]
 
 
@@ -257,9 +260,9 @@ def run(
     stride: StrideOpt = None,
     class_map: ClassMapOpt = None,
     ignore_class_mismatch: IgnoreMismatchOpt = False,
-    fmt: Annotated[str, typer.Option("--format", help="Data-set figures also as pdf or svg (vector, for papers); PNGs are always written.")] = "png",
-    dpi: Annotated[int, typer.Option(help="Resolution of the data-set figures.")] = 150,
-    titles: Annotated[bool, typer.Option("--titles/--no-titles", help="Titles on the data-set figures.")] = True,
+    fmt: FormatOpt = "png",
+    dpi: DpiOpt = 150,
+    titles: TitlesOpt = True,
     out: OutOpt = Path("outputs"),
     seed: SeedOpt = 0,
 ) -> None:
@@ -742,9 +745,9 @@ def sweep(
     stride: StrideOpt = None,
     class_map: ClassMapOpt = None,
     ignore_class_mismatch: IgnoreMismatchOpt = False,
-    fmt: Annotated[str, typer.Option("--format", help="Figure files: png, pdf or svg (vector, for papers).")] = "png",
-    dpi: Annotated[int, typer.Option(help="Resolution of png figures.")] = 150,
-    titles: Annotated[bool, typer.Option("--titles/--no-titles", help="Titles on the figures (off for a paper, whose caption says it).")] = True,
+    fmt: FormatOpt = "png",
+    dpi: DpiOpt = 150,
+    titles: TitlesOpt = True,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = Path("outputs"),

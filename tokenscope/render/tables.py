@@ -120,12 +120,16 @@ def compare_methods_table(folder: Path) -> PaperTable:
                      _num(r["latency_ms"], 1), _num(r["exited_early_pct"], 1), _num(100 * float(r["agreement"]), 1),
                      _ci(o["miou"], ci.get("low"), ci.get("high")) if "miou" in o else "",
                      _ci(ch.get("value"), ch.get("low"), ch.get("high"), True) if ch else ""])
-    notes = [f"Totals are sums over the {images} images; mIoU is pooled over them (95% percentile bootstrap over "
-             "images; Δ paired against vit on the same images).",
-             f"Latency: {manifest.get('latency', 'median of repeated runs')}, on {manifest.get('device', '?')}; "
-             f"GFLOPs: {manifest.get('flop_convention', '2 per multiply-add')}.",
-             f"Model: {manifest.get('model', '?')} (weights {manifest.get('weights', '?')})."]
-    return PaperTable(f"Methods compared on {images} images", columns, rows, notes + _condition_notes(manifest))
+    return PaperTable(f"Methods compared on {images} images", columns, rows, _compare_notes(manifest, images))
+
+
+def _compare_notes(manifest: dict[str, Any], images: int) -> list[str]:
+    """What a reader needs under a comparison's table: totals, intervals, timing, model, classes."""
+    return [f"Totals are sums over the {images} images; mIoU is pooled over them (95% percentile bootstrap over "
+            "images; Δ paired against vit on the same images).",
+            f"Latency: {manifest.get('latency', 'median of repeated runs')}, on {manifest.get('device', '?')}; "
+            f"GFLOPs: {manifest.get('flop_convention', '2 per multiply-add')}.",
+            f"Model: {manifest.get('model', '?')} (weights {manifest.get('weights', '?')}).", *_condition_notes(manifest)]
 
 
 def compare_table(folder: Path) -> PaperTable:
@@ -148,13 +152,8 @@ def compare_table(folder: Path) -> PaperTable:
                      _num(o.get(f"{key}_peak_mib"), 0),
                      _ci(o[f"{key}_miou"], ci.get("low"), ci.get("high")) if f"{key}_miou" in o else "",
                      _ci(change.get("value"), change.get("low"), change.get("high"), True) if change else ""])
-    notes = [f"Totals over the {images} images; mIoU pooled over them (95% percentile bootstrap over images; Δ paired "
-             "against vit on the same images).",
-             f"Latency: {manifest.get('latency', 'median of repeated runs')}, on {manifest.get('device', '?')}; "
-             f"GFLOPs: {manifest.get('flop_convention', '2 per multiply-add')}.",
-             f"Model: {manifest.get('model', '?')} (weights {manifest.get('weights', '?')})."]
     return PaperTable(f"{name} against the unreduced model on {images} images", columns, rows,
-                      notes + _condition_notes(manifest))
+                      _compare_notes(manifest, images))
 
 
 def run_classes_table(folder: Path) -> PaperTable:
