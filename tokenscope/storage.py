@@ -61,6 +61,17 @@ def writing(path: str | os.PathLike[str]) -> Iterator[None]:
         raise
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()
+"""Read once at import: the umask is process-wide, so setting it to read it while another thread
+creates a file could give that file the wrong permissions."""
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], mode: str = "w",
                  file_mode: int | None = None) -> Path:
     """`write(file)` into a temporary file beside `path`, then rename it over `path`; the temporary
@@ -74,19 +85,13 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
                                              prefix=f".{target.name}.", **kw) as f:
                 tmp = f.name
                 write(f)
-            os.chmod(tmp, _file_mode() if file_mode is None else file_mode)
+            os.chmod(tmp, FILE_MODE if file_mode is None else file_mode)
             os.replace(tmp, target)
             tmp = None
         finally:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
     return target
-
-
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def check_writable(folder: str | os.PathLike[str]) -> None:
