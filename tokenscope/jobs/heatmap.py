@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenscope.errors import ConfigError, TokenscopeError
-from tokenscope.jobs.run import Progress, window_folders
+from tokenscope.jobs.run import Progress
 from tokenscope.jobs.runfolder import image_folder, latest_run, new_run_dir, read_manifest, read_rgb, write_rgb
 from tokenscope.render.overlays import OVERLAY_KINDS, default_group_blocks, groups_overlay, render_overlay
 from tokenscope.render.plots import token_histogram
-from tokenscope.trace.trace import Trace, image_beside
+from tokenscope.trace.trace import Trace, image_beside, trace_folders
 
 HEATMAP_KINDS = (*OVERLAY_KINDS, "groups", "histogram", "all")
 
@@ -49,7 +49,7 @@ def rerender(run_dir: str | Path | None, kind: str = "all", out_root: str | Path
         if progress:
             progress(i, len(folders), name)
         try:
-            sources = [(src, Trace.load(src), read_rgb(image_beside(src))) for src in window_folders(run / name)]
+            sources = [(src, Trace.load(src), read_rgb(image_beside(src))) for src in trace_folders(run / name)]
         except TokenscopeError as exc:  # a damaged image is named; the others still render
             failed.append(str(exc))
             continue

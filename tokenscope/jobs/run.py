@@ -70,7 +70,7 @@ from tokenscope.data.classspace import ClassSpace
 from tokenscope.jobs.clips import Clip, ClipFrame, ClipPass
 from tokenscope.jobs.frame_sink import write_frame_files, write_frame_folder
 from tokenscope.render.timeline import tails_figure
-from tokenscope.trace.trace import Trace, trace_damage
+from tokenscope.trace.trace import Trace, trace_damage, trace_folders
 
 WINDOWS_JSON = "windows.json"
 DATASET_ANIMATIONS = 10
@@ -316,13 +316,6 @@ def _evaluate_image(prepared: PreparedImage, pred: ImagePrediction, capture: Tra
     return ev
 
 
-def window_folders(image_dir: Path) -> list[Path]:
-    """The folders holding traces of one image: its window folders, or the image folder itself."""
-    if (image_dir / WINDOWS_JSON).is_file():
-        return sorted(p for p in image_dir.iterdir() if p.is_dir() and p.name.startswith("w") and p.name[1:].isdigit())
-    return [image_dir]
-
-
 def prediction_summary(pred: ImagePrediction, source: str) -> dict[str, Any]:
     """summary.json of a windowed image: its windows' numbers added up."""
     first = summary(pred.traces[0])
@@ -440,7 +433,7 @@ def _records(run_dir: Path, names: list[str], held: HeldTraces | None = None) ->
         if kept is not None:
             yield n, run_dir / n, kept[0], kept[1]
             continue
-        folders = window_folders(run_dir / n)
+        folders = trace_folders(run_dir / n)
         if folders == [run_dir / n]:
             yield n, run_dir / n, Trace.load(run_dir / n), read_image_eval(run_dir / n)
         else:
@@ -581,7 +574,7 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
         "policy": loaded.model.active_policy, "exits": loaded.model.exits_enabled,
         "method": loaded.model.method or None, "merging": merging_meta(loaded.model) or None,
         "merge_thresholds": list(loaded.model.merge_thresholds), "exit_threshold": loaded.model.exit_threshold,
-        "warnings": [*loaded.warnings, *([space.condition] if space is not None and space.condition else [])],
+        "warnings": [*loaded.warnings, *(space.warnings() if space is not None else [])],
         "class_space": None if space is None else space.record(), "windows": None if windows is None else asdict(windows),
         "animated_images": len(_animated_items(req, items)),
     }
@@ -690,7 +683,7 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
             r.summary = json.loads((run_dir / r.folder / "summary.json").read_text())
     if space is not None:  # mismatches met while scoring (with --ignore-class-mismatch) join the record
         base_manifest["class_space"] = space.record()
-        base_manifest["warnings"] = [*base_manifest["warnings"], *space.notes]
+        base_manifest["warnings"] = [*loaded.warnings, *space.warnings()]
     write_json_atomic(run_dir / MANIFEST, {
         **base_manifest, "status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "summary": tables.summary if tables is not None else {},

@@ -515,6 +515,16 @@ class Trace:
                    **{a: arrays[a] for a in ARRAYS})
 
 
+def trace_folders(image_dir: str | os.PathLike[str]) -> list[Path]:
+    """The folders holding the traces of one image folder: its sliding-window folders (`w00`, `w01`,
+    ...) when it has no trace of its own, else the folder itself."""
+    d = Path(image_dir)
+    if (d / TRACE_JSON).exists() or not d.is_dir():
+        return [d]
+    windows = sorted(p for p in d.iterdir() if p.is_dir() and p.name[:1] == "w" and p.name[1:].isdigit())
+    return windows or [d]
+
+
 def trace_damage(folder: str | os.PathLike[str]) -> str | None:
     """A one-line description of what is wrong with the trace files of an image folder (or of its
     window folders `w00`, `w01`, ...), or None when they look whole. Cheap: the JSON is parsed and
@@ -522,9 +532,7 @@ def trace_damage(folder: str | os.PathLike[str]) -> str | None:
     d = Path(folder)
     if not d.is_dir():
         return f"{d}: image folder missing"
-    targets = [d] if (d / TRACE_JSON).exists() or not any(p.name.startswith("w") for p in d.iterdir() if p.is_dir()) \
-        else sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("w") and p.name[1:].isdigit())
-    for t in targets:
+    for t in trace_folders(d):
         try:
             doc = json.loads((t / TRACE_JSON).read_text())
         except FileNotFoundError:

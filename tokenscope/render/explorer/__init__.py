@@ -31,7 +31,7 @@ import pandas as pd
 
 from tokenscope.errors import TokenscopeError
 from tokenscope.render.manifest import read_manifest
-from tokenscope.trace.trace import TRACE_JSON, Trace, image_beside
+from tokenscope.trace.trace import TRACE_JSON, Trace, image_beside, trace_folders
 
 HERE = Path(__file__).parent
 DATA_DIR = "explorer_data"
@@ -88,7 +88,7 @@ def _load_panel(folder: Path, name: str) -> dict[str, Any]:
 def _panels(folder: Path, name: str, max_side: int) -> list[dict[str, Any]]:
     """The trace in `folder`, or with sliding windows one panel per window (`w00/`, ...), each
     drawn over its own window of the image."""
-    windows = sorted(p for p in folder.glob("w[0-9][0-9]*") if p.is_dir()) if not (folder / TRACE_JSON).exists() else []
+    windows = [p for p in trace_folders(folder) if p != folder]
     if not windows:
         return [_load_panel(folder, name)]
     try:  # where each window lies on the (resized) whole image
@@ -164,7 +164,7 @@ def run_index(run_dir: Path) -> RunIndex:
             if r.get("step_miou") is not None and r.get("baseline_miou") is not None:
                 r["miou_change"] = r["step_miou"] - r["baseline_miou"]
     title = f"{run_dir.name}: {manifest.get('model') or manifest.get('request', {}).get('model', {}).get('model', '')}"
-    warnings = [str(w) for w in manifest.get("warnings", []) if w] if isinstance(manifest.get("warnings"), list) else []
+    warnings = [w for w in manifest.get("warnings", []) if w]  # read_manifest checked they are strings
     index = {"kind": kind, "title": title, "methods": methods, "images": [f.name for f in folders],
              "missing": missing, "rows": rows, "classes": _records(run_dir / "tables" / "classes.csv"),
              "warnings": warnings}
