@@ -194,17 +194,15 @@ def _with_operating_point(method: str | None, operating_point: Path | None, mode
     point tuned for another model is said (its numbers were measured there)."""
     if operating_point is None:
         return method
-    import json
-
-    from tokenscope.jobs.tune import read_operating_point
+    from tokenscope.jobs.tune import operating_point_doc
 
     if method is not None:
         raise ConfigError("give --method or --operating-point, not both")
-    label = read_operating_point(operating_point)
-    tuned_for = json.loads(operating_point.read_text()).get("model")
+    doc = operating_point_doc(operating_point)
+    tuned_for = doc.get("model")
     if model is not None and tuned_for not in (None, model):
         _warn([f"{operating_point} was tuned for model {tuned_for}, not {model}: its measured targets may not hold here"])
-    return label
+    return str(doc["method"])
 
 
 def _report_failures(images: list[Any]) -> int:

@@ -71,6 +71,10 @@ class ClassSpace:
             return f"classes mapped by {Path(self.class_map).name}"
         return "class mismatch ignored" if self.condition or self.notes else ""
 
+    def warnings(self) -> list[str]:
+        """The lines a run's or comparison's warnings carry: the condition, then what scoring met."""
+        return [*([self.condition] if self.condition else []), *self.notes]
+
     def record(self) -> dict[str, object]:
         return {"agree": not self.condition and not self.notes, "condition": self.condition, "class_map": self.class_map or None,
                 "ignore_mismatch": self.ignore_mismatch, "model_classes": self.model_classes, "notes": list(self.notes)}

@@ -203,6 +203,7 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
         write_table(pd.concat([df, pd.DataFrame([{"image": "ALL", **overall}])], ignore_index=True), run_dir / "compare.csv")
         write_table(pd.concat(block_rows, ignore_index=True), run_dir / "tokens_per_block.csv")
     loaded.model.apply(step.setting)
+    warnings = [*loaded.warnings, *(space.warnings() if space is not None else [])]
     write_json_atomic(run_dir / MANIFEST, {
         "tool": "tokenscope", "version": __version__, "kind": "compare", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model": loaded.config.name, "weights": loaded.weights_id, "device": str(device), "baseline": baseline,
@@ -211,16 +212,13 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
                  "exit_threshold": loaded.model.exit_threshold},
         "flop_convention": "2 FLOPs per multiply-add (torch.utils.flop_counter), policy network included",
         "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off",
-        "overall": overall, "warnings": [*loaded.warnings, *([space.condition] if space and space.condition else []),
-                                         *(space.notes if space else [])],
+        "overall": overall, "warnings": warnings,
         "class_space": None if space is None else space.record(),
         "windows": None if windows is None else {"window": windows.window, "stride": windows.stride,
                                                   "resize_short": windows.resize_short},
         "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],
     })
-    return CompareResult(run_dir, rows, overall, results,
-                         [*loaded.warnings, *([space.condition] if space and space.condition else []),
-                          *(space.notes if space else [])], class_space=space)
+    return CompareResult(run_dir, rows, overall, results, warnings, class_space=space)
 
 
 def _overall(rows: list[dict[str, Any]], conf_step: np.ndarray, conf_base: np.ndarray, have_labels: bool) -> dict[str, Any]:

@@ -149,7 +149,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
             if r["method"] != base.name:
                 r["miou_change_ci"] = miou_change_interval(counts[r["method"]], counts[base.name]).as_dict()
         r["class_condition"] = space.tag if space is not None else ""
-    warnings = [*loaded.warnings, *([space.condition] if space and space.condition else []), *(space.notes if space else [])]
+    warnings = [*loaded.warnings, *(space.warnings() if space is not None else [])]
     if rows:
         write_table(pd.concat([pd.DataFrame(rows), pd.DataFrame([{"image": "ALL", **r} for r in overall])],
                               ignore_index=True), run_dir / "methods.csv")

@@ -23,7 +23,7 @@ from tokenscope.data.images import check_size
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
 from tokenscope.jobs.runfolder import MANIFEST, new_run_dir, write_json_atomic, write_table
-from tokenscope.jobs.setup import ModelOptions, load_model, method_setting, scoring_space
+from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
 from tokenscope.models.methods.merging import merge_rules
 from tokenscope.models.methods.spec import parse_methods
 from tokenscope.render.figures import DEFAULT_STYLE, FigureStyle
@@ -84,7 +84,6 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
     if dataset == "synthetic":
         check_size(scene_size, model.patch_size, "--scene-size")
     ds = open_dataset(dataset, data_root, split, seeds, scene_size)
-    space = scoring_space(loaded, opts, ds, dataset)  # a class mismatch refuses before any image
     default_merge, default_exit = model.merge_thresholds, model.exit_threshold
     policy, exits = model.active_policy, model.exits_enabled
     points = [OperatingPoint("baseline", "none", False)]
@@ -112,6 +111,8 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
         windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size, model.patch_size)
         res = evaluate(loaded, ds, points, device, prog, amp=opts.amp, size=size, windows=windows, data_label=dataset,
                        class_map=opts.class_map, ignore_class_mismatch=opts.ignore_class_mismatch)
+        space = res.class_space  # checked by evaluate before its first image
+        assert space is not None
         base = res.variants["baseline"]
         for p in points:
             v = res.variants[p.name]

@@ -60,14 +60,12 @@ def validation_data(d: DataOptions) -> SegmentationDataset:
     return open_dataset(d.kind, d.root, d.val_split)
 
 
-def step_and_baseline(policy: str = "learned", exits: bool = True,
-                      saved: ReductionSetting | None = None) -> list[OperatingPoint]:
-    """The model's operating point ("step") and the same weights without reduction. With `saved`
-    (the model's whole setting) the step point keeps its in-network merging, so a ToMe or ALGM
-    model (policy none, no exits) is not mistaken for the plain one."""
-    step = OperatingPoint("step", policy, exits,
-                          setting=None if saved is None else replace(saved, policy=policy, exits=exits))
-    return [step, OperatingPoint("baseline", "none", False)]
+def step_and_baseline(policy: str, exits: bool, saved: ReductionSetting) -> list[OperatingPoint]:
+    """The model's operating point ("step") and the same weights without reduction. The step point
+    is the model's whole setting (`saved`) at `policy`/`exits`, so its in-network merging stays on
+    and a ToMe or ALGM model (policy none, no exits) is not mistaken for the plain one."""
+    return [OperatingPoint("step", policy, exits, setting=replace(saved, policy=policy, exits=exits)),
+            OperatingPoint("baseline", "none", False)]
 
 
 @dataclass

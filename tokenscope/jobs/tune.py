@@ -174,6 +174,11 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
 
 def read_operating_point(path: str | Path) -> str:
     """The method label an operating-point file holds; one line when the file is not one."""
+    return operating_point_doc(path)["method"]
+
+
+def operating_point_doc(path: str | Path) -> dict[str, Any]:
+    """The checked contents of an operating-point file (method, model it was tuned for, targets)."""
     p = Path(path)
     try:
         doc = json.loads(p.read_text())
@@ -187,4 +192,4 @@ def read_operating_point(path: str | Path) -> str:
         raise ConfigError(f"{p}: operating-point version {doc.get('version')!r} is unknown to this tokenscope "
                           f"(it reads version {OP_VERSION})")
     parse_method(doc["method"])  # refuses an unknown method or setting with its own message
-    return doc["method"]
+    return doc
