@@ -257,7 +257,7 @@ def test_an_injected_disk_error_is_one_line_and_leaves_no_temporary_file(tmp_pat
 
 @pytest.mark.parametrize("args, message", [
     (["run", IMAGE, "--method", "tome:r=1e400"], "must be a finite number"),
-    (["run", IMAGE, "--method", "tome", "--tome-r", "1e400"], "must be a finite number"),
+    (["run", IMAGE, "--method", "tome", "--tome-r", "1e400"], "--tome-r is gone: a method's settings follow its name"),
     (["compare", IMAGE, "--methods", "tome:r=1e400"], "must be a finite number"),
     (["compare", IMAGE, "--methods", "tome:r=16:r=8"], "given twice"),
     (["compare", IMAGE, "--methods", ""], "needs at least one method"),

@@ -18,7 +18,7 @@ from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import measure_flops
 from tokenscope.models.methods.attention import attend, size_weighted_mask
 from tokenscope.models.methods.merging import MergingSpec, algm_blocks
-from tokenscope.models.methods.spec import parse_method, parse_methods
+from tokenscope.models.methods.point import resolve, resolve_list
 from tokenscope.trace.capture import TraceCapture, images_to_tensor
 from tokenscope.trace.trace import Trace, TraceInconsistency
 
@@ -263,34 +263,42 @@ def test_methods_resolve_to_policies_exits_and_merging() -> None:
               "algm": ("none", False, "algm"), "step+tome": ("learned", True, "tome"), "cts+algm": ("cts", False, "algm")}
     for name, (policy, exits, merging) in expect.items():
         s = method_setting(loaded, opts, name)
-        assert (s.policy, s.exits, None if s.merging is None else s.merging.kind) == (policy, exits, merging), name
+        kind = s.record["merging"]["kind"] if "merging" in s.record else None
+        assert (s.policy, s.exits, kind) == (policy, exits, merging), name
         assert s.method == name
-    assert method_setting(loaded, opts, "tome").merging.prop_attn is True  # ToMe weighs by size
-    assert method_setting(loaded, opts, "algm").merging.prop_attn is False  # ALGM's attention ignores sizes
-    assert method_setting(loaded, opts, "algm").merging.blocks == (1, 5)
-    assert method_setting(loaded, opts, "tome:r=16:prop=off").merging.r == 16
-    assert parse_method("algm:global=adaptive").option_values() == {"algm_global_threshold": None}
+    assert method_setting(loaded, opts, "tome").size_weighted is True  # ToMe weighs by size
+    assert method_setting(loaded, opts, "algm").size_weighted is False  # ALGM's attention ignores sizes
+    assert method_setting(loaded, opts, "algm").record["merging"]["blocks"] == [1, 5]
+    assert method_setting(loaded, opts, "tome:r=16:prop=off").record["merging"]["r"] == 16
+    assert resolve("algm:global=adaptive").value("global") is None
 
 
 @pytest.mark.parametrize("text, words", [
-    ("tomme", "unknown method"), ("vit+tome", "unknown method"), ("tome:r", "key=value"),
-    ("tome:speed=3", "unknown setting"), ("tome:r=abc", "not a valid value"),
+    ("tomme", "unknown method"), ("tome:r", "key=value"),
+    ("tome:speed=3", "unknown setting"), ("tome:r=abc", "not a valid number"), ("tome:r=2.5", "whole count"),
+    ("tome+step", "goes first"),
 ])
 def test_bad_method_names_and_settings_are_one_line_errors(text: str, words: str) -> None:
-    with pytest.raises(ConfigError, match=words):
-        parse_method(text)
+    with pytest.raises(ConfigError, match=words) as err:
+        resolve(text)
+    assert "\n" not in str(err.value)
+
+
+def test_the_unreduced_model_does_not_combine() -> None:
+    with pytest.raises(ConfigError, match="unreduced model"):
+        resolve("vit+tome")
 
 
 def test_contradicting_flags_are_refused_with_the_method_that_was_meant() -> None:
     loaded = _loaded()
-    with pytest.raises(ConfigError, match="dcts\\+tome"):
+    with pytest.raises(ConfigError, match="dcts"):
         load_model(ModelOptions(device="cpu", method="tome", policy="learned"), loaded=loaded)
     with pytest.raises(ConfigError, match="without exits"):
         load_model(ModelOptions(device="cpu", method="dcts", exits="learned"), loaded=loaded)
-    with pytest.raises(ConfigError, match="apply to methods with tome or algm"):
-        load_model(ModelOptions(device="cpu", method="step", tome_r=4), loaded=loaded)
+    with pytest.raises(ConfigError, match="unknown setting 'r'"):
+        load_model(ModelOptions(device="cpu", method="step:r=4"), loaded=loaded)
     with pytest.raises(ConfigError, match="twice"):
-        parse_methods("tome,tome")
+        resolve_list("tome,tome")
 
 
 def test_operating_points_switch_whole_and_back() -> None:
@@ -298,9 +306,9 @@ def test_operating_points_switch_whole_and_back() -> None:
     method_setting(_loaded_for(model), ModelOptions(device="cpu"), "step+tome:r=3")
     saved = model.setting()
     model.apply(model.plain())
-    assert model.merging is None and model.active_policy == "none" and not model.exits_enabled and model.method == "vit"
+    assert not model.steps and model.active_policy == "none" and not model.exits_enabled and model.method == "vit"
     model.apply(saved)
-    assert model.setting() == saved and model.merging.r == 3
+    assert model.setting() == saved and model.record["merging"]["r"] == 3
     x = _batch(1)
     with torch.no_grad():
         assert torch.equal(model(x).patch_logits, model.apply(saved)(x).patch_logits)
@@ -356,13 +364,14 @@ def test_bench_counts_tokens_per_block_of_a_merging_method() -> None:
 def test_order_and_count_settings_reach_every_merger_and_bad_values_are_one_line_errors() -> None:
     loaded = _loaded()
     s = method_setting(loaded, ModelOptions(device="cpu"), "tome:r=2:order=spatial:count=per-image")
-    assert (s.merging.order, s.merging.count) == ("spatial", "per-image")
-    assert all((m.order, m.count) == ("spatial", "per-image") for m in loaded.model.mergers.values())
+    assert (s.record["merging"]["order"], s.record["merging"]["count"]) == ("spatial", "per-image")
+    assert all((m.order, m.count) == ("spatial", "per-image") for m in loaded.model.steps.values())
     s = method_setting(loaded, ModelOptions(device="cpu"), "algm")
-    assert (s.merging.order, s.merging.count) == ("reference", "batch")
-    assert all((m.order, m.count) == ("reference", "batch") for m in loaded.model.mergers.values())
-    for bad, words in (("tome:order=random", "merge order"), ("algm:count=some", "merge count"),
-                       ("dtop:order=spatial", "apply to methods with tome or algm")):
+    assert (s.record["merging"]["order"], s.record["merging"]["count"]) == ("reference", "batch")
+    assert all((m.order, m.count) == ("reference", "batch") for m in loaded.model.steps.values())
+    for bad, words in (("tome:order=random", "order is one of reference, spatial"),
+                       ("algm:count=some", "count is one of batch, per-image"),
+                       ("dtop:order=spatial", "unknown setting 'order'")):
         with pytest.raises(ConfigError, match=words) as err:
             method_setting(loaded, ModelOptions(device="cpu"), bad)
         assert "\n" not in str(err.value)

@@ -17,10 +17,11 @@ Models
     load_model(model="demo", weights=None, *, device="auto", policy=None, exits=None,
                merge_threshold=None, exit_threshold=None, budget=None, random_init=False,
                method=None) -> Model
-    method: step | dcts | dtop | cts | tome | algm | vit | X+tome | X+algm, settings inline
-            ("tome:r=16", "algm:threshold=0.92", "cts:groups=300") or as keywords (tome_r=...)
+    method: the operating point, a method with its settings after colons ("step", "tome:r=16",
+            "algm:threshold=0.92", "cts:groups=300", "dtop+tome", "./rule.py:frac=0.2")
     Model.configure(policy=..., exits=..., merge_threshold=..., exit_threshold=..., method=...)
     list_models() -> DataFrame                         built-in and published models
+    list_methods() -> .methods, .problems              token-reduction methods (built-in and plug-ins)
 
 Tracing (images: paths, numpy arrays, PIL images or tensors on any device)
     trace(model, image, *, labels=None, size=None) -> Trace        one forward, whole image
@@ -58,7 +59,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = ("Model", "Trace", "load_model", "trace", "trace_many", "predict", "load_trace", "tabulate", "run",
-        "compare", "evaluate", "heatmap", "report", "import_segmenter", "list_models", "train", "bench", "sweep", "table",
+        "compare", "evaluate", "heatmap", "report", "import_segmenter", "list_models", "list_methods", "train", "bench", "sweep", "table",
         "view", "fetch_data", "check_data", "list_data", "read_operating_point")
 _ERRORS = ("TokenscopeError", "ImageError", "CheckpointError", "ConfigError", "RunFolderError", "DownloadError")
 __all__ = ["__version__", "plot", *_API, *_ERRORS]

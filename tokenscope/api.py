@@ -31,6 +31,7 @@ from tokenscope.errors import ConfigError, TokenscopeError
 from tokenscope.jobs.setup import ModelOptions
 from tokenscope.jobs.setup import load_model as _load_model
 from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.models.methods.registry import Listing, all_methods
 from tokenscope.trace.capture import TraceCapture
 from tokenscope.trace.trace import Trace as _CoreTrace
 from tokenscope.trace.trace import image_beside
@@ -96,20 +97,12 @@ class Model:
     def configure(self, *, policy: str | None = None, exits: bool | str | None = None,
                   merge_threshold: float | str | Sequence[float] | None = None,
                   exit_threshold: float | None = None, budget: float | None = None,
-                  keep_per_class: int | None = None, method: str | None = None, tome_r: float | None = None,
-                  algm_threshold: float | None = None, algm_global_threshold: float | None = None,
-                  prop_attn: bool | None = None, cts_groups: int | float | str | None = None) -> "Model":
+                  keep_per_class: int | None = None, method: str | None = None, **removed: Any) -> "Model":
         """Change the operating point in place (same checks as `load_model`); returns the model.
-        A new `method` starts from that method's defaults (its settings are not carried over)."""
+        A new `method` (`tome:r=16`) starts from that method's defaults (settings are not carried over)."""
+        _refuse_removed(removed, "configure")
         exits_text = _exits_text(exits)
-        merging = {"method": method, "tome_r": tome_r, "algm_threshold": algm_threshold,
-                   "algm_global_threshold": algm_global_threshold, "prop_attn": prop_attn,
-                   "cts_groups": None if cts_groups is None else str(cts_groups)}
-        if method is not None:
-            base = replace(self.options, policy=None, exits=None, **{k: None for k in merging})
-        else:
-            base = self.options
-        base = replace(base, **{k: v for k, v in merging.items() if v is not None})
+        base = replace(self.options, policy=None, exits=None, method=method) if method is not None else self.options
         opts = replace(base, policy=policy if policy is not None else base.policy,
                        exits=exits_text if exits_text is not None else base.exits,
                        merge_threshold=_threshold_text(merge_threshold) if merge_threshold is not None
@@ -132,6 +125,19 @@ class Model:
                 f"{self.config.num_classes} classes, policy={self.policy!r}, exits={self.exits}, device={self.device})")
 
 
+REMOVED_KEYWORDS = {"tome_r": "tome:r=16", "algm_threshold": "algm:threshold=0.92", "algm_global_threshold":
+                    "algm:global=0.9", "prop_attn": "tome:prop=off", "cts_groups": "cts:groups=300"}
+
+
+def _refuse_removed(removed: dict[str, Any], where: str) -> None:
+    """Per-method keywords of earlier versions: one line naming the operating point's spelling."""
+    for key in removed:
+        if key in REMOVED_KEYWORDS:
+            raise ConfigError(f"{where}({key}=...) is gone: a method's settings follow its name, e.g. "
+                              f"method={REMOVED_KEYWORDS[key]!r} (ts.list_methods() lists every setting)")
+        raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
+
+
 def _exits_text(exits: bool | str | None) -> str | None:
     """True -> "learned", False -> "none" (the CLI's words); strings pass as they are, so an
     unknown mode is refused by the same check as on the command line; None -> the model's default."""
@@ -152,9 +158,7 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, device
                policy: str | None = None, exits: bool | str | None = None,
                merge_threshold: float | str | Sequence[float] | None = None, exit_threshold: float | None = None,
                budget: float | None = None, keep_per_class: int | None = None, random_init: bool = False,
-               seed: int = 0, amp: bool = True, method: str | None = None, tome_r: float | None = None,
-               algm_threshold: float | None = None, algm_global_threshold: float | None = None,
-               prop_attn: bool | None = None, cts_groups: int | float | str | None = None) -> Model:
+               seed: int = 0, amp: bool = True, method: str | None = None, **removed: Any) -> Model:
     """Load a model and set its operating point.
 
     `model`: "demo" (shipped), a published Segmenter model's name (downloaded once; see
@@ -162,11 +166,11 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, device
     checkpoint (NAME.json), a Segmenter or mmsegmentation .pth (read without running code), or a
     timm ViT file. `policy`: learned | oracle | uniform | budget | none (default: learned when
     trained, else uniform). `exits`: True/"learned" or False/"none" (default: when trained).
-    `method`: step | dcts | dtop | cts | tome | algm | vit | X+tome | X+algm, optionally with
-    inline settings (`tome:r=16`); `tome_r`, `algm_threshold`, `algm_global_threshold`,
-    `prop_attn`, `cts_groups` set the same things as keywords.
+    `method`: the operating point, a method with its settings (`step`, `tome:r=16`, `dtop+tome`,
+    a plug-in's name or a method file `./rule.py:frac=0.2`; see list_methods()).
     `device`: auto | cpu | cuda. Raises CheckpointError / ConfigError with a one-line message.
     """
+    _refuse_removed(removed, "load_model")
     model = _model_name(model, "load_model(model=...)")
     if weights is not None and not isinstance(weights, (str, Path)):
         raise ConfigError(f"load_model(weights=...): expected a file path or 'hub', got a {type(weights).__name__}")
@@ -174,9 +178,7 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, device
     opts = ModelOptions(model=model, weights=None if weights is None else str(weights), random_init=random_init,
                         policy=policy, merge_threshold=None if merge_threshold is None else _threshold_text(merge_threshold),
                         exit_threshold=exit_threshold, exits=exits_text, device=device, seed=seed, budget=budget, amp=amp,
-                        keep_per_class=keep_per_class, method=method, tome_r=tome_r, algm_threshold=algm_threshold,
-                        algm_global_threshold=algm_global_threshold, prop_attn=prop_attn,
-                        cts_groups=None if cts_groups is None else str(cts_groups))
+                        keep_per_class=keep_per_class, method=method)
     loaded, dev = _load_model(opts, have_labels=True)
     return Model(loaded, dev, opts)
 
@@ -628,6 +630,12 @@ def table(folder: str | Path, *, kind: str = "methods", format: str = "markdown"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, text)
     return text
+
+
+def list_methods() -> Listing:
+    """The token-reduction methods: built-ins, then installed plug-ins (entry-point group
+    `tokenscope.methods`); `.methods` (each with `.describe()`), `.problems` (broken plug-ins)."""
+    return all_methods()
 
 
 def list_models() -> pd.DataFrame:

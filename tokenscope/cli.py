@@ -6,6 +6,7 @@ library itself never prints.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -32,6 +33,11 @@ from typer.core import TyperGroup
 from tokenscope import __version__
 from tokenscope.errors import ConfigError, TokenscopeError
 
+REMOVED_FLAGS = {"--tome-r": "tome:r=16", "--algm-threshold": "algm:threshold=0.92", "--cts-groups": "cts:groups=300",
+                 "--prop-attn": "tome:prop=on", "--no-prop-attn": "tome:prop=off"}
+"""Per-method flags of earlier versions, and the one spelling that replaced them."""
+
+
 class _OneLineErrors(TyperGroup):
     """Usage errors (an unknown option, a value of the wrong type, a missing argument) as one line
     and exit code 2, like every other error: never click's boxed usage text."""
@@ -48,6 +54,10 @@ class _OneLineErrors(TyperGroup):
             ctx = getattr(exc, "ctx", None)
             where = ctx.command_path if ctx is not None else "tokenscope"
             message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            flag = next((f for f in REMOVED_FLAGS if f"'{f}'" in message or f"{f} " in message + " "), None)
+            if flag is not None and "No such option" in message:
+                message = (f"{flag} is gone: a method's settings follow its name, e.g. "
+                           f"--method {REMOVED_FLAGS[flag]} (`tokenscope methods` lists every setting)")
             err_console.print(f"[bold red]error:[/] {escape(message)} (see `{where} --help`)",
                               highlight=False, soft_wrap=True)
             sys.exit(int(getattr(exc, "exit_code", 2)))
@@ -76,11 +86,7 @@ ExitThrOpt = Annotated[Optional[float], typer.Option("--exit-threshold", help="A
 ExitsOpt = Annotated[Optional[str], typer.Option("--exits", help="Early exits: learned (auxiliary heads after the exit blocks) or none. Default: learned if trained.")]
 KeepOpt = Annotated[Optional[int], typer.Option("--keep-per-class", help="DToP's context rule: at each gate the K most confident qualifying tokens of every predicted class stay in the sequence (0 = off).")]
 OperatingPointOpt = Annotated[Optional[Path], typer.Option("--operating-point", help="An operating point written by `tokenscope tune` (a method with its settings); instead of --method.")]
-MethodOpt = Annotated[Optional[str], typer.Option("--method", help="Token-reduction method: step (dCTS + exits), dcts, dtop (exits on the grid), cts (K shared 2x2 groups), tome (merging in every block), algm (local + global merging), vit (none), or X+tome / X+algm; settings after colons, e.g. tome:r=16, algm:threshold=0.92, cts:groups=300. Default: --policy/--exits decide.")]
-TomeROpt = Annotated[Optional[float], typer.Option("--tome-r", help="With --method tome (or X+tome): tokens merged per block, a count (16) or a fraction of the image's tokens (0.05, the default).")]
-AlgmOpt = Annotated[Optional[float], typer.Option("--algm-threshold", help="With --method algm: the local merging threshold, mean cosine similarity of a 2x2 window (default 0.88).")]
-CtsOpt = Annotated[Optional[str], typer.Option("--cts-groups", help="With --method cts: 2x2 groups shared per image, a count (300) or a fraction of all groups (default 0.4).")]
-PropOpt = Annotated[Optional[bool], typer.Option("--prop-attn/--no-prop-attn", help="With tome/algm: size-weighted (proportional) attention after merging. Default: on for ToMe, off for ALGM (as in their code).")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", help="The operating point: a method with its settings after colons, e.g. step, tome:r=16, algm:threshold=0.92, cts:groups=300, X+tome, or a method file ./my_rule.py:frac=0.2. `tokenscope methods` lists them with their settings. Default: --policy/--exits decide.")]
 LabelsOpt = Annotated[Optional[str], typer.Option(help="Ground-truth label map (integer class ids, 255 = ignore), or a folder of them named like the images.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (GPU if present), cpu or cuda.")]
 SizeOpt = Annotated[Optional[int], typer.Option(help="Resize each image so its long side is this many pixels (then pad to a multiple of 16).")]
@@ -93,23 +99,6 @@ FormatOpt = Annotated[str, typer.Option("--format", help="Figure files: png, or 
 DpiOpt = Annotated[int, typer.Option(help="Resolution of png figures.")]
 TitlesOpt = Annotated[bool, typer.Option("--titles/--no-titles", help="Titles on the figures (off for a paper, whose caption says it).")]
 StrideOpt = Annotated[Optional[int], typer.Option(help="Stride of the sliding windows in pixels. Default: the checkpoint's, else window - 32.")]
-
-
-def _method_text(method: str | None, tome_r: float | None = None, algm_threshold: float | None = None,
-                 cts_groups: str | None = None, prop_attn: bool | None = None) -> str | None:
-    """--method with the method flags folded in as its inline settings (`tome` + --tome-r 16 ->
-    `tome:r=16`); flags without a method stay an error the model setup explains."""
-    extra = [f"r={tome_r:g}" if tome_r is not None else "", f"threshold={algm_threshold:g}" if algm_threshold is not None else "",
-             f"groups={cts_groups}" if cts_groups is not None else "",
-             ("prop=on" if prop_attn else "prop=off") if prop_attn is not None else ""]
-    extra = [e for e in extra if e]
-    if not extra:
-        return method
-    if method is None:
-        from tokenscope.errors import ConfigError
-
-        raise ConfigError("--tome-r / --algm-threshold / --cts-groups / --prop-attn need --method (tome, algm, cts, ...)")
-    return ":".join([method, *extra])
 
 
 def _fail(exc: TokenscopeError) -> None:
@@ -229,10 +218,6 @@ def run(
     keep_per_class: KeepOpt = None,
     method: MethodOpt = None,
     operating_point: OperatingPointOpt = None,
-    tome_r: TomeROpt = None,
-    algm_threshold: AlgmOpt = None,
-    cts_groups: CtsOpt = None,
-    prop_attn: PropOpt = None,
     budget: Annotated[Optional[float], typer.Option(help="Token budget for --policy budget: R times fewer tokens than patches.")] = None,
     labels: LabelsOpt = None,
     dataset: Annotated[Optional[str], typer.Option(help="Run over a data set instead of files: synthetic, folder, ade20k, cityscapes or pascal_context.")] = None,
@@ -268,7 +253,6 @@ def run(
     from tokenscope import api
 
     with _user_errors():
-        method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
         method = _with_operating_point(method, operating_point, model)
         with _progress("tracing") as progress:
             result = api.run(images, model=model, weights=weights, random_init=random_init, policy=policy,
@@ -364,10 +348,6 @@ def compare(
     exits: ExitsOpt = None,
     keep_per_class: KeepOpt = None,
     method: MethodOpt = None,
-    tome_r: TomeROpt = None,
-    algm_threshold: AlgmOpt = None,
-    cts_groups: CtsOpt = None,
-    prop_attn: PropOpt = None,
     methods: Annotated[Optional[str], typer.Option("--methods", help="Compare several methods (or operating points) at once, comma-separated, e.g. step,tome,cts,dtop or tome:r=8,tome:r=16: one table and one side-by-side figure per image.")] = None,
     at_block: Annotated[Optional[int], typer.Option("--at-block", help="With --methods: the block whose tokens the figure shows (default: the middle; depth + 1 = after the encoder).")] = None,
     labels: LabelsOpt = None,
@@ -386,7 +366,6 @@ def compare(
     from tokenscope import api
 
     with _user_errors():
-        method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
         with _progress("comparing") as progress:
             result = api.compare(images, baseline=baseline, model=model, weights=weights, random_init=random_init,
                                  policy=policy, merge_threshold=merge_threshold, exit_threshold=exit_threshold,
@@ -613,10 +592,6 @@ def evaluate(
     keep_per_class: KeepOpt = None,
     method: MethodOpt = None,
     operating_point: OperatingPointOpt = None,
-    tome_r: TomeROpt = None,
-    algm_threshold: AlgmOpt = None,
-    cts_groups: CtsOpt = None,
-    prop_attn: PropOpt = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     split: Annotated[str, typer.Option(help="Split of a file data set.")] = "val",
@@ -633,7 +608,6 @@ def evaluate(
     from tokenscope import api
 
     with _user_errors():
-        method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
         method = _with_operating_point(method, operating_point, model)
         held = api.load_model(model, weights, random_init=random_init, policy=policy, merge_threshold=merge_threshold,
                               exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device,
@@ -663,10 +637,6 @@ def bench(
     keep_per_class: KeepOpt = None,
     method: MethodOpt = None,
     operating_point: OperatingPointOpt = None,
-    tome_r: TomeROpt = None,
-    algm_threshold: AlgmOpt = None,
-    cts_groups: CtsOpt = None,
-    prop_attn: PropOpt = None,
     size: Annotated[int, typer.Option(help="Square input side in pixels (a multiple of 16).")] = 1024,
     batch: Annotated[int, typer.Option(help="Images per forward pass (different synthetic scenes, so token counts differ).")] = 1,
     image: Annotated[Optional[str], typer.Option(help="Use this image (repeated) instead of synthetic scenes.")] = None,
@@ -684,7 +654,6 @@ def bench(
     from tokenscope import api
 
     with _user_errors():
-        method = _method_text(method, tome_r, algm_threshold, cts_groups, prop_attn)
         method = _with_operating_point(method, operating_point, model)
         with _progress("benchmarking") as progress:
             result = api.bench(model=model, weights=weights, random_init=random_init, policy=policy, budget=budget,
@@ -951,6 +920,27 @@ def models(
         table.add_row(r["name"], r["kind"], str(r["arch"]), str(r["classes"]), str(r["data set"]), str(r["decoder"]),
                       miou, str(r["weights"]))
     out_console.print(table)
+
+
+@app.command()
+def methods(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list: name, kind, settings with defaults, ladder, search, reference, source.")] = False,
+) -> None:
+    """List the token-reduction methods: built-in and installed plug-ins, with their settings."""
+    from tokenscope import api
+
+    listing = api.list_methods()
+    if as_json:
+        sys.stdout.write(json.dumps([m.describe() for m in listing.methods], indent=1) + "\n")
+    else:
+        table = Table(title="methods (settings go after the name: --method tome:r=16)", title_justify="left")
+        for col in ("name", "kind", "settings (default)", "what it does", "source"):
+            table.add_column(col, overflow="fold")
+        for m in listing.methods:
+            settings = ", ".join(f"{x.name}={x.default_text}" for x in m.settings)
+            table.add_row(m.name, m.kind, settings or "-", m.summary, m.source.split(" (")[0])
+        out_console.print(table)
+    _warn(listing.problems)
 
 
 @contextmanager

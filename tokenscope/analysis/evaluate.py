@@ -37,8 +37,8 @@ class OperatingPoint:
     """A policy and exit setting of one model; thresholds left None keep the model's own.
 
     `setting` (a whole ReductionSetting, e.g. one method's) wins over the other fields when given.
-    A point with policy none and no exits is the plain baseline: it also runs without merging;
-    otherwise the model's own in-network merging, if any, stays on.
+    A point with policy none and no exits is the plain baseline: it also runs without any method's
+    steps; otherwise the model's own steps (merging, pruning), if any, stay on.
     """
 
     name: str
@@ -56,7 +56,8 @@ class OperatingPoint:
         return replace(saved, policy=self.policy, exits=self.exits,
                        merge_thresholds=self.merge_thresholds or saved.merge_thresholds,
                        exit_threshold=saved.exit_threshold if self.exit_threshold is None else self.exit_threshold,
-                       merging=None if plain else saved.merging, method="vit" if plain else saved.method)
+                       steps=() if plain else saved.steps, size_weighted=False if plain else saved.size_weighted,
+                       record={} if plain else saved.record, method="vit" if plain else saved.method)
 
 
 @dataclass

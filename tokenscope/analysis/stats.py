@@ -114,6 +114,8 @@ def summary(trace: Trace) -> dict[str, Any]:
         "policy": m.policy,
         "exits": m.exits,
         "merging": dict(m.merging),
+        "pruning": dict(m.pruning),
+        "pruned_tokens": 0 if trace.token_pruned_at is None else int((trace.token_pruned_at > 0).sum()),
         "merge_thresholds": list(m.merge_thresholds),
         "exit_threshold": m.exit_threshold,
         "patches": trace.num_patches,

@@ -31,7 +31,7 @@ from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, uniqu
 from tokenscope.jobs.setup import ModelOptions, label_file_space, load_model, method_setting
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.methods.merging import merge_rules
-from tokenscope.models.methods.spec import parse_methods
+from tokenscope.models.methods.point import resolve_list
 from tokenscope.render.overlays import groups_overlay, render_label_map, render_overlay
 from tokenscope.render.plots import methods_figure
 from tokenscope.trace.capture import TraceCapture
@@ -58,13 +58,13 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
     if repeats < 1 or warmup < 0:
         raise ConfigError("--repeats must be >= 1 and --warmup >= 0")
     labels_path = Path(labels) if labels is not None else None
-    parsed = parse_methods(",".join(methods))
+    parsed = resolve_list(",".join(methods))
     images = find_images(paths)
     if not images:
         raise TokenscopeError("no images found in " + ", ".join(map(str, paths)))
     loaded, device = model if model is not None else load_model(opts, have_labels=labels_path is not None)
     saved = loaded.model.setting()
-    variants = [Variant(m.label, method_setting(loaded, opts, m.label, labels_path is not None)) for m in parsed]
+    variants = [Variant(m.label, method_setting(loaded, opts, m.text, labels_path is not None)) for m in parsed]
     base = Variant("baseline", loaded.model.plain())
     loaded.model.apply(saved)
     space = label_file_space(loaded, opts, str(labels), images) if labels is not None else None
@@ -98,7 +98,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
                 panels = []
                 for v, pred, m in measured:
                     row: dict[str, Any] = {"image": str(path), "method": v.name,
-                                           "merge_rules": merge_rules(v.setting.merging), "input_h": prepared.input_hw[0],
+                                           "merge_rules": merge_rules(v.setting.record.get("merging")), "input_h": prepared.input_hw[0],
                                            "input_w": prepared.input_hw[1], "windows": len(pred.traces),
                                            "patches": pred.patches, **m,
                                            "agreement": pixel_agreement(pred.label_map, p_base.label_map),
@@ -158,6 +158,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
         "tool": "tokenscope", "version": __version__, "kind": "compare", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model": cfg.name, "weights": loaded.weights_id, "device": str(device), "baseline": baseline,
         "methods": [v.name for v in variants], "figure_block": block,
+        "method_sources": {m.label: m.provenance() for m in parsed},
         "flop_convention": "2 FLOPs per multiply-add (torch.utils.flop_counter), policy network and matching included",
         "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off",
         "overall": overall, "warnings": warnings, "class_space": None if space is None else space.record(),

@@ -54,16 +54,17 @@ from tokenscope.jobs.runfolder import (
     write_rgb,
     write_table,
 )
-from tokenscope.jobs.setup import ModelOptions, label_file_space, load_model, scoring_space
+from tokenscope.jobs.setup import LEGACY_FLAGS, ModelOptions, label_file_space, load_model, options_from_record, scoring_space
 from tokenscope.jobs.writer import BackgroundWriter, default_workers
 from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.models.methods.point import resolve
 from tokenscope.models.registry import StepConfig
 from tokenscope.render.animation import write_exit_animation
 from tokenscope.render.dataset_plots import write_dataset_figures
 from tokenscope.render.figures import DEFAULT_STYLE, FigureStyle
 from tokenscope.render.overlays import OVERLAY_KINDS, default_group_blocks, groups_overlay, render_label_map, render_overlay
 from tokenscope.render.plots import token_histogram
-from tokenscope.trace.capture import TraceCapture, merging_meta
+from tokenscope.trace.capture import TraceCapture, merging_meta, pruning_meta
 from tokenscope.analysis.stability import tails
 from tokenscope.data.video import FrameReader, FrameSelection, VideoInfo, frame_number, is_video, probe
 from tokenscope.data.classspace import ClassSpace
@@ -124,7 +125,7 @@ class RunRequest:
         return FigureStyle.parse(self.figure_format, self.figure_dpi, self.figure_titles)
 
     def model_options(self) -> ModelOptions:
-        return ModelOptions(**self.model)
+        return options_from_record(self.model)
 
 
 @dataclass
@@ -522,9 +523,23 @@ def _request_of(manifest: dict[str, Any], run_dir: Path) -> RunRequest:
         raise RunFolderError(f"{run_dir / MANIFEST}: field 'request' " + (f"has unknown keys {extra}" if extra else
                                                                          "must be a JSON object"))
     model = raw.get("model", {})
-    if not isinstance(model, dict) or set(model) - {f.name for f in fields(ModelOptions)}:
+    if not isinstance(model, dict) or set(model) - {f.name for f in fields(ModelOptions)} - set(LEGACY_FLAGS):
         raise RunFolderError(f"{run_dir / MANIFEST}: field 'request.model' is not a set of model options")
     return RunRequest(**raw)
+
+
+def check_same_methods(run_dir: Path, recorded: Any, now: list[dict[str, str]] | None) -> None:
+    """A resumed run must run the methods it started with: same name, same source file bytes."""
+    if not recorded:
+        return
+    for old, new in zip(recorded, now or []):
+        if old.get("name") != new["name"] or (old.get("digest") and old.get("digest") != new["digest"]):
+            raise RunFolderError(f"{run_dir}: was run with method {old.get('name')} from {old.get('source')} "
+                                 f"(sha256 {str(old.get('digest'))[:12]}); it is now {new['name']} from {new['source']} "
+                                 f"(sha256 {new['digest'][:12]}): start a new run instead of resuming")
+    if len(recorded) != len(now or []):
+        raise RunFolderError(f"{run_dir}: its methods were {[r.get('name') for r in recorded]}, the request now "
+                             f"resolves to {[n['name'] for n in now or []]}")
 
 
 def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progress: Progress | None,
@@ -551,7 +566,9 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
         check_size(req.dataset_size, patch, "--scene-size")
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, req.window, req.stride, req.size, patch)
     ctx = dist.context(device.type)  # rank 0 of 1 unless started by torchrun
+    sources = resolve(opts.method).provenance() if opts.method else None
     if resume is not None:
+        check_same_methods(run_dir, manifest.get("method_sources"), sources)
         if manifest.get("weights") != loaded.weights_id:
             raise RunFolderError(f"{run_dir}: was run with weights {manifest.get('weights')}, these are {loaded.weights_id}")
         if ctx.is_writer:
@@ -573,6 +590,7 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
         "weights_source": loaded.source, "device": str(device),
         "policy": loaded.model.active_policy, "exits": loaded.model.exits_enabled,
         "method": loaded.model.method or None, "merging": merging_meta(loaded.model) or None,
+        "pruning": pruning_meta(loaded.model) or None, "method_sources": sources,
         "merge_thresholds": list(loaded.model.merge_thresholds), "exit_threshold": loaded.model.exit_threshold,
         "warnings": [*loaded.warnings, *(space.warnings() if space is not None else [])],
         "class_space": None if space is None else space.record(), "windows": None if windows is None else asdict(windows),

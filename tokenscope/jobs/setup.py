@@ -13,9 +13,9 @@ from tokenscope.data.classspace import ClassSpace, class_space, dataset_space
 from tokenscope.data.images import find_label_for, load_label_map
 from tokenscope.errors import ConfigError, TokenscopeError
 from tokenscope.models.checkpoints import LoadedModel, build_model
-from tokenscope.models.methods.cts import parse_groups
-from tokenscope.models.methods.merging import COUNTS, ORDERS, MergingSpec, algm_blocks
-from tokenscope.models.methods.spec import Method, parse_method
+from tokenscope.models.methods.base import Plan
+from tokenscope.models.methods.facts import facts_of, with_plan
+from tokenscope.models.methods.point import ResolvedPoint, resolve
 from tokenscope.models.policy import POLICY_NAMES, parse_thresholds
 from tokenscope.models.runtime import resolve_device
 from tokenscope.models.step_vit import ReductionSetting
@@ -44,86 +44,46 @@ class ModelOptions:
     keep_per_class: int | None = None
     """DToP's context rule at the exit gates (None = the model's own, normally 0 = off)."""
     method: str | None = None
-    """Token-reduction method (step, dcts, dtop, cts, tome, algm, X+tome, X+algm; see
-    models/methods/spec.py). None: policy and exits alone decide, as before methods existed."""
-    tome_r: float | None = None
-    """ToMe: tokens merged per block; a count (16) or a fraction of the image's tokens (0.05)."""
-    algm_threshold: float | None = None
-    """ALGM's local merging threshold (mean cosine similarity of a 2x2 window)."""
-    algm_global_threshold: float | None = None
-    """ALGM's global merging: a fixed similarity threshold instead of its adaptive rule."""
-    prop_attn: bool | None = None
-    """Size-weighted (proportional) attention after merging; default on for ToMe, off for ALGM."""
-    cts_groups: str | None = None
-    """CTS: 2x2 groups shared per image, a count (300) or a fraction of all groups (0.4)."""
-    merge_order: str | None = None
-    """ToMe/ALGM: `reference` (default: the sequence order the public code leaves after each
-    merge) or `spatial` (tokens keep raster order: tokenscope's earlier rule)."""
-    merge_count: str | None = None
-    """ToMe/ALGM: `batch` (default: one count for the batch, as the public code) or `per-image`."""
+    """The operating point: a method with its settings (`tome:r=16`, `step:exit=0.9`, `dtop+tome`,
+    `./my_rule.py:frac=0.2`; see models/methods/). None: policy and exits alone decide."""
     class_map: str | None = None
     """A file mapping the data's class ids (or names) to the model's (see data/classspace.py)."""
     ignore_class_mismatch: bool = False
     """Score even when the model's classes are not the data's (recorded and printed beside every mIoU)."""
 
 
-MERGE_SETTINGS = ("tome_r", "algm_threshold", "algm_global_threshold", "prop_attn", "merge_order", "merge_count")
-"""ModelOptions fields that only in-network merging (tome, algm) reads."""
-MAX_TOME_R = 100_000
-"""More tokens than any image has (a 16k x 16k image at patch 16 has 1M patches; r is per block)."""
-DEFAULT_TOME_R = 0.05
-"""Default ToMe r: 5% of the image's tokens per block (ToMe's r=16 of 197 is 8% on ViT-B/224)."""
-DEFAULT_ALGM_THRESHOLD = 0.88
-"""ALGM's public threshold for ViT-S/B Segmenter on ADE20K (its models use 0.88-0.955)."""
-DTOP_KEEP_PER_CLASS = 5
-"""DToP's public code keeps the 5 most confident qualifying tokens of each class at every gate."""
-DEFAULT_CTS_GROUPS = "0.4"
-"""CTS's Segmenter setting shares about 40% of the 2x2 groups (103 of 256 at 512 px)."""
+LEGACY_FLAGS = {"tome_r": "r", "algm_threshold": "threshold", "algm_global_threshold": "global",
+                "prop_attn": "prop", "cts_groups": "groups", "merge_order": "order", "merge_count": "count"}
+"""Per-method options of earlier versions, now settings of the operating point (`tome:r=16`)."""
 
 
-def _merge_settings_given(opts: ModelOptions) -> bool:
-    return any(getattr(opts, f) is not None for f in MERGE_SETTINGS)
+def options_from_record(record: dict[str, object]) -> ModelOptions:
+    """ModelOptions from a run folder's record; an earlier version's per-method options become the
+    operating point's settings, so its runs replay as they ran."""
+    d = dict(record)
+    extra = []
+    for key, setting in LEGACY_FLAGS.items():
+        value = d.pop(key, None)
+        if value is not None:
+            if isinstance(value, bool):
+                value = "on" if value else "off"
+            extra.append(f"{setting}={value}")
+    if extra and d.get("method"):
+        d["method"] = ":".join([str(d["method"]), *extra])
+    return ModelOptions(**d)  # type: ignore[arg-type]
 
 
-def merging_spec(method: Method, opts: ModelOptions, depth: int) -> MergingSpec | None:
-    """The in-network merging a method runs, with the user's settings or the published defaults."""
-    if method.merging is None:
-        if _merge_settings_given(opts):
-            raise ConfigError(f"ToMe/ALGM settings (r, threshold, global, prop, order, count) apply to methods with tome or algm, "
-                              f"not {method.name!r}")
-        return None
-    rules = {"order": opts.merge_order or "reference", "count": opts.merge_count or "batch"}
-    if rules["order"] not in ORDERS:
-        raise ConfigError(f"merge order must be one of {', '.join(ORDERS)} (e.g. tome:order=spatial), got {opts.merge_order!r}")
-    if rules["count"] not in COUNTS:
-        raise ConfigError(f"merge count must be one of {', '.join(COUNTS)} (e.g. tome:count=per-image), "
-                          f"got {opts.merge_count!r}")
-    if method.merging == "tome":
-        r = DEFAULT_TOME_R if opts.tome_r is None else float(opts.tome_r)
-        if not math.isfinite(r) or not 0 <= r <= MAX_TOME_R or (r >= 1 and r != int(r)):
-            raise ConfigError(f"ToMe's r is a whole count per block (at most {MAX_TOME_R}) or a fraction below 1, "
-                              f"got {opts.tome_r}")
-        return MergingSpec("tome", tuple(range(1, depth + 1)), r=r,
-                           prop_attn=True if opts.prop_attn is None else opts.prop_attn, **rules)
-    threshold = DEFAULT_ALGM_THRESHOLD if opts.algm_threshold is None else float(opts.algm_threshold)
-    for name, value in (("threshold", threshold), ("global", opts.algm_global_threshold)):
-        if value is not None and not (math.isfinite(value) and -1.0 <= value <= 1.0):
-            raise ConfigError(f"ALGM's {name} is a cosine similarity in [-1, 1], got {value}")
-    return MergingSpec("algm", algm_blocks(depth), threshold=threshold, global_threshold=opts.algm_global_threshold,
-                       prop_attn=False if opts.prop_attn is None else opts.prop_attn, **rules)
-
-
-def load_model(opts: ModelOptions, have_labels: bool = False,
-               loaded: LoadedModel | None = None) -> tuple[LoadedModel, torch.device]:
+def load_model(opts: ModelOptions, have_labels: bool = False, loaded: LoadedModel | None = None,
+               shared: bool = False) -> tuple[LoadedModel, torch.device]:
     """Build, configure and move the model; refuse combinations that would mislead.
 
     A learned policy or learned exits on weights where that part was never trained would show
     noise as if it were a finding, so it is refused unless the user chose random weights. With
-    `loaded`, that model is re-configured to `opts` instead of being built again.
+    `loaded`, that model is re-configured to `opts` instead of being built again. `shared`: the
+    options are shared by several operating points (a comparison), so --policy applies to the
+    methods that leave it open instead of contradicting those that fix it.
     """
-    method = parse_method(opts.method) if opts.method is not None else None
-    if method is not None and method.settings:  # inline settings are the more specific: they win
-        opts = replace(opts, **method.option_values())  # type: ignore[arg-type]
+    point = resolve(opts.method) if opts.method is not None else None
     device = resolve_device(opts.device)
     if opts.policy is not None and opts.policy not in POLICY_NAMES:
         raise ConfigError(f"unknown policy {opts.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
@@ -135,50 +95,41 @@ def load_model(opts: ModelOptions, have_labels: bool = False,
         raise ConfigError(f"--keep-per-class must be 0 (off) or a positive count, got {opts.keep_per_class}")
     if opts.exit_threshold is not None and not (0.0 <= opts.exit_threshold <= 1.0):
         raise ConfigError(f"--exit-threshold must be between 0 and 1, got {opts.exit_threshold}")
-    if opts.cts_groups is not None:
-        parse_groups(opts.cts_groups)
     if loaded is None:
         loaded = build_model(opts.model, opts.weights, opts.random_init, opts.seed, opts.num_classes)
-    policy = opts.policy or ("budget" if opts.budget is not None else loaded.default_policy())
-    exits = loaded.default_exits() if opts.exits is None else opts.exits == "learned"
-    if method is not None:
-        policy, exits = _method_policy_and_exits(method, opts, policy)
-    if opts.budget is not None and policy != "budget":
-        raise ConfigError(f"--budget applies to --policy budget, not {policy!r}")
+    cfg, model = loaded.config, loaded.model
+    thresholds = parse_thresholds(opts.merge_threshold, cfg.merge_thresholds)
+    exit_threshold = opts.exit_threshold if opts.exit_threshold is not None else cfg.exit_threshold
+    user_policy = opts.policy or ("budget" if opts.budget is not None else loaded.default_policy())
+    keep = opts.keep_per_class if opts.keep_per_class is not None else cfg.keep_per_class
+    base = replace(model.plain(), policy=user_policy, exits=loaded.default_exits() if opts.exits is None else
+                   opts.exits == "learned", merge_thresholds=thresholds, exit_threshold=exit_threshold,
+                   keep_per_class=keep, budget=opts.budget if opts.budget is not None else model.setting().budget,
+                   method="")
+    setting = base
+    if point is not None:
+        facts = facts_of(model, loaded.trained, loaded.default_policy(), user_policy, thresholds, exit_threshold,
+                         opts.keep_per_class)
+        plan = point.plan(facts)
+        policy, exits = _policy_and_exits(point, plan, opts, user_policy, shared)
+        setting = replace(with_plan(base, plan, point.text), policy=policy, exits=exits,
+                          merge_thresholds=plan.merge_thresholds or thresholds,
+                          exit_threshold=exit_threshold if plan.exit_threshold is None else plan.exit_threshold,
+                          keep_per_class=keep if plan.keep_per_class is None else plan.keep_per_class,
+                          budget=base.budget if plan.budget is None else plan.budget)
+    if opts.budget is not None and setting.policy != "budget":
+        raise ConfigError(f"--budget applies to --policy budget, not {setting.policy!r}")
     untrained = opts.random_init is False
-    if policy == "learned" and untrained and not loaded.trained.get("policy"):
+    if setting.policy == "learned" and untrained and not loaded.trained.get("policy"):
         raise ConfigError(f"the learned policy of {loaded.source} was never trained; use --policy uniform, oracle or none")
-    if exits and untrained and not loaded.trained.get("exits"):
+    if setting.exits and untrained and not loaded.trained.get("exits"):
         raise ConfigError(f"the exit gates of {loaded.source} were never trained; use --exits none, or a method "
                           "without exits (dcts, cts, tome, algm)")
-    if policy == "oracle" and not have_labels:
+    if setting.policy == "oracle" and not have_labels:
         raise ConfigError("policy 'oracle' merges by ground truth: pass --labels (a label map or a folder of them)")
-    cfg = loaded.config
-    thresholds = parse_thresholds(opts.merge_threshold, cfg.merge_thresholds)
-    spec = merging_spec(method, opts, loaded.model.depth) if method is not None else None
-    if method is None and _merge_settings_given(opts):
-        raise ConfigError("ToMe/ALGM settings need --method tome, algm or X+tome / X+algm")
-    if opts.cts_groups is not None and policy != "cts":
-        raise ConfigError("--cts-groups applies to --method cts (or cts+tome / cts+algm)")
-    loaded.model.configure(policy=policy, merge_thresholds=thresholds,
-                           exit_threshold=opts.exit_threshold if opts.exit_threshold is not None else cfg.exit_threshold,
-                           exits=exits, budget=opts.budget,
-                           keep_per_class=_keep_per_class(method, opts, cfg.keep_per_class),
-                           cts_groups=parse_groups(opts.cts_groups or DEFAULT_CTS_GROUPS),
-                           cts_source=loaded.default_policy())
-    loaded.model.set_merging(spec)
-    loaded.model.method = method.label if method is not None else ""
-    loaded.model.to(device).eval()
+    model.apply(setting)
+    model.to(device).eval()
     return loaded, device
-
-
-def _keep_per_class(method: Method | None, opts: ModelOptions, model_default: int) -> int:
-    """The user's K, else DToP's 5 for the dtop methods (as its public code), else the model's own."""
-    if opts.keep_per_class is not None:
-        return opts.keep_per_class
-    if method is not None and method.name.split("+")[0] == "dtop":
-        return DTOP_KEEP_PER_CLASS
-    return model_default
 
 
 def scoring_space(loaded: LoadedModel, opts: ModelOptions, dataset: object, data_label: str) -> ClassSpace:
@@ -210,29 +161,28 @@ def method_setting(loaded: LoadedModel, opts: ModelOptions, label: str, have_lab
     """The operating point `label` (a method, with inline settings if any) means on `loaded`.
 
     The user's shared options (thresholds, keep-per-class) apply where the method leaves them
-    open; --policy/--exits only to methods that do not fix them. The model is left configured
-    at this point; callers take the settings of several methods and `apply` them in turn.
+    open; --policy only to methods that do not fix how tokens enter, --exits to none (each
+    method says). The model is left configured at this point; callers take the settings of
+    several methods and `apply` them in turn.
     """
-    method = parse_method(label)
-    o = replace(opts, method=label, policy=None if method.fixes_policy else opts.policy, exits=None, cts_groups=None,
-                **{f: None for f in MERGE_SETTINGS})  # type: ignore[arg-type]
-    load_model(o, have_labels=have_labels, loaded=loaded)
+    load_model(replace(opts, method=label, exits=None), have_labels=have_labels, loaded=loaded, shared=True)
     return loaded.model.setting()
 
 
-def _method_policy_and_exits(method: Method, opts: ModelOptions, default_policy: str) -> tuple[str, bool]:
+def _policy_and_exits(point: ResolvedPoint, plan: Plan, opts: ModelOptions, default_policy: str,
+                      shared: bool) -> tuple[str, bool]:
     """A method fixes what it is about; --policy / --exits may only refine what it leaves open."""
-    if method.fixes_policy:
-        if opts.policy is not None and opts.policy != method.policy:
-            hint = "dcts" + (f"+{method.merging}" if method.merging else "")
-            raise ConfigError(f"--method {method.name} decides the tokens itself (policy {method.policy!r}); for "
-                              f"--policy {opts.policy} use --method {hint}")
-        policy = method.policy
+    if plan.policy is not None:
+        if opts.policy is not None and opts.policy != plan.policy and not shared:
+            raise ConfigError(f"--method {point.text} decides how tokens enter itself (policy {plan.policy!r}); "
+                              f"drop --policy {opts.policy}, or use a method that leaves it open (e.g. dcts"
+                              f"{'+' + point.name.split('+', 1)[1] if '+' in point.name else ''})")
+        policy = plan.policy
     else:
         policy = default_policy
     wanted = None if opts.exits is None else opts.exits == "learned"
-    if wanted is not None and wanted != method.exits:
-        raise ConfigError(f"--method {method.name} runs {'with' if method.exits else 'without'} exits; "
+    if wanted is not None and wanted != plan.exits:
+        raise ConfigError(f"--method {point.text} runs {'with' if plan.exits else 'without'} exits; "
                           f"drop --exits {opts.exits} or pick a method that {'has' if wanted else 'has no'} exits "
                           f"({'step, dtop' if wanted else 'dcts, cts, tome, algm'})")
-    return policy, method.exits
+    return policy, plan.exits

@@ -25,27 +25,19 @@ from tokenscope.errors import ConfigError
 from tokenscope.jobs.runfolder import MANIFEST, new_run_dir, write_json_atomic, write_table
 from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
 from tokenscope.models.methods.merging import merge_rules
-from tokenscope.models.methods.spec import parse_methods
+from tokenscope.models.methods.point import resolve, resolve_list
 from tokenscope.render.figures import DEFAULT_STYLE, FigureStyle
 from tokenscope.render.pareto import methods_pareto_plot, pareto_plot
 
-METHOD_LADDERS: dict[str, tuple[str, ...]] = {
-    "step": ("step:merge=0.7:exit=0.99", "step:merge=0.5:exit=0.95", "step:merge=0.3:exit=0.9"),
-    "dcts": ("dcts:merge=0.7", "dcts:merge=0.5", "dcts:merge=0.3"),
-    "dtop": ("dtop:exit=0.99", "dtop:exit=0.95", "dtop:exit=0.9"),
-    "cts": ("cts:groups=0.2", "cts:groups=0.4", "cts:groups=0.6"),
-    "tome": ("tome:r=0.03", "tome:r=0.05", "tome:r=0.08"),
-    "algm": ("algm:threshold=0.95", "algm:threshold=0.88", "algm:threshold=0.8"),
-}
-"""Three operating points per method, mildest first, when a method is named without settings.
-(A named combination such as dtop+tome, or a method with settings, is one point as written.)"""
-
-
 def expand_methods(text: str) -> list[str]:
-    """`step,tome:r=16` -> step's three ladder points and the one ToMe point, in order."""
+    """`step,tome:r=16` -> step's three ladder points and the one ToMe point, in order. A method
+    named without settings runs its own ladder (declared with the method); a combination such as
+    dtop+tome, or a method with settings, is one point as written."""
     out: list[str] = []
-    for m in parse_methods(text):
-        out.extend(METHOD_LADDERS.get(m.label, (m.label,)))
+    for point in resolve_list(text):
+        single = len(point.parts) == 1 and not point.point.settings
+        ladder = point.first.ladder if single else ()
+        out.extend(ladder or (point.text,))
     return out
 
 
@@ -72,7 +64,7 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
           out: str | Path = "outputs", progress: Progress | None = None, methods: str | None = None,
           window: int | None = None, stride: int | None = None, style: FigureStyle = DEFAULT_STYLE) -> SweepResult:
     """Threshold grid of the model's own method, or with `methods` every method's operating points
-    (three each by default, see METHOD_LADDERS), on the same images, against the plain ViT.
+    (three each by default: each method's ladder), on the same images, against the plain ViT.
 
     Every mIoU comes with its 95% bootstrap interval over the images, and every reduced point
     with its mIoU change against the plain ViT on the same images (paired interval). A model
@@ -90,9 +82,10 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
     default_name = "default"
     if methods:
         saved = model.setting()
-        for label in expand_methods(methods):
-            s = method_setting(loaded, opts, label, have_labels=True)
-            points.append(OperatingPoint(label, s.policy, s.exits, s.merge_thresholds, s.exit_threshold, setting=s))
+        for text in expand_methods(methods):
+            s = method_setting(loaded, opts, text, have_labels=True)
+            points.append(OperatingPoint(resolve(text).label, s.policy, s.exits, s.merge_thresholds, s.exit_threshold,
+                                         setting=s))
         model.apply(saved)
     else:
         for m, e in itertools.product(merge, exit_ if exits else [None]):
@@ -120,7 +113,7 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
             rows.append({
                 "size": size or native, "point": p.name,
                 "method": "vit" if p.name == "baseline" else p.name.split(":")[0] if methods else (model.method or "step"),
-                "merge_rules": merge_rules(p.setting.merging if p.setting is not None else None),
+                "merge_rules": merge_rules(p.setting.record.get("merging") if p.setting is not None else None),
                 "policy": p.policy, "exits": p.exits,
                 "merge_threshold": None if p.merge_thresholds is None else p.merge_thresholds[0],
                 "merge_thresholds": None if p.merge_thresholds is None else ",".join(f"{t:g}" for t in p.merge_thresholds),
@@ -151,6 +144,7 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
         "device": str(device), "data": {"kind": dataset, "root": data_root, "split": split, "seeds": seeds},
         "merge": merge, "exit": exit_, "sizes": [s or native for s in sizes], "default": default,
         "methods": None if not methods else expand_methods(methods),
+        "method_sources": None if not methods else {p.label: p.provenance() for p in resolve_list(methods)},
         "class_space": space.record(), "window": window, "stride": stride, "figures": asdict(style),
         "intervals": {"kind": "percentile bootstrap over images; changes paired against the baseline",
                       "level": LEVEL, "resamples": RESAMPLES, "seed": SEED},

@@ -16,7 +16,6 @@ from tokenscope.data.classes import SEGMENTER_PROTOCOL, dataset_classes
 from tokenscope.data.datasets import SegmentationDataset, SyntheticDataset, open_dataset, parse_seeds
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
-from tokenscope.jobs.setup import ModelOptions, merging_spec
 from tokenscope.models.checkpoints import (
     LoadedModel,
     build_model,
@@ -27,10 +26,11 @@ from tokenscope.models.checkpoints import (
     save_checkpoint,
 )
 from tokenscope.models.decoders import DECODERS
-from tokenscope.models.methods.merging import MergingSpec
-from tokenscope.models.methods.spec import parse_method
+from tokenscope.models.methods.facts import facts_of
+from tokenscope.models.methods.point import resolve
 from tokenscope.models.published import PUBLISHED
 from tokenscope.models.registry import StepConfig, resolve_config
+from tokenscope.models.methods.base import Plan
 from tokenscope.models.step_vit import ReductionSetting, StepViT
 from tokenscope.storage import check_writable, writing
 from tokenscope.models.runtime import resolve_device
@@ -110,8 +110,8 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
             cfg = cfg.replace(dataset=data.kind, class_colours=dataset_classes(data.kind, cfg.num_classes).palette,
                               window=window, stride=stride, resize_short=short)
         net = new_model(cfg, backbone_weights)
-    merging = training_merging(settings.method, net.depth)
-    net.set_merging(merging)
+    plan = training_plan(settings.method, net)
+    install_plan(net, plan)
     if keep_per_class is not None:  # train (exit-aware steps) and ship with DToP's context rule
         net.configure(keep_per_class=keep_per_class)
         net.cfg = net.cfg.replace(keep_per_class=keep_per_class)
@@ -125,11 +125,12 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
     if evaluate_after:
         final = load_checkpoint(out)
         final.model.to(dev)
-        final.model.set_merging(merging)  # a model trained with a method is evaluated with it
+        install_plan(final.model, plan)  # a model trained with a method is evaluated with it
+        final.model.method = settings.method or ""
         cfg = final.config
         windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, None, None, None)
-        policy = "none" if settings.method and parse_method(settings.method).policy == "none" else "learned"
-        exits = not settings.method or parse_method(settings.method).exits
+        policy = "none" if plan is not None and plan.policy == "none" else "learned"
+        exits = plan is None or plan.exits
         evaluation = evaluate(final, validation_data(data), step_and_baseline(policy, exits, final.model.setting()),
                               dev, eval_progress,
                               windows=windows)
@@ -169,19 +170,26 @@ def protect_checkpoint(out: str | Path, resume: bool, overwrite: bool) -> list[P
     return moved
 
 
-TRAINABLE_METHODS = "tome, algm, or X+tome / X+algm with X in step, dcts, dtop"
-
-
-def training_merging(method: str, depth: int) -> MergingSpec | None:
-    """The in-network merging a `train --method` run trains with (None for STEP alone), at the
-    method's published defaults and reference rules."""
+def training_plan(method: str, net: StepViT) -> Plan | None:
+    """The plan a `train --method` run trains with (None for STEP alone): a method that acts inside
+    or after blocks (tome, algm, a pruning method, or X+tome ...), at its defaults or the settings
+    given. Methods that only choose how tokens enter or exit are what train does without --method."""
     if not method:
         return None
-    parsed = parse_method(method)
-    if parsed.merging is None or parsed.policy == "cts":
-        raise ConfigError(f"train --method takes a merging method ({TRAINABLE_METHODS}), not {method!r}; "
-                          "STEP, dcts and dtop are what train does without --method")
-    return merging_spec(parsed, replace(ModelOptions(), **parsed.option_values()), depth)
+    point = resolve(method)
+    plan = point.plan(facts_of(net, {"policy": True, "exits": True}, "learned"))
+    if not plan.steps or plan.policy_module is not None:
+        raise ConfigError(f"train --method takes a merging method (or one that prunes inside the encoder: tome, algm, "
+                          f"X+tome ...), not {method!r}; STEP, dcts and dtop are what train does without --method")
+    return plan
+
+
+def install_plan(net: StepViT, plan: Plan | None) -> None:
+    """Put a training plan's steps into `net` (nothing without a plan)."""
+    if plan is None:
+        net.install(())
+    else:
+        net.install(plan.steps, plan.size_weighted, plan.record)
 
 
 def initial_checkpoint(path: str, train_set: SegmentationDataset, backbone_weights: str | None) -> StepViT:

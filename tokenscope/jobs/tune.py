@@ -16,7 +16,6 @@ whether it still meets the target there.
 
 from __future__ import annotations
 
-import itertools
 import math
 import json
 import time
@@ -31,20 +30,28 @@ from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError, TokenscopeError
 from tokenscope.jobs.runfolder import write_json_atomic
 from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
-from tokenscope.models.methods.spec import parse_method
+from tokenscope.models.methods.point import resolve
+from tokenscope.models.methods.registry import all_methods
 from tokenscope.storage import check_writable, writing
 
 OP_FORMAT = "tokenscope-operating-point"
 OP_VERSION = 1
-GRIDS: dict[str, list[str]] = {
-    "step": [f"step:merge={m}:exit={e}" for m, e in itertools.product((0.3, 0.5, 0.7, 0.9), (0.8, 0.9, 0.95, 0.99))],
-    "dcts": [f"dcts:merge={m}" for m in (0.3, 0.5, 0.7, 0.9, 1.01)],
-    "budget": [f"dcts:budget={b}" for b in (1.5, 2.0, 2.5, 3.0, 4.0)],
-    "dtop": [f"dtop:exit={e}" for e in (0.8, 0.9, 0.95, 0.99)],
-    "cts": [f"cts:groups={g}" for g in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)],
-    "tome": [f"tome:r={r}" for r in (0.01, 0.02, 0.03, 0.05, 0.08)],
-    "algm": [f"algm:threshold={t}" for t in (0.8, 0.85, 0.88, 0.92, 0.95)],
-}
+
+
+def search_grid(method: str) -> list[str]:
+    """The grid `tune --method NAME` searches: the method's own search (declared with it), or a
+    named alternative some method declares (dcts's `budget`: exact token reductions)."""
+    name = method.strip().lower()
+    for m in all_methods().methods:
+        if name in m.searches:
+            return list(m.searches[name])
+    point = resolve(method)
+    if len(point.parts) > 1 or point.point.settings or not point.first.search:
+        raise ConfigError(f"tune searches one method's grid (e.g. step, tome, algm, budget); {method!r} has none "
+                          "(name a method without settings)")
+    return list(point.first.search)
+
+
 EXIT_NOT_MET_CALIBRATION = 4
 EXIT_NOT_MET_HELD_OUT = 5
 
@@ -144,14 +151,12 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
     if path.exists():
         raise TokenscopeError(f"{path} exists; tune never overwrites an operating point (give another --out)")
     check_writable(path.parent)  # a read-only or full folder says so now, not after the whole search
-    base_method = method.strip().lower() if method.strip().lower() == "budget" else parse_method(method).name
-    if base_method not in GRIDS:
-        raise ConfigError(f"tune searches {', '.join(GRIDS)}; not {method!r}")
+    grid = search_grid(method)
     loaded, device = load_model(opts, have_labels=data != "images")
-    calib, space = _evaluate(loaded, device, GRIDS[base_method], opts, data, data_root, calib_split, calib_seeds,
+    calib, space = _evaluate(loaded, device, grid, opts, data, data_root, calib_split, calib_seeds,
                              scene_size, progress, window, stride)
     base = calib["baseline"]
-    measured = [measure(p, calib[p], base, target) for p in GRIDS[base_method]]
+    measured = [measure(p, calib[p], base, target) for p in grid]
     ok = [m for m in measured if m.ok]
     if not ok:
         return TuneResult(None, None, measured, None, EXIT_NOT_MET_CALIBRATION)
@@ -191,5 +196,5 @@ def operating_point_doc(path: str | Path) -> dict[str, Any]:
     if not isinstance(doc.get("version"), int) or not 1 <= doc["version"] <= OP_VERSION:
         raise ConfigError(f"{p}: operating-point version {doc.get('version')!r} is unknown to this tokenscope "
                           f"(it reads version {OP_VERSION})")
-    parse_method(doc["method"])  # refuses an unknown method or setting with its own message
+    resolve(doc["method"])  # refuses an unknown method or setting with its own message
     return doc

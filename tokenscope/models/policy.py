@@ -27,7 +27,7 @@ from tokenscope.models.partition import (
     quadtree_partition,
 )
 
-POLICY_NAMES = ("learned", "oracle", "uniform", "budget", "none", "cts")
+POLICY_NAMES = ("learned", "oracle", "uniform", "budget", "none")
 NET_PATCH = 16
 """Pixels per patch the learned policy network's cells are laid out for."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -1,16 +1,21 @@
-"""The STEP segmenter: a timm ViT with supertokens (dCTS) and early-exit gates.
+"""The STEP segmenter: a timm ViT whose tokens a method may reduce, read like timm's forward.
 
-The forward pass reads as `policy -> embed -> blocks with gates -> decode -> un-merge`. Every
-step that tokenscope shows is a named submodule (`policies.*`, `embed`, `blocks.i`,
-`gates.<after_block>`, `decoder`), so hooks can observe it; the model itself never records
-or writes anything.
+`forward` is `embed -> blocks -> decode`. `embed` runs the active policy (how tokens enter:
+the plain grid, supertokens of a learned or training-free policy, a method's own ...) and
+embeds the tokens; every block is an `EncoderBlock` called as one module (a method's step may act
+inside it, between attention and MLP); after a block the exit gates and a method's steps act;
+`decode` reassembles every token (survivors, exited, pruned) for the decoder and un-merges.
+What a method does is data given to `apply` (a ReductionSetting: which policy, exits, which
+steps at which block), so no method is named here. Every decision goes through a named
+submodule (`policies.*`, `embed`, `blocks.i`, `gates.<after_block>`, `steps.<name>`,
+`decoder`) that hooks can observe; the model itself never records or writes anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import timm
@@ -20,13 +25,12 @@ import torch.nn.functional as F
 
 from tokenscope.errors import ConfigError
 from tokenscope.models.decoders import build_decoder
+from tokenscope.models.encoder_block import EncoderBlock, is_plain_block
 from tokenscope.models.exits import ExitGate, GateDecision
-from tokenscope.models.methods.attention import attend, size_weighted_mask
-from tokenscope.models.methods.cts import CTSPolicy
-from tokenscope.models.methods.merging import MergeContext, MergeDecision, MergingSpec, apply_merge
+from tokenscope.models.methods.attention import size_weighted_mask
+from tokenscope.models.methods.merging import apply_merge
 from tokenscope.models.partition import MAX_LEVEL, Partition
 from tokenscope.models.policy import (
-    POLICY_NAMES,
     BudgetPolicy,
     LearnedPolicy,
     NoMergePolicy,
@@ -36,6 +40,7 @@ from tokenscope.models.policy import (
 )
 from tokenscope.models.registry import StepConfig
 from tokenscope.models.slots import scatter_tokens
+from tokenscope.models.steps import Layout, MergeDecision, PruneDecision, Step, TokenView
 from tokenscope.models.superpatch import SuperpatchEmbed
 
 
@@ -55,19 +60,22 @@ class StepOutput:
     aux_patch_logits: dict[int, torch.Tensor] = field(default_factory=dict)
     """Per gate (keyed by its block), patch logits from every token: deep supervision."""
     aux_policy_logits: list[torch.Tensor] = field(default_factory=list)
-    """The learned dCTS policy's merge logits per level, for training it beside the segmenter."""
+    """The learned policy's merge logits per level, for training it beside the segmenter."""
     token_owner: torch.Tensor | None = None
     """(B, T) with in-network merging: the token whose prediction each token finally shares
     (itself unless it was merged into another); None without merging."""
+    token_pruned: torch.Tensor | None = None
+    """(B, T) with pruning steps: tokens a step removed (their prediction is the decoder's, from
+    the features they had then); None without pruning."""
 
 
 @dataclass(frozen=True)
 class ReductionSetting:
-    """Everything that decides which tokens a forward pass keeps: one operating point.
+    """Everything that decides which tokens a forward pass keeps: one operating point, applied.
 
     Commands that run several operating points on one loaded model (baseline and STEP, a
     method comparison, a sweep) take the setting, apply others, and put it back whole, so no
-    part (merging, CTS's count) can leak from one operating point into the next.
+    part (a method's steps, its policy) can leak from one operating point into the next.
     """
 
     policy: str
@@ -76,10 +84,16 @@ class ReductionSetting:
     exit_threshold: float
     keep_per_class: int
     budget: float
-    cts_groups: float
-    cts_source: str
-    merging: MergingSpec | None
     method: str
+    """The operating point's text (`name:key=value`), for traces; empty when no method was named."""
+    steps: tuple[Step, ...] = ()
+    """What the method does inside or after blocks (merge, prune), in order."""
+    policies: tuple[tuple[str, nn.Module], ...] = ()
+    """Policies the method brings (installed under `policies.<name>`)."""
+    size_weighted: bool = False
+    """Proportional attention once a merge made a token stand for several."""
+    record: dict[str, Any] = field(default_factory=dict, hash=False)
+    """What traces record of the method's steps (`merging`, `pruning`)."""
 
 
 def attention_mask(valid: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -142,6 +156,35 @@ def by_owner(values: torch.Tensor, owner: torch.Tensor | None) -> torch.Tensor:
     return values.gather(1, index)
 
 
+@dataclass
+class _Sequence:
+    """The encoder's running state during one forward pass, passed explicitly from step to step."""
+
+    x: torch.Tensor
+    """(B, P + N, D) tokens in front (class, registers, fused), then the image-token slots."""
+    p: int
+    ids: torch.Tensor
+    valid: torch.Tensor
+    counts: list[int]
+    sizes: torch.Tensor
+    token_logits: torch.Tensor
+    exit_block: torch.Tensor
+    grid_ids: torch.Tensor
+    partitions: list[Partition]
+    all_valid: torch.Tensor
+    owner: torch.Tensor | None = None
+    context: torch.Tensor | None = None
+    pruned: torch.Tensor | None = None
+    weighted: bool = False
+    mask: torch.Tensor | None = None
+    layout: Layout | None = None
+    aux: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def t_max(self) -> int:
+        return self.token_logits.shape[1] - 1
+
+
 class StepViT(nn.Module):
     """STEP encoder-decoder built from a timm VisionTransformer's parts."""
 
@@ -163,7 +206,7 @@ class StepViT(nn.Module):
         self.dist_token = getattr(vit, "dist_token", None)  # DeiT's distillation token, after the class token
         self.reg_token = vit.reg_token
         self.norm_pre = vit.norm_pre
-        self.blocks = vit.blocks
+        self.blocks = nn.ModuleList([EncoderBlock(b) for b in vit.blocks])
         self.norm = vit.norm
         depth = len(self.blocks)
         for k in cfg.exit_after:
@@ -184,11 +227,14 @@ class StepViT(nn.Module):
             "budget": BudgetPolicy(patch=patch, tau=cfg.uniform_tau),
             "none": NoMergePolicy(cfg.merge_thresholds, patch=patch),
         })
-        self.policies["cts"] = CTSPolicy({k: self.policies[k] for k in ("learned", "uniform")}, patch=patch)
-        self.mergers = nn.ModuleDict()
-        self.merging: MergingSpec | None = None
+        self.steps = nn.ModuleDict()
+        """A method's steps by name (see models/steps.py); empty without one."""
+        self._plan_steps: tuple[Step, ...] = ()
+        self._brought: tuple[tuple[str, nn.Module], ...] = ()
+        self.size_weighted = False
+        self.record: dict[str, Any] = {}
         self.method = ""
-        """The method name this operating point amounts to, set by whoever configures it (for traces)."""
+        """The operating point's text, set by whoever configures the model (for traces)."""
         self.active_policy = "learned"
         self.exits_enabled = True
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
@@ -213,16 +259,10 @@ class StepViT(nn.Module):
 
     def configure(self, policy: str | None = None, merge_thresholds: Sequence[float] | None = None,
                   exit_threshold: float | None = None, exits: bool | None = None,
-                  budget: float | None = None, keep_per_class: int | None = None,
-                  cts_groups: float | None = None, cts_source: str | None = None) -> "StepViT":
-        """Set the operating point (which policy, thresholds, exits on/off, token budget, tokens of
-        each class held back at the gates, CTS's group count and score source) in place."""
-        if cts_groups is not None:
-            self.policies["cts"].groups = float(cts_groups)
-        if cts_source is not None:
-            if cts_source not in ("learned", "uniform"):
-                raise ConfigError(f"CTS scores come from the learned or the uniform policy, not {cts_source!r}")
-            self.policies["cts"].source = cts_source
+                  budget: float | None = None, keep_per_class: int | None = None) -> "StepViT":
+        """Set the operating point's model-level part in place: which policy, its thresholds, exits
+        on/off and their threshold, the budget policy's token reduction, tokens of each class held
+        back at the gates."""
         if keep_per_class is not None:
             if keep_per_class < 0:
                 raise ConfigError(f"--keep-per-class must be >= 0, got {keep_per_class}")
@@ -233,14 +273,15 @@ class StepViT(nn.Module):
                 raise ConfigError(f"--budget is a token reduction factor >= 1 (e.g. 2.5), got {budget}")
             self.policies["budget"].reduction = float(budget)
         if policy is not None:
-            if policy not in POLICY_NAMES:
-                raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+            if policy not in self.policies:
+                raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(self.policies)}")
             self.active_policy = policy
         if merge_thresholds is not None:
             if len(merge_thresholds) != MAX_LEVEL:
                 raise ConfigError(f"expected {MAX_LEVEL} merge thresholds, got {len(merge_thresholds)}")
             for p in self.policies.values():
-                p.thresholds = tuple(float(t) for t in merge_thresholds)
+                if hasattr(p, "thresholds"):
+                    p.thresholds = tuple(float(t) for t in merge_thresholds)
         if exit_threshold is not None:
             if not 0.0 <= exit_threshold <= 1.0 + 1e-9 and exit_threshold != float("inf"):
                 raise ConfigError(f"exit threshold must be in [0, 1] (or above 1 to disable), got {exit_threshold}")
@@ -252,38 +293,56 @@ class StepViT(nn.Module):
 
     def setting(self) -> ReductionSetting:
         """The current operating point, to restore later with `apply`."""
-        cts = self.policies["cts"]
         return ReductionSetting(self.active_policy, self.exits_enabled, self.merge_thresholds, self.exit_threshold,
-                                self.keep_per_class, float(self.policies["budget"].reduction), float(cts.groups),
-                                str(cts.source), self.merging, self.method)
+                                self.keep_per_class, float(self.policies["budget"].reduction), self.method,
+                                self._plan_steps, self._brought, self.size_weighted, dict(self.record))
 
     def plain(self) -> ReductionSetting:
-        """The current setting without any reduction: plain grid, no exits, no merging (`vit`)."""
-        return dataclasses.replace(self.setting(), policy="none", exits=False, merging=None, method="vit")
+        """The current setting without any reduction: plain grid, no exits, no steps (`vit`)."""
+        return dataclasses.replace(self.setting(), policy="none", exits=False, steps=(), size_weighted=False,
+                                   record={}, method="vit")
 
     def apply(self, setting: ReductionSetting) -> "StepViT":
-        """Switch to an operating point taken with `setting` (or `plain`)."""
+        """Switch to an operating point taken with `setting` (or `plain`, or a method's plan)."""
+        for name, module in setting.policies:
+            if name not in self.policies or self.policies[name] is not module:
+                self.policies[name] = module.to(self.pixel_mean.device)
+        self._brought = setting.policies
         self.configure(policy=setting.policy, merge_thresholds=setting.merge_thresholds,
                        exit_threshold=setting.exit_threshold if self.gates else None, exits=setting.exits,
-                       budget=setting.budget, keep_per_class=setting.keep_per_class, cts_groups=setting.cts_groups,
-                       cts_source=setting.cts_source)
-        self.set_merging(setting.merging)
+                       budget=setting.budget, keep_per_class=setting.keep_per_class)
+        self.install(setting.steps, setting.size_weighted, setting.record)
         self.method = setting.method
         return self
 
-    def set_merging(self, spec: MergingSpec | None) -> "StepViT":
-        """Turn in-network merging on (ToMe / ALGM, see models/methods/merging.py) or off."""
-        if spec is not None:
-            bad = [k for k in spec.blocks if not 1 <= k <= self.depth]
-            if bad:
-                raise ConfigError(f"merging blocks {bad} are outside 1..{self.depth} for {self.cfg.name}")
-            if spec.kind == "tome" and spec.r < 0:
-                raise ConfigError(f"--tome-r must be >= 0, got {spec.r}")
-        if spec == self.merging:
-            return self  # the same merging: keep its modules (and any hooks on them)
-        self.merging = spec
-        self.mergers = nn.ModuleDict({str(k): m for k, m in (spec.mergers() if spec else {}).items()})
+    def install(self, steps: Sequence[Step], size_weighted: bool = False, record: dict[str, Any] | None = None
+                ) -> "StepViT":
+        """Put a method's steps in place (none: no in-network reduction). The same steps again
+        keep their modules, and any hooks on them."""
+        steps = tuple(steps)
+        bad = sorted({s.block for s in steps if not 1 <= s.block <= self.depth})
+        if bad:
+            raise ConfigError(f"steps in blocks {bad} are outside 1..{self.depth} for {self.cfg.name}")
+        inside = [s.block for s in steps if s.place == "inside"]
+        if len(inside) != len(set(inside)):
+            raise ConfigError(f"two steps act inside block {max(inside, key=inside.count)}; one method may act "
+                              "inside a block (the attention's queries and keys are its)")
+        names = [s.name for s in steps]
+        if len(names) != len(set(names)):
+            raise ConfigError(f"two steps are named {max(names, key=names.count)!r}; step names must differ")
+        self.size_weighted = bool(size_weighted)
+        self.record = dict(record or {})
+        if steps != self._plan_steps:
+            self._plan_steps = steps
+            self.steps = nn.ModuleDict({s.name: s.module for s in steps}).to(self.pixel_mean.device)
         return self
+
+    def set_merging(self, spec: Any) -> "StepViT":
+        """In-network merging from a spec with `steps()`, `prop_attn` and `record()` (see
+        models/methods/merging.py), or None for none: a shortcut for `install`."""
+        if spec is None:
+            return self.install((), False, {})
+        return self.install(spec.steps(), spec.prop_attn, {"merging": spec.record()})
 
     def compile_blocks(self) -> "StepViT":
         """torch.compile each encoder block in place, with dynamic shapes since token counts vary
@@ -319,6 +378,7 @@ class StepViT(nn.Module):
         prefix = torch.cat(parts, dim=1)
         return prefix + pos_prefix if pos_prefix is not None else prefix
 
+    # ---- the forward pass: embed -> blocks -> decode ----------------------------------------
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, return_aux: bool = False,
                 sample_seeds: Sequence[int] | None = None) -> StepOutput:
         """`images`: RGB in [0, 1], (B, 3, H, W), H and W multiples of the patch size.
@@ -327,91 +387,167 @@ class StepViT(nn.Module):
         the learned policy scores the image (its training target comes from the labels), so one
         forward holds every trained part, as DistributedDataParallel needs; `sample_seeds`
         (training) make the active policy's randomness per image (see Policy.forward).
-        A decoder that `needs_context` (the mask transformer) receives every token at the end:
-        the survivors with their final features, exited tokens with the features they left with.
         """
+        seq = self.embed_tokens(images, labels, sample_seeds)
+        inside = {s.block: s for s in self._plan_steps if s.place == "inside"}
+        for i, block in enumerate(self.blocks):
+            if max(seq.counts) == 0:
+                break
+            k = i + 1
+            seq.mask = self._attention_mask(seq)
+            step = inside.get(k)
+            between = None if step is None else (lambda x, q, keys, step=step: self._between(seq, step, x, q, keys))
+            seq.x = block(seq.x, attn_mask=seq.mask, num_prefix=seq.p, between=between)
+            self._after_block(seq, k, return_aux)
+        return self.decode(seq, images, return_aux)
+
+    def embed_tokens(self, images: torch.Tensor, labels: torch.Tensor | None,
+                     sample_seeds: Sequence[int] | None) -> _Sequence:
+        """Policy -> partitions -> supertoken embeddings behind the prefix tokens, and the buffers
+        every token's outcome is written into (each with a spare slot, see scatter_tokens)."""
         b = images.shape[0]
-        decision = self.policy(images, labels, sample_seeds)
-        partitions = decision.partitions
+        partitions = self.policy(images, labels, sample_seeds).partitions
         emb, pos_prefix = self.embed((images - self.pixel_mean) / self.pixel_std, partitions)
         x, ids, valid = emb.tokens, emb.token_ids, emb.valid
-        all_valid = valid
-        counts = [p.num_tokens for p in partitions]
         prefix = self.prefix_tokens(b, pos_prefix)
         p = 0 if prefix is None else prefix.shape[1]
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
         x = self.norm_pre(x)
         t_max = ids.shape[1]
-        num_classes = self.decoder.num_classes
-        token_logits = x.new_zeros((b, t_max + 1, num_classes))  # + a spare slot, see scatter_tokens
         exit_block = torch.where(valid, torch.full_like(ids, self.depth), torch.full_like(ids, -1))
-        exit_block = torch.cat([exit_block, exit_block.new_full((b, 1), -1)], dim=1)
-        context = x.new_zeros((b, t_max + 1, x.shape[-1])) if self.decoder.needs_context else None
-        aux: dict[int, torch.Tensor] = {}
-        grid_ids = token_grid(partitions, images.device)
-        merging = self.merging if len(self.mergers) else None
-        sizes = valid.to(torch.float32) if merging else None
-        owner = torch.arange(t_max + 1, device=images.device).expand(b, -1).clone() if merging else None
-        layout = None  # where tokens lie, for mergers that only join neighbours
+        merging = any(s.does == "merge" for s in self._plan_steps)
+        pruning = any(s.does == "prune" for s in self._plan_steps)
+        seq = _Sequence(
+            x=x, p=p, ids=ids, valid=valid, counts=[part.num_tokens for part in partitions],
+            sizes=valid.to(torch.float32), token_logits=x.new_zeros((b, t_max + 1, self.decoder.num_classes)),
+            exit_block=torch.cat([exit_block, exit_block.new_full((b, 1), -1)], dim=1),
+            grid_ids=token_grid(partitions, images.device), partitions=partitions, all_valid=valid)
         if merging:
-            single = np.stack([np.pad(part.level == 0, (0, t_max - part.num_tokens)) for part in partitions])
-            layout = MergeContext(grid_ids, torch.from_numpy(single).to(images.device), owner,
-                                  torch.tensor(counts, device=images.device), p, self.cls_token is not None)
-        weighted = False  # proportional attention starts once a token stands for several
-        for i, blk in enumerate(self.blocks):
-            if max(counts) == 0:
-                break
-            if weighted:
-                mask = size_weighted_mask(valid, sizes, p, attention_dtype(x))
-            else:
-                mask = attention_mask(valid, p) if min(counts) < x.shape[1] - p else None
-            merger = self.mergers[str(i + 1)] if merging and str(i + 1) in self.mergers else None
-            if merger is None:
-                x = blk(x, attn_mask=mask)
-            else:
-                h, keys = attend(blk.attn, blk.norm1(x), mask)
-                x = x + blk.drop_path1(blk.ls1(h))
-                dec: MergeDecision = merger(x[:, p:], keys[:, p:], ids, valid, dataclasses.replace(layout, owner=owner))
-                patch_part, sizes, owner = apply_merge(x[:, p:], sizes, owner, dec)
-                before = sum(counts)
-                patch_part, ids, valid, counts, sizes = compact(patch_part, ids, valid & ~dec.merged, sizes, dec.order)
-                x = torch.cat([x[:, :p], patch_part], dim=1)
-                x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-                weighted = weighted or (merging.prop_attn and sum(counts) < before)
-            gate = self.gates[str(i + 1)] if str(i + 1) in self.gates else None
-            if gate is None or not (self.exits_enabled or return_aux) or max(counts) == 0:
-                continue
-            dec_g: GateDecision = gate(x[:, p:], ids, valid, allow_exit=self.exits_enabled)
-            if return_aux:
-                full = dec_g.logits.new_zeros((b, t_max + 1, num_classes))
-                scatter_tokens(full, dec_g.logits, ids, valid)
-                aux[i + 1] = unmerge(by_owner(full, owner)[:, :t_max], grid_ids)
-            if self.exits_enabled:
-                scatter_tokens(token_logits, dec_g.logits, ids, dec_g.exits)
-                scatter_tokens(exit_block, torch.full_like(ids, i + 1), ids, dec_g.exits)
-                if context is not None:
-                    scatter_tokens(context, x[:, p:], ids, dec_g.exits)
-                patch_part, ids, valid, counts, sizes = compact(x[:, p:], ids, valid & ~dec_g.exits, sizes)
-                x = torch.cat([x[:, :p], patch_part], dim=1)
-        exit_block = by_owner(exit_block, owner)  # every token takes what the token standing for it ended with
-        if context is not None:
-            if max(counts) > 0:
-                scatter_tokens(context, x[:, p:], ids, valid)
-            decoded = self.decoder(self.norm(by_owner(context, owner)[:, :t_max]), all_valid)
+            seq.owner = torch.arange(t_max + 1, device=images.device).expand(b, -1).clone()
+        if pruning:
+            seq.pruned = torch.zeros((b, t_max + 1), dtype=torch.bool, device=images.device)
+        if self.decoder.needs_context or pruning:
+            seq.context = x.new_zeros((b, t_max + 1, x.shape[-1]))
+        return seq
+
+    def _attention_mask(self, seq: _Sequence) -> torch.Tensor | None:
+        if seq.weighted:
+            return size_weighted_mask(seq.valid, seq.sizes, seq.p, attention_dtype(seq.x))
+        return attention_mask(seq.valid, seq.p) if min(seq.counts) < seq.x.shape[1] - seq.p else None
+
+    def _layout(self, seq: _Sequence) -> Layout:
+        if seq.layout is None:
+            t_max = seq.t_max
+            single = np.stack([np.pad(part.level == 0, (0, t_max - part.num_tokens)) for part in seq.partitions])
+            owner = seq.owner if seq.owner is not None else torch.arange(t_max + 1, device=seq.x.device).expand(
+                seq.x.shape[0], -1)
+            seq.layout = Layout(seq.grid_ids, torch.from_numpy(single).to(seq.x.device), owner,
+                                torch.tensor([part.num_tokens for part in seq.partitions], device=seq.x.device),
+                                self.num_prefix_tokens, self.cls_token is not None)
+        owner = seq.owner if seq.owner is not None else seq.layout.owner
+        return dataclasses.replace(seq.layout, owner=owner, num_prefix=seq.p)
+
+    def _view(self, seq: _Sequence, block: int, x: torch.Tensor, q: torch.Tensor | None = None,
+              keys: torch.Tensor | None = None) -> TokenView:
+        scale = float(getattr(self.blocks[block - 1].attn, "scale", 1.0))
+        return TokenView(block, x[:, seq.p:], seq.ids, seq.valid, seq.sizes, self._layout(seq), x[:, :seq.p],
+                         keys=keys, queries=q, attn_mask=seq.mask if q is not None else None, scale=scale)
+
+    def _between(self, seq: _Sequence, step: Step, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor
+                 ) -> torch.Tensor:
+        """A step inside a block: it decides on the tokens after attention, the encoder carries it out."""
+        return self._carry_out(seq, x, step.module(self._view(seq, step.block, x, q, keys)), step)
+
+    def _carry_out(self, seq: _Sequence, x: torch.Tensor, dec: MergeDecision | PruneDecision, step: Step
+                   ) -> torch.Tensor:
+        p = seq.p
+        if isinstance(dec, MergeDecision) and step.does == "merge" and seq.owner is not None:
+            patch_part, seq.sizes, seq.owner = apply_merge(x[:, p:], seq.sizes, seq.owner, dec)
+            before = sum(seq.counts)
+            patch_part, seq.ids, seq.valid, seq.counts, sizes = compact(patch_part, seq.ids, seq.valid & ~dec.merged,
+                                                                        seq.sizes, dec.order)
+            seq.sizes = sizes  # type: ignore[assignment]
+            seq.weighted = seq.weighted or (self.size_weighted and sum(seq.counts) < before)
+            return torch.cat([x[:, :p], patch_part], dim=1)
+        if isinstance(dec, PruneDecision) and step.does == "prune" and seq.pruned is not None:
+            gone = dec.pruned & seq.valid
+            scatter_tokens(seq.exit_block, torch.full_like(seq.ids, step.block), seq.ids, gone)
+            scatter_tokens(seq.pruned, gone, seq.ids, gone)
+            assert seq.context is not None
+            scatter_tokens(seq.context, x[:, p:], seq.ids, gone)
+            patch_part, seq.ids, seq.valid, seq.counts, sizes = compact(x[:, p:], seq.ids, seq.valid & ~gone,
+                                                                        seq.sizes, dec.order)
+            seq.sizes = sizes  # type: ignore[assignment]
+            front = x[:, :p]
+            if dec.fused is not None and dec.fused.shape[1] > 0:
+                front = torch.cat([front, dec.fused.to(x.dtype)], dim=1)
+                seq.p += dec.fused.shape[1]
+            return torch.cat([front, patch_part], dim=1)
+        raise ConfigError(f"step {step.name!r} in block {step.block} returned {type(dec).__name__}, which its "
+                          f"declared kind ({step.does}) does not allow; a step returns "
+                          "a MergeDecision or a PruneDecision (models/steps.py)")
+
+    def _after_block(self, seq: _Sequence, k: int, return_aux: bool) -> None:
+        """The exit gate after block k (if any), then the method's steps placed after it."""
+        gate = self.gates[str(k)] if str(k) in self.gates else None
+        if gate is not None and (self.exits_enabled or return_aux) and max(seq.counts) > 0:
+            self._exit(seq, gate, k, return_aux)
+        for step in self._plan_steps:
+            if step.place == "after" and step.block == k and max(seq.counts) > 0:
+                seq.x = self._carry_out(seq, seq.x, step.module(self._view(seq, k, seq.x)), step)
+
+    def _exit(self, seq: _Sequence, gate: nn.Module, k: int, return_aux: bool) -> None:
+        p, x = seq.p, seq.x
+        dec: GateDecision = gate(x[:, p:], seq.ids, seq.valid, allow_exit=self.exits_enabled)
+        if return_aux:
+            full = dec.logits.new_zeros((x.shape[0], seq.t_max + 1, seq.token_logits.shape[-1]))
+            scatter_tokens(full, dec.logits, seq.ids, seq.valid)
+            seq.aux[k] = unmerge(by_owner(full, seq.owner)[:, :seq.t_max], seq.grid_ids)
+        if not self.exits_enabled:
+            return
+        scatter_tokens(seq.token_logits, dec.logits, seq.ids, dec.exits)
+        scatter_tokens(seq.exit_block, torch.full_like(seq.ids, k), seq.ids, dec.exits)
+        if seq.context is not None:
+            scatter_tokens(seq.context, x[:, p:], seq.ids, dec.exits)
+        patch_part, seq.ids, seq.valid, seq.counts, sizes = compact(x[:, p:], seq.ids, seq.valid & ~dec.exits, seq.sizes)
+        seq.sizes = sizes  # type: ignore[assignment]
+        seq.x = torch.cat([x[:, :p], patch_part], dim=1)
+
+    def decode(self, seq: _Sequence, images: torch.Tensor, return_aux: bool = False) -> StepOutput:
+        """Every token's logits: the decoder's for those that reached the end or were pruned (from the
+        features they had then), the gate's for those that exited; then un-merged to the patches.
+        A decoder that `needs_context` (the mask transformer) receives every token at once."""
+        t_max, owner, p = seq.t_max, seq.owner, seq.p
+        token_logits = seq.token_logits
+        exit_block = by_owner(seq.exit_block, owner)  # every token takes what the token standing for it ended with
+        pruned = None if seq.pruned is None else by_owner(seq.pruned, owner)[:, :t_max]
+        if self.decoder.needs_context:
+            assert seq.context is not None
+            if max(seq.counts) > 0:
+                scatter_tokens(seq.context, seq.x[:, p:], seq.ids, seq.valid)
+            decoded = self.decoder(self.norm(by_owner(seq.context, owner)[:, :t_max]), seq.all_valid)
             token_logits = by_owner(token_logits, owner)
-            reached_end = (exit_block[:, :t_max] == self.depth).unsqueeze(-1)
-            token_logits = torch.cat([torch.where(reached_end, decoded.to(token_logits.dtype), token_logits[:, :t_max]),
-                                      token_logits[:, t_max:]], dim=1)
+            from_decoder = exit_block[:, :t_max] == self.depth
+            if pruned is not None:
+                from_decoder = from_decoder | pruned
+            token_logits = torch.cat([torch.where(from_decoder.unsqueeze(-1), decoded.to(token_logits.dtype),
+                                                  token_logits[:, :t_max]), token_logits[:, t_max:]], dim=1)
         else:
-            if max(counts) > 0:
-                final = self.decoder(self.norm(x)[:, p:], valid)
-                scatter_tokens(token_logits, final, ids, valid)
+            if max(seq.counts) > 0:
+                final = self.decoder(self.norm(seq.x)[:, p:], seq.valid)
+                scatter_tokens(token_logits, final, seq.ids, seq.valid)
+            if seq.pruned is not None and seq.context is not None:
+                left = seq.pruned[:, :t_max]
+                decoded = self.decoder(self.norm(seq.context[:, :t_max]), left)
+                token_logits = torch.cat([torch.where(left.unsqueeze(-1), decoded.to(token_logits.dtype),
+                                                      token_logits[:, :t_max]), token_logits[:, t_max:]], dim=1)
             token_logits = by_owner(token_logits, owner)
         token_logits, exit_block = token_logits[:, :t_max], exit_block[:, :t_max]
         policy_logits = self.policies["learned"].logits(images) if return_aux else []
-        return StepOutput(unmerge(token_logits, grid_ids), token_logits, exit_block, partitions, aux, policy_logits,
-                          None if owner is None else owner[:, :t_max])
+        return StepOutput(unmerge(token_logits, seq.grid_ids), token_logits, exit_block, seq.partitions, seq.aux,
+                          policy_logits, None if owner is None else owner[:, :t_max],
+                          None if seq.pruned is None else seq.pruned[:, :t_max])
 
 
 def create_backbone(cfg: StepConfig) -> nn.Module:
@@ -428,6 +564,9 @@ def check_backbone(vit: nn.Module, arch: str) -> None:
     missing = [a for a in needed if not hasattr(vit, a)]
     if missing:
         raise ConfigError(f"{arch} is not a plain timm VisionTransformer (missing {', '.join(missing)})")
+    if not all(is_plain_block(b) for b in vit.blocks):
+        raise ConfigError(f"{arch}'s blocks are not timm's pre-norm Block (norm1, attn, ls1, mlp, ...); tokenscope "
+                          "needs one")
     proj = getattr(vit.patch_embed, "proj", None)
     square = isinstance(proj, nn.Conv2d) and proj.kernel_size[0] == proj.kernel_size[1]
     if not square or tuple(proj.kernel_size) != tuple(proj.stride) or tuple(proj.padding) != (0, 0):

@@ -31,12 +31,19 @@ def images_to_tensor(images: list[PreparedImage], device: torch.device) -> tuple
 
 def merging_meta(model: object) -> dict[str, object]:
     """The model's in-network merging settings, as a trace records them (empty when off)."""
-    spec = getattr(model, "merging", None)
-    if spec is None or not len(getattr(model, "mergers", ())):
+    return dict(getattr(model, "record", {}).get("merging") or {}) if len(getattr(model, "steps", ())) else {}
+
+
+def pruning_meta(model: object) -> dict[str, object]:
+    """Where the model's pruning steps act, as a trace records them (empty without pruning):
+    the method's own record plus the `inside` and `after` blocks of its steps."""
+    steps = [s for s in model.setting().steps if s.does == "prune"] if hasattr(model, "setting") else []
+    if not steps:
         return {}
-    return {"kind": spec.kind, "blocks": list(spec.blocks), "r": spec.r, "threshold": spec.threshold,
-            "global_threshold": spec.global_threshold, "prop_attn": spec.prop_attn, "order": spec.order,
-            "count": spec.count}
+    record = dict(getattr(model, "record", {}).get("pruning") or {})
+    record["inside"] = sorted({s.block for s in steps if s.place == "inside"})
+    record["after"] = sorted({s.block for s in steps if s.place == "after"})
+    return record
 
 
 def baseline_flops(cost: CostModel, num_patches: int) -> int:
@@ -96,12 +103,16 @@ class TraceCapture:
             raise AssertionError(f"{im.source}: exits seen by the gate hooks differ from the model's own record")
         if rec.model_owner is not None and not np.array_equal(rec.owner, rec.model_owner):
             raise AssertionError(f"{im.source}: merges seen by the merger hooks differ from the model's own record")
+        if rec.model_pruned is not None and not np.array_equal(rec.pruned_at > 0, rec.model_pruned):
+            raise AssertionError(f"{im.source}: prunes seen by the step hooks differ from the model's own record")
         model, cfg, part = self.loaded.model, self.loaded.config, rec.partition
         mid = None if rec.block_tokens_mid is None else rec.block_tokens_mid.tolist()
         block_flops = self.cost.block_flops(rec.block_tokens_in.tolist(), mid)
         gate_in = [rec.gate_tokens_in.get(k, 0) for k in model.exit_after]
         alive = np.arange(part.num_tokens) if rec.merged_into is None else np.nonzero(rec.merged_into < 0)[0]
         final = int(np.sum(rec.exit_block[alive] == model.depth))  # a merged group is decoded once
+        if rec.pruned_at is not None:  # pruned tokens are decoded from the features they had then
+            final += int(np.sum(rec.pruned_at[alive] > 0))
         flops = {
             "policy": policy_flops,
             "embed": part.num_tokens * self.cost.embed_per_token,
@@ -111,6 +122,8 @@ class TraceCapture:
         }
         if rec.merged_at is not None:
             flops["merging"] = int(rec.matching_flops)
+        if rec.pruned_at is not None:
+            flops["pruning"] = int(rec.scoring_flops)
         flops["total"] = int(sum(flops.values()))
         flops["baseline_total"] = baseline_flops(self.cost, grid_partition(part.grid).num_tokens)
         meta = TraceMeta(
@@ -120,7 +133,7 @@ class TraceCapture:
             exit_threshold=model.exit_threshold, merge_thresholds=model.merge_thresholds,
             policy=model.active_policy, exits=model.exits_enabled, weights=self.loaded.weights_id,
             keep_per_class=model.keep_per_class if model.exits_enabled else 0,
-            method=str(getattr(model, "method", "")), merging=merging_meta(model),
+            method=str(getattr(model, "method", "")), merging=merging_meta(model), pruning=pruning_meta(model),
             num_classes=cfg.num_classes, class_names=cfg.class_names, class_colours=cfg.class_colours,
             device=str(self.device),
             flops=flops, timings={"forward_s": forward_s / batch, "batch": float(batch)},
@@ -132,7 +145,7 @@ class TraceCapture:
             label_map=label_map, policy_scores=rec.policy_scores,
             patch_labels=None if im.labels is None else patch_majority_labels(im.labels, model.patch_size),
             token_held_at=rec.held_at, token_merged_at=rec.merged_at, token_merged_into=rec.merged_into,
-            block_tokens_mid=rec.block_tokens_mid,
+            block_tokens_mid=rec.block_tokens_mid, token_pruned_at=rec.pruned_at,
         )
         trace.assert_consistent()
         return trace

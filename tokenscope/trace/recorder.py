@@ -1,9 +1,10 @@
 """Forward hooks that watch a StepViT and collect, per image, what happened to its tokens.
 
 The model does not know it is observed: the Recorder hooks the active policy (partition and
-scores), every block (how many tokens enter), every exit gate (which tokens leave), every merger
-of in-network merging (which tokens merge into which, inside their block) and the model itself
-(final token logits, and who ended in whom). During the forward pass only device tensors are kept; they are
+scores), every block (how many tokens enter), every exit gate (which tokens leave), every step of
+a method (which tokens merge into which, which are pruned, inside or after their block) and the
+model itself (final token logits, and who ended in whom). It knows decisions by their type
+(models/steps.py), never by the method that made them, so a plug-in is recorded like a built-in. During the forward pass only device tensors are kept; they are
 copied to the host once per forward call, when the model returns. Detaching the hooks leaves the
 model exactly as it was.
 """
@@ -18,10 +19,10 @@ import torch
 import torch.nn as nn
 
 from tokenscope.models.exits import GateDecision
-from tokenscope.models.methods.merging import MergeDecision
 from tokenscope.models.partition import Partition
 from tokenscope.models.policy import PolicyOutput
 from tokenscope.models.step_vit import StepOutput, StepViT
+from tokenscope.models.steps import MergeDecision, PruneDecision
 from tokenscope.trace.trace import resolve_chains
 
 
@@ -54,6 +55,12 @@ class ImageRecord:
     """(T,) the token each token finally belongs to, from the merges the merger hooks saw."""
     model_owner: np.ndarray | None = None
     """(T,) the same as the model itself reported it; must equal `owner`."""
+    pruned_at: np.ndarray | None = None
+    """(T,) with pruning steps: the block at which a step pruned the token (0 = never)."""
+    model_pruned: np.ndarray | None = None
+    """(T,) which tokens the model itself reported as pruned; must agree with `pruned_at`."""
+    scoring_flops: int = 0
+    """FLOPs the pruning steps said their decisions took."""
 
 
 class _Call:
@@ -64,6 +71,8 @@ class _Call:
         self.block_counts: list[torch.Tensor | None] = [None] * depth
         self.gates: list[GateDecision] = []
         self.merges: list[MergeDecision] = []
+        self.prunes: list[tuple[PruneDecision, bool]] = []
+        """Each pruning decision, and whether it was made inside its block (before the MLP)."""
 
 
 class Recorder:
@@ -88,8 +97,9 @@ class Recorder:
             self._handles.append(block.register_forward_pre_hook(self._block_hook(i), with_kwargs=True))
         for gate in m.gates.values():
             self._handles.append(gate.register_forward_hook(self._on_gate))
-        for merger in m.mergers.values():
-            self._handles.append(merger.register_forward_hook(self._on_merge))
+        places = {s.name: s.place for s in m.setting().steps}
+        for name, step in m.steps.items():
+            self._handles.append(step.register_forward_hook(self._step_hook(places.get(name, "inside"))))
         return self
 
     def detach(self) -> None:
@@ -118,13 +128,12 @@ class Recorder:
             self._call.policy = output
 
     def _block_hook(self, index: int):
-        p = self.model.num_prefix_tokens
-
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self._call is None:
                 return
             x = args[0] if args else kwargs["x"]
             mask = kwargs.get("attn_mask")
+            p = int(kwargs.get("num_prefix", self.model.num_prefix_tokens))
             if mask is None:
                 counts = torch.full((x.shape[0],), x.shape[1] - p, dtype=torch.long, device=x.device)
             elif mask.dtype == torch.bool:
@@ -139,12 +148,16 @@ class Recorder:
         if self._call is not None:
             self._call.gates.append(output)
 
-    def _on_merge(self, module: nn.Module, args: tuple[Any, ...], output: MergeDecision) -> None:
-        """A merger runs in the middle of its block, which is then not called as one module: the
-        tokens entering that block are the ones the merger saw."""
-        if self._call is not None:
-            self._call.merges.append(output)
-            self._call.block_counts[output.block - 1] = output.valid.sum(dim=1)
+    def _step_hook(self, place: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if self._call is None:
+                return
+            if isinstance(output, MergeDecision):
+                self._call.merges.append(output)
+            elif isinstance(output, PruneDecision):
+                self._call.prunes.append((output, place == "inside"))
+
+        return hook
 
     def _on_end(self, module: nn.Module, args: tuple[Any, ...], output: StepOutput) -> None:
         call, self._call = self._call, None
@@ -167,6 +180,9 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
     merges = [(m.block, m.merged.cpu().numpy(), m.token_ids.cpu().numpy(), m.into.cpu().numpy(),
                m.matching_flops.cpu().numpy()) for m in call.merges]
     owners = out.token_owner.cpu().numpy() if out.token_owner is not None else None
+    prunes = [(d.block, inside, (d.pruned & d.valid).cpu().numpy(), d.token_ids.cpu().numpy(),
+               None if d.scoring_flops is None else d.scoring_flops.cpu().numpy()) for d, inside in call.prunes]
+    model_pruned = out.token_pruned.cpu().numpy() if out.token_pruned is not None else None
     records = []
     for i, part in enumerate(out.partitions):
         t = part.num_tokens
@@ -179,12 +195,22 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
             if held_at is not None and held is not None:
                 tokens = ids[i][held[i]]
                 held_at[tokens[held_at[tokens] == 0]] = after  # the first gate that held it back
-        merged_at = merged_into = mid = final = None
-        matching = 0
+        merged_at = merged_into = mid = final = pruned_at = None
+        matching = scoring = 0
+        if model_pruned is not None:
+            pruned_at = np.zeros(t, dtype=np.int64)
+            mid = counts[i].astype(np.int64).copy()
+            for block, inside, pruned, ids, flops in prunes:
+                gone = ids[i][pruned[i]]
+                pruned_at[gone] = block
+                exit_block[gone] = block
+                if inside:
+                    mid[block - 1] -= len(gone)
+                scoring += 0 if flops is None else int(flops[i])
         if owners is not None:
             merged_at = np.zeros(t, dtype=np.int64)
             merged_into = np.full(t, -1, dtype=np.int64)
-            mid = counts[i].astype(np.int64).copy()
+            mid = counts[i].astype(np.int64).copy() if mid is None else mid
             for block, merged, ids, into, flops in merges:
                 src = ids[i][merged[i]]
                 merged_at[src] = block
@@ -209,6 +235,9 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
             matching_flops=matching,
             owner=final,
             model_owner=None if owners is None else owners[i, :t].astype(np.int64),
+            pruned_at=pruned_at,
+            scoring_flops=scoring,
+            model_pruned=None if model_pruned is None else model_pruned[i, :t],
         ))
     return records
 

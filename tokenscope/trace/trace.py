@@ -24,12 +24,15 @@ written before in-network merging existed, still loads: it simply has no merges)
 | token_held_at | (T,) int16, optional | the first gate that held the token back although it qualified to exit (keep-per-class rule; 0 = never) |
 | token_merged_at | (T,) int16, v2 with merging | the block inside which the token merged into another (0 = never) |
 | token_merged_into | (T,) int32, v2 with merging | the token it merged into (-1 = none) |
-| block_tokens_mid | (depth,) int32, v2 with merging | tokens left for each block's MLP after merging inside it |
+| block_tokens_mid | (depth,) int32, v2 with merging or pruning | tokens left for each block's MLP after merging or pruning inside it |
+| token_pruned_at | (T,) int16, v2 with pruning | the block at which a pruning step removed the token (0 = never); its exit block is that block and its prediction the decoder's, from the features it had then |
 
 Tokens are the policy's partition (one per supertoken or patch). In-network merging (ToMe, ALGM)
 joins tokens inside blocks; the merge forest (`token_merged_at`, `token_merged_into`) is the
 compressed record of which token covers every patch at every block (`cover_at`). A merged-away
-token reports the exit block, class and confidence of the token it finally belongs to.
+token reports the exit block, class and confidence of the token it finally belongs to. Pruning
+(EViT, a user's rule) removes tokens inside or after a block (`meta.pruning` says where): a pruned
+token stops there like an exit, without a gate; its prediction comes from the decoder.
 """
 
 from __future__ import annotations
@@ -172,6 +175,8 @@ class TraceMeta:
     """Token-reduction method (step, dcts, dtop, cts, tome, algm, X+tome, ...); "" in version-1 traces."""
     merging: dict[str, Any] = field(default_factory=dict)
     """In-network merging settings (kind, blocks, r, thresholds, prop_attn, order, count); empty without merging."""
+    pruning: dict[str, Any] = field(default_factory=dict)
+    """Pruning steps: the method's settings and the blocks they act `inside` and `after`; empty without pruning."""
     flops: dict[str, int] = field(default_factory=dict)
     """Measured or modelled FLOPs by part: policy, embed, blocks, gates, decoder, total, baseline_total."""
     timings: dict[str, float] = field(default_factory=dict)
@@ -202,7 +207,8 @@ class TraceMeta:
         return self.class_names[c] if 0 <= c < len(self.class_names) else f"class_{c}"
 
 
-OPTIONAL_MERGE_ARRAYS = {"token_merged_at": np.int16, "token_merged_into": np.int32, "block_tokens_mid": np.int32}
+OPTIONAL_MERGE_ARRAYS = {"token_merged_at": np.int16, "token_merged_into": np.int32, "block_tokens_mid": np.int32,
+                         "token_pruned_at": np.int16}
 ARRAYS = ("token_of_patch", "token_level", "token_row", "token_col", "token_exit_block", "token_confidence",
           "token_class", "block_tokens_in", "block_flops", "label_map")
 DTYPES = {"token_of_patch": np.int32, "token_level": np.int8, "token_row": np.int32, "token_col": np.int32,
@@ -231,6 +237,7 @@ class Trace:
     token_merged_at: np.ndarray | None = None
     token_merged_into: np.ndarray | None = None
     block_tokens_mid: np.ndarray | None = None
+    token_pruned_at: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for name in ARRAYS:
@@ -386,11 +393,14 @@ class Trace:
                  f"({self.token_row[i]}, {self.token_col[i]})")
         if not np.all(covered == 1):
             fail("some patches belong to no token")
+        pruned = np.zeros(t, dtype=bool) if self.token_pruned_at is None else self.token_pruned_at > 0
+        if self.token_pruned_at is not None:
+            self._check_prunes(fail)
         allowed = set(int(k) for k in m.exit_after) | {m.depth}
-        seen = set(np.unique(self.token_exit_block).tolist())
+        seen = set(np.unique(self.token_exit_block[~pruned]).tolist())
         if not seen <= allowed:
             fail(f"exit blocks {sorted(seen - allowed)} are neither gates {list(m.exit_after)} nor the end ({m.depth})")
-        if not m.exits and np.any(self.token_exit_block != m.depth):
+        if not m.exits and np.any((self.token_exit_block != m.depth) & ~pruned):
             fail("tokens exited early although exits were off")
         if self.block_tokens_in.shape != (m.depth,) or self.block_flops.shape != (m.depth,):
             fail("per-block arrays do not have one entry per block")
@@ -401,7 +411,7 @@ class Trace:
             fail(f"tokens entering blocks {self.block_tokens_in.tolist()} differ from what exits and merges imply "
                  f"{implied.tolist()}")
         if self.block_tokens_mid is not None:
-            mid = implied - self.merges_per_block()
+            mid = implied - self.merges_per_block() - self.pruned_inside_per_block()
             if not np.array_equal(mid, self.block_tokens_mid.astype(np.int64)):
                 fail(f"tokens after in-block merging {self.block_tokens_mid.tolist()} differ from entering minus "
                      f"merged {mid.tolist()}")
@@ -417,6 +427,39 @@ class Trace:
                 fail("a token was held back at a block that has no gate")
             if np.any((held > 0) & (self.token_exit_block <= held)):
                 fail("a token held back at a gate exited there or earlier")
+
+    def _check_prunes(self, fail: Any) -> None:
+        """Pruning rules: a pruned token stops where it was pruned, at a block where pruning acts."""
+        m, t = self.meta, self.num_tokens
+        at = self.token_pruned_at.astype(np.int64)  # type: ignore[union-attr]
+        if at.shape != (t,):
+            fail(f"token_pruned_at has shape {at.shape}, expected ({t},)")
+        if self.block_tokens_mid is None:
+            fail("a trace with token_pruned_at needs block_tokens_mid")
+        where = set(int(k) for k in m.pruning.get("inside", ())) | set(int(k) for k in m.pruning.get("after", ()))
+        used = set(np.unique(at[at > 0]).tolist())
+        if not used <= where:
+            fail(f"tokens pruned at blocks {sorted(used - where)} but pruning acts at {sorted(where)}")
+        if np.any((at > 0) & (self.token_exit_block != at)):
+            fail("a pruned token's exit block is not the block that pruned it")
+
+    def pruned_inside_per_block(self) -> np.ndarray:
+        """(depth,) tokens pruned inside each block (before its MLP)."""
+        out = np.zeros(self.meta.depth, dtype=np.int64)
+        if self.token_pruned_at is not None:
+            inside = set(int(k) for k in self.meta.pruning.get("inside", ()))
+            at = self.token_pruned_at.astype(np.int64)
+            sel = at[(at > 0) & np.isin(at, sorted(inside))]
+            np.add.at(out, sel - 1, 1)
+        return out
+
+    def pruned_per_block(self) -> np.ndarray:
+        """(depth,) tokens pruned at each block (inside it or after it)."""
+        out = np.zeros(self.meta.depth, dtype=np.int64)
+        if self.token_pruned_at is not None:
+            at = self.token_pruned_at.astype(np.int64)
+            np.add.at(out, at[at > 0] - 1, 1)
+        return out
 
     def _check_merges(self, fail: Any) -> None:
         """Version-2 rules: merges happen in merging blocks, into tokens still live there, and at

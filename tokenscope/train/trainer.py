@@ -39,7 +39,8 @@ from tokenscope import dist
 from tokenscope.data.datasets import Sample, SegmentationDataset
 from tokenscope.data.images import IGNORE_INDEX, PAD_RGB
 from tokenscope.errors import CheckpointError, ConfigError
-from tokenscope.models.methods.spec import parse_method
+from tokenscope.models.methods.facts import facts_of
+from tokenscope.models.methods.point import resolve
 from tokenscope.models.checkpoints import LoadedModel, checkpoint_paths, load_checkpoint, save_checkpoint
 from tokenscope.models.partition import MAX_LEVEL, block_homogeneity
 from tokenscope.models.step_vit import StepOutput, StepViT, token_grid, unmerge
@@ -294,7 +295,10 @@ class Trainer:
     def train_policy(self) -> str:
         """The partitions training sees: the oracle's (a learned policy's stand-in), or the plain
         grid for a method that runs without supertokens (tome, algm, dtop+X)."""
-        return "none" if self.s.method and parse_method(self.s.method).policy == "none" else "oracle"
+        if not self.s.method:
+            return "oracle"
+        plan = resolve(self.s.method).plan(facts_of(_unwrap(self.model), {"policy": True, "exits": True}, "learned"))
+        return "none" if plan.policy == "none" else "oracle"
 
     def exit_aware(self, step: int) -> bool:
         return step >= self.s.steps - self.s.exit_aware_steps

@@ -1,1 +1,3 @@
-"""Token-reduction methods beside STEP: which policy, which exits, which in-network merging."""
+"""Token-reduction methods: the interface (base), where they come from (registry), one operating
+point (point), the built-ins one file each (builtin/), and the algorithms they share (merging,
+attention, cts)."""

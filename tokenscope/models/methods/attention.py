@@ -17,6 +17,13 @@ import torch.nn.functional as F
 
 def attend(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """timm Attention on normalised input `h` (B, N, C): (output (B, N, C), keys averaged over heads)."""
+    out, _, k = attend_heads(attn, h, mask)
+    return out, k.mean(dim=1)
+
+
+def attend_heads(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm Attention on `h` (B, N, C): (output (B, N, C), queries and keys (B, H, N, Dh) per head)."""
     b, n, _ = h.shape
     heads, head_dim = int(attn.num_heads), int(attn.head_dim)
     attn_dim = int(getattr(attn, "attn_dim", heads * head_dim))
@@ -38,7 +45,17 @@ def attend(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor | None) -> tuple
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, k.mean(dim=1)
+    return out, q, k
+
+
+def query_attention(queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    query: int = 0) -> torch.Tensor:
+    """(B, H, N) softmax attention of one query position over every key, per head: what the full
+    attention matrix holds in row `query`, computed for that row alone (EViT's class attention)."""
+    w = (queries[:, :, query:query + 1].float() * scale) @ keys.float().transpose(-2, -1)
+    if mask is not None:
+        w = w.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else w + mask.float()
+    return w.softmax(dim=-1)[:, :, 0]
 
 
 def size_weighted_mask(valid: torch.Tensor, sizes: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> torch.Tensor:

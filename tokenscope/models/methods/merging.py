@@ -3,7 +3,7 @@
 A merger sits inside one encoder block, between attention and MLP (where both reference
 implementations put it). It only decides: which sequence slots merge away (`merged`) and into
 which slot each goes (`into`). `apply_merge` then averages features weighted by token size and
-the encoder drops the merged slots. Mergers are parameter-free named modules (`mergers.<block>`),
+the encoder drops the merged slots. Mergers are parameter-free steps (`steps.tome_<block>`, see models/steps.py),
 so a forward hook sees every decision while the model stays unaware of being observed.
 
 By default both decide as their public code does (facebookresearch/ToMe `tome/merge.py`,
@@ -32,50 +32,15 @@ import torch
 import torch.nn as nn
 
 from tokenscope.models.slots import scatter_tokens
+from tokenscope.models.steps import Layout, MergeDecision, Step, TokenView  # noqa: F401 (re-exported)
 
 MERGING_KINDS = ("tome", "algm")
 ORDERS = ("reference", "spatial")
 COUNTS = ("batch", "per-image")
 
 
-@dataclass
-class MergeDecision:
-    """What one merger decided for the slots that reached it (all (B, N), N = sequence slots).
-
-    `token_ids` names the trace token in each slot (-1 = padding); a slot with `merged` set is
-    averaged into slot `into` (which is never itself merged in the same step).
-    """
-
-    block: int
-    kind: str
-    token_ids: torch.Tensor
-    valid: torch.Tensor
-    merged: torch.Tensor
-    into: torch.Tensor
-    matching_flops: torch.Tensor
-    """(B,) FLOPs of the similarity products this decision took, per image (2 per multiply-add)."""
-    order: torch.Tensor | None = None
-    """(B, N) sort key of the slots that stay: the sequence order after the merge (the
-    reference's concatenation order); None keeps the current order."""
-
-
-@dataclass
-class MergeContext:
-    """Where each slot's token lies on the patch grid, for mergers that only join neighbours."""
-
-    grid_ids: torch.Tensor
-    """(B, gh, gw) trace token of every patch (the policy's partition)."""
-    single: torch.Tensor
-    """(B, T) whether a trace token covers exactly one patch."""
-    owner: torch.Tensor
-    """(B, T + 1) the trace token that currently stands for each one (itself unless merged)."""
-    initial: torch.Tensor
-    """(B,) tokens each image entered the encoder with (for ToMe's r given as a fraction)."""
-    num_prefix: int = 0
-    """Prefix tokens (class, distillation, registers) in front of the slots: they count in the
-    reference's alternation of A and B."""
-    class_token: bool = False
-    """Whether the model has a class token (the reference then keeps unmerged A in sequence order)."""
+MergeContext = Layout
+"""Where each slot's token lies on the patch grid (the name the mergers knew it by)."""
 
 
 def _nothing_merged(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,9 +93,9 @@ class BipartiteMerger(nn.Module):
         self.block, self.kind, self.r, self.metric, self.threshold = block, kind, r, metric, threshold
         self.order, self.count = order, count
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor,
-                ctx: MergeContext) -> MergeDecision:
-        metric = _normalise(keys if self.metric == "keys" else x, valid)
+    def forward(self, view: TokenView) -> MergeDecision:
+        x, token_ids, valid, ctx = view.x, view.token_ids, view.valid, view.layout
+        metric = _normalise(view.mean_keys if self.metric == "keys" else x, valid)
         b, n, _ = metric.shape
         first_a = ctx.num_prefix % 2 if self.order == "reference" else 0  # the sequence alternates A, B from position 0
         a_slots = torch.arange(first_a, n, 2, device=x.device)
@@ -201,8 +166,8 @@ class LocalWindowMerger(nn.Module):
         self.block, self.kind, self.threshold = block, "algm", float(threshold)
         self.order, self.count = order, count
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor,
-                ctx: MergeContext) -> MergeDecision:
+    def forward(self, view: TokenView) -> MergeDecision:
+        x, token_ids, valid, ctx = view.x, view.token_ids, view.valid, view.layout
         b, n, d = x.shape
         merged, into = _nothing_merged(valid)
         gh, gw = ctx.grid_ids.shape[1] // 2 * 2, ctx.grid_ids.shape[2] // 2 * 2
@@ -305,9 +270,20 @@ class MergingSpec:
         return out
 
 
-def merge_rules(spec: MergingSpec | None) -> str:
+    def steps(self) -> tuple[Step, ...]:
+        """The mergers as steps inside their blocks, for a method's plan."""
+        return tuple(Step(k, "inside", m, f"{self.kind}_{k}") for k, m in sorted(self.mergers().items()))
+
+    def record(self) -> dict[str, object]:
+        """The settings as a trace records them (`meta.merging`)."""
+        return {"kind": self.kind, "blocks": list(self.blocks), "r": self.r, "threshold": self.threshold,
+                "global_threshold": self.global_threshold, "prop_attn": self.prop_attn, "order": self.order,
+                "count": self.count}
+
+
+def merge_rules(record: dict[str, object] | None) -> str:
     """How a merging run decided, for tables: `order=reference count=batch`; empty without merging."""
-    return "" if spec is None else f"order={spec.order} count={spec.count}"
+    return "" if not record else f"order={record['order']} count={record['count']}"
 
 
 def algm_blocks(depth: int) -> tuple[int, int]:

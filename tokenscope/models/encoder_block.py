@@ -1,0 +1,48 @@
+"""One encoder block that a method may act inside: timm's pre-norm block, with a point between
+attention and MLP.
+
+The block adopts the parts of timm's `Block` (norm1, attn, ls1, drop_path1, norm2, mlp, ls2,
+drop_path2) under the same names, so checkpoints keep their keys and the cost model reads the
+same layers. Without a step inside it, its forward is timm's, operation for operation (outputs are
+bitwise equal). With one (`between`), attention also hands over its queries and keys and the
+step may change the sequence before the MLP: the block is still called as one module, so hooks
+and `torch.compile` see merging and pruning blocks like every other.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from tokenscope.models.methods.attention import attend_heads
+
+BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+Between = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""between(x after the attention residual, queries, keys) -> the sequence the MLP receives."""
+
+
+def is_plain_block(block: nn.Module) -> bool:
+    """Whether `block` is a pre-norm block with timm's parts (the ViTs tokenscope can drive)."""
+    return all(hasattr(block, part) for part in BLOCK_PARTS) and hasattr(block.attn, "qkv")
+
+
+class EncoderBlock(nn.Module):
+    """x -> x + attn(norm1(x)) -> [between] -> x + mlp(norm2(x)), with timm's layer scale and drop path."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        for part in BLOCK_PARTS:
+            setattr(self, part, getattr(block, part))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, num_prefix: int = 0,
+                between: Between | None = None) -> torch.Tensor:
+        """`num_prefix`: tokens in front of the image tokens (for observers counting image tokens)."""
+        if between is None:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+        else:
+            h, q, k = attend_heads(self.attn, self.norm1(x), attn_mask)
+            x = between(x + self.drop_path1(self.ls1(h)), q, k)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -1,0 +1,194 @@
+"""One operating point: a method (or `A+B`) with its settings, as one value with one text form.
+
+`tome:r=16`, `step:merge=0.5:exit=0.95`, `dtop+tome:r=0.05`, `./norm_prune.py:frac=0.3`.
+Settings follow the name after colons; in a combination each goes to the part that declares it
+(a setting two parts declare is refused: name it once per part by writing the parts apart).
+`parse_point` reads the text once at the edge (CLI, API, operating-point files), `resolve` finds
+the methods and checks every setting, and `ResolvedPoint.plan` turns it into what the encoder runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from tokenscope.errors import ConfigError
+from tokenscope.models.methods.base import IN_BLOCK_KINDS, Method, ModelFacts, Plan, compose
+from tokenscope.models.methods.registry import PluginError, find_method, is_external
+from tokenscope.models.steps import MergeDecision, PruneDecision, TokenView
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A parsed operating point: method names (one, or the parts of `A+B`) and `key=value` settings."""
+
+    names: tuple[str, ...]
+    settings: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def text(self) -> str:
+        """The canonical text: names joined by `+`, then `:key=value` in the order given."""
+        return ":".join(["+".join(self.names), *(f"{k}={v}" for k, v in self.settings)])
+
+    label = text
+
+
+def parse_point(text: str) -> OperatingPoint:
+    """`step`, `tome:r=16`, `dtop+tome`, `./rule.py:frac=0.2`: one line per mistake."""
+    raw = str(text).strip()
+    if not raw:
+        raise ConfigError("an operating point needs a method name, e.g. step or tome:r=16")
+    head, *items = [t.strip() for t in _split_settings(raw)]
+    names = tuple(n.strip() if is_external(n.strip()) else n.strip().lower() for n in head.split("+") if n.strip())
+    if not names:
+        raise ConfigError(f"method {text!r}: no method name before the settings")
+    settings = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ConfigError(f"method {text!r}: settings are key=value after a colon, e.g. tome:r=16")
+        settings.append((key.strip().lower(), value.strip()))
+    return OperatingPoint(names, tuple(settings))
+
+
+def _split_settings(raw: str) -> list[str]:
+    """Split at the colons that start settings (a Windows drive letter `C:\\` is not one)."""
+    parts = raw.split(":")
+    if len(parts) > 1 and len(parts[0]) == 1 and parts[1].startswith(("\\", "/")):
+        parts = [parts[0] + ":" + parts[1], *parts[2:]]
+    return parts
+
+
+@dataclass(frozen=True)
+class ResolvedPoint:
+    """An operating point whose methods were found and whose settings were all read and checked."""
+
+    point: OperatingPoint
+    parts: tuple[tuple[Method, tuple[tuple[str, Any], ...]], ...]
+
+    @property
+    def text(self) -> str:
+        return self.point.text
+
+    @property
+    def label(self) -> str:
+        """The text with each part's declared name (a method file shows as its method's name)."""
+        names = "+".join(m.name for m, _ in self.parts)
+        return ":".join([names, *(f"{k}={v}" for k, v in self.point.settings)])
+
+    @property
+    def name(self) -> str:
+        return "+".join(m.name for m, _ in self.parts)
+
+    @property
+    def first(self) -> Method:
+        return self.parts[0][0]
+
+    def value(self, key: str) -> Any:
+        for _, values in self.parts:
+            for k, v in values:
+                if k == key:
+                    return v
+        return None
+
+    def given(self, key: str) -> bool:
+        return any(k == key for k, _ in self.point.settings)
+
+    def plan(self, facts: ModelFacts) -> Plan:
+        """What the encoder runs for this point on a model with `facts` (a plug-in's failure there
+        is one line naming it)."""
+        plans = []
+        for method, values in self.parts:
+            try:
+                plan = method.plan(dict(values), facts)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                raise ConfigError(f"method {method.name} ({method.source}) failed to plan {self.text!r}: "
+                                  f"{type(exc).__name__}: {exc}") from None
+            if not isinstance(plan, Plan):
+                raise ConfigError(f"method {method.name} ({method.source}) returned {type(plan).__name__} from plan(); "
+                                  "it must return a Plan (docs/methods-api.md)")
+            if not method.source.startswith("built-in"):
+                plan = replace(plan, steps=tuple(replace(st, module=GuardedStep(st.module, method)) for st in plan.steps))
+            plans.append((method, plan))
+        return compose(self.text, plans)
+
+    def provenance(self) -> list[dict[str, str]]:
+        """Where each part's method came from, for run.json: name, source and sha256 of its file."""
+        return [{"name": m.name, "source": m.source, "digest": m.digest} for m, _ in self.parts]
+
+
+class GuardedStep(nn.Module):
+    """A plug-in's step, run so that its failure, or a decision of the wrong shape, is one line
+    naming the method and where it came from (a built-in's bug still raises with its traceback)."""
+
+    def __init__(self, inner: nn.Module, method: Method) -> None:
+        super().__init__()
+        self.inner = inner
+        self.method_name, self.method_source = method.name, method.source
+
+    def forward(self, view: TokenView) -> MergeDecision | PruneDecision:
+        where = f"method {self.method_name} ({self.method_source}), block {view.block}"
+        try:
+            dec = self.inner(view)
+        except Exception as exc:
+            raise PluginError(f"{where} failed: {type(exc).__name__}: {exc}") from None
+        shape = tuple(view.valid.shape)
+        masks = {"pruned": getattr(dec, "pruned", None)} if isinstance(dec, PruneDecision) else \
+            {"merged": getattr(dec, "merged", None), "into": getattr(dec, "into", None)} if isinstance(dec, MergeDecision) \
+            else None
+        if masks is None:
+            raise PluginError(f"{where} returned {type(dec).__name__}; a step returns a PruneDecision or a MergeDecision")
+        for name, value in masks.items():
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+                raise PluginError(f"{where}: its decision's {name} must be a tensor of shape {shape} (one entry per slot)")
+        return dec
+
+
+def resolve(point: OperatingPoint | str) -> ResolvedPoint:
+    """Find every part's method and read every setting, or refuse in one line."""
+    op = parse_point(point) if isinstance(point, str) else point
+    methods = [find_method(n) for n in op.names]
+    check_combination(op.text, methods)
+    owners: dict[str, list[int]] = {}
+    for i, m in enumerate(methods):
+        for s in m.settings:
+            owners.setdefault(s.name, []).append(i)
+    given: list[list[tuple[str, str]]] = [[] for _ in methods]
+    for key, value in op.settings:
+        where = owners.get(key, [])
+        if not where:
+            known = sorted(owners) or ["none"]
+            raise ConfigError(f"method {op.text!r}: unknown setting {key!r}; {'+'.join(m.name for m in methods)} "
+                              f"take {', '.join(known)}")
+        if len(where) > 1:
+            raise ConfigError(f"method {op.text!r}: {key} is a setting of {' and '.join(methods[i].name for i in where)}; "
+                              "in a combination a setting must belong to one part")
+        given[where[0]].append((key, value))
+    parts = tuple((m, tuple(m.values(g, op.text).items())) for m, g in zip(methods, given))
+    return ResolvedPoint(op, parts)
+
+
+def check_combination(label: str, methods: list[Method]) -> None:
+    """`A+B+...`: A decides how tokens enter and exit, the rest merge or prune inside blocks."""
+    if len(methods) > 1 and methods[0].kind == "baseline":
+        raise ConfigError(f"method {label!r}: {methods[0].name} is the unreduced model; name the other parts alone")
+    for m in methods[1:]:
+        if m.kind not in IN_BLOCK_KINDS:
+            raise ConfigError(f"method {label!r}: {m.name} decides how tokens enter or exit, so it goes first "
+                              f"(e.g. {m.name}+tome); after '+' come merging or pruning methods")
+
+
+def resolve_list(text: str) -> list[ResolvedPoint]:
+    """A comma-separated list, each operating point once, in the order given."""
+    points = [resolve(t) for t in str(text).split(",") if t.strip()]
+    if not points:
+        raise ConfigError("--methods needs at least one method, e.g. step,tome,cts,dtop")
+    labels = [p.label for p in points]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--methods names an operating point twice: {','.join(labels)}")
+    return points

@@ -1,0 +1,140 @@
+"""The points where a token-reduction method acts inside the encoder, and what it may decide there.
+
+A method contributes *steps*: small named modules the encoder calls at one place of one block,
+`inside` (between attention and MLP, where ToMe, ALGM and EViT act: the step sees the attention's
+queries and keys) or `after` (once the block is done, where a pruning rule or an exit head acts).
+A step only decides; the encoder carries the decision out, the same way for every method:
+
+- `MergeDecision`: which slots are averaged into which (weighted by token size);
+- `PruneDecision`: which slots leave the sequence here. A pruned token keeps the features it had
+  when pruned, and the decoder predicts it from them at the end (DToP's reassembly); optional
+  `fused` tokens (EViT's) join the sequence as extra tokens that are never image tokens.
+
+Steps are modules under `steps.<name>`, so a forward hook sees every decision while the model stays
+unaware of being observed. Every tensor here covers the image-token slots only: class, registers
+and fused tokens sit in front of them and no step can merge or prune those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+PLACES = ("inside", "after")
+KINDS = ("merge", "prune")
+
+
+@dataclass
+class Layout:
+    """Where each slot's token lies on the patch grid, for steps that only join neighbours."""
+
+    grid_ids: torch.Tensor
+    """(B, gh, gw) trace token of every patch (the policy's partition)."""
+    single: torch.Tensor
+    """(B, T) whether a trace token covers exactly one patch."""
+    owner: torch.Tensor
+    """(B, T + 1) the trace token that currently stands for each one (itself unless merged)."""
+    initial: torch.Tensor
+    """(B,) tokens each image entered the encoder with (for counts given as a fraction)."""
+    num_prefix: int = 0
+    """Tokens in front of the slots (class, distillation, registers, fused): they count in the
+    reference's alternation of ToMe's sets A and B."""
+    class_token: bool = False
+    """Whether the model has a class token."""
+
+
+@dataclass
+class TokenView:
+    """What a step sees at its point: the image-token slots and, inside a block, the attention."""
+
+    block: int
+    """1-based block the step belongs to."""
+    x: torch.Tensor
+    """(B, N, D) features of the image-token slots (after the attention residual when inside)."""
+    token_ids: torch.Tensor
+    """(B, N) trace token in each slot, -1 for padding."""
+    valid: torch.Tensor
+    """(B, N) real tokens."""
+    sizes: torch.Tensor
+    """(B, N) how many tokens each slot stands for (1 until something merges)."""
+    layout: Layout
+    prefix: torch.Tensor
+    """(B, P, D) the tokens in front of the slots (class token first when there is one)."""
+    keys: torch.Tensor | None = None
+    """Inside only: (B, H, P + N, Dh) the attention's keys per head, prefix included."""
+    queries: torch.Tensor | None = None
+    """Inside only: (B, H, P + N, Dh) the attention's queries per head."""
+    attn_mask: torch.Tensor | None = None
+    """Inside only: the key mask the attention used (bool, or additive with sizes)."""
+    scale: float = 1.0
+    """Inside only: the attention's logit scale (1 / sqrt(Dh) for timm's)."""
+
+    @property
+    def mean_keys(self) -> torch.Tensor:
+        """(B, N, Dh) the slots' keys averaged over heads (ToMe's similarity metric)."""
+        assert self.keys is not None, "keys exist only for steps inside a block"
+        return self.keys.mean(dim=1)[:, self.prefix.shape[1]:]
+
+
+@dataclass
+class MergeDecision:
+    """What one merging step decided for the slots that reached it (all (B, N), N = sequence slots).
+
+    `token_ids` names the trace token in each slot (-1 = padding); a slot with `merged` set is
+    averaged into slot `into` (which is never itself merged in the same step).
+    """
+
+    block: int
+    kind: str
+    token_ids: torch.Tensor
+    valid: torch.Tensor
+    merged: torch.Tensor
+    into: torch.Tensor
+    matching_flops: torch.Tensor
+    """(B,) FLOPs of the similarity products this decision took, per image (2 per multiply-add)."""
+    order: torch.Tensor | None = None
+    """(B, N) sort key of the slots that stay: the sequence order after the merge (the
+    reference's concatenation order); None keeps the current order."""
+
+
+@dataclass
+class PruneDecision:
+    """What one pruning step decided: `pruned` (B, N) slots leave the sequence at this point."""
+
+    block: int
+    kind: str
+    token_ids: torch.Tensor
+    valid: torch.Tensor
+    pruned: torch.Tensor
+    fused: torch.Tensor | None = None
+    """(B, F, D) extra tokens that join the sequence in front of the slots (EViT's fused token);
+    they take part in attention but are never image tokens."""
+    order: torch.Tensor | None = None
+    """(B, N) sort key of the slots that stay (e.g. by attention, as the reference orders them);
+    None keeps the current order."""
+    scoring_flops: torch.Tensor | None = None
+    """(B,) FLOPs the decision itself took, per image."""
+
+
+Decision = MergeDecision | PruneDecision
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a plan: `module(view) -> Decision` called at `place` of 1-based `block`."""
+
+    block: int
+    place: str
+    module: nn.Module
+    name: str
+    """Its module name under `steps` (unique within a plan), e.g. `tome_3`."""
+    does: str = "merge"
+    """What its decisions may do: `merge` (MergeDecision) or `prune` (PruneDecision)."""
+
+    def __post_init__(self) -> None:
+        if self.place not in PLACES:
+            raise ValueError(f"a step acts {' or '.join(PLACES)} a block, not {self.place!r}")
+        if self.does not in KINDS:
+            raise ValueError(f"a step does {' or '.join(KINDS)}, not {self.does!r}")
