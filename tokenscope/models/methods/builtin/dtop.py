@@ -1,4 +1,4 @@
-"""`dtop`: early exits on the plain grid (Liu et al., DToP, ICCV 2023).
+"""`dtop`: early exits on the plain grid (Tang et al., DToP, ICCV 2023).
 
 As DToP's public code: the gates' threshold (0.95 by default, the model's own), and of the
 tokens that qualify, the 5 most confident of each class stay in the sequence as context.
@@ -27,7 +27,7 @@ METHOD = Method(
     summary="early exits on the plain grid; the 5 most confident tokens of each class stay as context",
     ladder=("dtop:exit=0.99", "dtop:exit=0.95", "dtop:exit=0.9"),
     search=tuple(f"dtop:exit={e}" for e in (0.8, 0.9, 0.95, 0.99)),
-    reference=Reference(paper="Liu et al., Dynamic Token Pruning in Plain Vision Transformers for Semantic "
+    reference=Reference(paper="Tang et al., Dynamic Token Pruning in Plain Vision Transformers for Semantic "
                               "Segmentation, ICCV 2023", repository="zbwxp/Dynamic-Token-Pruning",
                         files=("segmentation/mmseg/models/backbones/vit_dtop.py",),
                         differences="the gates are the model's exit heads (trained by tokenscope train)"),

@@ -1,0 +1,165 @@
+"""Methods from outside the package: an installed distribution's entry point (the example package
+in examples/plugins/norm_prune, installed with pip), a method file, and broken plug-ins, which are
+one line naming them and never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from tokenscope.cli import app
+from tokenscope.render.explorer import image_payload
+from tokenscope.trace.trace import TRACE_JSON, Trace
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "plugins" / "norm_prune"
+IMAGE = ROOT / "sample_images" / "street_5000001.png"
+
+
+def _cli(env: dict[str, str], *args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tokenscope", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example package pip-installed (offline, from a copy of its folder) into its own site dir."""
+    work = tmp_path_factory.mktemp("plugin")
+    shutil.copytree(EXAMPLE, work / "src")
+    target = work / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(target), str(work / "src")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return target
+
+
+def _env(*paths: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in paths), "TOKENSCOPE_OFFLINE": "1"}
+
+
+def _traces(folder: Path) -> list[Trace]:
+    return [Trace.load(p.parent) for p in sorted(folder.rglob(TRACE_JSON))]
+
+
+def test_an_installed_plugin_is_listed_compared_swept_and_shown(site: Path, tmp_path: Path) -> None:
+    env = _env(site)
+    r = _cli(env, "methods", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    listed = {m["name"]: m for m in json.loads(r.stdout)}
+    plug = listed["norm_prune"]
+    assert plug["source"].startswith("entry point norm_prune = norm_prune:METHOD from tokenscope-norm-prune 0.1.0")
+    assert plug["kind"] == "prune" and plug["settings"][0] == {"name": "frac", "type": "number", "default": 0.2,
+                                                                "help": "share of the tokens that leave"}
+    assert plug["ladder"] == ["norm_prune:frac=0.1", "norm_prune:frac=0.2", "norm_prune:frac=0.4"]
+    assert {"vit", "step", "dcts", "dtop", "cts", "tome", "algm", "evit"} <= set(listed)
+    assert all(set(m) >= {"name", "kind", "settings", "ladder", "reference", "source"} for m in listed.values())
+
+    r = _cli(env, "compare", IMAGE, "--methods", "step,norm_prune,evit", "--size", "256", "--device", "cpu",
+             "--repeats", "1", "--warmup", "0", "--out", tmp_path / "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = next((tmp_path / "out").glob("compare-*"))
+    traces = _traces(run)
+    assert len(traces) == 4  # baseline, step, norm_prune, evit
+    for t in traces:
+        t.assert_consistent()  # every patch accounted for exactly once, counts agree with the hooks
+    prune = next(t for t in traces if t.meta.method == "norm_prune")
+    depth_third = prune.meta.depth // 3
+    pruned = prune.token_pruned_at > 0
+    assert pruned.sum() == int(0.2 * prune.num_tokens) and set(prune.token_pruned_at[pruned]) == {depth_third}
+    assert prune.block_tokens_in[depth_third] == prune.num_tokens - pruned.sum()  # they really skip later blocks
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["method_sources"]["norm_prune"][0]["source"].startswith("entry point norm_prune")
+    assert len(manifest["method_sources"]["norm_prune"][0]["digest"]) == 64
+    image = next(p for p in run.iterdir() if p.is_dir())
+    payload = image_payload(image, "compare", ["baseline", *manifest["methods"]])
+    panels = {p["name"]: p for p in payload["panels"]}
+    assert "error" not in panels["norm_prune"] and panels["norm_prune"]["method"] == "norm_prune"
+    assert sum(v > 0 for v in panels["norm_prune"]["pruned"]) == pruned.sum()
+
+    r = _cli(env, "sweep", "--methods", "norm_prune", "--seeds", "100000:100002", "--scene-size", "128", "--device",
+             "cpu", "--out", tmp_path / "sw", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = pd.read_csv(next((tmp_path / "sw").glob("sweep-*")) / "sweep.csv")
+    assert table["point"].tolist() == ["baseline", "norm_prune:frac=0.1", "norm_prune:frac=0.2", "norm_prune:frac=0.4"]
+    assert table["gflops_per_image"].is_monotonic_decreasing
+
+
+def _broken_site(root: Path, body: str) -> Path:
+    """A site dir holding one installed distribution whose entry point is the module `broken_rule`."""
+    site = root / "broken-site"
+    info = site / "broken_rule-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-rule\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[tokenscope.methods]\nbroken = broken_rule:METHOD\n")
+    (site / "broken_rule.py").write_text(body)
+    return site
+
+
+@pytest.mark.parametrize("body, words", [
+    ("raise RuntimeError('boom at import')\n", "failed to load: RuntimeError: boom at import"),
+    ("METHOD = 42\n", "defines no tokenscope method"),
+])
+def test_a_broken_plugin_is_one_line_naming_it(tmp_path: Path, body: str, words: str) -> None:
+    env = _env(_broken_site(tmp_path, body))
+    r = _cli(env, "methods", cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert "method plug-in 'broken'" in r.stderr and words in r.stderr and "step" in r.stdout
+    r = _cli(env, "run", IMAGE, "--method", "broken", "--device", "cpu", "--out", tmp_path / "o", cwd=tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert "method plug-in 'broken' (entry point broken_rule:METHOD from broken-rule 0.1)" in lines[0] and words in lines[0]
+    assert not (tmp_path / "o").exists()  # refused before any work
+    r = _cli(env, "run", IMAGE, "--method", "step", "--device", "cpu", "--no-figures", "--out", tmp_path / "s",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # a broken plug-in does not stop the methods that work
+
+
+def _method_file(folder: Path, forward: str = "") -> Path:
+    src = (EXAMPLE / "norm_prune.py").read_text()
+    if forward:
+        src = src.replace("        norms = view.x.float().norm(dim=-1)\n", f"        {forward}\n        norms = view.x.float().norm(dim=-1)\n")
+    path = folder / "my_rule.py"
+    path.write_text(src)
+    return path
+
+
+def test_a_method_file_runs_is_recorded_with_its_digest_and_a_changed_file_is_not_resumed(tmp_path: Path) -> None:
+    rule = _method_file(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(app, ["run", str(IMAGE), "--method", f"{rule}:frac=0.3:block=2", "--device", "cpu", "--no-figures",
+                            "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    run = next((tmp_path / "o").glob("run-*"))
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["method_sources"][0]["source"] == f"file {rule.resolve()}"
+    trace = _traces(run)[0]
+    trace.assert_consistent()
+    assert trace.meta.pruning == {"kind": "norm_prune", "frac": 0.3, "block": 2, "inside": [], "after": [2]}
+    assert (trace.token_pruned_at > 0).sum() == int(0.3 * trace.num_tokens)
+    rule.write_text(rule.read_text().replace("smallest first", "smallest first (edited)"))
+    r = runner.invoke(app, ["run", "--resume", str(run), "--device", "cpu"])
+    assert r.exit_code != 0 and "start a new run instead of resuming" in r.output and "Traceback" not in r.output
+
+
+def test_a_plugin_step_that_fails_or_decides_nonsense_is_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for forward, words in (("raise ZeroDivisionError('inside the rule')", "failed: ZeroDivisionError: inside the rule"),
+                           ("return PruneDecision(self.block, 'x', view.token_ids, view.valid, view.valid[:, :1])",
+                            "must be a tensor of shape")):
+        folder = tmp_path / str(len(words))
+        folder.mkdir()
+        rule = _method_file(folder, forward)
+        r = runner.invoke(app, ["compare", str(IMAGE), "--methods", f"step,{rule}", "--size", "128", "--device", "cpu",
+                                "--repeats", "1", "--warmup", "0", "--out", str(folder / "o")])
+        assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+        errors = [ln for ln in r.output.splitlines() if "error" in ln.lower()]
+        assert any("method norm_prune (file" in ln and words in ln for ln in errors), r.output
