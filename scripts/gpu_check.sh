@@ -8,7 +8,7 @@
 #   - methods: dCTS at the paper's 2.5x token budget (exits off), the training-free uniform
 #     policy, and each with torch.compile on the encoder blocks; the training-free neighbours
 #     ToMe (r = 5% of the tokens per block, proportional attention), ALGM (local 0.88 + adaptive
-#     global) and CTS (40% of the 2x2 groups shared);
+#     global), CTS (40% of the 2x2 groups shared) and EViT (keep rate 0.7 at blocks 4, 7, 10 of 12);
 #   - the shipped demo with full STEP (learned dCTS policy + learned exits) at 512 px, also with
 #     DToP's keep-per-class rule (K = 5) at the gates;
 #   - latency tails of the demo on 200 held-out scenes, and a video clip's frame rate.
@@ -33,7 +33,7 @@ for model in vitb vitl segmenter-vit-b-mask-ade20k segmenter-vit-l-mask-ade20k; 
       --json "$out/gpu_${model}_1024_b${batch}_dcts_compile.json"
     $ts bench --model "$model" "${common[@]}" --batch "$batch" --policy uniform --exits none \
       --json "$out/gpu_${model}_1024_b${batch}_uniform.json"
-    for method in tome algm cts; do
+    for method in tome algm cts evit; do
       $ts bench --model "$model" "${common[@]}" --batch "$batch" --method "$method" \
         --json "$out/gpu_${model}_1024_b${batch}_${method}.json"
     done
@@ -44,13 +44,13 @@ for batch in 1 8; do
     --json "$out/gpu_demo_512_b${batch}_step.json"
   $ts bench --model demo --size 512 --device cuda --batch "$batch" --repeats 50 --warmup 10 --keep-per-class 5 \
     --json "$out/gpu_demo_512_b${batch}_step_keep5.json"
-  for method in dtop tome algm; do
+  for method in dtop tome algm evit; do
     $ts bench --model demo --size 512 --device cuda --batch "$batch" --repeats 50 --warmup 10 --method "$method" \
       --json "$out/gpu_demo_512_b${batch}_${method}.json"
   done
 done
 # every method's operating points on the demo's held-out scenes, one Pareto plot (mIoU against GFLOPs and GPU throughput)
-$ts sweep --methods step,dcts,dtop,cts,tome,algm --seeds 100000:100100 --device cuda --format pdf --out "$out/gpu_sweep"
+$ts sweep --methods step,dcts,dtop,cts,tome,algm,evit --seeds 100000:100100 --device cuda --format pdf --out "$out/gpu_sweep"
 # its table with each mIoU's 95% interval and the paired change against the unreduced model (GPU throughput)
 $ts table "$(ls -d "$out"/gpu_sweep/sweep-* | tail -n 1)" > "$out/gpu_methods_table.md"
 # latency tails of the demo on 200 held-out scenes, reduced against unreduced (p50/p95/p99, p99/p50)

@@ -12,6 +12,7 @@ import torch
 
 from tokenscope.data.images import prepare_image
 from conftest import blocky_image
+from test_reference_methods import _images
 from tokenscope.errors import ConfigError
 from tokenscope.jobs.setup import ModelOptions, method_setting
 from tokenscope.models.checkpoints import LoadedModel
@@ -32,15 +33,6 @@ def _pair(seed: int = 0, decoder: str = "linear") -> tuple[StepViT, torch.nn.Mod
     model = StepViT(cfg, vit).double().eval()
     loaded = LoadedModel(model, cfg, {"backbone": True, "decoder": True, "exits": True, "policy": True}, "test", "test")
     return model, vit.double().eval(), loaded
-
-
-def _images(n: int, seed: int = 0) -> torch.Tensor:
-    out = []
-    for s in range(n):
-        img, _ = blocky_image(224, 224, seed + s)
-        rng = np.random.default_rng(seed + s)
-        out.append(np.clip(img + 0.1 * rng.standard_normal(img.shape), 0, 1).transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(out)).double()
 
 
 def reference_evit(vit: torch.nn.Module, images: torch.Tensor, blocks: tuple[int, ...], rate: float, fuse: bool = True

@@ -16,7 +16,7 @@ from tokenscope.errors import ConfigError
 from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import measure_flops
-from tokenscope.models.methods.attention import attend, size_weighted_mask
+from tokenscope.models.attention import attend, size_weighted_mask
 from tokenscope.models.methods.merging import MergingSpec, algm_blocks
 from tokenscope.models.methods.point import resolve, resolve_list
 from tokenscope.trace.capture import TraceCapture, images_to_tensor
@@ -384,3 +384,35 @@ def test_dtop_keeps_five_tokens_per_class_as_its_public_code_unless_told_otherwi
     assert method_setting(loaded, ModelOptions(device="cpu"), "dtop:keep=0").keep_per_class == 0
     assert method_setting(loaded, ModelOptions(device="cpu", keep_per_class=2), "dtop").keep_per_class == 2
     assert method_setting(loaded, ModelOptions(device="cpu"), "step").keep_per_class == DEEP.keep_per_class
+
+
+def test_every_block_is_called_as_one_module_merging_and_pruning_blocks_included() -> None:
+    """Hooks (and torch.compile) see every block: a method acting inside a block does not take it apart."""
+    loaded = _loaded()
+    for point in ("tome:r=5", "algm:threshold=0", "evit:rate=0.5", "dtop+evit"):
+        method_setting(loaded, ModelOptions(device="cpu", exit_threshold=0.4), point)
+        model = loaded.model
+        calls: list[int] = []
+        handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(model.blocks)]
+        try:
+            with torch.no_grad():
+                model(_batch(1))
+        finally:
+            for h in handles:
+                h.remove()
+        assert calls == list(range(model.depth)), point
+        assert all(type(b).__name__ == "EncoderBlock" for b in model.blocks)
+
+
+def test_no_method_is_named_in_the_encoder_or_the_recorder() -> None:
+    import importlib
+    import re
+    from pathlib import Path
+
+    from tokenscope.models.methods.registry import list_names
+
+    for module in (importlib.import_module("tokenscope.models.step_vit"), importlib.import_module("tokenscope.trace.recorder")):
+        code = "\n".join(ln for ln in Path(module.__file__).read_text().splitlines() if not ln.strip().startswith("#"))
+        for name in list_names():
+            if name not in ("step", "vit"):  # the model family (STEP) and the architecture (a ViT)
+                assert not re.search(rf"\b{name}\b", code, flags=re.I), (module.__name__, name)

@@ -8,7 +8,7 @@ plug-in never reaches into tokenscope's internals.
 
 from __future__ import annotations
 
-from tokenscope.models.methods.attention import query_attention
+from tokenscope.models.attention import query_attention
 from tokenscope.models.methods.base import Method, ModelFacts, Plan, Reference, Setting, on_off
 from tokenscope.models.methods.registry import ENTRY_POINT_GROUP
 from tokenscope.models.steps import Layout, MergeDecision, PruneDecision, Step, TokenView

@@ -27,8 +27,7 @@ from tokenscope.errors import ConfigError
 from tokenscope.models.decoders import build_decoder
 from tokenscope.models.encoder_block import EncoderBlock, is_plain_block
 from tokenscope.models.exits import ExitGate, GateDecision
-from tokenscope.models.methods.attention import size_weighted_mask
-from tokenscope.models.methods.merging import apply_merge
+from tokenscope.models.attention import size_weighted_mask
 from tokenscope.models.partition import MAX_LEVEL, Partition
 from tokenscope.models.policy import (
     BudgetPolicy,
@@ -40,7 +39,7 @@ from tokenscope.models.policy import (
 )
 from tokenscope.models.registry import StepConfig
 from tokenscope.models.slots import scatter_tokens
-from tokenscope.models.steps import Layout, MergeDecision, PruneDecision, Step, TokenView
+from tokenscope.models.steps import Layout, MergeDecision, PruneDecision, Step, TokenView, apply_merge
 from tokenscope.models.superpatch import SuperpatchEmbed
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from tokenscope.models.slots import scatter_tokens
+
 PLACES = ("inside", "after")
 KINDS = ("merge", "prune")
 
@@ -119,6 +121,32 @@ class PruneDecision:
 
 
 Decision = MergeDecision | PruneDecision
+
+
+def apply_merge(x: torch.Tensor, sizes: torch.Tensor, owner: torch.Tensor, dec: MergeDecision
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Size-weighted average of every merged slot into its target; new sizes and owner map.
+
+    Slots untouched by a merge keep their features bit for bit. `owner` (B, T + 1) maps every
+    trace token to the token now standing for it; a merged token's followers move with it.
+    """
+    b, n, d = x.shape
+    target = torch.where(dec.merged, dec.into, torch.arange(n, device=x.device).expand(b, n))
+    w = sizes.to(torch.float32).unsqueeze(-1)
+    acc = torch.zeros((b, n, d), dtype=torch.float32, device=x.device).scatter_add_(
+        1, target.unsqueeze(-1).expand(-1, -1, d), x.float() * w)
+    size_acc = torch.zeros_like(sizes, dtype=torch.float32).scatter_add_(1, target, sizes.float())
+    hit = torch.zeros((b, n + 1), dtype=torch.bool, device=x.device)  # + a spare slot
+    scatter_tokens(hit, dec.merged, dec.into, dec.merged)
+    is_target = hit[:, :n] & ~dec.merged
+    averaged = (acc / size_acc.clamp_min(1e-6).unsqueeze(-1)).to(x.dtype)
+    x = torch.where(is_target.unsqueeze(-1), averaged, x)
+    sizes = torch.where(is_target, size_acc.to(sizes.dtype), sizes)
+    t = owner.shape[1] - 1
+    remap = torch.arange(t + 1, device=x.device).expand(b, t + 1).clone()  # slot t is the spare
+    scatter_tokens(remap, dec.token_ids.gather(1, dec.into), dec.token_ids, dec.merged)
+    remap[:, t] = t
+    return x, sizes, remap.gather(1, owner)
 
 
 @dataclass(frozen=True)

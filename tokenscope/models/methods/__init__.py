@@ -1,3 +1,2 @@
 """Token-reduction methods: the interface (base), where they come from (registry), one operating
-point (point), the built-ins one file each (builtin/), and the algorithms they share (merging,
-attention, cts)."""
+point (point), the built-ins one file each (builtin/), and the algorithms they share (merging, cts)."""

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from tokenscope.models.methods.base import Plan
 from tokenscope.models.slots import scatter_tokens
-from tokenscope.models.steps import Layout, MergeDecision, Step, TokenView  # noqa: F401 (re-exported)
+from tokenscope.models.steps import Layout, MergeDecision, Step, TokenView, apply_merge  # noqa: F401 (re-exported)
 
 MERGING_KINDS = ("tome", "algm")
 ORDERS = ("reference", "spatial")
@@ -209,32 +210,6 @@ class LocalWindowMerger(nn.Module):
         return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, flops, order)
 
 
-def apply_merge(x: torch.Tensor, sizes: torch.Tensor, owner: torch.Tensor, dec: MergeDecision
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Size-weighted average of every merged slot into its target; new sizes and owner map.
-
-    Slots untouched by a merge keep their features bit for bit. `owner` (B, T + 1) maps every
-    trace token to the token now standing for it; a merged token's followers move with it.
-    """
-    b, n, d = x.shape
-    target = torch.where(dec.merged, dec.into, torch.arange(n, device=x.device).expand(b, n))
-    w = sizes.to(torch.float32).unsqueeze(-1)
-    acc = torch.zeros((b, n, d), dtype=torch.float32, device=x.device).scatter_add_(
-        1, target.unsqueeze(-1).expand(-1, -1, d), x.float() * w)
-    size_acc = torch.zeros_like(sizes, dtype=torch.float32).scatter_add_(1, target, sizes.float())
-    hit = torch.zeros((b, n + 1), dtype=torch.bool, device=x.device)  # + a spare slot
-    scatter_tokens(hit, dec.merged, dec.into, dec.merged)
-    is_target = hit[:, :n] & ~dec.merged
-    averaged = (acc / size_acc.clamp_min(1e-6).unsqueeze(-1)).to(x.dtype)
-    x = torch.where(is_target.unsqueeze(-1), averaged, x)
-    sizes = torch.where(is_target, size_acc.to(sizes.dtype), sizes)
-    t = owner.shape[1] - 1
-    remap = torch.arange(t + 1, device=x.device).expand(b, t + 1).clone()  # slot t is the spare
-    scatter_tokens(remap, dec.token_ids.gather(1, dec.into), dec.token_ids, dec.merged)
-    remap[:, t] = t
-    return x, sizes, remap.gather(1, owner)
-
-
 @dataclass(frozen=True)
 class MergingSpec:
     """Which in-network merging a model runs: kind, its settings and the blocks it acts in."""
@@ -273,6 +248,11 @@ class MergingSpec:
     def steps(self) -> tuple[Step, ...]:
         """The mergers as steps inside their blocks, for a method's plan."""
         return tuple(Step(k, "inside", m, f"{self.kind}_{k}") for k, m in sorted(self.mergers().items()))
+
+    def plan(self) -> Plan:
+        """The plan of a merging method on the plain grid: these mergers, their attention rule, their record."""
+        return Plan(policy="none", exits=False, steps=self.steps(), size_weighted=self.prop_attn,
+                    record={"merging": self.record()})
 
     def record(self) -> dict[str, object]:
         """The settings as a trace records them (`meta.merging`)."""

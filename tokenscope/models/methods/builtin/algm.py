@@ -25,8 +25,7 @@ def plan(values: dict[str, Any], facts: ModelFacts) -> Plan:
     spec = MergingSpec("algm", algm_blocks(facts.depth), threshold=float(values["threshold"]),
                        global_threshold=values["global"], prop_attn=values["prop"], order=values["order"],
                        count=values["count"])
-    return Plan(policy="none", exits=False, steps=spec.steps(), size_weighted=spec.prop_attn,
-                record={"merging": spec.record()})
+    return spec.plan()
 
 
 threshold_or_adaptive.__name__ = "number or adaptive"

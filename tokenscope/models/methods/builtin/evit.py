@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from tokenscope.errors import ConfigError
-from tokenscope.models.methods.attention import query_attention
+from tokenscope.models.attention import query_attention
 from tokenscope.models.methods.base import Method, ModelFacts, Plan, Reference, Setting, on_off
 from tokenscope.models.steps import PruneDecision, Step, TokenView
 

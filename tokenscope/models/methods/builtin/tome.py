@@ -29,8 +29,7 @@ COUNT = Setting("count", str.lower, "batch", "one count for the batch (the refer
 def plan(values: dict[str, Any], facts: ModelFacts) -> Plan:
     spec = MergingSpec("tome", tuple(range(1, facts.depth + 1)), r=float(values["r"]), prop_attn=values["prop"],
                        order=values["order"], count=values["count"])
-    return Plan(policy="none", exits=False, steps=spec.steps(), size_weighted=spec.prop_attn,
-                record={"merging": spec.record()})
+    return spec.plan()
 
 
 METHOD = Method(
