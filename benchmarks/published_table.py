@@ -32,7 +32,7 @@ class Point:
 
 
 def points() -> list[Point]:
-    out = [Point(m.name, "baseline", m.miou, "mmsegmentation configs/segmenter/metafile.yaml (single scale)",
+    out = [Point(m.name, "baseline", m.miou, f"{m.reference} (single scale)",
                  "same weights, reduction off: expect within 0.3")
            for m in PUBLISHED.values()]
     fine_tuned = {  # backbone: (ALGM, its Segmenter baseline, CTS, its baseline), ADE20K val single scale

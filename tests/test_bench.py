@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -59,3 +60,17 @@ def test_bench_command_prints_ratios(tmp_path) -> None:
     assert out.is_file()
     bad = CliRunner().invoke(app, ["bench", "--model", "vitt", "--random-init", "--size", "50", "--device", "cpu"])
     assert bad.exit_code == 2 and "multiple of the 16-pixel patch" in bad.output
+
+
+@pytest.mark.parametrize("method", ["tome:r=4", "algm", "evit"])
+def test_bench_json_of_a_method_with_steps_describes_them(tmp_path, method: str) -> None:
+    import json
+
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(app, ["bench", "--model", "vitt", "--random-init", "--method", method, "--size", "64",
+                                 "--device", "cpu", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    steps = doc["step"]["setting"]["steps"]
+    assert steps and all(set(s) == {"block", "place", "name", "does"} for s in steps)
+    assert doc["step"]["method"] == method and doc["flop_reduction"] > 1

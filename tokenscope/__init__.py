@@ -22,6 +22,8 @@ Models
     Model.configure(policy=..., exits=..., merge_threshold=..., exit_threshold=..., method=...)
     list_models() -> DataFrame                         built-in and published models
     list_methods() -> .methods, .problems              token-reduction methods (built-in and plug-ins)
+    from_timm(vit, decoder="linear"|nn.Linear|module, num_classes=, class_names=, mean=, std=) -> Model
+                                                       your own ViT segmenter; Model.save(path) -> checkpoint
 
 Tracing (images: paths, numpy arrays, PIL images or tensors on any device)
     trace(model, image, *, labels=None, size=None) -> Trace        one forward, whole image
@@ -59,7 +61,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = ("Model", "Trace", "load_model", "trace", "trace_many", "predict", "load_trace", "tabulate", "run",
-        "compare", "evaluate", "heatmap", "report", "import_segmenter", "list_models", "list_methods", "train", "bench", "sweep", "table",
+        "compare", "evaluate", "heatmap", "report", "import_segmenter", "list_models", "list_methods", "from_timm", "train", "bench", "sweep", "table",
         "view", "fetch_data", "check_data", "list_data", "read_operating_point")
 _ERRORS = ("TokenscopeError", "ImageError", "CheckpointError", "ConfigError", "RunFolderError", "DownloadError")
 __all__ = ["__version__", "plot", *_API, *_ERRORS]

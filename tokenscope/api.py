@@ -114,6 +114,19 @@ class Model:
         self.loaded, self.device, self.options = loaded, device, opts
         return self
 
+    def save(self, path: str | Path) -> Path:
+        """Write this model as a tokenscope checkpoint (PATH.json describes it, PATH.safetensors holds
+        its tensors), which `--weights PATH.json` and `ts.load_model(weights=...)` read back."""
+        from tokenscope.models.checkpoints import save_checkpoint
+        from tokenscope.models.decoders import LinearDecoder, MaskTransformerDecoder
+        from tokenscope.models.eomt import EoMTHead
+
+        if not isinstance(self.loaded.model.decoder, (LinearDecoder, MaskTransformerDecoder, EoMTHead)):
+            raise ConfigError(f"Model.save: the decoder is your own module ({type(self.loaded.model.decoder).__name__}); "
+                              "a checkpoint must be rebuildable from its description: use a linear, mask or eomt decoder")
+        return save_checkpoint(self.loaded.model, path, self.loaded.trained,
+                               metadata={"source": self.loaded.source, "saved_by": "tokenscope Model.save"})
+
     def capture(self) -> TraceCapture:
         """The trace capturer of this model (kept, so policy FLOPs are counted once per size)."""
         if self._capture is None:
@@ -180,6 +193,23 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, device
                         exit_threshold=exit_threshold, exits=exits_text, device=device, seed=seed, budget=budget, amp=amp,
                         keep_per_class=keep_per_class, method=method)
     loaded, dev = _load_model(opts, have_labels=True)
+    return Model(loaded, dev, opts)
+
+
+def from_timm(vit: Any, *, decoder: str | torch.nn.Module = "linear", num_classes: int | None = None,
+              class_names: Sequence[str] = (), mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+              name: str = "custom", exit_after: Sequence[int] | None = None, device: str = "auto",
+              method: str | None = None) -> Model:
+    """Your own ViT segmenter as a Model: a timm VisionTransformer (its weights as they are) and a
+    decoder: "linear" or "mask" (new), your trained `nn.Linear(width, classes)`, or your own module
+    (tokens (B, N, width), valid (B, N) -> logits (B, N, classes), with `num_classes`). Gates are
+    untrained, so it runs without exits and with the training-free uniform policy unless `method`
+    says otherwise; `Model.save(path)` writes a checkpoint the CLI runs (docs/models.md)."""
+    from tokenscope.models.own import wrap_timm
+
+    loaded = wrap_timm(vit, decoder, num_classes, class_names, mean, std, name, exit_after)
+    opts = ModelOptions(model=name, device=device, method=method, exits=None if method else "none")
+    loaded, dev = _load_model(opts, have_labels=True, loaded=loaded)
     return Model(loaded, dev, opts)
 
 
@@ -639,7 +669,7 @@ def list_methods() -> Listing:
 
 
 def list_models() -> pd.DataFrame:
-    """The named models: built-in architectures and published Segmenter checkpoints."""
+    """The named models: built-in architectures and published Segmenter and EoMT checkpoints."""
     from tokenscope.models.checkpoints import BUILTIN_WEIGHTS_DIR
     from tokenscope.models.published import PUBLISHED, converted_path
     from tokenscope.models.registry import BUILTIN
@@ -650,7 +680,8 @@ def list_models() -> pd.DataFrame:
              else "--weights / hub / --random-init"} for n, c in BUILTIN.items()]
     rows += [{"name": m.name, "kind": "published", "arch": m.backbone, "classes": m.classes, "data set": m.dataset,
               "decoder": m.decoder, "published_miou": m.miou,
-              "weights": "cached" if converted_path(m.name).is_file() else "downloaded on first use"}
+              "weights": "cached" if converted_path(m.name).is_file() else
+              ("downloaded on first use" + ("" if m.sha256 else f" (about {m.approx_bytes / 1e9:.1f} GB; {m.digest_note})"))}
              for m in PUBLISHED.values()]
     return pd.DataFrame(rows)
 

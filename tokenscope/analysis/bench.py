@@ -14,7 +14,7 @@ import dataclasses
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -28,6 +28,13 @@ from tokenscope.models.step_vit import ReductionSetting, StepViT
 from tokenscope.trace.recorder import ImageRecord, Recorder
 
 Progress = Callable[[int, int, str], None]
+
+
+def _timing_dict(v: "VariantTiming") -> dict[str, Any]:
+    """A variant's timing as JSON values: its setting described, not its modules."""
+    out = {f.name: getattr(v, f.name) for f in fields(v) if f.name != "setting"}
+    out["setting"] = None if v.setting is None else v.setting.describe()
+    return out
 
 
 @dataclass
@@ -105,9 +112,9 @@ class BenchResult:
     def summary(self) -> dict[str, Any]:
         return {
             "batch": self.batch, "size": list(self.size), "device": self.device, "threads": self.threads, "amp": self.amp,
-            "baseline": {**asdict(self.baseline), "latency_ms": self.baseline.latency_ms,
+            "baseline": {**_timing_dict(self.baseline), "latency_ms": self.baseline.latency_ms,
                          "images_per_s": self.baseline.images_per_s(self.batch), "latency_tail": self.baseline.latency_tail()},
-            "step": {**asdict(self.step), "latency_ms": self.step.latency_ms, "images_per_s": self.step.images_per_s(self.batch),
+            "step": {**_timing_dict(self.step), "latency_ms": self.step.latency_ms, "images_per_s": self.step.images_per_s(self.batch),
                      "latency_tail": self.step.latency_tail()},
             "speedup": self.speedup, "flop_reduction": self.flop_reduction, "speedup_over_flop_reduction": self.quotient,
             "recorder_overhead_pct": self.recorder_overhead_pct,

@@ -18,15 +18,18 @@ from tokenscope.data.windows import WindowPlan
 
 
 def stitch_logits(window_logits: Sequence[torch.Tensor], plan: WindowPlan, patch: int) -> torch.Tensor:
-    """Averaged logits (C, H, W) at the resized size from per-window patch logits (C, gh, gw)."""
+    """Averaged logits (C, H, W) at the resized size from per-window patch logits (C, gh, gw), or
+    per-pixel scores at each window's padded size (a mask head's)."""
     c = int(window_logits[0].shape[0])
     h, w = plan.resized_hw
     canvas = torch.zeros((c, h, w), dtype=torch.float32)
     count = torch.zeros((1, h, w), dtype=torch.float32)
     for logits, (y, x, wh, ww) in zip(window_logits, plan.boxes, strict=True):
-        gh, gw = logits.shape[-2:]
-        up = F.interpolate(logits[None].float().cpu(), size=(gh * patch, gw * patch), mode="bilinear",
-                           align_corners=False)[0, :, :wh, :ww]
+        target = (-(-wh // patch) * patch, -(-ww // patch) * patch)  # the window's padded pixels
+        up = logits[None].float().cpu()
+        if tuple(up.shape[-2:]) != target:  # patch logits; per-pixel scores are already there
+            up = F.interpolate(up, size=target, mode="bilinear", align_corners=False)
+        up = up[0, :, :wh, :ww]
         canvas[:, y:y + wh, x:x + ww] += up
         count[:, y:y + wh, x:x + ww] += 1
     if bool((count == 0).any()):

@@ -1,4 +1,4 @@
-"""Segmenter's sliding-window protocol: where the windows of an image go. Pure functions.
+"""Segmenter's (and EoMT's) sliding-window protocol: where the windows of an image go. Pure functions.
 
 The image's short side is resized to the model's training size (`resize_short`), then square
 windows of the training size are cut with a stride; the last window of each row and column is
@@ -26,6 +26,21 @@ def window_anchors(length: int, window: int, stride: int) -> list[int]:
         return [0]
     starts = [a for a in range(0, length, stride) if a < length - window]
     return starts + [length - window]
+
+
+EVEN = -1
+"""A stride that spreads the windows evenly instead (EoMT's protocol): ceil(length / window)
+windows per side, their overlaps equal, the first at 0 and the last flush with the far edge."""
+
+
+def even_anchors(length: int, window: int) -> list[int]:
+    """EoMT's window starts along one side: as few windows as cover it, overlapping equally."""
+    if length <= window:
+        return [0]
+    n = -(-length // window)
+    overlap = n * window - length
+    step = window - (overlap / (n - 1) if overlap > 0 else 0)
+    return [int(j * step) for j in range(n)]
 
 
 def short_side_hw(hw: tuple[int, int], short: int) -> tuple[int, int]:
@@ -87,7 +102,7 @@ def resolve_windows(model_window: int, model_stride: int, model_short: int, wind
         raise ConfigError("--size and sliding windows exclude each other (the protocol resizes the short side "
                           f"to {model_short or side} px); pass --window 0 to run whole images at --size")
     step = stride if stride is not None else (model_stride if window is None and model_stride else max(1, side - 32))
-    if not 1 <= step <= side:
+    if not (1 <= step <= side or (step == EVEN and stride is None)):
         raise ConfigError(f"--stride must be between 1 and the window ({side}), got {step}")
     short = model_short if (window is None and model_short) else side
     return WindowSpec(side, step, short)
@@ -95,14 +110,14 @@ def resolve_windows(model_window: int, model_stride: int, model_short: int, wind
 
 def plan_windows(original_hw: tuple[int, int], window: int, stride: int, resize_short: int | None) -> WindowPlan:
     """The windows of an image of `original_hw` (resize_short None or 0 = do not resize)."""
-    if window < 1 or stride < 1:
+    if window < 1 or (stride < 1 and stride != EVEN):
         raise ConfigError(f"--window and --stride must be positive, got {window} and {stride}")
     if stride > window:
         raise ConfigError(f"--stride {stride} is larger than --window {window}: some pixels would get no window")
     resized = short_side_hw(original_hw, resize_short) if resize_short else original_hw
     h, w = resized
-    boxes = tuple((y, x, min(window, h), min(window, w))
-                  for y in window_anchors(h, window, stride) for x in window_anchors(w, window, stride))
+    anchors = (lambda n: even_anchors(n, window)) if stride == EVEN else (lambda n: window_anchors(n, window, stride))
+    boxes = tuple((y, x, min(window, h), min(window, w)) for y in anchors(h) for x in anchors(w))
     return WindowPlan(original_hw, resized, window, stride, boxes)
 
 

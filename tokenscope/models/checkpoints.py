@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from tokenscope.errors import CheckpointError, ConfigError
 from tokenscope.models.hashing import file_sha256
+from tokenscope.models.importers.eomt import describe_eomt, eomt_architecture_state, holds_eomt, read_eomt_checkpoint
 from tokenscope.models.importers.safe_pickle import read_pickled_checkpoint
 from tokenscope.models.importers.segmenter import (
     ImportedSegmenter,
@@ -197,12 +198,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> LoadedModel:
 
 
 SIZE_LIMITS = {"num_classes": (1, 65535), "img_size": (16, 16384), "embed_dim": (1, 16384), "depth": (1, 512),
-               "num_heads": (1, 1024), "patch_size": (1, 1024)}
+               "num_heads": (1, 1024), "patch_size": (1, 1024), "queries": (0, 4096), "query_blocks": (0, 512)}
 """What a checkpoint description may ask for before anything is allocated (label maps are 16-bit)."""
 
 
 def _check_sizes(cfg: StepConfig, meta: Path) -> None:
-    values = {"num_classes": cfg.num_classes, "img_size": cfg.img_size,
+    values = {"num_classes": cfg.num_classes, "img_size": cfg.img_size, "queries": cfg.queries,
+              "query_blocks": cfg.query_blocks,
               **{k: v for k, v in cfg.timm_kwargs.items() if k in SIZE_LIMITS}}
     for key, value in values.items():
         low, high = SIZE_LIMITS[key]
@@ -211,13 +213,30 @@ def _check_sizes(cfg: StepConfig, meta: Path) -> None:
 
 
 def _convert_published(raw: Path, out: Path, entry: PublishedModel) -> None:
-    import_segmenter(raw, out, name=entry.name, overrides=entry.overrides)
+    if entry.family == "eomt":
+        import_eomt(raw, out, name=entry.name, overrides=entry.overrides)
+    else:
+        import_segmenter(raw, out, name=entry.name, overrides=entry.overrides)
+
+
+def import_eomt(path: str | os.PathLike[str], out: str | os.PathLike[str], name: str | None = None,
+                overrides: dict[str, Any] | None = None) -> Path:
+    """Convert an EoMT checkpoint once into a tokenscope checkpoint (`out`.json + .safetensors)."""
+    src = Path(path)
+    _, meta = checkpoint_paths(out)
+    imp = read_eomt_checkpoint(src, name or meta.stem, overrides)
+    return save_checkpoint(imp.build(), out, IMPORTED_TRAINED, metadata={
+        "imported_from": src.name, "layout": imp.layout, "source_sha256": file_sha256(src), "notes": imp.notes})
 
 
 def published_architecture(entry: PublishedModel) -> StepConfig:
     """The config a published model converts to, derived from its architecture alone (no download):
     the importer describes shape-only tensors, so this cannot drift from a real import."""
     dim, depth, patch = entry.architecture
+    if entry.family == "eomt":
+        state = eomt_architecture_state(dim, depth, patch, entry.crop // patch, entry.classes, entry.queries,
+                                        entry.query_blocks)
+        return describe_eomt(state, entry.name, entry.name, [], entry.overrides)
     state = architecture_state(dim, depth, patch, entry.crop // patch, entry.classes, entry.decoder)
     info = _SideInfo(dataset_hint=entry.dataset)
     return describe(state, info, "mmseg", entry.name, entry.overrides, entry.name, [])
@@ -352,6 +371,8 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
         pickled = read_pickled_checkpoint(Path(str(weights)))
         if holds_segmenter(pickled):
             return loaded_from_import(read_segmenter_checkpoint(Path(str(weights)), obj=pickled), Path(str(weights)))
+        if holds_eomt(pickled):
+            return loaded_from_import(read_eomt_checkpoint(Path(str(weights)), obj=pickled), Path(str(weights)))
     cfg = resolve_config(name)
     if num_classes is not None:
         cfg = StepConfig(**{**cfg.to_dict(), "num_classes": num_classes})

@@ -63,8 +63,15 @@ class CostModel:
     num_prefix_tokens: int
     decoder_needs_context: bool = False
     """The decoder sees every token (mask transformer), not only those that reached the end."""
+    block_extra: tuple[int, ...] = ()
+    """Tokens a head inside the encoder adds to each block (EoMT's queries in the last blocks);
+    such a block runs even when no image token is left."""
+    decoder_per_patch: bool = False
+    """The decoder works on the whole patch grid (EoMT's upscaler), whatever the token count."""
 
-    def decoder_tokens(self, num_tokens: int, final_tokens: int) -> int:
+    def decoder_tokens(self, num_tokens: int, final_tokens: int, num_patches: int = 0) -> int:
+        if self.decoder_per_patch:
+            return num_patches
         return num_tokens if self.decoder_needs_context else final_tokens
 
     def block_flops(self, patch_tokens_in: list[int] | tuple[int, ...],
@@ -73,14 +80,16 @@ class CostModel:
         with in-block merging, the tokens left for its MLP."""
         mids = patch_tokens_in if patch_tokens_mid is None else patch_tokens_mid
         p = self.num_prefix_tokens
-        return [c.flops(n + p, m + p) if n > 0 else 0 for c, n, m in zip(self.blocks, patch_tokens_in, mids)]
+        extra = self.block_extra or (0,) * len(self.blocks)
+        return [c.flops(n + p + e, m + p + e) if n > 0 or e > 0 else 0
+                for c, n, m, e in zip(self.blocks, patch_tokens_in, mids, extra)]
 
     def total(self, num_tokens: int, patch_tokens_in: list[int] | tuple[int, ...], gate_tokens_in: list[int],
               final_tokens: int) -> int:
         """Encoder + heads for one image (policy excluded: it is measured, not modelled)."""
         return (num_tokens * self.embed_per_token + sum(self.block_flops(patch_tokens_in))
                 + sum(gate_tokens_in) * self.gate_per_token
-                + self.decoder.flops(self.decoder_tokens(num_tokens, final_tokens)))
+                + self.decoder.flops(self.decoder_tokens(num_tokens, final_tokens, num_tokens)))
 
 
 def _linear_flops_per_token(module: nn.Module) -> int:
@@ -99,8 +108,27 @@ def block_cost(block: nn.Module) -> BlockCost:
                      mlp_per_token=_linear_flops_per_token(mlp) if isinstance(mlp, nn.Module) else 0)
 
 
+def eomt_cost(head: nn.Module) -> DecoderCost:
+    """EoMT's head: per patch, the upscaler (each 2x step: a 2x2 transposed conv on its input
+    positions, a depthwise 3x3 conv on its output positions) and the query-mask products at the
+    upscaled resolution; fixed, the class and mask heads on the queries."""
+    dim = int(head.q.weight.shape[1])  # type: ignore[union-attr]
+    queries = int(head.num_queries)  # type: ignore[union-attr]
+    per_patch, positions = 0, 1
+    for _ in head.upscale:  # type: ignore[union-attr]
+        per_patch += positions * 2 * dim * dim * 4 + positions * 4 * 2 * 9 * dim
+        positions *= 4
+    classes = int(head.num_classes)  # type: ignore[union-attr]
+    per_patch += positions * 2 * queries * dim  # each query's mask over the upscaled positions
+    per_patch += positions * 2 * queries * classes  # mask sigmoids times class probabilities there
+    fixed = queries * (_linear_flops_per_token(head.class_head) + _linear_flops_per_token(head.mask_head))  # type: ignore[arg-type]
+    return DecoderCost(per_token=per_patch, fixed=fixed)
+
+
 def decoder_cost(decoder: nn.Module) -> DecoderCost:
-    """Coefficients of a LinearDecoder or a MaskTransformerDecoder."""
+    """Coefficients of a LinearDecoder, a MaskTransformerDecoder or an EoMT head."""
+    if getattr(decoder, "inside_encoder", False):
+        return eomt_cost(decoder)
     blocks = getattr(decoder, "blocks", None)
     if blocks is None:
         return DecoderCost(per_token=_linear_flops_per_token(decoder))
@@ -124,7 +152,15 @@ def cost_model(model: nn.Module) -> CostModel:
         decoder=decoder_cost(model.decoder),  # type: ignore[attr-defined]
         num_prefix_tokens=int(model.num_prefix_tokens),  # type: ignore[attr-defined]
         decoder_needs_context=bool(getattr(model.decoder, "needs_context", False)),  # type: ignore[attr-defined]
+        block_extra=_query_tokens_per_block(model),
+        decoder_per_patch=bool(getattr(model.decoder, "inside_encoder", False)),  # type: ignore[attr-defined]
     )
+
+
+def _query_tokens_per_block(model: nn.Module) -> tuple[int, ...]:
+    join = int(getattr(model.decoder, "joins_at", 0))  # type: ignore[attr-defined]
+    queries = int(getattr(model.decoder, "num_queries", 0))  # type: ignore[attr-defined]
+    return tuple(queries if join and i + 1 >= join else 0 for i in range(len(model.blocks)))  # type: ignore[attr-defined]
 
 
 def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,

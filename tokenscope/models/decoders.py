@@ -19,6 +19,8 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+
+from tokenscope.models.eomt import EoMTHead, upscale_steps
 from timm.models.vision_transformer import Block
 
 
@@ -83,13 +85,20 @@ class MaskTransformerDecoder(nn.Module):
         return self.mask_norm(patches @ classes.transpose(1, 2))
 
 
-DECODERS = ("linear", "mask")
+DECODERS = ("linear", "mask", "eomt")
 
 
 def build_decoder(kind: str, dim: int, num_classes: int, layers: int = 2, heads: int = 0,
-                  eps: float = 1e-5) -> nn.Module:
+                  eps: float = 1e-5, queries: int = 0, query_blocks: int = 0, depth: int = 0,
+                  patch: int = 16) -> nn.Module:
+    """`linear`, `mask` (Segmenter's), or `eomt` (queries inside the last `query_blocks` blocks,
+    see models/eomt.py)."""
     if kind == "linear":
         return LinearDecoder(dim, num_classes)
     if kind == "mask":
         return MaskTransformerDecoder(dim, num_classes, layers, heads, eps)
+    if kind == "eomt":
+        if queries < 1:
+            raise ValueError("an EoMT head needs at least one query")
+        return EoMTHead(dim, num_classes, queries, query_blocks, depth, upscale_steps(patch))
     raise ValueError(f"unknown decoder {kind!r}; expected one of {DECODERS}")

@@ -1,4 +1,4 @@
-"""Published Segmenter checkpoints by name, fetched once into a local cache and converted.
+"""Published Segmenter and EoMT checkpoints by name, fetched once into a local cache and converted.
 
 `--model segmenter-vit-l-mask-ade20k` means: look in the cache (`$TOKENSCOPE_HOME/models/NAME/`,
 default `~/.cache/tokenscope`); if the converted checkpoint is not there, download the file from
@@ -26,7 +26,9 @@ from tokenscope.data.download import DownloadProgress, cache_root, check_digest,
 from tokenscope.errors import CheckpointError, DownloadError
 
 MMSEG = "https://download.openmmlab.com/mmsegmentation/v0.5/segmenter"
-BACKBONES = {"ViT-Ti/16": (192, 12, 16), "ViT-S/16": (384, 12, 16), "ViT-B/16": (768, 12, 16), "ViT-L/16": (1024, 24, 16)}
+BACKBONES = {"ViT-Ti/16": (192, 12, 16), "ViT-S/16": (384, 12, 16), "ViT-B/16": (768, 12, 16), "ViT-L/16": (1024, 24, 16),
+             "DINOv2-L/16+reg4": (1024, 24, 16)}
+EOMT = "https://huggingface.co/tue-mps"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,16 @@ class PublishedModel:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Facts from the model's config that the weights file alone does not carry."""
     reference: str = "mmsegmentation configs/segmenter/metafile.yaml"
+    family: str = "segmenter"
+    """Which importer reads the file: `segmenter` (Segmenter / mmsegmentation) or `eomt`."""
+    queries: int = 0
+    query_blocks: int = 0
+    approx_bytes: int = 0
+    """The file's size when its publisher does not state it: an estimate from the parameter count."""
+
+    @property
+    def digest_note(self) -> str:
+        return "sha256 prefix published" if self.sha256 else "no published digest: its sha256 is recorded at download"
 
     @property
     def architecture(self) -> tuple[int, int, int]:
@@ -84,7 +96,19 @@ PUBLISHED: dict[str, PublishedModel] = {m.name: m for m in (
     _ade("segmenter-vit-l-mask-ade20k", "ViT-L/16", "mask", 640, 52.16,
          "segmenter_vit-l_mask_8x1_512x512_160k_ade20k", "20220105_162750", "7ef345be"),
 )}
-"""Named published models. mIoU: single scale, ADE20K val, as mmsegmentation reports it."""
+PUBLISHED.update({m.name: m for m in (
+    PublishedModel(name="eomt-l-ade20k-512", backbone="DINOv2-L/16+reg4", dataset="ade20k", decoder="eomt", crop=512,
+                   miou=58.4, url=f"{EOMT}/ade20k_semantic_eomt_large_512/resolve/main/pytorch_model.bin", sha256="",
+                   overrides={"dataset": "ade20k"}, reference="tue-mps/eomt model_zoo/dinov2.md", family="eomt",
+                   queries=100, query_blocks=4, approx_bytes=1_270_000_000),
+    PublishedModel(name="eomt-l-cityscapes-1024", backbone="DINOv2-L/16+reg4", dataset="cityscapes", decoder="eomt",
+                   crop=1024, miou=84.2, url=f"{EOMT}/cityscapes_semantic_eomt_large_1024/resolve/main/pytorch_model.bin",
+                   sha256="", overrides={"dataset": "cityscapes"}, reference="tue-mps/eomt model_zoo/dinov2.md",
+                   family="eomt", queries=100, query_blocks=4, approx_bytes=1_270_000_000),
+)})
+"""Named published models. mIoU: single scale, on the data set's validation split, as the publisher
+reports it (mmsegmentation for Segmenter, EoMT's model zoo for EoMT). EoMT publishes no digest: the
+sha256 of the file downloaded is recorded in the converted checkpoint's metadata."""
 
 
 def model_dir(name: str) -> Path:

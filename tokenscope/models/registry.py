@@ -44,7 +44,12 @@ class StepConfig:
     class_colours: tuple[tuple[int, int, int], ...] = ()
     """RGB per class for overlays; empty = tokenscope's default palette."""
     decoder: str = "linear"
-    """`linear` (one Linear per token) or `mask` (Segmenter's mask transformer)."""
+    """`linear` (one Linear per token), `mask` (Segmenter's mask transformer) or `eomt` (EoMT's
+    queries inside the last `query_blocks` blocks, mask head and upscaler)."""
+    queries: int = 0
+    """EoMT: learned queries that join the encoder (0 for other decoders)."""
+    query_blocks: int = 0
+    """EoMT: how many of the last blocks the queries go through."""
     decoder_layers: int = 2
     decoder_heads: int = 0
     """Attention heads of the mask transformer; 0 = embed_dim // 64, as Segmenter builds it."""

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tokenscope.errors import ConfigError
 from tokenscope.models.decoders import build_decoder
 from tokenscope.models.encoder_block import EncoderBlock, is_plain_block
+from tokenscope.models.eomt import pixel_scores
 from tokenscope.models.exits import ExitGate, GateDecision
 from tokenscope.models.attention import size_weighted_mask
 from tokenscope.models.partition import MAX_LEVEL, Partition
@@ -66,6 +67,9 @@ class StepOutput:
     token_pruned: torch.Tensor | None = None
     """(B, T) with pruning steps: tokens a step removed (their prediction is the decoder's, from
     the features they had then); None without pruning."""
+    masks: tuple[torch.Tensor, torch.Tensor] | None = None
+    """A mask head's (mask logits (B, Q, h, w), class logits (B, Q, C + 1)), for per-pixel scores at
+    the input size (`StepViT.label_maps`); None for per-token decoders."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,14 @@ class ReductionSetting:
     """Proportional attention once a merge made a token stand for several."""
     record: dict[str, Any] = field(default_factory=dict, hash=False)
     """What traces record of the method's steps (`merging`, `pruning`)."""
+
+    def describe(self) -> dict[str, Any]:
+        """The setting as plain JSON values (steps by block, place, name and kind; no modules)."""
+        return {"policy": self.policy, "exits": self.exits, "merge_thresholds": list(self.merge_thresholds),
+                "exit_threshold": self.exit_threshold, "keep_per_class": self.keep_per_class, "budget": self.budget,
+                "method": self.method, "size_weighted": self.size_weighted, "record": dict(self.record),
+                "steps": [{"block": s.block, "place": s.place, "name": s.name, "does": s.does} for s in self.steps],
+                "policies": [name for name, _ in self.policies]}
 
 
 def attention_mask(valid: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -178,6 +190,8 @@ class _Sequence:
     mask: torch.Tensor | None = None
     layout: Layout | None = None
     aux: dict[int, torch.Tensor] = field(default_factory=dict)
+    queries: int = 0
+    """Queries of a head inside the encoder, at the very front once they joined."""
 
     @property
     def t_max(self) -> int:
@@ -215,9 +229,15 @@ class StepViT(nn.Module):
                                     for k in sorted(cfg.exit_after)})
         try:
             self.decoder = build_decoder(cfg.decoder, dim, cfg.num_classes, cfg.decoder_layers, cfg.decoder_heads,
-                                         cfg.decoder_norm_eps)
+                                         cfg.decoder_norm_eps, cfg.queries, cfg.query_blocks, depth,
+                                         int(vit.patch_embed.patch_size[0]))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        join = self.joins_at
+        late = [k for k in cfg.exit_after if join and k >= join]
+        if late:
+            raise ConfigError(f"exit gates after blocks {late} sit inside the query blocks ({join}..{depth}) of "
+                              f"{cfg.name}; gates go before them")
         patch = self.embed.patch
         self.policies = nn.ModuleDict({
             "learned": LearnedPolicy(PolicyNet(cfg.policy_backbone), cfg.merge_thresholds, patch=patch),
@@ -247,6 +267,11 @@ class StepViT(nn.Module):
     def patch_size(self) -> int:
         """Side of one patch in pixels (8, 14, 16, ...): superpatch levels count in patches."""
         return int(self.embed.patch)
+
+    @property
+    def joins_at(self) -> int:
+        """1-based block before which a head inside the encoder (EoMT's queries) joins; 0 = none."""
+        return int(getattr(self.decoder, "joins_at", 0))
 
     @property
     def exit_after(self) -> tuple[int, ...]:
@@ -377,6 +402,39 @@ class StepViT(nn.Module):
         prefix = torch.cat(parts, dim=1)
         return prefix + pos_prefix if pos_prefix is not None else prefix
 
+    def label_maps(self, out: StepOutput, padded_hw: tuple[int, int], input_hw: tuple[int, int]) -> torch.Tensor:
+        """Label maps (B, h, w) at the input size: a mask head's per-pixel scores (EoMT's order:
+        masks upsampled, then sigmoid times class probabilities), else the patch logits upsampled."""
+        if out.masks is None:
+            return segment(out.patch_logits, padded_hw, input_hw)
+        h, w = input_hw
+        return pixel_scores(*out.masks, padded_hw)[..., :h, :w].argmax(dim=1)
+
+    def pixel_logits(self, out: StepOutput, padded_hw: tuple[int, int]) -> torch.Tensor:
+        """Per-pixel class scores (B, C, H, W) at the padded size for a mask head, else the patch
+        logits (B, C, gh, gw): what sliding windows average."""
+        return out.patch_logits if out.masks is None else pixel_scores(*out.masks, padded_hw)
+
+    def _decode_masks(self, seq: _Sequence, images: torch.Tensor) -> StepOutput:
+        """A head inside the encoder: every image token reassembled on the patch grid (survivors as
+        they ended, exited and pruned ones as they left, merged ones un-merged), queries in front."""
+        t_max, owner = seq.t_max, seq.owner
+        assert seq.context is not None
+        if max(seq.counts) > 0:
+            scatter_tokens(seq.context, seq.x[:, seq.p:], seq.ids, seq.valid)
+        feats = self.norm(by_owner(seq.context, owner)[:, :t_max])
+        grid = unmerge(feats, seq.grid_ids)
+        mask_logits, class_logits = self.decoder.masks(self.norm(seq.x[:, :seq.queries]), grid)
+        gh, gw = grid.shape[-2:]
+        scores = pixel_scores(mask_logits, class_logits, tuple(mask_logits.shape[-2:]))
+        patch_scores = F.adaptive_avg_pool2d(scores, (gh, gw))
+        cover = seq.grid_ids if owner is None else owner.gather(1, seq.grid_ids.flatten(1)).view_as(seq.grid_ids)
+        token_scores = by_owner(pool_to_tokens(patch_scores, cover, t_max), None if owner is None else owner[:, :t_max])
+        exit_block = by_owner(seq.exit_block, owner)[:, :t_max]
+        return StepOutput(patch_scores.clamp_min(1e-12).log(), token_scores.clamp_min(1e-12).log(), exit_block,
+                          seq.partitions, seq.aux, [], None if owner is None else owner[:, :t_max],
+                          None if seq.pruned is None else seq.pruned[:, :t_max], (mask_logits, class_logits))
+
     # ---- the forward pass: embed -> blocks -> decode ----------------------------------------
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, return_aux: bool = False,
                 sample_seeds: Sequence[int] | None = None) -> StepOutput:
@@ -389,10 +447,13 @@ class StepViT(nn.Module):
         """
         seq = self.embed_tokens(images, labels, sample_seeds)
         inside = {s.block: s for s in self._plan_steps if s.place == "inside"}
+        join = self.joins_at
         for i, block in enumerate(self.blocks):
-            if max(seq.counts) == 0:
-                break
             k = i + 1
+            if k == join:
+                self._join_queries(seq)
+            if max(seq.counts) == 0 and not seq.queries:
+                break
             seq.mask = self._attention_mask(seq)
             step = inside.get(k)
             between = None if step is None else (lambda x, q, keys, step=step: self._between(seq, step, x, q, keys))
@@ -430,6 +491,13 @@ class StepViT(nn.Module):
             seq.context = x.new_zeros((b, t_max + 1, x.shape[-1]))
         return seq
 
+    def _join_queries(self, seq: _Sequence) -> None:
+        """A head inside the encoder (EoMT) puts its queries in front: protected tokens from here on."""
+        queries = self.decoder.query_tokens(seq.x.shape[0], seq.x.dtype)
+        seq.x = torch.cat([queries, seq.x], dim=1)
+        seq.p += queries.shape[1]
+        seq.queries = queries.shape[1]
+
     def _attention_mask(self, seq: _Sequence) -> torch.Tensor | None:
         if seq.weighted:
             return size_weighted_mask(seq.valid, seq.sizes, seq.p, attention_dtype(seq.x))
@@ -451,7 +519,8 @@ class StepViT(nn.Module):
               keys: torch.Tensor | None = None) -> TokenView:
         scale = float(getattr(self.blocks[block - 1].attn, "scale", 1.0))
         return TokenView(block, x[:, seq.p:], seq.ids, seq.valid, seq.sizes, self._layout(seq), x[:, :seq.p],
-                         keys=keys, queries=q, attn_mask=seq.mask if q is not None else None, scale=scale)
+                         keys=keys, queries=q, attn_mask=seq.mask if q is not None else None, scale=scale,
+                         class_index=seq.queries if self.cls_token is not None else None)
 
     def _between(self, seq: _Sequence, step: Step, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor
                  ) -> torch.Tensor:
@@ -517,6 +586,8 @@ class StepViT(nn.Module):
         """Every token's logits: the decoder's for those that reached the end or were pruned (from the
         features they had then), the gate's for those that exited; then un-merged to the patches.
         A decoder that `needs_context` (the mask transformer) receives every token at once."""
+        if getattr(self.decoder, "inside_encoder", False):
+            return self._decode_masks(seq, images)
         t_max, owner, p = seq.t_max, seq.owner, seq.p
         token_logits = seq.token_logits
         exit_block = by_owner(seq.exit_block, owner)  # every token takes what the token standing for it ended with
@@ -549,6 +620,16 @@ class StepViT(nn.Module):
                           None if seq.pruned is None else seq.pruned[:, :t_max])
 
 
+def pool_to_tokens(patch_values: torch.Tensor, token_of_patch: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, T, C) the mean of per-patch values (B, C, gh, gw) over the patches each token covers."""
+    b, c = patch_values.shape[:2]
+    flat = patch_values.reshape(b, c, -1).transpose(1, 2)
+    idx = token_of_patch.reshape(b, -1)
+    total = flat.new_zeros((b, num_tokens, c)).scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, c), flat)
+    count = flat.new_zeros((b, num_tokens)).scatter_add_(1, idx, flat.new_ones(idx.shape))
+    return total / count.clamp_min(1).unsqueeze(-1)
+
+
 def create_backbone(cfg: StepConfig) -> nn.Module:
     """A randomly initialised timm ViT for `cfg` (weights are loaded separately)."""
     try:
@@ -559,6 +640,10 @@ def create_backbone(cfg: StepConfig) -> nn.Module:
 
 def check_backbone(vit: nn.Module, arch: str) -> None:
     """Refuse backbones this encoder cannot drive, with a message rather than a crash later."""
+    if getattr(vit, "rope", None) is not None or (hasattr(vit, "pos_embed") and vit.pos_embed is None):
+        raise ConfigError(f"{arch} places tokens by rotary position embeddings (RoPE, as DINOv3 does): supertokens "
+                          "take the mean of their patches' position table, which a RoPE ViT does not have; use a ViT "
+                          "with a learned position table (DINOv2, AugReg, DeiT, ...)")
     needed = ("patch_embed", "blocks", "norm", "embed_dim", "num_prefix_tokens", "no_embed_class", "norm_pre")
     missing = [a for a in needed if not hasattr(vit, a)]
     if missing:

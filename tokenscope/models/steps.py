@@ -72,6 +72,8 @@ class TokenView:
     """Inside only: the key mask the attention used (bool, or additive with sizes)."""
     scale: float = 1.0
     """Inside only: the attention's logit scale (1 / sqrt(Dh) for timm's)."""
+    class_index: int | None = 0
+    """Where the class token sits in `prefix` (after a head's queries, if any); None without one."""
 
     @property
     def mean_keys(self) -> torch.Tensor:

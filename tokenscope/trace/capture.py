@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,7 +13,7 @@ from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import CostModel, cost_model, measure_flops
 from tokenscope.models.partition import grid_partition
 from tokenscope.models.runtime import Stopwatch, inference, synchronize
-from tokenscope.models.step_vit import segment
+from tokenscope.models.step_vit import StepOutput
 from tokenscope.trace.recorder import ImageRecord, Recorder
 from tokenscope.trace.trace import Trace, TraceMeta
 
@@ -44,6 +45,12 @@ def pruning_meta(model: object) -> dict[str, object]:
     record["inside"] = sorted({s.block for s in steps if s.place == "inside"})
     record["after"] = sorted({s.block for s in steps if s.place == "after"})
     return record
+
+
+def _row(out: StepOutput, i: int) -> StepOutput:
+    """Image i of a batch's output, as a batch of one (for per-image label maps)."""
+    masks = None if out.masks is None else (out.masks[0][i:i + 1], out.masks[1][i:i + 1])
+    return dataclasses.replace(out, patch_logits=out.patch_logits[i:i + 1], masks=masks)
 
 
 def baseline_flops(cost: CostModel, num_patches: int) -> int:
@@ -80,7 +87,8 @@ class TraceCapture:
         return self.run(images)[0]
 
     def run(self, images: list[PreparedImage]) -> tuple[list[Trace], torch.Tensor]:
-        """Traces of a batch and its un-merged patch logits (B, C, gh, gw), float32 on the CPU."""
+        """Traces of a batch and its logits for stitching, float32 on the CPU: un-merged patch logits
+        (B, C, gh, gw), or a mask head's per-pixel scores (B, C, H, W) at the padded size."""
         model = self.loaded.model
         x, labels = images_to_tensor(images, self.device)
         with inference(self.device, self.amp), Recorder(model) as rec:
@@ -89,9 +97,10 @@ class TraceCapture:
                 out = model(x, labels)
             forward_s = watch.seconds
             records = rec.pop_records()
-            maps = [segment(out.patch_logits[i:i + 1], im.padded_hw, im.input_hw)[0].cpu().numpy()
+            pad = images[0].padded_hw  # one padded size per batch (images_to_tensor)
+            maps = [model.label_maps(_row(out, i), im.padded_hw, im.input_hw)[0].cpu().numpy()
                     for i, im in enumerate(images)]
-            logits = out.patch_logits.float().cpu()
+            logits = model.pixel_logits(out, pad).float().cpu()
         policy_flops = self.policy_flops(x, labels)
         traces = [self._trace(im, rec_, lm, policy_flops, forward_s, len(images))
                   for im, rec_, lm in zip(images, records, maps)]
@@ -118,7 +127,7 @@ class TraceCapture:
             "embed": part.num_tokens * self.cost.embed_per_token,
             "blocks": int(sum(block_flops)),
             "gates": int(sum(gate_in)) * self.cost.gate_per_token,
-            "decoder": self.cost.decoder.flops(self.cost.decoder_tokens(part.num_tokens, final)),
+            "decoder": self.cost.decoder.flops(self.cost.decoder_tokens(part.num_tokens, final, part.grid[0] * part.grid[1])),
         }
         if rec.merged_at is not None:
             flops["merging"] = int(rec.matching_flops)

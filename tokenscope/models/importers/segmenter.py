@@ -52,6 +52,7 @@ class ImportedSegmenter:
     source: str
     notes: list[str] = field(default_factory=list)
     """Facts not found in the files and filled in by convention (shown to the user)."""
+    family: str = "Segmenter"
 
     def build(self) -> StepViT:
         """A StepViT with these weights in encoder and decoder (gates and policy untrained)."""
@@ -67,7 +68,9 @@ class ImportedSegmenter:
                 k = wrong[0]
                 parts.append(f"{len(wrong)} with wrong shapes (e.g. {_segmenter_name(k)}: "
                              f"{tuple(self.state[k].shape)} vs {tuple(own[k].shape)})")
-            raise CheckpointError(f"{self.source}: weights do not fit a Segmenter model: " + "; ".join(parts))
+            raise CheckpointError(f"{self.source}: weights do not fit an {self.family} model: " + "; ".join(parts)
+                                  if self.family[0] in "AEIOU" else
+                                  f"{self.source}: weights do not fit a {self.family} model: " + "; ".join(parts))
         model.load_state_dict(self.state, strict=False)
         return model.eval()
 

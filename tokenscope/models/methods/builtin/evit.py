@@ -66,7 +66,9 @@ class AttentiveTokens(nn.Module):
     def forward(self, view: TokenView) -> PruneDecision:
         assert view.queries is not None and view.keys is not None, "EViT acts inside a block"
         p = view.prefix.shape[1]
-        cls_attn = query_attention(view.queries, view.keys, view.attn_mask, view.scale, 0).mean(dim=1)[:, p:]
+        assert view.class_index is not None, "EViT ranks by the class token's attention"
+        cls_attn = query_attention(view.queries, view.keys, view.attn_mask, view.scale,
+                                   view.class_index).mean(dim=1)[:, p:]
         valid = view.valid
         live = valid.sum(dim=1)
         left = torch.ceil(live.to(torch.float64) * self.rate).long()
