@@ -9,6 +9,8 @@
 #     policy, and each with torch.compile on the encoder blocks; the training-free neighbours
 #     ToMe (r = 5% of the tokens per block, proportional attention), ALGM (local 0.88 + adaptive
 #     global), CTS (40% of the 2x2 groups shared) and EViT (keep rate 0.7 at blocks 4, 7, 10 of 12);
+#   - EoMT-L (the two published semantic architectures, 512 and 1024 px) with the dCTS budget, ToMe,
+#     ALGM and EViT;
 #   - the shipped demo with full STEP (learned dCTS policy + learned exits) at 512 px, also with
 #     DToP's keep-per-class rule (K = 5) at the gates;
 #   - latency tails of the demo on 200 held-out scenes, and a video clip's frame rate.
@@ -36,6 +38,18 @@ for model in vitb vitl segmenter-vit-b-mask-ade20k segmenter-vit-l-mask-ade20k; 
     for method in tome algm cts evit; do
       $ts bench --model "$model" "${common[@]}" --batch "$batch" --method "$method" \
         --json "$out/gpu_${model}_1024_b${batch}_${method}.json"
+    done
+  done
+done
+# EoMT-L (DINOv2, 100 queries in the last 4 blocks) at its two published crops, random weights
+for spec in eomt-l-ade20k-512:512 eomt-l-cityscapes-1024:1024; do
+  model=${spec%%:*}; size=${spec##*:}
+  for batch in 1 8; do
+    $ts bench --model "$model" --random-init --size "$size" --device cuda --repeats 20 --warmup 5 --batch "$batch" \
+      --budget 2.5 --exits none --json "$out/gpu_${model}_b${batch}_dcts.json"
+    for method in tome algm evit; do
+      $ts bench --model "$model" --random-init --size "$size" --device cuda --repeats 20 --warmup 5 --batch "$batch" \
+        --method "$method" --json "$out/gpu_${model}_b${batch}_${method}.json"
     done
   done
 done

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from conftest import make_tiny
 from tokenscope.errors import CheckpointError, ConfigError
-from tokenscope.models.checkpoints import build_model, load_checkpoint, save_checkpoint
+from tokenscope.models.checkpoints import load_checkpoint, save_checkpoint
+from tokenscope.models.resolve import build_model
 
 
 def test_checkpoint_reloads_with_identical_outputs(tiny_checkpoint: Path) -> None:
@@ -117,7 +118,7 @@ def test_a_patch_14_backbone_keeps_its_own_position_grid(tmp_path: Path) -> None
     vit = timm.create_model(arch, pretrained=False, num_classes=0, img_size=518, depth=2)
     path = tmp_path / "dinov2.safetensors"
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
-    backbone = __import__("tokenscope.models.checkpoints", fromlist=["_backbone_from_file"])._backbone_from_file
+    backbone = __import__("tokenscope.models.importers.timm_file", fromlist=["backbone_from_file"]).backbone_from_file
     from tokenscope.models.registry import StepConfig, resolve_config
 
     cfg = resolve_config(f"timm:{arch}")

@@ -88,9 +88,11 @@ def test_heatmap_rerenders_the_latest_run_without_a_model(tmp_path: Path, image_
     out = tmp_path / "out"
     assert invoke("run", image_files["scene"], "--weights", tiny_checkpoint, "--device", "cpu", "--out", out).exit_code == 0
     (run,) = _runs(out)
-    import tokenscope.models.checkpoints as ck
+    import tokenscope.jobs.setup as setup
+    import tokenscope.models.resolve as front_door
 
-    monkeypatch.setattr(ck, "build_model", lambda *a, **k: pytest.fail("heatmap must not load a model"))
+    for module in (front_door, setup):  # the front door, and the name the model-running commands call it by
+        monkeypatch.setattr(module, "build_model", lambda *a, **k: pytest.fail("heatmap must not load a model"))
     r = invoke("heatmap", "--out", out)
     assert r.exit_code == 0, r.output
     (hm,) = _runs(run, "heatmaps")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tokenscope.data.images import prepare_image
 from tokenscope.errors import CheckpointError, ConfigError
 from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
-from tokenscope.models.checkpoints import build_model
+from tokenscope.models.resolve import build_model
 from tokenscope.trace.capture import TraceCapture
 
 DIM, DEPTH, HEADS, QUERIES, CLASSES, QUERY_BLOCKS = 128, 6, 2, 7, 5, 2
@@ -236,9 +236,20 @@ def test_published_eomt_models_build_their_architecture_without_downloading() ->
     for name, classes, crop in (("eomt-l-ade20k-512", 150, 512), ("eomt-l-cityscapes-1024", 19, 1024)):
         entry = PUBLISHED[name]
         assert entry.family == "eomt" and entry.url.endswith("/pytorch_model.bin") and entry.sha256 == ""
-        from tokenscope.models.checkpoints import published_architecture
+        from tokenscope.models.resolve import published_architecture
 
         cfg = published_architecture(entry)
         assert (cfg.decoder, cfg.queries, cfg.query_blocks, cfg.num_classes, cfg.img_size) == ("eomt", 100, 4, classes, crop)
         assert cfg.timm_kwargs["embed_dim"] == 1024 and cfg.timm_kwargs["depth"] == 24 and cfg.stride == -1
         assert all(k < 21 for k in cfg.exit_after)  # the gates sit before the query blocks (21..24)
+
+
+def test_one_front_door_picks_the_reader_by_what_the_file_holds(tmp_path: Path) -> None:
+    from tokenscope.models.resolve import READERS, reader_for
+
+    _, ref = write_eomt(tmp_path, 16, 128, "bin")
+    state = ref.eomt_state()
+    assert [r.family for r in READERS] == ["Segmenter", "EoMT"]
+    assert reader_for(state).family == "EoMT" and reader_for({"state_dict": state}).family == "EoMT"
+    assert reader_for({"model": {"encoder.pos_embed": torch.zeros(1), "decoder.head.weight": torch.zeros(1)}}).family == "Segmenter"
+    assert reader_for({"something": torch.zeros(1)}) is None

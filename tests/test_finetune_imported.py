@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from tokenscope.cli import app
 from tokenscope.data.synthetic import CLASSES
-from tokenscope.models.checkpoints import build_model, load_checkpoint
+from tokenscope.models.checkpoints import load_checkpoint
+from tokenscope.models.resolve import build_model
 from tokenscope.trace.trace import Trace
 
 

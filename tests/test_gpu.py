@@ -17,7 +17,8 @@ from segmenter_reference import reference_forward, segmenter_state, write_segmen
 from tokenscope.analysis.windowed import predict
 from tokenscope.data.images import prepare_image
 from tokenscope.data.windows import WindowSpec
-from tokenscope.models.checkpoints import LoadedModel, build_model
+from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.models.resolve import build_model
 from tokenscope.trace.capture import TraceCapture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -17,7 +17,7 @@ from segmenter_reference import segmenter_state, write_mmseg_release
 
 from tokenscope.errors import CheckpointError
 from tokenscope.models import published
-from tokenscope.models.checkpoints import build_model
+from tokenscope.models.resolve import build_model
 from tokenscope.models.published import PublishedModel
 
 

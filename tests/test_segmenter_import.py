@@ -17,7 +17,8 @@ from segmenter_reference import (
 )
 
 from tokenscope.errors import CheckpointError
-from tokenscope.models.checkpoints import build_model, import_segmenter, load_checkpoint
+from tokenscope.models.checkpoints import load_checkpoint
+from tokenscope.models.resolve import build_model, import_segmenter
 from tokenscope.models.importers.segmenter import read_segmenter_checkpoint
 
 VIT = ((0.5,) * 3, (0.5,) * 3)

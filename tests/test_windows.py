@@ -20,7 +20,7 @@ from tokenscope.cli import app
 from tokenscope.data.datasets import FolderDataset
 from tokenscope.data.windows import WindowSpec, plan_windows, resolve_windows, window_anchors
 from tokenscope.errors import ConfigError
-from tokenscope.models.checkpoints import build_model
+from tokenscope.models.resolve import build_model
 from tokenscope.trace.trace import Trace
 
 

@@ -551,7 +551,7 @@ def import_segmenter(checkpoint: str | Path, out: str | Path, *, config: str | P
     """`tokenscope import segmenter`: convert a Segmenter/mmseg checkpoint into NAME.json +
     NAME.safetensors (never overwrites); returns the .json path, loadable with `load_model(weights=...)`."""
     from tokenscope.models.checkpoints import checkpoint_paths
-    from tokenscope.models.checkpoints import import_segmenter as _import
+    from tokenscope.models.resolve import import_segmenter as _import
 
     tensors, meta = checkpoint_paths(out)
     if tensors.exists() or meta.exists():

@@ -958,11 +958,11 @@ def _download_progress(item: str) -> Iterator[Callable[[int, int, str], None]]:
 
 
 def _fetch_published(name: str, offline: bool | None = None) -> None:
-    from tokenscope.models.checkpoints import _convert_published
+    from tokenscope.models.resolve import convert_published
     from tokenscope.models.published import ensure_published
 
     with _user_errors(), _download_progress(name) as update:
-        path = ensure_published(name, _convert_published, progress=update, offline=offline)
+        path = ensure_published(name, convert_published, progress=update, offline=offline)
     out_console.print(f"{name}: [bold]{path}[/]", highlight=False)
 
 

@@ -12,7 +12,8 @@ import torch
 from tokenscope.data.classspace import ClassSpace, class_space, dataset_space
 from tokenscope.data.images import find_label_for, load_label_map
 from tokenscope.errors import ConfigError, TokenscopeError
-from tokenscope.models.checkpoints import LoadedModel, build_model
+from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.models.resolve import build_model
 from tokenscope.models.methods.base import Plan
 from tokenscope.models.methods.facts import facts_of, with_plan
 from tokenscope.models.methods.point import ResolvedPoint, resolve

@@ -16,15 +16,8 @@ from tokenscope.data.classes import SEGMENTER_PROTOCOL, dataset_classes
 from tokenscope.data.datasets import SegmentationDataset, SyntheticDataset, open_dataset, parse_seeds
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError
-from tokenscope.models.checkpoints import (
-    LoadedModel,
-    build_model,
-    checkpoint_paths,
-    load_checkpoint,
-    load_published,
-    new_model,
-    save_checkpoint,
-)
+from tokenscope.models.checkpoints import LoadedModel, checkpoint_paths, load_checkpoint, save_checkpoint
+from tokenscope.models.resolve import build_model, load_published, new_model
 from tokenscope.models.decoders import DECODERS
 from tokenscope.models.methods.facts import facts_of
 from tokenscope.models.methods.point import resolve
