@@ -23,3 +23,7 @@ $ts bench --model vitb --random-init --method tome --size 1024 --device cpu --th
 # ALGM and CTS at their defaults (random weights make ALGM merge far more than on a trained model)
 $ts bench --model vitb --random-init --method algm --size 1024 --device cpu --threads 2 --batch 1 --repeats 3 --warmup 1 --json benchmarks/results/cpu_vitb_1024_b1_algm.json
 $ts bench --model vitb --random-init --method cts --size 1024 --device cpu --threads 2 --batch 1 --repeats 3 --warmup 1 --json benchmarks/results/cpu_vitb_1024_b1_cts.json
+# EoMT-L (the published ADE20K 512 architecture, random weights): ALGM, ToMe and EViT at their defaults
+for m in algm tome evit; do
+  $ts bench --model eomt-l-ade20k-512 --random-init --method $m --size 512 --device cpu --threads 2 --batch 1 --repeats 5 --warmup 1 --json benchmarks/results/cpu_eomt-l-ade20k-512_512_b1_$m.json
+done

@@ -83,10 +83,12 @@ class ReferenceEoMT(nn.Module):
         return state
 
 
-def write_eomt(folder: Path, patch: int, img: int, layout: str, seed: int = 0) -> tuple[Path, ReferenceEoMT]:
+def write_eomt(folder: Path, patch: int, img: int, layout: str, seed: int = 0, probs: float = 1.0
+               ) -> tuple[Path, ReferenceEoMT]:
     torch.manual_seed(seed)
     ref = ReferenceEoMT(patch, img).eval()
     state = ref.eomt_state()
+    state["network.attn_mask_probs"] = torch.full((QUERY_BLOCKS,), probs)
     folder.mkdir(parents=True, exist_ok=True)
     if layout == "bin":
         path = folder / "pytorch_model.bin"
@@ -106,10 +108,13 @@ def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("patch, img, layout", [(16, 128, "bin"), (16, 128, "ckpt"), (14, 126, "bin"), (14, 126, "ckpt")])
+@pytest.mark.parametrize("patch, img, layout, annealed", [(16, 128, "bin", 1.0), (16, 128, "ckpt", 0.0),
+                                                         (14, 126, "bin", 0.0), (14, 126, "ckpt", 1.0)])
 def test_an_eomt_checkpoint_gives_the_reference_scores_and_label_map(tmp_path: Path, patch: int, img: int,
-                                                                      layout: str) -> None:
-    path, ref = write_eomt(tmp_path, patch, img, layout)
+                                                                      layout: str, annealed: float) -> None:
+    """`annealed`: the masked-attention probabilities the file holds (1 = masked attention still on in
+    training, 0 = annealed away); inference runs without masked attention either way, as EoMT's does."""
+    path, ref = write_eomt(tmp_path, patch, img, layout, probs=annealed)
     loaded = build_model("demo", weights=str(path))
     cfg = loaded.config
     assert (cfg.decoder, cfg.queries, cfg.query_blocks, cfg.num_classes, cfg.img_size) == ("eomt", QUERIES, QUERY_BLOCKS,
@@ -178,6 +183,10 @@ def test_every_method_runs_on_eomt_with_the_queries_protected(tmp_path: Path, me
     joins = loaded.model.joins_at
     assert joins == DEPTH - QUERY_BLOCKS + 1 and all(k < joins for k in loaded.model.exit_after)
     assert trace.meta.flops["total"] <= trace.meta.flops["baseline_total"]
+    assert (trace.meta.queries, trace.meta.queries_join_at) == (QUERIES, joins)  # the query blocks, marked
+    from tokenscope.render.explorer import trace_panel
+
+    assert trace_panel(trace, "x")["query_blocks"] == [joins, DEPTH]
     if setting.steps:
         assert seen  # in front of what a step sees: class token, 4 registers, fused tokens, and the queries once they joined
         assert all(p >= (5 + QUERIES if block >= joins else 5) for block, p in seen)
@@ -253,3 +262,15 @@ def test_one_front_door_picks_the_reader_by_what_the_file_holds(tmp_path: Path) 
     assert reader_for(state).family == "EoMT" and reader_for({"state_dict": state}).family == "EoMT"
     assert reader_for({"model": {"encoder.pos_embed": torch.zeros(1), "decoder.head.weight": torch.zeros(1)}}).family == "Segmenter"
     assert reader_for({"something": torch.zeros(1)}) is None
+
+
+def test_training_an_eomt_model_is_refused_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tokenscope.cli import app
+
+    path, _ = write_eomt(tmp_path, 16, 128, "bin")
+    r = CliRunner().invoke(app, ["train", "--init", str(path), "--out", str(tmp_path / "t"), "--steps", "1",
+                                 "--device", "cpu"])
+    assert r.exit_code == 2 and "does not train EoMT models" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "t.json").exists()

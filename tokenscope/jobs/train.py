@@ -103,6 +103,7 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
             cfg = cfg.replace(dataset=data.kind, class_colours=dataset_classes(data.kind, cfg.num_classes).palette,
                               window=window, stride=stride, resize_short=short)
         net = new_model(cfg, backbone_weights)
+    refuse_eomt(net)
     plan = training_plan(settings.method, net)
     install_plan(net, plan)
     if keep_per_class is not None:  # train (exit-aware steps) and ship with DToP's context rule
@@ -185,6 +186,13 @@ def install_plan(net: StepViT, plan: Plan | None) -> None:
         net.install(plan.steps, plan.size_weighted, plan.record)
 
 
+def refuse_eomt(net: StepViT) -> None:
+    """EoMT's head is trained with its own mask-classification loss (Hungarian matching), not here."""
+    if getattr(net.decoder, "inside_encoder", False):
+        raise ConfigError("tokenscope does not train EoMT models (their mask-classification loss with Hungarian "
+                          "matching is EoMT's own); run, compare, sweep and bench them as they are")
+
+
 def initial_checkpoint(path: str, train_set: SegmentationDataset, backbone_weights: str | None) -> StepViT:
     """The model to continue training from (fine-tuning): a tokenscope checkpoint, a Segmenter or
     mmsegmentation checkpoint, or a published model's name (fetched once).
@@ -193,6 +201,7 @@ def initial_checkpoint(path: str, train_set: SegmentationDataset, backbone_weigh
     if backbone_weights:
         raise ConfigError("--init and --backbone-weights both set the starting weights; give one")
     start = load_published(path) if path in PUBLISHED else build_model("demo", weights=path)
+    refuse_eomt(start.model)
     if start.config.num_classes != train_set.num_classes:
         raise ConfigError(f"--init {path} predicts {start.config.num_classes} classes but the data has "
                           f"{train_set.num_classes}")

@@ -143,6 +143,7 @@ class TraceCapture:
             policy=model.active_policy, exits=model.exits_enabled, weights=self.loaded.weights_id,
             keep_per_class=model.keep_per_class if model.exits_enabled else 0,
             method=str(getattr(model, "method", "")), merging=merging_meta(model), pruning=pruning_meta(model),
+            queries=int(getattr(model.decoder, "num_queries", 0)), queries_join_at=model.joins_at,
             num_classes=cfg.num_classes, class_names=cfg.class_names, class_colours=cfg.class_colours,
             device=str(self.device),
             flops=flops, timings={"forward_s": forward_s / batch, "batch": float(batch)},

@@ -175,6 +175,10 @@ class TraceMeta:
     """Token-reduction method (step, dcts, dtop, cts, tome, algm, X+tome, ...); "" in version-1 traces."""
     merging: dict[str, Any] = field(default_factory=dict)
     """In-network merging settings (kind, blocks, r, thresholds, prop_attn, order, count); empty without merging."""
+    queries: int = 0
+    """Queries of a head inside the encoder (EoMT's), never image tokens; 0 for other models."""
+    queries_join_at: int = 0
+    """1-based block from which those queries go through the encoder (the query blocks); 0 = none."""
     pruning: dict[str, Any] = field(default_factory=dict)
     """Pruning steps: the method's settings and the blocks they act `inside` and `after`; empty without pruning."""
     flops: dict[str, int] = field(default_factory=dict)

@@ -73,6 +73,8 @@ def trace_panel(trace: Trace, name: str) -> dict[str, Any]:
         "blocks_in": trace.block_tokens_in.astype(np.int64).tolist(),
         "gflops": round(float(m.flops.get("total", 0)) / 1e9, 3),
     }
+    if m.queries_join_at:
+        panel["query_blocks"] = [m.queries_join_at, m.depth]  # EoMT: blocks the queries go through
     if trace.token_pruned_at is not None:
         panel["pruned"] = trace.token_pruned_at.astype(np.int64).tolist()
     if trace.patch_labels is not None:

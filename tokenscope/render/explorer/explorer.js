@@ -369,8 +369,9 @@
     const count = liveCount(panel, k);
     panel.el.dataset.tokens = String(count);
     panel.el.dataset.block = String(k);
+    const inQueries = panel.query_blocks && k >= panel.query_blocks[0] && k <= panel.query_blocks[1];
     panel.el.querySelector(".caption").textContent = count + (k <= panel.depth ? " tokens enter block " + k : " tokens reached the end") +
-      " · " + panel.T + " at the start · " + panel.gflops + " GFLOPs";
+      (inQueries ? " (+ the queries)" : "") + " · " + panel.T + " at the start · " + panel.gflops + " GFLOPs";
   }
 
   function drawHistogram() {
@@ -385,6 +386,8 @@
     for (let b = 1; b <= depth; b++) {
       const x0 = 30 + (b - 1) * w;
       if (b === state.block) { ctx.fillStyle = "#fff3c4"; ctx.fillRect(x0, 0, w, h + 2); }
+      const qb = panels[0].query_blocks;  // EoMT: the blocks its queries go through, shaded
+      if (qb && b >= qb[0] && b <= qb[1]) { ctx.fillStyle = "rgba(120, 90, 200, 0.12)"; ctx.fillRect(x0, 0, w, h + 2); }
       panels.forEach((q, i) => {
         const v = q.blocks_in[b - 1] || 0;
         ctx.fillStyle = GATE_COLOURS[(i + 3) % GATE_COLOURS.length];
