@@ -192,6 +192,15 @@ def test_every_method_runs_on_eomt_with_the_queries_protected(tmp_path: Path, me
         assert all(p >= (5 + QUERIES if block >= joins else 5) for block, p in seen)
 
 
+def _with_extra_key(folder: Path, key: str) -> Path:
+    """An EoMT file with one tensor more, named `key`."""
+    path, _ = write_eomt(folder, 16, 128, "bin")
+    state = torch.load(path)
+    state[key] = torch.ones(2)
+    torch.save(state, folder / "extra.bin")
+    return folder / "extra.bin"
+
+
 def test_eomt_refuses_gates_inside_the_query_blocks_and_foreign_files(tmp_path: Path) -> None:
     from tokenscope.models.registry import StepConfig
     from tokenscope.models.step_vit import StepViT
@@ -201,12 +210,8 @@ def test_eomt_refuses_gates_inside_the_query_blocks_and_foreign_files(tmp_path: 
                      timm_kwargs={"patch_size": 16, "embed_dim": 64, "depth": 6, "num_heads": 1})
     with pytest.raises(ConfigError, match="sit inside the query blocks"):
         StepViT(cfg)
-    path, ref = write_eomt(tmp_path, 16, 128, "bin")
-    state = torch.load(path)
-    state["network.extra_thing.weight"] = torch.zeros(2)
-    torch.save(state, tmp_path / "odd.bin")
     with pytest.raises(CheckpointError, match="unexpected weights .*extra_thing"):
-        build_model("demo", weights=str(tmp_path / "odd.bin"))
+        build_model("demo", weights=str(_with_extra_key(tmp_path, "network.extra_thing.weight")))
 
 
 def test_eomt_flops_of_the_cost_model_are_torchs_count(tmp_path: Path) -> None:
@@ -231,12 +236,8 @@ def test_rope_backbones_are_refused_in_one_line_saying_why(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="rotary position embeddings .*DINOv3") as err:
         build_model("timm:vit_small_patch16_dinov3", random_init=True)
     assert "\n" not in str(err.value)
-    path, _ = write_eomt(tmp_path, 16, 128, "bin")
-    state = torch.load(path)
-    state["network.encoder.backbone.rope_embeddings.periods"] = torch.ones(8)
-    torch.save(state, tmp_path / "v3.bin")
     with pytest.raises(CheckpointError, match="DINOv3 backbone .*not supported"):
-        build_model("demo", weights=str(tmp_path / "v3.bin"))
+        build_model("demo", weights=str(_with_extra_key(tmp_path, "network.encoder.backbone.rope_embeddings.periods")))
 
 
 def test_published_eomt_models_build_their_architecture_without_downloading() -> None:
