@@ -416,3 +416,26 @@ def test_no_method_is_named_in_the_encoder_or_the_recorder() -> None:
         for name in list_names():
             if name not in ("step", "vit"):  # the model family (STEP) and the architecture (a ViT)
                 assert not re.search(rf"\b{name}\b", code, flags=re.I), (module.__name__, name)
+
+
+def test_compiled_blocks_run_merging_and_pruning_steps_with_the_same_outputs() -> None:
+    """torch.compile sees every block (dynamo traces the EncoderBlock; a step runs between its halves
+    outside the graph); the eager backend checks the tracing without needing a C++ compiler."""
+    loaded = _loaded()
+    x = _batch(2)
+    for point in ("tome:r=5", "evit:rate=0.5"):
+        method_setting(loaded, ModelOptions(device="cpu"), point)
+        model = loaded.model
+        with torch.no_grad():
+            eager = model(x).patch_logits
+        compiled = [torch.compile(b, backend="eager", dynamic=True) for b in model.blocks]
+        plain = list(model.blocks)
+        try:
+            for i, c in enumerate(compiled):
+                model.blocks[i] = c
+            with torch.no_grad():
+                out = model(x).patch_logits
+        finally:
+            for i, b in enumerate(plain):
+                model.blocks[i] = b
+        assert torch.allclose(out, eager, atol=1e-5), point

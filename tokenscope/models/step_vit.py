@@ -522,9 +522,12 @@ class StepViT(nn.Module):
                          keys=keys, queries=q, attn_mask=seq.mask if q is not None else None, scale=scale,
                          class_index=seq.queries if self.cls_token is not None else None)
 
+    @torch.compiler.disable
     def _between(self, seq: _Sequence, step: Step, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor
                  ) -> torch.Tensor:
-        """A step inside a block: it decides on the tokens after attention, the encoder carries it out."""
+        """A step inside a block: it decides on the tokens after attention, the encoder carries it out.
+        Left out of torch.compile (host-side bookkeeping, data-dependent shapes): a compiled block runs
+        its attention and MLP compiled and calls this in between."""
         return self._carry_out(seq, x, step.module(self._view(seq, step.block, x, q, keys)), step)
 
     def _carry_out(self, seq: _Sequence, x: torch.Tensor, dec: MergeDecision | PruneDecision, step: Step
