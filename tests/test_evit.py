@@ -154,3 +154,16 @@ def test_evit_settings_are_checked_in_one_line() -> None:
         with pytest.raises(ConfigError, match=words) as err:
             method_setting(loaded, ModelOptions(device="cpu"), bad)
         assert "\n" not in str(err.value)
+
+
+def test_pruned_tokens_are_counted_where_they_were_pruned_not_at_a_gate() -> None:
+    from tokenscope.analysis.stats import exit_level_matrix
+
+    model, _, loaded = _pair()
+    method_setting(loaded, ModelOptions(device="cpu", policy="uniform"), "evit:rate=0.5")
+    img, _ = blocky_image(160, 224, 3)
+    trace = TraceCapture(loaded, torch.device("cpu"))([prepare_image(img, "scene")])[0]
+    labels, mat = exit_level_matrix(trace)
+    assert labels == ["pruned\n4", "pruned\n7", "pruned\n10", "end"]  # exits are off: no gate points
+    assert mat.sum() == trace.survivors.sum()
+    assert list(mat.sum(axis=1)[:3]) == [int((trace.token_pruned_at == b).sum()) for b in (4, 7, 10)]

@@ -66,14 +66,20 @@ def level_block_matrix(trace: Trace) -> np.ndarray:
     return out
 
 
-def exit_level_matrix(trace: Trace) -> tuple[list[int], np.ndarray]:
-    """Exit points (gates, then the end) and the tokens of each level leaving at each."""
-    points = [*trace.meta.exit_after, trace.meta.depth]
+def exit_level_matrix(trace: Trace) -> tuple[list[str], np.ndarray]:
+    """Where tokens leave (`gate K` when exits are on, `pruned K` for a pruning step at block K, then `end`) and the
+    tokens of each level leaving at each (a merged group counts once)."""
+    pruned = trace.token_pruned_at if trace.token_pruned_at is not None else np.zeros(trace.num_tokens, np.int64)
+    prune_blocks = sorted(int(b) for b in np.unique(pruned[pruned > 0]))
+    gates = trace.meta.exit_after if trace.meta.exits else ()
+    points = ([(f"gate {g}", (trace.token_exit_block == g) & (pruned == 0)) for g in gates]
+              + [(f"pruned\n{b}", pruned == b) for b in prune_blocks]
+              + [("end", trace.token_exit_block == trace.meta.depth)])
     mat = np.zeros((len(points), MAX_LEVEL + 1), dtype=np.int64)
-    for i, k in enumerate(points):
-        sel = (trace.token_exit_block == k) & trace.survivors
+    for i, (_, where) in enumerate(points):
+        sel = where & trace.survivors
         mat[i] = np.bincount(trace.token_level[sel].astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
-    return points, mat
+    return [label for label, _ in points], mat
 
 
 def blocks_table(trace: Trace) -> pd.DataFrame:

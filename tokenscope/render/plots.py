@@ -33,7 +33,7 @@ def token_histogram(trace: Trace, path: str | os.PathLike[str], title: str | Non
 
 def histogram_figure(trace: Trace, title: str | None = None) -> plt.Figure:
     """Left: tokens entering each block, stacked by superpatch level (gates marked).
-    Right: tokens leaving at each gate and at the end, stacked by level."""
+    Right: tokens leaving at each gate, at each pruning step and at the end, stacked by level."""
     m = trace.meta
     by_block = level_block_matrix(trace)
     points, by_exit = exit_level_matrix(trace)
@@ -49,7 +49,11 @@ def histogram_figure(trace: Trace, title: str | None = None) -> plt.Figure:
     if merged.any():  # the share of each block's tokens that merges away between attention and MLP
         ax1.bar(x, merged, bottom=bottom - merged, color="none", edgecolor="black", hatch="////", linewidth=0.5,
                 label="merged inside the block")
-    for g in m.exit_after:
+    cut = trace.pruned_inside_per_block()
+    if cut.any():  # the share of each block's tokens that a pruning step removes before its MLP
+        ax1.bar(x, cut, bottom=bottom - cut, color="none", edgecolor="black", hatch="\\\\", linewidth=0.5,
+                label="pruned inside the block")
+    for g in (m.exit_after if m.exits else ()):
         ax1.axvline(g + 0.5, color="black", linestyle="--", linewidth=0.8)
         ax1.text(g + 0.55, bottom.max() * 0.98, f"gate {g}", fontsize=8, va="top")
     ax1.axhline(trace.num_patches, color="grey", linestyle=":", linewidth=0.8)
@@ -59,7 +63,7 @@ def histogram_figure(trace: Trace, title: str | None = None) -> plt.Figure:
     ax1.set_xticks(x if m.depth <= 24 else x[:: max(1, m.depth // 12)])
     ax1.set_ylim(0, max(trace.num_patches, int(bottom.max())) * 1.12)
     ax1.legend(fontsize=7, loc="upper right", title="superpatch", title_fontsize=7)
-    labels = [f"gate {p}" for p in points[:-1]] + ["end"]
+    labels = points
     b2 = np.zeros(len(points))
     for k in range(MAX_LEVEL + 1):
         if by_exit[:, k].any():
@@ -70,8 +74,11 @@ def histogram_figure(trace: Trace, title: str | None = None) -> plt.Figure:
     ax2.set_ylabel("tokens leaving")
     ax2.set_ylim(0, max(1, b2.max()) * 1.15)
     groups = trace.survivors
-    early = 100 * float((trace.exited_early & groups).sum()) / max(int(groups.sum()), 1)
+    pruned = trace.token_pruned_at > 0 if trace.token_pruned_at is not None else np.zeros(trace.num_tokens, bool)
+    share = lambda sel: 100 * float((sel & groups).sum()) / max(int(groups.sum()), 1)  # noqa: E731
+    early = share(trace.exited_early & ~pruned)
     merges = f", {int(merged.sum())} merged inside" if merged.any() else ""
+    merges += f", {share(pruned):.1f}% pruned" if pruned.any() else ""
     how = f"method {m.method}" if m.method else f"{m.policy} policy"
     fig.suptitle(title or f"{os.path.basename(m.source)}: {trace.num_tokens} tokens from {trace.num_patches} patches"
                  f"{merges}, {early:.1f}% exit early ({how})", fontsize=10)
