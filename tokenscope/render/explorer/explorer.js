@@ -91,6 +91,7 @@
     return n;
   }
 
+  const PRUNED_COLOUR = "#7b3294";  // tokens a method's step pruned (not a gate's exit)
   const gateColour = (panel, block) => GATE_COLOURS[Math.max(0, panel.gates.indexOf(block)) % GATE_COLOURS.length];
   function classColour(panel, c) {
     const col = panel.colours[c];
@@ -259,7 +260,8 @@
     for (let q = 0; q < panel.top.length; q++) if (panel.top[q] === t) patches++;
     const cells = [["token", t], ["level", panel.level[t]], ["row", panel.row[t]], ["col", panel.col[t]], ["side", side],
       ["patches", patches], ["exit_block", panel.exit[t]], ["confidence", panel.conf[t]],
-      ["class", panel.classes[panel.cls[t]] || panel.cls[t]], ["merged_at", panel.mat[t]], ["merged_into", panel.minto[t]]];
+      ["class", panel.classes[panel.cls[t]] || panel.cls[t]], ["merged_at", panel.mat[t]], ["merged_into", panel.minto[t]],
+      ["pruned_at", panel.pruned ? panel.pruned[t] : 0]];
     $("details").innerHTML = "<b>" + esc(panel.method || panel.name) + "</b><table><tr>" + cells.map((c) => "<th>" + c[0] + "</th>").join("") +
       '</tr><tr id="selected-row">' + cells.map((c) => "<td>" + fmt(c[1]) + "</td>").join("") + "</tr></table>";
     redraw();
@@ -267,7 +269,9 @@
 
   function tooltip(panel, t) {
     const side = 1 << panel.level[t];
-    const exitText = panel.exit[t] >= panel.depth ? "reached the end" : "exited after block " + panel.exit[t];
+    const pruned = panel.pruned && panel.pruned[t] > 0;
+    const exitText = pruned ? "pruned at block " + panel.pruned[t] + " (the decoder predicts it from its features then)"
+      : panel.exit[t] >= panel.depth ? "reached the end" : "exited after block " + panel.exit[t];
     const merged = panel.mat[t] > 0 ? " · merged into " + panel.minto[t] + " in block " + panel.mat[t] : "";
     return '<b>token ' + t + "</b> · level " + panel.level[t] + " (" + side + "x" + side + " patches)" + merged +
       "<br>" + exitText + " · confidence " + Number(panel.conf[t]).toFixed(3) + " · " + esc(panel.classes[panel.cls[t]] || "class " + panel.cls[t]);
@@ -332,7 +336,10 @@
       if (L.truth && panel.truth && panel.truth[j] !== 255) fill(j, classColour(panel, panel.truth[j]), 0.45);
       if (L.errors && panel.truth && panel.truth[j] !== 255 && panel.truth[j] !== panel.cls[t]) fill(j, "#ff0000", 0.55);
       if (L.confidence) fill(j, "#000", 0.75 * (1 - panel.conf[t]));
-      if (L.exits && !live(panel, t, k)) { fill(j, "#888", 0.45); fill(j, gateColour(panel, panel.exit[t]), 0.45); }
+      if (L.exits && !live(panel, t, k)) {
+        fill(j, "#888", 0.45);
+        fill(j, panel.pruned && panel.pruned[t] > 0 ? PRUNED_COLOUR : gateColour(panel, panel.exit[t]), 0.45);
+      }
     }
     ctx.globalAlpha = 1;
     if (L.merges) { // a line wherever two neighbouring patches belong to different tokens
