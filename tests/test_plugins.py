@@ -166,3 +166,23 @@ def test_a_plugin_step_that_fails_or_decides_nonsense_is_one_line(tmp_path: Path
         assert r.exit_code != 0 and "Traceback" not in r.output, r.output
         errors = [ln for ln in r.output.splitlines() if "error" in ln.lower()]
         assert any("method norm_prune (file" in ln and words in ln for ln in errors), r.output
+
+
+def test_a_method_file_is_swept_and_tuned_over_its_own_ladder(tmp_path: Path) -> None:
+    rule = _method_file(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(app, ["sweep", "--methods", str(rule), "--seeds", "100000:100002", "--scene-size", "64",
+                            "--device", "cpu", "--out", str(tmp_path / "sw")])
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(next((tmp_path / "sw").glob("sweep-*")) / "sweep.csv")
+    assert table["point"].tolist() == ["baseline", "norm_prune:frac=0.1", "norm_prune:frac=0.2", "norm_prune:frac=0.4"]
+    op = tmp_path / "op.json"
+    r = runner.invoke(app, ["tune", "--method", str(rule), "--out", str(op), "--max-gflops", "1000",
+                            "--max-miou-drop", "100", "--scene-size", "64", "--calib-seeds", "200000:200002",
+                            "--held-seeds", "300000:300002", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    chosen = json.loads(op.read_text())["method"]
+    assert chosen == f"{rule}:frac=0.4"  # the cheapest qualifying point, spelled so that it resolves again
+    r = runner.invoke(app, ["run", str(IMAGE), "--operating-point", str(op), "--size", "128", "--device", "cpu",
+                            "--no-figures", "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 0, r.output

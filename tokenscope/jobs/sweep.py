@@ -36,8 +36,8 @@ def expand_methods(text: str) -> list[str]:
     out: list[str] = []
     for point in resolve_list(text):
         single = len(point.parts) == 1 and not point.point.settings
-        ladder = point.first.ladder if single else ()
-        out.extend(ladder or (point.text,))
+        ladder = point.spelled(point.first.ladder) if single else []
+        out.extend(ladder or [point.text])
     return out
 
 

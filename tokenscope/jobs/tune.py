@@ -49,7 +49,7 @@ def search_grid(method: str) -> list[str]:
     if len(point.parts) > 1 or point.point.settings or not point.first.search:
         raise ConfigError(f"tune searches one method's grid (e.g. step, tome, algm, budget); {method!r} has none "
                           "(name a method without settings)")
-    return list(point.first.search)
+    return point.spelled(point.first.search)
 
 
 EXIT_NOT_MET_CALIBRATION = 4

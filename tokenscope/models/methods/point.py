@@ -10,7 +10,7 @@ the methods and checks every setting, and `ResolvedPoint.plan` turns it into wha
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -116,6 +116,13 @@ class ResolvedPoint:
                 plan = replace(plan, steps=tuple(replace(st, module=GuardedStep(st.module, method)) for st in plan.steps))
             plans.append((method, plan))
         return compose(self.text, plans)
+
+    def spelled(self, points: Sequence[str]) -> list[str]:
+        """A method's own operating points (its ladder, its search grid) spelled the way it was named
+        here: `norm_prune:frac=0.1` stays so for an installed plug-in and becomes
+        `./rule.py:frac=0.1` for a method file, so every point resolves to the same method."""
+        name, spelling = self.first.name, self.point.names[0]
+        return [spelling + p[len(name):] if p == name or p.startswith(name + ":") else p for p in points]
 
     def provenance(self) -> list[dict[str, str]]:
         """Where each part's method came from, for run.json: name, source and sha256 of its file."""
