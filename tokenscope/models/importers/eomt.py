@@ -40,6 +40,8 @@ IGNORED = ("network.attn_mask_probs", "network.encoder.pixel_mean", "network.enc
 def eomt_state(obj: Any) -> dict[str, torch.Tensor] | None:
     """The `network.*` state dict of an unpickled EoMT file (either layout), or None."""
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if isinstance(state, dict):  # a compiled network's names carry `._orig_mod` (EoMT strips it when saving)
+        state = {str(k).replace("._orig_mod", ""): v for k, v in state.items()}
     if isinstance(state, dict) and "network.q.weight" in state and any(k.startswith(BACKBONE) for k in state):
         return state
     return None
