@@ -43,7 +43,8 @@ from tokenscope.models.methods.facts import facts_of
 from tokenscope.models.methods.point import resolve
 from tokenscope.models.checkpoints import LoadedModel, checkpoint_paths, load_checkpoint, save_checkpoint
 from tokenscope.models.partition import MAX_LEVEL, block_homogeneity
-from tokenscope.models.step_vit import StepOutput, StepViT, token_grid, unmerge
+from tokenscope.models.sequence import token_grid, unmerge
+from tokenscope.models.step_vit import StepOutput, StepViT
 from tokenscope.storage import atomic_write
 
 TrainProgress = Callable[[int, int, dict[str, float]], None]

@@ -1,0 +1,86 @@
+"""The padded token sequence as the encoder carries it: masks, compaction, and per-token buffers
+read back onto the patch grid. Pure tensor functions, no model state.
+
+Images of one batch have different token counts (supertokens, exits, merges, pruning), so the
+sequence is padded to the longest image with a validity mask; compaction removes the slots that
+left and shrinks the padding; `unmerge` and `by_owner` turn per-token values into per-patch ones.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tokenscope.models.partition import Partition
+
+
+def attention_mask(valid: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Key-padding mask (B, 1, 1, P + N) for SDPA: True where a key may be attended."""
+    prefix = valid.new_ones((valid.shape[0], num_prefix))
+    return torch.cat([prefix, valid], dim=1)[:, None, None, :]
+
+
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype queries will have inside attention: autocast's (bf16) when it is on, else x's.
+    An additive mask must match it on the CUDA kernels."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def compact(x: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor, sizes: torch.Tensor | None = None,
+            key: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
+    """Remove the slots not in `keep`, per image, and shrink the padding to the longest image.
+
+    The kept slots stay in their order, or, with `key` (B, N), are sorted by it: a merger's
+    reference order after its merge.
+
+    Returns the new tokens, ids, validity, per-image counts (a host list: one sync per gate or
+    merge) and, when given, the token sizes in the new order.
+    """
+    counts = keep.sum(dim=1).tolist()
+    n = max(counts)
+    if key is None:
+        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :n]
+    else:  # kept slots by their key, the others after them
+        order = torch.argsort(torch.where(keep, key, key.new_full(key.shape, torch.iinfo(key.dtype).max)),
+                              dim=1, stable=True)[:, :n]
+    x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    valid = keep.gather(1, order)
+    ids = torch.where(valid, token_ids.gather(1, order), torch.full_like(order, -1))
+    if sizes is not None:
+        sizes = torch.where(valid, sizes.gather(1, order), torch.zeros_like(order, dtype=sizes.dtype))
+    return x, ids, valid, counts, sizes
+
+
+def token_grid(partitions: Sequence[Partition], device: torch.device) -> torch.Tensor:
+    """(B, gh, gw) long tensor: which token covers each patch, for `unmerge` and per-patch lookups."""
+    return torch.from_numpy(np.stack([p.token_of_patch for p in partitions])).long().to(device)
+
+
+def unmerge(token_values: torch.Tensor, token_of_patch: torch.Tensor) -> torch.Tensor:
+    """Copy every token's values (B, T, C) to each patch it covers: (B, C, gh, gw)."""
+    b, gh, gw = token_of_patch.shape
+    idx = token_of_patch.reshape(b, gh * gw, 1).expand(-1, -1, token_values.shape[-1])
+    return token_values.gather(1, idx).transpose(1, 2).reshape(b, -1, gh, gw)
+
+
+def by_owner(values: torch.Tensor, owner: torch.Tensor | None) -> torch.Tensor:
+    """values[b, owner[b, t]] for every token t (B, T[, C]): what the token standing for each one
+    holds, after in-network merging; `values` itself without merging."""
+    if owner is None:
+        return values
+    index = owner if values.ndim == 2 else owner.unsqueeze(-1).expand(-1, -1, values.shape[-1])
+    return values.gather(1, index)
+
+
+def pool_to_tokens(patch_values: torch.Tensor, token_of_patch: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, T, C) the mean of per-patch values (B, C, gh, gw) over the patches each token covers."""
+    b, c = patch_values.shape[:2]
+    flat = patch_values.reshape(b, c, -1).transpose(1, 2)
+    idx = token_of_patch.reshape(b, -1)
+    total = flat.new_zeros((b, num_tokens, c)).scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, c), flat)
+    count = flat.new_zeros((b, num_tokens)).scatter_add_(1, idx, flat.new_ones(idx.shape))
+    return total / count.clamp_min(1).unsqueeze(-1)
