@@ -118,12 +118,20 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint) -> Method:
     return method
 
 
+_FILE_METHODS: dict[tuple[str, str], Method] = {}
+"""Method files already loaded, by (resolved path, sha256 of their bytes): a sweep resolves the
+same file once per operating point, and an edited file is loaded again."""
+
+
 def load_external(spec: str) -> Method:
     """The method a file (`path/to/rule.py`) or module (`package.module`) defines."""
     if spec.endswith(".py") or "/" in spec or "\\" in spec:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise PluginError(f"method file {spec}: no such file")
+        key = (str(path.resolve()), digest_of(path))
+        if key in _FILE_METHODS:
+            return _FILE_METHODS[key]
         name = f"tokenscope_user_method_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
         where = f"method file {spec}"
         try:
@@ -140,7 +148,8 @@ def load_external(spec: str) -> Method:
             raise PluginError(f"{where} failed to load: {type(exc).__name__}: {exc}") from None
         method = _method_of(module, where)
         method.source = f"file {path.resolve()}"
-        method.digest = digest_of(path)
+        method.digest = key[1]
+        _FILE_METHODS[key] = method
         return method
     where = f"method module {spec}"
     try:
