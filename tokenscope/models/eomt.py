@@ -24,15 +24,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map (timm's LayerNorm2d)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+from timm.layers import LayerNorm2d
 
 
 class ScaleBlock(nn.Module):

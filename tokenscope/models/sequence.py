@@ -84,3 +84,10 @@ def pool_to_tokens(patch_values: torch.Tensor, token_of_patch: torch.Tensor, num
     total = flat.new_zeros((b, num_tokens, c)).scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, c), flat)
     count = flat.new_zeros((b, num_tokens)).scatter_add_(1, idx, flat.new_ones(idx.shape))
     return total / count.clamp_min(1).unsqueeze(-1)
+
+
+def rank_descending(values: torch.Tensor) -> torch.Tensor:
+    """Each entry's place along dim 1 in a stable descending sort (0 = the largest)."""
+    order = torch.argsort(values, dim=1, descending=True, stable=True)
+    places = torch.arange(order.shape[1], device=values.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, places)

@@ -59,12 +59,14 @@ class Setting:
     check: Callable[[Any], str | None] | None = None
     """Value -> None when acceptable, else what is wrong (said after the setting's name)."""
     choices: tuple[str, ...] = ()
+    type: str = ""
+    """What a valid value looks like, for help and errors, when `parse` is the method's own."""
 
     @property
     def type_name(self) -> str:
         if self.choices:
             return " | ".join(self.choices)
-        return TYPE_NAMES.get(self.parse, getattr(self.parse, "__name__", "value"))
+        return self.type or TYPE_NAMES.get(self.parse, "value")
 
     def read(self, text: str, label: str) -> Any:
         """The value of `text`, or one line naming the operating point and this setting."""

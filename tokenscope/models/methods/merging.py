@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from tokenscope.models.methods.base import Plan
+from tokenscope.models.sequence import rank_descending
 from tokenscope.models.slots import scatter_tokens
 from tokenscope.models.steps import Layout, MergeDecision, Step, TokenView, apply_merge  # noqa: F401 (re-exported)
 
@@ -54,13 +55,6 @@ def _normalise(metric: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     metric = metric.float() if metric.dtype != torch.float64 else metric
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return torch.where(valid.unsqueeze(-1), metric, torch.zeros_like(metric))
-
-
-def _rank_descending(values: torch.Tensor) -> torch.Tensor:
-    """Each entry's place along dim 1 in a stable descending sort (0 = the largest)."""
-    order = torch.argsort(values, dim=1, descending=True, stable=True)
-    places = torch.arange(order.shape[1], device=values.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, places)
 
 
 def _batch_count(count: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -110,7 +104,7 @@ class BipartiteMerger(nn.Module):
         scores = scores.masked_fill(~vb[:, None, :], float("-inf")).masked_fill(~va[:, :, None], float("-inf"))
         node_max, node_idx = scores.max(dim=-1)
         finite = torch.isfinite(node_max)
-        rank = _rank_descending(node_max)
+        rank = rank_descending(node_max)
         count = self._count(node_max, finite, valid.sum(dim=1), ctx)
         chosen = (rank < count[:, None]) & finite
         merged[:, a_slots] = chosen
@@ -191,7 +185,7 @@ class LocalWindowMerger(nn.Module):
         count = passing.sum(1)
         if self.count == "batch":
             count = _batch_count(count, valid.sum(1))
-        rank = _rank_descending(torch.where(passing, similarity, torch.full_like(similarity, float("-inf"))))
+        rank = rank_descending(torch.where(passing, similarity, torch.full_like(similarity, float("-inf"))))
         chosen = passing & (rank < count[:, None])
         src = slots[..., :3].reshape(b, -1)  # three slots of each window merge into the fourth
         dst = slots[..., 3:].expand(-1, -1, 3).reshape(b, -1)

@@ -33,8 +33,6 @@ class OperatingPoint:
         """The canonical text: names joined by `+`, then `:key=value` in the order given."""
         return ":".join(["+".join(self.names), *(f"{k}={v}" for k, v in self.settings)])
 
-    label = text
-
 
 def parse_point(text: str) -> OperatingPoint:
     """`step`, `tome:r=16`, `dtop+tome`, `./rule.py:frac=0.2`: one line per mistake."""

@@ -28,13 +28,12 @@ def plan(values: dict[str, Any], facts: ModelFacts) -> Plan:
     return spec.plan()
 
 
-threshold_or_adaptive.__name__ = "number or adaptive"
 METHOD = Method(
     name="algm", kind="merge", plan=plan,
     settings=(Setting("threshold", float, 0.88, "local merging: mean cosine similarity a 2x2 window needs (ALGM's "
                       "public ViT-S/B setting)", cosine),
               Setting("global", threshold_or_adaptive, None, "global merging: a fixed similarity, or `adaptive` "
-                      "(the reference's mean + std / block)", cosine),
+                      "(the reference's mean + std / block)", cosine, type="number or adaptive"),
               Setting("prop", on_off, False, "size-weighted attention after merging (the reference has none)"),
               ORDER, COUNT),
     summary="ALGM: similar 2x2 windows merge in block 1, then similar tokens anywhere in the middle block",

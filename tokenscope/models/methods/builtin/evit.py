@@ -26,6 +26,7 @@ import torch.nn as nn
 from tokenscope.errors import ConfigError
 from tokenscope.models.attention import query_attention
 from tokenscope.models.methods.base import Method, ModelFacts, Plan, Reference, Setting, on_off
+from tokenscope.models.sequence import rank_descending
 from tokenscope.models.steps import PruneDecision, Step, TokenView
 
 
@@ -41,19 +42,10 @@ def block_list(text: str) -> tuple[int, ...]:
     return blocks
 
 
-block_list.__name__ = "list of blocks like 4-7-10"
-
 
 def reference_blocks(depth: int) -> tuple[int, ...]:
     """EViT's drop_loc (3, 6, 9 of 12, from 0), a quarter of the depth apart, as 1-based blocks."""
     return tuple(sorted({min(depth, round(depth * j / 4) + 1) for j in (1, 2, 3)}))
-
-
-def rank_descending(values: torch.Tensor) -> torch.Tensor:
-    """Each entry's place along dim 1 in a stable descending sort (0 = the largest)."""
-    order = torch.argsort(values, dim=1, descending=True, stable=True)
-    places = torch.arange(order.shape[1], device=values.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, places)
 
 
 class AttentiveTokens(nn.Module):
@@ -103,7 +95,7 @@ METHOD = Method(
     settings=(Setting("rate", float, 0.7, "keep rate: the share of tokens that stays at each of its blocks",
                       keep_rate),
               Setting("blocks", block_list, None, "the 1-based blocks it prunes in, e.g. 4-7-10 (default: the "
-                      "reference's, a quarter of the depth apart)"),
+                      "reference's, a quarter of the depth apart)", type="list of blocks like 4-7-10"),
               Setting("fuse", on_off, True, "fuse the pruned tokens into one extra token weighted by attention")),
     summary="EViT: at three blocks keep the tokens the class token attends to most, fuse the rest into one",
     ladder=("evit:rate=0.9", "evit:rate=0.7", "evit:rate=0.5"),
