@@ -343,13 +343,16 @@ class StepViT(nn.Module):
         prefix = torch.cat(parts, dim=1)
         return prefix + pos_prefix if pos_prefix is not None else prefix
 
-    def label_maps(self, out: StepOutput, padded_hw: tuple[int, int], input_hw: tuple[int, int]) -> torch.Tensor:
+    def label_maps(self, out: StepOutput, padded_hw: tuple[int, int], input_hw: tuple[int, int],
+                   pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Label maps (B, h, w) at the input size: a mask head's per-pixel scores (EoMT's order:
-        masks upsampled, then sigmoid times class probabilities), else the patch logits upsampled."""
+        masks upsampled, then sigmoid times class probabilities; `pixels` when `pixel_logits`
+        already computed them), else the patch logits upsampled."""
         if out.masks is None:
             return segment(out.patch_logits, padded_hw, input_hw)
         h, w = input_hw
-        return pixel_scores(*out.masks, padded_hw)[..., :h, :w].argmax(dim=1)
+        scores = pixel_scores(*out.masks, padded_hw) if pixels is None else pixels
+        return scores[..., :h, :w].argmax(dim=1)
 
     def pixel_logits(self, out: StepOutput, padded_hw: tuple[int, int]) -> torch.Tensor:
         """Per-pixel class scores (B, C, H, W) at the padded size for a mask head, else the patch

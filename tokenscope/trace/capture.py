@@ -98,9 +98,10 @@ class TraceCapture:
             forward_s = watch.seconds
             records = rec.pop_records()
             pad = images[0].padded_hw  # one padded size per batch (images_to_tensor)
-            maps = [model.label_maps(_row(out, i), im.padded_hw, im.input_hw)[0].cpu().numpy()
+            logits = model.pixel_logits(out, pad)  # a mask head's per-pixel scores are computed once, here
+            maps = [model.label_maps(_row(out, i), pad, im.input_hw, logits[i:i + 1])[0].cpu().numpy()
                     for i, im in enumerate(images)]
-            logits = model.pixel_logits(out, pad).float().cpu()
+            logits = logits.float().cpu()
         policy_flops = self.policy_flops(x, labels)
         traces = [self._trace(im, rec_, lm, policy_flops, forward_s, len(images))
                   for im, rec_, lm in zip(images, records, maps)]
