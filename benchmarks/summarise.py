@@ -1,8 +1,10 @@
 """Print the Markdown table of benchmarks/RESULTS.md from the JSON files `tokenscope bench --json` wrote.
 
-    .venv/bin/python benchmarks/summarise.py benchmarks/results/*.json
+    .venv/bin/python benchmarks/summarise.py [--times TIMES.tsv] benchmarks/results/*.json
 
 One row per file, in the order given; every number is read from the file, none is typed by hand.
+`--times` adds the wall seconds each row took (scripts/gpu_check.sh writes that file: file name,
+seconds, status per line), so a short GPU lease can be planned from the last one.
 """
 
 from __future__ import annotations
@@ -48,11 +50,29 @@ def row(path: Path) -> list[str]:
             f"{r['recorder_overhead_pct']:+.1f}%", net, loop_text]
 
 
-def main(paths: list[str]) -> None:
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    for p in paths:
-        print("| " + " | ".join(row(Path(p))) + " |")
+def read_times(path: Path) -> dict[str, str]:
+    """file name -> seconds the row took, from gpu_check.sh's tab-separated times file."""
+    times = {}
+    for line in path.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2:
+            times[parts[0]] = parts[1]
+    return times
+
+
+def main(args: list[str]) -> None:
+    times: dict[str, str] | None = None
+    if args[:1] == ["--times"]:
+        times = read_times(Path(args[1]))
+        args = args[2:]
+    columns = [*COLUMNS, "row s"] if times is not None else list(COLUMNS)
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for p in args:
+        cells = row(Path(p))
+        if times is not None:
+            cells.append(times.get(Path(p).name, "-"))
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
