@@ -50,13 +50,17 @@ def _rederive_classes(run: Path, names: list[str]) -> dict[int, dict[str, int]]:
             lvl = int(t.token_level[t.token_of_patch[r, c]])
             acc.setdefault(cls, {}).setdefault(f"patches_level{lvl}", 0)
             acc[cls][f"patches_level{lvl}"] += 1
+            own = t.token_of_patch[r, c]  # STEP: a patch's fate is its token's exit gate or the end
+            fate = "reached_end" if t.token_exit_block[own] == t.meta.depth else "exited"
+            for key in (f"patches_{fate}", *([f"patches_exited_gate{t.token_exit_block[own]}"] if fate == "exited" else [])):
+                acc[cls][key] = acc[cls].get(key, 0) + 1
         for tok in range(t.num_tokens):
             labs = t.patch_labels[t.token_of_patch == tok]
             labs = labs[labs != 255]
             cls = int(np.bincount(labs).argmax()) if labs.size else 255
-            point = "end" if t.token_exit_block[tok] == t.meta.depth else f"gate{t.token_exit_block[tok]}"
-            acc.setdefault(cls, {}).setdefault(f"tokens_exit_{point}", 0)
-            acc[cls][f"tokens_exit_{point}"] += 1
+            key = "tokens_reached_end" if t.token_exit_block[tok] == t.meta.depth else f"tokens_exited_gate{t.token_exit_block[tok]}"
+            acc.setdefault(cls, {}).setdefault(key, 0)
+            acc[cls][key] += 1
     return acc
 
 
@@ -70,6 +74,8 @@ def test_dataset_tables_match_the_traces(tmp_path: Path, ckpt8: Path) -> None:
         for key, value in counts.items():
             assert classes.loc[cls, key] == value, (cls, key)
     assert classes.filter(like="patches_level").to_numpy().sum() == sum(Trace.load(run / n).num_patches for n in names)
+    fates = classes[["patches_merged", "patches_pruned", "patches_exited", "patches_reached_end"]].sum(axis=1)
+    assert (fates == classes["patches"]).all()  # never renormalised: every patch has one fate
     blocks = pd.read_csv(run / "tables" / "blocks.csv")
     assert blocks["tokens_in"].tolist() == np.sum([Trace.load(run / n).block_tokens_in for n in names], axis=0).tolist()
     levels = pd.read_csv(run / "tables" / "levels.csv")
@@ -77,7 +83,7 @@ def test_dataset_tables_match_the_traces(tmp_path: Path, ckpt8: Path) -> None:
     s = json.loads((run / "summary.json").read_text())
     assert 0 <= s["step_miou"] <= 1 and 0 <= s["baseline_miou"] <= 1 and s["class_source"] == "ground truth"
     assert np.asarray(s["flow_patches"]).sum() == s["patches"]
-    for f in ("tokens_per_block", "class_exits", "class_levels", "token_flow"):
+    for f in ("tokens_per_block", "class_fates", "class_levels", "token_flow"):
         assert (run / "figures" / f"{f}.png").is_file()
 
 

@@ -644,22 +644,46 @@ def sweep(*, model: str = "demo", weights: str | None = None, random_init: bool 
 
 
 def table(folder: str | Path, *, kind: str = "methods", format: str = "markdown",
-          out: str | Path | None = None) -> str:
+          out: str | Path | None = None, figure: str | Path | None = None) -> str:
     """`tokenscope table`: the comparison table a sweep folder or `compare --methods` folder holds
-    (`kind="methods"`), or a run's per-class table (`kind="classes"`), as Markdown, LaTeX
-    (booktabs) or CSV, with units, per-image/total in the headers and the conditions as notes.
-    Written to `out` too when given (never over an existing file)."""
+    (`kind="methods"`), a run's per-class table (`kind="classes"`: fates, cost per patch, IoU), early
+    decisions against the unreduced model (`kind="agreement"`, a compare folder) or fates against the
+    distance to a class boundary (`kind="boundary"`), as Markdown, LaTeX (booktabs) or CSV, with units,
+    per-image/total in the headers and the conditions as notes. Written to `out` too when given, and the
+    kind's figure to `figure` (classes, boundary; .png, .pdf or .svg), never over an existing file."""
     from tokenscope.jobs.runfolder import write_text_atomic
     from tokenscope.render.tables import paper_table, render_table
 
+    for target in (out, figure):
+        if target is not None and Path(target).exists():
+            raise ConfigError(f"{target} exists; choose another path (nothing is overwritten)")
+    if figure is not None and Path(figure).suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ConfigError(f"--figure {figure}: name a .png, .pdf or .svg file")
+    if figure is not None and kind not in ("classes", "boundary"):
+        raise ConfigError(f"--figure: the {kind} table has no figure (classes and boundary do)")
     text = render_table(paper_table(folder, kind), format)
     if out is not None:
         path = Path(out)
-        if path.exists():
-            raise ConfigError(f"{path} exists; choose another --out (nothing is overwritten)")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, text)
+    if figure is not None:
+        from tokenscope.render.figures import FigureStyle
+
+        fig = _table_figure(Path(folder), kind)
+        Path(figure).parent.mkdir(parents=True, exist_ok=True)
+        FigureStyle(format=Path(figure).suffix.lower().lstrip(".")).save(fig, Path(figure))
     return text
+
+
+def _table_figure(folder: Path, kind: str) -> Any:
+    if kind == "boundary":
+        from tokenscope.render.decision_tables import boundary_figure
+
+        return boundary_figure(folder)
+    from tokenscope.plot import _run_tables
+    from tokenscope.render.dataset_plots import class_fates_figure
+
+    return class_fates_figure(_run_tables(folder))
 
 
 def list_methods() -> Listing:

@@ -269,21 +269,21 @@ def run(
     _warn(result.warnings)
     table = Table(title=f"tokenscope run: {result.model}" + (f", method {result.method}" if result.method else ""),
                   title_justify="left")
-    for col in ("image", "patches", "tokens", "reduction", "tokens/block", "exited early", "GFLOPs", "baseline GFLOPs",
-                "forward"):
+    for col in ("image", "patches", "tokens", "reduction", "tokens/block", "merged", "pruned", "exited", "GFLOPs",
+                "baseline GFLOPs", "forward"):
         table.add_column(col, justify="left" if col == "image" else "right")
     shown = [r for r in result.images if r.summary is not None]
     for r in shown[:20]:
         s = r.summary
         table.add_row(Path(s["image"]).name, str(s["patches"]), str(s["tokens"]), f"{s['reduction']:.2f}x",
-                      f"{s['mean_tokens_per_block']:.0f}", f"{s['exited_early_pct']:.1f}%", f"{s['gflops']:.2f}",
+                      f"{s['mean_tokens_per_block']:.0f}", *_fate_cells(s), f"{s['gflops']:.2f}",
                       f"{s['baseline_gflops']:.2f}", f"{1e3 * s['forward_s']:.0f} ms")
     if len(shown) > 20:
-        table.add_row(f"... {len(shown) - 20} more", "", "", "", "", "", "", "", "")
+        table.add_row(f"... {len(shown) - 20} more", "", "", "", "", "", "", "", "", "", "")
     if result.tables is not None and len(shown) > 1:
         t = result.tables.summary
         table.add_row("ALL", str(t["patches"]), str(t["tokens"]), f"{t['token_reduction']:.2f}x",
-                      f"{t['mean_tokens_per_block']:.0f}", f"{t['exited_early_pct']:.1f}%",
+                      f"{t['mean_tokens_per_block']:.0f}", *_fate_cells(t),
                       f"{t['gflops_per_image']:.2f}/img", f"{t['baseline_gflops_per_image']:.2f}/img", "")
     out_console.print(table)
     if result.tables is not None and "step_miou" in result.tables.summary:
@@ -415,9 +415,10 @@ def compare(
 def _print_methods(result: Any, baseline: str) -> None:
     """One row per method, over all images: the comparison `compare --methods` is for."""
     n = len({r["image"] for r in result.rows})
-    table = Table(title=f"methods vs baseline ({baseline}): tokens in, GFLOPs, latency and merged are totals over "
-                        f"{n} image{'s' if n != 1 else ''}; tokens/block and exited are means", title_justify="left")
-    cols = ["method", "tokens in", "tokens/block", "GFLOPs", "latency ms", "exited", "merged", "agree"]
+    table = Table(title=f"methods vs baseline ({baseline}): tokens in, GFLOPs and latency are totals over "
+                        f"{n} image{'s' if n != 1 else ''}; tokens/block is a mean; merged, pruned and exited are "
+                        "shares of the tokens", title_justify="left")
+    cols = ["method", "tokens in", "tokens/block", "GFLOPs", "latency ms", "merged", "pruned", "exited", "agree"]
     has_miou = any("miou" in r for r in result.method_overall)
     if has_miou:
         cols += ["mIoU [95% CI]", "change [95% CI]"]
@@ -426,7 +427,8 @@ def _print_methods(result: Any, baseline: str) -> None:
     for r in result.method_overall:
         cells = [r["method"], f"{r['tokens']:.0f}", f"{r['mean_tokens_per_block']:.0f} ({r['block_token_reduction']:.2f}x)",
                  f"{r['gflops']:.2f} ({r['flop_reduction']:.2f}x)", f"{r['latency_ms']:.0f} ({r['speedup']:.2f}x)",
-                 f"{r['exited_early_pct']:.1f}%", f"{r['merged']:.0f}", f"{100 * r['agreement']:.1f}%"]
+                 f"{r['merged_pct']:.1f}%", f"{r['pruned_pct']:.1f}%", f"{r['exited_pct']:.1f}%",
+                 f"{100 * r['agreement']:.1f}%"]
         if has_miou:
             change = r.get("miou_change_ci")
             cells += [f"{100 * r.get('miou', float('nan')):.2f}{_ci_text(r.get('miou_ci'))}",
@@ -551,17 +553,22 @@ def _ci_text(ci: dict[str, Any] | None, signed: bool = False) -> str:
     return bounds_text(ci, signed)
 
 
+def _fate_cells(s: dict[str, Any]) -> list[str]:
+    """merged, pruned, exited: shares of the tokens (summaries written before fates had only exits)."""
+    return [f"{s.get(f'{kind}_pct', 0.0):.1f}%" for kind in ("merged", "pruned")] + [f"{s['exited_early_pct']:.1f}%"]
+
+
 def _print_eval(metrics: dict[str, dict[str, Any]], title: str) -> None:
     table = Table(title=title, title_justify="left")
     for col in ("variant", "images", "mIoU [95% CI]", "mIoU change [95% CI]", "tokens/image", "token reduction",
-                "exited early", "GFLOPs/image", "ms/image"):
+                "merged", "pruned", "exited", "GFLOPs/image", "ms/image"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for name, m in metrics.items():
         change = m.get("miou_change_ci")
         table.add_row(name, str(m["images"]), f"{100 * m['miou']:.2f}{_ci_text(m.get('miou_ci'))}",
                       _ci_value(change, signed=True),
                       f"{m['tokens'] / max(m['images'], 1):.0f}",
-                      f"{m['token_reduction']:.2f}x", f"{m['exited_early_pct']:.1f}%", f"{m['gflops_per_image']:.2f}",
+                      f"{m['token_reduction']:.2f}x", *_fate_cells(m), f"{m['gflops_per_image']:.2f}",
                       f"{m['forward_ms_per_image']:.0f}")
     out_console.print(table)
     first = next(iter(metrics.values()), {})
@@ -745,7 +752,8 @@ def _print_sweep_table(df: Any, title: str) -> None:
     """One row per operating point: mIoU and its change with 95% intervals, cost, speed."""
     table = Table(title=f"{title} (mIoU: pooled over {int(df['images'].iloc[0]) if len(df) else 0} images, "
                         "[95% bootstrap CI]; change: paired, against the plain ViT)", title_justify="left")
-    for col in ("size", "point", "mIoU [95% CI]", "change [95% CI]", "GFLOPs/img", "images/s", "tokens/block", "exited"):
+    for col in ("size", "point", "mIoU [95% CI]", "change [95% CI]", "GFLOPs/img", "images/s", "tokens/block", "merged",
+                "pruned", "exited"):
         table.add_column(col, justify="left" if col == "point" else "right")
     for _, r in df.iterrows():
         ci = {"low": r["miou_low"], "high": r["miou_high"]}
@@ -754,7 +762,7 @@ def _print_sweep_table(df: Any, title: str) -> None:
         table.add_row(str(r["size"]) if r["size"] else "native", str(r["point"]), f"{100 * r['miou']:.2f}{_ci_text(ci)}", change,
                       f"{r['gflops_per_image']:.2f}",
                       f"{r['images_per_s']:.2f}", f"{r['mean_tokens_per_block']:.0f} ({r['block_token_reduction']:.2f}x)",
-                      f"{r['exited_early_pct']:.1f}%")
+                      *_fate_cells(r))
     out_console.print(table)
     condition = str(df["class_condition"].iloc[0]) if len(df) and "class_condition" in df else ""
     if condition and condition != "nan":
@@ -764,18 +772,21 @@ def _print_sweep_table(df: Any, title: str) -> None:
 @app.command("table")
 def table_cmd(
     folder: Annotated[Path, typer.Argument(help="A sweep folder, a `compare --methods` folder, or a run folder (with --kind classes).")],
-    kind: Annotated[str, typer.Option(help="methods (one row per operating point) or classes (a run's per-class table).")] = "methods",
+    kind: Annotated[str, typer.Option(help="methods (one row per operating point), classes (a run's per-class fates, cost and IoU), agreement (a compare folder: early decisions against the unreduced model) or boundary (fates against the distance to a class boundary).")] = "methods",
     fmt: Annotated[str, typer.Option("--format", help="markdown, latex (booktabs) or csv.")] = "markdown",
     out: Annotated[Optional[Path], typer.Option(help="Also write the table to this file (never overwritten).")] = None,
+    figure: Annotated[Optional[Path], typer.Option(help="Also draw the table's figure into this .png/.pdf/.svg file (classes, boundary; never overwritten).")] = None,
 ) -> None:
     """Print a comparison table for a paper: units, per image or total in every header, intervals and conditions as notes."""
     from tokenscope import api
 
     with _user_errors():
-        text = api.table(folder, kind=kind, format=fmt, out=out)
+        text = api.table(folder, kind=kind, format=fmt, out=out, figure=figure)
     sys.stdout.write(text)
     if out is not None:
-        err_console.print(f"table: [bold]{out}[/]", highlight=False)
+        err_console.print(f"table: [bold]{escape(str(out))}[/]", highlight=False)
+    if figure is not None:
+        err_console.print(f"figure: [bold]{escape(str(figure))}[/]", highlight=False)
 
 
 @app.command()

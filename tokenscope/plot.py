@@ -30,7 +30,7 @@ import numpy as np
 from tokenscope.analysis.aggregate import DatasetTables, aggregate
 from tokenscope.data.images import as_rgb
 from tokenscope.errors import ConfigError
-from tokenscope.render.dataset_plots import (class_exits_figure, class_levels_figure, token_flow_figure,
+from tokenscope.render.dataset_plots import (class_fates_figure, class_levels_figure, token_flow_figure,
                                              tokens_per_block_figure)
 from tokenscope.render.overlays import groups_overlay, render_overlay
 from tokenscope.render.pareto import methods_pareto_figure, pareto_figure
@@ -126,12 +126,14 @@ def token_flow(traces: Any) -> Any:
 
 
 def classes(source: Any, kind: str = "levels") -> Any:
-    """Per class: the share of its patches in each superpatch level (`kind="levels"`) or of its
-    tokens leaving at each gate (`kind="exits"`), for traces or a run folder."""
-    if kind not in ("levels", "exits"):
-        raise ConfigError(f"kind must be 'levels' or 'exits', got {kind!r}")
+    """Per class: the share of its patches in each superpatch level (`kind="levels"`) or in each fate
+    (`kind="fates"`: merged, pruned, exited by block or gate, reached the end), for traces or a run folder."""
+    if kind == "exits":  # the earlier name of the fates figure
+        kind = "fates"
+    if kind not in ("levels", "fates"):
+        raise ConfigError(f"kind must be 'levels' or 'fates', got {kind!r}")
     t = _tables(source)
-    return class_levels_figure(t) if kind == "levels" else class_exits_figure(t)
+    return class_levels_figure(t) if kind == "levels" else class_fates_figure(t)
 
 
 def tokens_per_block(source: Any) -> Any:

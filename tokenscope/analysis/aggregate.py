@@ -8,17 +8,20 @@ patch labels, else its predicted class (`class_source` says which).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
+from tokenscope.analysis.fate_counts import column_order, finish_rates, image_counts, token_classes  # noqa: F401
 from tokenscope.analysis.metrics import iou_per_class, mean_iou
 from tokenscope.analysis.uncertainty import class_counts, miou_change_interval, miou_interval
 from tokenscope.analysis.stats import level_block_matrix
 from tokenscope.data.images import IGNORE_INDEX
 from tokenscope.models.partition import MAX_LEVEL
+from tokenscope.trace.fates import EXITED, FATES, MERGED, PRUNED, TokenFates, fate_totals, token_fates
 from tokenscope.trace.trace import Trace
 
 
@@ -56,19 +59,33 @@ class ImageEval:
                    d.get("baseline_tokens"), d.get("baseline_flops"))
 
 
-def token_classes(trace: Trace) -> tuple[np.ndarray, str]:
-    """Class of every token: ground-truth majority over its patches if known, else predicted."""
-    if trace.patch_labels is None:
-        return trace.token_class.astype(np.int64), "predicted"
-    t = trace.num_tokens
-    lab = trace.patch_labels.ravel().astype(np.int64)
-    tok = trace.token_of_patch.ravel().astype(np.int64)
-    keep = lab != IGNORE_INDEX
-    counts = np.zeros((t, IGNORE_INDEX + 1), dtype=np.int64)
-    np.add.at(counts, (tok[keep], lab[keep]), 1)
-    cls = counts.argmax(axis=1)
-    cls[counts.max(axis=1) == 0] = IGNORE_INDEX
-    return cls, "ground truth"
+def flow_points(trace: Trace) -> list[str]:
+    """Where a patch's token group ends, left to right in the token-flow figure: each gate, pruned, the end."""
+    return [*(f"gate{g}" for g in trace.meta.exit_after), "pruned", "end"]
+
+
+def flow_matrices(trace: Trace, fates: TokenFates) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(levels, flow points) each: tokens ending at each point (merged tokens not counted: their group is),
+    patches ending there (with the group they merged into), and the patches among those whose own token
+    merged into another."""
+    points = flow_points(trace)
+    final_kind = fates.final_kind
+    final_block = fates.block[fates.final]
+    column = np.full(trace.num_tokens, points.index("end"), dtype=np.int64)
+    column[final_kind == PRUNED] = points.index("pruned")
+    for j, g in enumerate(trace.meta.exit_after):
+        column[(final_kind == EXITED) & (final_block == g)] = j
+    level = trace.token_level.astype(np.int64)
+    patches = trace.token_patches.astype(np.int64)
+    merged = fates.kind == MERGED
+    shape = (MAX_LEVEL + 1, len(points))
+    ft = np.zeros(shape, dtype=np.int64)
+    fp = np.zeros(shape, dtype=np.int64)
+    fm = np.zeros(shape, dtype=np.int64)
+    np.add.at(ft, (level[~merged], column[~merged]), 1)
+    np.add.at(fp, (level, column), patches)
+    np.add.at(fm, (level[merged], column[merged]), patches[merged])
+    return ft, fp, fm
 
 
 def exit_points(trace: Trace) -> list[int]:
@@ -97,10 +114,12 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
     (the summary then also gives `windows`, and per-image numbers divide by images).
     """
     image_rows: list[dict[str, Any]] = []
-    class_acc: dict[int, dict[str, int]] = {}
-    level_acc = np.zeros((MAX_LEVEL + 1, 6), dtype=np.float64)  # tokens, patches, exited, exited patches, correct, judged
+    class_acc: dict[int, Counter] = {}
+    level_acc: dict[int, Counter] = {k: Counter() for k in range(MAX_LEVEL + 1)}
     block_in: np.ndarray | None = None
     block_exit: np.ndarray | None = None
+    block_merged: np.ndarray | None = None
+    block_pruned: np.ndarray | None = None
     block_flops: np.ndarray | None = None
     block_levels: np.ndarray | None = None
     flow_tokens: np.ndarray | None = None
@@ -112,77 +131,44 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
     sources = set()
     names: tuple[str, ...] = ()
     first: Trace | None = None
-    totals = {"patches": 0, "tokens": 0, "groups": 0, "merged": 0, "block_tokens": 0.0, "exited": 0, "exited_patches": 0, "flops": 0, "baseline_flops": 0, "images": 0}
+    places: set[str] = set()
+    totals: Counter = Counter()
     for name, tr, ev in records:
         first = first or tr
         names = names or tuple(tr.meta.class_names)
-        points = exit_points(tr)
-        cls, source = token_classes(tr)
+        fates = token_fates(tr)
+        by_class, by_level, source = image_counts(tr, fates)
         sources.add(source)
-        side = tr.token_side.astype(np.int64)
-        patches = side * side
-        early = tr.exited_early  # per token: its patches left early (with its group, when merged)
+        for c, counts in by_class.items():
+            class_acc.setdefault(c, Counter()).update(counts)
+        for k, counts in by_level.items():
+            level_acc[k].update(counts)
+        for counts in by_class.values():
+            places.update(key.removeprefix("patches_") for key in counts
+                          if key.startswith("patches_") and not key.startswith("patches_level")
+                          and key.removeprefix("patches_") not in FATES)
         surv = tr.survivors
-        early_groups = early & surv
-        patch_lab = tr.patch_labels
-        correct_patches = np.zeros(tr.num_tokens, dtype=np.int64)
-        judged_patches = np.zeros(tr.num_tokens, dtype=np.int64)
-        if patch_lab is not None:
-            tok = tr.token_of_patch.ravel()
-            lab = patch_lab.ravel()
-            ok = lab != IGNORE_INDEX
-            judged_patches = np.bincount(tok[ok], minlength=tr.num_tokens)
-            correct_patches = np.bincount(tok[ok & (lab == tr.token_class[tok])], minlength=tr.num_tokens)
-        for c in np.unique(cls):
-            sel = cls == c
-            acc = class_acc.setdefault(int(c), {})
-            acc["tokens"] = acc.get("tokens", 0) + int(sel.sum())
-            acc["token_patches"] = acc.get("token_patches", 0) + int(patches[sel].sum())
-            for k in points:
-                key = f"tokens_exit_{point_name(tr, k)}"
-                acc[key] = acc.get(key, 0) + int(np.sum(sel & surv & (tr.token_exit_block == k)))
-            acc["exited_judged_patches"] = acc.get("exited_judged_patches", 0) + int(judged_patches[sel & early].sum())
-            acc["exited_correct_patches"] = acc.get("exited_correct_patches", 0) + int(correct_patches[sel & early].sum())
-        # patches per class at each level (a patch's class is its own label when known)
-        patch_cls = patch_lab.ravel() if patch_lab is not None else tr.per_patch(tr.token_class).ravel()
-        patch_lvl = tr.per_patch(tr.token_level).ravel().astype(np.int64)
-        for c in np.unique(patch_cls):
-            acc = class_acc.setdefault(int(c), {})
-            lv = np.bincount(patch_lvl[patch_cls == c], minlength=MAX_LEVEL + 1)
-            for k in range(MAX_LEVEL + 1):
-                acc[f"patches_level{k}"] = acc.get(f"patches_level{k}", 0) + int(lv[k])
-        for k in range(MAX_LEVEL + 1):
-            sel = tr.token_level == k
-            level_acc[k] += [sel.sum(), patches[sel].sum(), (sel & early).sum(), patches[sel & early].sum(),
-                             correct_patches[sel].sum(), judged_patches[sel].sum()]
-        exits_after = np.array([np.sum(surv & (tr.token_exit_block == b)) if b in tr.meta.exit_after else 0
-                                for b in range(1, tr.meta.depth + 1)])
+        fate = fate_totals(tr, fates)
+        exits_after = np.bincount(fates.block[fates.kind == EXITED].astype(np.int64), minlength=tr.meta.depth + 1)[1:]
         block_in = tr.block_tokens_in.astype(np.int64) if block_in is None else block_in + tr.block_tokens_in
         block_exit = exits_after if block_exit is None else block_exit + exits_after
+        merged_here, pruned_here = tr.merges_per_block(), tr.pruned_per_block()
+        block_merged = merged_here if block_merged is None else block_merged + merged_here
+        block_pruned = pruned_here if block_pruned is None else block_pruned + pruned_here
         block_flops = tr.block_flops.astype(np.int64) if block_flops is None else block_flops + tr.block_flops
         bl = level_block_matrix(tr)
         block_levels = bl if block_levels is None else block_levels + bl
-        ft = np.zeros((MAX_LEVEL + 1, len(points)), dtype=np.int64)
-        fp = np.zeros_like(ft)
-        for j, k in enumerate(points):
-            at = tr.token_exit_block == k
-            ft[:, j] = np.bincount(tr.token_level[at & surv].astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
-            fp[:, j] = np.bincount(tr.token_level[at].astype(np.int64), weights=patches[at],
-                                   minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1].astype(np.int64)
-        fm = np.zeros_like(ft)  # patches of tokens that were merged into another inside the encoder
-        for j, k in enumerate(points):
-            gone = (tr.token_exit_block == k) & ~surv
-            fm[:, j] = np.bincount(tr.token_level[gone].astype(np.int64), weights=patches[gone],
-                                   minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1].astype(np.int64)
+        ft, fp, fm = flow_matrices(tr, fates)
         flow_tokens = ft if flow_tokens is None else flow_tokens + ft
         flow_patches = fp if flow_patches is None else flow_patches + fp
         flow_merged = fm if flow_merged is None else flow_merged + fm
         flops = tr.meta.flops
         row: dict[str, Any] = {"image": name, "source": tr.meta.source, "h": tr.meta.input_hw[0], "w": tr.meta.input_hw[1],
                                "patches": tr.num_patches, "tokens": tr.num_tokens, "reduction": tr.reduction,
-                               "mean_tokens": tr.mean_tokens_per_block, "merged": int((~surv).sum()),
-                               "exited_early": int(early_groups.sum()),
-                               "exited_early_pct": 100.0 * float(early_groups.sum()) / max(int(surv.sum()), 1),
+                               "mean_tokens": tr.mean_tokens_per_block,
+                               **{f"{kind}": fate[f"tokens_{kind}"] for kind in FATES},
+                               **{f"{kind}_pct": 100.0 * fate[f"tokens_{kind}"] / tr.num_tokens for kind in FATES},
+                               **{f"{kind}_patch_pct": 100.0 * fate[f"patches_{kind}"] / tr.num_patches for kind in FATES},
                                "gflops": flops.get("total", 0) / 1e9, "baseline_gflops": flops.get("baseline_total", 0) / 1e9,
                                "forward_ms": 1e3 * tr.meta.timings.get("forward_s", float("nan"))}
         if ev is not None:
@@ -199,10 +185,8 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         totals["patches"] += tr.num_patches
         totals["tokens"] += tr.num_tokens
         totals["groups"] += int(surv.sum())
-        totals["merged"] += int((~surv).sum())
         totals["block_tokens"] += float(tr.tokens_in_block().sum())
-        totals["exited"] += int(early_groups.sum())
-        totals["exited_patches"] += int(patches[early].sum())
+        totals.update(fate)
         totals["flops"] += int(flops.get("total", 0))
         totals["baseline_flops"] += int(flops.get("baseline_total", 0))
         totals["images"] += 1
@@ -216,45 +200,65 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         return DatasetTables(empty, empty, empty, empty, {"images": 0})
     step_iou = iou_per_class(step_conf) if step_conf is not None else None
     base_iou = iou_per_class(base_conf) if base_conf is not None else None
+    place_cols = column_order(places)
+    counted = ["patches", *(f"patches_level{k}" for k in range(MAX_LEVEL + 1)), "tokens",
+               *(f"patches_{kind}" for kind in FATES), *(f"patches_{c}" for c in place_cols),
+               *(f"tokens_{kind}" for kind in FATES), *(f"tokens_{c}" for c in place_cols),
+               "token_blocks", "block_flops"]
     class_rows = []
     for c in sorted(class_acc):
         a = class_acc[c]
-        row = {"class": c, "name": "ignore" if c == IGNORE_INDEX else first.meta.class_name(c), **{k: a.get(k, 0) for k in sorted(a)}}
-        for k in range(MAX_LEVEL + 1):
-            row.setdefault(f"patches_level{k}", 0)
         # a class can cover patches without being the majority of any token: its token counts are 0
-        for key in ("tokens", "token_patches", "exited_judged_patches", "exited_correct_patches",
-                    *(f"tokens_exit_{point_name(first, k)}" for k in exit_points(first))):
-            row.setdefault(key, 0)
-        row["patches"] = sum(row[f"patches_level{k}"] for k in range(MAX_LEVEL + 1))
-        judged = a.get("exited_judged_patches", 0)
-        row["exit_accuracy"] = a.get("exited_correct_patches", 0) / judged if judged else float("nan")
+        row = {"class": c, "name": "ignore" if c == IGNORE_INDEX else first.meta.class_name(c),
+               **{k: a.get(k, 0) for k in counted}}
+        for kind in ("exited", "pruned"):
+            row[f"{kind}_judged_patches"] = a.get(f"{kind}_judged_patches", 0)
+            row[f"{kind}_correct_patches"] = a.get(f"{kind}_correct_patches", 0)
+        finish_rates(row)
         if step_iou is not None and 0 <= c < len(step_iou):
-            row["iou_step"] = float(step_iou[c])
+            row["iou"] = float(step_iou[c])
         if base_iou is not None and 0 <= c < len(base_iou):
             row["iou_baseline"] = float(base_iou[c])
         class_rows.append(row)
-    levels = pd.DataFrame(level_acc, columns=["tokens", "patches", "exited", "exited_patches", "correct_patches",
-                                              "judged_patches"]).astype(np.int64)
-    levels.insert(0, "level", np.arange(MAX_LEVEL + 1))
-    levels.insert(1, "side_px", first.patch_size * 2 ** levels["level"])
-    levels["exit_rate"] = levels["exited"] / levels["tokens"].where(levels["tokens"] > 0)
-    levels["accuracy"] = levels["correct_patches"] / levels["judged_patches"].where(levels["judged_patches"] > 0)
+    level_rows = []
+    for k in range(MAX_LEVEL + 1):
+        a = level_acc[k]
+        row = {"level": k, "side_px": first.patch_size * 2 ** k, "tokens": a.get("tokens", 0), "patches": a.get("patches", 0),
+               **{f"tokens_{kind}": a.get(f"tokens_{kind}", 0) for kind in FATES},
+               **{f"patches_{kind}": a.get(f"patches_{kind}", 0) for kind in FATES},
+               "token_blocks": a.get("token_blocks", 0.0), "block_flops": a.get("block_flops", 0.0),
+               "correct_patches": a.get("correct_patches", 0), "judged_patches": a.get("judged_patches", 0)}
+        for kind in ("exited", "pruned"):
+            row[f"{kind}_judged_patches"] = a.get(f"{kind}_judged_patches", 0)
+            row[f"{kind}_correct_patches"] = a.get(f"{kind}_correct_patches", 0)
+        finish_rates(row)
+        tokens = row["tokens"]
+        for kind in FATES:
+            row[f"{kind}_rate"] = row[f"tokens_{kind}"] / tokens if tokens else float("nan")
+        row["exit_rate"] = row["exited_rate"]
+        row["accuracy"] = row["correct_patches"] / row["judged_patches"] if row["judged_patches"] else float("nan")
+        level_rows.append(row)
+    levels = pd.DataFrame(level_rows)
     n = totals["images"]
     per_image = images if images is not None else n
     blocks = pd.DataFrame({"block": np.arange(1, first.meta.depth + 1), "tokens_in": block_in, "mean_tokens_in": block_in / n,
+                           "merged_in_block": block_merged, "pruned_at_block": block_pruned,
                            "exited_after": block_exit, "flops": block_flops})
     for k in range(MAX_LEVEL + 1):
         blocks[f"tokens_in_level{k}"] = block_levels[:, k]  # type: ignore[index]
     summary: dict[str, Any] = {
         "images": per_image, "windows": n, "patches": totals["patches"], "tokens": totals["tokens"],
         "token_reduction": totals["patches"] / max(totals["tokens"], 1),
-        "exited_early_pct": 100.0 * totals["exited"] / max(totals["groups"], 1),
+        **{f"{kind}_pct": 100.0 * totals[f"tokens_{kind}"] / max(totals["tokens"], 1) for kind in FATES},
+        **{f"{kind}_patch_pct": 100.0 * totals[f"patches_{kind}"] / max(totals["patches"], 1) for kind in FATES},
+        "exited_early_pct": 100.0 * totals["tokens_exited"] / max(totals["tokens"], 1),
+        "pruned_tokens": totals["tokens_pruned"],
+        "fate_places": column_order(places),
         "mean_tokens_per_block": totals["block_tokens"] / max(n * first.meta.depth, 1),
         "block_token_reduction": totals["patches"] * first.meta.depth / max(totals["block_tokens"], 1e-9),
-        "merged_tokens": totals["merged"],
+        "merged_tokens": totals["tokens_merged"],
         "method": first.meta.method_name,
-        "exited_early_patch_pct": 100.0 * totals["exited_patches"] / max(totals["patches"], 1),
+        "exited_early_patch_pct": 100.0 * totals["patches_exited"] / max(totals["patches"], 1),
         "gflops_per_image": totals["flops"] / 1e9 / per_image,
         "baseline_gflops_per_image": totals["baseline_flops"] / 1e9 / per_image,
         "flop_reduction": totals["baseline_flops"] / max(totals["flops"], 1),
@@ -262,7 +266,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         "model": first.meta.model, "policy": first.meta.policy, "exits": first.meta.exits,
         "merge_thresholds": list(first.meta.merge_thresholds), "exit_threshold": first.meta.exit_threshold,
         "exit_after": list(first.meta.exit_after), "depth": first.meta.depth, "class_names": list(names),
-        "flow_points": [point_name(first, k) for k in exit_points(first)],
+        "flow_points": flow_points(first),
         "flow_tokens": flow_tokens.tolist(), "flow_patches": flow_patches.tolist(),  # type: ignore[union-attr]
         "flow_merged_patches": flow_merged.tolist(),  # type: ignore[union-attr]
     }

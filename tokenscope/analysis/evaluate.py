@@ -70,6 +70,8 @@ class VariantScores:
     tokens: int = 0
     exited_tokens: int = 0
     exited_patches: int = 0
+    pruned_tokens: int = 0
+    merged_tokens: int = 0
     flops: int = 0
     images: int = 0
     windows: int = 0
@@ -86,8 +88,8 @@ class VariantScores:
     """(3, C) intersection / target / predicted pixels per class of every image, in the order of
     `per_image`: what the bootstrap intervals resample."""
 
-    COUNTS = ("patches", "tokens", "exited_tokens", "exited_patches", "flops", "images", "windows", "forward_s",
-              "block_tokens", "groups")
+    COUNTS = ("patches", "tokens", "exited_tokens", "exited_patches", "pruned_tokens", "merged_tokens", "flops", "images",
+              "windows", "forward_s", "block_tokens", "groups")
 
     def add_up(self, ctx: dist.Context) -> None:
         """Sum the totals of every rank into this one (a no-op in a single process)."""
@@ -118,7 +120,16 @@ class VariantScores:
 
     @property
     def exited_pct(self) -> float:
-        return 100.0 * self.exited_tokens / max(self.groups, 1)
+        """Tokens that left at an exit gate, % of the tokens (pruned and merged ones are counted apart)."""
+        return 100.0 * self.exited_tokens / max(self.tokens, 1)
+
+    @property
+    def pruned_pct(self) -> float:
+        return 100.0 * self.pruned_tokens / max(self.tokens, 1)
+
+    @property
+    def merged_pct(self) -> float:
+        return 100.0 * self.merged_tokens / max(self.tokens, 1)
 
     @property
     def exited_patch_pct(self) -> float:
@@ -148,6 +159,7 @@ class VariantScores:
             "variant": self.name, "images": self.images, "windows": self.windows, "miou": self.miou,
             "miou_ci": self.miou_interval().as_dict(), "patches": self.patches,
             "tokens": self.tokens, "token_reduction": self.reduction, "exited_early_pct": self.exited_pct,
+            "exited_pct": self.exited_pct, "pruned_pct": self.pruned_pct, "merged_pct": self.merged_pct,
             "exited_early_patch_pct": self.exited_patch_pct, "gflops_per_image": self.gflops_per_image,
             "forward_ms_per_image": 1e3 * self.forward_s / max(self.images, 1),
             "mean_tokens_per_block": self.mean_tokens_per_block, "block_token_reduction": self.block_token_reduction,
@@ -211,8 +223,11 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
                 s.class_counts.append(counts_of(image_conf))
                 s.patches += pred.patches
                 s.tokens += pred.tokens
-                s.exited_tokens += pred.exited_tokens
-                s.exited_patches += pred.exited_patches
+                fates = pred.fate_totals()
+                s.exited_tokens += fates["tokens_exited"]
+                s.exited_patches += fates["patches_exited"]
+                s.pruned_tokens += fates["tokens_pruned"]
+                s.merged_tokens += fates["tokens_merged"]
                 s.flops += pred.flops
                 s.forward_s += pred.forward_s
                 s.windows += len(pred.traces)

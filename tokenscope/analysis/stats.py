@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tokenscope.models.partition import MAX_LEVEL
+from tokenscope.trace.fates import EXITED, FATES, fate_totals, patch_cost, token_fates
 from tokenscope.trace.trace import Trace
 
 
@@ -23,6 +24,9 @@ def tokens_columns(trace: Trace) -> dict[str, np.ndarray]:
     m = trace.meta
     side = trace.token_side
     classes, where = np.unique(trace.token_class, return_inverse=True)
+    fates = token_fates(trace)
+    blocks, flops = patch_cost(trace)
+    tok = trace.token_of_patch.ravel()
     return {
         "token": np.arange(trace.num_tokens),
         "level": trace.token_level.astype(int),
@@ -31,7 +35,13 @@ def tokens_columns(trace: Trace) -> dict[str, np.ndarray]:
         "side": side,
         "patches": side**2,
         "exit_block": trace.token_exit_block.astype(int),
-        "exited_early": trace.exited_early,
+        "fate": fates.names(),
+        "fate_block": fates.block.astype(int),
+        "fate_place": fates.labels(),
+        "final_token": fates.final.astype(int),
+        "exited_early": fates.kind == EXITED,
+        "token_blocks": np.bincount(tok, weights=blocks.ravel(), minlength=trace.num_tokens),
+        "gflops": np.bincount(tok, weights=flops.ravel(), minlength=trace.num_tokens) / 1e9,
         "confidence": trace.token_confidence.astype(float),
         "class": trace.token_class,
         "class_name": np.array([m.class_name(int(c)) for c in classes], dtype=object)[where.reshape(-1)],
@@ -39,11 +49,15 @@ def tokens_columns(trace: Trace) -> dict[str, np.ndarray]:
                       else np.zeros(trace.num_tokens)).astype(int),
         "merged_into": (trace.token_merged_into if trace.token_merged_into is not None
                         else np.full(trace.num_tokens, -1)).astype(int),
+        "pruned_at": (trace.token_pruned_at if trace.token_pruned_at is not None
+                      else np.zeros(trace.num_tokens)).astype(int),
     }
 
 
 def tokens_table(trace: Trace) -> pd.DataFrame:
-    """One row per (super)token: where it sits, how big it is, when it left and what it said."""
+    """One row per (super)token: where it sits, how big it is, its fate (merged / pruned / exited /
+    reached_end, with the block or gate), what it cost (token-blocks and block GFLOPs of its patches, as
+    trace/fates.py shares them) and what it said."""
     return pd.DataFrame(tokens_columns(trace))
 
 
@@ -87,12 +101,13 @@ def blocks_table(trace: Trace) -> pd.DataFrame:
     depth = trace.meta.depth
     gates = set(trace.meta.exit_after)
     by_level = level_block_matrix(trace)
-    exited = [int(np.sum(trace.survivors & (trace.token_exit_block == b))) if b in gates else 0
-              for b in range(1, depth + 1)]
+    fates = token_fates(trace)
+    exited = np.bincount(fates.block[fates.kind == EXITED].astype(np.int64), minlength=depth + 1)[1:]
     df = pd.DataFrame({
         "block": np.arange(1, depth + 1),
         "tokens_in": trace.block_tokens_in.astype(int),
         "merged_in_block": trace.merges_per_block(),
+        "pruned_at_block": trace.pruned_per_block(),
         "gate_after": [b in gates for b in range(1, depth + 1)],
         "exited_after": exited,
         "flops": trace.block_flops.astype(np.int64),
@@ -105,9 +120,8 @@ def blocks_table(trace: Trace) -> pd.DataFrame:
 def summary(trace: Trace) -> dict[str, Any]:
     """The numbers a user asks first: how many tokens, how much reduction, how many left early."""
     m = trace.meta
-    early = trace.exited_early
-    groups = trace.survivors
-    patches = trace.token_patches
+    fates = token_fates(trace)
+    totals = fate_totals(trace, fates)
     per_level = np.bincount(trace.token_level.astype(np.int64), minlength=MAX_LEVEL + 1)[: MAX_LEVEL + 1]
     flops = m.flops
     total, base = flops.get("total", 0), flops.get("baseline_total", 0)
@@ -121,19 +135,20 @@ def summary(trace: Trace) -> dict[str, Any]:
         "exits": m.exits,
         "merging": dict(m.merging),
         "pruning": dict(m.pruning),
-        "pruned_tokens": 0 if trace.token_pruned_at is None else int((trace.token_pruned_at > 0).sum()),
         "merge_thresholds": list(m.merge_thresholds),
         "exit_threshold": m.exit_threshold,
         "patches": trace.num_patches,
         "tokens": trace.num_tokens,
         "reduction": trace.reduction,
         "mean_tokens_per_block": trace.mean_tokens_per_block,
-        "merged_tokens": int((~groups).sum()),
         "tokens_per_level": {str(k): int(v) for k, v in enumerate(per_level)},
-        "exited_early_tokens": int((early & groups).sum()),
-        "exited_early_pct": 100.0 * float((early & groups).sum()) / max(int(groups.sum()), 1),
-        "exited_early_patch_pct": 100.0 * float(patches[early].sum()) / trace.num_patches,
-        "exits_per_gate": {str(k): v for k, v in trace.gate_exits().items()},
+        **{f"{kind}_tokens": totals[f"tokens_{kind}"] for kind in FATES},
+        **{f"{kind}_pct": 100.0 * totals[f"tokens_{kind}"] / trace.num_tokens for kind in FATES},
+        **{f"{kind}_patch_pct": 100.0 * totals[f"patches_{kind}"] / trace.num_patches for kind in FATES},
+        "exited_early_tokens": totals["tokens_exited"],
+        "exited_early_pct": 100.0 * totals["tokens_exited"] / trace.num_tokens,
+        "exited_early_patch_pct": 100.0 * totals["patches_exited"] / trace.num_patches,
+        "exits_per_gate": {str(k): int(np.sum((fates.kind == EXITED) & (fates.block == k))) for k in m.exit_after},
         "gflops": total / 1e9,
         "baseline_gflops": base / 1e9,
         "flop_reduction": base / total if total else float("nan"),

@@ -138,3 +138,20 @@ def miou_change_interval(variant: Sequence[np.ndarray] | np.ndarray, reference: 
         return Interval(value, float("nan"), float("nan"), len(a), level, resamples, seed)
     w = _weights(len(a), resamples, seed)
     return _interval(value, _boot(a, w) - _boot(b, w), len(a), level, resamples, seed)
+
+
+def ratio_intervals(hits: np.ndarray, totals: np.ndarray, resamples: int = RESAMPLES, level: float = LEVEL,
+                    seed: int = SEED) -> list[Interval]:
+    """Pooled ratios sum(hits) / sum(totals) of many groups at once (`hits`, `totals`: (images, groups)),
+    each with its percentile bootstrap interval over images (the same draws for every group, as for mIoU).
+    A group no image has is NaN; fewer than two images give no interval."""
+    hits = np.asarray(hits, dtype=np.float64)
+    totals = np.asarray(totals, dtype=np.float64)
+    n = hits.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = hits.sum(0) / totals.sum(0)
+        if n < 2:
+            return [Interval(float(v), float("nan"), float("nan"), n, level, resamples, seed) for v in values]
+        w = _weights(n, resamples, seed).astype(np.float64)
+        samples = (w @ hits) / (w @ totals)  # (resamples, groups)
+    return [_interval(float(v), samples[:, g], n, level, resamples, seed) for g, v in enumerate(values)]

@@ -16,6 +16,7 @@ from tokenscope.analysis.stitch import stitched_label_map
 from tokenscope.data.images import PreparedImage
 from tokenscope.data.windows import WindowPlan, WindowSpec, cut_windows, plan_windows
 from tokenscope.trace.capture import TraceCapture
+from tokenscope.trace.fates import fate_totals
 from tokenscope.trace.trace import Trace
 
 
@@ -61,14 +62,22 @@ class ImagePrediction:
         """Tokens an average block works on per forward pass (image or window)."""
         return self.block_tokens / max(len(self.traces) * self.traces[0].meta.depth, 1)
 
+    def fate_totals(self) -> dict[str, int]:
+        """Tokens and patches in each fate (trace/fates.py), summed over the windows."""
+        out: dict[str, int] = {}
+        for t in self.traces:
+            for k, v in fate_totals(t).items():
+                out[k] = out.get(k, 0) + v
+        return out
+
     @property
     def exited_tokens(self) -> int:
-        """Tokens (a merged group counts once) that left at a gate."""
-        return sum(int((t.exited_early & t.survivors).sum()) for t in self.traces)
+        """Tokens that left at an exit gate (pruned and merged tokens are counted apart)."""
+        return self.fate_totals()["tokens_exited"]
 
     @property
     def exited_patches(self) -> int:
-        return sum(int(t.token_patches[t.exited_early].sum()) for t in self.traces)
+        return self.fate_totals()["patches_exited"]
 
     @property
     def forward_s(self) -> float:

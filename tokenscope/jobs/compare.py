@@ -19,6 +19,7 @@ import torch
 
 from tokenscope import __version__
 from tokenscope.analysis.memory import peak_forward_bytes
+from tokenscope.trace.fates import fate_percentages
 from tokenscope.analysis.metrics import confusion, mean_iou, pixel_agreement
 from tokenscope.analysis.timing import median, time_calls
 from tokenscope.analysis.uncertainty import class_counts, miou_change_interval, miou_interval
@@ -83,9 +84,11 @@ def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, window
             flops += f
             latency_s += median(time_calls(lambda: model(x, labels), device, repeats=repeats, warmup=warmup))
             peak = max(peak, peak_forward_bytes(lambda: model(x, labels), device))
+    fates = pred.fate_totals()
     return pred, {"gflops": flops / 1e9, "latency_ms": 1e3 * latency_s, "peak_mib": peak / 2**20,
-                  "tokens": pred.tokens, "exited_early_pct": 100.0 * pred.exited_tokens / max(pred.groups, 1),
-                  "mean_tokens_per_block": pred.mean_tokens_per_block, "merged": pred.tokens - pred.groups}
+                  "tokens": pred.tokens, "mean_tokens_per_block": pred.mean_tokens_per_block,
+                  **{kind: fates[f"tokens_{kind}"] for kind in ("merged", "pruned", "exited")},
+                  **fate_percentages(fates, pred.tokens)}
 
 
 def prepare_input(path: Path, labels_path: Path | None, size: int | None, patch: int,

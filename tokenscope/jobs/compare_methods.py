@@ -32,11 +32,12 @@ from tokenscope.jobs.setup import ModelOptions, label_file_space, load_model, me
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.methods.merging import merge_rules
 from tokenscope.models.methods.point import resolve_list
+from tokenscope.render.manifest import method_folder_name
 from tokenscope.render.overlays import groups_overlay, render_label_map, render_overlay
 from tokenscope.render.plots import methods_figure
 from tokenscope.trace.capture import TraceCapture
 
-SUMMED = ("tokens", "gflops", "latency_ms", "merged")
+SUMMED = ("tokens", "gflops", "latency_ms", "merged", "pruned", "exited")
 
 
 def figure_block(depth: int, at_block: int | None) -> int:
@@ -122,7 +123,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
                 with image_folder(run_dir, name) as folder:
                     for v, pred, _ in measured:
                         for k, trace in enumerate(pred.traces):
-                            trace.save(folder / _folder_name(v.name) / (f"w{k:02d}" if pred.plan is not None else ""))
+                            trace.save(folder / method_folder_name(v.name) / (f"w{k:02d}" if pred.plan is not None else ""))
                     write_rgb(folder / "image.png", prepared.display)
                     where = "" if p_base.plan is None else f" (window 1 of {len(p_base.traces)})"
                     methods_figure(prepared.display, panels, [(v.name, p.traces[0]) for v, p, _ in measured],
@@ -168,11 +169,6 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
     return CompareResult(run_dir, rows, {}, results, warnings, [v.name for v in variants], overall, class_space=space)
 
 
-def _folder_name(method: str) -> str:
-    """A method label as a folder name (`tome:r=16` -> `tome_r16`)."""
-    return method.replace(":", "_").replace("=", "").replace("+", "-")
-
-
 def _overall(rows: list[dict[str, Any]], conf: dict[str, np.ndarray], have_labels: bool,
              order: list[str]) -> list[dict[str, Any]]:
     """Per method over all images: sums of tokens, FLOPs, time; ratios against the baseline."""
@@ -187,7 +183,8 @@ def _overall(rows: list[dict[str, Any]], conf: dict[str, np.ndarray], have_label
                              **{k: float(sub[k].sum()) for k in SUMMED}}
         weights = sub["windows"].to_numpy(float)
         r["mean_tokens_per_block"] = float(np.average(sub["mean_tokens_per_block"], weights=weights))
-        r["exited_early_pct"] = float(np.average(sub["exited_early_pct"], weights=weights))
+        for kind in ("merged", "pruned", "exited", "exited_early"):  # shares of the tokens, pooled over the images
+            r[f"{kind}_pct"] = float(np.average(sub[f"{kind}_pct"], weights=np.maximum(sub["tokens"].to_numpy(float), 1)))
         r["flop_reduction"] = float(base["gflops"].sum() / sub["gflops"].sum())
         r["speedup"] = float(base["latency_ms"].sum() / sub["latency_ms"].sum())
         r["block_token_reduction"] = float(np.average(base["mean_tokens_per_block"], weights=base["windows"])

@@ -71,6 +71,7 @@ from tokenscope.data.classspace import ClassSpace
 from tokenscope.jobs.clips import Clip, ClipFrame, ClipPass
 from tokenscope.jobs.frame_sink import write_frame_files, write_frame_folder
 from tokenscope.render.timeline import tails_figure
+from tokenscope.trace.fates import FATES
 from tokenscope.trace.trace import Trace, trace_damage, trace_folders
 
 WINDOWS_JSON = "windows.json"
@@ -321,17 +322,19 @@ def prediction_summary(pred: ImagePrediction, source: str) -> dict[str, Any]:
     """summary.json of a windowed image: its windows' numbers added up."""
     first = summary(pred.traces[0])
     total, base = pred.flops, pred.baseline_flops
-    exited = pred.exited_tokens
-    groups = pred.groups
+    fates = pred.fate_totals()
+    tokens, patches = max(pred.tokens, 1), max(pred.patches, 1)
     return {
         **{k: first[k] for k in ("model", "method", "merging", "policy", "exits", "merge_thresholds", "exit_threshold",
                                  "weights", "device")},
         "image": source, "windows": len(pred.traces), "patches": pred.patches, "tokens": pred.tokens,
-        "reduction": pred.patches / max(pred.tokens, 1), "exited_early_tokens": exited,
+        "reduction": pred.patches / tokens, "exited_early_tokens": fates["tokens_exited"],
         "mean_tokens_per_block": pred.mean_tokens_per_block,
-        "merged_tokens": pred.tokens - groups,
-        "exited_early_pct": 100.0 * exited / max(groups, 1),
-        "exited_early_patch_pct": 100.0 * pred.exited_patches / max(pred.patches, 1),
+        **{f"{kind}_tokens": fates[f"tokens_{kind}"] for kind in FATES},
+        **{f"{kind}_pct": 100.0 * fates[f"tokens_{kind}"] / tokens for kind in FATES},
+        **{f"{kind}_patch_pct": 100.0 * fates[f"patches_{kind}"] / patches for kind in FATES},
+        "exited_early_pct": 100.0 * fates["tokens_exited"] / tokens,
+        "exited_early_patch_pct": 100.0 * fates["patches_exited"] / patches,
         "gflops": total / 1e9, "baseline_gflops": base / 1e9, "flop_reduction": base / total if total else float("nan"),
         "forward_s": pred.forward_s,
     }

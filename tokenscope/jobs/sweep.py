@@ -27,7 +27,7 @@ from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
 from tokenscope.models.methods.merging import merge_rules
 from tokenscope.models.methods.point import resolve, resolve_list
 from tokenscope.render.figures import DEFAULT_STYLE, FigureStyle
-from tokenscope.render.pareto import methods_pareto_plot, pareto_plot
+from tokenscope.render.pareto import methods_pareto_plot, pareto_plot, size_scaling_plot
 
 def expand_methods(text: str) -> list[str]:
     """`step,tome:r=16` -> step's three ladder points and the one ToMe point, in order. A method
@@ -121,7 +121,8 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
                 "miou": v.miou, "miou_low": ci.low, "miou_high": ci.high, "miou_change": change.value,
                 "miou_change_low": change.low, "miou_change_high": change.high, "class_condition": space.tag,
                 "gflops_per_image": v.gflops_per_image, "images_per_s": v.images / max(v.forward_s, 1e-12),
-                "token_reduction": v.reduction, "exited_early_pct": v.exited_pct, "images": v.images,
+                "token_reduction": v.reduction, "exited_early_pct": v.exited_pct, "exited_pct": v.exited_pct,
+                "pruned_pct": v.pruned_pct, "merged_pct": v.merged_pct, "images": v.images,
                 "mean_tokens_per_block": v.mean_tokens_per_block, "block_token_reduction": v.block_token_reduction,
             })
     table = pd.DataFrame(rows)
@@ -138,6 +139,8 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
              lower_is_better=True, style=style)
         plot(sub, "images_per_s", f"measured throughput (images/s, {device.type}, batch 1)",
              folder / f"pareto_throughput_{name}.png", lower_is_better=False, style=style)
+    if table["size"].nunique() > 1:  # how the reduction grows with resolution, each size against its own baseline
+        size_scaling_plot(table, folder / "scaling.png", style=style)
     write_json_atomic(folder / MANIFEST, {
         "tool": "tokenscope", "version": __version__, "kind": "sweep", "status": "complete",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": loaded.config.name, "weights": loaded.weights_id,

@@ -1,7 +1,7 @@
 """Data-set figures from aggregated tables: publication-ready, colour-blind-safe (Okabe-Ito).
 
 - tokens_per_block.png: mean tokens entering each block, stacked by superpatch level;
-- class_exits.png: for each class, the share of its tokens leaving at each gate or the end;
+- class_fates.png: for each class, the share of its patches merged, pruned, exited (by block or gate) or reaching the end;
 - class_levels.png: for each class, the share of its patches in each superpatch level;
 - token_flow.png: patches -> superpatch levels -> exit points, band widths in patches.
 """
@@ -22,7 +22,7 @@ from matplotlib.path import Path as MplPath  # noqa: E402
 from tokenscope.analysis.aggregate import DatasetTables  # noqa: E402
 from tokenscope.models.partition import MAX_LEVEL  # noqa: E402
 from tokenscope.render.figures import DEFAULT_STYLE, FigureStyle  # noqa: E402
-from tokenscope.render.palette import LEVEL_COLOURS, exit_colours, level_labels  # noqa: E402
+from tokenscope.render.palette import FATE_COLOURS, LEVEL_COLOURS, exit_colours, fate_colour, level_labels  # noqa: E402
 
 plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
 
@@ -69,26 +69,48 @@ def _class_frame(t: DatasetTables):
     return df.sort_values("patches", ascending=True)
 
 
-def class_exits_figure(t: DatasetTables) -> plt.Figure:
-    """Per class, the share of its tokens leaving at each gate or at the end."""
+def class_fates_figure(t: DatasetTables) -> plt.Figure:
+    """Per class, the share of its patches in each fate and place (merged inside block k, pruned at k,
+    exited at gate g, reached the end). Shares are of the class's patches and add up to 1 by the fate
+    invariant: nothing is renormalised, so a method's prunes and merges are as visible as exits."""
     df = _class_frame(t)
-    points = t.summary["flow_points"]
-    cols = exit_colours(t.summary["exit_after"])
-    counts = np.stack([df.get(f"tokens_exit_{p}", 0 * df["tokens"]).to_numpy() for p in points], axis=1).astype(float)
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(df) + 1.4))
+    places = [*t.summary.get("fate_places", []), "reached_end"]
+    places = list(dict.fromkeys(places))
+    depth = int(t.summary.get("depth", 1))
+    patches = df["patches"].to_numpy().astype(float)
+    fig, ax = plt.subplots(figsize=(8.5, 0.35 * len(df) + 1.8))
     left = np.zeros(len(df))
-    for j, p in enumerate(points):
-        label = "reached the end" if p == "end" else f"exit after block {p[4:]}"
-        ax.barh(df["name"], share[:, j], left=left, color=_rgb(cols[j]), label=label, edgecolor="white", linewidth=0.3)
-        left += share[:, j]
-    for i, (n_tok, acc) in enumerate(zip(df["tokens"], df["exit_accuracy"])):
-        note = f"{int(n_tok)} tokens" + ("" if np.isnan(acc) else f", exit acc. {100 * acc:.0f}%")
+    shown: set[str] = set()
+    for place in places:
+        col = f"patches_{place}"
+        if col not in df:
+            continue
+        share = df[col].to_numpy().astype(float) / np.maximum(patches, 1)
+        family = place.rpartition("_")[0] if place != "reached_end" else "reached_end"
+        label = None
+        if family not in shown:
+            label = {"merged": "merged (inside block k)", "pruned": "pruned (at block k)", "exited": "exited (at gate g)",
+                     "reached_end": "reached the end"}[family]
+            shown.add(family)
+        ax.barh(df["name"], share, left=left, color=_rgb(fate_colour(place, depth)), label=label, edgecolor="white",
+                linewidth=0.2)
+        if place != "reached_end":  # name the block or gate inside segments wide enough to hold it
+            tag = place.rpartition("_")[2].replace("gate", "g")
+            for i, (x0, w) in enumerate(zip(left, share)):
+                if w >= 0.06:
+                    ax.text(x0 + w / 2, i, tag, ha="center", va="center", fontsize=6.5, color="black")
+        left += share
+    cost = df.get("token_blocks_per_patch")
+    for i, n in enumerate(df["patches"]):
+        note = f"{int(n)} patches"
+        if cost is not None and np.isfinite(cost.iloc[i]):
+            note += f", {cost.iloc[i]:.1f} token-blocks/patch"
         ax.text(1.01, i, note, va="center", fontsize=7)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("share of the class's tokens")
-    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(points), frameon=False)
-    ax.set_title(f"where each class's tokens leave (class = {t.summary['class_source']})", pad=18)
+    ax.set_xlabel("share of the class's patches (lighter = later block)")
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4, frameon=False)
+    ax.set_title(f"{t.summary.get('method', '')}: the fate of each class's patches "
+                 f"(class = {t.summary['class_source']})", pad=18)
     fig.tight_layout()
     return fig
 
@@ -160,7 +182,8 @@ def token_flow_figure(t: DatasetTables) -> plt.Figure | None:
         cur += level_tot[k]
     ax.add_patch(plt.Rectangle((0.0, src_off), 0.08, total, color="0.35"))
     ax.text(-0.01, src_off + total / 2, f"{int(total)}\npatches", ha="right", va="center", fontsize=8)
-    cols = exit_colours(s["exit_after"])
+    gate_cols = exit_colours(s["exit_after"])
+    cols = [*gate_cols[:-1], FATE_COLOURS["pruned"], gate_cols[-1]] if "pruned" in points else gate_cols
     pcur = {j: point_span[j][0] for j in point_span}
     for k in levels:
         a, b = level_span[k]
@@ -184,7 +207,7 @@ def token_flow_figure(t: DatasetTables) -> plt.Figure | None:
         p = points[j]
         a, b = point_span[j]
         ax.add_patch(plt.Rectangle((0.86, a), 0.06, b - a, color=_rgb(cols[j])))
-        name = "end of encoder" if p == "end" else f"exit after block {p[4:]}"
+        name = "end of encoder" if p == "end" else "pruned" if p == "pruned" else f"exit after block {p[4:]}"
         ax.text(0.93, (a + b) / 2, f"{name}\n{100 * point_tot[j] / total:.1f}% of patches,"
                 f" {int(flow_tok[:, j].sum())} tokens", va="center", fontsize=7.5)
     ax.set_xlim(-0.12, 1.25)
@@ -200,7 +223,7 @@ def token_flow_figure(t: DatasetTables) -> plt.Figure | None:
     return fig
 
 
-DATASET_FIGURES = (("tokens_per_block", tokens_per_block_figure), ("class_exits", class_exits_figure),
+DATASET_FIGURES = (("tokens_per_block", tokens_per_block_figure), ("class_fates", class_fates_figure),
                    ("class_levels", class_levels_figure), ("token_flow", token_flow_figure))
 
 

@@ -17,7 +17,7 @@ from tokenscope.errors import RunFolderError
 MANIFEST = "run.json"
 FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "kind": str, "status": str, "model": str, "request": dict, "summary": dict, "warnings": list, "images": list,
-    "methods": list, "overall": (dict, list), "class_space": (dict, type(None)),
+    "methods": (list, type(None)), "overall": (dict, list), "class_space": (dict, type(None)),
 }
 
 
@@ -41,6 +41,11 @@ def check_manifest(doc: Any, path: Path) -> dict[str, Any]:
     if not all(isinstance(w, str) for w in doc.get("warnings", [])):
         raise RunFolderError(f"{path}: field 'warnings' must be a list of strings")
     return doc
+
+
+def method_folder_name(method: str) -> str:
+    """The folder a method's traces go in inside a compare image folder (`tome:r=16` -> `tome_r16`)."""
+    return method.replace(":", "_").replace("=", "").replace("+", "-")
 
 
 def _names(kind: type | tuple[type, ...]) -> str:

@@ -21,10 +21,48 @@ def level_labels(patch: int = 16) -> list[str]:
     return [f"{patch << k} px ({'1 patch' if k == 0 else f'{1 << k}x{1 << k}'})" for k in range(5)]
 
 METHOD_COLOURS = ["grey", "blue", "vermillion", "green", "orange", "purple", "sky", "yellow"]
-"""Okabe-Ito names per compared method, in order (the baseline first, in grey)."""
+"""Okabe-Ito names, the pool method colours are taken from."""
+
+METHOD_STYLES = {"vit": ("grey", "X"), "baseline": ("grey", "X"), "step": ("vermillion", "o"), "dcts": ("orange", "s"),
+                 "dtop": ("green", "D"), "cts": ("yellow", "^"), "tome": ("blue", "v"), "algm": ("sky", "<"),
+                 "evit": ("purple", ">")}
+"""Colour (Okabe-Ito name) and marker of each built-in method, the same in every figure."""
+_MARKERS = "oDs^v<>pPh*"
+
+
+def method_style(name: str) -> tuple[tuple[int, int, int], str]:
+    """(RGB, marker) of a method by its name (settings after ':' ignored), never by its position in a list:
+    a method keeps its look across every figure of a paper. Other names (composites, plug-ins) get a
+    fixed pick from their name's checksum."""
+    import zlib
+
+    base = str(name).split(":", 1)[0]
+    if base in METHOD_STYLES:
+        colour, marker = METHOD_STYLES[base]
+        return OKABE_ITO[colour], marker
+    h = zlib.crc32(base.encode())
+    pool = [c for c in METHOD_COLOURS if c != "grey"]
+    return OKABE_ITO[pool[h % len(pool)]], _MARKERS[(h // len(pool)) % len(_MARKERS)]
 
 EXIT_COLOURS = [OKABE_ITO[c] for c in ("vermillion", "yellow", "green", "sky", "purple", "orange")]
 FINAL_COLOUR = OKABE_ITO["blue"]
+
+
+FATE_COLOURS = {"merged": OKABE_ITO["sky"], "pruned": OKABE_ITO["vermillion"], "exited": OKABE_ITO["green"],
+                "reached_end": FINAL_COLOUR}
+"""One colour per fate (trace/fates.py), the same in every figure."""
+
+
+def fate_colour(column: str, depth: int) -> tuple[int, int, int]:
+    """Colour of a fate-and-place column (merged_b3, pruned_b7, exited_gate4, reached_end): the fate's
+    colour, lighter for later blocks, so a bar reads as families and the blocks inside a family stay apart."""
+    if column == "reached_end":
+        return FATE_COLOURS["reached_end"]
+    fate, _, where = column.rpartition("_")
+    block = int(where.removeprefix("gate").removeprefix("b"))
+    base = np.array(FATE_COLOURS[fate], dtype=np.float64)
+    mix = 0.6 * (block - 1) / max(depth - 1, 1)
+    return tuple(int(round(v)) for v in base * (1 - mix) + 255 * mix)  # type: ignore[return-value]
 
 
 def exit_colours(exit_after: tuple[int, ...] | list[int]) -> list[tuple[int, int, int]]:

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from tokenscope.render.figures import DEFAULT_STYLE, FigureStyle  # noqa: E402
-from tokenscope.render.palette import METHOD_COLOURS, OKABE_ITO  # noqa: E402
+from tokenscope.render.palette import OKABE_ITO, method_style  # noqa: E402
 
 
 def _rgb(name: str) -> tuple[float, float, float]:
@@ -97,13 +97,13 @@ def methods_pareto_figure(df: pd.DataFrame, column: str, label: str, lower_is_be
     plain ViT and the Pareto front over all methods (bars: 95% intervals of the mIoUs)."""
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
     pts = df[~df["is_baseline"]]
-    markers = "osD^v<>p"
-    for j, (method, sub) in enumerate(pts.groupby("method", sort=False)):
+    for method, sub in pts.groupby("method", sort=False):
         sub = sub.sort_values(column)
-        colour = _rgb(METHOD_COLOURS[(j + 1) % len(METHOD_COLOURS)])
+        rgb, marker = method_style(str(method))
+        colour = (rgb[0] / 255, rgb[1] / 255, rgb[2] / 255)
         ax.plot(sub[column], 100 * sub["miou"], color=colour, linewidth=1.0, alpha=0.8)
         _error_bars(ax, sub, column, colour)
-        ax.scatter(sub[column], 100 * sub["miou"], color=colour, marker=markers[j % len(markers)], s=40,
+        ax.scatter(sub[column], 100 * sub["miou"], color=colour, marker=marker, s=40,
                    edgecolor="black", linewidth=0.4, label=method, zorder=4)
         for _, r in sub.iterrows():
             ax.annotate(str(r["point"]).partition(":")[2], (r[column], 100 * r["miou"]), fontsize=5.5,
@@ -127,3 +127,53 @@ def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, lower_is_
 def methods_pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, lower_is_better: bool,
                         style: FigureStyle = DEFAULT_STYLE) -> Path:
     return write_figure(methods_pareto_figure(df, column, label, lower_is_better), path, style)
+
+
+def size_scaling_figure(df: pd.DataFrame) -> plt.Figure:
+    """A multi-size sweep against input size: token reduction (patches over mean tokens per block), FLOP
+    reduction and mIoU change (95% paired interval), each size against its own unreduced model; one line
+    per operating point, coloured by method (the same look as in every other figure)."""
+    base = df[df["is_baseline"]].set_index("size")["gflops_per_image"]
+    pts = df[~df["is_baseline"]].copy()
+    pts["flop_reduction"] = pts["size"].map(base) / pts["gflops_per_image"]
+    sizes = sorted(df["size"].unique())
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    panels = (("block_token_reduction", "token reduction (x, per block)"), ("flop_reduction", "FLOP reduction (x)"),
+              ("miou_change", "mIoU change (points, 95% CI)"))
+    dashes = ["-", "--", ":", "-."]
+    seen: dict[str, int] = {}
+    for point, sub in pts.groupby("point", sort=False):
+        sub = sub.sort_values("size")
+        method = str(sub["method"].iloc[0])
+        k = seen[method] = seen.get(method, -1) + 1
+        rgb, marker = method_style(method)
+        colour = (rgb[0] / 255, rgb[1] / 255, rgb[2] / 255)
+        for ax, (col, _) in zip(axes, panels):
+            y = sub[col].to_numpy(float) * (100 if col == "miou_change" else 1)
+            ax.plot(sub["size"], y, color=colour, marker=marker, linestyle=dashes[k % len(dashes)], label=str(point))
+            if col == "miou_change" and "miou_change_low" in sub:
+                low = 100 * sub["miou_change_low"].to_numpy(float)
+                high = 100 * sub["miou_change_high"].to_numpy(float)
+                ok = np.isfinite(low) & np.isfinite(high)
+                if ok.any():
+                    ax.errorbar(sub["size"].to_numpy(float)[ok], y[ok], yerr=np.vstack([y[ok] - low[ok], high[ok] - y[ok]]),
+                                fmt="none", ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.8)
+    for ax, (col, label) in zip(axes, panels):
+        ax.set_xlabel("input size (px, long side)")
+        ax.set_ylabel(label)
+        ax.set_xticks(sizes)
+        ax.grid(alpha=0.3)
+        if col == "miou_change":
+            ax.axhline(0, color="0.5", linewidth=0.8)
+        else:
+            ax.axhline(1, color="0.5", linewidth=0.8)
+    axes[0].legend(fontsize=6.5, frameon=False)
+    images = int(df["images"].iloc[0]) if "images" in df and len(df) else 0
+    fig.suptitle(f"reduction against input size ({images} images per size; each size against its own unreduced model)",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def size_scaling_plot(df: pd.DataFrame, path: Path, style: FigureStyle = DEFAULT_STYLE) -> Path:
+    return write_figure(size_scaling_figure(df), path, style)

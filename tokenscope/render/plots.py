@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from tokenscope.analysis.stats import exit_level_matrix, level_block_matrix  # noqa: E402
 from tokenscope.models.partition import MAX_LEVEL  # noqa: E402
 from tokenscope.render.figures import save_figure  # noqa: E402
-from tokenscope.render.palette import LEVEL_COLOURS, METHOD_COLOURS, OKABE_ITO, level_labels  # noqa: E402
+from tokenscope.render.palette import LEVEL_COLOURS, OKABE_ITO, level_labels, method_style  # noqa: E402
 from tokenscope.trace.trace import Trace  # noqa: E402
 
 
@@ -138,7 +138,7 @@ def methods_figure(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray, np.n
     ax = fig.add_subplot(grid[n, :])
     x = np.arange(1, depth + 1)
     for k, (name, trace) in enumerate(traces):
-        colour = _rgb(OKABE_ITO[METHOD_COLOURS[k % len(METHOD_COLOURS)]])
+        colour = _rgb(method_style(name)[0])
         ax.step(x, trace.block_tokens_in, where="mid", color=colour, linewidth=2 if k else 1.2,
                 label=f"{name}: {trace.mean_tokens_per_block:.0f} tokens/block, "
                       f"{trace.meta.flops.get('total', 0) / 1e9:.2f} GFLOPs")

@@ -68,7 +68,8 @@ def _table(df: pd.DataFrame, columns: list[str], formats: dict[str, str]) -> str
 
 def _cards(s: dict[str, Any]) -> str:
     cards = [("images", f"{s.get('images', 0)}"), ("token reduction", f"{s.get('token_reduction', float('nan')):.2f}x"),
-             ("tokens exiting early", f"{s.get('exited_early_pct', float('nan')):.1f}%"),
+             ("tokens merged / pruned / exited", f"{s.get('merged_pct', 0.0):.1f}% / {s.get('pruned_pct', 0.0):.1f}% / "
+                                                 f"{s.get('exited_early_pct', float('nan')):.1f}%"),
              ("GFLOPs / image", f"{s.get('gflops_per_image', float('nan')):.2f}"),
              ("baseline GFLOPs / image", f"{s.get('baseline_gflops_per_image', float('nan')):.2f}"),
              ("FLOP reduction", f"{s.get('flop_reduction', float('nan')):.2f}x")]
@@ -118,7 +119,7 @@ def build_report(run_dir: Path, gallery: int = 24, animations: int = 6, problems
     captions = {"tokens_per_block": "Tokens entering each encoder block (mean per image), by superpatch level.",
                 "token_flow": "Token flow: patches into superpatch levels, then where their tokens leave.",
                 "class_levels": "Per class: which superpatch level its patches end up in.",
-                "class_exits": "Per class: where its tokens leave, with the accuracy of early-exited predictions."}
+                "class_fates": "Per class: the share of its patches merged, pruned, exited or reaching the end, by block or gate."}
     if figs.is_dir():
         parts.append("<h2>Figures</h2><div class='figs'>")
         for name, cap in captions.items():
@@ -131,24 +132,26 @@ def build_report(run_dir: Path, gallery: int = 24, animations: int = 6, problems
     if (tables / "classes.csv").is_file():
         classes = pd.read_csv(tables / "classes.csv")
         parts.append("<h2>Per class</h2>")
-        points = summary.get("flow_points", [])
         cols = ["name", "patches"] + [f"patches_level{k}" for k in range(5)] + ["tokens"] + \
-            [f"tokens_exit_{p}" for p in points] + ["exit_accuracy", "iou_step", "iou_baseline"]
-        fmt = {"exit_accuracy": "{:.3f}", "iou_step": "{:.3f}", "iou_baseline": "{:.3f}"}
+            [f"patches_{f}" for f in ("merged", "pruned", "exited", "reached_end")] + \
+            ["token_blocks_per_patch", "gflops_per_patch", "exited_accuracy", "pruned_accuracy", "iou", "iou_baseline"]
+        fmt = {"exited_accuracy": "{:.3f}", "pruned_accuracy": "{:.3f}", "iou": "{:.3f}", "iou_baseline": "{:.3f}",
+               "token_blocks_per_patch": "{:.2f}", "gflops_per_patch": "{:.4f}"}
         parts.append(_table(classes, cols, fmt))
     if (tables / "levels.csv").is_file():
         levels = pd.read_csv(tables / "levels.csv")
         parts.append("<h2>Per superpatch level</h2>")
-        parts.append(_table(levels, ["level", "side_px", "tokens", "patches", "exited", "exit_rate", "accuracy"],
-                            {"exit_rate": "{:.3f}", "accuracy": "{:.3f}"}))
+        parts.append(_table(levels, ["level", "side_px", "tokens", "patches", "tokens_merged", "tokens_pruned",
+                                     "tokens_exited", "tokens_reached_end", "token_blocks_per_patch", "accuracy"],
+                            {"token_blocks_per_patch": "{:.2f}", "accuracy": "{:.3f}"}))
     images = [im for im in manifest.get("images", []) if im.get("folder")]
     errors = [im for im in manifest.get("images", []) if im.get("error")]
     if (tables / "images.csv").is_file():
         per_image = pd.read_csv(tables / "images.csv")
         parts.append("<h2>Per image</h2>")
-        parts.append(_table(per_image.head(200), ["image", "patches", "tokens", "reduction", "exited_early_pct", "gflops",
+        parts.append(_table(per_image.head(200), ["image", "patches", "tokens", "reduction", "merged_pct", "pruned_pct", "exited_pct", "gflops",
                                                   "baseline_gflops", "step_miou", "baseline_miou", "agreement", "forward_ms"],
-                            {"reduction": "{:.2f}", "exited_early_pct": "{:.1f}", "gflops": "{:.2f}", "baseline_gflops": "{:.2f}",
+                            {"reduction": "{:.2f}", "merged_pct": "{:.1f}", "pruned_pct": "{:.1f}", "exited_pct": "{:.1f}", "gflops": "{:.2f}", "baseline_gflops": "{:.2f}",
                              "step_miou": "{:.3f}", "baseline_miou": "{:.3f}", "agreement": "{:.3f}", "forward_ms": "{:.0f}"}))
     if errors:
         parts.append("<h2>Images that could not be processed</h2><ul>" +

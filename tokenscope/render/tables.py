@@ -21,7 +21,7 @@ from tokenscope.errors import ConfigError
 from tokenscope.render.manifest import read_manifest
 
 FORMATS = ("markdown", "latex", "csv")
-KINDS = ("methods", "classes")
+KINDS = ("methods", "classes", "agreement", "boundary")
 
 
 @dataclass
@@ -79,24 +79,30 @@ def sweep_methods_table(folder: Path) -> PaperTable:
     if not len(base):
         raise ConfigError(f"{folder / 'sweep.csv'}: no baseline row")
     images = int(df["images"].iloc[0]) if "images" in df else 0
-    base_gflops = float(base["gflops_per_image"].iloc[0])
+    base_gflops = {r["size"]: float(r["gflops_per_image"]) for _, r in base.iterrows()}  # each size against its own
+    missing = sorted(set(df["size"]) - set(base_gflops))
+    if missing:
+        raise ConfigError(f"{folder / 'sweep.csv'}: no baseline row at size {', '.join(map(str, missing))}")
     columns = ["method", "operating point", "size (px)", "mIoU (%) [95% CI]", "ΔmIoU (points) [95% CI]",
-               "GFLOPs per image", "FLOP reduction (x)", "tokens per block (mean)", "exited early (% of tokens)",
-               "throughput (images/s)"]
+               "GFLOPs per image", "FLOP reduction (x)", "tokens per block (mean)", "merged (% of tokens)",
+               "pruned (% of tokens)", "exited (% of tokens)", "throughput (images/s)"]
     rows = []
     for _, r in df.iterrows():
         point = "-" if r["is_baseline"] else (str(r["point"]).partition(":")[2] or str(r["point"]))
         change = "" if r["is_baseline"] else _ci(r.get("miou_change"), r.get("miou_change_low"), r.get("miou_change_high"), True)
         rows.append([str(r["method"]), point, str(r["size"]) if int(r["size"]) else "native", _ci(r["miou"], r.get("miou_low"), r.get("miou_high")), change,
-                     _num(r["gflops_per_image"]), _num(base_gflops / float(r["gflops_per_image"])),
-                     _num(r["mean_tokens_per_block"], 0), _num(r["exited_early_pct"], 1), _num(r["images_per_s"])])
+                     _num(r["gflops_per_image"]), _num(base_gflops[r["size"]] / float(r["gflops_per_image"])),
+                     _num(r["mean_tokens_per_block"], 0), _num(r.get("merged_pct"), 1), _num(r.get("pruned_pct"), 1),
+                     _num(r.get("exited_pct", r["exited_early_pct"]), 1), _num(r["images_per_s"])])
     data = manifest.get("data") or {}
     notes = [f"mIoU pooled over {images} images of {data.get('kind', '?')}"
              + (f" ({data.get('split')})" if data.get("kind") not in (None, "synthetic") else f" (scenes {data.get('seeds')})")
              + "; 95% percentile bootstrap intervals over images"
              + (f" ({manifest['intervals']['resamples']} resamples, seed {manifest['intervals']['seed']})"
                 if isinstance(manifest.get("intervals"), dict) else "")
-             + "; ΔmIoU paired against the unreduced model (vit) on the same images.",
+             + "; ΔmIoU paired against the unreduced model (vit) on the same images"
+             + (" at the same input size; FLOP reduction against that size's unreduced model."
+                if len(base_gflops) > 1 else "."),
              "GFLOPs: 2 per multiply-add, counted by torch's flop counter, policy network included, per image.",
              f"Throughput: measured on {manifest.get('device', '?')}, batch 1, forward passes only.",
              f"Model: {manifest.get('model', '?')} (weights {manifest.get('weights', '?')})."]
@@ -110,14 +116,16 @@ def compare_methods_table(folder: Path) -> PaperTable:
     images = int(df[df["image"] != "ALL"]["image"].nunique())
     overall = {r.get("method"): r for r in manifest.get("overall", []) if isinstance(r, dict)}
     columns = ["method", f"tokens in (total, {images} images)", "tokens per block (mean)", f"GFLOPs (total, {images} images)",
-               f"latency (ms, total, {images} images)", "exited early (% of tokens)", "pixels agreeing with vit (%)",
+               f"latency (ms, total, {images} images)", "merged (% of tokens)", "pruned (% of tokens)",
+               "exited (% of tokens)", "pixels agreeing with vit (%)",
                "mIoU (%) [95% CI]", "ΔmIoU (points) [95% CI]"]
     rows = []
     for _, r in every.iterrows():
         o = overall.get(r["method"], {})
         ci, ch = o.get("miou_ci") or {}, o.get("miou_change_ci") or {}
         rows.append([str(r["method"]), _num(r["tokens"], 0), _num(r["mean_tokens_per_block"], 0), _num(r["gflops"]),
-                     _num(r["latency_ms"], 1), _num(r["exited_early_pct"], 1), _num(100 * float(r["agreement"]), 1),
+                     _num(r["latency_ms"], 1), _num(r.get("merged_pct"), 1), _num(r.get("pruned_pct"), 1),
+                     _num(r.get("exited_pct", r["exited_early_pct"]), 1), _num(100 * float(r["agreement"]), 1),
                      _ci(o["miou"], ci.get("low"), ci.get("high")) if "miou" in o else "",
                      _ci(ch.get("value"), ch.get("low"), ch.get("high"), True) if ch else ""])
     return PaperTable(f"Methods compared on {images} images", columns, rows, _compare_notes(manifest, images))
@@ -156,38 +164,68 @@ def compare_table(folder: Path) -> PaperTable:
                       _compare_notes(manifest, images))
 
 
+FATE_HEADERS = {"merged": "merged", "pruned": "pruned", "exited": "exited", "reached_end": "reached the end"}
+
+
 def run_classes_table(folder: Path) -> PaperTable:
+    """Per class: patches, supertoken sizes, the share of its patches in each fate, cost per patch, the
+    accuracy of its early decisions and its IoU with and without reduction."""
     manifest = _manifest(folder)
     df = _read_csv(folder / "tables" / "classes.csv")
     df = df[df["class"] != 255]
     levels = sorted(int(c.removeprefix("patches_level")) for c in df.columns if c.startswith("patches_level"))
     level_table = folder / "tables" / "levels.csv"
     side = dict(zip(*_read_csv(level_table)[["level", "side_px"]].T.values)) if level_table.is_file() else {}
+    fates = [f for f in FATE_HEADERS if f"patches_{f}" in df.columns and (df[f"patches_{f}"] > 0).any()]
+    iou = "iou" if "iou" in df.columns else "iou_step"  # run folders written before fates
     columns = ["class", "patches (total)",
                *[f"in {int(side.get(k, 16 * 2 ** k))}-px supertokens (% of patches)" for k in levels if k > 0],
+               *[f"{FATE_HEADERS[f]} (% of patches)" for f in fates],
+               "token-blocks per patch", "GFLOPs per 1000 patches",
                "exit accuracy (% of exited patches)", "IoU reduced (%)", "IoU unreduced (%)"]
     rows = []
     for _, r in df.iterrows():
         total = float(r["patches"]) or 1.0
+        exit_acc = r.get("exited_accuracy", r.get("exit_accuracy"))
         rows.append([str(r["name"]), _num(r["patches"], 0),
                      *[_num(100 * float(r[f"patches_level{k}"]) / total, 1) for k in levels if k > 0],
-                     _num(100 * float(r["exit_accuracy"]), 1) if "exit_accuracy" in r else "",
-                     _num(100 * float(r["iou_step"]), 1) if "iou_step" in r else "",
+                     *[_num(100 * float(r[f"patches_{f}"]) / total, 1) for f in fates],
+                     _num(r.get("token_blocks_per_patch"), 2), _num(1000 * float(r.get("gflops_per_patch", "nan")), 2),
+                     _num(100 * float(exit_acc), 1) if exit_acc is not None else "",
+                     _num(100 * float(r[iou]), 1) if iou in r else "",
                      _num(100 * float(r["iou_baseline"]), 1) if "iou_baseline" in r else ""])
     n = len([e for e in manifest.get("images", []) if isinstance(e, dict) and e.get("folder")])
     patch = int(side.get(0, 16))
+    summary_file = folder / "summary.json"
+    source = "ground truth"
+    if summary_file.is_file():
+        try:
+            import json
+            source = str(json.loads(summary_file.read_text()).get("class_source", source))
+        except (OSError, ValueError, AttributeError):
+            pass
     notes = [f"Per class over {n} images (patches: {patch}x{patch}-pixel grid cells of the processed input; supertoken "
-             "sizes in pixels of that input). IoU pooled over the images.", f"Model: {manifest.get('model', '?')}."]
+             f"sizes in pixels of that input; a patch's class is its {source} label). IoU pooled over the images.",
+             "Fates: each patch's token was merged into another inside a block, pruned, exited at a gate or reached the "
+             "end; the shares of a class add up to 100%. Cost: each block's work shared over the tokens that ran it and "
+             "each token's share over the patches it covered (encoder blocks only).",
+             f"Model: {manifest.get('model', '?')}."]
     return PaperTable(f"Where each class's tokens went ({n} images)", columns, rows, notes + _condition_notes(manifest))
 
 
 def paper_table(folder: str | Path, kind: str = "methods") -> PaperTable:
-    """The table of `kind` (methods, classes) that `folder` (sweep, compare --methods or run) holds."""
+    """The table of `kind` that `folder` holds: methods (sweep, compare), classes (run), agreement (compare:
+    early decisions against the unreduced model), boundary (compare or run: fates against the distance to a
+    class boundary)."""
     p = Path(folder)
     if kind not in KINDS:
         raise ConfigError(f"--kind {kind!r}: choose one of {', '.join(KINDS)}")
     if not p.is_dir():
         raise ConfigError(f"{p}: no such folder")
+    if kind in ("agreement", "boundary"):
+        from tokenscope.render.decision_tables import agreement_table, boundary_table
+
+        return agreement_table(p) if kind == "agreement" else boundary_table(p)
     manifest = _manifest(p)
     what = manifest.get("kind")
     if kind == "classes":

@@ -154,15 +154,25 @@
     if (!rows.length) return;
     $("classes-title").hidden = false;
     const levels = [0, 1, 2, 3, 4].filter((l) => ("patches_level" + l) in rows[0]);
-    const exits = Object.keys(rows[0]).filter((k) => k.startsWith("tokens_exit_"));
-    const head = ["class", "name", "patches", ...levels.map((l) => "level " + l + " %"), ...exits.map((e) => e.replace("tokens_exit_", "exit ") + " %")];
+    // every token's fate (merged, pruned, exited, reached the end) as a share of the class's patches;
+    // run folders written before fates had only exit columns, shares of tokens
+    const fates = ["merged", "pruned", "exited", "reached_end"].filter((f) => rows.some((r) => (r["patches_" + f] || 0) > 0));
+    const exits = fates.length ? [] : Object.keys(rows[0]).filter((k) => k.startsWith("tokens_exit_"));
+    const cost = "token_blocks_per_patch" in rows[0];
+    const head = ["class", "name", "patches", ...levels.map((l) => "level " + l + " %"),
+      ...fates.map((f) => f.replace("_", " ") + " %"), ...exits.map((e) => e.replace("tokens_exit_", "exit ") + " %"),
+      ...(cost ? ["token-blocks / patch", "GFLOPs / 1000 patches"] : [])];
     $("classes-table").tHead.innerHTML = "<tr>" + head.map((h) => "<th>" + esc(h) + "</th>").join("") + "</tr>";
     $("classes-table").tBodies[0].innerHTML = rows.map((r) => {
       const p = r.patches || 0, t = r.tokens || 0;
       const pct = (a, b) => (b ? (100 * a / b).toFixed(1) : "-");
+      const num = (v, d) => (typeof v === "number" && isFinite(v) ? v.toFixed(d) : "-");
       return "<tr><td>" + fmt(r["class"]) + "</td><td>" + fmt(r.name) + "</td><td>" + fmt(p) + "</td>" +
         levels.map((l) => "<td>" + pct(r["patches_level" + l] || 0, p) + "</td>").join("") +
-        exits.map((e) => "<td>" + pct(r[e] || 0, t) + "</td>").join("") + "</tr>";
+        fates.map((f) => "<td>" + pct(r["patches_" + f] || 0, p) + "</td>").join("") +
+        exits.map((e) => "<td>" + pct(r[e] || 0, t) + "</td>").join("") +
+        (cost ? "<td>" + num(r.token_blocks_per_patch, 2) + "</td><td>" + num(1000 * r.gflops_per_patch, 2) + "</td>" : "") +
+        "</tr>";
     }).join("");
   }
 
