@@ -168,3 +168,12 @@ def test_a_multi_size_sweep_divides_each_size_by_its_own_unreduced_model(tmp_pat
     assert any("same input size" in n for n in table.notes)
     latex = render_table(table, "latex")
     assert "0.25" not in latex.split(r"\midrule")[1].split(r"\bottomrule")[0]
+
+
+def test_the_explorer_panel_carries_each_tokens_fate_and_cost(traces: dict[str, ts.Trace]) -> None:
+    from tokenscope.render.explorer import trace_panel
+
+    t = traces["evit"]
+    panel = trace_panel(t, "img")
+    assert panel["fate"] == token_fates(t).labels().tolist()
+    assert sum(panel["tblocks"]) == pytest.approx(t.tokens_in_block().sum(), abs=0.01 * t.num_tokens)

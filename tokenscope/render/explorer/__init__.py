@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 from tokenscope.errors import TokenscopeError
-from tokenscope.render.manifest import read_manifest
+from tokenscope.render.manifest import method_folder_name, read_manifest
+from tokenscope.trace.fates import patch_cost, token_fates
 from tokenscope.trace.trace import TRACE_JSON, Trace, image_beside, trace_folders
 
 HERE = Path(__file__).parent
@@ -60,6 +61,8 @@ def trace_panel(trace: Trace, name: str) -> dict[str, Any]:
     t = trace.num_tokens
     merged_at = trace.token_merged_at if trace.token_merged_at is not None else np.zeros(t, np.int64)
     merged_into = trace.token_merged_into if trace.token_merged_into is not None else np.full(t, -1, np.int64)
+    fates = token_fates(trace)
+    blocks, _ = patch_cost(trace)
     panel: dict[str, Any] = {
         "name": name, "method": m.method_name, "grid": list(m.grid), "patch": trace.patch_size,
         "input": list(m.input_hw), "padded": list(m.padded_hw), "depth": m.depth, "gates": list(m.exit_after),
@@ -72,6 +75,10 @@ def trace_panel(trace: Trace, name: str) -> dict[str, Any]:
         "mat": merged_at.astype(np.int64).tolist(), "minto": merged_into.astype(np.int64).tolist(),
         "blocks_in": trace.block_tokens_in.astype(np.int64).tolist(),
         "gflops": round(float(m.flops.get("total", 0)) / 1e9, 3),
+        # every token's one fate (trace/fates.py), by name, and the token-blocks its patches ran
+        "fate": fates.labels().tolist(),
+        "tblocks": [round(float(v), 2) for v in np.bincount(trace.token_of_patch.ravel(), weights=blocks.ravel(),
+                                                              minlength=t)],
     }
     if m.queries_join_at:
         panel["query_blocks"] = [m.queries_join_at, m.depth]  # EoMT: blocks the queries go through
@@ -117,7 +124,7 @@ def image_payload(folder: Path, kind: str, methods: list[str], max_side: int = 7
     payload: dict[str, Any] = {"name": folder.name, "image": _jpeg_uri(image_beside(folder), max_side)}
     if kind == "compare":
         payload["panels"] = [panel for method in methods for panel in
-                             _panels(folder / method.replace(":", "_").replace("=", "").replace("+", "-"), method, max_side)]
+                             _panels(folder / method_folder_name(method), method, max_side)]
     else:
         payload["panels"] = _panels(folder, payload["name"], max_side)
     errors = [p["error"] for p in payload["panels"] if "error" in p]

@@ -271,7 +271,8 @@
     const cells = [["token", t], ["level", panel.level[t]], ["row", panel.row[t]], ["col", panel.col[t]], ["side", side],
       ["patches", patches], ["exit_block", panel.exit[t]], ["confidence", panel.conf[t]],
       ["class", panel.classes[panel.cls[t]] || panel.cls[t]], ["merged_at", panel.mat[t]], ["merged_into", panel.minto[t]],
-      ["pruned_at", panel.pruned ? panel.pruned[t] : 0]];
+      ["pruned_at", panel.pruned ? panel.pruned[t] : 0], ["fate", panel.fate ? panel.fate[t] : "-"],
+      ["token_blocks", panel.tblocks ? panel.tblocks[t] : "-"]];
     $("details").innerHTML = "<b>" + esc(panel.method || panel.name) + "</b><table><tr>" + cells.map((c) => "<th>" + c[0] + "</th>").join("") +
       '</tr><tr id="selected-row">' + cells.map((c) => "<td>" + fmt(c[1]) + "</td>").join("") + "</tr></table>";
     redraw();
@@ -283,7 +284,8 @@
     const exitText = pruned ? "pruned at block " + panel.pruned[t] + " (the decoder predicts it from its features then)"
       : panel.exit[t] >= panel.depth ? "reached the end" : "exited after block " + panel.exit[t];
     const merged = panel.mat[t] > 0 ? " · merged into " + panel.minto[t] + " in block " + panel.mat[t] : "";
-    return '<b>token ' + t + "</b> · level " + panel.level[t] + " (" + side + "x" + side + " patches)" + merged +
+    const fate = panel.fate ? " · fate " + esc(panel.fate[t]) : "";
+    return '<b>token ' + t + "</b> · level " + panel.level[t] + " (" + side + "x" + side + " patches)" + merged + fate +
       "<br>" + exitText + " · confidence " + Number(panel.conf[t]).toFixed(3) + " · " + esc(panel.classes[panel.cls[t]] || "class " + panel.cls[t]);
   }
 
