@@ -644,15 +644,19 @@ def sweep(*, model: str = "demo", weights: str | None = None, random_init: bool 
 
 
 def table(folder: str | Path, *, kind: str = "methods", format: str = "markdown",
-          out: str | Path | None = None, figure: str | Path | None = None) -> str:
+          out: str | Path | None = None, figure: str | Path | None = None, columns: str | None = None,
+          wide: bool = False) -> str:
     """`tokenscope table`: the comparison table a sweep folder or `compare --methods` folder holds
     (`kind="methods"`), a run's per-class table (`kind="classes"`: fates, cost per patch, IoU), early
     decisions against the unreduced model (`kind="agreement"`, a compare folder) or fates against the
     distance to a class boundary (`kind="boundary"`), as Markdown, LaTeX (booktabs) or CSV, with units,
     per-image/total in the headers and the conditions as notes. Written to `out` too when given, and the
-    kind's figure to `figure` (classes, boundary; .png, .pdf or .svg), never over an existing file."""
+    kind's figure to `figure` (classes, boundary; .png, .pdf or .svg), never over an existing file.
+    `columns`: keep these (comma-separated starts of headers, in that order); `wide`: LaTeX `table*`."""
+    import dataclasses
+
     from tokenscope.jobs.runfolder import write_text_atomic
-    from tokenscope.render.tables import paper_table, render_table
+    from tokenscope.render.tables import paper_table, render_table, select_columns
 
     for target in (out, figure):
         if target is not None and Path(target).exists():
@@ -661,7 +665,10 @@ def table(folder: str | Path, *, kind: str = "methods", format: str = "markdown"
         raise ConfigError(f"--figure {figure}: name a .png, .pdf or .svg file")
     if figure is not None and kind not in ("classes", "boundary"):
         raise ConfigError(f"--figure: the {kind} table has no figure (classes and boundary do)")
-    text = render_table(paper_table(folder, kind), format)
+    t = paper_table(folder, kind)
+    if columns is not None:
+        t = select_columns(t, columns)
+    text = render_table(dataclasses.replace(t, wide=bool(wide)), format)
     if out is not None:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)

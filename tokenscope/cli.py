@@ -7,6 +7,7 @@ library itself never prints.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -150,7 +151,7 @@ def _fail_on_problems(problems: list[str]) -> None:
 
 def _warn(lines: list[str]) -> None:
     for w in lines:
-        err_console.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold yellow]WARNING:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 def _is_writer() -> bool:
@@ -391,7 +392,7 @@ def compare(
         cells = [Path(str(r["image"])).name,
                  f"{r.get('base_tokens', 0)} -> {r.get('step_tokens', 0)} ({r['token_reduction']:.2f}x)",
                  f"{r['base_gflops']:.2f} -> {r['step_gflops']:.2f} ({r['flop_reduction']:.2f}x)",
-                 f"{r['base_latency_ms']:.0f} -> {r['step_latency_ms']:.0f} ({r['speedup']:.2f}x)",
+                 f"{r['base_latency_ms']:.0f} -> {r['step_latency_ms']:.0f} ({r['speedup']:.2f}x{_speedup_ci(r)})",
                  f"{r['base_peak_mib']:.0f} -> {r['step_peak_mib']:.0f}", f"{100 * r['agreement']:.1f}%"]
         if has_miou:
             cells.append(f"{100 * r.get('base_miou', float('nan')):.1f} -> {100 * r.get('step_miou', float('nan')):.1f}")
@@ -407,7 +408,8 @@ def compare(
                           f"({n} image{'s' if n != 1 else ''}, pooled, {'95% bootstrap CI' if n > 1 else 'no CI'}"
                           f"{'; ' + tag if tag else ''})", highlight=False, soft_wrap=True)
     out_console.print(f"outputs: [bold]{result.run_dir}[/]  (ALL: totals over the images; GFLOPs: torch flop counter, 2 per "
-                      "multiply-add; latency: median after warm-up; peak: extra memory during the forward pass)", highlight=False)
+                      "multiply-add; latency: median after warm-up, variants interleaved, [95% CI of the speed-up over "
+                      "the repeats]; peak: extra memory during the forward pass)", highlight=False)
     if _report_failures(result.images):
         raise typer.Exit(3)
 
@@ -426,7 +428,7 @@ def _print_methods(result: Any, baseline: str) -> None:
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in result.method_overall:
         cells = [r["method"], f"{r['tokens']:.0f}", f"{r['mean_tokens_per_block']:.0f} ({r['block_token_reduction']:.2f}x)",
-                 f"{r['gflops']:.2f} ({r['flop_reduction']:.2f}x)", f"{r['latency_ms']:.0f} ({r['speedup']:.2f}x)",
+                 f"{r['gflops']:.2f} ({r['flop_reduction']:.2f}x)", f"{r['latency_ms']:.0f} ({r['speedup']:.2f}x{_speedup_ci(r)})",
                  f"{r['merged_pct']:.1f}%", f"{r['pruned_pct']:.1f}%", f"{r['exited_pct']:.1f}%",
                  f"{100 * r['agreement']:.1f}%"]
         if has_miou:
@@ -551,6 +553,17 @@ def _ci_text(ci: dict[str, Any] | None, signed: bool = False) -> str:
     from tokenscope.analysis.uncertainty import bounds_text
 
     return bounds_text(ci, signed)
+
+
+def _speedup_ci(r: dict[str, Any]) -> str:
+    """` [0.93, 1.08]`: a speed-up's 95% interval over the interleaved repeats, when a row has one."""
+    low, high = r.get("speedup_low"), r.get("speedup_high")
+    try:
+        if low is None or high is None or not (math.isfinite(float(low)) and math.isfinite(float(high))):
+            return ""
+    except (TypeError, ValueError):
+        return ""
+    return f" [{float(low):.2f}, {float(high):.2f}]"
 
 
 def _fate_cells(s: dict[str, Any]) -> list[str]:
@@ -682,8 +695,17 @@ def bench(
                       f"{v.images_per_s(result.batch):.3f}", f"{v.peak_mib:.0f}")
     out_console.print(table)
     s = summary
-    out_console.print(f"speed-up {s['speedup']:.2f}x  FLOP reduction {s['flop_reduction']:.2f}x  "
+    ci = s.get("speedup_ci") or {}
+    interval = (f" [95% CI {ci['low']:.2f}, {ci['high']:.2f} over {ci['pairs']} interleaved repeats]"
+                if ci.get("low") is not None else " (one repeat: no interval)")
+    out_console.print(f"speed-up {s['speedup']:.2f}x{interval}  FLOP reduction {s['flop_reduction']:.2f}x  "
                       f"speed-up / FLOP reduction {s['speedup_over_flop_reduction']:.2f}", highlight=False)
+    timing = s.get("timing") or {}
+    if timing.get("baseline") and timing.get("step"):
+        out_console.print("latency median [IQR]: " + "; ".join(
+            f"{name} {t['median_ms']:.1f} [{t['q1_ms']:.1f}, {t['q3_ms']:.1f}] ms" for name, t in
+            (("baseline", timing["baseline"]), ("reduced", timing["step"]))), highlight=False)
+    _warn(s.get("warnings") or [])
     out_console.print(f"recorder overhead {s['recorder_overhead_pct']:+.2f}%  active policy {s['policy_time_pct_of_baseline']:.2f}% "
                       f"of baseline time ({s['policy_flops_pct_of_baseline']:.3f}% of FLOPs)  learned dCTS policy net "
                       f"{s['learned_policy_net_time_pct_of_baseline']:.2f}% of time ({s['learned_policy_net_flops_pct_of_baseline']:.3f}% of FLOPs)",
@@ -776,12 +798,14 @@ def table_cmd(
     fmt: Annotated[str, typer.Option("--format", help="markdown, latex (booktabs) or csv.")] = "markdown",
     out: Annotated[Optional[Path], typer.Option(help="Also write the table to this file (never overwritten).")] = None,
     figure: Annotated[Optional[Path], typer.Option(help="Also draw the table's figure into this .png/.pdf/.svg file (classes, boundary; never overwritten).")] = None,
+    columns: Annotated[Optional[str], typer.Option(help="Keep these columns, in this order: comma-separated starts of their headers, e.g. method,mIoU,GFLOPs.")] = None,
+    wide: Annotated[bool, typer.Option("--wide", help="LaTeX: a table* spanning both columns of a two-column paper.")] = False,
 ) -> None:
     """Print a comparison table for a paper: units, per image or total in every header, intervals and conditions as notes."""
     from tokenscope import api
 
     with _user_errors():
-        text = api.table(folder, kind=kind, format=fmt, out=out, figure=figure)
+        text = api.table(folder, kind=kind, format=fmt, out=out, figure=figure, columns=columns, wide=wide)
     sys.stdout.write(text)
     if out is not None:
         err_console.print(f"table: [bold]{escape(str(out))}[/]", highlight=False)

@@ -22,6 +22,7 @@ import torch
 
 from tokenscope.analysis.memory import LiveTensorBytes
 from tokenscope.analysis.stability import spread
+from tokenscope.analysis.timing_spread import disagreement, speedup_interval, spread_ms
 from tokenscope.models.cost import measure_flops
 from tokenscope.models.runtime import inference, synchronize
 from tokenscope.models.step_vit import ReductionSetting, StepViT
@@ -106,6 +107,14 @@ class BenchResult:
             return float("nan")
         return 100.0 * (statistics.median(self.recorder_on_s) / statistics.median(self.recorder_off_s) - 1.0)
 
+    def speedup_interval(self) -> dict[str, Any]:
+        """The speed-up with its 95% interval over the interleaved repeat pairs."""
+        return speedup_interval(self.baseline.latencies_s, self.step.latencies_s)
+
+    def warnings(self) -> list[str]:
+        """One line per variant whose repeats disagree by more than the limit (a busy machine)."""
+        return [w for w in (disagreement(v.name, v.latencies_s) for v in (self.baseline, self.step)) if w]
+
     def share_pct(self, seconds: list[float]) -> float:
         return 100.0 * statistics.median(seconds) / statistics.median(self.baseline.latencies_s) if seconds else float("nan")
 
@@ -117,6 +126,10 @@ class BenchResult:
             "step": {**_timing_dict(self.step), "latency_ms": self.step.latency_ms, "images_per_s": self.step.images_per_s(self.batch),
                      "latency_tail": self.step.latency_tail()},
             "speedup": self.speedup, "flop_reduction": self.flop_reduction, "speedup_over_flop_reduction": self.quotient,
+            "speedup_ci": self.speedup_interval(),
+            "timing": {"interleaved": True, "baseline": spread_ms(self.baseline.latencies_s),
+                       "step": spread_ms(self.step.latencies_s)},
+            "warnings": self.warnings(),
             "recorder_overhead_pct": self.recorder_overhead_pct,
             "policy_time_pct_of_baseline": self.share_pct(self.policy_s),
             "policy_flops_pct_of_baseline": 100.0 * self.policy_gflops / max(self.baseline.gflops_per_image * self.batch, 1e-12),

@@ -22,6 +22,7 @@ from tokenscope.analysis.memory import peak_forward_bytes
 from tokenscope.trace.fates import fate_percentages
 from tokenscope.analysis.metrics import confusion, mean_iou, pixel_agreement
 from tokenscope.analysis.timing import median, time_calls
+from tokenscope.analysis.timing_spread import paired_timing
 from tokenscope.analysis.uncertainty import class_counts, miou_change_interval, miou_interval
 from tokenscope.analysis.windowed import ImagePrediction, predict
 from tokenscope.data.classspace import ClassSpace
@@ -65,30 +66,48 @@ class CompareResult:
     """How the labels met the model's classes (None without labels); its `tag` goes beside every mIoU."""
 
 
-def _measure(loaded: LoadedModel, variant: Variant, image: PreparedImage, windows: WindowSpec | None,
-             device: torch.device, capture: TraceCapture, repeats: int, warmup: int) -> tuple[ImagePrediction, dict[str, float]]:
-    """Predict one image with `variant`, then count its FLOPs and time its forward passes.
+def measure_variants(loaded: LoadedModel, variants: list[Variant], image: PreparedImage, windows: WindowSpec | None,
+                     device: torch.device, capture: TraceCapture, repeats: int,
+                     warmup: int) -> list[tuple[ImagePrediction, dict[str, Any]]]:
+    """Predict one image with every variant, count each one's FLOPs and peak memory, then time their
+    forward passes interleaved (repeat r of every variant before repeat r + 1 of any), so that a busy
+    machine slows all of them alike and repeat r of two variants is a pair (`latency_runs_ms`).
 
-    With sliding windows the windows of one size run as one batch; latency adds up the batches.
+    With sliding windows the windows of one size run as one batch; a repeat's latency adds up the batches.
     """
-    model = loaded.model.apply(variant.setting)
-    pred = predict(capture, image, windows)
-    groups: dict[tuple[int, int], list[PreparedImage]] = {}
-    for inp in pred.inputs:
-        groups.setdefault(inp.padded_hw, []).append(inp)
-    flops, latency_s, peak = 0, 0.0, 0
+    model = loaded.model
+    counted = []
+    for v in variants:
+        model.apply(v.setting)
+        pred = predict(capture, image, windows)
+        groups: dict[tuple[int, int], list[PreparedImage]] = {}
+        for inp in pred.inputs:
+            groups.setdefault(inp.padded_hw, []).append(inp)
+        batches = [images_to_tensor(group, device) for group in groups.values()]
+        flops, peak = 0, 0
+        with inference(device, capture.amp):
+            for x, labels in batches:
+                flops += measure_flops(lambda: model(x, labels))[0]
+                peak = max(peak, peak_forward_bytes(lambda: model(x, labels), device))
+        counted.append((pred, batches, flops, peak))
+    runs: list[list[float]] = [[] for _ in variants]
     with inference(device, capture.amp):
-        for group in groups.values():
-            x, labels = images_to_tensor(group, device)
-            f, _, _ = measure_flops(lambda: model(x, labels))
-            flops += f
-            latency_s += median(time_calls(lambda: model(x, labels), device, repeats=repeats, warmup=warmup))
-            peak = max(peak, peak_forward_bytes(lambda: model(x, labels), device))
-    fates = pred.fate_totals()
-    return pred, {"gflops": flops / 1e9, "latency_ms": 1e3 * latency_s, "peak_mib": peak / 2**20,
-                  "tokens": pred.tokens, "mean_tokens_per_block": pred.mean_tokens_per_block,
-                  **{kind: fates[f"tokens_{kind}"] for kind in ("merged", "pruned", "exited")},
-                  **fate_percentages(fates, pred.tokens)}
+        for r in range(warmup + repeats):
+            for k, v in enumerate(variants):
+                model.apply(v.setting)
+                total = sum(sum(time_calls(lambda: model(x, labels), device, repeats=1, warmup=0))
+                            for x, labels in counted[k][1])
+                if r >= warmup:
+                    runs[k].append(total)
+    out = []
+    for (pred, _, flops, peak), seconds in zip(counted, runs):
+        fates = pred.fate_totals()
+        out.append((pred, {"gflops": flops / 1e9, "latency_ms": 1e3 * median(seconds), "peak_mib": peak / 2**20,
+                           "latency_runs_ms": [1e3 * t for t in seconds],
+                           "tokens": pred.tokens, "mean_tokens_per_block": pred.mean_tokens_per_block,
+                           **{kind: fates[f"tokens_{kind}"] for kind in ("merged", "pruned", "exited")},
+                           **fate_percentages(fates, pred.tokens)}))
+    return out
 
 
 def prepare_input(path: Path, labels_path: Path | None, size: int | None, patch: int,
@@ -140,14 +159,17 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
     counts_step: list[np.ndarray] = []  # per image, for the bootstrap intervals
     counts_base: list[np.ndarray] = []
     taken: set[str] = set()
+    runs: dict[str, list[list[float]]] = {"base": [], "step": []}  # per image, per interleaved repeat (ms)
     for i, path in enumerate(images):
         if progress:
             progress(i, len(images), path.name)
         result = ImageResult(source=str(path))
         try:
             prepared = prepare_input(path, labels_path, size, patch, space)
-            p_step, m_step = _measure(loaded, step, prepared, windows, device, capture, repeats, warmup)
-            p_base, m_base = _measure(loaded, base, prepared, windows, device, capture, repeats, warmup)
+            (p_step, m_step), (p_base, m_base) = measure_variants(loaded, [step, base], prepared, windows, device,
+                                                                  capture, repeats, warmup)
+            runs["base"].append(m_base.pop("latency_runs_ms"))
+            runs["step"].append(m_step.pop("latency_runs_ms"))
             row: dict[str, Any] = {"image": str(path), "input_h": prepared.input_hw[0], "input_w": prepared.input_hw[1],
                                    "windows": len(p_step.traces), "patches": p_base.patches}
             for prefix, m in (("base", m_base), ("step", m_step)):
@@ -197,6 +219,9 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
     if progress:
         progress(len(images), len(images), "")
     overall = _overall(rows, conf_step, conf_base, labels_path is not None)
+    timing, timing_warnings = paired_timing(runs["base"], runs["step"], step.setting.method or "the reduced model")
+    if overall:
+        overall.update(timing)
     if counts_step:
         overall["step_miou_ci"] = miou_interval(counts_step).as_dict()
         overall["base_miou_ci"] = miou_interval(counts_base).as_dict()
@@ -206,7 +231,7 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
         write_table(pd.concat([df, pd.DataFrame([{"image": "ALL", **overall}])], ignore_index=True), run_dir / "compare.csv")
         write_table(pd.concat(block_rows, ignore_index=True), run_dir / "tokens_per_block.csv")
     loaded.model.apply(step.setting)
-    warnings = [*loaded.warnings, *(space.warnings() if space is not None else [])]
+    warnings = [*loaded.warnings, *(space.warnings() if space is not None else []), *timing_warnings]
     write_json_atomic(run_dir / MANIFEST, {
         "tool": "tokenscope", "version": __version__, "kind": "compare", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model": loaded.config.name, "weights": loaded.weights_id, "device": str(device), "baseline": baseline,
@@ -214,7 +239,7 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
                  "merge_thresholds": list(loaded.model.merge_thresholds),
                  "exit_threshold": loaded.model.exit_threshold},
         "flop_convention": "2 FLOPs per multiply-add (torch.utils.flop_counter), policy network included",
-        "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off",
+        "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off, variants interleaved repeat by repeat",
         "overall": overall, "warnings": warnings,
         "class_space": None if space is None else space.record(),
         "windows": None if windows is None else {"window": windows.window, "stride": windows.stride,

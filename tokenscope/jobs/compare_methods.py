@@ -25,7 +25,8 @@ from tokenscope.analysis.windowed import ImagePrediction
 from tokenscope.data.images import check_size, find_images
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError, StorageError, TokenscopeError
-from tokenscope.jobs.compare import BASELINES, CompareResult, Variant, _measure, prepare_input
+from tokenscope.analysis.timing_spread import paired_timing
+from tokenscope.jobs.compare import BASELINES, CompareResult, Variant, measure_variants, prepare_input
 from tokenscope.jobs.run import ImageResult, Progress
 from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, unique_name, write_json_atomic, write_rgb, write_table
 from tokenscope.jobs.setup import ModelOptions, label_file_space, load_model, method_setting
@@ -83,6 +84,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
     block_rows: list[pd.DataFrame] = []
     results: list[ImageResult] = []
     taken: set[str] = set()
+    runs: dict[str, list[list[float]]] = {v.name: [] for v in [base, *variants]}  # per image, per interleaved repeat
     try:
         for i, path in enumerate(images):
             if progress:
@@ -90,10 +92,12 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
             result = ImageResult(source=str(path))
             try:
                 prepared = prepare_input(path, labels_path, size, patch, space)
-                measured: list[tuple[Variant, ImagePrediction, dict[str, float]]] = []
-                for v in [base, *variants]:
-                    pred, m = _measure(loaded, v, prepared, windows, device, capture, repeats, warmup)
-                    measured.append((v, pred, m))
+                every = [base, *variants]
+                measured: list[tuple[Variant, ImagePrediction, dict[str, Any]]] = [
+                    (v, pred, m) for v, (pred, m) in
+                    zip(every, measure_variants(loaded, every, prepared, windows, device, capture, repeats, warmup))]
+                for v, _, m in measured:
+                    runs[v.name].append(m.pop("latency_runs_ms"))
                 p_base, m_base = measured[0][1], measured[0][2]
                 name = unique_name(path.stem, taken)
                 panels = []
@@ -150,7 +154,14 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
             if r["method"] != base.name:
                 r["miou_change_ci"] = miou_change_interval(counts[r["method"]], counts[base.name]).as_dict()
         r["class_condition"] = space.tag if space is not None else ""
-    warnings = [*loaded.warnings, *(space.warnings() if space is not None else [])]
+    timing_warnings: list[str] = []
+    for r in overall:  # the speed-up's interval over the interleaved repeats, and repeats that disagree
+        if r["method"] == base.name:
+            continue
+        timing, said = paired_timing(runs[base.name], runs[r["method"]], r["method"], base.name)
+        r.update(timing)
+        timing_warnings += [w for w in said if w not in timing_warnings]
+    warnings = [*loaded.warnings, *(space.warnings() if space is not None else []), *timing_warnings]
     if rows:
         write_table(pd.concat([pd.DataFrame(rows), pd.DataFrame([{"image": "ALL", **r} for r in overall])],
                               ignore_index=True), run_dir / "methods.csv")
@@ -161,7 +172,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
         "methods": [v.name for v in variants], "figure_block": block,
         "method_sources": {m.label: m.provenance() for m in parsed},
         "flop_convention": "2 FLOPs per multiply-add (torch.utils.flop_counter), policy network and matching included",
-        "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off",
+        "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off, methods interleaved repeat by repeat",
         "overall": overall, "warnings": warnings, "class_space": None if space is None else space.record(),
         "totals": "tokens, GFLOPs and latency in `overall` are totals over the images; mIoU is pooled over them",
         "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],

@@ -27,6 +27,7 @@ from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
 from tokenscope.models.methods.merging import merge_rules
 from tokenscope.models.methods.point import resolve, resolve_list
 from tokenscope.render.figures import DEFAULT_STYLE, FigureStyle
+from tokenscope.analysis.timing_spread import speedup_interval, throughput_interval
 from tokenscope.render.pareto import methods_pareto_plot, pareto_plot, size_scaling_plot
 
 def expand_methods(text: str) -> list[str]:
@@ -107,9 +108,13 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
         space = res.class_space  # checked by evaluate before its first image
         assert space is not None
         base = res.variants["baseline"]
+        base_s = [ms / 1e3 for _, ms, _, _ in base.per_image]
         for p in points:
             v = res.variants[p.name]
             ci, change = v.miou_interval(), v.miou_change(base)
+            point_s = [ms / 1e3 for _, ms, _, _ in v.per_image]
+            ips_low, ips_high = throughput_interval(point_s)
+            paired = speedup_interval(base_s, point_s) if len(point_s) == len(base_s) else {"low": None, "high": None}
             rows.append({
                 "size": size or native, "point": p.name,
                 "method": "vit" if p.name == "baseline" else p.name.split(":")[0] if methods else (model.method or "step"),
@@ -121,6 +126,11 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
                 "miou": v.miou, "miou_low": ci.low, "miou_high": ci.high, "miou_change": change.value,
                 "miou_change_low": change.low, "miou_change_high": change.high, "class_condition": space.tag,
                 "gflops_per_image": v.gflops_per_image, "images_per_s": v.images / max(v.forward_s, 1e-12),
+                "images_per_s_low": ips_low, "images_per_s_high": ips_high,
+                "scored_against": "unreduced model" if getattr(ds, "unlabelled", False) else "ground truth",
+                "speedup_median": paired.get("value", float("nan")),
+                "speedup_low": float("nan") if paired["low"] is None else paired["low"],
+                "speedup_high": float("nan") if paired["high"] is None else paired["high"],
                 "token_reduction": v.reduction, "exited_early_pct": v.exited_pct, "exited_pct": v.exited_pct,
                 "pruned_pct": v.pruned_pct, "merged_pct": v.merged_pct, "images": v.images,
                 "mean_tokens_per_block": v.mean_tokens_per_block, "block_token_reduction": v.block_token_reduction,

@@ -33,7 +33,16 @@ def pareto_front(x: np.ndarray, y: np.ndarray, lower_is_better: bool) -> np.ndar
 
 
 def _error_bars(ax: plt.Axes, df: pd.DataFrame, column: str, colour: Any) -> None:
-    """The 95% bootstrap interval of each point's mIoU, as a vertical bar (rows without one: none)."""
+    """The 95% bootstrap interval of each point's mIoU, as a vertical bar (rows without one: none), and
+    for throughput its interval over the images as a horizontal bar: a measured speed is less sure than
+    a FLOP count, and the plot says so."""
+    if f"{column}_low" in df and len(df):
+        x = df[column].to_numpy(float)
+        xl, xh = df[f"{column}_low"].to_numpy(float), df[f"{column}_high"].to_numpy(float)
+        ok = np.isfinite(xl) & np.isfinite(xh)
+        if ok.any():
+            ax.errorbar(x[ok], 100 * df["miou"].to_numpy(float)[ok], xerr=np.vstack([x[ok] - xl[ok], xh[ok] - x[ok]]),
+                        fmt="none", ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.8, zorder=3)
     if "miou_low" not in df or not len(df):
         return
     y = 100 * df["miou"].to_numpy(float)
@@ -48,13 +57,43 @@ def _finish(fig: plt.Figure, ax: plt.Axes, df: pd.DataFrame, label: str, lower_i
     """Axes, legend and title shared by both plots."""
     ax.set_xlabel(label)
     images = int(df["images"].iloc[0]) if "images" in df and len(df) else 0
-    ax.set_ylabel("mIoU (%)" + (f", 95% CI over {images} images" if "miou_low" in df else ""))
+    axis = ("agreement with the unreduced model (mIoU of its labels, %)" if _against_unreduced(df) else "mIoU (%)")
+    ax.set_ylabel(axis + (f", 95% CI over {images} images" if "miou_low" in df else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right" if lower_is_better else "lower left")
     side = int(df["size"].iloc[0])
     ax.set_title(f"{f'size {side}' if side else 'native sizes'}: {what}mIoU vs {'cost' if lower_is_better else 'speed'}")
     fig.tight_layout()
     return fig
+
+
+def _against_unreduced(df: pd.DataFrame) -> bool:
+    """Whether the sweep scored an unlabelled data set against the unreduced model's own labels."""
+    return "scored_against" in df and len(df) and str(df["scored_against"].iloc[0]) == "unreduced model"
+
+
+def place_labels(ax: plt.Axes, xs: np.ndarray, ys: np.ndarray, texts: list[str], fontsize: float = 5.5) -> None:
+    """Annotate points with short labels that neither sit on a point nor on each other: each label starts
+    up and right of its point and moves up (then left) in steps of its own height until its box is free."""
+    fig = ax.figure
+    fig.canvas.draw()
+    to_px = ax.transData.transform
+    points = to_px(np.column_stack([xs, ys])) if len(xs) else np.zeros((0, 2))
+    scale = fig.dpi / 72.0
+    h = fontsize * 1.3 * scale
+    taken: list[tuple[float, float, float, float]] = [(px - 4 * scale, py - 4 * scale, px + 4 * scale, py + 4 * scale)
+                                                      for px, py in points]
+    for (px, py), text, x, y in zip(points, texts, xs, ys):
+        w = fontsize * 0.6 * scale * max(len(text), 1)
+        for k in range(12):
+            dx = 3 * scale if k < 6 else -3 * scale - w
+            dy = 3 * scale + (k % 6) * h
+            box = (px + dx, py + dy, px + dx + w, py + dy + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+                break
+        taken.append(box)
+        ax.annotate(text, (x, y), xycoords="data", xytext=((box[0] - px) / scale, (box[1] - py) / scale),
+                    textcoords="offset points", fontsize=fontsize, color="0.3")
 
 
 def write_figure(fig: plt.Figure, path: Path, style: FigureStyle = DEFAULT_STYLE) -> Path:
@@ -97,6 +136,7 @@ def methods_pareto_figure(df: pd.DataFrame, column: str, label: str, lower_is_be
     plain ViT and the Pareto front over all methods (bars: 95% intervals of the mIoUs)."""
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
     pts = df[~df["is_baseline"]]
+    labels: list[tuple[float, float, str]] = []
     for method, sub in pts.groupby("method", sort=False):
         sub = sub.sort_values(column)
         rgb, marker = method_style(str(method))
@@ -105,9 +145,8 @@ def methods_pareto_figure(df: pd.DataFrame, column: str, label: str, lower_is_be
         _error_bars(ax, sub, column, colour)
         ax.scatter(sub[column], 100 * sub["miou"], color=colour, marker=marker, s=40,
                    edgecolor="black", linewidth=0.4, label=method, zorder=4)
-        for _, r in sub.iterrows():
-            ax.annotate(str(r["point"]).partition(":")[2], (r[column], 100 * r["miou"]), fontsize=5.5,
-                        xytext=(3, 3), textcoords="offset points", color="0.3")
+        labels.extend((float(r[column]), 100 * float(r["miou"]), str(r["point"]).partition(":")[2])
+                      for _, r in sub.iterrows())
     x, y = df[column].to_numpy(float), 100 * df["miou"].to_numpy(float)
     front = pareto_front(x, y, lower_is_better)
     ax.plot(x[front], y[front], color="black", linewidth=0.8, linestyle="--", label="Pareto front (all methods)")
@@ -116,7 +155,10 @@ def methods_pareto_figure(df: pd.DataFrame, column: str, label: str, lower_is_be
         _error_bars(ax, row, column, _rgb("grey"))
         ax.scatter(row[column], 100 * row["miou"], color=_rgb("grey"), marker="X", s=160, edgecolor="black",
                    linewidth=0.6, zorder=5, label="no reduction (vit)")
-    return _finish(fig, ax, df, label, lower_is_better, "methods, ")
+    fig = _finish(fig, ax, df, label, lower_is_better, "methods, ")
+    if labels:
+        place_labels(ax, np.array([a for a, _, _ in labels]), np.array([b for _, b, _ in labels]), [t for _, _, t in labels])
+    return fig
 
 
 def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path, lower_is_better: bool,

@@ -32,6 +32,24 @@ class PaperTable:
     columns: list[str]
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
+    wide: bool = False
+    """LaTeX: a `table*` spanning both columns of a two-column paper."""
+
+
+def select_columns(t: PaperTable, spec: str) -> PaperTable:
+    """Keep the columns `spec` names (comma-separated, each the start of a header, case-insensitive),
+    in that order; one error listing the headers when a name matches none."""
+    wanted = [w.strip() for w in str(spec).split(",") if w.strip()]
+    if not wanted:
+        raise ConfigError("--columns: name at least one column")
+    picked = []
+    for w in wanted:
+        hit = next((i for i, c in enumerate(t.columns) if c.lower().startswith(w.lower())), None)
+        if hit is None:
+            raise ConfigError(f"--columns: {w!r} starts no column; the columns are: {'; '.join(t.columns)}")
+        if hit not in picked:
+            picked.append(hit)
+    return PaperTable(t.title, [t.columns[i] for i in picked], [[r[i] for i in picked] for r in t.rows], t.notes, t.wide)
 
 
 def _num(v: Any, digits: int = 2, signed: bool = False) -> str:
@@ -72,6 +90,15 @@ def _condition_notes(manifest: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _throughput(r: Any) -> str:
+    """images/s with its 95% interval over the images, when the sweep measured one."""
+    text = _num(r["images_per_s"])
+    low, high = r.get("images_per_s_low"), r.get("images_per_s_high")
+    if text and _num(low) and _num(high):
+        text += f" [{_num(low)}, {_num(high)}]"
+    return text
+
+
 def sweep_methods_table(folder: Path) -> PaperTable:
     manifest = _manifest(folder)
     df = _read_csv(folder / "sweep.csv")
@@ -83,9 +110,11 @@ def sweep_methods_table(folder: Path) -> PaperTable:
     missing = sorted(set(df["size"]) - set(base_gflops))
     if missing:
         raise ConfigError(f"{folder / 'sweep.csv'}: no baseline row at size {', '.join(map(str, missing))}")
-    columns = ["method", "operating point", "size (px)", "mIoU (%) [95% CI]", "ΔmIoU (points) [95% CI]",
+    unreduced = "scored_against" in df and str(df["scored_against"].iloc[0]) == "unreduced model"
+    score = "agreement with unreduced (mIoU, %) [95% CI]" if unreduced else "mIoU (%) [95% CI]"
+    columns = ["method", "operating point", "size (px)", score, "ΔmIoU (points) [95% CI]",
                "GFLOPs per image", "FLOP reduction (x)", "tokens per block (mean)", "merged (% of tokens)",
-               "pruned (% of tokens)", "exited (% of tokens)", "throughput (images/s)"]
+               "pruned (% of tokens)", "exited (% of tokens)", "throughput (images/s) [95% CI]"]
     rows = []
     for _, r in df.iterrows():
         point = "-" if r["is_baseline"] else (str(r["point"]).partition(":")[2] or str(r["point"]))
@@ -93,7 +122,7 @@ def sweep_methods_table(folder: Path) -> PaperTable:
         rows.append([str(r["method"]), point, str(r["size"]) if int(r["size"]) else "native", _ci(r["miou"], r.get("miou_low"), r.get("miou_high")), change,
                      _num(r["gflops_per_image"]), _num(base_gflops[r["size"]] / float(r["gflops_per_image"])),
                      _num(r["mean_tokens_per_block"], 0), _num(r.get("merged_pct"), 1), _num(r.get("pruned_pct"), 1),
-                     _num(r.get("exited_pct", r["exited_early_pct"]), 1), _num(r["images_per_s"])])
+                     _num(r.get("exited_pct", r["exited_early_pct"]), 1), _throughput(r)])
     data = manifest.get("data") or {}
     notes = [f"mIoU pooled over {images} images of {data.get('kind', '?')}"
              + (f" ({data.get('split')})" if data.get("kind") not in (None, "synthetic") else f" (scenes {data.get('seeds')})")
@@ -104,7 +133,10 @@ def sweep_methods_table(folder: Path) -> PaperTable:
              + (" at the same input size; FLOP reduction against that size's unreduced model."
                 if len(base_gflops) > 1 else "."),
              "GFLOPs: 2 per multiply-add, counted by torch's flop counter, policy network included, per image.",
-             f"Throughput: measured on {manifest.get('device', '?')}, batch 1, forward passes only.",
+             *(["Unlabelled images: every point is scored against the unreduced model's own labels (agreement, "
+                "not accuracy)."] if unreduced else []),
+             f"Throughput: measured on {manifest.get('device', '?')}, batch 1, forward passes only, each image through "
+             "every point in turn; its interval is a bootstrap over the images.",
              f"Model: {manifest.get('model', '?')} (weights {manifest.get('weights', '?')})."]
     return PaperTable(f"Methods on {manifest.get('model', '?')}", columns, rows, notes + _condition_notes(manifest))
 
@@ -257,12 +289,13 @@ def to_markdown(t: PaperTable) -> str:
 
 def to_latex(t: PaperTable) -> str:
     """A booktabs table (needs \\usepackage{booktabs}); the notes become its caption."""
-    spec = "l" * 2 + "r" * (len(t.columns) - 2)
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{" + spec + "}", r"\toprule",
+    spec = "l" * min(2, len(t.columns)) + "r" * max(len(t.columns) - 2, 0)
+    env = "table*" if t.wide else "table"
+    lines = [r"\begin{" + env + "}[t]", r"\centering", r"\small", r"\begin{tabular}{" + spec + "}", r"\toprule",
              " & ".join(_latex(c) for c in t.columns) + r" \\", r"\midrule"]
     lines += [" & ".join(_latex(c) for c in r) + r" \\" for r in t.rows]
     lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _latex(t.title + ". " + " ".join(t.notes)) + "}",
-              r"\end{table}"]
+              r"\end{" + env + "}"]
     return "\n".join(lines) + "\n"
 
 
