@@ -146,11 +146,13 @@ def test_a_method_file_runs_is_recorded_with_its_digest_and_a_changed_file_is_no
     assert trace.meta.pruning == {"kind": "norm_prune", "frac": 0.3, "block": 2, "inside": [], "after": [2]}
     assert (trace.token_pruned_at > 0).sum() == int(0.3 * trace.num_tokens)
     rule.write_text(rule.read_text().replace("smallest first", "smallest first (edited)"))
-    r = runner.invoke(app, ["run", "--resume", str(run), "--device", "cpu"])
+    r = runner.invoke(app, ["run", "--resume", str(run), "--device", "cpu"])  # the run folder alone runs no code
+    assert r.exit_code != 0 and "never makes code run" in r.output and "--method" in r.output
+    r = runner.invoke(app, ["run", "--resume", str(run), "--method", f"{rule}:frac=0.3:block=2", "--device", "cpu"])
     assert r.exit_code != 0 and "start a new run instead of resuming" in r.output and "Traceback" not in r.output
     rule.unlink()
-    r = runner.invoke(app, ["run", "--resume", str(run), "--device", "cpu"])
-    assert r.exit_code == 2 and f"method file {rule}: no such file" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["run", "--resume", str(run), "--method", f"{rule}:frac=0.3:block=2", "--device", "cpu"])
+    assert r.exit_code != 0 and "no such file" in r.output and "Traceback" not in r.output
 
 
 def test_a_plugin_step_that_fails_or_decides_nonsense_is_one_line(tmp_path: Path) -> None:

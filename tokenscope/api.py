@@ -447,7 +447,8 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
                      end=end, max_frames=max_frames, frames=frames, fps=fps, figure_format=figure_format,
                      figure_dpi=figure_dpi, figure_titles=figure_titles)
     return run_job(req, out=out, resume=resume, progress=progress,
-                   model=None if held is None else (held.loaded, held.device))
+                   model=None if held is None else (held.loaded, held.device),
+                   trusted_method=method if resume is not None else None)
 
 
 def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model | str = "demo",

@@ -28,7 +28,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
+from rich.table import Table as _RichTable
 from typer.core import TyperGroup
 
 from tokenscope import __version__
@@ -102,15 +102,39 @@ TitlesOpt = Annotated[bool, typer.Option("--titles/--no-titles", help="Titles on
 StrideOpt = Annotated[Optional[int], typer.Option(help="Stride of the sliding windows in pixels. Default: the checkpoint's, else window - 32.")]
 
 
+
+class Table(_RichTable):
+    """A rich table whose cells are text, never markup: an image or folder named `o[/]` is shown, not parsed."""
+
+    def add_row(self, *renderables: Any, **kw: Any) -> None:
+        super().add_row(*(escape(r) if isinstance(r, str) else r for r in renderables), **kw)
+
+
+def _plain(text: object) -> str:
+    """`text` safe for a terminal line: control characters (a newline or an ANSI escape in a file name)
+    shown as `\\x..` escapes, so a name can neither split the one line nor rewrite the screen."""
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+                   for ch in str(text))
+
+
 def _fail(exc: TokenscopeError) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(_plain(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
+INTERRUPTED = {
+    "run": "interrupted; the images finished so far are kept and run.json says the run is unfinished: "
+           "complete it with `tokenscope run --resume RUN_DIR`",
+    "train": "interrupted; the last saved checkpoint state (if any) is kept: continue with `tokenscope train --resume "
+             "--out NAME`",
+}
+
+
 @contextmanager
-def _user_errors() -> Iterator[None]:
+def _user_errors(command: str = "") -> Iterator[None]:
     """User errors and refused writes become one line; a fresh output folder the command could not
-    finish (no run.json yet) is taken away, so nothing half-written looks like a result."""
+    finish (no run.json yet) is taken away, so nothing half-written looks like a result. Running out of
+    memory is one line too (a decompression bomb, an image too large for this machine)."""
     from tokenscope import storage
 
     try:
@@ -123,15 +147,22 @@ def _user_errors() -> Iterator[None]:
             raise  # a bug: keep its traceback
         storage.discard_incomplete()
         _fail(storage.storage_error(exc, verb="use"))  # not raised inside a write: read or written
+    except MemoryError:
+        storage.discard_incomplete()
+        _fail(TokenscopeError("out of memory: the input (an image, a trace, a batch) is too large for this machine; "
+                              "try a smaller --size or --batch, or fewer images at once"))
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]; finished images are kept, the run folder has no run.json")
+        removed = storage.discard_incomplete()
+        message = INTERRUPTED.get(command, "interrupted; nothing unfinished was kept"
+                                  + (f" ({len(removed)} unfinished folder(s) removed)" if removed else ""))
+        err_console.print(f"[bold red]interrupted[/]{escape(message.removeprefix('interrupted'))}", highlight=False)
         raise typer.Exit(130) from None
 
 
 @contextmanager
 def _progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[item]}"))
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[item]}", markup=False))
     with Progress(*columns, console=err_console, transient=False) as bar:
         task = bar.add_task(label, total=None, item="")
 
@@ -144,14 +175,14 @@ def _progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
 def _fail_on_problems(problems: list[str]) -> None:
     """One line per damaged image, then exit 3 (the page or report was still written)."""
     for line in problems:
-        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(_plain(line))}", highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(3)
 
 
 def _warn(lines: list[str]) -> None:
     for w in lines:
-        err_console.print(f"[bold yellow]WARNING:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold yellow]WARNING:[/] {escape(_plain(w))}", highlight=False, soft_wrap=True)
 
 
 def _is_writer() -> bool:
@@ -175,7 +206,7 @@ def _print_tails(summary: dict[str, Any]) -> None:
         changes = ", ".join(f"{k.replace('_change', '')} {100 * clip[k]['mean']:.1f}% (max {100 * clip[k]['max']:.1f}%)"
                             for k in ("level_change", "exit_change", "class_change"))
         video = f"; overlay video {clip['overlay_video']}" if clip.get("overlay_video") else ""
-        out_console.print(f"clip {name}: {clip['frames']} frames; patches changed between frames: {changes}{video}",
+        out_console.print(f"clip {escape(str(name))}: {clip['frames']} frames; patches changed between frames: {changes}{video}",
                           highlight=False)
 
 
@@ -202,7 +233,7 @@ def _report_failures(images: list[Any]) -> int:
         counts[r.error] = counts.get(r.error, 0) + 1
     for error, n in counts.items():
         more = f" ({n} frames or images)" if n > 1 else ""
-        err_console.print(f"[bold red]error:[/] {error}{more}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(_plain(error))}{more}", highlight=False, soft_wrap=True)
     return len(failed)
 
 
@@ -253,7 +284,7 @@ def run(
     """Trace images or a data set: which patches merge into which supertoken, and at which block each token exits."""
     from tokenscope import api
 
-    with _user_errors():
+    with _user_errors("run"):
         method = _with_operating_point(method, operating_point, model)
         with _progress("tracing") as progress:
             result = api.run(images, model=model, weights=weights, random_init=random_init, policy=policy,
@@ -289,8 +320,8 @@ def run(
     out_console.print(table)
     if result.tables is not None and "step_miou" in result.tables.summary:
         _print_run_miou(result)
-    out_console.print(f"outputs: [bold]{result.run_dir}[/]  (GFLOPs: 2 per multiply-add, policy included)", highlight=False)
-    out_console.print(f"explore it: [bold]tokenscope view {result.run_dir}[/]", highlight=False)
+    out_console.print(f"outputs: [bold]{escape(str(result.run_dir))}[/]  (GFLOPs: 2 per multiply-add, policy included)", highlight=False)
+    out_console.print(f"explore it: [bold]tokenscope view {escape(str(result.run_dir))}[/]", highlight=False)
     _print_tails(result.tables.summary if result.tables is not None else {})
     if _report_failures(result.images):
         raise typer.Exit(3)
@@ -328,10 +359,10 @@ def heatmap(
         block_list = _parse_blocks(blocks) if blocks is not None else None
         with _progress("rendering") as progress:
             result = api.heatmap(run_dir, kind=kind, out=out, blocks=block_list, progress=progress)
-    out_console.print(f"rendered {len(result.rendered)} image(s) from {result.run_dir} into [bold]{result.out_dir}[/]",
+    out_console.print(f"rendered {len(result.rendered)} image(s) from {escape(str(result.run_dir))} into [bold]{escape(str(result.out_dir))}[/]",
                       highlight=False)
     for line in result.failed:
-        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(_plain(line))}", highlight=False, soft_wrap=True)
     if result.failed:
         raise typer.Exit(3)
 
@@ -407,7 +438,7 @@ def compare(
                           f"{_ci_value(o['miou_change_ci'], signed=True)} "
                           f"({n} image{'s' if n != 1 else ''}, pooled, {'95% bootstrap CI' if n > 1 else 'no CI'}"
                           f"{'; ' + tag if tag else ''})", highlight=False, soft_wrap=True)
-    out_console.print(f"outputs: [bold]{result.run_dir}[/]  (ALL: totals over the images; GFLOPs: torch flop counter, 2 per "
+    out_console.print(f"outputs: [bold]{escape(str(result.run_dir))}[/]  (ALL: totals over the images; GFLOPs: torch flop counter, 2 per "
                       "multiply-add; latency: median after warm-up, variants interleaved, [95% CI of the speed-up over "
                       "the repeats]; peak: extra memory during the forward pass)", highlight=False)
     if _report_failures(result.images):
@@ -441,9 +472,9 @@ def _print_methods(result: Any, baseline: str) -> None:
     if has_miou:
         out_console.print(f"mIoU pooled over the images, 95% percentile bootstrap CI; change paired against the plain "
                           f"ViT on the same images{'; ' + tag if tag else ''}", highlight=False, soft_wrap=True)
-    out_console.print(f"outputs: [bold]{result.run_dir}[/] (methods.csv, tokens_per_block.csv, a methods.png per image; "
+    out_console.print(f"outputs: [bold]{escape(str(result.run_dir))}[/] (methods.csv, tokens_per_block.csv, a methods.png per image; "
                       "GFLOPs: torch flop counter, 2 per multiply-add; latency: median after warm-up)", highlight=False)
-    out_console.print(f"explore it: [bold]tokenscope view {result.run_dir}[/] (every method side by side)", highlight=False)
+    out_console.print(f"explore it: [bold]tokenscope view {escape(str(result.run_dir))}[/] (every method side by side)", highlight=False)
 
 
 DataOpt = Annotated[str, typer.Option("--data", help="Data set: synthetic (generated street scenes), folder (images/ + masks/), images (no labels: scored against the unreduced model), ade20k, cityscapes or pascal_context.")]
@@ -484,7 +515,7 @@ def train(
     """Train a STEP model: encoder + decoder + exit heads (cross-entropy, deep supervision) and the dCTS policy (BCE)."""
     from tokenscope import api
 
-    with _user_errors():
+    with _user_errors("train"):
         parts = tuple(p.strip() for p in freeze.split(",") if p.strip()) if freeze else ()
         columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                    TimeRemainingColumn(), TextColumn("loss {task.fields[loss]:.3f} seg {task.fields[seg]:.3f} "
@@ -510,7 +541,7 @@ def train(
                                    eval_progress=eval_progress, keep_per_class=keep_per_class, method=method)
     if not _is_writer():  # under torchrun, rank 0 reports
         return
-    out_console.print(f"checkpoint: [bold]{result.checkpoint.with_suffix('.json')}[/] after {result.state.step} steps",
+    out_console.print(f"checkpoint: [bold]{escape(str(result.checkpoint.with_suffix('.json')))}[/] after {result.state.step} steps",
                       highlight=False)
     if result.metrics:
         _print_eval(result.metrics, "evaluation on the validation set")
@@ -592,11 +623,11 @@ def _print_eval(metrics: dict[str, dict[str, Any]], title: str) -> None:
                           highlight=False)
     condition = (first.get("class_space") or {}).get("condition")
     if condition:
-        err_console.print(f"[bold yellow]mIoU condition:[/] {condition}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold yellow]mIoU condition:[/] {escape(str(condition))}", highlight=False, soft_wrap=True)
     for name, m in metrics.items():  # the tail of the latency, not just its mean
         t = m.get("tails", {}).get("latency_ms")
         if t and m["images"] > 1:
-            out_console.print(f"{name} latency: p50 {t['p50']:.1f} p95 {t['p95']:.1f} p99 {t['p99']:.1f} max {t['max']:.1f} ms "
+            out_console.print(f"{escape(str(name))} latency: p50 {t['p50']:.1f} p95 {t['p95']:.1f} p99 {t['p99']:.1f} max {t['max']:.1f} ms "
                               f"(p99/p50 {t['p99_over_p50']:.2f}; worst {t['worst'][0]['name']})", highlight=False)
 
 
@@ -703,7 +734,7 @@ def bench(
     timing = s.get("timing") or {}
     if timing.get("baseline") and timing.get("step"):
         out_console.print("latency median [IQR]: " + "; ".join(
-            f"{name} {t['median_ms']:.1f} [{t['q1_ms']:.1f}, {t['q3_ms']:.1f}] ms" for name, t in
+            f"{escape(str(name))} {t['median_ms']:.1f} [{t['q1_ms']:.1f}, {t['q3_ms']:.1f}] ms" for name, t in
             (("baseline", timing["baseline"]), ("reduced", timing["step"]))), highlight=False)
     _warn(s.get("warnings") or [])
     out_console.print(f"recorder overhead {s['recorder_overhead_pct']:+.2f}%  active policy {s['policy_time_pct_of_baseline']:.2f}% "
@@ -713,7 +744,7 @@ def bench(
     tails = [(name, s[name].get("latency_tail") or {}) for name in ("baseline", "step")]
     if all(t.get("repeats", 0) > 1 for _, t in tails):
         out_console.print("latency over the repeats: " + "; ".join(
-            f"{name} p50 {t['p50']:.1f} p99 {t['p99']:.1f} max {t['max']:.1f} ms (p99/p50 {t['p99_over_p50']:.2f})"
+            f"{escape(str(name))} p50 {t['p50']:.1f} p99 {t['p99']:.1f} max {t['max']:.1f} ms (p99/p50 {t['p99_over_p50']:.2f})"
             for name, t in tails), highlight=False)
     if s["one_at_a_time_ms"] is not None:
         out_console.print(f"same batch one image at a time: {s['one_at_a_time_ms']:.1f} ms vs padded batch "
@@ -767,7 +798,7 @@ def sweep(
     if result.folder is None:  # not rank 0 of a torchrun job
         return
     _print_sweep_table(result.table, "sweep")
-    out_console.print(f"outputs: [bold]{result.folder}[/]", highlight=False)
+    out_console.print(f"outputs: [bold]{escape(str(result.folder))}[/]", highlight=False)
 
 
 def _print_sweep_table(df: Any, title: str) -> None:
@@ -788,7 +819,7 @@ def _print_sweep_table(df: Any, title: str) -> None:
     out_console.print(table)
     condition = str(df["class_condition"].iloc[0]) if len(df) and "class_condition" in df else ""
     if condition and condition != "nan":
-        err_console.print(f"[bold yellow]mIoU condition:[/] {condition} (see sweep.json)", highlight=False)
+        err_console.print(f"[bold yellow]mIoU condition:[/] {escape(str(condition))} (see sweep.json)", highlight=False)
 
 
 @app.command("table")
@@ -826,7 +857,7 @@ def report(
     problems: list[str] = []
     with _user_errors():
         path = api.report(run_dir, gallery=gallery, animations=animations, out=out, problems=problems)
-    out_console.print(f"report: [bold]{path}[/] ({path.stat().st_size / 2**20:.1f} MiB, opens from disk in any browser)",
+    out_console.print(f"report: [bold]{escape(str(path))}[/] ({path.stat().st_size / 2**20:.1f} MiB, opens from disk in any browser)",
                       highlight=False)
     _fail_on_problems(problems)
 
@@ -890,7 +921,7 @@ def tune(
         raise typer.Exit(result.exit_code)
     h = result.held_out
     assert h is not None
-    out_console.print(f"chosen: [bold]{result.chosen.point}[/] -> {result.path}", highlight=False)
+    out_console.print(f"chosen: [bold]{escape(str(result.chosen.point))}[/] -> {escape(str(result.path))}", highlight=False)
     n = h.miou_ci.get("images", 0)
     out_console.print(f"held out: mIoU {h.miou:.2f}{_ci_text(h.miou_ci)} (change against unreduced "
                       f"{_ci_value(h.change_ci, signed=True)} over {n} image{'s' if n != 1 else ''}"
@@ -917,18 +948,18 @@ def view(
     with _user_errors(), _progress("explorer") as update:
         result = write_view(run_dir, out=out, served=serve, progress=update)
     if not serve:
-        out_console.print(f"explorer: [bold]{result.page}[/] ({result.page.stat().st_size / 2**20:.1f} MiB, "
+        out_console.print(f"explorer: [bold]{escape(str(result.page))}[/] ({result.page.stat().st_size / 2**20:.1f} MiB, "
                           "opens from disk in any browser)", highlight=False)
         _fail_on_problems(result.problems)
         return
     for line in result.problems:  # served anyway: the page shows each in place of its image
-        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(_plain(line))}", highlight=False, soft_wrap=True)
     try:
         server, _ = serve_folder(result.run_dir, port)
     except OSError as exc:
         _fail(TokenscopeError(f"cannot serve on 127.0.0.1:{port} ({exc.strerror or exc})"))
     url = f"http://127.0.0.1:{server.server_address[1]}/{result.page.name}"
-    out_console.print(f"serving {result.run_dir} at [bold]{url}[/] (Ctrl-C stops)", highlight=False)
+    out_console.print(f"serving {escape(str(result.run_dir))} at [bold]{escape(str(url))}[/] (Ctrl-C stops)", highlight=False)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -982,7 +1013,7 @@ def methods(
 def _download_progress(item: str) -> Iterator[Callable[[int, int, str], None]]:
     """A download bar: bytes so far and in all, speed, time left."""
     columns = (TextColumn("[bold]downloading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[item]}"))
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[item]}", markup=False))
     with Progress(*columns, console=err_console) as bar:
         task = bar.add_task("download", total=None, item=item)
 
@@ -998,7 +1029,7 @@ def _fetch_published(name: str, offline: bool | None = None) -> None:
 
     with _user_errors(), _download_progress(name) as update:
         path = ensure_published(name, convert_published, progress=update, offline=offline)
-    out_console.print(f"{name}: [bold]{path}[/]", highlight=False)
+    out_console.print(f"{escape(str(name))}: [bold]{escape(str(path))}[/]", highlight=False)
 
 
 data_app = typer.Typer(help="Data sets in the cache: fetch (download, verify, unpack), check a tree, list.",
@@ -1022,7 +1053,7 @@ def data_fetch(
         return
     with _user_errors(), _download_progress(name) as update:
         path = api.fetch_data(name, url=url, keep_archive=keep_archive, offline=offline or None, progress=update)
-    out_console.print(f"{name}: [bold]{path}[/] (use it with --data {name})", highlight=False)
+    out_console.print(f"{escape(str(name))}: [bold]{escape(str(path))}[/] (use it with --data {escape(str(name))})", highlight=False)
 
 
 @data_app.command("check")
@@ -1047,7 +1078,7 @@ def data_check(
     out_console.print(table)
     problems = report.problems
     for line in problems[:show]:
-        err_console.print(f"[bold red]problem:[/] {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]problem:[/] {escape(str(line))}", highlight=False, soft_wrap=True)
     if len(problems) > show:
         err_console.print(f"... and {len(problems) - show} more (--show {len(problems)} lists them)")
     if problems:
@@ -1097,7 +1128,7 @@ def import_segmenter_cmd(
         f"patch {kw['patch_size']}, {cfg['decoder']} decoder, {cfg['num_classes']} classes"
         f"{' of ' + cfg['dataset'] if cfg['dataset'] else ''}, trained at {cfg['img_size']} px, "
         f"windows {cfg['window']} / stride {cfg['stride']}", highlight=False)
-    out_console.print(f"checkpoint: [bold]{written}[/] (run it with --weights)", highlight=False)
+    out_console.print(f"checkpoint: [bold]{escape(str(written))}[/] (run it with --weights)", highlight=False)
 
 
 def version_callback(value: bool) -> None:

@@ -34,20 +34,60 @@ HINTS = {
     errno.ENOENT: "the folder vanished while writing: make sure it exists and try again",
     errno.ENOTDIR: "a part of the path is a file, not a folder: choose another --out",
     errno.EIO: "the device reported an I/O error: check the disk",
+    errno.EEXIST: "something is already there (a file, or a link to nowhere): choose another --out",
+    errno.ENAMETOOLONG: "a file or folder name is too long: choose a shorter --out or rename the input",
+    errno.EISDIR: "a folder is in the way of a file: choose another --out",
+    errno.EFBIG: "the file grew past the size this process may write (ulimit -f): raise the limit or write less",
+    errno.ELOOP: "the path goes round a loop of symbolic links: choose another --out",
+    errno.EMFILE: "too many files are open: raise the limit (ulimit -n) and try again",
+    errno.ENXIO: "the path is not a file that can be read (a device or a pipe with no writer)",
 }
 _created: list[Path] = []
 
 
 def is_storage_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in HINTS
+    """Any refusal by the operating system (an OSError with an errno): every one is one line."""
+    return isinstance(exc, OSError) and exc.errno is not None
 
 
 def storage_error(exc: OSError, path: str | os.PathLike[str] | None = None, verb: str = "write") -> StorageError:
     """The one-line error for an OS refusal to write `path` (or the file the exception names);
     `verb` "use" where it is not known whether the file was being read or written."""
     where = path if path is not None else (exc.filename or "?")
-    hint = HINTS.get(exc.errno or 0, "check the output folder")
+    code = exc.errno or 0
+    name = errno.errorcode.get(code, str(code))
+    hint = HINTS.get(code, f"the system said {name}; check the path and try again")
     return StorageError(f"cannot {verb} {where}: {exc.strerror or exc} ({hint})")
+
+
+MAX_TEXT_BYTES = 64 * 2**20
+"""The largest JSON/YAML/text file tokenscope reads back (a run.json of 100,000 images is a few MB)."""
+
+
+def read_regular_text(path: str | os.PathLike[str], what: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """The text of `path`, refused in one line (a `StorageError`) when it is not a regular file (a FIFO
+    would block the read forever, a device never ends) or is larger than `limit`."""
+    import stat
+
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise storage_error(exc, p, "read") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise StorageError(f"cannot read {p}: not a regular file (a pipe, device or folder); name a {what} file")
+    if st.st_size > limit:
+        raise StorageError(f"cannot read {p}: {st.st_size} bytes is more than a {what} file can be ({limit} at most)")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise storage_error(exc, p, "read") from None
+    if len(data) > limit:
+        raise StorageError(f"cannot read {p}: larger than a {what} file can be ({limit} bytes at most)")
+    return data.decode("utf-8", errors="replace")
 
 
 @contextmanager
@@ -131,3 +171,58 @@ def discard_incomplete() -> list[Path]:
             removed.append(folder)
     _created.clear()
     return removed
+
+
+def write_exclusive(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], mode: str = "w",
+                    file_mode: int | None = None) -> Path:
+    """Like `atomic_write`, but `path` must not exist: the complete file is linked into place, which
+    fails if anything (a file, a dangling link) is there by then, so of two processes writing one
+    `--out` at once exactly one succeeds and the other gets one line. Nothing is ever overwritten."""
+    target = Path(path)
+    tmp: str | None = None
+    with writing(target):
+        try:
+            kw: dict[str, Any] = {"encoding": "utf-8"} if "b" not in mode else {}
+            with tempfile.NamedTemporaryFile(mode, dir=target.parent, suffix=".tmp", delete=False,
+                                             prefix=f".{target.name}.", **kw) as f:
+                tmp = f.name
+                write(f)
+            os.chmod(tmp, FILE_MODE if file_mode is None else file_mode)
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise StorageError(f"cannot write {target}: it appeared while this command ran (another process "
+                                   "wrote it); nothing was overwritten, choose another --out") from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)  # no hard links here
+                with open(fd, "wb") as out, open(tmp, "rb") as src:
+                    shutil.copyfileobj(src, out)
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+@contextmanager
+def output_lock(target: str | os.PathLike[str], what: str = "output") -> Iterator[None]:
+    """Hold `target` for this process from the check that it is free to its last write (an OS file lock
+    on `.NAME.lock` beside it, freed however the process ends): a second process writing the same
+    `--out` at once gets one line instead of both believing they wrote it."""
+    import fcntl
+
+    t = Path(target)
+    lock = t.with_name(f".{t.name}.lock")
+    with writing(lock):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StorageError(f"{t} is being written by another tokenscope process (the same --out); wait for it "
+                               f"or choose another --out for this {what}") from None
+        yield
+    finally:
+        os.close(fd)

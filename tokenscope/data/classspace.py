@@ -106,7 +106,7 @@ def _read_map(path: Path) -> dict[str, str]:
         raise ConfigError(f"--class-map {path}: cannot read it ({exc})") from None
     if path.suffix.lower() == ".csv":
         rows = [r for r in csv.reader(text.splitlines()) if r and not r[0].startswith("#")]
-        if rows and not rows[0][0].strip().lstrip("-").isdigit():
+        if rows and not rows[0][0].strip().lstrip("-").isdecimal():
             rows = rows[1:]  # a header line
         if any(len(r) != 2 for r in rows):
             raise ConfigError(f"--class-map {path}: every CSV row must be data_id,model_id")
@@ -124,7 +124,7 @@ def _read_map(path: Path) -> dict[str, str]:
 
 def _class_id(token: str, names: Sequence[str], count: int | None, side: str, path: Path) -> int:
     t = token.strip()
-    if t.lstrip("-").isdigit():
+    if t.lstrip("-").isdecimal() and t.lstrip("-").isascii():
         v = int(t)
         if v == IGNORE_INDEX or (0 <= v and (count is None or v < count) and v < LOOKUP_SIZE):
             return v

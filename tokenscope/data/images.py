@@ -7,7 +7,9 @@ ends as one `ImageError` that names the file and says what to do.
 
 from __future__ import annotations
 
+import io
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -51,11 +53,25 @@ class PreparedImage:
         return self.padded_hw[0] // self.patch, self.padded_hw[1] // self.patch
 
 
+MAX_PIXELS = 200_000_000
+"""The largest image decoded (about 14,000 x 14,000): a 30,000 x 30,000 PNG is under a megabyte on disk
+and 10 GB in memory, so the size in its header is checked before any pixel is decoded."""
+MAX_FILE_BYTES = 2 * 2**30
+
+
 def _read_bytes(path: Path, what: str) -> bytes:
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"{path}: is a folder, expected an {what} file")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read forever, a device never ends
+        raise ImageError(f"{path}: not a regular file (a pipe or device), expected an {what} file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageError(f"{path}: {st.st_size} bytes, more than an {what} file tokenscope reads ({MAX_FILE_BYTES})")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -63,6 +79,36 @@ def _read_bytes(path: Path, what: str) -> bytes:
     if not data:
         raise ImageError(f"{path}: file is empty")
     return data
+
+
+def _header(path: Path, data: bytes) -> tuple[tuple[int, int] | None, int]:
+    """((width, height) from the file's header, or None when PIL cannot tell), and its EXIF orientation
+    (1 = as stored), read without decoding a pixel."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - matplotlib brings Pillow
+        return None, 1
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size = (int(im.size[0]), int(im.size[1]))
+            try:
+                orientation = int(im.getexif().get(0x0112, 1) or 1)
+            except Exception:  # a damaged EXIF block: the pixels are still the pixels
+                orientation = 1
+            return size, orientation
+    except Image.DecompressionBombError:  # PIL's own limit (about 179 M pixels): larger than ours too
+        return (MAX_PIXELS + 1, 1), 1
+    except Exception:  # not a format PIL knows (OpenCV may): no header check
+        return None, 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn pixels stored sideways upright, as EXIF orientation 2-8 says (what a photo viewer shows)."""
+    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1, :],
+           5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.swapaxes(a, 0, 1)[:, ::-1],
+           7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1], 8: lambda a: np.swapaxes(a, 0, 1)[::-1, :]}
+    op = ops.get(int(orientation))
+    return np.ascontiguousarray(op(img)) if op is not None else img
 
 
 def _check_not_truncated(path: Path, data: bytes) -> None:
@@ -91,7 +137,12 @@ def _read_image_file(p: Path, what: str) -> np.ndarray:
     """Bytes -> integrity check -> decoded array, channels untouched, single channel squeezed."""
     data = _read_bytes(p, what)
     _check_not_truncated(p, data)
+    size, orientation = _header(p, data)
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        shown = f"{size[0]}x{size[1]} pixels" if size[1] > 1 else "more pixels than PIL opens"
+        raise ImageError(f"{p}: {shown}, more than tokenscope decodes ({MAX_PIXELS:,} pixels); downscale it first")
     img = _decode(p, data, cv2.IMREAD_UNCHANGED)
+    img = apply_orientation(img, orientation)  # the same turn for an image and its label map
     return img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img
 
 

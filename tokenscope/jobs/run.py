@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import shlex
+import types
+import typing
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -49,6 +53,7 @@ from tokenscope.jobs.runfolder import (
     new_run_dir,
     read_manifest,
     run_lock,
+    check_no_links,
     unique_name,
     write_json_atomic,
     write_rgb,
@@ -57,7 +62,8 @@ from tokenscope.jobs.runfolder import (
 from tokenscope.jobs.setup import LEGACY_FLAGS, ModelOptions, label_file_space, load_model, options_from_record, scoring_space
 from tokenscope.jobs.writer import BackgroundWriter, default_workers
 from tokenscope.models.checkpoints import LoadedModel
-from tokenscope.models.methods.point import resolve
+from tokenscope.models.methods.point import external_names, resolve
+from tokenscope.models.methods.registry import digest_of
 from tokenscope.models.registry import StepConfig
 from tokenscope.render.animation import write_exit_animation
 from tokenscope.render.dataset_plots import write_dataset_figures
@@ -504,17 +510,50 @@ def finish_run(run_dir: Path, names: list[str], figures: bool = True, extra: dic
 
 
 def run_job(req: RunRequest, out: str | Path = "outputs", resume: str | Path | None = None,
-            progress: Progress | None = None, model: tuple[LoadedModel, Any] | None = None) -> RunResult:
+            progress: Progress | None = None, model: tuple[LoadedModel, Any] | None = None,
+            trusted_method: str | None = None) -> RunResult:
     """Start a run from `req`, or finish the interrupted run at `resume`.
 
     `model` is an already loaded (model, device) matching `req.model`, reused instead of loading
     it again (the Python API passes the one a notebook holds); a resume always loads its own.
     A resumed folder is locked while it is worked on: a second `--resume` of it says it is busy.
+    A run folder is data: when it names a method file or module, the resume runs it only when the
+    caller names the same method (`trusted_method`, the command line's --method) and the file's bytes
+    are those recorded, checked before it is imported.
     """
     if resume is None:
         return _run_job(req, out, None, progress, model)
     with run_lock(Path(resume)):
-        return _run_job(req, out, resume, progress, model)
+        return _run_job(req, out, resume, progress, model, trusted_method)
+
+
+def _code_paths(names: list[str]) -> set[str]:
+    """Method files as resolved paths (modules by name), to compare what a run recorded with what the
+    caller named."""
+    return {str(Path(n).expanduser().resolve()) if n.endswith(".py") or "/" in n or "\\" in n else n for n in names}
+
+
+def check_trusted_methods(run_dir: Path, manifest: dict[str, Any], recorded: str | None, trusted: str | None) -> None:
+    """Refuse to resume a run whose method is code from a file or module unless the caller named that
+    same code, and unless the file still holds the bytes the run recorded (checked before any import)."""
+    files = external_names(recorded or "")
+    if not files:
+        return
+    sources = [s for s in manifest.get("method_sources") or [] if isinstance(s, dict)]
+    recorded_paths = _code_paths(files) | {str(s.get("source"))[5:] for s in sources
+                                            if str(s.get("source", "")).startswith("file ")}
+    named = _code_paths(external_names(trusted or ""))
+    if not named or not named <= recorded_paths:
+        raise RunFolderError(f"{run_dir}: was run with the method file or module {files[0]}, and a run folder never "
+                             f"makes code run; if you trust it, name it yourself: tokenscope run --resume {run_dir} "
+                             f"--method {shlex.quote(str(recorded))}")
+    for src in sources:
+        source, digest = str(src.get("source", "")), src.get("digest")
+        if source.startswith("file ") and not Path(source[5:]).is_file():
+            raise RunFolderError(f"{run_dir}: method file {source[5:]}: no such file")
+        if source.startswith("file ") and isinstance(digest, str) and digest and digest_of(source[5:]) != digest:
+            raise RunFolderError(f"{run_dir}: was run with method {src.get('name')} from {source} (sha256 "
+                                 f"{digest[:12]}), and that file has changed since: start a new run instead of resuming")
 
 
 def _request_of(manifest: dict[str, Any], run_dir: Path) -> RunRequest:
@@ -528,7 +567,47 @@ def _request_of(manifest: dict[str, Any], run_dir: Path) -> RunRequest:
     model = raw.get("model", {})
     if not isinstance(model, dict) or set(model) - {f.name for f in fields(ModelOptions)} - set(LEGACY_FLAGS):
         raise RunFolderError(f"{run_dir / MANIFEST}: field 'request.model' is not a set of model options")
+    _check_types(raw, RunRequest(), "request", run_dir, skip={"model"})
+    _check_types(model, ModelOptions(), "request.model", run_dir, skip=set(LEGACY_FLAGS))
     return RunRequest(**raw)
+
+
+def _check_types(raw: dict[str, Any], defaults: Any, where: str, run_dir: Path, skip: set[str]) -> None:
+    """Each recorded field has its declared type (`int | None` takes a whole number or null, a list a list
+    of plain values): a run.json edited by hand is one line naming the field, never a TypeError three calls
+    later."""
+    hints = typing.get_type_hints(type(defaults))
+    for key, value in raw.items():
+        if key in skip or key not in hints:
+            continue
+        if not _has_type(value, hints[key]):
+            raise RunFolderError(f"{run_dir / MANIFEST}: field '{where}.{key}' has the wrong type "
+                                 f"({type(value).__name__}: {str(value)[:60]!r})")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a simple annotation (int, float, str, bool, list[...], dict, X | None, Any)."""
+    if hint is Any:
+        return True
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, list) and (not args or all(_has_type(v, args[0]) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True  # anything richer is checked where it is used
 
 
 def check_same_methods(run_dir: Path, recorded: Any, now: list[dict[str, str]] | None) -> None:
@@ -546,13 +625,16 @@ def check_same_methods(run_dir: Path, recorded: Any, now: list[dict[str, str]] |
 
 
 def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progress: Progress | None,
-             model: tuple[LoadedModel, Any] | None) -> RunResult:
+             model: tuple[LoadedModel, Any] | None, trusted_method: str | None = None) -> RunResult:
     if resume is not None:
         run_dir = Path(resume)
         manifest = read_manifest(run_dir)
         if manifest.get("kind") != "run":
             raise RunFolderError(f"{run_dir}: not a tokenscope run folder")
         req = _request_of(manifest, run_dir)
+        check_no_links(run_dir)
+        method = req.model.get("method")
+        check_trusted_methods(run_dir, manifest, method if isinstance(method, str) else None, trusted_method)
     style = req.figure_style()  # a bad --format or --dpi is refused before anything else
     scoring = Scoring()
     items = _items(req, scoring)

@@ -20,7 +20,7 @@ import numpy as np
 
 from tokenscope.errors import RunFolderError
 from tokenscope.render.manifest import read_manifest as _read_checked
-from tokenscope.storage import atomic_write, track_folder, writing
+from tokenscope.storage import atomic_write, storage_error, track_folder, writing
 
 if TYPE_CHECKING:  # the frame sink's processes write folders, never tables: they need not load pandas
     import pandas as pd
@@ -34,23 +34,57 @@ def new_run_dir(root: str | os.PathLike[str], kind: str = "run") -> Path:
     base = Path(root)
     if base.exists() and not base.is_dir():
         raise RunFolderError(f"--out {base} is a file, not a folder")
+    if os.path.islink(base) and not base.exists():
+        raise RunFolderError(f"--out {base} is a symbolic link to nothing (or a loop of links): choose another --out")
     with writing(base):
         base.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1, 1000):
         cand = base / (f"{kind}-{stamp}" if n == 1 else f"{kind}-{stamp}-{n}")
         try:
-            with writing(cand):
-                cand.mkdir()
-            return track_folder(cand)
+            cand.mkdir()
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise storage_error(exc, cand) from None
+        return track_folder(cand)
     raise RunFolderError(f"too many runs named {kind}-{stamp} in {base}")
 
 
+RESERVED_NAMES = frozenset({
+    "tables", "figures", "summary.json", "run.json", "explorer.html", "explorer-served.html", "explorer_data",
+    "report.html", "compare.csv", "methods.csv", "tokens_per_block.csv", "sweep.csv", "frames.csv", "clips",
+    "windows.json", "lock", "scaling.png"})
+"""Names a run, compare or sweep folder uses for itself: an image named `tables.png` or `explorer_data.png`
+must never get a folder of that name (its files would be written over, or the explorer's export would
+replace it)."""
+
+
+def is_reserved(name: str) -> bool:
+    low = name.lower()
+    return low in RESERVED_NAMES or low.startswith(("heatmaps-", "explorer", "report", "pareto_"))
+
+
+def check_no_links(run_dir: Path) -> None:
+    """Refuse a run folder holding a symbolic link where tokenscope writes (`tables/`, `figures/`,
+    `summary.json`, an image folder...): its files would be written wherever the link points."""
+    try:
+        entries = list(Path(run_dir).iterdir())
+    except OSError as exc:
+        raise storage_error(exc, run_dir, "read") from None
+    for entry in entries:
+        if entry.is_symlink():
+            raise RunFolderError(f"{entry} is a symbolic link, and tokenscope never writes through a link inside a "
+                                 "run folder (its files would land wherever it points): remove it, then run again")
+
+
 def unique_name(stem: str, taken: set[str]) -> str:
-    """`stem`, or `stem-2`, `stem-3`, ... so two images with one stem never share a folder."""
+    """`stem`, or `stem-2`, `stem-3`, ... so two images with one stem never share a folder; a stem that
+    is one of the folder's own names (`tables`, `run.json`, ...) becomes `stem-image`."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem).lstrip(".") or "image"
+    safe = safe[:120]  # a name the file system takes, whatever the input's length
+    if is_reserved(safe):
+        safe = f"{safe}-image"
     name, n = safe, 2
     while name in taken:
         name, n = f"{safe}-{n}", n + 1

@@ -25,7 +25,7 @@ from tokenscope.models.published import PUBLISHED
 from tokenscope.models.registry import StepConfig, resolve_config
 from tokenscope.models.methods.base import Plan
 from tokenscope.models.step_vit import ReductionSetting, StepViT
-from tokenscope.storage import check_writable, writing
+from tokenscope.storage import check_writable, output_lock, writing
 from tokenscope.models.runtime import resolve_device
 from tokenscope.train.trainer import Trainer, TrainProgress, TrainSettings, TrainState
 
@@ -78,8 +78,21 @@ def train_model(model: str, out: str | Path, data: DataOptions, settings: TrainS
     `decoder` (linear or mask) chooses the decoder of a new model; a fine-tuned one keeps its own.
     An existing checkpoint at `out` is continued with `resume`, replaced with `overwrite` (the old
     files kept beside it as NAME.backup-STAMP.*), and otherwise refused: training never silently
-    replaces a model."""
+    replaces a model. The checkpoint is held (a file lock) from that check to the last write, so two
+    trainings with one --out cannot both believe they wrote it."""
     settings.check()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes; it holds the lock
+        return _train_model(model, out, data, settings, device, backbone_weights, resume, evaluate_after, progress,
+                            eval_progress, decoder, keep_per_class, overwrite)
+    with output_lock(checkpoint_paths(out)[1], "checkpoint"):
+        return _train_model(model, out, data, settings, device, backbone_weights, resume, evaluate_after, progress,
+                            eval_progress, decoder, keep_per_class, overwrite)
+
+
+def _train_model(model: str, out: str | Path, data: DataOptions, settings: TrainSettings, device: str,
+                 backbone_weights: str | None, resume: bool, evaluate_after: bool, progress: TrainProgress | None,
+                 eval_progress: Progress | None, decoder: str | None, keep_per_class: int | None,
+                 overwrite: bool) -> TrainResult:
     protect_checkpoint(out, resume, overwrite)
     dev = resolve_device(device)
     train_set = training_data(data)
@@ -143,7 +156,7 @@ def protect_checkpoint(out: str | Path, resume: bool, overwrite: bool) -> list[P
     before any training step."""
     tensors, meta = checkpoint_paths(out)
     state = tensors.with_suffix(".train.pt")
-    existing = [p for p in (meta, tensors, state) if p.exists()]
+    existing = [p for p in (meta, tensors, state) if os.path.lexists(p)]  # a dangling link counts too
     check_writable(tensors.parent)
     if resume:
         if overwrite:

@@ -17,7 +17,9 @@ whether it still meets the target there.
 from __future__ import annotations
 
 import math
+import os
 import json
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +30,10 @@ from tokenscope.analysis.evaluate import OperatingPoint, VariantScores, evaluate
 from tokenscope.data.datasets import open_dataset
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError, TokenscopeError
-from tokenscope.jobs.runfolder import write_json_atomic
 from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
-from tokenscope.models.methods.point import resolve
+from tokenscope.models.methods.point import external_names, resolve
 from tokenscope.models.methods.registry import all_methods
-from tokenscope.storage import check_writable, writing
+from tokenscope.storage import check_writable, output_lock, read_regular_text, write_exclusive, writing
 
 OP_FORMAT = "tokenscope-operating-point"
 OP_VERSION = 1
@@ -148,9 +149,17 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
     calibration images (4, nothing written), or not on the held-out ones (5, the file says so)."""
     target.check()
     path = Path(out)
-    if path.exists():
-        raise TokenscopeError(f"{path} exists; tune never overwrites an operating point (give another --out)")
     check_writable(path.parent)  # a read-only or full folder says so now, not after the whole search
+    with output_lock(path, "operating point"):  # held from the check to the write: one tune per --out
+        return _tune(opts, method, target, path, data, data_root, calib_split, held_split, calib_seeds, held_seeds,
+                     scene_size, progress, window, stride)
+
+
+def _tune(opts: ModelOptions, method: str, target: Target, path: Path, data: str, data_root: str | None,
+          calib_split: str, held_split: str, calib_seeds: str, held_seeds: str, scene_size: int, progress: Any,
+          window: int | None, stride: int | None) -> TuneResult:
+    if os.path.lexists(path):  # a dangling link counts: nothing is written through it
+        raise TokenscopeError(f"{path} exists; tune never overwrites an operating point (give another --out)")
     grid = search_grid(method)
     loaded, device = load_model(opts, have_labels=data != "images")
     calib, space = _evaluate(loaded, device, grid, opts, data, data_root, calib_split, calib_seeds,
@@ -173,7 +182,7 @@ def tune(opts: ModelOptions, method: str, target: Target, out: str | Path, data:
                            **{k: v for k, v in chosen.__dict__.items() if k != "point"}},
            "held_out": {"data": data, "split": held_split if data != "synthetic" else held_seeds,
                         **{k: v for k, v in held_m.__dict__.items() if k != "point"}, "met": held_m.ok}}
-    write_json_atomic(path, doc)
+    write_exclusive(path, lambda f: json.dump(doc, f, indent=1))
     return TuneResult(chosen, held_m, measured, path, 0 if held_m.ok else EXIT_NOT_MET_HELD_OUT)
 
 
@@ -186,7 +195,7 @@ def operating_point_doc(path: str | Path) -> dict[str, Any]:
     """The checked contents of an operating-point file (method, model it was tuned for, targets)."""
     p = Path(path)
     try:
-        doc = json.loads(p.read_text())
+        doc = json.loads(read_regular_text(p, "operating-point"))
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such operating-point file") from None
     except (OSError, ValueError) as exc:
@@ -196,5 +205,9 @@ def operating_point_doc(path: str | Path) -> dict[str, Any]:
     if not isinstance(doc.get("version"), int) or not 1 <= doc["version"] <= OP_VERSION:
         raise ConfigError(f"{p}: operating-point version {doc.get('version')!r} is unknown to this tokenscope "
                           f"(it reads version {OP_VERSION})")
+    files = external_names(doc["method"])
+    if files:  # a data file never makes code run: the command line must name the code itself
+        raise ConfigError(f"{p} names the method file or module {files[0]}, and an operating-point file never makes "
+                          f"code run; if you trust it, name it yourself: --method {shlex.quote(str(doc['method']))}")
     resolve(doc["method"])  # refuses an unknown method or setting with its own message
     return doc

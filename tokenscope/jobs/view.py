@@ -69,15 +69,52 @@ def _swap_in(new: Path, current: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class _FolderOnlyHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files of one folder and nothing else: a path is resolved through every symbolic link and
+    refused (404) unless it ends inside the folder; folders are never listed; a request whose Host is
+    not this machine's loopback address is refused (a DNS-rebinding page cannot read the run); a
+    malformed path (a NUL byte) is a 400, not a traceback in the user's terminal."""
+
+    root = ""
+
     def log_message(self, *args: object) -> None:  # the CLI says what is served; no log per request
         pass
 
+    def translate_path(self, path: str) -> str:
+        candidate = super().translate_path(path)
+        try:
+            real = os.path.realpath(candidate)
+        except (ValueError, OSError):
+            return os.path.join(self.root, ".tokenscope-refused", "missing")
+        if real != self.root and not real.startswith(self.root + os.sep):
+            return os.path.join(self.root, ".tokenscope-refused", "outside")  # never exists: a 404
+        return real
+
+    def list_directory(self, path: str | os.PathLike[str]):  # type: ignore[override]
+        self.send_error(404, "No listing")
+        return None
+
+    def _host_ok(self) -> bool:
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
+        return host in ("127.0.0.1", "localhost", "::1", "")
+
+    def send_head(self):  # type: ignore[override]
+        if not self._host_ok():
+            self.send_error(403, "Only this machine's loopback address may ask")
+            return None
+        try:
+            return super().send_head()
+        except ValueError:  # an embedded NUL byte and the like
+            self.send_error(400, "Bad path")
+            return None
+
 
 def serve(folder: Path, port: int = 0) -> tuple[http.server.ThreadingHTTPServer, threading.Thread]:
-    """Serve `folder` on 127.0.0.1 (a free port when 0) in a background thread; the caller stops
-    it with `server.shutdown()`."""
-    handler = functools.partial(_QuietHandler, directory=str(folder))
+    """Serve `folder` on 127.0.0.1 (a free port when 0) in a background thread, never anything outside
+    it (see `_FolderOnlyHandler`); the caller stops it with `server.shutdown()`."""
+    root = os.path.realpath(folder)
+    handler_type = type("FolderHandler", (_FolderOnlyHandler,), {"root": root})
+    handler = functools.partial(handler_type, directory=root)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -119,8 +119,21 @@ def _load_meta(meta: Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta}: not a readable checkpoint description ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{meta}: not a tokenscope checkpoint description (format tag missing)")
-    if int(doc.get("version", 0)) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{meta}: checkpoint version {doc.get('version')} is newer than this tokenscope supports")
+    version = doc.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(f"{meta}: field 'version' must be a whole number, got {version!r}")
+    if version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{meta}: checkpoint version {version} is newer than this tokenscope supports")
+    for key, kind in (("config", dict), ("trained", dict), ("metadata", dict)):
+        if key in doc and not isinstance(doc[key], kind):
+            raise CheckpointError(f"{meta}: field {key!r} must be a JSON object, got {type(doc[key]).__name__}")
+    timm_kwargs = doc.get("config", {}).get("timm_kwargs", {})
+    if not isinstance(timm_kwargs, dict):
+        raise CheckpointError(f"{meta}: field 'config.timm_kwargs' must be a JSON object")
+    named = sorted(k for k in timm_kwargs if "path" in k.lower() or "file" in k.lower() or k == "pretrained")
+    if named:  # a description that points timm at another file would make it read what the json names
+        raise CheckpointError(f"{meta}: field 'config.timm_kwargs' names {named[0]!r}; a checkpoint description may "
+                              "not point at other files (its weights are the .safetensors beside it)")
     return doc
 
 

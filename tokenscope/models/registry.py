@@ -7,6 +7,7 @@ operating point; it is what a tokenscope checkpoint stores beside its tensors.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,9 +82,22 @@ class StepConfig:
         kw = dict(d)
         for key in ("exit_after", "merge_thresholds", "pixel_mean", "pixel_std", "class_names"):
             if key in kw:
+                if isinstance(kw[key], (str, bytes, dict)) or not hasattr(kw[key], "__iter__"):
+                    raise ConfigError(f"field {key!r} must be a list, got {type(kw[key]).__name__}")
                 kw[key] = tuple(kw[key])
+        for key in ("merge_thresholds", "pixel_mean", "pixel_std"):
+            if key in kw and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                     for v in kw[key]):
+                raise ConfigError(f"field {key!r} must hold finite numbers, got {list(kw[key])[:4]!r}")
         if "class_colours" in kw:
-            kw["class_colours"] = tuple(tuple(int(v) for v in c) for c in kw["class_colours"])
+            colours = kw["class_colours"]
+            ok = isinstance(colours, (list, tuple)) and all(
+                isinstance(c, (list, tuple)) and len(c) == 3 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 255
+                    for v in c) for c in colours)
+            if not ok:
+                raise ConfigError("field 'class_colours' must be a list of [r, g, b] with 0..255 each")
+            kw["class_colours"] = tuple(tuple(int(v) for v in c) for c in colours)
         return cls(**kw)
 
     def replace(self, **changes: Any) -> "StepConfig":

@@ -38,6 +38,9 @@ def check_manifest(doc: Any, path: Path) -> dict[str, Any]:
         for key in ("source", "error"):
             if entry.get(key) is not None and not isinstance(entry[key], str):
                 raise RunFolderError(f"{path}: images[{i}].{key} must be a string")
+    for i, m in enumerate(doc.get("methods") or []):
+        if not isinstance(m, str) or not m or "/" in m or "\\" in m or m in (".", "..") or len(m) > 1000:
+            raise RunFolderError(f"{path}: methods[{i}] must be a method's name, got {str(m)[:80]!r}")
     if not all(isinstance(w, str) for w in doc.get("warnings", [])):
         raise RunFolderError(f"{path}: field 'warnings' must be a list of strings")
     return doc

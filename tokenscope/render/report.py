@@ -7,6 +7,8 @@ report can be made on another machine from a copied run folder.
 from __future__ import annotations
 
 import base64
+import os
+import stat
 import html
 import json
 from pathlib import Path
@@ -33,7 +35,44 @@ td,th{border:1px solid #ddd;padding:3px 8px;text-align:right} th{background:#f4f
 """
 
 
-def _data_uri(path: Path, max_width: int | None = None) -> str:
+EMBED_LIMIT = 64 * 2**20
+"""The largest picture a report embeds (a GIF of a long clip is a few MB)."""
+
+
+def embeddable(path: Path, run_dir: Path) -> str | None:
+    """Why `path` must not go into a shareable report (a link leading out of the run folder, not a
+    regular file, too large), or None when it may."""
+    root = os.path.realpath(run_dir)
+    real = os.path.realpath(path)
+    if real != root and not real.startswith(root + os.sep):
+        return f"{path}: a link out of the run folder ({real}), not embedded"
+    try:
+        st = os.stat(real)
+    except OSError as exc:
+        return f"{path}: unreadable ({exc.strerror or exc}), not embedded"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path}: not a regular file, not embedded"
+    if st.st_size > EMBED_LIMIT:
+        return f"{path}: {st.st_size} bytes, larger than a report embeds ({EMBED_LIMIT}), not embedded"
+    return None
+
+
+def _json_object(path: Path, problems: list[str]) -> dict[str, Any]:
+    """A summary file's JSON object, or {} (said in `problems`) when it is missing, unreadable or not one."""
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path}: unreadable ({str(exc).splitlines()[0][:120]}); left out")
+        return {}
+    if not isinstance(doc, dict):
+        problems.append(f"{path}: not a JSON object; left out")
+        return {}
+    return doc
+
+
+def _embed_file(path: Path, max_width: int | None = None) -> str:
     """The file as a data: URI; PNGs wider than max_width are shrunk and sent as JPEG."""
     if path.suffix.lower() == ".gif":
         return "data:image/gif;base64," + base64.b64encode(path.read_bytes()).decode()
@@ -92,13 +131,23 @@ def _cards(s: dict[str, Any]) -> str:
 
 def build_report(run_dir: Path, gallery: int = 24, animations: int = 6, problems: list[str] | None = None) -> str:
     """The HTML text of the report of `run_dir`; damaged image folders are listed in it and, when
-    `problems` is given, collected there one line each (for the terminal)."""
+    `problems` is given, collected there one line each (for the terminal). Nothing outside the run
+    folder is embedded: a picture that is a link leading out of it is left out and said."""
+    refused: list[str] = []
+
+    def _data_uri(path: Path, max_width: int | None = None) -> str:  # noqa: F811 (the checked one)
+        why = embeddable(path, run_dir)
+        if why is not None:
+            refused.append(why)
+            return ""
+        return _embed_file(path, max_width)
+
     manifest = read_manifest(run_dir)
     if manifest.get("kind") != "run":
         raise RunFolderError(f"{run_dir}: report works on `tokenscope run` folders (this is a {manifest.get('kind')!r})")
     if manifest.get("status") != "complete":
         raise RunFolderError(f"{run_dir}: the run is not complete; finish it with `tokenscope run --resume {run_dir}`")
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    summary = _json_object(run_dir / "summary.json", refused)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>tokenscope report: {html.escape(run_dir.name)}</title>",
              f"<style>{CSS}</style></head><body>",
              f"<h1>Where do the tokens go? {html.escape(run_dir.name)}</h1>",
@@ -175,11 +224,17 @@ def build_report(run_dir: Path, gallery: int = 24, animations: int = 6, problems
                 p = d / "w00" / f"{kind}.png"  # windowed image: its first window's picture
             if p.is_file():
                 parts.append(f"<img alt='{kind}' src='{_data_uri(p, max_width=360)}'>")
-        s_path = d / "summary.json"
-        if s_path.is_file():
-            s = json.loads(s_path.read_text())
-            parts.append(html.escape(f"{s['tokens']} tokens / {s['patches']} patches ({s['reduction']:.2f}x), "
-                                     f"{s['exited_early_pct']:.1f}% exit early, {s['gflops']:.2f} GFLOPs"))
+        s = _json_object(d / "summary.json", refused)
+        try:
+            parts.append(html.escape(f"{int(s['tokens'])} tokens / {int(s['patches'])} patches "
+                                     f"({float(s['reduction']):.2f}x), {float(s.get('merged_pct', 0)):.1f}% merged, "
+                                     f"{float(s.get('pruned_pct', 0)):.1f}% pruned, {float(s['exited_early_pct']):.1f}% "
+                                     f"exited, {float(s['gflops']):.2f} GFLOPs"))
+        except (KeyError, TypeError, ValueError):
+            if s:
+                refused.append(f"{d / 'summary.json'}: fields missing or of the wrong type; its line is left out")
         parts.append("</div>")
     parts.append("</div></body></html>")
+    if problems is not None:
+        problems.extend(refused)
     return "\n".join(parts)

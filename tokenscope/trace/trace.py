@@ -119,6 +119,40 @@ def _write_file(path: Path, mode: str, write: Callable[[Any], None], atomic: boo
     atomic_write(path, write, mode, file_mode=0o644)
 
 
+MAX_MEMBER_BYTES = 1 << 30
+"""The largest array a trace holds unpacked (a 16384 x 16384 label map as int32 is 1 GiB)."""
+
+
+def check_meta(meta: "TraceMeta", arrays: dict[str, np.ndarray], where: Path) -> None:
+    """The meta must agree with the arrays it describes and stay in sizes a trace can have: a hand-edited
+    trace.json (a 100,000 x 100,000 grid, a depth of "x", a billion classes) is one line, never an
+    allocation of terabytes or a TypeError deep in a renderer."""
+    def fail(msg: str) -> None:
+        raise RunFolderError(f"{where}: {msg}; re-run the image")
+
+    def whole(value: Any, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    for name in ("original_hw", "input_hw", "padded_hw", "grid"):
+        v = getattr(meta, name)
+        if len(v) != 2 or not all(whole(x, 0, 1 << 20) for x in v):
+            fail(f"meta.{name} must be two whole numbers, got {list(v)[:4]!r}")
+    if not whole(meta.depth, 1, 4096) or not whole(meta.num_classes, 1, 65535):
+        fail(f"meta.depth {meta.depth!r} or meta.num_classes {meta.num_classes!r} is not a plausible whole number")
+    if not all(whole(k, 1, meta.depth) for k in meta.exit_after):
+        fail(f"meta.exit_after {list(meta.exit_after)[:8]!r} must be blocks 1..{meta.depth}")
+    if tuple(arrays["token_of_patch"].shape) != tuple(meta.grid):
+        fail(f"meta.grid {list(meta.grid)} disagrees with token_of_patch {list(arrays['token_of_patch'].shape)}")
+    if tuple(arrays["label_map"].shape) != tuple(meta.input_hw):
+        fail(f"meta.input_hw {list(meta.input_hw)} disagrees with label_map {list(arrays['label_map'].shape)}")
+    gh, gw = meta.grid
+    ph, pw = meta.padded_hw
+    if gh == 0 or gw == 0 or ph % gh or pw % gw or ph // gh != pw // gw or ph // gh > 1024:
+        fail(f"meta.padded_hw {list(meta.padded_hw)} is not the grid {list(meta.grid)} of square patches")
+    if arrays["block_tokens_in"].shape != (meta.depth,):
+        fail(f"meta.depth {meta.depth} disagrees with block_tokens_in ({arrays['block_tokens_in'].shape[0]} blocks)")
+
+
 _NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[biufc]\d+)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}\s*$")
 
 
@@ -130,6 +164,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
+            if info.file_size > MAX_MEMBER_BYTES:  # checked before a byte is inflated (a zip bomb says so here)
+                raise ValueError(f"member {info.filename} would unpack to {info.file_size} bytes, more than a trace "
+                                 f"holds ({MAX_MEMBER_BYTES})")
             data = zf.read(info)
             name = info.filename.removesuffix(".npy")
             if data[:6] != b"\x93NUMPY":
@@ -556,6 +593,7 @@ class Trace:
             meta = TraceMeta.from_dict(doc["meta"])
         except (KeyError, TypeError, ValueError) as exc:
             raise RunFolderError(f"{d / TRACE_JSON}: damaged meta ({type(exc).__name__}: {exc})") from None
+        check_meta(meta, arrays, d / TRACE_JSON)
         return cls(meta=meta, policy_scores=scores, patch_labels=arrays.get("patch_labels"),
                    token_held_at=arrays.get("token_held_at"),
                    **{name: arrays.get(name) for name in OPTIONAL_MERGE_ARRAYS},

@@ -74,11 +74,16 @@ class Setting:
             value = self.parse(text)
         except (TypeError, ValueError):
             raise ConfigError(f"method {label!r}: {self.name}={text!r} is not a valid {self.type_name}") from None
+        except (Exception, SystemExit) as exc:  # a plug-in's parser failing in its own way: one line still
+            raise ConfigError(f"method {label!r}: reading {self.name}={text!r} failed ({type(exc).__name__}: {exc})") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"method {label!r}: {self.name}={text!r} must be a finite number")
         if self.choices and value not in self.choices:
             raise ConfigError(f"method {label!r}: {self.name} is one of {', '.join(self.choices)}, not {text!r}")
-        problem = self.check(value) if self.check is not None else None
+        try:
+            problem = self.check(value) if self.check is not None else None
+        except (Exception, SystemExit) as exc:
+            raise ConfigError(f"method {label!r}: checking {self.name}={text!r} failed ({type(exc).__name__}: {exc})") from None
         if problem:
             raise ConfigError(f"method {label!r}: {self.name}={text} {problem}")
         return value

@@ -52,6 +52,15 @@ def parse_point(text: str) -> OperatingPoint:
     return OperatingPoint(names, tuple(settings))
 
 
+def external_names(text: str) -> list[str]:
+    """The method files and modules an operating point names, read from its text alone (nothing is
+    imported): what a data file (run.json, an operating-point file) must never make tokenscope run."""
+    try:
+        return [n for n in parse_point(text).names if is_external(n)]
+    except ConfigError:
+        return []
+
+
 def _split_settings(raw: str) -> list[str]:
     """Split at the colons that start settings (a Windows drive letter `C:\\` is not one)."""
     parts = raw.split(":")
@@ -104,7 +113,7 @@ class ResolvedPoint:
                 plan = method.plan(dict(values), facts)
             except ConfigError:
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise ConfigError(f"method {method.name} ({method.source}) failed to plan {self.text!r}: "
                                   f"{type(exc).__name__}: {exc}") from None
             if not isinstance(plan, Plan):
@@ -140,7 +149,7 @@ class GuardedStep(nn.Module):
         where = f"method {self.method_name} ({self.method_source}), block {view.block}"
         try:
             dec = self.inner(view)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PluginError(f"{where} failed: {type(exc).__name__}: {exc}") from None
         shape = tuple(view.valid.shape)
         masks = {"pruned": getattr(dec, "pruned", None)} if isinstance(dec, PruneDecision) else \

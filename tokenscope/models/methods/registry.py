@@ -61,7 +61,7 @@ def _method_of(module: ModuleType | Any, where: str) -> Method:
     elif callable(obj) and not isinstance(obj, Method):
         try:
             obj = obj()  # a factory returning a Method
-        except Exception as exc:  # a plug-in's own bug: one line, naming it
+        except (Exception, SystemExit) as exc:  # a plug-in's own bug: one line, naming it
             raise PluginError(f"{where}: building its method failed ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, Method):
         raise PluginError(f"{where}: defines no tokenscope method (expected METHOD = Method(...), "
@@ -106,7 +106,7 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint) -> Method:
     where = f"method plug-in {ep.name!r} (entry point {ep.value}{owner})"
     try:
         obj = ep.load()
-    except Exception as exc:  # whatever the plug-in raises on import
+    except (Exception, SystemExit) as exc:  # whatever the plug-in raises on import
         raise PluginError(f"{where} failed to load: {type(exc).__name__}: {exc}") from None
     method = _method_of(obj, where)
     if method.name != ep.name:
@@ -143,7 +143,7 @@ def load_external(spec: str) -> Method:
             loader_spec.loader.exec_module(module)
         except PluginError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             sys.modules.pop(name, None)
             raise PluginError(f"{where} failed to load: {type(exc).__name__}: {exc}") from None
         method = _method_of(module, where)
@@ -154,7 +154,7 @@ def load_external(spec: str) -> Method:
     where = f"method module {spec}"
     try:
         module = importlib.import_module(spec)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise PluginError(f"{where} failed to load: {type(exc).__name__}: {exc}") from None
     method = _method_of(module, where)
     method.source = f"module {spec}"
