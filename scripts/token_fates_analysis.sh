@@ -5,8 +5,9 @@
 # boundaries (boundary table and figure), and how the reduction grows with the input size (512, 1024, 2048 px).
 #
 #   bash scripts/token_fates_analysis.sh            # 512 px part, about 6 minutes on 2 CPU cores
-#   SIZES=1 bash scripts/token_fates_analysis.sh    # also the sizes part (about 40 minutes on 2 cores:
+#   SIZES=1 bash scripts/token_fates_analysis.sh    # also the sizes part (about 25 minutes on 2 cores:
 #                                                   # the unreduced model takes ~45 s per image at 2048 px)
+#   ONLY_SIZES=1 bash scripts/token_fates_analysis.sh   # the sizes part alone
 # Figures go to docs/analysis/ as PNG (for the README) with a PDF beside each; tables as Markdown and LaTeX.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,7 @@ trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$dest"
 methods=(step evit algm tome)
 
+if [ -z "${ONLY_SIZES:-}" ]; then
 # 1. per-class fates of each method on the held-out scenes (a run of the data set, figures from its tables)
 for m in "${methods[@]}"; do
   $ts run --dataset synthetic --seeds "$seeds" --method "$m" --no-figures --device "${DEVICE:-cpu}" --out "$tmp/run_$m" >/dev/null
@@ -56,10 +58,11 @@ $ts table "$cmp" --kind agreement --format latex > "$dest/agreement.tex"
 $ts table "$cmp" --kind boundary --figure "$dest/boundary.png" > "$dest/boundary.md"
 $ts table "$cmp" --kind boundary --figure "$dest/boundary.pdf" --format latex > "$dest/boundary.tex"
 $ts table "$cmp" > "$dest/methods_512.md"
+fi
 
 # 3. reduction against input size: each size against its own unreduced model (a subset of the scenes:
 #    the unreduced model at 2048 px is the slow part)
-if [ -n "${SIZES:-}" ]; then
+if [ -n "${SIZES:-}${ONLY_SIZES:-}" ]; then
   $ts sweep --methods "step:merge=0.5:exit=0.95,evit:rate=0.7,algm:threshold=0.88,tome:r=0.05" --seeds "${SIZE_SEEDS:-100000:100010}" \
     --sizes 512,1024,2048 --device "${DEVICE:-cpu}" --format pdf --out "$tmp/sizes" >/dev/null
   sweep=$(ls -d "$tmp/sizes"/sweep-*)

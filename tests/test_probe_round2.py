@@ -425,3 +425,81 @@ def test_control_characters_in_a_file_name_cannot_rewrite_the_terminal(tmp_path:
     r = CliRunner().invoke(app, ["run", str(bad), "--size", "128", "--device", "cpu", "--out", str(tmp_path / "o")])
     assert r.exit_code == 3 and "\x1b" not in r.output and "\\x1b" in r.output
     assert len([ln for ln in r.output.splitlines() if "error:" in ln]) == 1 and "\\n" in r.output
+
+
+# ---- 4: foreign configs are parsed within a budget --------------------------------------------------
+
+def test_an_mmseg_config_built_from_names_is_parsed_at_once_not_expanded(tmp_path: Path) -> None:
+    from tokenscope.models.importers.mmseg_config import parse_config_text
+
+    text = ("a0 = dict(x=1, y=2)\n" + "".join(f"a{i} = dict(p=a{i - 1}, q=a{i - 1})\n" for i in range(1, 60))
+            + "model = dict(backbone=dict(num_heads=2), decode_head=a59)\nx = " + "-" * 50000 + "1\n")
+    t0 = time.perf_counter()
+    cfg = parse_config_text(text)
+    assert time.perf_counter() - t0 < 5
+    assert parse_config_text("model = dict(backbone=dict(num_heads=2), decode_head=dict(a=1))\n")["model"][
+        "backbone"] == {"num_heads": 2}
+    assert cfg == {} or "a59" not in cfg
+
+
+# ---- 13: the Python API's arguments ---------------------------------------------------------------
+
+def test_the_python_api_refuses_wrong_types_in_one_error_and_takes_one_path_as_a_list(tmp_path: Path) -> None:
+    import tokenscope as ts
+
+    m = ts.load_model("demo")
+    img = str(IMAGE)
+    tr = ts.trace(m, img, size=64)
+    calls = [lambda: ts.load_model("demo", exit_threshold="high"), lambda: ts.load_model("demo", budget="x"),
+             lambda: ts.load_model("demo", method=7), lambda: ts.load_model("demo", device=0),
+             lambda: ts.trace(m, img, size="abc"), lambda: ts.trace_many(m, [img], batch_size="2"),
+             lambda: ts.run([img], size="x"), lambda: ts.bench(size="x"), lambda: ts.load_trace(123),
+             lambda: tr.save(123), lambda: ts.heatmap(123), lambda: ts.view(42), lambda: ts.import_segmenter(5, "x"),
+             lambda: ts.check_data("folder", root=5), lambda: ts.read_operating_point(5), lambda: ts.table(5),
+             lambda: ts.train(5), lambda: m.save(5), lambda: ts.tabulate("x"), lambda: ts.tabulate([1, 2]),
+             lambda: ts.plot.merge(None), lambda: ts.plot.histogram("x"), lambda: ts.plot.groups(tr, "a"),
+             lambda: ts.run(123), lambda: ts.compare([img], methods=5), lambda: ts.compare([img], methods=["tome", 7]),
+             lambda: ts.evaluate(m, seeds=5), lambda: ts.list_methods(1)]
+    for i, call in enumerate(calls):
+        with pytest.raises(ts.TokenscopeError):
+            call()
+    result = ts.compare(img, size=64, repeats=1, warmup=0, out=tmp_path)  # one path: one image, not 55 characters
+    assert len(result.images) == 1 and result.images[0].error is None
+
+
+@pytest.mark.parametrize("bad", ["net_kwargs: [1, 2]\n", "net_kwargs:\n  n_heads: abc\n", "net_kwargs:\n  n_heads: .inf\n",
+                                 "inference_kwargs:\n  window_size: [abc]\n"])
+def test_a_variant_yml_of_the_wrong_types_is_one_line(tmp_path: Path, bad: str) -> None:
+    from segmenter_reference import segmenter_state, write_segmenter_release
+
+    ckpt = write_segmenter_release(tmp_path / "rel", segmenter_state("mask"), "mask_transformer")
+    (ckpt.parent / "variant.yml").write_text(bad)
+    r = CliRunner().invoke(app, ["import", "segmenter", str(ckpt), "--out", str(tmp_path / "out")])
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit), r.output
+    assert "variant.yml" in r.output and r.output.count("error:") == 1
+
+
+def test_a_trace_holding_a_pickled_array_is_named_damaged_by_report_too(base_run: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    run = _copy_run(base_run, tmp_path / "pick", status="complete")
+    image = next(p for p in run.iterdir() if (p / "trace.npz").is_file())
+    with zipfile.ZipFile(image / "trace.npz", "a") as zf:
+        with zf.open("evil.npy", "w") as out:
+            np.lib.format.write_array(out, np.array([object()], dtype=object), allow_pickle=True)
+    r = CliRunner().invoke(app, ["report", str(run)])
+    assert r.exit_code == 3 and "pickled object array" in r.output
+
+
+def test_a_file_name_that_is_not_utf8_is_traced_and_tabled(tmp_path: Path) -> None:
+    folder = tmp_path / "uni"
+    folder.mkdir()
+    try:
+        shutil.copy(IMAGE, os.fsencode(folder) + b"/bad\xffname.png")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    r = CliRunner().invoke(app, ["run", str(folder), "--size", "128", "--no-animation", "--device", "cpu",
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0 and r.exception is None, r.output
+    run = next((tmp_path / "o").glob("run-*"))
+    assert "bad\ufffdname.png" in pd.read_csv(run / "tables" / "images.csv")["source"].iloc[0]

@@ -764,7 +764,8 @@ class ExplorerView:
         return p
 
 
-def view(obj: Any = None, *, out: str | Path = "outputs", image: Any = None) -> ExplorerView:
+def view(obj: Trace | _CoreTrace | str | Path | None = None, *, out: str | Path = "outputs",
+         image: Any = None) -> ExplorerView:
     """The explorer of a trace (one image's view), or of a run / comparison folder (None = the
     latest run under `out`; its `explorer.html` is written too, as `tokenscope view` does)."""
     from tokenscope.jobs.view import write_view
@@ -783,3 +784,21 @@ def read_operating_point(path: str | Path) -> str:
     from tokenscope.jobs.tune import read_operating_point as _read
 
     return _read(path)
+
+
+def _check_arguments() -> None:
+    """Every public function (and the public methods of Model and Trace) checks its arguments' types
+    against its annotations: a wrong type is one ConfigError, never a TypeError from inside."""
+    from tokenscope.arguments import checked
+
+    for name in ("load_model", "from_timm", "trace", "trace_many", "predict", "load_trace", "tabulate", "run",
+                 "compare", "evaluate", "heatmap", "report", "import_segmenter", "train", "bench", "sweep", "table",
+                 "list_methods", "list_models", "fetch_data", "check_data", "list_data", "view",
+                 "read_operating_point"):
+        globals()[name] = checked(globals()[name])
+    for cls, methods in ((Model, ("save", "configure")), (Trace, ("save",))):
+        for m in methods:
+            setattr(cls, m, checked(getattr(cls, m)))
+
+
+_check_arguments()

@@ -33,6 +33,7 @@ from typer.core import TyperGroup
 
 from tokenscope import __version__
 from tokenscope.errors import ConfigError, TokenscopeError
+from tokenscope.storage import text_of
 
 REMOVED_FLAGS = {"--tome-r": "tome:r=16", "--algm-threshold": "algm:threshold=0.92", "--cts-groups": "cts:groups=300",
                  "--prop-attn": "tome:prop=on", "--no-prop-attn": "tome:prop=off"}
@@ -107,14 +108,14 @@ class Table(_RichTable):
     """A rich table whose cells are text, never markup: an image or folder named `o[/]` is shown, not parsed."""
 
     def add_row(self, *renderables: Any, **kw: Any) -> None:
-        super().add_row(*(escape(r) if isinstance(r, str) else r for r in renderables), **kw)
+        super().add_row(*(escape(text_of(r)) if isinstance(r, str) else r for r in renderables), **kw)
 
 
 def _plain(text: object) -> str:
     """`text` safe for a terminal line: control characters (a newline or an ANSI escape in a file name)
     shown as `\\x..` escapes, so a name can neither split the one line nor rewrite the screen."""
     return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
-                   for ch in str(text))
+                   for ch in text_of(text))
 
 
 def _fail(exc: TokenscopeError) -> None:

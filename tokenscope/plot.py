@@ -166,3 +166,15 @@ def pareto(sweep: Any, column: str = "gflops_per_image", size: int | None = None
     methods = sub["method"].nunique() > 1 or "is_default" not in sub or not sub["is_default"].any()
     make = methods_pareto_figure if methods else pareto_figure
     return make(sub, column, label, lower_is_better=cheap)
+
+
+def _check_arguments() -> None:
+    """The picture functions check their arguments' types (see tokenscope/arguments.py)."""
+    from tokenscope.arguments import checked
+
+    for name in ("merge", "exit", "confidence", "segmentation", "groups", "histogram", "token_flow", "classes",
+                 "tokens_per_block", "pareto"):
+        globals()[name] = checked(globals()[name])
+
+
+_check_arguments()

@@ -226,3 +226,12 @@ def output_lock(target: str | os.PathLike[str], what: str = "output") -> Iterato
         yield
     finally:
         os.close(fd)
+
+
+def text_of(name: Any) -> str:
+    """A file name as text any writer takes: a byte that is not UTF-8 (a lone surrogate once decoded)
+    becomes a replacement character. For tables and figures; files are still opened by their own name."""
+    s = str(name)
+    if any("\ud800" <= ch <= "\udfff" for ch in s):
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return s

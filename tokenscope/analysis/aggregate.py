@@ -22,6 +22,7 @@ from tokenscope.analysis.stats import level_block_matrix
 from tokenscope.data.images import IGNORE_INDEX
 from tokenscope.models.partition import MAX_LEVEL
 from tokenscope.trace.fates import EXITED, FATES, MERGED, PRUNED, TokenFates, fate_totals, token_fates
+from tokenscope.storage import text_of
 from tokenscope.trace.trace import Trace
 
 
@@ -163,7 +164,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
         flow_patches = fp if flow_patches is None else flow_patches + fp
         flow_merged = fm if flow_merged is None else flow_merged + fm
         flops = tr.meta.flops
-        row: dict[str, Any] = {"image": name, "source": tr.meta.source, "h": tr.meta.input_hw[0], "w": tr.meta.input_hw[1],
+        row: dict[str, Any] = {"image": text_of(name), "source": text_of(tr.meta.source), "h": tr.meta.input_hw[0], "w": tr.meta.input_hw[1],
                                "patches": tr.num_patches, "tokens": tr.num_tokens, "reduction": tr.reduction,
                                "mean_tokens": tr.mean_tokens_per_block,
                                **{f"{kind}": fate[f"tokens_{kind}"] for kind in FATES},

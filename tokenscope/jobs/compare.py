@@ -19,6 +19,7 @@ import torch
 
 from tokenscope import __version__
 from tokenscope.analysis.memory import peak_forward_bytes
+from tokenscope.storage import text_of
 from tokenscope.trace.fates import fate_percentages
 from tokenscope.analysis.metrics import confusion, mean_iou, pixel_agreement
 from tokenscope.analysis.timing import median, time_calls
@@ -170,7 +171,7 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
                                                                   capture, repeats, warmup)
             runs["base"].append(m_base.pop("latency_runs_ms"))
             runs["step"].append(m_step.pop("latency_runs_ms"))
-            row: dict[str, Any] = {"image": str(path), "input_h": prepared.input_hw[0], "input_w": prepared.input_hw[1],
+            row: dict[str, Any] = {"image": text_of(path), "input_h": prepared.input_hw[0], "input_w": prepared.input_hw[1],
                                    "windows": len(p_step.traces), "patches": p_base.patches}
             for prefix, m in (("base", m_base), ("step", m_step)):
                 row.update({f"{prefix}_{k}": v for k, v in m.items()})

@@ -26,6 +26,7 @@ from tokenscope.data.images import check_size, find_images
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError, StorageError, TokenscopeError
 from tokenscope.analysis.timing_spread import paired_timing
+from tokenscope.storage import text_of
 from tokenscope.jobs.compare import BASELINES, CompareResult, Variant, measure_variants, prepare_input
 from tokenscope.jobs.run import ImageResult, Progress
 from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, unique_name, write_json_atomic, write_rgb, write_table
@@ -102,7 +103,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
                 name = unique_name(path.stem, taken)
                 panels = []
                 for v, pred, m in measured:
-                    row: dict[str, Any] = {"image": str(path), "method": v.name,
+                    row: dict[str, Any] = {"image": text_of(path), "method": v.name,
                                            "merge_rules": merge_rules(v.setting.record.get("merging")), "input_h": prepared.input_hw[0],
                                            "input_w": prepared.input_hw[1], "windows": len(pred.traces),
                                            "patches": pred.patches, **m,

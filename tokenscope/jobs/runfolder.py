@@ -158,8 +158,25 @@ def fresh_file(path: Path) -> Path:
     return cand
 
 
+def _encodable(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with text that cannot be written as UTF-8 (a file name holding a byte that is not UTF-8 arrives
+    as a lone surrogate) shown with a replacement character; `df` itself when there is none."""
+    fixed = None
+    for col in df.columns:
+        if df[col].dtype != object:
+            continue
+        values = df[col]
+        bad = values.map(lambda v: isinstance(v, str) and any("\ud800" <= ch <= "\udfff" for ch in v))
+        if bad.any():
+            fixed = df.copy() if fixed is None else fixed
+            fixed[col] = values.map(lambda v: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                                    if isinstance(v, str) else v)
+    return df if fixed is None else fixed
+
+
 def write_table(df: pd.DataFrame, path: Path) -> None:
     """CSV or Parquet by suffix, via a temporary file and a rename."""
+    df = _encodable(df)
     if path.suffix == ".parquet":
         atomic_write(path, lambda f: df.to_parquet(f, index=False), mode="wb")
     else:

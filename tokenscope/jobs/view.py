@@ -42,6 +42,7 @@ def write_view(run_dir: str | Path | None = None, out: str | Path = "outputs", s
         write_text_atomic(page, explorer_html(run_path, progress, problems=problems))
         return ViewResult(run_path, page, problems)
     page = run_path / "explorer-served.html"
+    _remove_stale_staging(run_path)
     staging = run_path / f".{DATA_DIR}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -57,6 +58,24 @@ def write_view(run_dir: str | Path | None = None, out: str | Path = "outputs", s
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ViewResult(run_path, page, problems)
+
+
+def _remove_stale_staging(run_path: Path) -> None:
+    """Staging folders of exports whose process is gone (killed mid-export) are litter: take them away."""
+    for stale in run_path.glob(f".{DATA_DIR}.*-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or stale.is_symlink():
+            if stale.is_symlink():
+                stale.unlink(missing_ok=True)
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running: another export's, leave it
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _swap_in(new: Path, current: Path) -> None:

@@ -52,8 +52,20 @@ class FigureStyle:
         return out
 
 
+def _drawable_text(fig: Any) -> None:
+    """Text from file names that are not valid UTF-8 (`bad\\xffname.png` arrives as a lone surrogate) shown
+    with a replacement character: the font renderer refuses surrogates and would abort the whole run."""
+    from matplotlib.text import Text
+
+    for t in fig.findobj(Text):
+        text = t.get_text()
+        if any("\ud800" <= ch <= "\udfff" for ch in text):
+            t.set_text(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+
+
 def save_figure(fig: Any, path: Path, **kw: Any) -> Path:
     """`fig.savefig` through the one atomic writer (a full disk is one line, no half-written file)."""
+    _drawable_text(fig)
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     return atomic_write(path, lambda f: fig.savefig(f, format=fmt, **kw), mode="wb")
 

@@ -205,7 +205,8 @@ def run_classes_table(folder: Path) -> PaperTable:
     manifest = _manifest(folder)
     df = _read_csv(folder / "tables" / "classes.csv")
     df = df[df["class"] != 255]
-    levels = sorted(int(c.removeprefix("patches_level")) for c in df.columns if c.startswith("patches_level"))
+    levels = sorted(int(c.removeprefix("patches_level")) for c in df.columns if c.startswith("patches_level")
+                    and (df[c] > 0).any())  # a method without supertokens has no level columns to show
     level_table = folder / "tables" / "levels.csv"
     side = dict(zip(*_read_csv(level_table)[["level", "side_px"]].T.values)) if level_table.is_file() else {}
     fates = [f for f in FATE_HEADERS if f"patches_{f}" in df.columns and (df[f"patches_{f}"] > 0).any()]
@@ -214,7 +215,8 @@ def run_classes_table(folder: Path) -> PaperTable:
                *[f"in {int(side.get(k, 16 * 2 ** k))}-px supertokens (% of patches)" for k in levels if k > 0],
                *[f"{FATE_HEADERS[f]} (% of patches)" for f in fates],
                "token-blocks per patch", "GFLOPs per 1000 patches",
-               "exit accuracy (% of exited patches)", "IoU reduced (%)", "IoU unreduced (%)"]
+               *(["exit accuracy (% of exited patches)"] if "exited" in fates else []), "IoU reduced (%)",
+               "IoU unreduced (%)"]
     rows = []
     for _, r in df.iterrows():
         total = float(r["patches"]) or 1.0
@@ -223,7 +225,7 @@ def run_classes_table(folder: Path) -> PaperTable:
                      *[_num(100 * float(r[f"patches_level{k}"]) / total, 1) for k in levels if k > 0],
                      *[_num(100 * float(r[f"patches_{f}"]) / total, 1) for f in fates],
                      _num(r.get("token_blocks_per_patch"), 2), _num(1000 * float(r.get("gflops_per_patch", "nan")), 2),
-                     _num(100 * float(exit_acc), 1) if exit_acc is not None else "",
+                     *([_num(100 * float(exit_acc), 1) if exit_acc is not None else ""] if "exited" in fates else []),
                      _num(100 * float(r[iou]), 1) if iou in r else "",
                      _num(100 * float(r["iou_baseline"]), 1) if "iou_baseline" in r else ""])
     n = len([e for e in manifest.get("images", []) if isinstance(e, dict) and e.get("folder")])

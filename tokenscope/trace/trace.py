@@ -633,5 +633,16 @@ def trace_damage(folder: str | os.PathLike[str]) -> str | None:
             return f"{t}: no {TRACE_NPZ}"
         if not zipfile.is_zipfile(npz):
             return f"{npz}: damaged (not a whole npz file)"
+        try:
+            with zipfile.ZipFile(npz) as zf:
+                for info in zf.infolist():
+                    if info.file_size > MAX_MEMBER_BYTES:
+                        return f"{npz}: damaged (member {info.filename} would unpack to {info.file_size} bytes)"
+                    with zf.open(info) as member:
+                        head = member.read(128)
+                    if b"'descr': '|O'" in head:  # tokenscope never writes object arrays: never unpickled
+                        return f"{npz}: damaged (member {info.filename} is a pickled object array)"
+        except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            return f"{npz}: damaged ({type(exc).__name__})"
     return None
 

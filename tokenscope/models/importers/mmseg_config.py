@@ -43,13 +43,33 @@ def parse_config_text(text: str) -> dict[str, Any]:
     """Top-level assignments of a config, literal parts only (unknown parts are left out)."""
     try:
         tree = ast.parse(text)
-    except SyntaxError:
+    except (SyntaxError, MemoryError, RecursionError, ValueError):  # not a config we can read: nothing known
         return {}
     names: dict[str, Any] = {}
+    sizes: dict[int, int] = {}
     for stmt in tree.body:
         if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
-            names[stmt.targets[0].id] = _value(stmt.value, names)
+            value = _value(stmt.value, names)
+            # names may refer to names: `a1 = dict(p=a0, q=a0)` sixty times is 2**60 values once expanded
+            names[stmt.targets[0].id] = value if _expanded_size(value, sizes) <= MAX_NODES else _UNKNOWN
     return {k: _strip(v) for k, v in names.items() if v is not _UNKNOWN}
+
+
+MAX_NODES = 100_000
+"""The most values a config's name may stand for once its references are expanded (real configs: a few
+hundred); a name built to grow past it is left unknown, so nothing walks it."""
+
+
+def _expanded_size(v: Any, sizes: dict[int, int]) -> int:
+    """Values `v` stands for with every shared part counted each time it appears, computed once per
+    object (linear in the file, whatever the expansion)."""
+    if not isinstance(v, (dict, list, tuple)):
+        return 1
+    key = id(v)
+    if key not in sizes:
+        children = v.values() if isinstance(v, dict) else v
+        sizes[key] = min(1 + sum(_expanded_size(c, sizes) for c in children), MAX_NODES + 1)
+    return sizes[key]
 
 
 def _strip(v: Any) -> Any:

@@ -264,6 +264,22 @@ def _pair_first(v: Any) -> int:
     return int(v) if isinstance(v, (int, float)) else 0
 
 
+def _typed(read: Any, path: Path, what: str) -> "_SideInfo":
+    """A side file's values read, or one line naming the file when one has the wrong type (a list where a
+    mapping goes, `n_heads: abc`, `.inf`): a foreign file is data, checked, never a traceback."""
+    try:
+        info = read()
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, AttributeError, OverflowError, KeyError) as exc:
+        raise CheckpointError(f"{path}: a value of this {what} has the wrong type or range "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    if info.heads is not None and (not isinstance(info.heads, int) or isinstance(info.heads, bool)
+                                   or not 1 <= info.heads <= 1024):
+        raise CheckpointError(f"{path}: the number of heads {info.heads!r} in this {what} is not a whole number in 1..1024")
+    return info
+
+
 def read_variant(path: Path) -> _SideInfo:
     """Segmenter's variant.yml (plain YAML, read with the safe loader)."""
     try:
@@ -351,12 +367,12 @@ def read_segmenter_checkpoint(path: str | Path, side_file: str | Path | None = N
         meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
         cfg_text = meta.get("config") if isinstance(meta.get("config"), str) else None
         cfg = read_config_file(side) if side is not None else (parse_config_text(cfg_text) if cfg_text else {})
-        info = read_mmseg_side(cfg, meta)
+        info = _typed(lambda: read_mmseg_side(cfg, meta), side or ckpt, "mmseg config")
         if side is None and cfg_text is None:
             notes.append("no mmseg config beside the checkpoint: conventions of mmseg's Segmenter configs assumed")
     else:
         seg, unknown = state, []
-        info = read_variant(side) if side is not None else _SideInfo()
+        info = _typed(lambda: read_variant(side), side, "variant.yml") if side is not None else _SideInfo()
         if side is None:
             notes.append("no variant.yml beside the checkpoint: Segmenter's conventions assumed")
     mapped, unknown2 = segmenter_to_stepvit(seg)
