@@ -4,8 +4,8 @@
 # differs from the unreduced model (agreement table), where merges, prunes and exits happen relative to class
 # boundaries (boundary table and figure), and how the reduction grows with the input size (512, 1024, 2048 px).
 #
-#   bash scripts/token_fates_analysis.sh            # 512 px part, about 6 minutes on 2 CPU cores
-#   SIZES=1 bash scripts/token_fates_analysis.sh    # also the sizes part (about 25 minutes on 2 cores:
+#   bash scripts/token_fates_analysis.sh            # 512 px part, about 21 minutes on 2 CPU cores
+#   SIZES=1 bash scripts/token_fates_analysis.sh    # also the sizes part (about 18 minutes on 2 cores:
 #                                                   # the unreduced model takes ~45 s per image at 2048 px)
 #   ONLY_SIZES=1 bash scripts/token_fates_analysis.sh   # the sizes part alone
 # Figures go to docs/analysis/ as PNG (for the README) with a PDF beside each; tables as Markdown and LaTeX.

@@ -187,4 +187,7 @@ def test_a_method_file_is_swept_and_tuned_over_its_own_ladder(tmp_path: Path) ->
     assert chosen == f"{rule}:frac=0.4"  # the cheapest qualifying point, spelled so that it resolves again
     r = runner.invoke(app, ["run", str(IMAGE), "--operating-point", str(op), "--size", "128", "--device", "cpu",
                             "--no-figures", "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and "never makes code run" in r.output  # an operating-point file is data, not code
+    r = runner.invoke(app, ["run", str(IMAGE), "--method", chosen, "--size", "128", "--device", "cpu",
+                            "--no-figures", "--out", str(tmp_path / "runs")])  # named on the command line: it runs
     assert r.exit_code == 0, r.output

@@ -23,6 +23,9 @@ import numpy as np
 from tokenscope.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
+OWN_CHECKS = frozenset({"model"})
+"""Arguments the functions check themselves, with a message that says what to pass instead (a torch
+module where a Model goes: `ts.from_timm(...)`)."""
 _NOT_CHECKED = object()
 
 
@@ -115,12 +118,12 @@ def checked(fn: F) -> F:
             raise ConfigError(f"{where}(): {exc}") from None
         for name, value in list(bound.arguments.items()):
             hint = hints.get(name)
-            if hint is None or value is None and sig.parameters[name].default is None:
+            if hint is None or value is None and sig.parameters[name].default is None or name in OWN_CHECKS:
                 continue
             if isinstance(value, (str, os.PathLike)) and _wants_list_of_paths(hint, value):
                 value = bound.arguments[name] = [value]  # one path where a list is declared: a list of one
             if _fits(value, hint) is False:
-                shown = repr(value)
+                shown = repr(value).splitlines()[0] if repr(value) else ""
                 shown = shown if len(shown) <= 60 else shown[:57] + "..."
                 raise ConfigError(f"{where}({name}=...): expected {_describe(hint)}, got {type(value).__name__} "
                                   f"{shown}")
