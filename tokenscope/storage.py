@@ -112,10 +112,10 @@ FILE_MODE = 0o666 & ~_read_umask()
 creates a file could give that file the wrong permissions."""
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], mode: str = "w",
-                 file_mode: int | None = None) -> Path:
-    """`write(file)` into a temporary file beside `path`, then rename it over `path`; the temporary
-    file is removed whatever goes wrong. Returns `path`."""
+def _write_then_place(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], mode: str,
+                      file_mode: int | None, place: Callable[[str, Path], None]) -> Path:
+    """`write(file)` into a temporary file beside `path`, then `place(tmp, target)` it; the temporary
+    file is removed whatever goes wrong."""
     target = Path(path)
     tmp: str | None = None
     with writing(target):
@@ -126,12 +126,18 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
                 tmp = f.name
                 write(f)
             os.chmod(tmp, FILE_MODE if file_mode is None else file_mode)
-            os.replace(tmp, target)
-            tmp = None
+            place(tmp, target)
         finally:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
     return target
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], mode: str = "w",
+                 file_mode: int | None = None) -> Path:
+    """`write(file)` into a temporary file beside `path`, then rename it over `path`; the temporary
+    file is removed whatever goes wrong. Returns `path`."""
+    return _write_then_place(path, write, mode, file_mode, os.replace)
 
 
 def check_writable(folder: str | os.PathLike[str]) -> None:
@@ -178,31 +184,21 @@ def write_exclusive(path: str | os.PathLike[str], write: Callable[[IO[Any]], Non
     """Like `atomic_write`, but `path` must not exist: the complete file is linked into place, which
     fails if anything (a file, a dangling link) is there by then, so of two processes writing one
     `--out` at once exactly one succeeds and the other gets one line. Nothing is ever overwritten."""
-    target = Path(path)
-    tmp: str | None = None
-    with writing(target):
-        try:
-            kw: dict[str, Any] = {"encoding": "utf-8"} if "b" not in mode else {}
-            with tempfile.NamedTemporaryFile(mode, dir=target.parent, suffix=".tmp", delete=False,
-                                             prefix=f".{target.name}.", **kw) as f:
-                tmp = f.name
-                write(f)
-            os.chmod(tmp, FILE_MODE if file_mode is None else file_mode)
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise StorageError(f"cannot write {target}: it appeared while this command ran (another process "
-                                   "wrote it); nothing was overwritten, choose another --out") from None
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)  # no hard links here
-                with open(fd, "wb") as out, open(tmp, "rb") as src:
-                    shutil.copyfileobj(src, out)
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
-    return target
+    return _write_then_place(path, write, mode, file_mode, _link_new)
+
+
+def _link_new(tmp: str, target: Path) -> None:
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise StorageError(f"cannot write {target}: it appeared while this command ran (another process "
+                           "wrote it); nothing was overwritten, choose another --out") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)  # no hard links here
+        with open(fd, "wb") as out, open(tmp, "rb") as src:
+            shutil.copyfileobj(src, out)
 
 
 @contextmanager

@@ -105,23 +105,37 @@ def _table(df: pd.DataFrame, columns: list[str], formats: dict[str, str]) -> str
     return f"<div style='overflow-x:auto'><table><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
-def _cards(s: dict[str, Any]) -> str:
-    cards = [("images", f"{s.get('images', 0)}"), ("token reduction", f"{s.get('token_reduction', float('nan')):.2f}x"),
-             ("tokens merged / pruned / exited", f"{s.get('merged_pct', 0.0):.1f}% / {s.get('pruned_pct', 0.0):.1f}% / "
-                                                 f"{s.get('exited_early_pct', float('nan')):.1f}%"),
-             ("GFLOPs / image", f"{s.get('gflops_per_image', float('nan')):.2f}"),
-             ("baseline GFLOPs / image", f"{s.get('baseline_gflops_per_image', float('nan')):.2f}"),
-             ("FLOP reduction", f"{s.get('flop_reduction', float('nan')):.2f}x")]
-    def ci(key: str, signed: bool = False) -> str:  # the interval beside the number, when there is one
-        return bounds_text(s.get(key), signed)
+def _n(value: Any, spec: str) -> str:
+    """A number formatted, or "-" when the summary holds something else there (a hand-edited file)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    return format(value, spec)
 
-    tag = "" if not (s.get("class_space") or {}).get("ignore_mismatch") and not (s.get("class_space") or {}).get("class_map") \
-        else " (classes: see warnings)"
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _cards(s: dict[str, Any]) -> str:
+    cards = [("images", _n(s.get("images"), "d") if isinstance(s.get("images"), int) else "-"),
+             ("token reduction", f"{_n(s.get('token_reduction'), '.2f')}x"),
+             ("tokens merged / pruned / exited", f"{_n(s.get('merged_pct', 0.0), '.1f')}% / "
+                                                 f"{_n(s.get('pruned_pct', 0.0), '.1f')}% / "
+                                                 f"{_n(s.get('exited_early_pct'), '.1f')}%"),
+             ("GFLOPs / image", _n(s.get("gflops_per_image"), ".2f")),
+             ("baseline GFLOPs / image", _n(s.get("baseline_gflops_per_image"), ".2f")),
+             ("FLOP reduction", f"{_n(s.get('flop_reduction'), '.2f')}x")]
+
+    def ci(key: str, signed: bool = False) -> str:  # the interval beside the number, when there is one
+        return bounds_text(_obj(s.get(key)), signed)
+
+    space = _obj(s.get("class_space"))
+    tag = "" if not space.get("ignore_mismatch") and not space.get("class_map") else " (classes: see warnings)"
     if "step_miou" in s:
-        cards.append((f"mIoU, STEP [95% CI]{tag}", f"{points(s['step_miou'])}{ci('step_miou_ci')}"))
+        cards.append((f"mIoU, reduced [95% CI]{tag}", f"{points(s['step_miou'])}{ci('step_miou_ci')}"))
     if "baseline_miou" in s:
         cards.append(("mIoU, no reduction [95% CI]", f"{points(s['baseline_miou'])}{ci('baseline_miou_ci')}"))
-    change = s.get("miou_change_ci") or {}
+    change = _obj(s.get("miou_change_ci"))
     if change.get("value") is not None:
         cards.append((f"mIoU change, paired [95% CI] over {change.get('images')} images",
                       f"{points(change['value'], signed=True)}{ci('miou_change_ci', signed=True)}"))

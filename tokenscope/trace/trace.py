@@ -137,6 +137,25 @@ def check_meta(meta: "TraceMeta", arrays: dict[str, np.ndarray], where: Path) ->
         v = getattr(meta, name)
         if len(v) != 2 or not all(whole(x, 0, 1 << 20) for x in v):
             fail(f"meta.{name} must be two whole numbers, got {list(v)[:4]!r}")
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for name in ("source", "model", "arch", "policy", "weights", "method", "device"):
+        if not isinstance(getattr(meta, name), str):
+            fail(f"meta.{name} must be text, got {type(getattr(meta, name)).__name__}")
+    for name in ("flops", "timings"):
+        value = getattr(meta, name)
+        if not isinstance(value, dict) or not all(isinstance(k, str) and number(v) for k, v in value.items()):
+            fail(f"meta.{name} must map names to numbers")
+    for name in ("merging", "pruning"):
+        if not isinstance(getattr(meta, name), dict):
+            fail(f"meta.{name} must be a JSON object")
+    if not isinstance(meta.exits, bool) or not number(meta.exit_threshold) or not all(
+            number(v) for v in meta.merge_thresholds) or not all(isinstance(c, str) for c in meta.class_names):
+        fail("meta.exits, exit_threshold, merge_thresholds or class_names has the wrong type")
+    for name in ("num_prefix_tokens", "keep_per_class", "queries", "queries_join_at"):
+        if not whole(getattr(meta, name), 0, 1 << 16):
+            fail(f"meta.{name} must be a whole number, got {getattr(meta, name)!r}")
     if not whole(meta.depth, 1, 4096) or not whole(meta.num_classes, 1, 65535):
         fail(f"meta.depth {meta.depth!r} or meta.num_classes {meta.num_classes!r} is not a plausible whole number")
     if not all(whole(k, 1, meta.depth) for k in meta.exit_after):
