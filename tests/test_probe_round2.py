@@ -503,3 +503,18 @@ def test_a_file_name_that_is_not_utf8_is_traced_and_tabled(tmp_path: Path) -> No
     assert r.exit_code == 0 and r.exception is None, r.output
     run = next((tmp_path / "o").glob("run-*"))
     assert "bad\ufffdname.png" in pd.read_csv(run / "tables" / "images.csv")["source"].iloc[0]
+
+
+def test_a_method_file_cannot_pass_for_a_built_in_and_empty_parts_are_refused(tmp_path: Path) -> None:
+    from tokenscope.errors import ConfigError
+    from tokenscope.models.methods.point import parse_point, resolve
+
+    src = (ROOT / "examples" / "plugins" / "norm_prune" / "norm_prune.py").read_text()
+    fake = tmp_path / "fake_tome.py"
+    fake.write_text(src.replace('name="norm_prune"', 'name="tome"'))
+    assert 'name="tome"' in fake.read_text()
+    with pytest.raises(ConfigError, match="built-in method's name"):
+        resolve(str(fake))
+    for text in ("+tome", "tome+", "dtop++tome"):
+        with pytest.raises(ConfigError, match="empty name"):
+            parse_point(text)

@@ -40,6 +40,9 @@ def parse_point(text: str) -> OperatingPoint:
     if not raw:
         raise ConfigError("an operating point needs a method name, e.g. step or tome:r=16")
     head, *items = [t.strip() for t in _split_settings(raw)]
+    if any(not n.strip() for n in head.split("+")) and head.strip():
+        raise ConfigError(f"method {text!r}: a combination joins method names with '+', e.g. dtop+tome "
+                          "(an empty name stands on one side)")
     names = tuple(n.strip() if is_external(n.strip()) else n.strip().lower() for n in head.split("+") if n.strip())
     if not names:
         raise ConfigError(f"method {text!r}: no method name before the settings")

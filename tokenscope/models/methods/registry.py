@@ -147,6 +147,9 @@ def load_external(spec: str) -> Method:
             sys.modules.pop(name, None)
             raise PluginError(f"{where} failed to load: {type(exc).__name__}: {exc}") from None
         method = _method_of(module, where)
+        if method.name in builtin_methods():  # a file named on the command line may not pass for a built-in
+            raise PluginError(f"{where} defines a method named {method.name!r}, a built-in method's name; "
+                              "give it a name of its own")
         method.source = f"file {path.resolve()}"
         method.digest = key[1]
         _FILE_METHODS[key] = method
@@ -157,6 +160,9 @@ def load_external(spec: str) -> Method:
     except (Exception, SystemExit) as exc:
         raise PluginError(f"{where} failed to load: {type(exc).__name__}: {exc}") from None
     method = _method_of(module, where)
+    if method.name in builtin_methods():
+        raise PluginError(f"{where} defines a method named {method.name!r}, a built-in method's name; "
+                          "give it a name of its own")
     method.source = f"module {spec}"
     method.digest = digest_of(_origin(module))
     return method
