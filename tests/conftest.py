@@ -83,3 +83,18 @@ def image_files(tmp_path: Path) -> dict[str, Path]:
     files["labels"].parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(files["labels"]), lab.astype(np.uint8))
     return files
+
+
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run of the shipped sample with its labels at 96 px, for tests that copy and damage it."""
+    from typer.testing import CliRunner
+
+    from tokenscope.cli import app
+
+    root = Path(__file__).resolve().parents[1] / "sample_images"
+    out = tmp_path_factory.mktemp("labelled-run")
+    r = CliRunner().invoke(app, ["run", str(root / "street_5000001.png"), "--labels", str(root / "labels"), "--size", "96",
+                                 "--no-animation", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return next(out.glob("run-*"))

@@ -25,12 +25,8 @@ VALUES: list[Any] = [None, "x", "o[/]", -1, 0, 10**12, 1e300, float("inf"), floa
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fuzzbase")
-    r = CliRunner().invoke(app, ["run", str(IMAGE), "--labels", str(LABELS), "--size", "96", "--no-animation",
-                                 "--device", "cpu", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    return next(out.glob("run-*"))
+def base_run(labelled_run: Path) -> Path:
+    return labelled_run
 
 
 def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:

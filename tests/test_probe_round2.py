@@ -41,12 +41,8 @@ def _cli(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("base")
-    r = CliRunner().invoke(app, ["run", str(IMAGE), "--labels", str(LABELS), "--size", "128", "--no-animation",
-                                 "--device", "cpu", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    return next(out.glob("run-*"))
+def base_run(labelled_run: Path) -> Path:
+    return labelled_run
 
 
 def _copy_run(base: Path, dest: Path, status: str = "running") -> Path:
