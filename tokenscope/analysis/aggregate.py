@@ -1,9 +1,10 @@
 """Data-set tables: where the tokens went, per image, per class, per superpatch level, per block.
 
 Everything is a sum over per-image records (a Trace plus, where labels exist, the confusion
-matrices of STEP and of the baseline), so a table can always be re-derived from the image
-folders of a run. A token's class is the ground-truth majority of its patches when the trace has
-patch labels, else its predicted class (`class_source` says which).
+matrices of the reduced and of the unreduced model), so a table can always be re-derived from the
+image folders of a run. Fates come from the one account (trace/fates.py, counted per class and level
+in fate_counts.py): a patch's class is its ground-truth label when the trace has patch labels, else
+its predicted class; a token's is its patches' majority (`class_source` says which).
 """
 
 from __future__ import annotations
@@ -87,14 +88,6 @@ def flow_matrices(trace: Trace, fates: TokenFates) -> tuple[np.ndarray, np.ndarr
     np.add.at(fp, (level, column), patches)
     np.add.at(fm, (level[merged], column[merged]), patches[merged])
     return ft, fp, fm
-
-
-def exit_points(trace: Trace) -> list[int]:
-    return [*trace.meta.exit_after, trace.meta.depth]
-
-
-def point_name(trace: Trace, k: int) -> str:
-    return "end" if k == trace.meta.depth else f"gate{k}"
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from tokenscope.analysis.stats import exit_level_matrix, level_block_matrix  # noqa: E402
 from tokenscope.models.partition import MAX_LEVEL  # noqa: E402
 from tokenscope.render.figures import save_figure  # noqa: E402
-from tokenscope.render.palette import LEVEL_COLOURS, OKABE_ITO, level_labels, method_style  # noqa: E402
+from tokenscope.render.palette import LEVEL_COLOURS, level_labels, method_style  # noqa: E402
 from tokenscope.trace.trace import Trace  # noqa: E402
 
 
