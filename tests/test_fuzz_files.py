@@ -97,3 +97,26 @@ def test_checkpoint_descriptions_of_any_shape_are_one_line(tmp_path: Path, seed:
                                      "--weights", str(tmp_path / "m.json"), "--device", "cpu",
                                      "--out", str(tmp_path / f"o{draw}")])
         _one_line(r, f"m.json:{'.'.join(map(str, path))}={value!r}")
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_odd_path_names_are_traced_and_printed_as_text(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(200 + seed)
+    pieces = ["[/]", "[bold]", "[@a=(]", "\x1b[2J", "\n", "é", "💥", " ", "%00", "..", "tables", "run.json", "-",
+              "a" * 100, "'", '"', "$HOME", "*"]
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        name = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 4))).replace("/", "_")[:200] or "x"
+        shutil.copy(IMAGE, src / f"{name}{i}.png")
+    out = tmp_path / "".join(rng.choice(pieces) for _ in range(3)).replace("/", "_")[:100]
+    r = CliRunner().invoke(app, ["run", str(src), "--size", "64", "--no-animation", "--no-figures", "--device", "cpu",
+                                 "--out", str(out)])
+    _one_line(r, f"run with names {sorted(p.name for p in src.iterdir())!r}")
+    assert r.exit_code == 0, r.output
+    run = next(out.glob("run-*"))
+    for args in (["heatmap", str(run), "--kind", "merge"], ["view", str(run)], ["report", str(run)],
+                 ["table", str(run), "--kind", "classes"]):
+        r = CliRunner().invoke(app, args)
+        _one_line(r, args[0])
+        assert r.exit_code == 0, (args[0], r.output)
