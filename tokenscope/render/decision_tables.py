@@ -12,6 +12,7 @@ Nothing here runs a model: the traces `compare` and `run` saved are the record.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,23 +81,21 @@ def folder_traces(folder: str | Path) -> FolderTraces:
     return FolderTraces("compare", methods, images, "baseline", manifest)
 
 
-def _pairs(ft: FolderTraces, method: str) -> Iterator[tuple[Trace, Trace | None]]:
-    """(method trace, its baseline trace or None) of every image and window."""
-    for im in ft.images:
-        traces = im.get(method) or []
-        base = im.get(ft.baseline) if ft.baseline else None
-        for k, t in enumerate(traces):
-            yield t, (base[k] if base and k < len(base) else None)
+def _pairs(image: dict[str, list[Trace]], method: str, baseline: str | None) -> Iterator[tuple[Trace, Trace | None]]:
+    """(method trace, its baseline trace or None) of one image, window by window."""
+    base = image.get(baseline) if baseline else None
+    for k, t in enumerate(image.get(method) or []):
+        yield t, (base[k] if base and k < len(base) else None)
 
 
 def _pct(v: float) -> str:
     return "" if not np.isfinite(v) else f"{100 * v:.1f}"
 
 
-def _with_interval(iv: Any) -> str:
-    text = _pct(iv.value)
-    if text and np.isfinite(iv.low) and np.isfinite(iv.high):
-        text += f" [{_pct(iv.low)}, {_pct(iv.high)}]"
+def _with_interval(value: float, low: float, high: float) -> str:
+    text = _pct(value)
+    if text and np.isfinite(low) and np.isfinite(high):
+        text += f" [{_pct(low)}, {_pct(high)}]"
     return text
 
 
@@ -118,7 +117,7 @@ def agreement_rows(ft: FolderTraces) -> list[dict[str, Any]]:
         per_image: list[Counter] = []
         for im in ft.images:
             c: Counter = Counter()
-            for t, base in _pairs(FolderTraces(ft.kind, ft.methods, [im], ft.baseline, ft.manifest), method):
+            for t, base in _pairs(im, method, ft.baseline):
                 if base is None:
                     continue
                 c.update(agreement_counts(t, base))
@@ -168,7 +167,7 @@ def agreement_table(folder: str | Path) -> Any:
     words = {"fate": lambda k: FATE_WORDS[k], "place": _place_words, "level": lambda k: f"level {k}",
              "class": lambda k: f"class {_class_name(ft, k)}"}
     out = [[r["method"], words[r["by"]](r["group"]), str(r["patches"]),
-            _with_interval(type("I", (), {"value": r["differs"], "low": r["differs_low"], "high": r["differs_high"]}))]
+            _with_interval(r["differs"], r["differs_low"], r["differs_high"])]
            for r in rows]
     notes = [f"Share of the patches whose final label (the prediction of the token they ended in: a gate's for an exit, "
              f"the decoder's otherwise) differs from the unreduced model's label for them on the same image; pooled over "
@@ -190,7 +189,7 @@ def boundary_rows(ft: FolderTraces) -> tuple[list[dict[str, Any]], set[str]]:
         per_image: list[Counter] = []
         for im in ft.images:
             c: Counter = Counter()
-            for t, base in _pairs(FolderTraces(ft.kind, ft.methods, [im], ft.baseline, ft.manifest), method):
+            for t, base in _pairs(im, method, ft.baseline):
                 counts, source = boundary_counts(t, base)
                 sources.add(source)
                 c.update(counts)
@@ -213,26 +212,43 @@ def boundary_rows(ft: FolderTraces) -> tuple[list[dict[str, Any]], set[str]]:
     return rows, sources
 
 
+def _boundary_of(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], set[str]]:
+    """The folder's manifest and boundary rows, read once for the table and its figure together
+    (`table --kind boundary --figure F` asks for both); the traces themselves are not kept."""
+    root = Path(folder)
+    try:
+        stamp = (root / "run.json").stat().st_mtime_ns
+    except OSError:
+        stamp = 0
+    return _boundary_cached(str(root.resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=1)
+def _boundary_cached(folder: str, stamp: int) -> tuple[dict[str, Any], list[dict[str, Any]], set[str]]:
+    ft = folder_traces(folder)
+    rows, sources = boundary_rows(ft)
+    return ft.manifest, rows, sources
+
+
 def boundary_table(folder: str | Path) -> Any:
     """`tokenscope table --kind boundary`: fates against the distance to the nearest class boundary."""
     from tokenscope.render.tables import PaperTable
 
-    ft = folder_traces(folder)
-    rows, sources = boundary_rows(ft)
+    manifest, rows, sources = _boundary_of(folder)
     if not rows:
         raise ConfigError(f"{folder}: no traces to tabulate")
     shown = [f for f in FATES if any(np.isfinite(r[f"{f}_rate"]) and r[f"{f}_rate"] > 0 for r in rows)]
     out = []
     for r in rows:
         out.append([r["method"], r["distance"], str(r["patches"]),
-                    *[_with_interval(type("I", (), {"value": r[f"{f}_rate"], "low": r[f"{f}_low"], "high": r[f"{f}_high"]}))
+                    *[_with_interval(r[f"{f}_rate"], r[f"{f}_low"], r[f"{f}_high"])
                       for f in shown]])
     n = rows[0]["images"]
     notes = [f"Distance: chessboard distance in patches to the nearest patch with a 4-neighbour of another class "
              f"(0 = on a boundary; classes from the {' + '.join(sorted(sources))}). Rates: share of the patches at that "
              f"distance whose token was merged, pruned, exited or reached the end; pooled over {n} image"
              f"{'s' if n != 1 else ''} with 95% percentile bootstrap intervals over images.",
-             f"Model: {ft.manifest.get('model', '?')}."]
+             f"Model: {manifest.get('model', '?')}."]
     return PaperTable(f"Token fates against the distance to a class boundary ({n} images)",
                       ["method", "distance (patches)", "patches", *[f"{FATE_WORDS[f]} (%) [95% CI]" for f in shown]],
                       out, notes)
@@ -241,8 +257,7 @@ def boundary_table(folder: str | Path) -> Any:
 def boundary_figure(folder: str | Path) -> plt.Figure:
     """Merge, prune and exit rates (with 95% intervals) against the distance to a class boundary, one
     panel per method."""
-    ft = folder_traces(folder)
-    rows, sources = boundary_rows(ft)
+    _, rows, sources = _boundary_of(folder)
     if not rows:
         raise ConfigError(f"{folder}: no traces to draw")
     methods = list(dict.fromkeys(r["method"] for r in rows))
