@@ -231,3 +231,11 @@ def text_of(name: Any) -> str:
     if any("\ud800" <= ch <= "\udfff" for ch in s):
         return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return s
+
+
+def resolved_inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str | None:
+    """`path` with every symbolic link resolved, or None when that leads out of `root` (itself resolved):
+    the one test of "inside the run folder" for everything that reads files to hand them on."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    return real if real == real_root or real.startswith(real_root + os.sep) else None

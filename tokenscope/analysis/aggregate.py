@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from tokenscope.analysis.fate_counts import column_order, finish_rates, image_counts, token_classes  # noqa: F401
+from tokenscope.analysis.fate_counts import column_order, finish_rates, image_counts, place_columns, token_classes  # noqa: F401
 from tokenscope.analysis.metrics import iou_per_class, mean_iou
 from tokenscope.analysis.uncertainty import class_counts, miou_change_interval, miou_interval
 from tokenscope.analysis.stats import level_block_matrix
@@ -137,10 +137,7 @@ def aggregate(records: Iterable[tuple[str, Trace, ImageEval | None]], image_eval
             class_acc.setdefault(c, Counter()).update(counts)
         for k, counts in by_level.items():
             level_acc[k].update(counts)
-        for counts in by_class.values():
-            places.update(key.removeprefix("patches_") for key in counts
-                          if key.startswith("patches_") and not key.startswith("patches_level")
-                          and key.removeprefix("patches_") not in FATES)
+        places.update(c for c in place_columns(fates) if c != "reached_end")
         surv = tr.survivors
         fate = fate_totals(tr, fates)
         exits_after = np.bincount(fates.block[fates.kind == EXITED].astype(np.int64), minlength=tr.meta.depth + 1)[1:]

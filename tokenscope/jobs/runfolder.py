@@ -20,7 +20,7 @@ import numpy as np
 
 from tokenscope.errors import RunFolderError
 from tokenscope.render.manifest import read_manifest as _read_checked
-from tokenscope.storage import atomic_write, storage_error, track_folder, writing
+from tokenscope.storage import atomic_write, storage_error, text_of, track_folder, writing
 
 if TYPE_CHECKING:  # the frame sink's processes write folders, never tables: they need not load pandas
     import pandas as pd
@@ -165,12 +165,10 @@ def _encodable(df: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
         if df[col].dtype != object:
             continue
-        values = df[col]
-        bad = values.map(lambda v: isinstance(v, str) and any("\ud800" <= ch <= "\udfff" for ch in v))
-        if bad.any():
+        values = df[col].map(lambda v: text_of(v) if isinstance(v, str) else v)
+        if not values.equals(df[col]):
             fixed = df.copy() if fixed is None else fixed
-            fixed[col] = values.map(lambda v: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-                                    if isinstance(v, str) else v)
+            fixed[col] = values
     return df if fixed is None else fixed
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tokenscope.jobs.runfolder import fresh_file, latest_run, write_text_atomic
 from tokenscope.render.explorer import DATA_DIR, Progress, explorer_html, served_files
-from tokenscope.storage import writing
+from tokenscope.storage import resolved_inside, writing
 
 
 @dataclass
@@ -102,12 +102,10 @@ class _FolderOnlyHandler(http.server.SimpleHTTPRequestHandler):
     def translate_path(self, path: str) -> str:
         candidate = super().translate_path(path)
         try:
-            real = os.path.realpath(candidate)
+            real = resolved_inside(candidate, self.root)
         except (ValueError, OSError):
-            return os.path.join(self.root, ".tokenscope-refused", "missing")
-        if real != self.root and not real.startswith(self.root + os.sep):
-            return os.path.join(self.root, ".tokenscope-refused", "outside")  # never exists: a 404
-        return real
+            real = None
+        return real if real is not None else os.path.join(self.root, ".tokenscope-refused", "x")  # never exists: 404
 
     def list_directory(self, path: str | os.PathLike[str]):  # type: ignore[override]
         self.send_error(404, "No listing")

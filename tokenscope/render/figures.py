@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenscope.errors import ConfigError
-from tokenscope.storage import atomic_write
+from tokenscope.storage import atomic_write, text_of
 
 FORMATS = ("png", "pdf", "svg")
 
@@ -59,8 +59,8 @@ def _drawable_text(fig: Any) -> None:
 
     for t in fig.findobj(Text):
         text = t.get_text()
-        if any("\ud800" <= ch <= "\udfff" for ch in text):
-            t.set_text(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        if text_of(text) != text:
+            t.set_text(text_of(text))
 
 
 def save_figure(fig: Any, path: Path, **kw: Any) -> Path:

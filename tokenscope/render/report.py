@@ -20,6 +20,7 @@ import pandas as pd
 from tokenscope.analysis.uncertainty import bounds_text, points
 from tokenscope.errors import RunFolderError
 from tokenscope.render.manifest import read_manifest
+from tokenscope.storage import resolved_inside
 from tokenscope.trace.trace import trace_damage
 
 CSS = """
@@ -42,10 +43,9 @@ EMBED_LIMIT = 64 * 2**20
 def embeddable(path: Path, run_dir: Path) -> str | None:
     """Why `path` must not go into a shareable report (a link leading out of the run folder, not a
     regular file, too large), or None when it may."""
-    root = os.path.realpath(run_dir)
-    real = os.path.realpath(path)
-    if real != root and not real.startswith(root + os.sep):
-        return f"{path}: a link out of the run folder ({real}), not embedded"
+    real = resolved_inside(path, run_dir)
+    if real is None:
+        return f"{path}: a link out of the run folder ({os.path.realpath(path)}), not embedded"
     try:
         st = os.stat(real)
     except OSError as exc:

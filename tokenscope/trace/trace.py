@@ -631,8 +631,9 @@ def trace_folders(image_dir: str | os.PathLike[str]) -> list[Path]:
 
 def trace_damage(folder: str | os.PathLike[str]) -> str | None:
     """A one-line description of what is wrong with the trace files of an image folder (or of its
-    window folders `w00`, `w01`, ...), or None when they look whole. Cheap: the JSON is parsed and
-    the npz's zip directory read, no array is decompressed (so a run of 10,000 images checks fast)."""
+    window folders `w00`, `w01`, ...), or None when they look whole. Cheap: the JSON is parsed, the
+    npz's zip directory read and each member's first 128 bytes (its array header: a pickled object
+    array is refused) inflated, no array whole (about 0.7 ms a folder here; 10,000 images in seconds)."""
     d = Path(folder)
     if not d.is_dir():
         return f"{d}: image folder missing"
