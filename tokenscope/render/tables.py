@@ -230,14 +230,7 @@ def run_classes_table(folder: Path) -> PaperTable:
                      _num(100 * float(r["iou_baseline"]), 1) if "iou_baseline" in r else ""])
     n = len([e for e in manifest.get("images", []) if isinstance(e, dict) and e.get("folder")])
     patch = int(side.get(0, 16))
-    summary_file = folder / "summary.json"
-    source = "ground truth"
-    if summary_file.is_file():
-        try:
-            import json
-            source = str(json.loads(summary_file.read_text()).get("class_source", source))
-        except (OSError, ValueError, AttributeError):
-            pass
+    source = str((manifest.get("summary") or {}).get("class_source") or "ground truth")  # run.json holds the summary
     notes = [f"Per class over {n} images (patches: {patch}x{patch}-pixel grid cells of the processed input; supertoken "
              f"sizes in pixels of that input; a patch's class is its {source} label). IoU pooled over the images.",
              "Fates: each patch's token was merged into another inside a block, pruned, exited at a gate or reached the "
