@@ -105,17 +105,30 @@ StrideOpt = Annotated[Optional[int], typer.Option(help="Stride of the sliding wi
 
 
 class Table(_RichTable):
-    """A rich table whose cells are text, never markup: an image or folder named `o[/]` is shown, not parsed."""
+    """A rich table whose cells and title are text, never markup: an image or folder named `o[/]` is shown,
+    not parsed."""
+
+    def __init__(self, *args: Any, title: str | None = None, **kw: Any) -> None:
+        super().__init__(*args, title=None if title is None else escape(_plain(title)), **kw)
 
     def add_row(self, *renderables: Any, **kw: Any) -> None:
         super().add_row(*(escape(text_of(r)) if isinstance(r, str) else r for r in renderables), **kw)
 
 
+MAX_LINE = 600
+"""The longest message printed whole: a 79 kB --method string is echoed by its ends, not in full."""
+
+
 def _plain(text: object) -> str:
     """`text` safe for a terminal line: control characters (a newline or an ANSI escape in a file name)
-    shown as `\\x..` escapes, so a name can neither split the one line nor rewrite the screen."""
-    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+    shown as `\\x..` escapes, so a name can neither split the one line nor rewrite the screen; a
+    message longer than MAX_LINE keeps its start and end."""
+    line = "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
                    for ch in text_of(text))
+    if len(line) > MAX_LINE:
+        cut = len(line) - MAX_LINE
+        line = f"{line[:MAX_LINE // 2]} [... {cut:,} characters ...] {line[-MAX_LINE // 2:]}"
+    return line
 
 
 def _fail(exc: TokenscopeError) -> None:
@@ -1114,13 +1127,12 @@ def import_segmenter_cmd(
     name: Annotated[Optional[str], typer.Option(help="Model name shown in outputs (default: the --out file name).")] = None,
 ) -> None:
     """Convert a Segmenter checkpoint once, so later runs load safetensors and never unpickle anything."""
-    import json
-
     from tokenscope import api
+    from tokenscope.schema import read_json
 
     with _user_errors():
         written = api.import_segmenter(checkpoint, out, config=config, name=name)
-    doc = json.loads(written.read_text())
+        doc = read_json(written, "checkpoint description")
     _warn(doc["metadata"].get("notes", []))
     cfg = doc["config"]
     kw = cfg["timm_kwargs"]

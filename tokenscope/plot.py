@@ -102,14 +102,15 @@ def _tables(source: Any) -> DatasetTables:
 
 
 def _run_tables(folder: Path) -> DatasetTables:
-    import json
-
     import pandas as pd
+
+    from tokenscope.schema import SUMMARY_FIELDS, check_fields, read_json
 
     tables = folder / "tables"
     try:
         frames = {n: pd.read_csv(tables / f"{n}.csv") for n in ("images", "classes", "levels", "blocks")}
-        summary = json.loads((folder / "summary.json").read_text())
+        summary = read_json(folder / "summary.json", "summary.json", ConfigError)
+        check_fields(summary, SUMMARY_FIELDS, folder / "summary.json", error=ConfigError)
     except FileNotFoundError as exc:
         raise ConfigError(f"{folder}: not a finished run folder ({Path(str(exc.filename)).name} missing)") from None
     except (OSError, ValueError) as exc:

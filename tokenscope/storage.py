@@ -57,7 +57,20 @@ def storage_error(exc: OSError, path: str | os.PathLike[str] | None = None, verb
     code = exc.errno or 0
     name = errno.errorcode.get(code, str(code))
     hint = HINTS.get(code, f"the system said {name}; check the path and try again")
+    if in_cache_home(where):  # the cache is not an --out: its place is chosen by TOKENSCOPE_HOME
+        hint = hint.replace("choose another --out", "point TOKENSCOPE_HOME at another folder")
     return StorageError(f"cannot {verb} {where}: {exc.strerror or exc} ({hint})")
+
+
+def in_cache_home(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` lies in the folder TOKENSCOPE_HOME names (when it names one)."""
+    home = os.environ.get("TOKENSCOPE_HOME")
+    if not home:
+        return False
+    try:
+        return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(Path(home).expanduser()))
+    except (OSError, ValueError):
+        return False
 
 
 MAX_TEXT_BYTES = 64 * 2**20

@@ -30,7 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from tokenscope.errors import DownloadError
+from tokenscope.errors import DownloadError, StorageError
+from tokenscope.storage import in_cache_home
 
 DownloadProgress = Callable[[int, int, str], None]
 """progress(bytes so far, total bytes or 0, file name)"""
@@ -94,14 +95,20 @@ def file_lock(target: Path) -> Iterator[None]:
 
 
 def download(url: str, target: Path, algorithm: str, expected: str, progress: DownloadProgress | None = None,
-             timeout: float = 60.0, attempts: int = 3, offline: bool | None = None) -> str:
+             timeout: float = 60.0, attempts: int = 3, offline: bool | None = None, max_bytes: int | None = None) -> str:
     """Make `target` the verified file at `url`; returns its full digest (`algorithm`: sha256, sha1).
 
-    A file already at `target` (a finished download, or one placed by hand) is checked and used.
+    A file already at `target` (a finished download, or one placed by hand) is checked and used. With
+    `max_bytes`, a response announcing or sending more than that is stopped and nothing is kept: an endless
+    or wrong stream must not fill the disk.
     """
     target = Path(target)
     if target.is_file():
         return check_digest(target, algorithm, expected)
+    blocked = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        where = "TOKENSCOPE_HOME" if in_cache_home(target) else "the cache folder"
+        raise StorageError(f"cannot use {blocked}: it is a file, not a folder (point {where} at a folder)")
     if offline_mode() if offline is None else offline:
         raise DownloadError(f"offline: not downloading {url}; put the file at {target} "
                             f"({_name(algorithm)} {expected[:16]}...) and run again")
@@ -111,7 +118,7 @@ def download(url: str, target: Path, algorithm: str, expected: str, progress: Do
         part = target.with_name(target.name + ".part")
         for attempt in range(1, attempts + 1):
             try:
-                _fetch_rest(url, part, progress, timeout, target.name)
+                _fetch_rest(url, part, progress, timeout, target.name, max_bytes)
                 break
             except _Interrupted as exc:
                 if attempt == attempts:
@@ -126,11 +133,16 @@ def download(url: str, target: Path, algorithm: str, expected: str, progress: Do
         return digest
 
 
+class _TooLong(Exception):
+    """More bytes arrived than the published file has."""
+
+
 class _Interrupted(Exception):
     """The connection ended before the file did; what arrived is kept for the next try."""
 
 
-def _fetch_rest(url: str, part: Path, progress: DownloadProgress | None, timeout: float, name: str) -> None:
+def _fetch_rest(url: str, part: Path, progress: DownloadProgress | None, timeout: float, name: str,
+                max_bytes: int | None = None) -> None:
     """Append the rest of the file at `url` to `part` (all of it when `part` is new)."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -152,6 +164,10 @@ def _fetch_rest(url: str, part: Path, progress: DownloadProgress | None, timeout
             have = 0  # a fresh download, or a server that ignored Range: start over
         length = int(response.headers.get("Content-Length") or 0)
         total = have + length if length else 0
+        if max_bytes is not None and total > max_bytes:
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"{url}: the server announces {total:,} bytes, more than the published file "
+                                f"(at most {max_bytes:,}); it is not the published file (nothing was kept)")
         try:
             with open(part, "ab" if resumed else "wb") as out:
                 while True:
@@ -165,13 +181,22 @@ def _fetch_rest(url: str, part: Path, progress: DownloadProgress | None, timeout
                         break
                     out.write(chunk)
                     have += len(chunk)
+                    if max_bytes is not None and have > max_bytes:
+                        raise _TooLong(have)
                     if progress:
                         progress(have, total, name)
+        except _TooLong:
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"{url}: the server sent more than {max_bytes:,} bytes, more than the published "
+                                "file; it is not the published file (nothing was kept)") from None
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                of = f"{total:,}" if total else "?"
-                raise DownloadError(f"disk full writing {part} ({have:,} of {of} bytes); free space and run again "
-                                    "to resume") from None
+                if not total:  # a stream of unknown length cannot be trusted to resume: give the space back
+                    part.unlink(missing_ok=True)
+                    raise DownloadError(f"disk full writing {part} after {have:,} bytes of a response of unknown "
+                                        "length (nothing was kept); free space and run again") from None
+                raise DownloadError(f"disk full writing {part} ({have:,} of {total:,} bytes); free space and run "
+                                    "again to resume") from None
             raise
     if total and have < total:
         raise _Interrupted(f"connection closed after {have:,} of {total:,} bytes")

@@ -34,6 +34,8 @@ class DataSource:
     size: str
     manual: str = ""
     """For data sets that cannot be fetched automatically: what to download and where to put it."""
+    max_bytes: int | None = None
+    """A bound just above the published archive's size: a server sending more is refused, not stored."""
 
     @property
     def filename(self) -> str:
@@ -42,7 +44,8 @@ class DataSource:
 
 SOURCES: dict[str, DataSource] = {s.name: s for s in (
     DataSource("ade20k", "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip", "sha1",
-               "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7", "ADEChallengeData2016", "923 MB"),
+               "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7", "ADEChallengeData2016", "923 MB",
+               max_bytes=1_000_000_000),
     DataSource("cityscapes", "", "", "", "", "11 GB", manual=(
         "Cityscapes needs an account: register at https://www.cityscapes-dataset.com, download "
         "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip, and unpack both into {dest} so that it holds "
@@ -108,7 +111,8 @@ def fetch(name: str, progress: DownloadProgress | None = None, url: str | None =
     archive = cache_root() / "downloads" / source.filename
     if url is not None:
         check_url(url)
-    download(url or source.url, archive, source.algorithm, source.digest, progress, offline=offline)
+    download(url or source.url, archive, source.algorithm, source.digest, progress, offline=offline,
+             max_bytes=source.max_bytes)
     with file_lock(dest):
         if not (dest / source.top).is_dir():
             _unpack(archive, dest, source.top)

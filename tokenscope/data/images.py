@@ -102,6 +102,21 @@ def _header(path: Path, data: bytes) -> tuple[tuple[int, int] | None, int]:
         return None, 1
 
 
+def frame_count(path: Path) -> int:
+    """How many frames or pages a file holds (an animated GIF/WebP, a multi-page TIFF), read from its
+    header; 1 when it holds one or the format is not known. Only the first is ever decoded, and the
+    run says so."""
+    try:
+        from PIL import Image
+
+        if not path.is_file():
+            return 1
+        with Image.open(path) as im:
+            return max(1, int(getattr(im, "n_frames", 1)))
+    except Exception:  # noqa: BLE001 - unreadable files get their own one-line error when they are decoded
+        return 1
+
+
 def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
     """Turn pixels stored sideways upright, as EXIF orientation 2-8 says (what a photo viewer shows)."""
     ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1, :],

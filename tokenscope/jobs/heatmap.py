@@ -1,15 +1,19 @@
 """`tokenscope heatmap`: re-render overlays from a saved run, without loading any model.
 
-Renders go to a fresh `heatmaps-<time>` folder inside the run, so earlier pictures are kept.
+Renders go to a fresh `heatmaps-<time>` folder inside the run, so earlier pictures are kept. They are
+drawn in a hidden `.heatmaps-partial-<time>` folder renamed when every image is done, so a render killed
+half-way never leaves a folder that looks finished.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenscope.errors import ConfigError, TokenscopeError
+from tokenscope.errors import ConfigError, RunFolderError, TokenscopeError
 from tokenscope.jobs.run import Progress
+from tokenscope.storage import forget_folder, writing
 from tokenscope.jobs.runfolder import image_folder, latest_run, new_run_dir, read_manifest, read_rgb, write_rgb
 from tokenscope.render.overlays import OVERLAY_KINDS, default_group_blocks, groups_overlay, render_overlay
 from tokenscope.render.plots import token_histogram
@@ -42,7 +46,7 @@ def rerender(run_dir: str | Path | None, kind: str = "all", out_root: str | Path
     manifest = read_manifest(run)
     folders = [im["folder"] for im in manifest.get("images", []) if im.get("folder")]
     kinds = [*OVERLAY_KINDS, "groups", "histogram"] if kind == "all" else [kind]
-    out = new_run_dir(run, "heatmaps")
+    out = new_run_dir(run, PARTIAL)
     rendered = []
     failed = []
     for i, name in enumerate(folders):
@@ -72,4 +76,21 @@ def rerender(run_dir: str | Path | None, kind: str = "all", out_root: str | Path
         rendered.append(name)
     if progress:
         progress(len(folders), len(folders), "")
-    return HeatmapResult(run, out, rendered, failed)
+    return HeatmapResult(run, _finish(out), rendered, failed)
+
+
+PARTIAL = ".heatmaps-partial"
+
+
+def _finish(staging: Path) -> Path:
+    """Give the finished render its visible name (`heatmaps-<time>`, never over an existing one)."""
+    stem = staging.name.replace(PARTIAL, "heatmaps", 1)
+    for n in range(1, 1000):
+        final = staging.parent / (stem if n == 1 else f"{stem}-{n}")
+        if final.exists():
+            continue
+        with writing(final):
+            os.rename(staging, final)
+        forget_folder(staging)
+        return final
+    raise RunFolderError(f"too many renders named {stem} in {staging.parent}")

@@ -23,11 +23,7 @@ images without a folder, then rebuilds the tables, so the result equals an unint
 from __future__ import annotations
 
 import functools
-import json
-import math
 import shlex
-import types
-import typing
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -43,9 +39,11 @@ from tokenscope.analysis.metrics import confusion, pixel_agreement
 from tokenscope.analysis.stats import blocks_table, joined_tokens_table, summary, tokens_columns, tokens_table
 from tokenscope.analysis.windowed import ImagePrediction, predict
 from tokenscope.data.datasets import SegmentationDataset, open_dataset
-from tokenscope.data.images import PreparedImage, check_size, find_images, find_label_for, load_prepared, prepare_image
+from tokenscope.data.images import (PreparedImage, check_size, find_images, find_label_for, frame_count, load_prepared,
+                                    prepare_image)
 from tokenscope.data.windows import WindowSpec, resolve_windows
 from tokenscope.errors import ConfigError, RunFolderError, StorageError, TokenscopeError
+from tokenscope.schema import SUMMARY_FIELDS, check_fields, read_json
 from tokenscope.jobs.runfolder import (
     MANIFEST,
     PARTIAL_PREFIX,
@@ -144,6 +142,8 @@ class RunItem:
     labelled: bool
     clip: Clip | None = None
     """The video clip this frame belongs to (None for images)."""
+    note: str = ""
+    """What the run must say about this input (a multi-frame file of which only the first frame is traced)."""
 
 
 @dataclass
@@ -227,8 +227,15 @@ def _items(req: RunRequest, scoring: Scoring) -> list[RunItem]:
         def load(patch: int, p: Path = p) -> PreparedImage:
             lab = find_label_for(p, labels) if labels is not None else None
             return load_prepared(p, size=req.size, labels_path=lab, patch=patch, convert_labels=scoring.labels)
-        items.append(RunItem(unique_name(p.stem, taken), str(p), load, labels is not None))
+        frames = frame_count(p)
+        note = f"{p}: {frames} frames or pages in one file; only the first is traced" if frames > 1 else ""
+        items.append(RunItem(unique_name(p.stem, taken), str(p), load, labels is not None, note=note))
     return items
+
+
+def _notes(items: list[RunItem]) -> list[str]:
+    notes = [item.note for item in items if item.note]
+    return notes if len(notes) <= 5 else [*notes[:5], f"... and {len(notes) - 5} more multi-frame files"]
 
 
 def _sequence_items(folders: list[str], req: RunRequest, taken: set[str]) -> list[RunItem]:
@@ -402,9 +409,29 @@ def _write_prediction(folder: Path, prepared: PreparedImage, pred: ImagePredicti
     return info
 
 
+EVAL_FIELDS = {"agreement": float | None, "baseline_tokens": float | None, "baseline_flops": float | None,
+               "step_confusion": dict | None, "baseline_confusion": dict | None}
+CONFUSION_FIELDS = {"n": int, "entries": list[list[int]]}
+
+
+def read_eval_file(path: Path) -> ImageEval:
+    """An image's eval.json, checked (field types; confusion sizes and cells inside them) before use."""
+    doc = read_json(path, "eval.json")
+    check_fields(doc, EVAL_FIELDS, path)
+    for key in ("step_confusion", "baseline_confusion"):
+        if doc.get(key) is None:
+            continue
+        check_fields(doc[key], CONFUSION_FIELDS, path, prefix=key)
+        n = doc[key].get("n")
+        if not isinstance(n, int) or not 1 <= n <= 65535 or not all(
+                len(e) == 3 and 0 <= e[0] < n and 0 <= e[1] < n for e in doc[key].get("entries", [])):
+            raise RunFolderError(f"{path}: field '{key}' is not a confusion matrix of 1..65535 classes")
+    return ImageEval.from_json(doc)
+
+
 def read_image_eval(folder: Path) -> ImageEval | None:
     ev_path = folder / "eval.json"
-    return ImageEval.from_json(json.loads(ev_path.read_text())) if ev_path.is_file() else None
+    return read_eval_file(ev_path) if ev_path.is_file() else None
 
 
 class HeldTraces:
@@ -457,7 +484,7 @@ def _window_evals(run_dir: Path, names: list[str]) -> list[ImageEval]:
     for n in names:
         ev_path = run_dir / n / "eval.json"
         if (run_dir / n / WINDOWS_JSON).is_file() and ev_path.is_file():
-            out.append(ImageEval.from_json(json.loads(ev_path.read_text())))
+            out.append(read_eval_file(ev_path))
     return out
 
 
@@ -574,40 +601,8 @@ def _request_of(manifest: dict[str, Any], run_dir: Path) -> RunRequest:
 
 def _check_types(raw: dict[str, Any], defaults: Any, where: str, run_dir: Path, skip: set[str]) -> None:
     """Each recorded field has its declared type (`int | None` takes a whole number or null, a list a list
-    of plain values): a run.json edited by hand is one line naming the field, never a TypeError three calls
-    later."""
-    hints = typing.get_type_hints(type(defaults))
-    for key, value in raw.items():
-        if key in skip or key not in hints:
-            continue
-        if not _has_type(value, hints[key]):
-            raise RunFolderError(f"{run_dir / MANIFEST}: field '{where}.{key}' has the wrong type "
-                                 f"({type(value).__name__}: {str(value)[:60]!r})")
-
-
-def _has_type(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a simple annotation (int, float, str, bool, list[...], dict, X | None, Any)."""
-    if hint is Any:
-        return True
-    args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_has_type(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (list, tuple) or hint in (list, tuple):
-        return isinstance(value, list) and (not args or all(_has_type(v, args[0]) for v in value))
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return True  # anything richer is checked where it is used
+    of plain values): a run.json edited by hand is one line naming the field."""
+    check_fields(raw, type(defaults), run_dir / MANIFEST, prefix=where, skip=skip)
 
 
 def check_same_methods(run_dir: Path, recorded: Any, now: list[dict[str, str]] | None) -> None:
@@ -677,7 +672,7 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
         "method": loaded.model.method or None, "merging": merging_meta(loaded.model) or None,
         "pruning": pruning_meta(loaded.model) or None, "method_sources": sources,
         "merge_thresholds": list(loaded.model.merge_thresholds), "exit_threshold": loaded.model.exit_threshold,
-        "warnings": [*loaded.warnings, *(space.warnings() if space is not None else [])],
+        "warnings": [*loaded.warnings, *(space.warnings() if space is not None else []), *_notes(items)],
         "class_space": None if space is None else space.record(), "windows": None if windows is None else asdict(windows),
         "animated_images": len(_animated_items(req, items)),
     }
@@ -783,10 +778,11 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
         raise
     for r in results:
         if r.skipped and r.folder is not None:
-            r.summary = json.loads((run_dir / r.folder / "summary.json").read_text())
+            r.summary = read_json(run_dir / r.folder / "summary.json", "summary.json")
+            check_fields(r.summary, SUMMARY_FIELDS, run_dir / r.folder / "summary.json")
     if space is not None:  # mismatches met while scoring (with --ignore-class-mismatch) join the record
         base_manifest["class_space"] = space.record()
-        base_manifest["warnings"] = [*loaded.warnings, *space.warnings()]
+        base_manifest["warnings"] = [*loaded.warnings, *space.warnings(), *_notes(items)]
     write_json_atomic(run_dir / MANIFEST, {
         **base_manifest, "status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "summary": tables.summary if tables is not None else {},

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 import cv2
 import numpy as np
 
-from tokenscope.errors import RunFolderError
+from tokenscope.errors import RunFolderError, TokenscopeError
+from tokenscope.schema import read_json
 from tokenscope.render.manifest import read_manifest as _read_checked
 from tokenscope.storage import atomic_write, storage_error, text_of, track_folder, writing
 
@@ -228,8 +229,8 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 
 def _complete(run_dir: Path) -> bool:
     try:
-        return json.loads((run_dir / MANIFEST).read_text()).get("status", "complete") == "complete"
-    except (OSError, ValueError):
+        return read_json(run_dir / MANIFEST, MANIFEST).get("status", "complete") == "complete"
+    except (OSError, TokenscopeError):
         return False
 
 

@@ -30,10 +30,11 @@ from tokenscope.analysis.evaluate import OperatingPoint, VariantScores, evaluate
 from tokenscope.data.datasets import open_dataset
 from tokenscope.data.windows import resolve_windows
 from tokenscope.errors import ConfigError, TokenscopeError
+from tokenscope.schema import read_json
 from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
 from tokenscope.models.methods.point import external_names, resolve
 from tokenscope.models.methods.registry import all_methods
-from tokenscope.storage import check_writable, output_lock, read_regular_text, write_exclusive, writing
+from tokenscope.storage import check_writable, output_lock, write_exclusive, writing
 
 OP_FORMAT = "tokenscope-operating-point"
 OP_VERSION = 1
@@ -195,12 +196,10 @@ def operating_point_doc(path: str | Path) -> dict[str, Any]:
     """The checked contents of an operating-point file (method, model it was tuned for, targets)."""
     p = Path(path)
     try:
-        doc = json.loads(read_regular_text(p, "operating-point"))
+        doc = read_json(p, "operating-point", ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such operating-point file") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{p}: not a readable operating-point file ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != OP_FORMAT or not isinstance(doc.get("method"), str):
+    if doc.get("format") != OP_FORMAT or not isinstance(doc.get("method"), str):
         raise ConfigError(f"{p}: not a tokenscope operating point (written by `tokenscope tune`)")
     if not isinstance(doc.get("version"), int) or not 1 <= doc["version"] <= OP_VERSION:
         raise ConfigError(f"{p}: operating-point version {doc.get('version')!r} is unknown to this tokenscope "

@@ -82,10 +82,13 @@ def _swap_in(new: Path, current: Path) -> None:
     """Put the complete folder `new` where `current` is (the old one removed after the swap)."""
     old = current.with_name(f".{current.name}.old-{os.getpid()}")
     with writing(current):
-        if current.exists():
+        if current.exists() or current.is_symlink():
             os.replace(current, old)
         os.replace(new, current)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # a link put there by someone: the link goes, never what it points to
+        old.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class _FolderOnlyHandler(http.server.SimpleHTTPRequestHandler):

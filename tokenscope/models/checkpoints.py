@@ -26,6 +26,7 @@ from tokenscope.models.hashing import file_sha256
 from tokenscope.models.importers.tensors import _load_tensors, _strict_load  # noqa: F401 (re-exported)
 from tokenscope.models.registry import StepConfig
 from tokenscope.models.step_vit import StepViT
+from tokenscope.schema import check_fields, read_json
 from tokenscope.storage import storage_error, writing
 
 CHECKPOINT_FORMAT = "tokenscope-checkpoint"
@@ -77,8 +78,8 @@ def is_tokenscope_checkpoint(path: str | os.PathLike[str]) -> bool:
     if not meta.is_file():
         return False
     try:
-        return json.loads(meta.read_text()).get("format") == CHECKPOINT_FORMAT
-    except (OSError, ValueError, AttributeError):
+        return read_json(meta, "checkpoint description", CheckpointError).get("format") == CHECKPOINT_FORMAT
+    except (OSError, CheckpointError):
         return False
 
 
@@ -112,21 +113,23 @@ def save_checkpoint(model: StepViT, path: str | os.PathLike[str], trained: dict[
     return tensors
 
 
+DESCRIPTION_FIELDS = {"format": str, "version": int, "config": dict, "trained": dict[str, bool], "metadata": dict}
+"""A checkpoint description's top level (the model config is checked by StepConfig.from_dict)."""
+
+
 def _load_meta(meta: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(meta.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{meta}: not a readable checkpoint description ({exc})") from None
+        doc = read_json(meta, "checkpoint description", CheckpointError, kind=object)
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta}: no such checkpoint description") from None
     if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{meta}: not a tokenscope checkpoint description (format tag missing)")
+    check_fields(doc, DESCRIPTION_FIELDS, meta, error=CheckpointError)
     version = doc.get("version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+    if version < 0:
         raise CheckpointError(f"{meta}: field 'version' must be a whole number, got {version!r}")
     if version > CHECKPOINT_VERSION:
         raise CheckpointError(f"{meta}: checkpoint version {version} is newer than this tokenscope supports")
-    for key, kind in (("config", dict), ("trained", dict), ("metadata", dict)):
-        if key in doc and not isinstance(doc[key], kind):
-            raise CheckpointError(f"{meta}: field {key!r} must be a JSON object, got {type(doc[key]).__name__}")
     timm_kwargs = doc.get("config", {}).get("timm_kwargs", {})
     if not isinstance(timm_kwargs, dict):
         raise CheckpointError(f"{meta}: field 'config.timm_kwargs' must be a JSON object")

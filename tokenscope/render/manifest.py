@@ -8,16 +8,16 @@ never an AttributeError three calls later.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tokenscope.errors import RunFolderError
+from tokenscope.schema import check_fields, read_json
 
 MANIFEST = "run.json"
-FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "kind": str, "status": str, "model": str, "request": dict, "summary": dict, "warnings": list, "images": list,
-    "methods": (list, type(None)), "overall": (dict, list), "class_space": (dict, type(None)),
+FIELD_TYPES: dict[str, Any] = {
+    "kind": str, "status": str, "model": str, "request": dict, "summary": dict, "warnings": list[str], "images": list,
+    "methods": list | None, "overall": dict | list, "class_space": dict | None,
 }
 
 
@@ -25,9 +25,7 @@ def check_manifest(doc: Any, path: Path) -> dict[str, Any]:
     """`doc` if it has the shape of a manifest, else one RunFolderError naming the first bad field."""
     if not isinstance(doc, dict):
         raise RunFolderError(f"{path}: expected a JSON object, got a {type(doc).__name__}")
-    for key, kind in FIELD_TYPES.items():
-        if key in doc and not isinstance(doc[key], kind):
-            raise RunFolderError(f"{path}: field {key!r} must be a {_names(kind)}, got {type(doc[key]).__name__}")
+    check_fields(doc, FIELD_TYPES, path)
     for i, entry in enumerate(doc.get("images", [])):
         if not isinstance(entry, dict):
             raise RunFolderError(f"{path}: images[{i}] must be an object, got {type(entry).__name__}")
@@ -41,8 +39,6 @@ def check_manifest(doc: Any, path: Path) -> dict[str, Any]:
     for i, m in enumerate(doc.get("methods") or []):
         if not isinstance(m, str) or not m or "/" in m or "\\" in m or m in (".", "..") or len(m) > 1000:
             raise RunFolderError(f"{path}: methods[{i}] must be a method's name, got {str(m)[:80]!r}")
-    if not all(isinstance(w, str) for w in doc.get("warnings", [])):
-        raise RunFolderError(f"{path}: field 'warnings' must be a list of strings")
     return doc
 
 
@@ -51,19 +47,11 @@ def method_folder_name(method: str) -> str:
     return method.replace(":", "_").replace("=", "").replace("+", "-")
 
 
-def _names(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    words = {"str": "string", "dict": "JSON object", "list": "list", "NoneType": "null"}
-    return " or ".join(words.get(k.__name__, k.__name__) for k in kinds)
-
-
 def read_manifest(folder: Path, what: str = "tokenscope run folder") -> dict[str, Any]:
     """The checked manifest of `folder`; one line when it is missing, unreadable or misshapen."""
     path = Path(folder) / MANIFEST
     try:
-        doc = json.loads(path.read_text())
+        doc = read_json(path, MANIFEST, kind=object)
     except FileNotFoundError:
         raise RunFolderError(f"{folder}: no {MANIFEST}; not a {what}") from None
-    except (OSError, ValueError) as exc:
-        raise RunFolderError(f"{path}: unreadable ({exc})") from None
     return check_manifest(doc, path)

@@ -10,7 +10,6 @@ import base64
 import os
 import stat
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,9 @@ import cv2
 import pandas as pd
 
 from tokenscope.analysis.uncertainty import bounds_text, points
-from tokenscope.errors import RunFolderError
+from tokenscope.errors import RunFolderError, TokenscopeError
 from tokenscope.render.manifest import read_manifest
+from tokenscope.schema import SUMMARY_FIELDS, check_fields, read_json
 from tokenscope.storage import resolved_inside
 from tokenscope.trace.trace import trace_damage
 
@@ -62,12 +62,10 @@ def _json_object(path: Path, problems: list[str]) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        problems.append(f"{path}: unreadable ({str(exc).splitlines()[0][:120]}); left out")
-        return {}
-    if not isinstance(doc, dict):
-        problems.append(f"{path}: not a JSON object; left out")
+        doc = read_json(path, path.name)
+        check_fields(doc, SUMMARY_FIELDS, path)
+    except (OSError, TokenscopeError) as exc:
+        problems.append(f"{str(exc).splitlines()[0][:240]}; left out")
         return {}
     return doc
 

@@ -50,7 +50,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tokenscope.errors import RunFolderError
+from tokenscope.errors import ConfigError, RunFolderError, TokenscopeError
+from tokenscope.schema import number, read_json, whole
 from tokenscope.storage import atomic_write, writing
 
 TRACE_FORMAT = "tokenscope-trace"
@@ -130,16 +131,10 @@ def check_meta(meta: "TraceMeta", arrays: dict[str, np.ndarray], where: Path) ->
     def fail(msg: str) -> None:
         raise RunFolderError(f"{where}: {msg}; re-run the image")
 
-    def whole(value: Any, low: int, high: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
     for name in ("original_hw", "input_hw", "padded_hw", "grid"):
         v = getattr(meta, name)
         if len(v) != 2 or not all(whole(x, 0, 1 << 20) for x in v):
             fail(f"meta.{name} must be two whole numbers, got {list(v)[:4]!r}")
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
     for name in ("source", "model", "arch", "policy", "weights", "method", "device"):
         if not isinstance(getattr(meta, name), str):
             fail(f"meta.{name} must be text, got {type(getattr(meta, name)).__name__}")
@@ -376,6 +371,9 @@ class Trace:
     def owner_before(self, block: int) -> np.ndarray:
         """(T,) the token standing for each token as block `block` (1-based) begins; merges made
         inside that block or later are not applied yet. depth + 1 = after the encoder."""
+        if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or not 1 <= block <= self.meta.depth + 1:
+            raise ConfigError(f"block {block!r}: blocks are counted from 1 to {self.meta.depth + 1} (depth + 1 = after "
+                              "the encoder)")
         t = self.num_tokens
         own = np.arange(t)
         if self.token_merged_at is None or self.token_merged_into is None:
@@ -586,11 +584,9 @@ class Trace:
     def load(cls, folder: str | os.PathLike[str]) -> "Trace":
         d = Path(folder)
         try:
-            doc = json.loads((d / TRACE_JSON).read_text())
+            doc = read_json(d / TRACE_JSON, TRACE_JSON, kind=object)
         except FileNotFoundError:
             raise RunFolderError(f"{d}: no {TRACE_JSON} here; is this an image folder of a tokenscope run?") from None
-        except (OSError, ValueError) as exc:
-            raise RunFolderError(f"{d / TRACE_JSON}: unreadable ({exc})") from None
         if not isinstance(doc, dict) or doc.get("format") != TRACE_FORMAT:
             raise RunFolderError(f"{d / TRACE_JSON}: not a tokenscope trace")
         version = doc.get("version", 0)
@@ -639,11 +635,11 @@ def trace_damage(folder: str | os.PathLike[str]) -> str | None:
         return f"{d}: image folder missing"
     for t in trace_folders(d):
         try:
-            doc = json.loads((t / TRACE_JSON).read_text())
+            doc = read_json(t / TRACE_JSON, TRACE_JSON, kind=object)
         except FileNotFoundError:
             return f"{t}: no {TRACE_JSON}"
-        except (OSError, ValueError) as exc:
-            return f"{t / TRACE_JSON}: unreadable ({exc})"
+        except TokenscopeError as exc:
+            return str(exc)
         if not isinstance(doc, dict) or doc.get("format") != TRACE_FORMAT:
             return f"{t / TRACE_JSON}: not a tokenscope trace"
         if not isinstance(doc.get("version"), int) or not 1 <= doc["version"] <= TRACE_VERSION:

@@ -120,6 +120,9 @@ class TrainSettings:
 
 MAX_LR = 1.0
 """Above this AdamW diverges at once; the recipes use 1e-4 to 1e-3."""
+DIVERGED_FACTOR = 20.0
+"""A loss this many times the first step's is divergence, not a spike: the run stops with an error instead of
+saving weights that only grow worse (an --lr of 1 took the loss from 5 to 608 in six steps)."""
 MAX_CROP_SIDE = 4096
 MAX_CROP_BATCH = 1024
 MAX_CROP_PIXELS = 64 * 2**20
@@ -407,9 +410,11 @@ class Trainer:
         t0 = time.perf_counter()
         while self.state.step < self.s.steps:
             losses = self.step(self.state.step)
-            if not all(math.isfinite(v) for v in losses.values()):
+            first = self.state.history[0]["loss"] if self.state.history else losses["loss"]
+            if not all(math.isfinite(v) for v in losses.values()) or losses["loss"] > DIVERGED_FACTOR * first:
                 kept = f"the checkpoint of step {self._saved_step} is kept" if self._saved_step else "nothing was written"
-                raise ConfigError(f"training diverged at step {self.state.step} (loss {losses['loss']}); {kept}; lower --lr")
+                raise ConfigError(f"training diverged at step {self.state.step} (loss {losses['loss']:.4g}, "
+                                  f"{first:.4g} at the first step); {kept}; lower --lr")
             self.state.step += 1
             losses["step"] = self.state.step
             losses["seconds"] = time.perf_counter() - t0

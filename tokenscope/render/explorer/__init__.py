@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from tokenscope.errors import TokenscopeError
+from tokenscope.schema import check_fields, read_json
 from tokenscope.render.manifest import method_folder_name, read_manifest
 from tokenscope.trace.fates import patch_cost, token_fates
 from tokenscope.trace.trace import TRACE_JSON, Trace, image_beside, trace_folders
@@ -37,6 +38,9 @@ from tokenscope.trace.trace import TRACE_JSON, Trace, image_beside, trace_folder
 HERE = Path(__file__).parent
 DATA_DIR = "explorer_data"
 Progress = Callable[[int, int, str], None]
+
+WINDOW_PLAN = {"boxes": list[list[int]], "resized_hw": list[int]}
+"""windows.json: where each window lies on the resized whole image."""
 
 
 def _read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -103,9 +107,10 @@ def _panels(folder: Path, name: str, max_side: int) -> list[dict[str, Any]]:
     if not windows:
         return [_load_panel(folder, name)]
     try:  # where each window lies on the (resized) whole image
-        plan = json.loads((folder / "windows.json").read_text())
+        plan = read_json(folder / "windows.json", "windows.json")
+        check_fields(plan, WINDOW_PLAN, folder / "windows.json")
         boxes, whole = plan["boxes"], plan["resized_hw"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, KeyError, TokenscopeError):
         boxes, whole = [], None
     panels = []
     for k, sub in enumerate(windows):
