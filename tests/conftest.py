@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 
 from tokenscope.models.checkpoints import LoadedModel, save_checkpoint
 from tokenscope.models.registry import StepConfig
-from tokenscope.models.step_vit import StepViT
+from tokenscope.models.step_vit import ReductionSetting, StepViT
 
 TINY = StepConfig(
     name="tiny", arch="vit_tiny_patch16_224", num_classes=4, exit_after=(1, 2),
@@ -30,6 +32,19 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 def make_tiny(seed: int = 0, cfg: StepConfig = TINY) -> StepViT:
     torch.manual_seed(seed)
     return StepViT(cfg).eval()
+
+
+def setting(model: StepViT, base: ReductionSetting | None = None, **changes: Any) -> ReductionSetting:
+    """An operating point of `model` as the value its forward takes: `base` (the model's own when None)
+    with `changes` (policy=..., exits=..., exit_threshold=...), as the CLI resolves one."""
+    return dataclasses.replace(model.default_setting() if base is None else base, **changes)
+
+
+def merging(base: ReductionSetting, spec: Any) -> ReductionSetting:
+    """`base` with a MergingSpec's steps (models/methods/merging.py), or without any when None."""
+    if spec is None:
+        return dataclasses.replace(base, steps=(), size_weighted=False, record={})
+    return dataclasses.replace(base, steps=spec.steps(), size_weighted=spec.prop_attn, record={"merging": spec.record()})
 
 
 def blocky_image(h: int = 96, w: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
+from conftest import setting
 
 from tokenscope.analysis.bench import run_bench
 from tokenscope.cli import app
@@ -28,20 +29,20 @@ def test_budget_partition_reaches_the_target_and_no_further_than_needed() -> Non
 
 
 def test_budget_policy_gives_each_image_its_own_partition(tiny_model) -> None:
-    tiny_model.configure(policy="budget", budget=2.0, exits=False)
+    s = setting(tiny_model, policy="budget", budget=2.0, exits=False)
     x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     x[1, :, :64] = 0.5  # a flat half: more to merge, still the same budget
     with torch.no_grad():
-        out = tiny_model(x)
+        out = tiny_model(x, setting=s)
     for p in out.partitions:
         assert p.num_tokens <= 32
     assert not np.array_equal(out.partitions[0].token_of_patch, out.partitions[1].token_of_patch)
 
 
 def test_run_bench_reports_consistent_ratios(tiny_model) -> None:
-    tiny_model.configure(budget=2.0)
     x = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(1))
-    r = run_bench(tiny_model, x, torch.device("cpu"), "budget", False, repeats=2, warmup=1, loop=True)
+    r = run_bench(tiny_model, x, torch.device("cpu"), setting(tiny_model, policy="budget", budget=2.0, exits=False),
+                  repeats=2, warmup=1, loop=True)
     s = r.summary()
     assert r.baseline.tokens_per_image == 64 and r.step.tokens_per_image <= 32
     assert s["flop_reduction"] > 1.5

@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_tiny
+from conftest import make_tiny, setting
 from tokenscope.errors import CheckpointError, ConfigError
 from tokenscope.models.checkpoints import load_checkpoint, save_checkpoint
 from tokenscope.models.resolve import build_model
@@ -19,10 +19,9 @@ def test_checkpoint_reloads_with_identical_outputs(tiny_checkpoint: Path) -> Non
     loaded = load_checkpoint(tiny_checkpoint)
     ref = make_tiny()
     x = torch.rand(1, 3, 64, 80)
-    for m in (loaded.model, ref):
-        m.configure(policy="learned", exits=True, exit_threshold=0.3)
+    s = setting(ref, policy="learned", exits=True, exit_threshold=0.3)
     with torch.no_grad():
-        assert torch.equal(loaded.model(x).patch_logits, ref(x).patch_logits)
+        assert torch.equal(loaded.model(x, setting=s).patch_logits, ref(x, setting=s).patch_logits)
     assert loaded.trained["policy"] and len(loaded.weights_id) == 16
     assert load_checkpoint(tiny_checkpoint.with_suffix(".safetensors")).weights_id == loaded.weights_id
 

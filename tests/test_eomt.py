@@ -170,8 +170,8 @@ def test_every_method_runs_on_eomt_with_the_queries_protected(tmp_path: Path, me
     setting = method_setting(loaded, opts, method)
     seen: list[tuple[int, int]] = []
     handles = [s.register_forward_pre_hook(lambda m, a: seen.append((a[0].block, a[0].prefix.shape[1])))
-               for s in loaded.model.steps.values()]
-    capture = TraceCapture(loaded, device)
+               for s in (step.module for step in setting.steps)]
+    capture = TraceCapture(loaded, device, setting)
     rgb = _image(128, 128, seed=4)
     try:
         trace = capture([prepare_image(rgb.astype(np.float32) / 255.0, "scene")])[0]
@@ -223,11 +223,11 @@ def test_eomt_flops_of_the_cost_model_are_torchs_count(tmp_path: Path) -> None:
     loaded.trained["exits"] = True
     prepared = prepare_image(_image(128, 128, seed=6).astype(np.float32) / 255.0, "scene")
     for point in ("vit", "dtop:exit=0.25"):
-        method_setting(loaded, ModelOptions(device="cpu"), point)
+        loaded.setting = method_setting(loaded, ModelOptions(device="cpu"), point)
         trace = TraceCapture(loaded, torch.device("cpu"))([prepared])[0]
         x, _ = images_to_tensor([prepared], torch.device("cpu"))
         with torch.no_grad():
-            total, per_module, _ = measure_flops(lambda: loaded.model(x))
+            total, per_module, _ = measure_flops(lambda: loaded.model(x, setting=loaded.setting))
         assert trace.meta.flops["total"] == total, point
     assert trace.exited_early.any()  # the second point really dropped tokens before the query blocks
 

@@ -79,13 +79,13 @@ def reference_evit(vit: torch.nn.Module, images: torch.Tensor, blocks: tuple[int
     return [[stage[i] for stage in kept_per_stage] for i in range(b)], fused_per_stage
 
 
-def _ours(model: StepViT, images: torch.Tensor) -> tuple[list[list[list[int]]], list[torch.Tensor], list[int]]:
+def _ours(model: StepViT, setting, images: torch.Tensor) -> tuple[list[list[list[int]]], list[torch.Tensor], list[int]]:  # noqa: ANN001
     """tokenscope's EViT decisions, read from the steps' outputs by forward hooks."""
     decisions: list[PruneDecision] = []
-    handles = [m.register_forward_hook(lambda mod, args, out: decisions.append(out)) for m in model.steps.values()]
+    handles = [s.module.register_forward_hook(lambda mod, args, out: decisions.append(out)) for s in setting.steps]
     try:
         with torch.no_grad():
-            model(images)
+            model(images, setting=setting)
     finally:
         for h in handles:
             h.remove()
@@ -106,7 +106,7 @@ def test_evit_keeps_the_tokens_and_fuses_the_token_the_reference_rule_does(rate:
     images = _images(2)
     setting = method_setting(loaded, ModelOptions(device="cpu"), f"evit:rate={rate}")
     assert [s.block for s in setting.steps] == [4, 7, 10]  # the reference's drop_loc 3, 6, 9 of 12
-    ours, fused, blocks = _ours(model, images)
+    ours, fused, blocks = _ours(model, setting, images)
     with torch.no_grad():
         ref, ref_fused = reference_evit(vit, (images - model.pixel_mean) / model.pixel_std, (4, 7, 10), rate)
     assert blocks == [4, 7, 10]
@@ -121,8 +121,8 @@ def test_evit_keeps_the_tokens_and_fuses_the_token_the_reference_rule_does(rate:
 def test_evit_without_fusing_prunes_the_same_first_stage_and_adds_no_token() -> None:
     model, vit, loaded = _pair(seed=1)
     images = _images(2, seed=3)
-    method_setting(loaded, ModelOptions(device="cpu"), "evit:rate=0.6:fuse=off:blocks=3-6")
-    ours, fused, blocks = _ours(model, images)
+    loaded.setting = method_setting(loaded, ModelOptions(device="cpu"), "evit:rate=0.6:fuse=off:blocks=3-6")
+    ours, fused, blocks = _ours(model, loaded.setting, images)
     with torch.no_grad():
         ref, _ = reference_evit(vit, (images - model.pixel_mean) / model.pixel_std, (3, 6), 0.6, fuse=False)
     assert blocks == [3, 6] and all(f is None for f in fused)
@@ -132,7 +132,7 @@ def test_evit_without_fusing_prunes_the_same_first_stage_and_adds_no_token() -> 
 @pytest.mark.parametrize("method", ["evit", "step+evit", "dtop+evit", "evit:rate=0.3:blocks=2"])
 def test_evit_traces_account_for_every_patch_and_prune_really_drops_tokens(method: str) -> None:
     model, _, loaded = _pair(decoder="mask" if method == "dtop+evit" else "linear")
-    method_setting(loaded, ModelOptions(device="cpu", exit_threshold=0.3, policy="uniform"), method)
+    loaded.setting = method_setting(loaded, ModelOptions(device="cpu", exit_threshold=0.3, policy="uniform"), method)
     capture = TraceCapture(loaded, torch.device("cpu"))
     img, _ = blocky_image(160, 224, 7)
     trace = capture([prepare_image(img, "scene")])[0]
@@ -152,7 +152,7 @@ def test_evit_settings_are_checked_in_one_line() -> None:
     for bad, words in (("evit:rate=0", "keep rate"), ("evit:rate=1.5", "keep rate"), ("evit:blocks=0-4", "outside"),
                        ("evit:blocks=x", "list of blocks"), ("evit:keep=3", "unknown setting")):
         with pytest.raises(ConfigError, match=words) as err:
-            method_setting(loaded, ModelOptions(device="cpu"), bad)
+            loaded.setting = method_setting(loaded, ModelOptions(device="cpu"), bad)
         assert "\n" not in str(err.value)
 
 
@@ -160,7 +160,7 @@ def test_pruned_tokens_are_counted_where_they_were_pruned_not_at_a_gate() -> Non
     from tokenscope.analysis.stats import exit_level_matrix
 
     model, _, loaded = _pair()
-    method_setting(loaded, ModelOptions(device="cpu", policy="uniform"), "evit:rate=0.5")
+    loaded.setting = method_setting(loaded, ModelOptions(device="cpu", policy="uniform"), "evit:rate=0.5")
     img, _ = blocky_image(160, 224, 3)
     trace = TraceCapture(loaded, torch.device("cpu"))([prepare_image(img, "scene")])[0]
     labels, mat = exit_level_matrix(trace)

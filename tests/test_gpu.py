@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, blocky_image, make_tiny
+from conftest import TINY, blocky_image, make_tiny, setting
 from segmenter_reference import reference_forward, segmenter_state, write_segmenter_release
 
 from tokenscope.analysis.windowed import predict
@@ -37,8 +37,9 @@ def test_gpu_and_cpu_agree_in_float32(decoder: str) -> None:
     results = []
     for device in (torch.device("cpu"), CUDA):
         loaded = _loaded(decoder)
-        loaded.model.configure(policy="uniform", exits=True, exit_threshold=0.3).to(device)
-        trace, logits = TraceCapture(loaded, device).run([im])
+        loaded.model.to(device)
+        s = setting(loaded.model, policy="uniform", exits=True, exit_threshold=0.3)
+        trace, logits = TraceCapture(loaded, device, s).run([im])
         trace[0].assert_consistent()
         results.append((trace[0], logits))
     (tc, lc), (tg, lg) = results
@@ -48,9 +49,10 @@ def test_gpu_and_cpu_agree_in_float32(decoder: str) -> None:
 
 def test_bf16_autocast_traces_stay_consistent() -> None:
     loaded = _loaded("mask")
-    loaded.model.configure(policy="uniform", exits=True, exit_threshold=0.3).to(CUDA)
+    loaded.model.to(CUDA)
+    s = setting(loaded.model, policy="uniform", exits=True, exit_threshold=0.3)
     img, lab = blocky_image(256, 320)
-    traces = TraceCapture(loaded, CUDA, amp=True)([prepare_image(img, "x", labels=lab)])
+    traces = TraceCapture(loaded, CUDA, s, amp=True)([prepare_image(img, "x", labels=lab)])
     for t in traces:
         t.assert_consistent()
         assert t.meta.device.startswith("cuda")
@@ -59,19 +61,19 @@ def test_bf16_autocast_traces_stay_consistent() -> None:
 def test_imported_segmenter_matches_reference_on_gpu(tmp_path: Path) -> None:
     state = segmenter_state("mask")
     loaded = build_model("demo", weights=str(write_segmenter_release(tmp_path / "s", state, "mask")))
-    model = loaded.model.configure(policy="none", exits=False).to(CUDA)
+    model = loaded.model.to(CUDA)
     x = torch.rand(2, 3, 80, 112, generator=torch.Generator().manual_seed(0))
     ref = reference_forward(state, x, (0.5,) * 3, (0.5,) * 3, enc_eps=1e-5, pos_mode="bilinear")
     with torch.no_grad():
-        got = model(x.to(CUDA)).patch_logits.cpu()
+        got = model(x.to(CUDA), setting=setting(model, policy="none", exits=False)).patch_logits.cpu()
     assert (got - ref).abs().max().item() < 1e-3  # TF32 matmuls may be on
 
 
 def test_sliding_windows_on_gpu(tmp_path: Path) -> None:
     loaded = build_model("demo", weights=str(write_segmenter_release(tmp_path / "s", segmenter_state("mask"), "mask")))
-    loaded.model.configure(policy="uniform", exits=False).to(CUDA)
+    loaded.model.to(CUDA)
     img, lab = blocky_image(96, 150)
-    pred = predict(TraceCapture(loaded, CUDA, amp=True), prepare_image(img, "x", labels=lab), WindowSpec(64, 48, 64))
+    pred = predict(TraceCapture(loaded, CUDA, setting(loaded.model, policy="uniform", exits=False), amp=True), prepare_image(img, "x", labels=lab), WindowSpec(64, 48, 64))
     assert len(pred.traces) == 2 and pred.label_map.shape == (96, 150)
     for t in pred.traces:
         t.assert_consistent()
@@ -86,7 +88,8 @@ def test_methods_on_gpu_match_the_cpu_in_float32_and_stay_consistent_in_bf16(met
     traces = []
     for device, amp in ((torch.device("cpu"), False), (CUDA, False), (CUDA, True)):
         loaded = _loaded("mask")
-        method_setting(loaded, ModelOptions(device=device.type, exit_threshold=0.3, amp=amp), method)
+        loaded.model.to(device)
+        loaded.setting = method_setting(loaded, ModelOptions(device=device.type, exit_threshold=0.3, amp=amp), method)
         trace = TraceCapture(loaded, device, amp=amp)([im])[0]
         trace.assert_consistent()
         traces.append(trace)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from conftest import TINY
+from conftest import TINY, setting
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import measure_flops
 from tokenscope.models.step_vit import StepViT
@@ -29,13 +29,13 @@ def _flat_image(h: int = 96, w: int = 128) -> torch.Tensor:
 
 def test_mask_decoder_sees_exited_tokens_as_context_and_exited_tokens_keep_their_gate_prediction() -> None:
     model = _model()
-    model.configure(policy="uniform", exits=True, exit_threshold=float("inf"))
+    s = setting(model, policy="uniform", exits=True, exit_threshold=float("inf"))
     conf: list[torch.Tensor] = []
     hook = model.gates["1"].register_forward_hook(lambda m, args, out: conf.append(out.confidence[out.token_ids >= 0]))
     with torch.no_grad():
-        model(_flat_image())
+        model(_flat_image(), setting=s)
     hook.remove()
-    model.configure(exit_threshold=float(conf[0].median()))  # about half the tokens leave at the first gate
+    s = setting(model, s, exit_threshold=float(conf[0].median()))  # about half the tokens leave at the first gate
     seen: dict[str, object] = {}
     model.decoder.register_forward_hook(lambda m, args, out: seen.update(tokens=args[0].shape[1], valid=args[1]))
     last_in: list[int] = []
@@ -44,7 +44,7 @@ def test_mask_decoder_sees_exited_tokens_as_context_and_exited_tokens_keep_their
     for k, gate in model.gates.items():
         gate.register_forward_hook(lambda m, args, out, k=int(k): gate_logits.update({k: (out.logits, out.token_ids, out.exits)}))
     with torch.no_grad():
-        out = model(_flat_image())
+        out = model(_flat_image(), setting=s)
     t = out.partitions[0].num_tokens
     exited = (out.exit_block[0] < model.depth)
     assert exited.any() and not exited.all()
@@ -58,10 +58,9 @@ def test_mask_decoder_sees_exited_tokens_as_context_and_exited_tokens_keep_their
 
 def test_mask_decoder_without_reduction_equals_a_plain_forward_over_all_patches() -> None:
     model = _model(1)
-    model.configure(policy="none", exits=False)
     x = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = model(x)
+        out = model(x, setting=setting(model, policy="none", exits=False))
         emb, _ = model.embed((x - model.pixel_mean) / model.pixel_std, out.partitions)
         seq = torch.cat([model.cls_token.expand(2, -1, -1) + model.embed.patch_pos_grid((4, 5))[1], emb.tokens], dim=1)
         for blk in model.blocks:
@@ -78,10 +77,10 @@ def test_mask_decoder_flops_equal_torch_flop_counter() -> None:
     img[40:80, 60:120] = rng.random((40, 60, 3))
     im = prepare_image(img, "x")
     for policy, exits in (("none", False), ("uniform", True)):
-        model.configure(policy=policy, exits=exits, exit_threshold=0.26)
-        trace = TraceCapture(loaded, torch.device("cpu"))([im])[0]
+        s = setting(model, policy=policy, exits=exits, exit_threshold=0.26)
+        trace = TraceCapture(loaded, torch.device("cpu"), s)([im])[0]
         x, _ = images_to_tensor([im], torch.device("cpu"))
         with torch.no_grad():
-            total, per_module, _ = measure_flops(lambda: model(x))
+            total, per_module, _ = measure_flops(lambda: model(x, setting=s))
         assert trace.meta.flops["total"] == total, policy
         assert trace.meta.flops["decoder"] == per_module["StepViT.decoder"], policy

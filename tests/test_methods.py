@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, blocky_image, make_tiny
+from conftest import TINY, blocky_image, make_tiny, merging, setting
 
 from tokenscope.data.images import prepare_image
 from tokenscope.errors import ConfigError
@@ -44,14 +44,14 @@ def _batch(n: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("decoder", ["linear", "mask"])
 def test_tome_with_r_0_and_algm_that_merges_nothing_equal_the_plain_model_exactly(decoder: str) -> None:
     cfg = dataclasses.replace(DEEP, decoder=decoder, decoder_layers=1)
-    model = make_tiny(0, cfg).configure(policy="none", exits=False)
+    model = make_tiny(0, cfg)
+    s = setting(model, policy="none", exits=False)
     x = _batch()
     with torch.no_grad():
-        plain = model(x).patch_logits
-        model.set_merging(MergingSpec("tome", tuple(range(1, model.depth + 1)), r=0))
-        tome = model(x)
-        model.set_merging(MergingSpec("algm", algm_blocks(model.depth), threshold=2.0, global_threshold=2.0))
-        algm = model(x)
+        plain = model(x, setting=s).patch_logits
+        tome = model(x, setting=merging(s, MergingSpec("tome", tuple(range(1, model.depth + 1)), r=0)))
+        algm = model(x, setting=merging(s, MergingSpec("algm", algm_blocks(model.depth), threshold=2.0,
+                                                            global_threshold=2.0)))
     assert torch.equal(tome.patch_logits, plain)  # the split blocks compute exactly what timm's blocks do
     assert torch.equal(algm.patch_logits, plain)
     assert torch.equal(tome.token_owner, torch.arange(tome.token_owner.shape[1]).expand_as(tome.token_owner))
@@ -59,14 +59,14 @@ def test_tome_with_r_0_and_algm_that_merges_nothing_equal_the_plain_model_exactl
 
 def test_tome_merges_exactly_r_tokens_per_block_and_the_trace_accounts_for_every_patch() -> None:
     loaded = _loaded()
-    loaded.model.configure(policy="uniform", exits=False)  # images of different token counts share a batch
-    loaded.model.set_merging(MergingSpec("tome", tuple(range(1, 7)), r=1))
+    loaded.setting = setting(loaded.model, loaded.setting, policy="uniform", exits=False)  # images of different token counts share a batch
+    loaded.setting = merging(setting(loaded.model, loaded.setting), MergingSpec("tome", tuple(range(1, 7)), r=1))
     traces = TraceCapture(loaded, torch.device("cpu"))([_image(0, noise=0.0), _image(1)])
     assert traces[0].num_tokens != traces[1].num_tokens  # 17 and 80 tokens: padding in the batch
     for t in traces:
         t.assert_consistent()
         assert t.merges_per_block().tolist() == [1] * 6
-    loaded.model.set_merging(MergingSpec("tome", tuple(range(1, 7)), r=7))
+    loaded.setting = merging(setting(loaded.model, loaded.setting), MergingSpec("tome", tuple(range(1, 7)), r=7))
     traces = TraceCapture(loaded, torch.device("cpu"))([_image(1), _image(2)])
     for t in traces:
         t.assert_consistent()
@@ -79,22 +79,22 @@ def test_tome_merges_exactly_r_tokens_per_block_and_the_trace_accounts_for_every
 
 def test_tome_r_as_a_fraction_and_its_limit_of_half_the_tokens() -> None:
     loaded = _loaded()
-    loaded.model.configure(policy="none", exits=False)
-    loaded.model.set_merging(MergingSpec("tome", tuple(range(1, 7)), r=0.1))
+    loaded.setting = setting(loaded.model, loaded.setting, policy="none", exits=False)
+    loaded.setting = merging(setting(loaded.model, loaded.setting), MergingSpec("tome", tuple(range(1, 7)), r=0.1))
     t = TraceCapture(loaded, torch.device("cpu"))([_image(0)])[0]
     assert t.merges_per_block().tolist() == [round(0.1 * 80)] * 6
-    loaded.model.set_merging(MergingSpec("tome", tuple(range(1, 7)), r=1000))
+    loaded.setting = merging(setting(loaded.model, loaded.setting), MergingSpec("tome", tuple(range(1, 7)), r=1000))
     t = TraceCapture(loaded, torch.device("cpu"))([_image(0)])[0]
     assert t.block_tokens_in.tolist() == [80, 40, 20, 10, 5, 3]  # at most half the live tokens merge per block
 
 
 def test_merge_count_batch_takes_the_smallest_images_count_and_per_image_each_its_own() -> None:
     loaded = _loaded()
-    loaded.model.configure(policy="uniform", exits=False)
+    loaded.setting = setting(loaded.model, loaded.setting, policy="uniform", exits=False)
     images = [_image(0, noise=0.0), _image(1)]  # 17 and 80 tokens in one padded batch
     wanted = [round(0.1 * 17), round(0.1 * 80)]
     for count, expected in (("batch", [min(wanted)] * 2), ("per-image", wanted)):
-        loaded.model.set_merging(MergingSpec("tome", tuple(range(1, 7)), r=0.1, count=count))
+        loaded.setting = merging(setting(loaded.model, loaded.setting), MergingSpec("tome", tuple(range(1, 7)), r=0.1, count=count))
         traces = TraceCapture(loaded, torch.device("cpu"))(images)
         assert [int(t.merges_per_block()[0]) for t in traces] == expected, count
         assert all(t.meta.merging["count"] == count for t in traces)
@@ -137,8 +137,8 @@ def test_proportional_attention_matches_a_reference_and_makes_a_duplicate_token_
 def test_cts_shares_exactly_k_groups_and_nothing_larger() -> None:
     loaded = _loaded()
     for groups, expected in (("7", 7), ("0.25", round(0.25 * 20)), ("0", 0), ("500", 20)):
-        method_setting(loaded, ModelOptions(device="cpu"), f"cts:groups={groups}")
-        assert loaded.model.active_policy == "cts" and not loaded.model.exits_enabled
+        loaded.setting = method_setting(loaded, ModelOptions(device="cpu"), f"cts:groups={groups}")
+        assert loaded.setting.policy == "cts" and not loaded.setting.exits
         t = TraceCapture(loaded, torch.device("cpu"))([_image(3)])[0]
         t.assert_consistent()
         levels = np.bincount(t.token_level, minlength=5)
@@ -148,8 +148,8 @@ def test_cts_shares_exactly_k_groups_and_nothing_larger() -> None:
 
 def test_algm_joins_only_aligned_2x2_windows_of_single_patches_in_block_1() -> None:
     loaded = _loaded()
-    loaded.model.configure(policy="uniform", exits=False)
-    loaded.model.set_merging(MergingSpec("algm", (1, 4), threshold=-1.0, global_threshold=2.0, prop_attn=False))
+    loaded.setting = setting(loaded.model, loaded.setting, policy="uniform", exits=False)
+    loaded.setting = merging(setting(loaded.model, loaded.setting), MergingSpec("algm", (1, 4), threshold=-1.0, global_threshold=2.0, prop_attn=False))
     t = TraceCapture(loaded, torch.device("cpu"))([_image(4)])[0]
     t.assert_consistent()
     before, after = t.cover_at(1), t.cover_at(2)
@@ -173,9 +173,9 @@ def test_the_version_2_invariant_holds_for_random_merges_and_exits(seed: int) ->
     spec = (MergingSpec("tome", tuple(sorted(rng.choice(np.arange(1, 7), 3, replace=False).tolist())),
                         r=int(rng.integers(1, 12)), prop_attn=bool(seed % 3))
             if kind == "tome" else MergingSpec("algm", (1, int(rng.integers(2, 7))), threshold=float(rng.uniform(-0.5, 0.9))))
-    loaded.model.configure(policy=["none", "uniform"][int(rng.integers(2))], exits=True,
+    loaded.setting = setting(loaded.model, loaded.setting, policy=["none", "uniform"][int(rng.integers(2))], exits=True,
                            exit_threshold=float(rng.uniform(0.3, 0.6)), keep_per_class=int(rng.integers(0, 2)))
-    loaded.model.set_merging(spec)
+    loaded.setting = merging(setting(loaded.model, loaded.setting), spec)
     images = [_image(int(s), 96 + 32 * int(rng.integers(0, 3)), 128) for s in rng.integers(0, 100, 3)]
     for im in images:
         trace = TraceCapture(loaded, torch.device("cpu"))([im])[0]  # capture checks the invariant itself
@@ -188,8 +188,8 @@ def test_the_version_2_invariant_holds_for_random_merges_and_exits(seed: int) ->
 
 def _merged_trace() -> Trace:
     loaded = _loaded()
-    loaded.model.configure(policy="none", exits=True, exit_threshold=0.4)
-    loaded.model.set_merging(MergingSpec("tome", tuple(range(1, 7)), r=5))
+    loaded.setting = setting(loaded.model, loaded.setting, policy="none", exits=True, exit_threshold=0.4)
+    loaded.setting = merging(setting(loaded.model, loaded.setting), MergingSpec("tome", tuple(range(1, 7)), r=5))
     trace = TraceCapture(loaded, torch.device("cpu"))([_image(5)])[0]
     assert trace.exited_early.any() and trace.has_merges
     return trace
@@ -244,12 +244,12 @@ def test_a_version_2_trace_round_trips_through_its_files(tmp_path) -> None:
 @pytest.mark.parametrize("method", ["tome:r=6", "algm:threshold=0.2", "dtop+tome:r=3", "cts:groups=5"])
 def test_trace_flops_of_merging_methods_equal_torch_flop_counter(method: str) -> None:
     loaded = _loaded()
-    method_setting(loaded, ModelOptions(device="cpu", exit_threshold=0.5), method)
+    loaded.setting = method_setting(loaded, ModelOptions(device="cpu", exit_threshold=0.5), method)
     im = _image(6)
     trace = TraceCapture(loaded, torch.device("cpu"))([im])[0]
     x, labels = images_to_tensor([im], torch.device("cpu"))
     with torch.no_grad():
-        total, _, _ = measure_flops(lambda: loaded.model(x, labels))
+        total, _, _ = measure_flops(lambda: loaded.model(x, labels, setting=loaded.setting))
     assert trace.meta.flops["total"] == total
     if "tome" in method or "algm" in method:
         assert trace.meta.flops["merging"] > 0
@@ -301,17 +301,25 @@ def test_contradicting_flags_are_refused_with_the_method_that_was_meant() -> Non
         resolve_list("tome,tome")
 
 
-def test_operating_points_switch_whole_and_back() -> None:
+def test_operating_points_are_values_and_the_model_holds_none() -> None:
+    """A setting is resolved once and passed to the forward: running another one in between changes
+    nothing the first gives (the model holds no operating point to leak), and the plain one has no
+    reduction at all."""
     model = _loaded().model
-    method_setting(_loaded_for(model), ModelOptions(device="cpu"), "step+tome:r=3")
-    saved = model.setting()
-    model.apply(model.plain())
-    assert not model.steps and model.active_policy == "none" and not model.exits_enabled and model.method == "vit"
-    model.apply(saved)
-    assert model.setting() == saved and model.record["merging"]["r"] == 3
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tome = method_setting(_loaded_for(model), ModelOptions(device="cpu"), "step+tome:r=3")
+    plain = tome.plain()
+    assert not plain.steps and plain.policy == "none" and not plain.exits and plain.method == "vit"
+    assert tome.record["merging"]["r"] == 3 and tome.method == "step+tome:r=3"
     x = _batch(1)
     with torch.no_grad():
-        assert torch.equal(model(x).patch_logits, model.apply(saved)(x).patch_logits)
+        first = model(x, setting=tome).patch_logits
+        model(x, setting=plain)
+        model(x, setting=method_setting(_loaded_for(model), ModelOptions(device="cpu"), "evit:rate=0.5"))
+        assert torch.equal(model(x, setting=tome).patch_logits, first)
+        assert not torch.equal(model(x, setting=plain).patch_logits, first)
+    assert not any(hasattr(model, name) for name in ("configure", "install", "set_merging", "setting", "plain"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def _loaded_for(model) -> LoadedModel:
@@ -322,10 +330,10 @@ def test_f_interpolate_free_decoding_unmerges_tokens_for_the_mask_decoder() -> N
     """With a mask transformer every patch is decoded from its group's features (ALGM's un-merging):
     patches of one merged group get identical logits when no other token differs."""
     cfg = dataclasses.replace(DEEP, decoder="mask", decoder_layers=1)
-    model = make_tiny(0, cfg).configure(policy="none", exits=False)
-    model.set_merging(MergingSpec("tome", tuple(range(1, 7)), r=10))
+    model = make_tiny(0, cfg)
+    s = merging(setting(model, policy="none", exits=False), MergingSpec("tome", tuple(range(1, 7)), r=10))
     with torch.no_grad():
-        out = model(_batch(1))
+        out = model(_batch(1), setting=s)
     owner = out.token_owner[0]
     logits = out.token_logits[0]
     for t in range(owner.shape[0]):
@@ -338,15 +346,14 @@ def test_every_method_runs_under_bf16_autocast() -> None:
     the same dtype paths here: embedding into float32 slots, the size mask, merging, both decoders."""
     for decoder in ("linear", "mask"):
         model = make_tiny(0, dataclasses.replace(DEEP, decoder=decoder, decoder_layers=1))
-        for setting in ("step", "tome:r=5", "algm:threshold=0", "dtop+tome:r=3"):
-            method_setting(_loaded_for(model), ModelOptions(device="cpu", exit_threshold=0.4), setting)
+        for point in ("step", "tome:r=5", "algm:threshold=0", "dtop+tome:r=3"):
+            s = method_setting(_loaded_for(model), ModelOptions(device="cpu", exit_threshold=0.4), point)
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(_batch())
-            assert torch.isfinite(out.patch_logits.float()).all(), (decoder, setting)
-        model.set_merging(MergingSpec("tome", tuple(range(1, 7)), r=5))
-        model.configure(policy="none", exits=False)
+                out = model(_batch(), setting=s)
+            assert torch.isfinite(out.patch_logits.float()).all(), (decoder, point)
+        s = merging(setting(model, policy="none", exits=False), MergingSpec("tome", tuple(range(1, 7)), r=5))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(_batch())
+            out = model(_batch(), setting=s)
         assert (out.token_owner != torch.arange(out.token_owner.shape[1])).sum(1).tolist() == [30, 30]
 
 
@@ -354,8 +361,8 @@ def test_bench_counts_tokens_per_block_of_a_merging_method() -> None:
     from tokenscope.analysis.bench import run_bench
 
     model = make_tiny(0, DEEP)
-    method_setting(_loaded_for(model), ModelOptions(device="cpu"), "tome:r=5")
-    r = run_bench(model, _batch(2), torch.device("cpu"), "none", False, repeats=1, warmup=0)
+    s = method_setting(_loaded_for(model), ModelOptions(device="cpu"), "tome:r=5")
+    r = run_bench(model, _batch(2), torch.device("cpu"), s, repeats=1, warmup=0)
     assert r.baseline.mean_tokens_per_block == 80
     assert r.step.mean_tokens_per_block == pytest.approx(80 - 5 * 2.5 - 2.5)  # 80, 75, ... entering; 5 fewer after each merge
     assert r.step.method == "tome:r=5" and r.flop_reduction > 1
@@ -365,15 +372,15 @@ def test_order_and_count_settings_reach_every_merger_and_bad_values_are_one_line
     loaded = _loaded()
     s = method_setting(loaded, ModelOptions(device="cpu"), "tome:r=2:order=spatial:count=per-image")
     assert (s.record["merging"]["order"], s.record["merging"]["count"]) == ("spatial", "per-image")
-    assert all((m.order, m.count) == ("spatial", "per-image") for m in loaded.model.steps.values())
+    assert all((m.order, m.count) == ("spatial", "per-image") for m in (step.module for step in s.steps))
     s = method_setting(loaded, ModelOptions(device="cpu"), "algm")
     assert (s.record["merging"]["order"], s.record["merging"]["count"]) == ("reference", "batch")
-    assert all((m.order, m.count) == ("reference", "batch") for m in loaded.model.steps.values())
+    assert all((m.order, m.count) == ("reference", "batch") for m in (step.module for step in s.steps))
     for bad, words in (("tome:order=random", "order is one of reference, spatial"),
                        ("algm:count=some", "count is one of batch, per-image"),
                        ("dtop:order=spatial", "unknown setting 'order'")):
         with pytest.raises(ConfigError, match=words) as err:
-            method_setting(loaded, ModelOptions(device="cpu"), bad)
+            loaded.setting = method_setting(loaded, ModelOptions(device="cpu"), bad)
         assert "\n" not in str(err.value)
 
 
@@ -390,13 +397,13 @@ def test_every_block_is_called_as_one_module_merging_and_pruning_blocks_included
     """Hooks (and torch.compile) see every block: a method acting inside a block does not take it apart."""
     loaded = _loaded()
     for point in ("tome:r=5", "algm:threshold=0", "evit:rate=0.5", "dtop+evit"):
-        method_setting(loaded, ModelOptions(device="cpu", exit_threshold=0.4), point)
+        loaded.setting = method_setting(loaded, ModelOptions(device="cpu", exit_threshold=0.4), point)
         model = loaded.model
         calls: list[int] = []
         handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(model.blocks)]
         try:
             with torch.no_grad():
-                model(_batch(1))
+                model(_batch(1), setting=loaded.setting)
         finally:
             for h in handles:
                 h.remove()
@@ -424,17 +431,17 @@ def test_compiled_blocks_run_merging_and_pruning_steps_with_the_same_outputs() -
     loaded = _loaded()
     x = _batch(2)
     for point in ("tome:r=5", "evit:rate=0.5"):
-        method_setting(loaded, ModelOptions(device="cpu"), point)
+        loaded.setting = method_setting(loaded, ModelOptions(device="cpu"), point)
         model = loaded.model
         with torch.no_grad():
-            eager = model(x).patch_logits
+            eager = model(x, setting=loaded.setting).patch_logits
         compiled = [torch.compile(b, backend="eager", dynamic=True) for b in model.blocks]
         plain = list(model.blocks)
         try:
             for i, c in enumerate(compiled):
                 model.blocks[i] = c
             with torch.no_grad():
-                out = model(x).patch_logits
+                out = model(x, setting=loaded.setting).patch_logits
         finally:
             for i, b in enumerate(plain):
                 model.blocks[i] = b

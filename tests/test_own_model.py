@@ -33,7 +33,7 @@ def test_a_timm_vit_with_a_trained_linear_head_traces_and_saves_a_checkpoint_the
     assert model.trained == {"backbone": True, "decoder": True, "exits": False, "policy": False}
     with torch.no_grad():  # the model is the user's network: its plain forward is timm's plus the head
         x = torch.rand(1, 3, 128, 128)
-        ours = model.module.configure(policy="none", exits=False)((x - 0.5) / 0.5 * 0.5 + 0.5).token_logits
+        ours = model.module((x - 0.5) / 0.5 * 0.5 + 0.5, setting=model.setting.plain()).token_logits
         feats = vit.forward_features((x - 0.5) / 0.5)[:, vit.num_prefix_tokens:]
         assert torch.allclose(ours, head(feats), atol=1e-5)
     saved = model.save(tmp_path / "mine")

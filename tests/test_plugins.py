@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from tokenscope.cli import app
@@ -191,3 +193,139 @@ def test_a_method_file_is_swept_and_tuned_over_its_own_ladder(tmp_path: Path) ->
     r = runner.invoke(app, ["run", str(IMAGE), "--method", chosen, "--size", "128", "--device", "cpu",
                             "--no-figures", "--out", str(tmp_path / "runs")])  # named on the command line: it runs
     assert r.exit_code == 0, r.output
+
+
+def _view(b: int = 2, n: int = 5, d: int = 8):
+    from tokenscope.models.steps import TokenView
+
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, -1] = False
+    ids = torch.where(valid, torch.arange(n).expand(b, n), torch.full((b, n), -1))
+    return TokenView(3, torch.randn(b, n, d), ids, valid, valid.float(), None, torch.zeros(b, 1, d))  # type: ignore[arg-type]
+
+
+def _merge(view, **change):  # noqa: ANN001, ANN003, ANN202
+    from tokenscope.models.steps import MergeDecision
+
+    b, n = view.valid.shape
+    merged = torch.zeros(b, n, dtype=torch.bool)
+    merged[:, 0] = True
+    into = torch.zeros(b, n, dtype=torch.long)
+    into[:, 0] = 1
+    fields = {"block": view.block, "kind": "mine", "token_ids": view.token_ids, "valid": view.valid, "merged": merged,
+              "into": into, "matching_flops": torch.zeros(b, dtype=torch.long), **change}
+    return MergeDecision(**fields)
+
+
+def _prune(view, **change):  # noqa: ANN001, ANN003, ANN202
+    from tokenscope.models.steps import PruneDecision
+
+    fields = {"block": view.block, "kind": "mine", "token_ids": view.token_ids, "valid": view.valid,
+              "pruned": torch.zeros_like(view.valid), **change}
+    return PruneDecision(**fields)
+
+
+def test_every_decision_a_plugin_step_returns_is_checked_before_the_encoder_carries_it_out() -> None:
+    """The second probe's contract violations (wrong dtype, a slot merged into itself or out of range, wrong ids,
+    wrong block, a fused token of the wrong width, NaN, writing into what the step was shown) are each one line
+    naming the method, its source, the block and the field; a good decision passes untouched."""
+    from types import SimpleNamespace
+
+    from tokenscope.models.methods.point import GuardedStep
+    from tokenscope.models.methods.registry import PluginError
+
+    method = SimpleNamespace(name="mine", source="file my_rule.py")
+    view = _view()
+    bad_into = torch.zeros(2, 5, dtype=torch.long)
+    cases = {
+        "merged must be bool": lambda v: _merge(v, merged=_merge(v).merged.long()),
+        "into must be an integer type": lambda v: _merge(v, into=_merge(v).into.float()),
+        "merges a slot into itself": lambda v: _merge(v, into=bad_into),
+        "outside 0..N-1": lambda v: _merge(v, into=bad_into + 9),
+        "merges into a padding slot": lambda v: _merge(v, into=bad_into + 4),
+        "itself merged away": lambda v: _merge(v, merged=torch.ones(2, 5, dtype=torch.bool) & v.valid),
+        "token_ids are not the slots": lambda v: _merge(v, token_ids=v.token_ids.flip(1)),
+        "says block 7": lambda v: _merge(v, block=7),
+        "fused tokens must be a tensor (B=2, F, D=8)": lambda v: _prune(v, fused=torch.zeros(2, 1, 4)),
+        "NaN or infinite": lambda v: _prune(v, fused=torch.full((2, 1, 8), float("nan"))),
+        "pruned must be a tensor of shape (2, 5)": lambda v: _prune(v, pruned=v.valid[:, :1]),
+        "returned str": lambda v: "prune everything",
+    }
+    for words, decide in cases.items():
+        step = GuardedStep(LambdaStep(decide), method)
+        with pytest.raises(PluginError, match="method mine .file my_rule.py., block 3") as err:
+            step(view)
+        assert words in str(err.value) and "\n" not in str(err.value), (words, str(err.value))
+
+    def writes(v):  # noqa: ANN001, ANN202
+        v.x.mul_(float("nan"))  # on a copy: nothing it writes reaches the encoder
+        return _prune(v)
+
+    before = view.x.clone()
+    GuardedStep(LambdaStep(writes), method)(view)
+    assert torch.equal(view.x, before)
+    good = _merge(view)
+    assert GuardedStep(LambdaStep(lambda v: good), method)(view) is good
+
+
+class LambdaStep(torch.nn.Module):
+    def __init__(self, fn) -> None:  # noqa: ANN001
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, view):  # noqa: ANN001, ANN201
+        return self.fn(view)
+
+
+def test_a_plugin_step_writing_into_the_tokens_cannot_change_the_run(tmp_path: Path) -> None:
+    """A step shown the tokens writes NaN into them: the encoder never sees it, so the run is the one the
+    same rule gives without the write (the probe's 'mIoU 4.27 and no word' cannot happen)."""
+    outs = []
+    for name, write in (("clean", ""), ("writes", "        view.x.mul_(float('nan'))\n")):
+        folder = tmp_path / name
+        folder.mkdir()
+        rule = _method_file(folder)
+        decided = "        pruned = view.valid & (rank < drop[:, None])\n"
+        assert decided in rule.read_text()
+        rule.write_text(rule.read_text().replace(decided, decided + write))  # after deciding: the write alone
+        r = CliRunner().invoke(app, ["run", str(IMAGE), "--method", f"{rule}:frac=0.3", "--size", "96", "--device", "cpu",
+                                     "--no-animation", "--no-figures", "--out", str(folder / "o")])
+        assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+        outs.append(_traces(next((folder / "o").glob("run-*")))[0])
+    assert np.array_equal(outs[0].label_map, outs[1].label_map)
+    assert np.array_equal(outs[0].token_pruned_at, outs[1].token_pruned_at)
+
+
+def test_a_failing_plugin_is_marked_failed_and_the_other_methods_are_kept(tmp_path: Path) -> None:
+    """compare --methods and sweep --methods: the plug-in that fails is one error line and a failed row; the
+    built-in methods beside it are measured and written, and the command exits 3 (something failed)."""
+    rule = _method_file(tmp_path, "raise ZeroDivisionError('inside the rule')")
+    runner = CliRunner()
+    r = runner.invoke(app, ["compare", str(IMAGE), "--methods", f"tome:r=4,{rule}", "--size", "96", "--device", "cpu",
+                            "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 3 and "Traceback" not in r.output, r.output
+    assert any(ln.startswith("error: method") and "failed and is left out" in ln and "ZeroDivisionError" in ln
+               for ln in r.output.splitlines()), r.output
+    folder = next((tmp_path / "c").glob("compare-*"))
+    manifest = json.loads((folder / "run.json").read_text())
+    assert manifest["methods"] == ["tome:r=4"] and list(manifest["failed_methods"]) == ["norm_prune"]
+    table = pd.read_csv(folder / "methods.csv")
+    assert set(table[table["image"] != "ALL"]["method"]) == {"baseline", "tome:r=4"}
+    assert table[table["method"] == "norm_prune"]["status"].tolist() == ["failed"]  # its row says so
+    assert [o["status"] for o in manifest["overall"]] == ["ok", "ok", "failed"]
+    r = runner.invoke(app, ["sweep", "--methods", f"tome:r=4,{rule}", "--seeds", "100000:100002", "--scene-size", "96",
+                            "--device", "cpu", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 3 and "Traceback" not in r.output, r.output
+    folder = next((tmp_path / "s").glob("sweep-*"))
+    manifest = json.loads((folder / "run.json").read_text())
+    assert sorted(manifest["failed_points"]) == [f"norm_prune:frac={f}" for f in ("0.1", "0.2", "0.4")]  # its ladder
+    assert set(pd.read_csv(folder / "sweep.csv")["point"]) == {"baseline", "tome:r=4"}
+
+
+def test_a_run_whose_every_image_failed_is_not_complete(tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "bad.png"), "--size", "96", "--device", "cpu",
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 3, r.output
+    manifest = json.loads(next((tmp_path / "o").glob("run-*/run.json")).read_text())
+    assert manifest["status"] == "failed"

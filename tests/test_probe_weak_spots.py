@@ -225,3 +225,44 @@ def test_a_block_outside_the_trace_is_one_error_not_a_silent_answer(labelled_run
         with pytest.raises(ts.TokenscopeError, match="blocks are counted from 1"):
             tr.cover_at(block)
     assert np.array_equal(tr.cover_at(tr.meta.depth + 1), tr.cover_at(tr.meta.depth + 1))
+
+
+def test_ctrl_c_in_a_run_names_the_folder_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenscope.jobs import run as run_job
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_job, "write_image_folder", interrupted)
+    r = CliRunner().invoke(app, ["run", str(IMAGE), "--size", "64", "--device", "cpu", "--no-animation",
+                                 "--out", str(tmp_path / "o")])
+    folder = next((tmp_path / "o").glob("run-*"))
+    assert r.exit_code == 130 and "Traceback" not in r.output, r.output
+    assert f"tokenscope run --resume {folder}" in r.output.replace("\n", "")
+    assert json.loads((folder / "run.json").read_text())["status"] == "running"
+
+
+def test_python_dash_m_starts_through_the_same_guarded_entry_point() -> None:
+    main = (ROOT / "tokenscope" / "__main__.py").read_text()
+    assert "from tokenscope.entry import main" in main and "tokenscope.cli" not in main
+
+
+def test_a_table_with_text_where_numbers_belong_is_one_line(tmp_path: Path) -> None:
+    from tokenscope.render.tables import _read_csv
+
+    path = tmp_path / "methods.csv"
+    path.write_text("image,method,agreement,tokens\na.png,tome,abc,12\n")
+    with pytest.raises(ConfigError, match=r"methods.csv: column 'agreement' holds 'abc' where a number belongs"):
+        _read_csv(path)
+    path.write_text("image,method,agreement,tokens\na.png,tome,0.9,12\n")
+    assert _read_csv(path)["agreement"].dtype.kind == "f"
+
+
+def test_the_explorer_refuses_a_sweep_folder_in_one_line(labelled_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "sweep-1"
+    shutil.copytree(labelled_run, run)
+    doc = json.loads((run / "run.json").read_text())
+    doc["kind"] = "sweep"
+    (run / "run.json").write_text(json.dumps(doc))
+    r = CliRunner().invoke(app, ["view", str(run)])
+    assert r.exit_code == 2 and "explorer shows run and compare folders" in r.output and "Traceback" not in r.output

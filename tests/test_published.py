@@ -85,10 +85,9 @@ def test_first_use_downloads_and_converts_second_use_reads_the_cache(
     second = build_model("tiny-pub")
     assert len(server.requests) == 1  # nothing downloaded the second time
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    for m in (first.model, second.model):
-        m.configure(policy="none", exits=False)
+    plain = first.model.default_setting().plain()
     with torch.no_grad():
-        assert torch.equal(first.model(x).patch_logits, second.model(x).patch_logits)
+        assert torch.equal(first.model(x, setting=plain).patch_logits, second.model(x, setting=plain).patch_logits)
     assert first.trained["policy"] is False and any("imported Segmenter" in w for w in first.warnings)
 
 

@@ -13,18 +13,19 @@ in float64 so that a near-tie between similarities cannot flip one side and not 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import blocky_image
+from conftest import blocky_image, merging, setting
 
 from tokenscope.models.methods.cts import CTSPolicy
 from tokenscope.models.methods.merging import MergingSpec
 from tokenscope.models.policy import Policy
 from tokenscope.models.registry import StepConfig
-from tokenscope.models.step_vit import StepViT, create_backbone
+from tokenscope.models.step_vit import ReductionSetting, StepViT, create_backbone
 from tokenscope.trace.recorder import Recorder
 
 Groups = set[frozenset[int]]
@@ -41,7 +42,7 @@ def _pair(arch: str, seed: int = 0, decoder: str = "linear", **timm_kwargs: obje
         for blk in vit.blocks:
             blk.attn.qkv.weight.mul_(8.0)
             blk.mlp.fc1.weight.mul_(4.0)
-    model = StepViT(cfg, vit).double().eval().configure(policy="none", exits=False)
+    model = StepViT(cfg, vit).double().eval()
     return model, vit.double().eval()
 
 
@@ -54,10 +55,10 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.stack(out)).double()
 
 
-def _groups_by_block(model: StepViT, images: torch.Tensor) -> list[list[Groups]]:
+def _groups_by_block(model: StepViT, s: ReductionSetting, images: torch.Tensor) -> list[list[Groups]]:
     """tokenscope's merge groups after each block, per image, from what its hooks recorded."""
-    with torch.no_grad(), Recorder(model) as rec:
-        model(images)
+    with torch.no_grad(), Recorder(model, s) as rec:
+        model(images, setting=s)
     out = []
     for r in rec.pop_records():
         per_block = []
@@ -243,8 +244,8 @@ def _merged_count(groups: Groups) -> int:
 def test_tome_merge_groups_equal_the_reference_in_every_block(r: int) -> None:
     model, vit = _pair("vit_small_patch16_224")
     images = _images(2)
-    model.set_merging(MergingSpec("tome", tuple(range(1, 13)), r=r))
-    ours = _groups_by_block(model, images)
+    s = merging(setting(model, policy="none", exits=False), MergingSpec("tome", tuple(range(1, 13)), r=r))
+    ours = _groups_by_block(model, s, images)
     with torch.no_grad():
         ref = reference_tome(vit, (images - model.pixel_mean) / model.pixel_std, r)
     for image in range(2):
@@ -258,8 +259,8 @@ def test_tome_merge_groups_equal_the_reference_in_every_block(r: int) -> None:
 def _assert_tome_equals_reference(model: StepViT, vit: torch.nn.Module, images: torch.Tensor) -> None:
     """Every block's merge groups of every image, for r = 1, 8, 20."""
     for r in (1, 8, 20):
-        model.set_merging(MergingSpec("tome", tuple(range(1, 13)), r=r))
-        ours = _groups_by_block(model, images)
+        s = merging(setting(model, policy="none", exits=False), MergingSpec("tome", tuple(range(1, 13)), r=r))
+        ours = _groups_by_block(model, s, images)
         with torch.no_grad():
             ref = reference_tome(vit, (images - model.pixel_mean) / model.pixel_std, r)
         assert ours == ref, f"r={r}"
@@ -282,8 +283,8 @@ def test_tome_order_spatial_is_tokenscopes_earlier_rule_and_decides_otherwise() 
     their raster order: a different rule from the reference's from the first block on."""
     model, vit = _pair("vit_small_patch16_224")
     images = _images(1)
-    model.set_merging(MergingSpec("tome", tuple(range(1, 13)), r=8, order="spatial"))
-    spatial = _groups_by_block(model, images)[0]
+    s = merging(setting(model, policy="none", exits=False), MergingSpec("tome", tuple(range(1, 13)), r=8, order="spatial"))
+    spatial = _groups_by_block(model, s, images)[0]
     with torch.no_grad():
         ref = reference_tome(vit, (images - model.pixel_mean) / model.pixel_std, 8)[0]
     pairs_spatial = [g for g in spatial[0] if len(g) > 1]
@@ -305,8 +306,8 @@ def test_algm_local_windows_and_global_merges_equal_the_reference_on_a_segmenter
     threshold = float(sims[0].median())
     counts = [int((s >= threshold).sum()) for s in sims]
     assert counts[0] != counts[1] and 0 < min(counts) < 49
-    model.set_merging(MergingSpec("algm", (1, 5), threshold=threshold, prop_attn=False))
-    ours = _groups_by_block(model, images)
+    s = merging(setting(model, policy="none", exits=False), MergingSpec("algm", (1, 5), threshold=threshold, prop_attn=False))
+    ours = _groups_by_block(model, s, images)
     with torch.no_grad():
         ref = reference_algm(vit, (images - model.pixel_mean) / model.pixel_std, threshold)
     for image in range(2):
@@ -318,9 +319,9 @@ def test_algm_local_windows_and_global_merges_equal_the_reference_on_a_segmenter
 def test_algm_count_per_image_lets_each_image_decide_alone() -> None:
     model, vit = _pair("vit_small_patch16_224", seed=1, decoder="mask")
     images = _images(2, seed=5)
-    model.set_merging(MergingSpec("algm", (1, 5), threshold=0.5, prop_attn=False, count="per-image"))
-    together = _groups_by_block(model, images)
-    alone = [_groups_by_block(model, images[i:i + 1])[0] for i in range(2)]
+    s = merging(setting(model, policy="none", exits=False), MergingSpec("algm", (1, 5), threshold=0.5, prop_attn=False, count="per-image"))
+    together = _groups_by_block(model, s, images)
+    alone = [_groups_by_block(model, s, images[i:i + 1])[0] for i in range(2)]
     assert together == alone
     with torch.no_grad():
         ref = [reference_algm(vit, (images[i:i + 1] - model.pixel_mean) / model.pixel_std, 0.5)[0] for i in range(2)]
@@ -378,13 +379,13 @@ def test_cts_shares_the_groups_its_reference_shares_and_embeds_them_the_same_way
     torch.manual_seed(0)
     model = StepViT(cfg).eval()
     scores = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(k))
-    model.policies["cts"] = CTSPolicy({"uniform": _FixedScores(scores)}, patch=16, groups=k, source="uniform")
-    model.configure(policy="cts", exits=False)
+    cts = CTSPolicy({"uniform": _FixedScores(scores)}, patch=16, groups=k, source="uniform")
+    s = setting(model, policy="cts", exits=False, policies=(("cts", cts),))
     images = _images(2).float()[:, :, :128, :128]
     seen = []
     handle = model.embed.register_forward_hook(lambda mod, args, out: seen.append((args[1], out[0])))
     with torch.no_grad():
-        model(images)
+        model(images, setting=s)
         ref = reference_cts_tokens(model, (images - model.pixel_mean) / model.pixel_std, scores, k)
     handle.remove()
     partitions, emb = seen[0]
@@ -395,3 +396,56 @@ def test_cts_shares_the_groups_its_reference_shares_and_embeds_them_the_same_way
         assert sum(1 for key in ours if key[0] == 1) == k
         for key, vec in ref[b].items():
             assert torch.allclose(ours[key], vec, atol=1e-5), key
+
+
+# ---- PiToMe ---------------------------------------------------------------------------------------------
+
+def reference_pitome(vit: torch.nn.Module, images: torch.Tensor, ratio: float) -> list[list[Groups]]:
+    """PiToMe on a timm ViT with a class token, written from the public rule: in block l (from 0) of L
+    the margin is 0.9 - 0.8 l / L; the image tokens' energy is the mean of ELU(cos - margin) over the image
+    tokens (keys averaged over heads); r = floor(T - T ratio); in energy order the first 2r alternate A, B,
+    each A merges (size-weighted) into its most similar B; the sequence becomes class, protected (energy
+    order), B (energy order); proportional attention."""
+    out = []
+    depth = len(vit.blocks)
+    for seq in _start(vit, images):
+        per_block = []
+        for l, blk in enumerate(vit.blocks):
+            attn_out, keys = _attention(blk.attn, blk.norm1(seq.x), seq.size)
+            seq = Sequence(seq.x + blk.ls1(attn_out), seq.size, seq.members)
+            t = len(seq.members) - 1
+            r = math.floor(t - t * ratio)
+            if r > 0:
+                unit = F.normalize(keys[1:], dim=-1)
+                sim = unit @ unit.T
+                energy = F.elu(sim - (0.9 - 0.8 * l / depth), alpha=1.0).mean(dim=-1)
+                order = torch.argsort(energy, descending=True).tolist()
+                a, b, protected = order[:2 * r:2], order[1:2 * r:2], order[2 * r:]
+                best = sim[a][:, b].argmax(dim=-1).tolist()
+                x, size, members = _merge_into(seq, [(1 + src, 1 + b[j]) for src, j in zip(a, best)])
+                keep = [0, *(1 + p for p in protected), *(1 + p for p in b)]
+                seq = Sequence(torch.stack([x[i] for i in keep]), torch.stack([size[i] for i in keep]),
+                               [members[i] for i in keep])
+            seq = Sequence(seq.x + blk.ls2(blk.mlp(blk.norm2(seq.x))), seq.size, seq.members)
+            per_block.append(seq.groups())
+        out.append(per_block)
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.95, 0.9])
+def test_pitome_merges_the_groups_its_reference_rule_merges_in_every_block(ratio: float) -> None:
+    from tokenscope.jobs.setup import ModelOptions, method_setting
+    from tokenscope.models.checkpoints import LoadedModel
+
+    model, vit = _pair("vit_small_patch16_224")
+    images = _images(2)
+    loaded = LoadedModel(model, model.cfg, {"backbone": True, "decoder": True, "exits": True, "policy": True}, "t", "t")
+    s = method_setting(loaded, ModelOptions(device="cpu"), f"pitome:ratio={ratio}")
+    assert s.size_weighted and [st.block for st in s.steps] == list(range(1, 13))
+    ours = _groups_by_block(model, s, images)
+    with torch.no_grad():
+        ref = reference_pitome(vit, (images - model.pixel_mean) / model.pixel_std, ratio)
+    for image in range(2):
+        assert _merged_count(ref[image][0]) == math.floor(196 - 196 * ratio)
+        for block in range(12):
+            assert ours[image][block] == ref[image][block], f"image {image}, block {block + 1}"

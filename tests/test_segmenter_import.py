@@ -26,9 +26,8 @@ DEIT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def _tokenscope_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.configure(policy="none", exits=False)
     with torch.no_grad():
-        return model(x).patch_logits
+        return model(x, setting=model.default_setting().plain()).patch_logits
 
 
 def _images(h: int, w: int, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blocky_image
+from conftest import blocky_image, merging, setting
 from tokenscope.data.images import prepare_image
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import measure_flops
@@ -44,9 +44,10 @@ def _prepared(seed: int = 0, h: int = 96, w: int = 128):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_invariant_holds_for_random_partitions_and_exits(tiny_loaded: LoadedModel, seed: int) -> None:
-    model = tiny_loaded.model.configure(policy="uniform", exits=True, exit_threshold=0.3 + 0.05 * seed)
+    model = tiny_loaded.model
+    s = setting(model, policy="uniform", exits=True, exit_threshold=0.3 + 0.05 * seed)
     with RandomScorePolicyPatch(model, seed):
-        trace = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(seed, 112, 160)])[0]
+        trace = TraceCapture(tiny_loaded, torch.device("cpu"), s)([_prepared(seed, 112, 160)])[0]
     trace.assert_consistent()
     assert trace.token_level.max() > 0, "random scores should merge something"
     assert trace.exited_early.any()
@@ -54,16 +55,16 @@ def test_invariant_holds_for_random_partitions_and_exits(tiny_loaded: LoadedMode
 
 
 def test_invariant_holds_for_oracle_partitions(tiny_loaded: LoadedModel) -> None:
-    tiny_loaded.model.configure(policy="oracle", exits=True, exit_threshold=0.35)
-    traces = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(0, 200, 264)])
+    s = setting(tiny_loaded.model, policy="oracle", exits=True, exit_threshold=0.35)
+    traces = TraceCapture(tiny_loaded, torch.device("cpu"), s)([_prepared(0, 200, 264)])
     t = traces[0]
     t.assert_consistent()
     assert t.num_tokens < t.num_patches
 
 
 def test_save_load_round_trip_is_exact(tiny_loaded: LoadedModel, tmp_path: Path) -> None:
-    tiny_loaded.model.configure(policy="uniform", exits=True, exit_threshold=0.3)
-    trace = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(1, 70, 101)])[0]
+    s = setting(tiny_loaded.model, policy="uniform", exits=True, exit_threshold=0.3)
+    trace = TraceCapture(tiny_loaded, torch.device("cpu"), s)([_prepared(1, 70, 101)])[0]
     trace.save(tmp_path / "t")
     back = Trace.load(tmp_path / "t")
     assert back.meta == trace.meta
@@ -97,8 +98,8 @@ def _corruptions(t: Trace):
 
 
 def test_assert_consistent_catches_broken_accounting(tiny_loaded: LoadedModel) -> None:
-    tiny_loaded.model.configure(policy="oracle", exits=True, exit_threshold=0.3)
-    good = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(0, 128, 128)])[0]
+    s = setting(tiny_loaded.model, policy="oracle", exits=True, exit_threshold=0.3)
+    good = TraceCapture(tiny_loaded, torch.device("cpu"), s)([_prepared(0, 128, 128)])[0]
     good.assert_consistent()
     for corrupt in _corruptions(good):
         t = dataclasses.replace(good, **{f.name: np.copy(getattr(good, f.name)) for f in dataclasses.fields(Trace)
@@ -111,13 +112,13 @@ def test_assert_consistent_catches_broken_accounting(tiny_loaded: LoadedModel) -
 def test_trace_flops_equal_torch_flop_counter(tiny_loaded: LoadedModel) -> None:
     model = tiny_loaded.model
     for policy, exits in (("none", False), ("uniform", True), ("learned", True)):
-        model.configure(policy=policy, exits=exits, exit_threshold=0.3)
-        cap = TraceCapture(tiny_loaded, torch.device("cpu"))
+        s = setting(model, policy=policy, exits=exits, exit_threshold=0.3)
+        cap = TraceCapture(tiny_loaded, torch.device("cpu"), s)
         im = _prepared(2, 96, 144)
         trace = cap([im])[0]
         x, labels = images_to_tensor([im], torch.device("cpu"))
         with torch.no_grad():
-            total, per_module, _ = measure_flops(lambda: model(x, labels))
+            total, per_module, _ = measure_flops(lambda: model(x, labels, setting=s))
         assert trace.meta.flops["total"] == total, policy
         for i, f in enumerate(trace.block_flops):
             assert per_module.get(f"StepViT.blocks.{i}", 0) == f, (policy, i)
@@ -165,15 +166,12 @@ def test_a_runs_token_table_joins_the_token_tables_of_its_traces(tiny_loaded: Lo
     from tokenscope.analysis.stats import joined_tokens_table, tokens_columns, tokens_table
     from tokenscope.models.methods.merging import MergingSpec
 
-    model = tiny_loaded.model.configure(policy="uniform", exits=True, exit_threshold=0.3)
+    model = tiny_loaded.model
+    s = setting(model, policy="uniform", exits=True, exit_threshold=0.3)
     with RandomScorePolicyPatch(model, 3):
-        plain = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(2, 112, 160)])[0]
-    model.configure(policy="uniform", exits=False)
-    model.set_merging(MergingSpec("tome", tuple(range(1, model.depth + 1)), r=2))
-    try:
-        merged = TraceCapture(tiny_loaded, torch.device("cpu"))([_prepared(3)])[0]
-    finally:
-        model.set_merging(None)
+        plain = TraceCapture(tiny_loaded, torch.device("cpu"), s)([_prepared(2, 112, 160)])[0]
+    tome = merging(setting(model, s, exits=False), MergingSpec("tome", tuple(range(1, model.depth + 1)), r=2))
+    merged = TraceCapture(tiny_loaded, torch.device("cpu"), tome)([_prepared(3)])[0]
     assert merged.has_merges and not plain.has_merges
     unnamed = dataclasses.replace(plain, meta=dataclasses.replace(plain.meta, class_names=plain.meta.class_names[:1]))
     parts = [("a", plain), ("b", merged), ("c", unnamed)]

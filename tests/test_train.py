@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -34,9 +36,8 @@ def test_training_lowers_the_loss_and_the_checkpoint_reloads_exactly(tmp_path: P
     loaded = load_checkpoint(tmp_path / "m.json")
     assert all(loaded.trained.values())
     model = trainer.model.eval()
-    model.configure(policy="learned", exits=True)
     x = torch.rand(2, 3, 64, 96)
-    with torch.no_grad():
+    with torch.no_grad():  # the model's own operating point: the learned policy and the gates
         a, b = model(x), loaded.model(x)
     assert torch.equal(a.patch_logits, b.patch_logits) and torch.equal(a.exit_block, b.exit_block)
 
@@ -69,15 +70,14 @@ def test_exit_aware_steps_really_drop_tokens_and_supervise_only_tokens_that_reac
     trainer.s.exit_aware_steps = 2
     assert [trainer.exit_aware(s) for s in range(4)] == [False, False, True, True]
     model = trainer.model
-    for gate in model.gates.values():
-        gate.threshold = 0.0  # every token exits at the first gate
+    trainer.setting = dataclasses.replace(trainer.setting, exit_threshold=0.0)  # every token exits at the first gate
     trainer.s.aux_weight = 0.0  # so any gradient on a gate head comes from the final loss
     x, y, seeds = trainer.batch(0)
     losses = trainer.losses(x, y, exits=True, seeds=seeds)
     assert torch.isfinite(losses["loss"])
     first, second = model.exit_after
     with torch.no_grad():
-        out = model(x, y, return_aux=True)
+        out = model(x, y, return_aux=True, setting=dataclasses.replace(trainer.setting, policy=trainer.train_policy))
     assert int(out.exit_block.max()) == first  # nobody went past the first gate
     assert second not in out.aux_patch_logits  # no token reached the second gate
     reached = pixel_exit_blocks(out, y.shape[-2:])

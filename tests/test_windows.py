@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import cv2
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -94,7 +96,7 @@ def _reference_sliding_window(model: torch.nn.Module, rgb: np.ndarray, window: i
 def test_sliding_window_miou_equals_a_plain_reference(tmp_path: Path) -> None:
     ckpt = write_segmenter_release(tmp_path / "seg", segmenter_state("mask", seed=7), "mask", window=64, stride=48)
     loaded = build_model("demo", weights=str(ckpt))
-    model = loaded.model.configure(policy="none", exits=False)
+    model = functools.partial(loaded.model, setting=loaded.model.default_setting().plain())
     ds = _folder_dataset(tmp_path / "data")
     spec = resolve_windows(loaded.config.window, loaded.config.stride, loaded.config.resize_short, None, None, None)
     assert spec == WindowSpec(64, 48, 64)

@@ -1,5 +1,5 @@
 """`python -m tokenscope ...` (what `torchrun -m tokenscope` starts on every rank)."""
 
-from tokenscope.cli import app
+from tokenscope.entry import main
 
-app(prog_name="tokenscope")
+main()

@@ -82,23 +82,29 @@ class Model:
         return list(self.loaded.warnings)
 
     @property
+    def setting(self) -> Any:
+        """This model's operating point, the value every forward it runs is given (a ReductionSetting)."""
+        return self.loaded.setting
+
+    @property
     def policy(self) -> str:
-        return self.loaded.model.active_policy
+        return self.loaded.setting.policy
 
     @property
     def exits(self) -> bool:
-        return self.loaded.model.exits_enabled
+        return self.loaded.setting.exits
 
     @property
     def method(self) -> str:
         """The token-reduction method of this operating point (step, tome, ...; "" = by policy and exits)."""
-        return str(self.loaded.model.method)  # type: ignore[attr-defined]
+        return str(self.loaded.setting.method)
 
     def configure(self, *, policy: str | None = None, exits: bool | str | None = None,
                   merge_threshold: float | str | Sequence[float] | None = None,
                   exit_threshold: float | None = None, budget: float | None = None,
                   keep_per_class: int | None = None, method: str | None = None, **removed: Any) -> "Model":
-        """Change the operating point in place (same checks as `load_model`); returns the model.
+        """Choose another operating point (same checks as `load_model`); returns the model. The network is
+        not touched: this Model holds the new setting and passes it to every forward it runs.
         A new `method` (`tome:r=16`) starts from that method's defaults (settings are not carried over)."""
         _refuse_removed(removed, "configure")
         exits_text = _exits_text(exits)
@@ -130,7 +136,9 @@ class Model:
     def capture(self) -> TraceCapture:
         """The trace capturer of this model (kept, so policy FLOPs are counted once per size)."""
         if self._capture is None:
-            self._capture = TraceCapture(self.loaded, self.device, amp=self.options.amp)
+            self._capture = TraceCapture(self.loaded, self.device, self.loaded.setting, amp=self.options.amp)
+        elif self._capture.setting is not self.loaded.setting:
+            self._capture = self._capture.at(self.loaded.setting)
         return self._capture
 
     def __repr__(self) -> str:
@@ -516,8 +524,9 @@ def evaluate(model: Model | str = "demo", *, weights: str | None = None, random_
     if json_out is not None and dist.context(held.device.type).is_writer:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(json_out), {"model": held.name, "weights": held.loaded.weights_id,
-                                           "merge_thresholds": list(held.module.merge_thresholds),  # type: ignore[attr-defined]
-                                           "exit_threshold": held.module.exit_threshold,  # type: ignore[attr-defined]
+                                           "merge_thresholds": list(held.setting.merge_thresholds),
+                                           "exit_threshold": held.setting.exit_threshold,
+                                           "operating_point": held.setting.describe(),
                                            "policy": held.policy, "exits": held.exits, "method": held.method or None,
                                            "data": d.__dict__, "class_space": record,
                                            "variants": metrics})

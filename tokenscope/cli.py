@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import threading
 from contextlib import contextmanager
@@ -166,9 +167,12 @@ def _user_errors(command: str = "") -> Iterator[None]:
         _fail(TokenscopeError("out of memory: the input (an image, a trace, a batch) is too large for this machine; "
                               "try a smaller --size or --batch, or fewer images at once"))
     except KeyboardInterrupt:
+        kept = storage.resumable_folders()
         removed = storage.discard_incomplete()
         message = INTERRUPTED.get(command, "interrupted; nothing unfinished was kept"
                                   + (f" ({len(removed)} unfinished folder(s) removed)" if removed else ""))
+        if kept and "RUN_DIR" in message:  # name the very folder to finish
+            message = message.replace("RUN_DIR", shlex.quote(str(kept[-1])))
         err_console.print(f"[bold red]interrupted[/]{escape(message.removeprefix('interrupted'))}", highlight=False)
         raise typer.Exit(130) from None
 
@@ -421,9 +425,13 @@ def compare(
                                  warmup=warmup, device=device, seed=seed, out=out, progress=progress,
                                  class_map=class_map, ignore_class_mismatch=ignore_class_mismatch)
     _warn(result.warnings)
-    if result.methods:
+    if result.methods or result.method_overall:
         _print_methods(result, baseline)
-        if _report_failures(result.images):
+        failed = [r for r in result.method_overall if r.get("status") == "failed"]
+        for r in failed:  # the other methods are written; this one is said and fails the command
+            err_console.print(f"[bold red]error:[/] method {escape(_plain(r['method']))} failed and is left out: "
+                              f"{escape(_plain(r['error']))}", highlight=False, soft_wrap=True)
+        if _report_failures(result.images) or failed:
             raise typer.Exit(3)
         return
     table = Table(title=f"STEP vs baseline ({baseline})", title_justify="left")
@@ -472,6 +480,9 @@ def _print_methods(result: Any, baseline: str) -> None:
     for col in cols:
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in result.method_overall:
+        if r.get("status") == "failed":
+            table.add_row(r["method"], *(["failed"] + [""] * (len(cols) - 2)))
+            continue
         cells = [r["method"], f"{r['tokens']:.0f}", f"{r['mean_tokens_per_block']:.0f} ({r['block_token_reduction']:.2f}x)",
                  f"{r['gflops']:.2f} ({r['flop_reduction']:.2f}x)", f"{r['latency_ms']:.0f} ({r['speedup']:.2f}x{_speedup_ci(r)})",
                  f"{r['merged_pct']:.1f}%", f"{r['pruned_pct']:.1f}%", f"{r['exited_pct']:.1f}%",
@@ -684,8 +695,8 @@ def evaluate(
     if not _is_writer():
         return
     loaded = held.loaded
-    exits_text = "learned exits" if loaded.model.exits_enabled else "no exits"
-    what = f"method {held.method}" if held.method else f"STEP ({loaded.model.active_policy} policy, {exits_text})"
+    exits_text = "learned exits" if held.exits else "no exits"
+    what = f"method {held.method}" if held.method else f"STEP ({held.policy} policy, {exits_text})"
     _print_eval(metrics, f"{loaded.config.name}: {what} vs baseline")
 
 
@@ -813,6 +824,11 @@ def sweep(
         return
     _print_sweep_table(result.table, "sweep")
     out_console.print(f"outputs: [bold]{escape(str(result.folder))}[/]", highlight=False)
+    for name, why in result.failed.items():  # the other points are written; this one is said and fails the command
+        err_console.print(f"[bold red]error:[/] point {escape(_plain(name))} failed and is left out: "
+                          f"{escape(_plain(why))}", highlight=False, soft_wrap=True)
+    if result.failed:
+        raise typer.Exit(3)
 
 
 def _print_sweep_table(df: Any, title: str) -> None:

@@ -180,6 +180,12 @@ def forget_folder(folder: Path) -> None:
     _created[:] = [p for p in _created if p != Path(folder)]
 
 
+def resumable_folders() -> list[Path]:
+    """The fresh folders this process made that already hold their manifest (an interrupted run that
+    `--resume` finishes), newest last."""
+    return [p for p in _created if (p / MANIFEST).is_file()]
+
+
 def discard_incomplete() -> list[Path]:
     """Remove the fresh folders this process made that never got their manifest; return them.
     A folder with `run.json` (an interrupted run, resumable) is kept."""

@@ -10,7 +10,6 @@ of the same batch (what the padded batched path is for).
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 import statistics
 import time
@@ -180,23 +179,22 @@ def environment(device: torch.device) -> dict[str, str]:
     return env
 
 
-def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_policy: str, step_exits: bool,
+def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_setting: ReductionSetting,
               repeats: int = 3, warmup: int = 1, amp: bool = False, recorder_repeats: int | None = None,
               loop: bool = False, progress: Progress | None = None) -> BenchResult:
-    """Benchmark the configured operating point (policy, exits and any in-network merging) against
-    the same weights without reduction."""
+    """Benchmark an operating point (policy, exits and any in-network merging) against the same
+    weights without reduction; each forward is given its setting, nothing is set on the model."""
     b = images.shape[0]
-    step_setting = dataclasses.replace(model.setting(), policy=step_policy, exits=step_exits)
-    variants = {"baseline": VariantTiming("baseline", "none", False, model.plain(), "vit"),
-                "step": VariantTiming("step", step_policy, step_exits, step_setting, step_setting.method)}
+    variants = {"baseline": VariantTiming("baseline", "none", False, step_setting.plain(), "vit"),
+                "step": VariantTiming("step", step_setting.policy, step_setting.exits, step_setting,
+                                      step_setting.method)}
     result = BenchResult(b, (int(images.shape[-2]), int(images.shape[-1])), str(device), torch.get_num_threads(),
                          amp and device.type == "cuda", variants["baseline"], variants["step"],
                          environment=environment(device))
     calls: dict[str, Callable[[], Any]] = {}
     for v in variants.values():
         def call(v: VariantTiming = v) -> Any:
-            model.apply(v.setting)  # type: ignore[arg-type]
-            return model(images)
+            return model(images, setting=v.setting)
         calls[v.name] = call
     rec_repeats = repeats if recorder_repeats is None else recorder_repeats
     total = 2 * max(warmup, 1) + 2 * repeats + rec_repeats + repeats + (repeats if loop else 0)
@@ -213,31 +211,29 @@ def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_p
             flops, peak, out = _probe(calls[v.name], device)
             v.gflops_per_image, v.peak_mib = flops / 1e9 / b, peak / 2**20
             v.tokens_per_image = sum(p.num_tokens for p in out.partitions) / b
-            model.apply(v.setting)  # type: ignore[arg-type]  # before hooking: a new setting may bring new mergers
-            with Recorder(model) as probe:
-                model(images)
+            with Recorder(model, v.setting) as probe:
+                model(images, setting=v.setting)
                 v.mean_tokens_per_block = float(np.mean([_block_tokens(r) for r in probe.pop_records()]))
             tick(f"{v.name} probe")
             for _ in range(max(warmup - 1, 0)):
                 calls[v.name]()
                 tick(f"{v.name} warm-up")
-        model.apply(step_setting)
-        rec = Recorder(model)
+        rec = Recorder(model, step_setting)
         with rec:  # warm the hooked path too (it matters once blocks are compiled)
-            model(images)
+            model(images, setting=step_setting)
             rec.pop_records()
         for _ in range(repeats):
             for v in variants.values():
                 v.latencies_s.append(_timed(calls[v.name], device))
                 tick(f"{v.name} timed")
-        model.apply(step_setting)
         for _ in range(rec_repeats):
-            result.recorder_off_s.append(_timed(lambda: model(images), device))
+            result.recorder_off_s.append(_timed(lambda: model(images, setting=step_setting), device))
             rec.attach()
-            result.recorder_on_s.append(_timed(lambda: (model(images), rec.pop_records()), device))
+            result.recorder_on_s.append(_timed(lambda: (model(images, setting=step_setting), rec.pop_records()),
+                                               device))
             rec.detach()
             tick("recorder on/off")
-        policy = model.policy
+        policy = model.policy_of(step_setting)
         learned = model.policies["learned"].net
         result.policy_gflops = measure_flops(lambda: policy.score(images, None))[0] / 1e9
         result.learned_net_gflops = measure_flops(lambda: learned(images))[0] / 1e9
@@ -247,6 +243,7 @@ def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_p
             tick("policy")
         if loop:
             for _ in range(repeats):
-                result.loop_s.append(_timed(lambda: [model(images[i:i + 1]) for i in range(b)], device))
+                result.loop_s.append(_timed(lambda: [model(images[i:i + 1], setting=step_setting) for i in range(b)],
+                                            device))
                 tick("one at a time")
     return result

@@ -26,6 +26,7 @@ from tokenscope.data.datasets import SegmentationDataset
 from tokenscope.data.images import prepare_image
 from tokenscope.data.windows import WindowSpec
 from tokenscope.models.checkpoints import LoadedModel
+from tokenscope.models.methods.registry import PluginError
 from tokenscope.models.step_vit import ReductionSetting
 from tokenscope.trace.capture import TraceCapture
 
@@ -49,7 +50,7 @@ class OperatingPoint:
     setting: ReductionSetting | None = None
 
     def resolve(self, saved: ReductionSetting) -> ReductionSetting:
-        """The full setting this point means, given the model's own."""
+        """The full setting this point means, given the command's own (`saved`)."""
         if self.setting is not None:
             return self.setting
         plain = self.policy == "none" and not self.exits
@@ -174,13 +175,18 @@ class EvalResult:
     variants: dict[str, VariantScores] = field(default_factory=dict)
     class_space: ClassSpace | None = None
     """How the data's labels were matched to the model's classes (its `condition` goes beside every mIoU)."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Operating points whose plug-in failed (name -> its one line); their scores are left out."""
 
 
 def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[OperatingPoint], device: torch.device,
              progress: Progress | None = None, amp: bool = False, size: int | None = None,
              windows: WindowSpec | None = None, data_label: str = "the data set", class_map: str | None = None,
              ignore_class_mismatch: bool = False) -> EvalResult:
-    """Run every operating point on every sample; restores the model's configuration afterwards.
+    """Run every operating point on every sample, each forward given its point's setting.
+
+    A point whose plug-in fails is recorded in `EvalResult.failed` and left out from then on, while
+    the others go on (in one process; under torchrun the failure stops the job on every rank).
 
     An unlabelled data set (`images`) is scored against the unreduced model's own predictions, so
     mIoU then says how much of the plain network's output a reduction keeps.
@@ -194,52 +200,57 @@ def evaluate(loaded: LoadedModel, dataset: SegmentationDataset, points: list[Ope
     cfg = loaded.config
     space = dataset_space(cfg.name, cfg.class_names, cfg.num_classes, dataset, data_label, class_map,
                           ignore_class_mismatch)
-    saved = model.setting()
+    own = loaded.setting if loaded.setting is not None else model.default_setting()
     c = loaded.config.num_classes
     result = EvalResult({p.name: VariantScores(p.name, np.zeros((c, c), dtype=np.int64)) for p in points}, space)
-    capture = TraceCapture(loaded, device, amp=amp)
+    captures = {p.name: TraceCapture(loaded, device, p.resolve(own), amp=amp) for p in points}
     ctx = dist.context(device.type)  # under torchrun each rank scores its share, then counts are added
     mine = ctx.shard(range(len(dataset)))
     unlabelled = bool(getattr(dataset, "unlabelled", False))
-    plain = model.plain()  # without labels, every point is scored against this one's predictions
-    try:
-        for n, i in enumerate(mine):
-            sample = dataset[i]
-            if progress:
-                progress(n, len(mine), sample.name)
-            labels = None if sample.labels is None else space.labels(sample.labels, sample.name)
-            prepared = prepare_image(sample.image, sample.name, size=size, labels=labels, patch=model.patch_size)
-            reference = None
-            if unlabelled:
-                model.apply(plain)
-                reference = predict(capture, prepared, windows).label_map
-            for p in points:
-                model.apply(p.resolve(saved))
-                pred = predict(capture, prepared, windows)
-                s = result.variants[p.name]
-                truth = pred.labels if reference is None else reference
-                image_conf = confusion(pred.label_map, truth, c)  # type: ignore[arg-type]
-                s.confusion += image_conf
-                s.class_counts.append(counts_of(image_conf))
-                s.patches += pred.patches
-                s.tokens += pred.tokens
-                fates = pred.fate_totals()
-                s.exited_tokens += fates["tokens_exited"]
-                s.exited_patches += fates["patches_exited"]
-                s.pruned_tokens += fates["tokens_pruned"]
-                s.merged_tokens += fates["tokens_merged"]
-                s.flops += pred.flops
-                s.forward_s += pred.forward_s
-                s.windows += len(pred.traces)
-                s.block_tokens += pred.block_tokens
-                s.groups += pred.groups
-                s.per_image.append((sample.name, 1e3 * pred.forward_s, int(pred.tokens), pred.flops / 1e9))
-                s.depth = model.depth
-                s.images += 1
+    plain = next(iter(captures.values())).at(own.plain())  # without labels, the reference for every point
+    for n, i in enumerate(mine):
+        sample = dataset[i]
         if progress:
-            progress(len(mine), len(mine), "")
-    finally:
-        model.apply(saved)
+            progress(n, len(mine), sample.name)
+        labels = None if sample.labels is None else space.labels(sample.labels, sample.name)
+        prepared = prepare_image(sample.image, sample.name, size=size, labels=labels, patch=model.patch_size)
+        reference = None
+        if unlabelled:
+            reference = predict(plain, prepared, windows).label_map
+        for p in points:
+            if p.name in result.failed:
+                continue
+            try:
+                pred = predict(captures[p.name], prepared, windows)
+            except PluginError as exc:
+                if ctx.active or p.setting is None:
+                    raise
+                result.failed[p.name] = str(exc)
+                continue
+            s = result.variants[p.name]
+            truth = pred.labels if reference is None else reference
+            image_conf = confusion(pred.label_map, truth, c)  # type: ignore[arg-type]
+            s.confusion += image_conf
+            s.class_counts.append(counts_of(image_conf))
+            s.patches += pred.patches
+            s.tokens += pred.tokens
+            fates = pred.fate_totals()
+            s.exited_tokens += fates["tokens_exited"]
+            s.exited_patches += fates["patches_exited"]
+            s.pruned_tokens += fates["tokens_pruned"]
+            s.merged_tokens += fates["tokens_merged"]
+            s.flops += pred.flops
+            s.forward_s += pred.forward_s
+            s.windows += len(pred.traces)
+            s.block_tokens += pred.block_tokens
+            s.groups += pred.groups
+            s.per_image.append((sample.name, 1e3 * pred.forward_s, int(pred.tokens), pred.flops / 1e9))
+            s.depth = model.depth
+            s.images += 1
+    if progress:
+        progress(len(mine), len(mine), "")
+    for name in result.failed:  # a point that failed part-way is not scored over fewer images
+        result.variants.pop(name, None)
     for scores in result.variants.values():
         scores.add_up(ctx)
     return result

@@ -64,7 +64,7 @@ def bench(opts: ModelOptions, size: int = 1024, batch: int = 1, image: str | Non
     m = loaded.model
     if compile_blocks:
         m.compile_blocks()
-    return run_bench(m, x, device, m.active_policy, m.exits_enabled, repeats=repeats, warmup=warmup,
+    return run_bench(m, x, device, loaded.setting, repeats=repeats, warmup=warmup,
                      amp=opts.amp, loop=loop, progress=progress)
 
 

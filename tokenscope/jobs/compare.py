@@ -30,6 +30,7 @@ from tokenscope.data.classspace import ClassSpace
 from tokenscope.data.images import PreparedImage, check_size, find_images, find_label_for, load_prepared
 from tokenscope.data.windows import WindowSpec, resolve_windows
 from tokenscope.errors import ConfigError, StorageError, TokenscopeError
+from tokenscope.models.methods.registry import PluginError
 from tokenscope.jobs.run import ImageResult, Progress
 from tokenscope.jobs.runfolder import MANIFEST, image_folder, new_run_dir, unique_name, write_json_atomic, write_rgb, write_table
 from tokenscope.jobs.setup import ModelOptions, label_file_space, load_model
@@ -68,19 +69,27 @@ class CompareResult:
 
 
 def measure_variants(loaded: LoadedModel, variants: list[Variant], image: PreparedImage, windows: WindowSpec | None,
-                     device: torch.device, capture: TraceCapture, repeats: int,
-                     warmup: int) -> list[tuple[ImagePrediction, dict[str, Any]]]:
+                     device: torch.device, capture: TraceCapture, repeats: int, warmup: int,
+                     failures: dict[str, str] | None = None) -> list[tuple[ImagePrediction, dict[str, Any]] | None]:
     """Predict one image with every variant, count each one's FLOPs and peak memory, then time their
     forward passes interleaved (repeat r of every variant before repeat r + 1 of any), so that a busy
     machine slows all of them alike and repeat r of two variants is a pair (`latency_runs_ms`).
 
     With sliding windows the windows of one size run as one batch; a repeat's latency adds up the batches.
+    With `failures`, a variant whose plug-in fails is recorded there (name -> its one line) and given None,
+    and the others are still measured; without it the failure is raised.
     """
     model = loaded.model
-    counted = []
+    counted: list[Any] = []
     for v in variants:
-        model.apply(v.setting)
-        pred = predict(capture, image, windows)
+        try:
+            pred = predict(capture.at(v.setting), image, windows)
+        except PluginError as exc:
+            if failures is None:
+                raise
+            failures[v.name] = str(exc)
+            counted.append(None)
+            continue
         groups: dict[tuple[int, int], list[PreparedImage]] = {}
         for inp in pred.inputs:
             groups.setdefault(inp.padded_hw, []).append(inp)
@@ -88,20 +97,25 @@ def measure_variants(loaded: LoadedModel, variants: list[Variant], image: Prepar
         flops, peak = 0, 0
         with inference(device, capture.amp):
             for x, labels in batches:
-                flops += measure_flops(lambda: model(x, labels))[0]
-                peak = max(peak, peak_forward_bytes(lambda: model(x, labels), device))
+                flops += measure_flops(lambda: model(x, labels, setting=v.setting))[0]
+                peak = max(peak, peak_forward_bytes(lambda: model(x, labels, setting=v.setting), device))
         counted.append((pred, batches, flops, peak))
     runs: list[list[float]] = [[] for _ in variants]
     with inference(device, capture.amp):
         for r in range(warmup + repeats):
             for k, v in enumerate(variants):
-                model.apply(v.setting)
-                total = sum(sum(time_calls(lambda: model(x, labels), device, repeats=1, warmup=0))
+                if counted[k] is None:
+                    continue
+                total = sum(sum(time_calls(lambda: model(x, labels, setting=v.setting), device, repeats=1, warmup=0))
                             for x, labels in counted[k][1])
                 if r >= warmup:
                     runs[k].append(total)
-    out = []
-    for (pred, _, flops, peak), seconds in zip(counted, runs):
+    out: list[tuple[ImagePrediction, dict[str, Any]] | None] = []
+    for done, seconds in zip(counted, runs):
+        if done is None:
+            out.append(None)
+            continue
+        pred, _, flops, peak = done
         fates = pred.fate_totals()
         out.append((pred, {"gflops": flops / 1e9, "latency_ms": 1e3 * median(seconds), "peak_mib": peak / 2**20,
                            "latency_runs_ms": [1e3 * t for t in seconds],
@@ -147,9 +161,9 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
     patch = loaded.model.patch_size
     check_size(size, patch)
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size, patch)
-    step = Variant("step", loaded.model.setting())
-    base = Variant("baseline", loaded.model.plain())
-    capture = TraceCapture(loaded, device, amp=opts.amp)
+    step = Variant("step", loaded.setting)
+    base = Variant("baseline", loaded.setting.plain())
+    capture = TraceCapture(loaded, device, step.setting, amp=opts.amp)
     run_dir = new_run_dir(out, "compare")
     rows: list[dict[str, Any]] = []
     block_rows: list[pd.DataFrame] = []
@@ -231,14 +245,13 @@ def compare_images(paths: list[str], opts: ModelOptions, baseline: str = "vit", 
         df = pd.DataFrame(rows)
         write_table(pd.concat([df, pd.DataFrame([{"image": "ALL", **overall}])], ignore_index=True), run_dir / "compare.csv")
         write_table(pd.concat(block_rows, ignore_index=True), run_dir / "tokens_per_block.csv")
-    loaded.model.apply(step.setting)
     warnings = [*loaded.warnings, *(space.warnings() if space is not None else []), *timing_warnings]
     write_json_atomic(run_dir / MANIFEST, {
         "tool": "tokenscope", "version": __version__, "kind": "compare", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model": loaded.config.name, "weights": loaded.weights_id, "device": str(device), "baseline": baseline,
         "step": {"policy": step.setting.policy, "exits": step.setting.exits, "method": step.setting.method,
-                 "merge_thresholds": list(loaded.model.merge_thresholds),
-                 "exit_threshold": loaded.model.exit_threshold},
+                 "merge_thresholds": list(step.setting.merge_thresholds),
+                 "exit_threshold": step.setting.exit_threshold, "operating_point": step.setting.describe()},
         "flop_convention": "2 FLOPs per multiply-add (torch.utils.flop_counter), policy network included",
         "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off, variants interleaved repeat by repeat",
         "overall": overall, "warnings": warnings,

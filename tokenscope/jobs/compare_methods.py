@@ -66,17 +66,15 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
     if not images:
         raise TokenscopeError("no images found in " + ", ".join(map(str, paths)))
     loaded, device = model if model is not None else load_model(opts, have_labels=labels_path is not None)
-    saved = loaded.model.setting()
     variants = [Variant(m.label, method_setting(loaded, opts, m.text, labels_path is not None)) for m in parsed]
-    base = Variant("baseline", loaded.model.plain())
-    loaded.model.apply(saved)
+    base = Variant("baseline", loaded.setting.plain())
     space = label_file_space(loaded, opts, str(labels), images) if labels is not None else None
     cfg = loaded.config
     patch, depth = loaded.model.patch_size, loaded.model.depth
     block = figure_block(depth, at_block)
     check_size(size, patch)
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, size, patch)
-    capture = TraceCapture(loaded, device, amp=opts.amp)
+    capture = TraceCapture(loaded, device, base.setting, amp=opts.amp)
     run_dir = new_run_dir(out, "compare")
     num_classes = cfg.num_classes
     conf = {v.name: np.zeros((num_classes, num_classes), dtype=np.int64) for v in [base, *variants]}
@@ -86,69 +84,73 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
     results: list[ImageResult] = []
     taken: set[str] = set()
     runs: dict[str, list[list[float]]] = {v.name: [] for v in [base, *variants]}  # per image, per interleaved repeat
-    try:
-        for i, path in enumerate(images):
-            if progress:
-                progress(i, len(images), path.name)
-            result = ImageResult(source=str(path))
-            try:
-                prepared = prepare_input(path, labels_path, size, patch, space)
-                every = [base, *variants]
-                measured: list[tuple[Variant, ImagePrediction, dict[str, Any]]] = [
-                    (v, pred, m) for v, (pred, m) in
-                    zip(every, measure_variants(loaded, every, prepared, windows, device, capture, repeats, warmup))]
-                for v, _, m in measured:
-                    runs[v.name].append(m.pop("latency_runs_ms"))
-                p_base, m_base = measured[0][1], measured[0][2]
-                name = unique_name(path.stem, taken)
-                panels = []
-                for v, pred, m in measured:
-                    row: dict[str, Any] = {"image": text_of(path), "method": v.name,
-                                           "merge_rules": merge_rules(v.setting.record.get("merging")), "input_h": prepared.input_hw[0],
-                                           "input_w": prepared.input_hw[1], "windows": len(pred.traces),
-                                           "patches": pred.patches, **m,
-                                           "agreement": pixel_agreement(pred.label_map, p_base.label_map),
-                                           "flop_reduction": m_base["gflops"] / m["gflops"],
-                                           "speedup": m_base["latency_ms"] / m["latency_ms"],
-                                           "block_token_reduction": m_base["mean_tokens_per_block"] / m["mean_tokens_per_block"]}
-                    if pred.labels is not None:
-                        c = confusion(pred.label_map, pred.labels, num_classes)
-                        conf[v.name] += c
-                        counts[v.name].append(class_counts(c))
-                        row["miou"] = mean_iou(c)
-                    rows.append(row)
-                    shown = pred.inputs[0].display
-                    first = pred.traces[0]
-                    caption = (f"{v.name} ({m['gflops']:.2f} GFLOPs, {m['latency_ms']:.0f} ms, "
-                               f"{100 * row['agreement']:.1f}% agree" + (f", mIoU {100 * row['miou']:.1f}" if "miou" in row
-                                                                         else "") + ")")
-                    panels.append((caption, render_label_map(prepared.display, pred.label_map, cfg.class_colours,
-                                                            cfg.class_names, num_classes),
-                                   groups_overlay(shown, first, block), render_overlay("exit", shown, first)))
-                with image_folder(run_dir, name) as folder:
-                    for v, pred, _ in measured:
-                        for k, trace in enumerate(pred.traces):
-                            trace.save(folder / method_folder_name(v.name) / (f"w{k:02d}" if pred.plan is not None else ""))
-                    write_rgb(folder / "image.png", prepared.display)
-                    where = "" if p_base.plan is None else f" (window 1 of {len(p_base.traces)})"
-                    methods_figure(prepared.display, panels, [(v.name, p.traces[0]) for v, p, _ in measured],
-                                   folder / "methods.png", f"{path.name}: methods on {cfg.name}{where}", block)
-                per_block = {"image": name, "block": np.arange(1, depth + 1)}
+    failed: dict[str, str] = {}
+    """Methods whose plug-in failed (name -> its one line): left out from then on, said in the results."""
+    for i, path in enumerate(images):
+        if progress:
+            progress(i, len(images), path.name)
+        result = ImageResult(source=str(path))
+        try:
+            prepared = prepare_input(path, labels_path, size, patch, space)
+            every = [base, *(v for v in variants if v.name not in failed)]
+            done = measure_variants(loaded, every, prepared, windows, device, capture, repeats, warmup,
+                                    failures=failed)
+            if done[0] is None:  # the unreduced model is built in: its failure is not a method's
+                raise TokenscopeError(failed.pop(base.name))
+            measured: list[tuple[Variant, ImagePrediction, dict[str, Any]]] = [
+                (v, got[0], got[1]) for v, got in zip(every, done) if got is not None]
+            for v, _, m in measured:
+                runs[v.name].append(m.pop("latency_runs_ms"))
+            p_base, m_base = measured[0][1], measured[0][2]
+            name = unique_name(path.stem, taken)
+            panels = []
+            for v, pred, m in measured:
+                row: dict[str, Any] = {"image": text_of(path), "method": v.name,
+                                       "merge_rules": merge_rules(v.setting.record.get("merging")), "input_h": prepared.input_hw[0],
+                                       "input_w": prepared.input_hw[1], "windows": len(pred.traces),
+                                       "patches": pred.patches, **m,
+                                       "agreement": pixel_agreement(pred.label_map, p_base.label_map),
+                                       "flop_reduction": m_base["gflops"] / m["gflops"],
+                                       "speedup": m_base["latency_ms"] / m["latency_ms"],
+                                       "block_token_reduction": m_base["mean_tokens_per_block"] / m["mean_tokens_per_block"]}
+                if pred.labels is not None:
+                    c = confusion(pred.label_map, pred.labels, num_classes)
+                    conf[v.name] += c
+                    counts[v.name].append(class_counts(c))
+                    row["miou"] = mean_iou(c)
+                rows.append(row)
+                shown = pred.inputs[0].display
+                first = pred.traces[0]
+                caption = (f"{v.name} ({m['gflops']:.2f} GFLOPs, {m['latency_ms']:.0f} ms, "
+                           f"{100 * row['agreement']:.1f}% agree" + (f", mIoU {100 * row['miou']:.1f}" if "miou" in row
+                                                                     else "") + ")")
+                panels.append((caption, render_label_map(prepared.display, pred.label_map, cfg.class_colours,
+                                                        cfg.class_names, num_classes),
+                               groups_overlay(shown, first, block), render_overlay("exit", shown, first)))
+            with image_folder(run_dir, name) as folder:
                 for v, pred, _ in measured:
-                    per_block[f"{v.name}_tokens_in"] = sum(t.block_tokens_in for t in pred.traces)
-                    per_block[f"{v.name}_merged"] = sum(t.merges_per_block() for t in pred.traces)
-                block_rows.append(pd.DataFrame(per_block))
-                result.folder = name
-            except StorageError:
-                raise  # the disk refused: stop (the folder is taken away)
-            except TokenscopeError as exc:
-                result.error = str(exc)
-            results.append(result)
-    finally:
-        loaded.model.apply(saved)
+                    for k, trace in enumerate(pred.traces):
+                        trace.save(folder / method_folder_name(v.name) / (f"w{k:02d}" if pred.plan is not None else ""))
+                write_rgb(folder / "image.png", prepared.display)
+                where = "" if p_base.plan is None else f" (window 1 of {len(p_base.traces)})"
+                methods_figure(prepared.display, panels, [(v.name, p.traces[0]) for v, p, _ in measured],
+                               folder / "methods.png", f"{path.name}: methods on {cfg.name}{where}", block)
+            per_block = {"image": name, "block": np.arange(1, depth + 1)}
+            for v, pred, _ in measured:
+                per_block[f"{v.name}_tokens_in"] = sum(t.block_tokens_in for t in pred.traces)
+                per_block[f"{v.name}_merged"] = sum(t.merges_per_block() for t in pred.traces)
+            block_rows.append(pd.DataFrame(per_block))
+            result.folder = name
+        except StorageError:
+            raise  # the disk refused: stop (the folder is taken away)
+        except TokenscopeError as exc:
+            result.error = str(exc)
+        results.append(result)
     if progress:
         progress(len(images), len(images), "")
-    overall = _overall(rows, conf, labels_path is not None, [base.name, *(v.name for v in variants)])
+    rows = [r for r in rows if r["method"] not in failed]  # a method that failed part-way is not summed over fewer images
+    kept = [v for v in variants if v.name not in failed]
+    overall = _overall(rows, conf, labels_path is not None, [base.name, *(v.name for v in kept)])
     for r in overall:  # an mIoU over the images with its interval, and its change against the plain ViT (paired)
         if counts[r["method"]]:
             r["miou_ci"] = miou_interval(counts[r["method"]]).as_dict()
@@ -163,6 +165,9 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
         r.update(timing)
         timing_warnings += [w for w in said if w not in timing_warnings]
     warnings = [*loaded.warnings, *(space.warnings() if space is not None else []), *timing_warnings]
+    for r in overall:
+        r["status"] = "ok"
+    overall += [{"method": name, "status": "failed", "error": why} for name, why in failed.items()]
     if rows:
         write_table(pd.concat([pd.DataFrame(rows), pd.DataFrame([{"image": "ALL", **r} for r in overall])],
                               ignore_index=True), run_dir / "methods.csv")
@@ -170,7 +175,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
     write_json_atomic(run_dir / MANIFEST, {
         "tool": "tokenscope", "version": __version__, "kind": "compare", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model": cfg.name, "weights": loaded.weights_id, "device": str(device), "baseline": baseline,
-        "methods": [v.name for v in variants], "figure_block": block,
+        "methods": [v.name for v in kept], "failed_methods": failed, "figure_block": block,
         "method_sources": {m.label: m.provenance() for m in parsed},
         "flop_convention": "2 FLOPs per multiply-add (torch.utils.flop_counter), policy network and matching included",
         "latency": f"median of {repeats} runs after {warmup} warm-up, hooks off, methods interleaved repeat by repeat",
@@ -178,7 +183,7 @@ def compare_methods(paths: list[str], opts: ModelOptions, methods: list[str], ba
         "totals": "tokens, GFLOPs and latency in `overall` are totals over the images; mIoU is pooled over them",
         "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],
     })
-    return CompareResult(run_dir, rows, {}, results, warnings, [v.name for v in variants], overall, class_space=space)
+    return CompareResult(run_dir, rows, {}, results, warnings, [v.name for v in kept], overall, class_space=space)
 
 
 def _overall(rows: list[dict[str, Any]], conf: dict[str, np.ndarray], have_labels: bool,

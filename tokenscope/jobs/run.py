@@ -316,13 +316,7 @@ def _evaluate_image(prepared: PreparedImage, pred: ImagePrediction, capture: Tra
     if pred.labels is not None:
         ev.step_confusion = confusion(pred.label_map, pred.labels, c)
     if with_baseline:
-        model = capture.loaded.model
-        saved = model.setting()
-        model.apply(model.plain())
-        try:
-            base = predict(capture, prepared, windows)
-        finally:
-            model.apply(saved)
+        base = predict(capture.at(capture.setting.plain()), prepared, windows)
         ev.agreement = pixel_agreement(pred.label_map, base.label_map)
         ev.baseline_tokens = base.tokens
         ev.baseline_flops = base.flops
@@ -660,7 +654,8 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
                     shutil.rmtree(folder, ignore_errors=True)
     else:
         run_dir = Path(dist.broadcast(ctx, str(new_run_dir(out, "run")) if ctx.is_writer else ""))
-    capture = TraceCapture(loaded, device, amp=opts.amp)
+    setting = loaded.setting
+    capture = TraceCapture(loaded, device, setting, amp=opts.amp)
     labelled = any(it.labelled for it in items)
     with_baseline = labelled if req.baseline is None else req.baseline
     base_manifest = {
@@ -668,10 +663,12 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "request": asdict(req),
         "model": loaded.config.name, "arch": loaded.config.arch, "weights": loaded.weights_id,
         "weights_source": loaded.source, "device": str(device),
-        "policy": loaded.model.active_policy, "exits": loaded.model.exits_enabled,
-        "method": loaded.model.method or None, "merging": merging_meta(loaded.model) or None,
-        "pruning": pruning_meta(loaded.model) or None, "method_sources": sources,
-        "merge_thresholds": list(loaded.model.merge_thresholds), "exit_threshold": loaded.model.exit_threshold,
+        "policy": setting.policy, "exits": setting.exits,
+        "method": setting.method or None, "merging": merging_meta(setting) or None,
+        "pruning": pruning_meta(setting) or None, "method_sources": sources,
+        "merge_thresholds": list(setting.merge_thresholds),
+        "exit_threshold": setting.exit_threshold if loaded.model.gates else float("nan"),
+        "operating_point": setting.describe(),
         "warnings": [*loaded.warnings, *(space.warnings() if space is not None else []), *_notes(items)],
         "class_space": None if space is None else space.record(), "windows": None if windows is None else asdict(windows),
         "animated_images": len(_animated_items(req, items)),
@@ -762,7 +759,7 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
                 results[i].folder, results[i].summary, results[i].error = folder, info, error
         if not ctx.is_writer:  # rank 0 alone builds the tables and marks the run complete
             return RunResult(run_dir, results, loaded.warnings, loaded.config.name, None, rank=ctx.rank,
-                             method=loaded.model.method)
+                             method=setting.method)
         tables = finish_run(run_dir, [it.name for it in items], req.figures,
                             {"animated_images": base_manifest["animated_images"],
                              **({"class_space": space.record()} if space is not None else {})},
@@ -783,12 +780,13 @@ def _run_job(req: RunRequest, out: str | Path, resume: str | Path | None, progre
     if space is not None:  # mismatches met while scoring (with --ignore-class-mismatch) join the record
         base_manifest["class_space"] = space.record()
         base_manifest["warnings"] = [*loaded.warnings, *space.warnings(), *_notes(items)]
-    write_json_atomic(run_dir / MANIFEST, {
-        **base_manifest, "status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    every_failed = bool(results) and all(r.error is not None for r in results)
+    write_json_atomic(run_dir / MANIFEST, {  # a run none of whose images could be traced is not a finished run
+        **base_manifest, "status": "failed" if every_failed else "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "summary": tables.summary if tables is not None else {},
         "images": [{"source": r.source, "folder": r.folder, "error": r.error} for r in results],
     })
-    return RunResult(run_dir, results, base_manifest["warnings"], loaded.config.name, tables, method=loaded.model.method,
+    return RunResult(run_dir, results, base_manifest["warnings"], loaded.config.name, tables, method=setting.method,
                      class_space=space)
 
 

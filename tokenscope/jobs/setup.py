@@ -76,16 +76,21 @@ def options_from_record(record: dict[str, object]) -> ModelOptions:
 
 def load_model(opts: ModelOptions, have_labels: bool = False, loaded: LoadedModel | None = None,
                shared: bool = False) -> tuple[LoadedModel, torch.device]:
-    """Build, configure and move the model; refuse combinations that would mislead.
-
-    A learned policy or learned exits on weights where that part was never trained would show
-    noise as if it were a finding, so it is refused unless the user chose random weights. With
-    `loaded`, that model is re-configured to `opts` instead of being built again. `shared`: the
-    options are shared by several operating points (a comparison), so --policy applies to the
-    methods that leave it open instead of contradicting those that fix it.
-    """
-    point = resolve(opts.method) if opts.method is not None else None
+    """Build the model, resolve the operating point `opts` name (once: `loaded.setting`, the value every
+    forward of this command is given) and move both to the device. With `loaded`, that model is used
+    instead of building one again."""
     device = resolve_device(opts.device)
+    check_options(opts)
+    if loaded is None:
+        loaded = build_model(opts.model, opts.weights, opts.random_init, opts.seed, opts.num_classes)
+    setting = resolve_setting(loaded, opts, have_labels, shared)
+    loaded.model.to(device).eval()
+    loaded.setting = setting.to(device)
+    return loaded, device
+
+
+def check_options(opts: ModelOptions) -> None:
+    """The shared model options' own ranges, in one line each."""
     if opts.policy is not None and opts.policy not in POLICY_NAMES:
         raise ConfigError(f"unknown policy {opts.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
     if opts.exits is not None and opts.exits not in EXIT_MODES:
@@ -96,16 +101,28 @@ def load_model(opts: ModelOptions, have_labels: bool = False, loaded: LoadedMode
         raise ConfigError(f"--keep-per-class must be 0 (off) or a positive count, got {opts.keep_per_class}")
     if opts.exit_threshold is not None and not (0.0 <= opts.exit_threshold <= 1.0):
         raise ConfigError(f"--exit-threshold must be between 0 and 1, got {opts.exit_threshold}")
-    if loaded is None:
-        loaded = build_model(opts.model, opts.weights, opts.random_init, opts.seed, opts.num_classes)
+
+
+def resolve_setting(loaded: LoadedModel, opts: ModelOptions, have_labels: bool = False,
+                    shared: bool = False) -> ReductionSetting:
+    """The operating point `opts` mean on `loaded`, as one value; the model is not touched.
+
+    A learned policy or learned exits on weights where that part was never trained would show
+    noise as if it were a finding, so it is refused unless the user chose random weights.
+    `shared`: the options are shared by several operating points (a comparison), so --policy
+    applies to the methods that leave it open instead of contradicting those that fix it.
+    """
+    check_options(opts)
+    point = resolve(opts.method) if opts.method is not None else None
     cfg, model = loaded.config, loaded.model
     thresholds = parse_thresholds(opts.merge_threshold, cfg.merge_thresholds)
     exit_threshold = opts.exit_threshold if opts.exit_threshold is not None else cfg.exit_threshold
     user_policy = opts.policy or ("budget" if opts.budget is not None else loaded.default_policy())
     keep = opts.keep_per_class if opts.keep_per_class is not None else cfg.keep_per_class
-    base = replace(model.plain(), policy=user_policy, exits=loaded.default_exits() if opts.exits is None else
+    own = model.default_setting()
+    base = replace(own.plain(), policy=user_policy, exits=loaded.default_exits() if opts.exits is None else
                    opts.exits == "learned", merge_thresholds=thresholds, exit_threshold=exit_threshold,
-                   keep_per_class=keep, budget=opts.budget if opts.budget is not None else model.setting().budget,
+                   keep_per_class=keep, budget=opts.budget if opts.budget is not None else own.budget,
                    method="")
     setting = base
     if point is not None:
@@ -128,9 +145,8 @@ def load_model(opts: ModelOptions, have_labels: bool = False, loaded: LoadedMode
                           "without exits (dcts, cts, tome, algm)")
     if setting.policy == "oracle" and not have_labels:
         raise ConfigError("policy 'oracle' merges by ground truth: pass --labels (a label map or a folder of them)")
-    model.apply(setting)
-    model.to(device).eval()
-    return loaded, device
+    model.check_setting(setting)
+    return setting
 
 
 def scoring_space(loaded: LoadedModel, opts: ModelOptions, dataset: object, data_label: str) -> ClassSpace:
@@ -159,15 +175,14 @@ def label_file_space(loaded: LoadedModel, opts: ModelOptions, labels: str,
 
 
 def method_setting(loaded: LoadedModel, opts: ModelOptions, label: str, have_labels: bool = False) -> ReductionSetting:
-    """The operating point `label` (a method, with inline settings if any) means on `loaded`.
+    """The operating point `label` (a method, with inline settings if any) means on `loaded`, as a value.
 
     The user's shared options (thresholds, keep-per-class) apply where the method leaves them
     open; --policy only to methods that do not fix how tokens enter, --exits to none (each
-    method says). The model is left configured at this point; callers take the settings of
-    several methods and `apply` them in turn.
+    method says). Callers pass each method's setting to the forward; nothing is set on the model.
     """
-    load_model(replace(opts, method=label, exits=None), have_labels=have_labels, loaded=loaded, shared=True)
-    return loaded.model.setting()
+    setting = resolve_setting(loaded, replace(opts, method=label, exits=None), have_labels=have_labels, shared=True)
+    return setting.to(loaded.model.pixel_mean.device)
 
 
 def _policy_and_exits(point: ResolvedPoint, plan: Plan, opts: ModelOptions, default_policy: str,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class SweepResult:
     """The sweep folder (None on ranks other than 0 under torchrun)."""
     table: pd.DataFrame
     default: dict[str, Any]
+    failed: dict[str, str] = field(default_factory=dict)
+    """Points whose plug-in failed (name -> its one line): no row, said in run.json and by the CLI."""
 
 
 def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: list[int | None], dataset: str = "synthetic",
@@ -77,17 +79,16 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
     if dataset == "synthetic":
         check_size(scene_size, model.patch_size, "--scene-size")
     ds = open_dataset(dataset, data_root, split, seeds, scene_size)
-    default_merge, default_exit = model.merge_thresholds, model.exit_threshold
-    policy, exits = model.active_policy, model.exits_enabled
+    own = loaded.setting
+    default_merge, default_exit = own.merge_thresholds, own.exit_threshold
+    policy, exits = own.policy, own.exits
     points = [OperatingPoint("baseline", "none", False)]
     default_name = "default"
     if methods:
-        saved = model.setting()
         for text in expand_methods(methods):
             s = method_setting(loaded, opts, text, have_labels=True)
             points.append(OperatingPoint(resolve(text).label, s.policy, s.exits, s.merge_thresholds, s.exit_threshold,
                                          setting=s))
-        model.apply(saved)
     else:
         for m, e in itertools.product(merge, exit_ if exits else [None]):
             name = f"merge={m:g}" + ("" if e is None else f" exit={e:g}")
@@ -97,6 +98,7 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
     native = scene_size if dataset == "synthetic" else 0
     """A row's size: the long side it was resized to; 0 = each image at its own size (a file data set)."""
     total = len(sizes) * len(ds)
+    failed: dict[str, str] = {}
     for si, size in enumerate(sizes):
         def prog(done: int, n: int, item: str, si: int = si) -> None:
             if progress:
@@ -109,7 +111,10 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
         assert space is not None
         base = res.variants["baseline"]
         base_s = [ms / 1e3 for _, ms, _, _ in base.per_image]
+        failed.update(res.failed)
         for p in points:
+            if p.name in failed:
+                continue
             v = res.variants[p.name]
             ci, change = v.miou_interval(), v.miou_change(base)
             point_s = [ms / 1e3 for _, ms, _, _ in v.per_image]
@@ -117,7 +122,7 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
             paired = speedup_interval(base_s, point_s) if len(point_s) == len(base_s) else {"low": None, "high": None}
             rows.append({
                 "size": size or native, "point": p.name,
-                "method": "vit" if p.name == "baseline" else p.name.split(":")[0] if methods else (model.method or "step"),
+                "method": "vit" if p.name == "baseline" else p.name.split(":")[0] if methods else (own.method or "step"),
                 "merge_rules": merge_rules(p.setting.record.get("merging") if p.setting is not None else None),
                 "policy": p.policy, "exits": p.exits,
                 "merge_threshold": None if p.merge_thresholds is None else p.merge_thresholds[0],
@@ -138,7 +143,7 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
     table = pd.DataFrame(rows)
     default = {"merge_thresholds": list(default_merge), "exit_threshold": default_exit, "policy": policy}
     if not dist.context(device.type).is_writer:  # under torchrun, rank 0 writes the sweep folder
-        return SweepResult(None, table, default)
+        return SweepResult(None, table, default, failed)
     folder = new_run_dir(out, "sweep")
     write_table(table, folder / "sweep.csv")
     plot = methods_pareto_plot if methods else pareto_plot
@@ -161,6 +166,6 @@ def sweep(opts: ModelOptions, merge: list[float], exit_: list[float], sizes: lis
         "class_space": space.record(), "window": window, "stride": stride, "figures": asdict(style),
         "intervals": {"kind": "percentile bootstrap over images; changes paired against the baseline",
                       "level": LEVEL, "resamples": RESAMPLES, "seed": SEED},
-        "rows": rows,
+        "rows": rows, "failed_points": failed,
     })
-    return SweepResult(folder, table, default)
+    return SweepResult(folder, table, default, failed)

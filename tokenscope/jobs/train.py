@@ -118,12 +118,11 @@ def _train_model(model: str, out: str | Path, data: DataOptions, settings: Train
         net = new_model(cfg, backbone_weights)
     refuse_eomt(net)
     plan = training_plan(settings.method, net)
-    install_plan(net, plan)
     if keep_per_class is not None:  # train (exit-aware steps) and ship with DToP's context rule
-        net.configure(keep_per_class=keep_per_class)
         net.cfg = net.cfg.replace(keep_per_class=keep_per_class)
     loaded = LoadedModel(net, net.cfg, {}, "training", "training")
-    trainer = Trainer(loaded, train_set, settings, out, dev, cache=data.kind == "synthetic")
+    trainer = Trainer(loaded, train_set, settings, out, dev, cache=data.kind == "synthetic",
+                      setting=with_training_plan(net.default_setting(), plan, settings.method))
     if resume:
         trainer.resume()
     state = trainer.fit(progress)
@@ -132,18 +131,18 @@ def _train_model(model: str, out: str | Path, data: DataOptions, settings: Train
     if evaluate_after:
         final = load_checkpoint(out)
         final.model.to(dev)
-        install_plan(final.model, plan)  # a model trained with a method is evaluated with it
-        final.model.method = settings.method or ""
+        # a model trained with a method is evaluated with it
+        final.setting = with_training_plan(final.model.default_setting(), plan, settings.method).to(dev)
         cfg = final.config
         windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, None, None, None)
         policy = "none" if plan is not None and plan.policy == "none" else "learned"
         exits = plan is None or plan.exits
-        evaluation = evaluate(final, validation_data(data), step_and_baseline(policy, exits, final.model.setting()),
+        evaluation = evaluate(final, validation_data(data), step_and_baseline(policy, exits, final.setting),
                               dev, eval_progress,
                               windows=windows)
         metrics = {k: v.as_dict(final.config.class_names) for k, v in evaluation.variants.items()}
         meta = {**final.metadata, "evaluation": {"data": data.__dict__, "thresholds": {
-            "merge": list(final.model.merge_thresholds), "exit": final.model.exit_threshold}, "variants": metrics}}
+            "merge": list(final.setting.merge_thresholds), "exit": final.setting.exit_threshold}, "variants": metrics}}
         if trainer.ctx.is_writer:
             save_checkpoint(final.model, out, trained=final.trained, metadata=meta)
         dist.barrier(trainer.ctx, "evaluated checkpoint written")
@@ -191,12 +190,13 @@ def training_plan(method: str, net: StepViT) -> Plan | None:
     return plan
 
 
-def install_plan(net: StepViT, plan: Plan | None) -> None:
-    """Put a training plan's steps into `net` (nothing without a plan)."""
+def with_training_plan(setting: ReductionSetting, plan: Plan | None, method: str) -> ReductionSetting:
+    """`setting` with a training plan's steps (unchanged without a plan): the value training and the
+    evaluation after it pass to every forward."""
     if plan is None:
-        net.install(())
-    else:
-        net.install(plan.steps, plan.size_weighted, plan.record)
+        return setting
+    return replace(setting, steps=plan.steps, size_weighted=plan.size_weighted, record=dict(plan.record),
+                   method=method or "")
 
 
 def refuse_eomt(net: StepViT) -> None:
@@ -231,6 +231,7 @@ def evaluate_model(loaded: LoadedModel, device: torch.device, data: DataOptions,
     cfg = loaded.config
     windows = resolve_windows(cfg.window, cfg.stride, cfg.resize_short, window, stride, None,
                               loaded.model.patch_size)
-    points = step_and_baseline(policy, loaded.model.exits_enabled, loaded.model.setting())
+    own = loaded.setting if loaded.setting is not None else loaded.model.default_setting()
+    points = step_and_baseline(policy, own.exits, own)
     return evaluate(loaded, validation_data(data), points, device, progress, amp=amp, windows=windows,
                     data_label=data.kind, class_map=class_map, ignore_class_mismatch=ignore_class_mismatch)

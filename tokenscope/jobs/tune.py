@@ -126,12 +126,10 @@ class TuneResult:
 def _evaluate(loaded: Any, device: Any, points: list[str], opts: ModelOptions, data: str, root: str | None, split: str,
               seeds: str, size: int, progress: Any, window: int | None = None,
               stride: int | None = None) -> tuple[dict[str, VariantScores], dict[str, Any]]:
-    saved = loaded.model.setting()
     ops = [OperatingPoint("baseline", "none", False)]
     for label in points:
         s = method_setting(loaded, opts, label, have_labels=True)
         ops.append(OperatingPoint(label, s.policy, s.exits, s.merge_thresholds, s.exit_threshold, setting=s))
-    loaded.model.apply(saved)
     # unlabelled images: `--data-root DIR` holds one folder per split (DIR/train, DIR/val)
     ds = open_dataset(data, str(Path(root) / split) if data == "images" and root else root, split, seeds, size)
     cfg = loaded.config

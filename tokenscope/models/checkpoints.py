@@ -25,7 +25,7 @@ from tokenscope.errors import CheckpointError, ConfigError
 from tokenscope.models.hashing import file_sha256
 from tokenscope.models.importers.tensors import _load_tensors, _strict_load  # noqa: F401 (re-exported)
 from tokenscope.models.registry import StepConfig
-from tokenscope.models.step_vit import StepViT
+from tokenscope.models.step_vit import ReductionSetting, StepViT
 from tokenscope.schema import check_fields, read_json
 from tokenscope.storage import storage_error, writing
 
@@ -53,6 +53,8 @@ class LoadedModel:
     source: str
     warnings: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    setting: ReductionSetting | None = None
+    """The operating point the command resolved (jobs/setup.py), set once; every forward is given it."""
 
     def default_policy(self) -> str:
         return "learned" if self.trained.get("policy") else "uniform"

@@ -72,9 +72,14 @@ class ExitGate(nn.Module):
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(x))
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor, allow_exit: bool = True) -> GateDecision:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor, allow_exit: bool = True,
+                threshold: float | None = None, keep_per_class: int | None = None) -> GateDecision:
+        """`threshold` and `keep_per_class` are the operating point's (the gate's own when None): values
+        passed in, never set on the gate."""
         logits = self.classify(x)
         conf, pred = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-        candidates = valid & (conf >= self.threshold) if allow_exit else torch.zeros_like(valid)
-        held = hold_back_per_class(candidates, conf, pred, self.keep_per_class)
+        limit = self.threshold if threshold is None else float(threshold)
+        candidates = valid & (conf >= limit) if allow_exit else torch.zeros_like(valid)
+        held = hold_back_per_class(candidates, conf, pred, self.keep_per_class if keep_per_class is None
+                                   else int(keep_per_class))
         return GateDecision(self.after_block, logits, conf, pred, candidates & ~held, token_ids, held)

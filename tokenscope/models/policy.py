@@ -63,16 +63,20 @@ class Policy(nn.Module):
         return self.score(images, labels)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
-                sample_seeds: Sequence[int] | None = None) -> PolicyOutput:
+                sample_seeds: Sequence[int] | None = None, thresholds: Sequence[float] | None = None,
+                budget: float | None = None) -> PolicyOutput:
         """`images` are RGB in [0, 1], (B, 3, H, W) with H, W multiples of the patch size.
 
         `sample_seeds` (one per image) make a policy's training-time randomness a function of
-        the image alone, not of which batch or process it landed in (see OraclePolicy)."""
+        the image alone, not of which batch or process it landed in (see OraclePolicy).
+        `thresholds` are the operating point's (this policy's own when None): a value passed in,
+        never set on the module, so one policy serves every operating point at once."""
         grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
         scores = self.score(images, labels) if sample_seeds is None else self.score_seeded(images, labels, sample_seeds)
         host = [s.detach().float().cpu().numpy() for s in scores]
+        levels = self.thresholds if thresholds is None else tuple(float(t) for t in thresholds)
         partitions = [
-            quadtree_partition([h[b] for h in host], self.thresholds, grid) for b in range(images.shape[0])
+            quadtree_partition([h[b] for h in host], levels, grid) for b in range(images.shape[0])
         ]
         return PolicyOutput(scores=scores, partitions=partitions)
 
@@ -191,11 +195,13 @@ class BudgetPolicy(UniformPolicy):
         self.reduction = reduction
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
-                sample_seeds: Sequence[int] | None = None) -> PolicyOutput:
+                sample_seeds: Sequence[int] | None = None, thresholds: Sequence[float] | None = None,
+                budget: float | None = None) -> PolicyOutput:
         grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
         scores = self.score(images, labels)  # deterministic: no per-image randomness to seed
         host = [s.detach().float().cpu().numpy() for s in scores]
-        parts = [budget_partition([h[b] for h in host], grid, self.reduction) for b in range(images.shape[0])]
+        reduction = self.reduction if budget is None else float(budget)
+        parts = [budget_partition([h[b] for h in host], grid, reduction) for b in range(images.shape[0])]
         return PolicyOutput(scores=scores, partitions=parts)
 
 

@@ -5,10 +5,12 @@ the plain grid, supertokens of a learned or training-free policy, a method's own
 embeds the tokens; every block is an `EncoderBlock` called as one module (a method's step may act
 inside it, between attention and MLP); after a block the exit gates and a method's steps act;
 `decode` reassembles every token (survivors, exited, pruned) for the decoder and un-merges.
-What a method does is data given to `apply` (a ReductionSetting: which policy, exits, which
-steps at which block), so no method is named here. Every decision goes through a named
-submodule (`policies.*`, `embed`, `blocks.i`, `gates.<after_block>`, `steps.<name>`,
-`decoder`) that hooks can observe; the model itself never records or writes anything.
+What a method does is a value passed to `forward` (a ReductionSetting: which policy, its
+thresholds, exits, which steps at which block), resolved once by the caller: the model holds no
+operating point and never changes state from one to the next, so no method is named here and
+two settings can be run alternately on one model. Every decision goes through a module hooks can
+observe (`policies.*` or the setting's own policy, `embed`, `blocks.i`, `gates.<after_block>`, each
+step's module, `decoder`); the model itself never records or writes anything.
 """
 
 from __future__ import annotations
@@ -75,11 +77,12 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class ReductionSetting:
-    """Everything that decides which tokens a forward pass keeps: one operating point, applied.
+    """Everything that decides which tokens a forward pass keeps: one operating point, as a value.
 
-    Commands that run several operating points on one loaded model (baseline and STEP, a
-    method comparison, a sweep) take the setting, apply others, and put it back whole, so no
-    part (a method's steps, its policy) can leak from one operating point into the next.
+    It is resolved once at the edge (jobs/setup.py: the method, its settings and the user's shared
+    options folded in) and passed to every forward, so commands that run several operating points
+    on one model (baseline and STEP, a method comparison, a sweep) just pass another value: no
+    part of one (a method's steps, its policy) can leak into the next.
     """
 
     policy: str
@@ -98,6 +101,27 @@ class ReductionSetting:
     """Proportional attention once a merge made a token stand for several."""
     record: dict[str, Any] = field(default_factory=dict, hash=False)
     """What traces record of the method's steps (`merging`, `pruning`)."""
+
+    def plain(self) -> "ReductionSetting":
+        """This setting without any reduction: plain grid, no exits, no steps (`vit`)."""
+        return dataclasses.replace(self, policy="none", exits=False, steps=(), policies=(), size_weighted=False,
+                                   record={}, method="vit")
+
+    def to(self, device: torch.device | str) -> "ReductionSetting":
+        """The same setting with the modules it brings (steps, a policy) on `device`."""
+        for step in self.steps:
+            step.module.to(device)
+        for _, module in self.policies:
+            module.to(device)
+        return self
+
+    @property
+    def merging(self) -> bool:
+        return any(s.does == "merge" for s in self.steps)
+
+    @property
+    def pruning(self) -> bool:
+        return any(s.does == "prune" for s in self.steps)
 
     def describe(self) -> dict[str, Any]:
         """The setting as plain JSON values (steps by block, place, name and kind; no modules)."""
@@ -133,6 +157,8 @@ class _Sequence:
     aux: dict[int, torch.Tensor] = field(default_factory=dict)
     queries: int = 0
     """Queries of a head inside the encoder, at the very front once they joined."""
+    setting: ReductionSetting | None = None
+    """The operating point this pass runs."""
 
     @property
     def t_max(self) -> int:
@@ -187,16 +213,6 @@ class StepViT(nn.Module):
             "budget": BudgetPolicy(patch=patch, tau=cfg.uniform_tau),
             "none": NoMergePolicy(cfg.merge_thresholds, patch=patch),
         })
-        self.steps = nn.ModuleDict()
-        """A method's steps by name (see models/steps.py); empty without one."""
-        self._plan_steps: tuple[Step, ...] = ()
-        self._brought: tuple[tuple[str, nn.Module], ...] = ()
-        self.size_weighted = False
-        self.record: dict[str, Any] = {}
-        self.method = ""
-        """The operating point's text, set by whoever configures the model (for traces)."""
-        self.active_policy = "learned"
-        self.exits_enabled = True
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
 
@@ -218,73 +234,33 @@ class StepViT(nn.Module):
     def exit_after(self) -> tuple[int, ...]:
         return tuple(sorted(int(k) for k in self.gates))
 
-    @property
-    def policy(self) -> nn.Module:
-        return self.policies[self.active_policy]
+    def default_setting(self) -> ReductionSetting:
+        """The model's own operating point, from its config alone: the learned policy with its merge
+        thresholds and the gates with their threshold. A value computed afresh, never stored."""
+        cfg = self.cfg
+        return ReductionSetting("learned", True, tuple(float(t) for t in cfg.merge_thresholds), float(cfg.exit_threshold),
+                                int(cfg.keep_per_class), float(self.policies["budget"].reduction), "")
 
-    def configure(self, policy: str | None = None, merge_thresholds: Sequence[float] | None = None,
-                  exit_threshold: float | None = None, exits: bool | None = None,
-                  budget: float | None = None, keep_per_class: int | None = None) -> "StepViT":
-        """Set the operating point's model-level part in place: which policy, its thresholds, exits
-        on/off and their threshold, the budget policy's token reduction, tokens of each class held
-        back at the gates."""
-        if keep_per_class is not None:
-            if keep_per_class < 0:
-                raise ConfigError(f"--keep-per-class must be >= 0, got {keep_per_class}")
-            for g in self.gates.values():
-                g.keep_per_class = int(keep_per_class)
-        if budget is not None:
-            if not budget >= 1.0:
-                raise ConfigError(f"--budget is a token reduction factor >= 1 (e.g. 2.5), got {budget}")
-            self.policies["budget"].reduction = float(budget)
-        if policy is not None:
-            if policy not in self.policies:
-                raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(self.policies)}")
-            self.active_policy = policy
-        if merge_thresholds is not None:
-            if len(merge_thresholds) != MAX_LEVEL:
-                raise ConfigError(f"expected {MAX_LEVEL} merge thresholds, got {len(merge_thresholds)}")
-            for p in self.policies.values():
-                if hasattr(p, "thresholds"):
-                    p.thresholds = tuple(float(t) for t in merge_thresholds)
-        if exit_threshold is not None:
-            if not 0.0 <= exit_threshold <= 1.0 + 1e-9 and exit_threshold != float("inf"):
-                raise ConfigError(f"exit threshold must be in [0, 1] (or above 1 to disable), got {exit_threshold}")
-            for g in self.gates.values():
-                g.threshold = float(exit_threshold)
-        if exits is not None:
-            self.exits_enabled = bool(exits)
-        return self
+    def policy_of(self, setting: ReductionSetting) -> nn.Module:
+        """The policy module a setting lets tokens enter by: one it brings, else one of the model's."""
+        brought = dict(setting.policies)
+        if setting.policy in brought:
+            return brought[setting.policy]
+        if setting.policy not in self.policies:
+            raise ConfigError(f"unknown policy {setting.policy!r}; choose one of {', '.join(self.policies)}")
+        return self.policies[setting.policy]
 
-    def setting(self) -> ReductionSetting:
-        """The current operating point, to restore later with `apply`."""
-        return ReductionSetting(self.active_policy, self.exits_enabled, self.merge_thresholds, self.exit_threshold,
-                                self.keep_per_class, float(self.policies["budget"].reduction), self.method,
-                                self._plan_steps, self._brought, self.size_weighted, dict(self.record))
-
-    def plain(self) -> ReductionSetting:
-        """The current setting without any reduction: plain grid, no exits, no steps (`vit`)."""
-        return dataclasses.replace(self.setting(), policy="none", exits=False, steps=(), size_weighted=False,
-                                   record={}, method="vit")
-
-    def apply(self, setting: ReductionSetting) -> "StepViT":
-        """Switch to an operating point taken with `setting` (or `plain`, or a method's plan)."""
-        for name, module in setting.policies:
-            if name not in self.policies or self.policies[name] is not module:
-                self.policies[name] = module.to(self.pixel_mean.device)
-        self._brought = setting.policies
-        self.configure(policy=setting.policy, merge_thresholds=setting.merge_thresholds,
-                       exit_threshold=setting.exit_threshold if self.gates else None, exits=setting.exits,
-                       budget=setting.budget, keep_per_class=setting.keep_per_class)
-        self.install(setting.steps, setting.size_weighted, setting.record)
-        self.method = setting.method
-        return self
-
-    def install(self, steps: Sequence[Step], size_weighted: bool = False, record: dict[str, Any] | None = None
-                ) -> "StepViT":
-        """Put a method's steps in place (none: no in-network reduction). The same steps again
-        keep their modules, and any hooks on them."""
-        steps = tuple(steps)
+    def check_setting(self, setting: ReductionSetting) -> None:
+        """Refuse a setting this model cannot run (what `install` checked once), in one line."""
+        if len(setting.merge_thresholds) != MAX_LEVEL:
+            raise ConfigError(f"expected {MAX_LEVEL} merge thresholds, got {len(setting.merge_thresholds)}")
+        if setting.keep_per_class < 0:
+            raise ConfigError(f"--keep-per-class must be >= 0, got {setting.keep_per_class}")
+        if not setting.budget >= 1.0:
+            raise ConfigError(f"--budget is a token reduction factor >= 1 (e.g. 2.5), got {setting.budget}")
+        if self.gates and not (0.0 <= setting.exit_threshold <= 1.0 + 1e-9 or setting.exit_threshold == float("inf")):
+            raise ConfigError(f"exit threshold must be in [0, 1] (or above 1 to disable), got {setting.exit_threshold}")
+        steps = setting.steps
         bad = sorted({s.block for s in steps if not 1 <= s.block <= self.depth})
         if bad:
             raise ConfigError(f"steps in blocks {bad} are outside 1..{self.depth} for {self.cfg.name}")
@@ -295,19 +271,7 @@ class StepViT(nn.Module):
         names = [s.name for s in steps]
         if len(names) != len(set(names)):
             raise ConfigError(f"two steps are named {max(names, key=names.count)!r}; step names must differ")
-        self.size_weighted = bool(size_weighted)
-        self.record = dict(record or {})
-        if steps != self._plan_steps:
-            self._plan_steps = steps
-            self.steps = nn.ModuleDict({s.name: s.module for s in steps}).to(self.pixel_mean.device)
-        return self
-
-    def set_merging(self, spec: Any) -> "StepViT":
-        """In-network merging from a spec with `steps()`, `prop_attn` and `record()` (see
-        models/methods/merging.py), or None for none: a shortcut for `install`."""
-        if spec is None:
-            return self.install((), False, {})
-        return self.install(spec.steps(), spec.prop_attn, {"merging": spec.record()})
+        self.policy_of(setting)
 
     def compile_blocks(self) -> "StepViT":
         """torch.compile each encoder block in place, with dynamic shapes since token counts vary
@@ -315,20 +279,6 @@ class StepViT(nn.Module):
         for block in self.blocks:
             block.compile(dynamic=True)
         return self
-
-    @property
-    def merge_thresholds(self) -> tuple[float, ...]:
-        return tuple(self.policies["none"].thresholds)
-
-    @property
-    def keep_per_class(self) -> int:
-        gates = list(self.gates.values())
-        return int(gates[0].keep_per_class) if gates else 0
-
-    @property
-    def exit_threshold(self) -> float:
-        gates = list(self.gates.values())
-        return float(gates[0].threshold) if gates else float("nan")
 
     def prefix_tokens(self, batch: int, pos_prefix: torch.Tensor | None) -> torch.Tensor | None:
         parts = []
@@ -381,16 +331,19 @@ class StepViT(nn.Module):
 
     # ---- the forward pass: embed -> blocks -> decode ----------------------------------------
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, return_aux: bool = False,
-                sample_seeds: Sequence[int] | None = None) -> StepOutput:
-        """`images`: RGB in [0, 1], (B, 3, H, W), H and W multiples of the patch size.
+                sample_seeds: Sequence[int] | None = None, setting: ReductionSetting | None = None) -> StepOutput:
+        """`images`: RGB in [0, 1], (B, 3, H, W), H and W multiples of the patch size; `setting`: the
+        operating point (the model's own, `default_setting()`, when None).
 
         With `return_aux`, every gate also classifies all of its tokens for deep supervision and
         the learned policy scores the image (its training target comes from the labels), so one
         forward holds every trained part, as DistributedDataParallel needs; `sample_seeds`
-        (training) make the active policy's randomness per image (see Policy.forward).
+        (training) make the policy's randomness per image (see Policy.forward).
         """
-        seq = self.embed_tokens(images, labels, sample_seeds)
-        inside = {s.block: s for s in self._plan_steps if s.place == "inside"}
+        setting = self.default_setting() if setting is None else setting
+        self.check_setting(setting)
+        seq = self.embed_tokens(images, labels, sample_seeds, setting)
+        inside = {s.block: s for s in setting.steps if s.place == "inside"}
         join = self.joins_at
         for i, block in enumerate(self.blocks):
             k = i + 1
@@ -406,11 +359,16 @@ class StepViT(nn.Module):
         return self.decode(seq, images, return_aux)
 
     def embed_tokens(self, images: torch.Tensor, labels: torch.Tensor | None,
-                     sample_seeds: Sequence[int] | None) -> _Sequence:
+                     sample_seeds: Sequence[int] | None, setting: ReductionSetting) -> _Sequence:
         """Policy -> partitions -> supertoken embeddings behind the prefix tokens, and the buffers
         every token's outcome is written into (each with a spare slot, see scatter_tokens)."""
         b = images.shape[0]
-        partitions = self.policy(images, labels, sample_seeds).partitions
+        policy = self.policy_of(setting)
+        if any(policy is m for m in self.policies.values()):  # the model's own: the setting's thresholds
+            out = policy(images, labels, sample_seeds, thresholds=setting.merge_thresholds, budget=setting.budget)
+        else:  # a method's own policy decides by its own settings
+            out = policy(images, labels, sample_seeds)
+        partitions = out.partitions
         emb, pos_prefix = self.embed((images - self.pixel_mean) / self.pixel_std, partitions)
         x, ids, valid = emb.tokens, emb.token_ids, emb.valid
         prefix = self.prefix_tokens(b, pos_prefix)
@@ -420,13 +378,12 @@ class StepViT(nn.Module):
         x = self.norm_pre(x)
         t_max = ids.shape[1]
         exit_block = torch.where(valid, torch.full_like(ids, self.depth), torch.full_like(ids, -1))
-        merging = any(s.does == "merge" for s in self._plan_steps)
-        pruning = any(s.does == "prune" for s in self._plan_steps)
+        merging, pruning = setting.merging, setting.pruning
         seq = _Sequence(
             x=x, p=p, ids=ids, valid=valid, counts=[part.num_tokens for part in partitions],
             sizes=valid.to(torch.float32), token_logits=x.new_zeros((b, t_max + 1, self.decoder.num_classes)),
             exit_block=torch.cat([exit_block, exit_block.new_full((b, 1), -1)], dim=1),
-            grid_ids=token_grid(partitions, images.device), partitions=partitions, all_valid=valid)
+            grid_ids=token_grid(partitions, images.device), partitions=partitions, all_valid=valid, setting=setting)
         if merging:
             seq.owner = torch.arange(t_max + 1, device=images.device).expand(b, -1).clone()
         if pruning:
@@ -483,7 +440,7 @@ class StepViT(nn.Module):
             patch_part, seq.ids, seq.valid, seq.counts, sizes = compact(patch_part, seq.ids, seq.valid & ~dec.merged,
                                                                         seq.sizes, dec.order)
             seq.sizes = sizes  # type: ignore[assignment]
-            seq.weighted = seq.weighted or (self.size_weighted and sum(seq.counts) < before)
+            seq.weighted = seq.weighted or (seq.setting.size_weighted and sum(seq.counts) < before)
             return torch.cat([x[:, :p], patch_part], dim=1)
         if isinstance(dec, PruneDecision) and step.does == "prune" and seq.pruned is not None:
             gone = dec.pruned & seq.valid
@@ -506,20 +463,22 @@ class StepViT(nn.Module):
     def _after_block(self, seq: _Sequence, k: int, return_aux: bool) -> None:
         """The exit gate after block k (if any), then the method's steps placed after it."""
         gate = self.gates[str(k)] if str(k) in self.gates else None
-        if gate is not None and (self.exits_enabled or return_aux) and max(seq.counts) > 0:
+        if gate is not None and (seq.setting.exits or return_aux) and max(seq.counts) > 0:
             self._exit(seq, gate, k, return_aux)
-        for step in self._plan_steps:
+        for step in seq.setting.steps:
             if step.place == "after" and step.block == k and max(seq.counts) > 0:
                 seq.x = self._carry_out(seq, seq.x, step.module(self._view(seq, k, seq.x)), step)
 
     def _exit(self, seq: _Sequence, gate: nn.Module, k: int, return_aux: bool) -> None:
         p, x = seq.p, seq.x
-        dec: GateDecision = gate(x[:, p:], seq.ids, seq.valid, allow_exit=self.exits_enabled)
+        setting = seq.setting
+        dec: GateDecision = gate(x[:, p:], seq.ids, seq.valid, allow_exit=setting.exits,
+                                 threshold=setting.exit_threshold, keep_per_class=setting.keep_per_class)
         if return_aux:
             full = dec.logits.new_zeros((x.shape[0], seq.t_max + 1, seq.token_logits.shape[-1]))
             scatter_tokens(full, dec.logits, seq.ids, seq.valid)
             seq.aux[k] = unmerge(by_owner(full, seq.owner)[:, :seq.t_max], seq.grid_ids)
-        if not self.exits_enabled:
+        if not setting.exits:
             return
         scatter_tokens(seq.token_logits, dec.logits, seq.ids, dec.exits)
         scatter_tokens(seq.exit_block, torch.full_like(seq.ids, k), seq.ids, dec.exits)

@@ -10,9 +10,10 @@ A step only decides; the encoder carries the decision out, the same way for ever
   when pruned, and the decoder predicts it from them at the end (DToP's reassembly); optional
   `fused` tokens (EViT's) join the sequence as extra tokens that are never image tokens.
 
-Steps are modules under `steps.<name>`, so a forward hook sees every decision while the model stays
-unaware of being observed. Every tensor here covers the image-token slots only: class, registers
-and fused tokens sit in front of them and no step can merge or prune those.
+Steps are modules an operating point (a ReductionSetting) carries, not parts of the model: the
+recorder hooks them, so a forward hook sees every decision while the model stays unaware of being
+observed. Every tensor here covers the image-token slots only: class, registers and fused tokens
+sit in front of them and no step can merge or prune those.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class Step:
     place: str
     module: nn.Module
     name: str
-    """Its module name under `steps` (unique within a plan), e.g. `tome_3`."""
+    """Its name (unique within a plan), e.g. `tome_3`."""
     does: str = "merge"
     """What its decisions may do: `merge` (MergeDecision) or `prune` (PruneDecision)."""
 

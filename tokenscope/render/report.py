@@ -157,6 +157,9 @@ def build_report(run_dir: Path, gallery: int = 24, animations: int = 6, problems
     manifest = read_manifest(run_dir)
     if manifest.get("kind") != "run":
         raise RunFolderError(f"{run_dir}: report works on `tokenscope run` folders (this is a {manifest.get('kind')!r})")
+    if manifest.get("status") == "failed":
+        raise RunFolderError(f"{run_dir}: every image of this run failed (run.json names each one's error); nothing "
+                             "to report")
     if manifest.get("status") != "complete":
         raise RunFolderError(f"{run_dir}: the run is not complete; finish it with `tokenscope run --resume {run_dir}`")
     summary = _json_object(run_dir / "summary.json", refused)

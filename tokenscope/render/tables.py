@@ -73,13 +73,31 @@ def _manifest(folder: Path) -> dict[str, Any]:
     return read_manifest(folder, "sweep, compare or run folder")
 
 
+NUMERIC_COLUMNS = frozenset({
+    "size", "tokens", "gflops", "latency_ms", "peak_mib", "agreement", "miou", "miou_low", "miou_high", "miou_change",
+    "miou_change_low", "miou_change_high", "merged_pct", "pruned_pct", "exited_pct", "exited_early_pct", "speedup",
+    "flop_reduction", "token_reduction", "mean_tokens_per_block", "block_token_reduction", "images_per_s",
+    "images_per_s_low", "images_per_s_high", "gflops_per_image", "merge_threshold", "exit_threshold", "images"})
+"""Columns of the tables tokenscope writes that hold numbers: read back, text there is a damaged file."""
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
+    """A table tokenscope wrote, read back as data: its number columns must hold numbers (one line naming
+    the file, the column and the value otherwise, never a ValueError from a formatter)."""
     try:
-        return pd.read_csv(path)
+        df = pd.read_csv(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: missing (the folder is incomplete)") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: not a readable table ({exc})") from None
+    for column in NUMERIC_COLUMNS & set(df.columns):
+        values = pd.to_numeric(df[column], errors="coerce")
+        bad = values.isna() & df[column].notna()
+        if bad.any():
+            raise ConfigError(f"{path}: column {column!r} holds {str(df[column][bad].iloc[0])[:40]!r} where a number "
+                              "belongs; the file was edited or damaged (run the command again)")
+        df[column] = values
+    return df
 
 
 def _condition_notes(manifest: dict[str, Any]) -> list[str]:

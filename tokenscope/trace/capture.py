@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.cost import CostModel, cost_model, measure_flops
 from tokenscope.models.partition import grid_partition
 from tokenscope.models.runtime import Stopwatch, inference, synchronize
-from tokenscope.models.step_vit import StepOutput
+from tokenscope.models.step_vit import ReductionSetting, StepOutput
 from tokenscope.trace.recorder import ImageRecord, Recorder
 from tokenscope.trace.trace import Trace, TraceMeta
 
@@ -30,18 +31,26 @@ def images_to_tensor(images: list[PreparedImage], device: torch.device) -> tuple
     return x, labels
 
 
-def merging_meta(model: object) -> dict[str, object]:
-    """The model's in-network merging settings, as a trace records them (empty when off)."""
-    return dict(getattr(model, "record", {}).get("merging") or {}) if len(getattr(model, "steps", ())) else {}
-
-
-def pruning_meta(model: object) -> dict[str, object]:
-    """Where the model's pruning steps act, as a trace records them (empty without pruning):
-    the method's own record plus the `inside` and `after` blocks of its steps."""
-    steps = [s for s in model.setting().steps if s.does == "prune"] if hasattr(model, "setting") else []
+def merging_meta(setting: ReductionSetting) -> dict[str, object]:
+    """An operating point's in-network merging settings, as a trace records them (empty when off): the
+    method's own record, and the blocks its merging steps act in, taken from the steps themselves (a
+    method never has to list them)."""
+    steps = [s for s in setting.steps if s.does == "merge"]
     if not steps:
         return {}
-    record = dict(getattr(model, "record", {}).get("pruning") or {})
+    record = dict(setting.record.get("merging") or {})
+    record.setdefault("kind", setting.method.split(":")[0] or "merge")
+    record["blocks"] = sorted({s.block for s in steps})
+    return record
+
+
+def pruning_meta(setting: ReductionSetting) -> dict[str, object]:
+    """Where an operating point's pruning steps act, as a trace records them (empty without pruning):
+    the method's own record plus the `inside` and `after` blocks of its steps."""
+    steps = [s for s in setting.steps if s.does == "prune"]
+    if not steps:
+        return {}
+    record = dict(setting.record.get("pruning") or {})
     record["inside"] = sorted({s.block for s in steps if s.place == "inside"})
     record["after"] = sorted({s.block for s in steps if s.place == "after"})
     return record
@@ -68,18 +77,29 @@ class TraceCapture:
 
     loaded: LoadedModel
     device: torch.device
+    setting: ReductionSetting | None = None
+    """The operating point every forward of this capture runs (None: the one the command resolved,
+    `loaded.setting`, else the model's own)."""
     amp: bool = False
     _policy_flops: dict[tuple[str, tuple[int, int]], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cost = cost_model(self.loaded.model)
+        if self.setting is None:
+            self.setting = self.loaded.setting if self.loaded.setting is not None else self.loaded.model.default_setting()
+
+    def at(self, setting: ReductionSetting) -> "TraceCapture":
+        """The same capture for another operating point (the cost model and policy FLOPs cache shared)."""
+        other = copy.copy(self)
+        other.setting = setting
+        return other
 
     def policy_flops(self, x: torch.Tensor, labels: torch.Tensor | None) -> int:
-        m = self.loaded.model
-        key = (m.active_policy, (int(x.shape[-2]), int(x.shape[-1])))
+        policy = self.loaded.model.policy_of(self.setting)
+        key = (self.setting.policy, (int(x.shape[-2]), int(x.shape[-1])))
         if key not in self._policy_flops:
             with inference(self.device, self.amp):
-                total, _, _ = measure_flops(lambda: m.policy.score(x[:1], None if labels is None else labels[:1]))
+                total, _, _ = measure_flops(lambda: policy.score(x[:1], None if labels is None else labels[:1]))
             self._policy_flops[key] = total
         return self._policy_flops[key]
 
@@ -91,10 +111,10 @@ class TraceCapture:
         (B, C, gh, gw), or a mask head's per-pixel scores (B, C, H, W) at the padded size."""
         model = self.loaded.model
         x, labels = images_to_tensor(images, self.device)
-        with inference(self.device, self.amp), Recorder(model) as rec:
+        with inference(self.device, self.amp), Recorder(model, self.setting) as rec:
             synchronize(self.device)
             with Stopwatch(self.device) as watch:  # CUDA events on a GPU
-                out = model(x, labels)
+                out = model(x, labels, setting=self.setting)
             forward_s = watch.seconds
             records = rec.pop_records()
             pad = images[0].padded_hw  # one padded size per batch (images_to_tensor)
@@ -115,7 +135,7 @@ class TraceCapture:
             raise AssertionError(f"{im.source}: merges seen by the merger hooks differ from the model's own record")
         if rec.model_pruned is not None and not np.array_equal(rec.pruned_at > 0, rec.model_pruned):
             raise AssertionError(f"{im.source}: prunes seen by the step hooks differ from the model's own record")
-        model, cfg, part = self.loaded.model, self.loaded.config, rec.partition
+        model, cfg, part, setting = self.loaded.model, self.loaded.config, rec.partition, self.setting
         mid = None if rec.block_tokens_mid is None else rec.block_tokens_mid.tolist()
         block_flops = self.cost.block_flops(rec.block_tokens_in.tolist(), mid)
         gate_in = [rec.gate_tokens_in.get(k, 0) for k in model.exit_after]
@@ -140,10 +160,10 @@ class TraceCapture:
             source=im.source, original_hw=im.original_hw, input_hw=im.input_hw, padded_hw=im.padded_hw,
             grid=part.grid, model=cfg.name, arch=cfg.arch, depth=model.depth,
             num_prefix_tokens=model.num_prefix_tokens, exit_after=model.exit_after,
-            exit_threshold=model.exit_threshold, merge_thresholds=model.merge_thresholds,
-            policy=model.active_policy, exits=model.exits_enabled, weights=self.loaded.weights_id,
-            keep_per_class=model.keep_per_class if model.exits_enabled else 0,
-            method=str(getattr(model, "method", "")), merging=merging_meta(model), pruning=pruning_meta(model),
+            exit_threshold=setting.exit_threshold if model.gates else float("nan"),
+            merge_thresholds=setting.merge_thresholds, policy=setting.policy, exits=setting.exits,
+            weights=self.loaded.weights_id, keep_per_class=setting.keep_per_class if setting.exits and model.gates else 0,
+            method=setting.method, merging=merging_meta(setting), pruning=pruning_meta(setting),
             queries=int(getattr(model.decoder, "num_queries", 0)), queries_join_at=model.joins_at,
             num_classes=cfg.num_classes, class_names=cfg.class_names, class_colours=cfg.class_colours,
             device=str(self.device),

@@ -21,7 +21,7 @@ import torch.nn as nn
 from tokenscope.models.exits import GateDecision
 from tokenscope.models.partition import Partition
 from tokenscope.models.policy import PolicyOutput
-from tokenscope.models.step_vit import StepOutput, StepViT
+from tokenscope.models.step_vit import ReductionSetting, StepOutput, StepViT
 from tokenscope.models.steps import MergeDecision, PruneDecision
 from tokenscope.trace.trace import resolve_chains
 
@@ -76,10 +76,13 @@ class _Call:
 
 
 class Recorder:
-    """Context manager: `with Recorder(model) as rec: model(x)`, then `rec.pop_records()`."""
+    """Context manager: `with Recorder(model, setting) as rec: model(x, setting=setting)`, then
+    `rec.pop_records()`. The setting names the modules a method brings (its steps, a policy of its
+    own); they are hooked beside the model's own, so every decision is seen."""
 
-    def __init__(self, model: StepViT) -> None:
+    def __init__(self, model: StepViT, setting: ReductionSetting | None = None) -> None:
         self.model = model
+        self.setting = model.default_setting() if setting is None else setting
         self._handles: list[Any] = []
         self._call: _Call | None = None
         self._records: list[ImageRecord] = []
@@ -91,15 +94,14 @@ class Recorder:
         m = self.model
         self._handles.append(m.register_forward_pre_hook(self._on_start))
         self._handles.append(m.register_forward_hook(self._on_end))
-        for policy in m.policies.values():
+        for policy in [*m.policies.values(), *(module for _, module in self.setting.policies)]:
             self._handles.append(policy.register_forward_hook(self._on_policy))
         for i, block in enumerate(m.blocks):
             self._handles.append(block.register_forward_pre_hook(self._block_hook(i), with_kwargs=True))
         for gate in m.gates.values():
             self._handles.append(gate.register_forward_hook(self._on_gate))
-        places = {s.name: s.place for s in m.setting().steps}
-        for name, step in m.steps.items():
-            self._handles.append(step.register_forward_hook(self._step_hook(places.get(name, "inside"))))
+        for step in self.setting.steps:
+            self._handles.append(step.module.register_forward_hook(self._step_hook(step.place)))
         return self
 
     def detach(self) -> None:

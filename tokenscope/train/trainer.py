@@ -44,7 +44,7 @@ from tokenscope.models.methods.point import resolve
 from tokenscope.models.checkpoints import LoadedModel, checkpoint_paths, load_checkpoint, save_checkpoint
 from tokenscope.models.partition import MAX_LEVEL, block_homogeneity
 from tokenscope.models.sequence import token_grid, unmerge
-from tokenscope.models.step_vit import StepOutput, StepViT
+from tokenscope.models.step_vit import ReductionSetting, StepOutput, StepViT
 from tokenscope.storage import atomic_write
 
 TrainProgress = Callable[[int, int, dict[str, float]], None]
@@ -210,7 +210,9 @@ class Trainer:
     """Owns the model, optimiser and data for one run; `fit()` trains and checkpoints."""
 
     def __init__(self, loaded: LoadedModel, dataset: SegmentationDataset, settings: TrainSettings, out: str | Path,
-                 device: torch.device, cache: bool = True) -> None:
+                 device: torch.device, cache: bool = True, setting: ReductionSetting | None = None) -> None:
+        """`setting`: what every training forward runs besides the training policy and exits (a method's
+        steps, when training with one); the model's own when None."""
         self.ctx = dist.context(device.type)  # rank 0 of 1 unless started by torchrun
         settings = replace(settings, rank=self.ctx.rank, world_size=self.ctx.world_size)
         settings.check()
@@ -229,9 +231,11 @@ class Trainer:
                                   "larger batch or crops >= 512 px")
         self.loaded = loaded
         self.model: nn.Module = loaded.model.to(device)
+        self.setting = (loaded.model.default_setting() if setting is None else setting).to(device)
         self.data = CompactCache(dataset, cache)
         self.n = len(dataset)
         self.s = settings
+        self.train_policy = self._training_policy()
         self.out = Path(out)
         self.device = device
         self.state = TrainState()
@@ -295,10 +299,9 @@ class Trainer:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), seeds
 
     # ---- one step ------------------------------------------------------------------------------
-    @property
-    def train_policy(self) -> str:
+    def _training_policy(self) -> str:
         """The partitions training sees: the oracle's (a learned policy's stand-in), or the plain
-        grid for a method that runs without supertokens (tome, algm, dtop+X)."""
+        grid for a method that runs without supertokens (tome, algm, dtop+X). Resolved once."""
         if not self.s.method:
             return "oracle"
         plan = resolve(self.s.method).plan(facts_of(_unwrap(self.model), {"policy": True, "exits": True}, "learned"))
@@ -310,9 +313,9 @@ class Trainer:
     def losses(self, x: torch.Tensor, y: torch.Tensor, exits: bool = False,
                seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
         m = _unwrap(self.model)
-        m.configure(policy=self.train_policy, exits=exits)
+        setting = replace(self.setting, policy=self.train_policy, exits=exits)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.model(x, y, return_aux=True, sample_seeds=seeds)
+            out = self.model(x, y, return_aux=True, sample_seeds=seeds, setting=setting)
             size = y.shape[-2:]
             seg = F.cross_entropy(F.interpolate(out.patch_logits.float(), size=size, mode="bilinear", align_corners=False),
                                   y, ignore_index=IGNORE_INDEX)
@@ -374,7 +377,6 @@ class Trainer:
         self._saved_step = self.state.step
         if self.s.rank != 0:
             return
-        m.configure(policy="learned", exits=True)
         meta = {"train_settings": self.s.to_dict(), "step": self.state.step, **(metadata or {})}
         save_checkpoint(m, self.out, trained={"backbone": True, "decoder": True, "exits": True, "policy": True},
                         metadata=meta)

@@ -140,8 +140,14 @@ class ResolvedPoint:
 
 
 class GuardedStep(nn.Module):
-    """A plug-in's step, run so that its failure, or a decision of the wrong shape, is one line
-    naming the method and where it came from (a built-in's bug still raises with its traceback)."""
+    """A plug-in's step, run so that it cannot hurt: its failure, or a decision the encoder could not
+    carry out faithfully, is one line naming the method, where it came from, the block and the field
+    (a built-in's bug still raises with its traceback). Checked: the decision's type, block, the shape
+    and dtype of every field, that its token ids and valid slots are the ones it was shown, that merges
+    go into another real slot that is not itself merged away, that fused tokens have the sequence's
+    width and finite values. The step is shown copies of the tokens, keys and masks, so nothing it
+    writes can reach the encoder: a step decides, the encoder carries out. One host synchronisation
+    and one copy of what it sees per call, for plug-ins only."""
 
     def __init__(self, inner: nn.Module, method: Method) -> None:
         super().__init__()
@@ -150,20 +156,79 @@ class GuardedStep(nn.Module):
 
     def forward(self, view: TokenView) -> MergeDecision | PruneDecision:
         where = f"method {self.method_name} ({self.method_source}), block {view.block}"
+        copy = replace(view, **{name: getattr(view, name).clone() for name in
+                                ("x", "token_ids", "valid", "sizes", "prefix", "keys", "queries", "attn_mask")
+                                if isinstance(getattr(view, name), torch.Tensor)})
         try:
-            dec = self.inner(view)
+            dec = self.inner(copy)
         except (Exception, SystemExit) as exc:
             raise PluginError(f"{where} failed: {type(exc).__name__}: {exc}") from None
-        shape = tuple(view.valid.shape)
-        masks = {"pruned": getattr(dec, "pruned", None)} if isinstance(dec, PruneDecision) else \
-            {"merged": getattr(dec, "merged", None), "into": getattr(dec, "into", None)} if isinstance(dec, MergeDecision) \
-            else None
-        if masks is None:
-            raise PluginError(f"{where} returned {type(dec).__name__}; a step returns a PruneDecision or a MergeDecision")
-        for name, value in masks.items():
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-                raise PluginError(f"{where}: its decision's {name} must be a tensor of shape {shape} (one entry per slot)")
+        check_decision(dec, view, where)
         return dec
+
+
+def check_decision(dec: Any, view: TokenView, where: str) -> None:
+    """Refuse, in one PluginError naming `where` and the field, a decision the encoder cannot carry out."""
+    if not isinstance(dec, (MergeDecision, PruneDecision)):
+        raise PluginError(f"{where} returned {type(dec).__name__}; a step returns a PruneDecision or a MergeDecision")
+    b, n = view.valid.shape
+    shape = (b, n)
+
+    def tensor(name: str, value: Any, dims: tuple[int, ...], kind: str) -> torch.Tensor:
+        """`value` as a tensor of shape `dims` and `kind` (bool, int, float or number), on the tokens' device."""
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != dims:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise PluginError(f"{where}: its decision's {name} must be a tensor of shape {dims}, got {got}")
+        is_bool, is_float = value.dtype == torch.bool, value.dtype.is_floating_point
+        ok = {"bool": is_bool, "int": not is_bool and not is_float, "float": is_float, "number": not is_bool}[kind]
+        if not ok:
+            want = {"bool": "bool", "int": "an integer type", "float": "floating-point", "number": "numeric"}[kind]
+            raise PluginError(f"{where}: its decision's {name} must be {want}, got {value.dtype}")
+        if value.device != view.valid.device:
+            raise PluginError(f"{where}: its decision's {name} is on {value.device}, the tokens on {view.valid.device}")
+        return value
+
+    if dec.block != view.block:
+        raise PluginError(f"{where}: its decision says block {dec.block!r}; it was called in block {view.block}")
+    ids = tensor("token_ids", dec.token_ids, shape, "int")
+    valid = tensor("valid", dec.valid, shape, "bool")
+    problems: list[tuple[str, torch.Tensor]] = [
+        ("token_ids are not the slots' token ids it was shown (view.token_ids)", (ids != view.token_ids).any()),
+        ("valid is not the valid mask it was shown (view.valid)", (valid != view.valid).any())]
+    if isinstance(dec, MergeDecision):
+        merged = tensor("merged", dec.merged, shape, "bool")
+        into = tensor("into", dec.into, shape, "int")
+        tensor("matching_flops", dec.matching_flops, (b,), "number")
+        if dec.order is not None:
+            tensor("order", dec.order, shape, "number")
+        inside = (into >= 0) & (into < n)
+        safe = into.clamp(0, max(n - 1, 0))
+        target_merged = merged.gather(1, safe) if n else merged
+        target_valid = view.valid.gather(1, safe) if n else view.valid
+        own = torch.arange(n, device=into.device).expand(b, n)
+        problems += [
+            ("merges a padding slot (merged must lie inside valid)", (merged & ~view.valid).any()),
+            ("merges into a slot outside 0..N-1 (into)", (merged & ~inside).any()),
+            ("merges a slot into itself (into)", (merged & (into == own)).any()),
+            ("merges into a padding slot (into)", (merged & ~target_valid).any()),
+            ("merges into a slot that is itself merged away in the same step", (merged & target_merged).any())]
+    else:
+        tensor("pruned", dec.pruned, shape, "bool")
+        if dec.order is not None:
+            tensor("order", dec.order, shape, "number")
+        if dec.scoring_flops is not None:
+            tensor("scoring_flops", dec.scoring_flops, (b,), "number")
+        if dec.fused is not None:
+            width = view.x.shape[-1]
+            if not isinstance(dec.fused, torch.Tensor) or dec.fused.dim() != 3 or tuple(dec.fused.shape[::2]) != (b, width):
+                got = tuple(dec.fused.shape) if isinstance(dec.fused, torch.Tensor) else type(dec.fused).__name__
+                raise PluginError(f"{where}: its decision's fused tokens must be a tensor (B={b}, F, D={width}), got {got}")
+            tensor("fused", dec.fused, tuple(dec.fused.shape), "float")
+            problems.append(("fused tokens hold NaN or infinite values", ~torch.isfinite(dec.fused).all()))
+    flags = torch.stack([p.reshape(()) for _, p in problems]).cpu().tolist()  # the one synchronisation
+    for (what, _), bad in zip(problems, flags):
+        if bad:
+            raise PluginError(f"{where}: its decision {what}")
 
 
 def resolve(point: OperatingPoint | str) -> ResolvedPoint:

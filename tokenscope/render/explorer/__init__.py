@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tokenscope.errors import TokenscopeError
+from tokenscope.errors import RunFolderError, TokenscopeError
 from tokenscope.schema import check_fields, read_json
 from tokenscope.render.manifest import method_folder_name, read_manifest
 from tokenscope.trace.fates import patch_cost, token_fates
@@ -157,6 +157,9 @@ class RunIndex:
 def run_index(run_dir: Path) -> RunIndex:
     """The run's kind, its image folders (in the manifest's order) and the summary tables."""
     manifest = _read_manifest(run_dir)
+    if manifest.get("kind") not in (None, "run", "compare"):  # a sweep holds tables and figures, no traces
+        raise RunFolderError(f"{run_dir}: the explorer shows run and compare folders; this is a "
+                             f"{manifest.get('kind')!r} folder (`tokenscope table {run_dir}` and its figures show it)")
     kind = "compare" if manifest.get("kind") == "compare" else "run"
     methods: list[str] = []
     if kind == "compare":  # compare --methods names its methods; plain compare holds step and baseline

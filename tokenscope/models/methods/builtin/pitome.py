@@ -1,0 +1,106 @@
+"""`pitome`: energy-protected token merging (Tran et al., "Accelerating Transformers with Spectrum-Preserving
+Token Merging", NeurIPS 2024).
+
+In every block, between attention and MLP, each image token gets an energy: the mean over the image's
+tokens of ELU(cos(k_i, k_j) - margin), on the attention keys averaged over heads. High energy means many
+close neighbours, so a redundant token. The 2r most energetic tokens are merge candidates: taken in
+energy order they alternate between set A and set B, and every A token merges (size-weighted) into
+its most similar B token; every other token is protected. The margin falls with depth as the public
+code sets it (0.9 - 0.8 * l / L for block l of L, counted from 0), and r is the share `1 - ratio` of
+the block's tokens, as the reference's `ratio` (the kept share per block). Afterwards the sequence is
+the protected tokens in energy order, then set B, as the reference concatenates them; with
+proportional attention on, as the reference's default.
+
+Differences from hchautran/PiToMe `algo/pitome/merge.py`: an image decides over its own real tokens
+(padding slots in a batch of different token counts have no energy and take no part), and with
+`count=batch` (the default) one r for the batch, the smallest over its images, as ToMe's reference
+does; the reference runs one image size per batch, where both agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenscope.models.methods.base import Method, ModelFacts, Plan, Reference, Setting, on_off
+from tokenscope.models.sequence import rank_descending
+from tokenscope.models.steps import MergeDecision, Step, TokenView
+
+COUNTS = ("batch", "per-image")
+
+
+def keep_ratio(value: float) -> str | None:
+    return None if 0.5 <= value <= 1.0 else "must be the share of tokens a block keeps, from 0.5 to 1"
+
+
+def reference_margin(block: int, depth: int) -> float:
+    """The public code's margin for 1-based `block` of `depth`: 0.9 - 0.8 * (block - 1) / depth."""
+    return 0.9 - 0.8 * (block - 1) / depth
+
+
+class EnergyMerger(nn.Module):
+    """One block's PiToMe decision (see the module docstring)."""
+
+    def __init__(self, block: int, ratio: float, margin: float, alpha: float = 1.0, count: str = "batch") -> None:
+        super().__init__()
+        self.block, self.ratio, self.margin, self.alpha, self.count = block, float(ratio), float(margin), alpha, count
+
+    def forward(self, view: TokenView) -> MergeDecision:
+        valid = view.valid
+        b, n = valid.shape
+        keys = view.mean_keys.float() if view.mean_keys.dtype != torch.float64 else view.mean_keys
+        unit = F.normalize(keys, dim=-1) * valid.unsqueeze(-1)
+        sim = unit @ unit.transpose(-1, -2)  # (B, N, N) cosine
+        live = valid.sum(dim=1)
+        pair = valid.unsqueeze(1) & valid.unsqueeze(2)
+        spread = torch.where(pair, F.elu(sim - self.margin, alpha=self.alpha), torch.zeros_like(sim))
+        energy = spread.sum(-1) / live.clamp_min(1).unsqueeze(-1).to(spread.dtype)
+        energy = torch.where(valid, energy, torch.full_like(energy, float("-inf")))
+        tokens = live.to(torch.float64)
+        r = torch.floor(tokens - tokens * self.ratio).long()  # the reference's floor(T - T * ratio)
+        r = torch.minimum(r, live // 2)
+        if self.count == "batch":
+            has = live > 0
+            smallest = torch.where(has, r, torch.full_like(r, torch.iinfo(r.dtype).max)).min()
+            r = torch.where(has, smallest.expand_as(r), r)
+        rank = rank_descending(energy)  # 0 = the most energetic (most redundant) token
+        candidate = valid & (rank < 2 * r[:, None])
+        in_a = candidate & (rank % 2 == 0)
+        in_b = candidate & (rank % 2 == 1)
+        towards = sim.masked_fill(~in_b.unsqueeze(1), float("-inf"))
+        into_b = towards.argmax(dim=-1)
+        own = torch.arange(n, device=valid.device).expand(b, n)
+        merged = in_a
+        into = torch.where(merged, into_b, own)
+        order = torch.where(in_b, n + rank, rank)  # protected by energy, then B (the reference's concatenation)
+        d = keys.shape[-1]
+        flops = 2 * live * live * d + 2 * r * r * d  # the similarity matrix, then A against B
+        return MergeDecision(self.block, "pitome", view.token_ids, valid, merged, into, flops, order)
+
+
+def plan(values: dict[str, Any], facts: ModelFacts) -> Plan:
+    steps = tuple(Step(k, "inside", EnergyMerger(k, values["ratio"], reference_margin(k, facts.depth),
+                                                 count=values["count"]), f"pitome_{k}")
+                  for k in range(1, facts.depth + 1))
+    record = {"merging": {"kind": "pitome", "ratio": float(values["ratio"]), "prop_attn": bool(values["prop"]),
+                          "count": values["count"], "margin": "0.9 - 0.8 * l / L"}}
+    return Plan(policy="none", exits=False, steps=steps, size_weighted=bool(values["prop"]), record=record)
+
+
+METHOD = Method(
+    name="pitome", kind="merge", plan=plan,
+    settings=(Setting("ratio", float, 0.95, "share of its tokens each block keeps (1 - ratio of them merge)", keep_ratio),
+              Setting("prop", on_off, True, "size-weighted (proportional) attention after merging"),
+              Setting("count", str.lower, "batch", "one r for the batch (as ToMe's reference) or `per-image`",
+                      choices=COUNTS)),
+    summary="PiToMe: in every block the most redundant tokens (highest energy) merge ToMe-style, the rest are protected",
+    ladder=("pitome:ratio=0.975", "pitome:ratio=0.95", "pitome:ratio=0.925"),
+    search=tuple(f"pitome:ratio={r}" for r in (0.99, 0.975, 0.95, 0.925, 0.9)),
+    reference=Reference(paper="Tran et al., Accelerating Transformers with Spectrum-Preserving Token Merging, NeurIPS 2024",
+                        repository="hchautran/PiToMe", files=("algo/pitome/merge.py", "algo/pitome/patch/timm.py"),
+                        differences="decided per image over its real tokens (padding takes no part); one r per batch "
+                                    "by default"),
+)
