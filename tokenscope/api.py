@@ -720,7 +720,7 @@ def list_models() -> pd.DataFrame:
              "weights": ("shipped" if (BUILTIN_WEIGHTS_DIR / "demo.json").is_file() else "missing") if n == "demo"
              else "--weights / hub / --random-init"} for n, c in BUILTIN.items()]
     rows += [{"name": m.name, "kind": "published", "arch": m.backbone, "classes": m.classes, "data set": m.dataset,
-              "decoder": m.decoder, "published_miou": m.miou,
+              "decoder": m.decoder, "published_miou": m.miou, "hf": m.hf_id,
               "weights": "cached" if converted_path(m.name).is_file() else
               ("downloaded on first use" + ("" if m.sha256 else f" (about {m.approx_bytes / 1e9:.1f} GB; {m.digest_note})"))}
              for m in PUBLISHED.values()]

@@ -1009,13 +1009,16 @@ def models(
         _fetch_published(fetch, offline or None)
     df = api.list_models()
     table = Table(title=f"models (published ones download once into {cache_root()})", title_justify="left")
-    for col in ("name", "kind", "arch", "classes", "data set", "decoder", "published mIoU", "weights"):
+    for col in ("name", "kind", "arch", "classes", "data set", "decoder", "published mIoU", "weights", "also as"):
         table.add_column(col, justify="right" if col in ("classes", "published mIoU") else "left")
     for _, r in df.iterrows():
         miou = "" if r["published_miou"] is None or r["published_miou"] != r["published_miou"] else f"{r['published_miou']:.2f}"
+        hf = r.get("hf")
         table.add_row(r["name"], r["kind"], str(r["arch"]), str(r["classes"]), str(r["data set"]), str(r["decoder"]),
-                      miou, str(r["weights"]))
+                      miou, str(r["weights"]), hf if isinstance(hf, str) else "")
     out_console.print(table)
+    out_console.print("any Hugging Face EoMT folder runs too: --model hf:ORG/NAME (the hub cache, else downloaded) or "
+                      "--weights DIR (docs/models.md)", highlight=False)
 
 
 @app.command()

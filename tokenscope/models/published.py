@@ -56,6 +56,12 @@ class PublishedModel:
     """The file's size when its publisher does not state it: an estimate from the parameter count."""
 
     @property
+    def hf_id(self) -> str:
+        """`hf:ORG/NAME` of the model's Hugging Face repository ("" for files hosted elsewhere)."""
+        prefix = "https://huggingface.co/"
+        return "hf:" + self.url[len(prefix):].split("/resolve/")[0] if self.url.startswith(prefix) else ""
+
+    @property
     def digest_note(self) -> str:
         return "sha256 prefix published" if self.sha256 else "no published digest: its sha256 is recorded at download"
 

@@ -8,6 +8,8 @@
 | a published name | the cache, else downloaded once (models/published.py) | its family's reader, then a tokenscope checkpoint |
 | `--weights NAME.json` | the file | tokenscope checkpoint |
 | `--weights FILE.pth/.bin/.ckpt` | the file, unpickled safely once | the first of READERS that recognises it (Segmenter / mmsegmentation, EoMT), else a timm backbone |
+| `--weights DIR` (config.json + model.safetensors) | a Hugging Face model folder | models/importers/hf_folder.py (model_type `eomt`) |
+| `hf:ORG/NAME[@REVISION]` | the Hugging Face hub cache (`HF_HUB_CACHE`, `HF_HOME`), else downloaded | the same folder reader |
 | `--weights FILE.safetensors/.npz`, `hub` | the file, or timm's hub | timm backbone (models/importers/timm_file.py) |
 | `--random-init` | none | the architecture alone |
 
@@ -42,6 +44,7 @@ from tokenscope.models.checkpoints import (
 )
 from tokenscope.models.hashing import file_sha256
 from tokenscope.models.importers.eomt import describe_eomt, eomt_architecture_state, holds_eomt, read_eomt_checkpoint
+from tokenscope.models.importers.hf_folder import hub_snapshot, is_hf_folder, read_hf_folder
 from tokenscope.models.importers.safe_pickle import read_pickled_checkpoint
 from tokenscope.models.importers.segmenter import (
     ImportedSegmenter,
@@ -172,6 +175,14 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
                                      "and timings are real; predictions are noise"])
     if weights is not None and str(weights) != "hub" and is_tokenscope_checkpoint(weights):
         return load_checkpoint(weights)
+    if name.startswith("hf:") and weights is None and not random_init:
+        from tokenscope.data.download import offline_mode
+
+        folder = hub_snapshot(name, offline_mode())
+        return loaded_from_import(read_hf_folder(folder, name.split("/")[-1].split("@")[0]), folder / "model.safetensors")
+    if weights is not None and not random_init and is_hf_folder(Path(str(weights))):
+        folder = Path(str(weights))
+        return loaded_from_import(read_hf_folder(folder), folder / "model.safetensors")
     pickled: Any = None
     if weights is not None and Path(str(weights)).suffix.lower() in PICKLE_SUFFIXES and not random_init:
         pickled = read_pickled_checkpoint(Path(str(weights)))

@@ -257,7 +257,9 @@ class MergingSpec:
 
 def merge_rules(record: dict[str, object] | None) -> str:
     """How a merging run decided, for tables: `order=reference count=batch`; empty without merging."""
-    return "" if not record else f"order={record['order']} count={record['count']}"
+    if not record:
+        return ""
+    return " ".join(f"{key}={record[key]}" for key in ("order", "count") if key in record)  # a plug-in may record neither
 
 
 def algm_blocks(depth: int) -> tuple[int, int]:

@@ -86,7 +86,7 @@ def plan(values: dict[str, Any], facts: ModelFacts) -> Plan:
                                                  count=values["count"]), f"pitome_{k}")
                   for k in range(1, facts.depth + 1))
     record = {"merging": {"kind": "pitome", "ratio": float(values["ratio"]), "prop_attn": bool(values["prop"]),
-                          "count": values["count"], "margin": "0.9 - 0.8 * l / L"}}
+                          "count": values["count"], "order": "reference", "margin": "0.9 - 0.8 * l / L"}}
     return Plan(policy="none", exits=False, steps=steps, size_weighted=bool(values["prop"]), record=record)
 
 

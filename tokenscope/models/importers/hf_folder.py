@@ -1,0 +1,213 @@
+"""Hugging Face model folders (`save_pretrained`, the hub's snapshots) as tokenscope models.
+
+A folder holding `config.json` + `model.safetensors` (+ `preprocessor_config.json`) is read without
+transformers and without running any code: the config and preprocessor files are data (checked by
+schema), the tensors come from safetensors. Only `model_type` `eomt` (transformers'
+`EomtForUniversalSegmentation`, EoMT on a DINOv2 ViT) is read; its names are mapped onto the
+original EoMT layout (models/importers/eomt.py), which then builds the same StepViT as EoMT's own
+checkpoints:
+
+| transformers | EoMT's original |
+|---|---|
+| `embeddings.{cls_token, register_tokens}` | `backbone.{cls_token, reg_token}` |
+| `embeddings.patch_embeddings.projection.*` | `backbone.patch_embed.proj.*` |
+| `embeddings.position_embeddings.weight` (N, D) | `backbone.pos_embed` (1, N, D) |
+| `layers.i.attention.{q,k,v}_proj.*` | `backbone.blocks.i.attn.qkv.*` (q, k, v stacked) |
+| `layers.i.attention.out_proj.*`, `layer_scale{1,2}.lambda1` | `attn.proj.*`, `ls{1,2}.gamma` |
+| `layers.i.{norm1, norm2, mlp.fc1, mlp.fc2}.*`, `layernorm.*` | the same under `blocks.i.`, `backbone.norm.*` |
+| `query.weight`, `class_predictor.*`, `mask_head.fc{1,2,3}.*` | `q.weight`, `class_head.*`, `mask_head.{0,2,4}.*` |
+| `upscale_block.block.i.{conv1, conv2, layernorm2d}.*` | `upscale.i.{conv1, conv2, norm}.*` |
+
+Class names come from `id2label`, normalisation from the preprocessor file (`image_mean`,
+`image_std`), heads and LayerNorm epsilon from the config. Masked attention is off at inference, as
+the released models run. `eomt_dinov3` folders (rotary positions) are refused in one line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenscope.errors import CheckpointError, TokenscopeError
+from tokenscope.models.importers.eomt import BACKBONE, describe_eomt, eomt_to_stepvit
+from tokenscope.models.importers.segmenter import ImportedSegmenter
+from tokenscope.schema import check_fields, read_json
+
+CONFIG_FIELDS = {
+    "model_type": str, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "patch_size": int,
+    "image_size": int, "num_register_tokens": int, "num_queries": int, "num_blocks": int, "num_upscale_blocks": int,
+    "layer_norm_eps": float, "hidden_act": str, "use_swiglu_ffn": bool, "id2label": dict[str, str], "num_labels": int,
+}
+PREPROCESSOR_FIELDS = {"image_mean": list[float], "image_std": list[float]}
+MAX_WEIGHTS_BYTES = 64 * 2**30
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A folder holding a model's config.json and its safetensors weights."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _rename(key: str) -> str | None:
+    """The original EoMT name of one transformers tensor (q/k/v are stacked separately); None: skip."""
+    rules = (
+        (r"embeddings\.cls_token", BACKBONE + "cls_token"),
+        (r"embeddings\.register_tokens", BACKBONE + "reg_token"),
+        (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", BACKBONE + r"patch_embed.proj.\1"),
+        (r"layers\.(\d+)\.attention\.out_proj\.(weight|bias)", BACKBONE + r"blocks.\1.attn.proj.\2"),
+        (r"layers\.(\d+)\.layer_scale(\d)\.lambda1", BACKBONE + r"blocks.\1.ls\2.gamma"),
+        (r"layers\.(\d+)\.(norm1|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)", BACKBONE + r"blocks.\1.\2.\3"),
+        (r"layernorm\.(weight|bias)", BACKBONE + r"norm.\1"),
+        (r"query\.weight", "network.q.weight"),
+        (r"class_predictor\.(weight|bias)", r"network.class_head.\1"),
+        (r"upscale_block\.block\.(\d+)\.(conv1|conv2)\.(weight|bias)", r"network.upscale.\1.\2.\3"),
+        (r"upscale_block\.block\.(\d+)\.layernorm2d\.(weight|bias)", r"network.upscale.\1.norm.\2"),
+        (r"attn_mask_probs", "network.attn_mask_probs"),
+    )
+    for pattern, target in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, target, key)
+    found = re.fullmatch(r"mask_head\.fc(\d)\.(weight|bias)", key)
+    if found:
+        return f"network.mask_head.{2 * (int(found.group(1)) - 1)}.{found.group(2)}"
+    return None
+
+
+def to_eomt_layout(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """transformers' EoMT names -> the original EoMT layout (see the module docstring)."""
+    state: dict[str, torch.Tensor] = {}
+    unknown = []
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        key = key.removeprefix("model.")
+        if key.startswith("criterion."):
+            continue
+        found = re.fullmatch(r"layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)", key)
+        if found:
+            qkv.setdefault(f"{found.group(1)}.{found.group(3)}", {})[found.group(2)] = value
+            continue
+        if key == "embeddings.position_embeddings.weight":
+            state[BACKBONE + "pos_embed"] = value.unsqueeze(0)
+            continue
+        name = _rename(key)
+        if name is None:
+            unknown.append(key)
+        else:
+            state[name] = value
+    for where, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{source}: layer {where.split('.')[0]} lacks one of its q/k/v projections")
+        block, kind = where.split(".")
+        state[f"{BACKBONE}blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} weights an EoMT model does not have (e.g. "
+                              f"{', '.join(unknown[:3])})")
+    return state
+
+
+def read_hf_folder(folder: Path, name: str | None = None) -> ImportedSegmenter:
+    """A transformers model folder as an ImportedSegmenter (config, StepViT-named tensors, notes)."""
+    config_path = folder / "config.json"
+    config = read_json(config_path, "config.json", CheckpointError)
+    model_type = config.get("model_type")
+    if model_type == "eomt_dinov3":
+        raise CheckpointError(f"{folder}: an EoMT model on a DINOv3 backbone (model_type eomt_dinov3): its positions "
+                              "are rotary and supertokens need a position table; not supported yet (EoMT's DINOv2 "
+                              "folders, model_type eomt, load)")
+    if model_type != "eomt":
+        raise CheckpointError(f"{folder}: a Hugging Face folder of model_type {model_type!r}; tokenscope reads "
+                              "model_type 'eomt' (EomtForUniversalSegmentation) folders")
+    check_fields(config, CONFIG_FIELDS, config_path, error=CheckpointError)
+    if config.get("use_swiglu_ffn"):
+        raise CheckpointError(f"{config_path}: use_swiglu_ffn is true (a SwiGLU MLP); tokenscope reads EoMT's GELU MLP")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: no model.safetensors (sharded or .bin folders are not read; "
+                              "`save_pretrained(..., safe_serialization=True)` writes one)")
+    if weights.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise CheckpointError(f"{weights}: larger than any EoMT model ({weights.stat().st_size:,} bytes)")
+    try:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for damaged headers
+        raise CheckpointError(f"{weights}: cannot read weights ({str(exc).splitlines()[0][:160]})") from None
+    state = to_eomt_layout(tensors, str(weights))
+    overrides: dict[str, Any] = {}
+    notes = ["masked attention off, as EoMT's released inference runs", f"read from the Hugging Face folder {folder}"]
+    pre = folder / "preprocessor_config.json"
+    if pre.is_file():
+        doc = read_json(pre, "preprocessor_config.json", CheckpointError)
+        check_fields(doc, PREPROCESSOR_FIELDS, pre, error=CheckpointError)
+        if "image_mean" in doc and "image_std" in doc:
+            overrides["pixel_mean"] = tuple(float(v) for v in doc["image_mean"])
+            overrides["pixel_std"] = tuple(float(v) for v in doc["image_std"])
+    else:
+        notes.append("no preprocessor_config.json: ImageNet normalisation assumed (EoMT's)")
+    labels = config.get("id2label") or {}
+    try:
+        ordered = [labels[str(i)] for i in range(len(labels))]
+    except KeyError:
+        raise CheckpointError(f"{config_path}: id2label does not name the classes 0..{len(labels) - 1}") from None
+    try:
+        described = describe_eomt(state, name or folder.name, str(folder), notes, overrides)
+        heads = int(config.get("num_attention_heads", described.timm_kwargs["num_heads"]))
+        eps = float(config.get("layer_norm_eps", 1e-6))
+        described = described.replace(timm_kwargs={**described.timm_kwargs, "num_heads": heads}, norm_eps=eps)
+        if ordered and len(ordered) == described.num_classes:  # the folder's own names win over a guess
+            described = described.replace(class_names=tuple(ordered))
+    except TokenscopeError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot describe this model ({exc})") from None
+    return ImportedSegmenter(described, eomt_to_stepvit(state, str(folder)), "hf-eomt", str(weights), notes,
+                             family="EoMT")
+
+
+HUB_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`."""
+    import os
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def parse_hub_id(text: str) -> tuple[str, str]:
+    """`hf:ORG/NAME[@REVISION]` -> (ORG/NAME, REVISION or main), or one line saying how to spell it."""
+    spec = text.removeprefix("hf:")
+    repo, _, revision = spec.partition("@")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo) or ".." in repo:
+        raise CheckpointError(f"--model {text}: a Hugging Face model is named hf:ORG/NAME[@REVISION], e.g. "
+                              "hf:tue-mps/ade20k_semantic_eomt_large_512")
+    if revision and not re.fullmatch(r"[\w.-]+", revision):
+        raise CheckpointError(f"--model {text}: the revision {revision!r} is not a branch, tag or commit")
+    return repo, revision or "main"
+
+
+def hub_snapshot(text: str, offline: bool) -> Path:
+    """The folder of `hf:ORG/NAME[@REVISION]` in the hub cache (`refs/REVISION` names the snapshot, or the
+    revision is a commit), downloaded through huggingface_hub when missing and not offline."""
+    repo, revision = parse_hub_id(text)
+    root = hub_cache() / f"models--{repo.replace('/', '--')}"
+    ref = root / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    folder = root / "snapshots" / commit
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    if offline:
+        raise CheckpointError(f"--model {text}: not in the Hugging Face cache ({root}) and offline (TOKENSCOPE_OFFLINE); "
+                              f"fetch {repo} ({', '.join(HUB_FILES)}) with network, or pass the folder as --weights")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, revision=revision, cache_dir=str(hub_cache()), allow_patterns=list(HUB_FILES)))
+    except Exception as exc:  # noqa: BLE001 - network and hub errors come in many types
+        raise CheckpointError(f"--model {text}: cannot download {repo}@{revision} ({str(exc).splitlines()[0][:160]})") \
+            from None
