@@ -1057,9 +1057,10 @@ def killed_trains() -> Outcome:
     out.mkdir(parents=True, exist_ok=True)
     base = tokenscope("train", "--out", "k9/tr/m", "--crops", "64x2", "--size", "128", "--steps", "40",
                       "--save-every", "1", "--warmup", "0", "--no-eval")
-    for i, t in enumerate((10, 14, 18)):
-        execute(base + (["--resume"] if i else []), 60, interrupt=(signal.SIGKILL, t))
-    final = execute(base + ["--resume"], 300)
+    state = out / "m.train.pt"
+    for t in (10, 14, 18):  # resumed once a first step was saved; killed each time
+        execute(base + (["--resume"] if state.exists() else []), 60, interrupt=(signal.SIGKILL, t))
+    final = execute(base + (["--resume"] if state.exists() else []), 300)
     temps = [p.name for p in out.rglob("*") if p.name.endswith(".tmp") or ".partial" in p.name]
     return Outcome(final.rc, final.out + (f"\ntemporary files left: {temps}" if temps else ""))
 

@@ -766,6 +766,9 @@ def bench(
                       f"of baseline time ({s['policy_flops_pct_of_baseline']:.3f}% of FLOPs)  learned dCTS policy net "
                       f"{s['learned_policy_net_time_pct_of_baseline']:.2f}% of time ({s['learned_policy_net_flops_pct_of_baseline']:.3f}% of FLOPs)",
                       highlight=False)
+    out_console.print(f"host synchronisations per forward: baseline {s['baseline'].get('host_syncs', 0)}, reduced "
+                      f"{s['step'].get('host_syncs', 0)} (calls that read the device: each one stalls a GPU)",
+                      highlight=False)
     tails = [(name, s[name].get("latency_tail") or {}) for name in ("baseline", "step")]
     if all(t.get("repeats", 0) > 1 for _, t in tails):
         out_console.print("latency over the repeats: " + "; ".join(

@@ -23,6 +23,7 @@ from tokenscope.analysis.memory import LiveTensorBytes
 from tokenscope.analysis.stability import spread
 from tokenscope.analysis.timing_spread import disagreement, speedup_interval, spread_ms
 from tokenscope.models.cost import measure_flops
+from tokenscope.models.host_sync import count_host_syncs
 from tokenscope.models.runtime import inference, synchronize
 from tokenscope.models.step_vit import ReductionSetting, StepViT
 from tokenscope.trace.recorder import ImageRecord, Recorder
@@ -51,6 +52,10 @@ class VariantTiming:
     """Tokens the average block works on per image, exits and in-block merges included."""
     gflops_per_image: float = 0.0
     peak_mib: float = 0.0
+    host_syncs: int = 0
+    """Host synchronisations in one forward (models/host_sync.py: torch's count on CUDA, else the calls that
+    hand values to the host, which are the ones that synchronise on a GPU)."""
+    host_sync_calls: dict[str, int] = field(default_factory=dict)
     latencies_s: list[float] = field(default_factory=list)
 
     @property
@@ -214,6 +219,9 @@ def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_s
             with Recorder(model, v.setting) as probe:
                 model(images, setting=v.setting)
                 v.mean_tokens_per_block = float(np.mean([_block_tokens(r) for r in probe.pop_records()]))
+            with count_host_syncs(device) as syncs:
+                calls[v.name]()
+            v.host_syncs, v.host_sync_calls = syncs.total, dict(syncs.calls)
             tick(f"{v.name} probe")
             for _ in range(max(warmup - 1, 0)):
                 calls[v.name]()

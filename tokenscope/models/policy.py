@@ -22,6 +22,7 @@ from tokenscope.models.partition import (
     MAX_LEVEL,
     Partition,
     block_homogeneity,
+    grid_partition,
     level_shape,
     partition_from_merges,
     quadtree_partition,
@@ -40,6 +41,20 @@ class PolicyOutput:
 
     scores: list[torch.Tensor]
     partitions: list[Partition]
+
+
+def to_host(scores: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """Every level's scores as float32 NumPy arrays, in one device-to-host copy (one synchronisation,
+    not one per level)."""
+    if not scores:
+        return []
+    flat = torch.cat([s.detach().float().reshape(s.shape[0], -1) for s in scores], dim=1).cpu().numpy()
+    out, start = [], 0
+    for s in scores:
+        size = int(np.prod(s.shape[1:]))
+        out.append(flat[:, start:start + size].reshape(s.shape))
+        start += size
+    return out
 
 
 class Policy(nn.Module):
@@ -73,7 +88,7 @@ class Policy(nn.Module):
         never set on the module, so one policy serves every operating point at once."""
         grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
         scores = self.score(images, labels) if sample_seeds is None else self.score_seeded(images, labels, sample_seeds)
-        host = [s.detach().float().cpu().numpy() for s in scores]
+        host = to_host(scores)
         levels = self.thresholds if thresholds is None else tuple(float(t) for t in thresholds)
         partitions = [
             quadtree_partition([h[b] for h in host], levels, grid) for b in range(images.shape[0])
@@ -85,6 +100,13 @@ class NoMergePolicy(Policy):
     """The plain 16x16 grid: every block scores 0, nothing merges."""
 
     name = "none"
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                sample_seeds: Sequence[int] | None = None, thresholds: Sequence[float] | None = None,
+                budget: float | None = None) -> PolicyOutput:
+        """The grid partition, built on the host without reading anything back from the device."""
+        grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
+        return PolicyOutput(scores=self.score(images, labels), partitions=[grid_partition(grid) for _ in range(images.shape[0])])
 
     def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
         b = images.shape[0]
@@ -199,7 +221,7 @@ class BudgetPolicy(UniformPolicy):
                 budget: float | None = None) -> PolicyOutput:
         grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
         scores = self.score(images, labels)  # deterministic: no per-image randomness to seed
-        host = [s.detach().float().cpu().numpy() for s in scores]
+        host = to_host(scores)
         reduction = self.reduction if budget is None else float(budget)
         parts = [budget_partition([h[b] for h in host], grid, reduction) for b in range(images.shape[0])]
         return PolicyOutput(scores=scores, partitions=parts)

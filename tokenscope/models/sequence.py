@@ -30,17 +30,18 @@ def attention_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def compact(x: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor, sizes: torch.Tensor | None = None,
-            key: torch.Tensor | None = None
+            key: torch.Tensor | None = None, counts: Sequence[int] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
     """Remove the slots not in `keep`, per image, and shrink the padding to the longest image.
 
     The kept slots stay in their order, or, with `key` (B, N), are sorted by it: a merger's
     reference order after its merge.
 
-    Returns the new tokens, ids, validity, per-image counts (a host list: one sync per gate or
-    merge) and, when given, the token sizes in the new order.
+    Returns the new tokens, ids, validity, per-image counts (a host list: read from the device, one
+    synchronisation, unless the caller knows them and passes `counts`) and, when given, the token sizes
+    in the new order.
     """
-    counts = keep.sum(dim=1).tolist()
+    counts = keep.sum(dim=1).tolist() if counts is None else [int(c) for c in counts]
     n = max(counts)
     if key is None:
         order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :n]

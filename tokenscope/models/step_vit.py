@@ -421,7 +421,8 @@ class StepViT(nn.Module):
         scale = float(getattr(self.blocks[block - 1].attn, "scale", 1.0))
         return TokenView(block, x[:, seq.p:], seq.ids, seq.valid, seq.sizes, self._layout(seq), x[:, :seq.p],
                          keys=keys, queries=q, attn_mask=seq.mask if q is not None else None, scale=scale,
-                         class_index=seq.queries if self.cls_token is not None else None)
+                         class_index=seq.queries if self.cls_token is not None else None,
+                         host_counts=tuple(seq.counts), host_initial=tuple(p.num_tokens for p in seq.partitions))
 
     @torch.compiler.disable
     def _between(self, seq: _Sequence, step: Step, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor
@@ -438,7 +439,7 @@ class StepViT(nn.Module):
             patch_part, seq.sizes, seq.owner = apply_merge(x[:, p:], seq.sizes, seq.owner, dec)
             before = sum(seq.counts)
             patch_part, seq.ids, seq.valid, seq.counts, sizes = compact(patch_part, seq.ids, seq.valid & ~dec.merged,
-                                                                        seq.sizes, dec.order)
+                                                                        seq.sizes, dec.order, dec.counts_after)
             seq.sizes = sizes  # type: ignore[assignment]
             seq.weighted = seq.weighted or (seq.setting.size_weighted and sum(seq.counts) < before)
             return torch.cat([x[:, :p], patch_part], dim=1)

@@ -75,6 +75,10 @@ class TokenView:
     """Inside only: the attention's logit scale (1 / sqrt(Dh) for timm's)."""
     class_index: int | None = 0
     """Where the class token sits in `prefix` (after a head's queries, if any); None without one."""
+    host_counts: tuple[int, ...] | None = None
+    """Per image, the real tokens in the slots, known on the host (no device read needed)."""
+    host_initial: tuple[int, ...] | None = None
+    """Per image, the tokens it entered the encoder with, known on the host."""
 
     @property
     def mean_keys(self) -> torch.Tensor:
@@ -102,6 +106,9 @@ class MergeDecision:
     order: torch.Tensor | None = None
     """(B, N) sort key of the slots that stay: the sequence order after the merge (the
     reference's concatenation order); None keeps the current order."""
+    counts_after: tuple[int, ...] | None = None
+    """Per image, the real tokens left after the merge, when the method knows them on the host (a count
+    fixed for the batch): the encoder then compacts without reading the device (no synchronisation)."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -105,7 +106,12 @@ class BipartiteMerger(nn.Module):
         node_max, node_idx = scores.max(dim=-1)
         finite = torch.isfinite(node_max)
         rank = rank_descending(node_max)
-        count = self._count(node_max, finite, valid.sum(dim=1), ctx)
+        host = self._host_count(view)
+        if host is None:
+            count = self._count(node_max, finite, valid.sum(dim=1), ctx)
+        else:  # one count for the batch, known on the host: no read from the device
+            count = torch.where(valid.any(dim=1), torch.full_like(valid[:, 0], host, dtype=torch.long),
+                                torch.zeros_like(valid[:, 0], dtype=torch.long))
         chosen = (rank < count[:, None]) & finite
         merged[:, a_slots] = chosen
         into[:, a_slots] = torch.where(chosen, b_slots[node_idx], into[:, a_slots])
@@ -115,7 +121,23 @@ class BipartiteMerger(nn.Module):
             order[:, a_slots] = a_slots.expand(b, -1) if ctx.class_token else rank
             order[:, b_slots] = n + b_slots
             order = torch.where(count[:, None] > 0, order, _nothing_merged(valid)[1])  # nothing merged: nothing moves
-        return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, flops, order)
+        after = None if host is None else tuple(c - (host if c > 0 else 0) for c in view.host_counts or ())
+        return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, flops, order, after)
+
+    def _host_count(self, view: TokenView) -> int | None:
+        """The batch's one merge count when it follows from numbers the host holds (a fixed r, one count for
+        the batch): the smallest over the images that hold tokens of min(tokens // 2, wanted), wanted being
+        r, or r times the tokens the image entered with (rounded half to even in float32, as the device
+        computes it). None when the count depends on the tokens' values (a threshold)."""
+        if self.r is None or self.count != "batch" or view.host_counts is None or view.host_initial is None:
+            return None
+        counts = []
+        for live, initial in zip(view.host_counts, view.host_initial):
+            if live <= 0:
+                continue
+            wanted = (int(np.round(np.float32(initial) * np.float32(self.r))) if 0 < self.r < 1 else int(self.r))
+            counts.append(min(live // 2, wanted))
+        return min(counts) if counts else 0
 
     def _count(self, node_max: torch.Tensor, finite: torch.Tensor, live: torch.Tensor, ctx: MergeContext
                ) -> torch.Tensor:

@@ -212,6 +212,12 @@ def check_decision(dec: Any, view: TokenView, where: str) -> None:
             ("merges a slot into itself (into)", (merged & (into == own)).any()),
             ("merges into a padding slot (into)", (merged & ~target_valid).any()),
             ("merges into a slot that is itself merged away in the same step", (merged & target_merged).any())]
+        if dec.counts_after is not None:  # a host-side promise the encoder would trust: held to the decision
+            if not isinstance(dec.counts_after, (tuple, list)) or len(dec.counts_after) != b:
+                raise PluginError(f"{where}: its decision's counts_after must be {b} whole numbers, one per image")
+            promised = torch.tensor([int(c) for c in dec.counts_after], device=valid.device)
+            problems.append(("counts_after is not the real tokens its merges leave",
+                             (promised != (view.valid & ~merged).sum(1)).any()))
     else:
         tensor("pruned", dec.pruned, shape, "bool")
         if dec.order is not None:

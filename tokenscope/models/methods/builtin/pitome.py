@@ -19,6 +19,7 @@ does; the reference runs one image size per batch, where both agree.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -59,13 +60,17 @@ class EnergyMerger(nn.Module):
         spread = torch.where(pair, F.elu(sim - self.margin, alpha=self.alpha), torch.zeros_like(sim))
         energy = spread.sum(-1) / live.clamp_min(1).unsqueeze(-1).to(spread.dtype)
         energy = torch.where(valid, energy, torch.full_like(energy, float("-inf")))
-        tokens = live.to(torch.float64)
-        r = torch.floor(tokens - tokens * self.ratio).long()  # the reference's floor(T - T * ratio)
-        r = torch.minimum(r, live // 2)
-        if self.count == "batch":
-            has = live > 0
-            smallest = torch.where(has, r, torch.full_like(r, torch.iinfo(r.dtype).max)).min()
-            r = torch.where(has, smallest.expand_as(r), r)
+        host = self._host_r(view)
+        if host is not None:  # one r for the batch, from counts the host holds: no read from the device
+            r = torch.where(live > 0, torch.full_like(live, host), torch.zeros_like(live))
+        else:
+            tokens = live.to(torch.float64)
+            r = torch.floor(tokens - tokens * self.ratio).long()  # the reference's floor(T - T * ratio)
+            r = torch.minimum(r, live // 2)
+            if self.count == "batch":
+                has = live > 0
+                smallest = torch.where(has, r, torch.full_like(r, torch.iinfo(r.dtype).max)).min()
+                r = torch.where(has, smallest.expand_as(r), r)
         rank = rank_descending(energy)  # 0 = the most energetic (most redundant) token
         candidate = valid & (rank < 2 * r[:, None])
         in_a = candidate & (rank % 2 == 0)
@@ -78,7 +83,15 @@ class EnergyMerger(nn.Module):
         order = torch.where(in_b, n + rank, rank)  # protected by energy, then B (the reference's concatenation)
         d = keys.shape[-1]
         flops = 2 * live * live * d + 2 * r * r * d  # the similarity matrix, then A against B
-        return MergeDecision(self.block, "pitome", view.token_ids, valid, merged, into, flops, order)
+        after = None if host is None else tuple(c - (host if c > 0 else 0) for c in view.host_counts or ())
+        return MergeDecision(self.block, "pitome", view.token_ids, valid, merged, into, flops, order, after)
+
+    def _host_r(self, view: TokenView) -> int | None:
+        """The batch's r from the host's token counts (count=batch), else None."""
+        if self.count != "batch" or view.host_counts is None:
+            return None
+        rs = [min(math.floor(t - t * self.ratio), t // 2) for t in view.host_counts if t > 0]
+        return min(rs) if rs else 0
 
 
 def plan(values: dict[str, Any], facts: ModelFacts) -> Plan:
