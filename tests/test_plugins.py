@@ -265,7 +265,9 @@ def test_every_decision_a_plugin_step_returns_is_checked_before_the_encoder_carr
     GuardedStep(LambdaStep(writes), method)(view)
     assert torch.equal(view.x, before)
     good = _merge(view)
-    assert GuardedStep(LambdaStep(lambda v: good), method)(view) is good
+    passed = GuardedStep(LambdaStep(lambda v: good), method)(view)  # untouched, but for the counted cost
+    assert torch.equal(passed.merged, good.merged) and torch.equal(passed.into, good.into)
+    assert passed.matching_flops.tolist() == [0, 0]  # nothing a counter counts was done
 
 
 class LambdaStep(torch.nn.Module):
@@ -329,3 +331,27 @@ def test_a_run_whose_every_image_failed_is_not_complete(tmp_path: Path) -> None:
     assert r.exit_code == 3, r.output
     manifest = json.loads(next((tmp_path / "o").glob("run-*/run.json")).read_text())
     assert manifest["status"] == "failed"
+
+
+def test_a_plugins_own_flops_are_counted_by_the_counter_in_every_command(tmp_path: Path) -> None:
+    """A plug-in that scores with a matrix product and declares no scoring FLOPs: its trace (what run,
+    sweep and tables read) counts what torch's counter counts for the whole forward (what compare
+    measures), so one operating point has one GFLOPs whichever command reports it."""
+    import tokenscope as ts
+    from tokenscope.data.images import load_prepared
+    from tokenscope.models.cost import measure_flops
+    from tokenscope.trace.capture import images_to_tensor
+
+    rule = _method_file(tmp_path, "similar = view.x.float() @ view.x.float().transpose(1, 2)")
+    assert "scoring_flops" not in rule.read_text()
+    model = ts.load_model("demo", method=f"{rule}:frac=0.3", device="cpu")
+    trace = ts.trace(model, IMAGE, size=96)
+    n, d = trace.block_tokens_in[1], 192  # the tokens the step saw, the demo's width
+    assert trace.meta.flops["pruning"] == 2 * n * n * d
+    x, _ = images_to_tensor([load_prepared(IMAGE, size=96)], torch.device("cpu"))
+    with torch.no_grad():
+        total, _, _ = measure_flops(lambda: model.module(x, setting=model.setting))
+    # what still differs is the decoder: the encoder decodes the pruned tokens' saved features in one pass over
+    # every slot (the counter sees all of them), the trace counts the pruned ones
+    decoded_twice = 2 * d * trace.meta.num_classes * (trace.num_tokens - int((trace.token_pruned_at > 0).sum()))
+    assert trace.meta.flops["total"] + decoded_twice == total

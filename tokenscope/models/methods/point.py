@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from tokenscope.errors import ConfigError
 from tokenscope.models.methods.base import IN_BLOCK_KINDS, Method, ModelFacts, Plan, compose
@@ -160,11 +161,16 @@ class GuardedStep(nn.Module):
                                 ("x", "token_ids", "valid", "sizes", "prefix", "keys", "queries", "attn_mask")
                                 if isinstance(getattr(view, name), torch.Tensor)})
         try:
-            dec = self.inner(copy)
+            with FlopCounterMode(display=False) as counter:
+                dec = self.inner(copy)
         except (Exception, SystemExit) as exc:
             raise PluginError(f"{where} failed: {type(exc).__name__}: {exc}") from None
         check_decision(dec, view, where)
-        return dec
+        # the decision's own cost, as torch's counter sees it, declared or not: every command then counts a
+        # plug-in's scoring the same way (compare's counted forward and run's traces agree)
+        spent = torch.full((view.valid.shape[0],), counter.get_total_flops() // max(view.valid.shape[0], 1),
+                           dtype=torch.long, device=view.valid.device)
+        return replace(dec, scoring_flops=spent) if isinstance(dec, PruneDecision) else replace(dec, matching_flops=spent)
 
 
 def check_decision(dec: Any, view: TokenView, where: str) -> None:
