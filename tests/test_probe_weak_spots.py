@@ -266,3 +266,18 @@ def test_the_explorer_refuses_a_sweep_folder_in_one_line(labelled_run: Path, tmp
     (run / "run.json").write_text(json.dumps(doc))
     r = CliRunner().invoke(app, ["view", str(run)])
     assert r.exit_code == 2 and "explorer shows run and compare folders" in r.output and "Traceback" not in r.output
+
+
+def test_a_ctrl_c_typer_swallows_before_any_work_is_still_said(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import tokenscope.cli as cli
+    from tokenscope import entry
+
+    def typer_caught_it(**kwargs: object) -> None:
+        raise SystemExit(130)  # what typer does with a KeyboardInterrupt it catches itself
+
+    monkeypatch.setattr(cli, "app", typer_caught_it)
+    monkeypatch.setattr(cli, "INTERRUPT_SAID", False)
+    with pytest.raises(SystemExit) as exc:
+        entry.main()
+    assert exc.value.code == 130 and "interrupted before any work began" in capsys.readouterr().err

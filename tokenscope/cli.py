@@ -145,6 +145,10 @@ INTERRUPTED = {
 }
 
 
+INTERRUPT_SAID = False
+"""Whether a Ctrl-C was already said in its command's words (the entry point says it otherwise)."""
+
+
 @contextmanager
 def _user_errors(command: str = "") -> Iterator[None]:
     """User errors and refused writes become one line; a fresh output folder the command could not
@@ -174,6 +178,8 @@ def _user_errors(command: str = "") -> Iterator[None]:
         if kept and "RUN_DIR" in message:  # name the very folder to finish
             message = message.replace("RUN_DIR", shlex.quote(str(kept[-1])))
         err_console.print(f"[bold red]interrupted[/]{escape(message.removeprefix('interrupted'))}", highlight=False)
+        global INTERRUPT_SAID
+        INTERRUPT_SAID = True
         raise typer.Exit(130) from None
 
 
