@@ -79,9 +79,9 @@ def test_bench_json_of_a_method_with_steps_describes_them(tmp_path, method: str)
 
 def test_host_synchronisations_per_forward_are_counted_and_batch_constant_merges_need_none() -> None:
     """One forward of each method on a batch of two, its calls that hand values to the host counted (the
-    calls that synchronise on a GPU). ToMe and PiToMe with one count for the batch, and the plain model,
+    calls that synchronise on a GPU). ToMe and PiToMe with one count for the batch, EViT, and the plain model,
     read nothing back; the others say what they need: a policy's partition (one copy), one per gate,
-    one per data-dependent merge or prune (ALGM's thresholds, EViT's stages)."""
+    one per data-dependent merge (ALGM's thresholds)."""
     from tokenscope.data.images import load_prepared
     from tokenscope.jobs.setup import ModelOptions, load_model
     from tokenscope.models.host_sync import count_host_syncs
@@ -89,7 +89,7 @@ def test_host_synchronisations_per_forward_are_counted_and_batch_constant_merges
     img = load_prepared("sample_images/street_5000001.png", size=128)
     x = torch.from_numpy(img.tensor_rgb)[None].repeat(2, 1, 1, 1)
     expected = {"vit": 0, "tome:r=4": 0, "pitome": 0, "tome:r=0.05": 0, "dcts": 2, "dtop": 2, "step": 4, "algm": 2,
-                "evit": 6, "tome:r=4:count=per-image": 12}
+                "evit": 0, "tome:r=4:count=per-image": 12}
     for method, syncs in expected.items():
         loaded, _ = load_model(ModelOptions(method=method, device="cpu"))
         with torch.no_grad(), count_host_syncs("cpu") as count:

@@ -450,7 +450,7 @@ class StepViT(nn.Module):
             assert seq.context is not None
             scatter_tokens(seq.context, x[:, p:], seq.ids, gone)
             patch_part, seq.ids, seq.valid, seq.counts, sizes = compact(x[:, p:], seq.ids, seq.valid & ~gone,
-                                                                        seq.sizes, dec.order)
+                                                                        seq.sizes, dec.order, dec.counts_after)
             seq.sizes = sizes  # type: ignore[assignment]
             front = x[:, :p]
             if dec.fused is not None and dec.fused.shape[1] > 0:

@@ -128,6 +128,9 @@ class PruneDecision:
     None keeps the current order."""
     scoring_flops: torch.Tensor | None = None
     """(B,) FLOPs the decision itself took, per image."""
+    counts_after: tuple[int, ...] | None = None
+    """Per image, the real tokens staying in the slots, when the method knows them on the host: the encoder
+    then compacts without reading the device (no synchronisation)."""
 
 
 Decision = MergeDecision | PruneDecision

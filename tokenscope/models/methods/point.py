@@ -225,7 +225,13 @@ def check_decision(dec: Any, view: TokenView, where: str) -> None:
             problems.append(("counts_after is not the real tokens its merges leave",
                              (promised != (view.valid & ~merged).sum(1)).any()))
     else:
-        tensor("pruned", dec.pruned, shape, "bool")
+        pruned = tensor("pruned", dec.pruned, shape, "bool")
+        if dec.counts_after is not None:
+            if not isinstance(dec.counts_after, (tuple, list)) or len(dec.counts_after) != b:
+                raise PluginError(f"{where}: its decision's counts_after must be {b} whole numbers, one per image")
+            promised = torch.tensor([int(c) for c in dec.counts_after], device=valid.device)
+            problems.append(("counts_after is not the real tokens that stay",
+                             (promised != (view.valid & ~pruned).sum(1)).any()))
         if dec.order is not None:
             tensor("order", dec.order, shape, "number")
         if dec.scoring_flops is not None:

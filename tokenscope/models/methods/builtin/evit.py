@@ -18,6 +18,7 @@ Differences, for segmentation (documented in docs/methods.md):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -68,13 +69,16 @@ class AttentiveTokens(nn.Module):
         kept = valid & (rank < left[:, None])
         pruned = valid & ~kept
         fused = None
-        if self.fuse and bool(pruned.any()):
+        stay = None if view.host_counts is None else tuple(math.ceil(c * self.rate) if c > 0 else 0
+                                                           for c in view.host_counts)  # = `left`, from the host
+        any_pruned = bool(pruned.any()) if stay is None else any(s < c for s, c in zip(stay, view.host_counts or ()))
+        if self.fuse and any_pruned:
             weight = torch.where(pruned, cls_attn, torch.zeros_like(cls_attn)).to(view.x.dtype)
             fused = (view.x * weight.unsqueeze(-1)).sum(dim=1, keepdim=True)
         heads, n, dh = view.keys.shape[1], view.keys.shape[2], view.keys.shape[3]
         flops = torch.full_like(live, 2 * heads * n * dh)
         return PruneDecision(self.block, "evit", view.token_ids, valid, pruned, fused, order=rank,
-                             scoring_flops=flops)
+                             scoring_flops=flops, counts_after=stay)
 
 
 def plan(values: dict[str, Any], facts: ModelFacts) -> Plan:
