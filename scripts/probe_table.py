@@ -1035,8 +1035,8 @@ def killed_compare_then_read() -> Outcome:
                       "--methods", "step,tome,algm", "--size", "256", "--out", "k9/cmp")
     killed = execute(argv, 120, interrupt=(signal.SIGKILL, 12))
     left = [p for p in (W / "k9" / "cmp").glob("compare-*")]
-    if killed.rc != -signal.SIGKILL or not left:
-        return Outcome(0, "the compare finished before the kill, or left nothing: nothing to read back")
+    if killed.rc != -signal.SIGKILL or not left or (left[0] / "run.json").exists():
+        return Outcome(0, "the compare had finished its folder before the kill, or left nothing: nothing half-written")
     view = execute(tokenscope("view", str(left[0])), 60)
     table = execute(tokenscope("table", str(left[0])), 60)
     both = view.rc not in (0, None) and table.rc not in (0, None) and first_error(view.out) and first_error(table.out)

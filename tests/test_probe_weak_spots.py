@@ -244,7 +244,7 @@ def test_ctrl_c_in_a_run_names_the_folder_to_resume(tmp_path: Path, monkeypatch:
 
 def test_python_dash_m_starts_through_the_same_guarded_entry_point() -> None:
     main = (ROOT / "tokenscope" / "__main__.py").read_text()
-    assert "from tokenscope.entry import main" in main and "tokenscope.cli" not in main
+    assert "from tokenscope.entry import main" in main and "tokenscope.cli" not in main and "KeyboardInterrupt" in main
 
 
 def test_a_table_with_text_where_numbers_belong_is_one_line(tmp_path: Path) -> None:
@@ -281,3 +281,25 @@ def test_a_ctrl_c_typer_swallows_before_any_work_is_still_said(monkeypatch: pyte
     with pytest.raises(SystemExit) as exc:
         entry.main()
     assert exc.value.code == 130 and "interrupted before any work began" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_a_library_turns_into_another_error_is_still_an_interruption(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib, interrupted while drawing, raises ValueError('Invalid affine transformation matrix')
+    instead of KeyboardInterrupt: the command still says it was interrupted (exit 130), not a traceback."""
+    import os
+    import signal
+
+    from tokenscope import api
+
+    def drawing(*args: object, **kwargs: object) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            raise ValueError("Invalid affine transformation matrix") from None
+
+    monkeypatch.setattr(api, "run", drawing)
+    r = CliRunner().invoke(app, ["run", str(IMAGE), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 130 and "interrupted" in r.output and r.exception is not None
+    assert not isinstance(r.exception, ValueError)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

@@ -153,15 +153,22 @@ INTERRUPT_SAID = False
 def _user_errors(command: str = "") -> Iterator[None]:
     """User errors and refused writes become one line; a fresh output folder the command could not
     finish (no run.json yet) is taken away, so nothing half-written looks like a result. Running out of
-    memory is one line too (a decompression bomb, an image too large for this machine)."""
+    memory is one line too (a decompression bomb, an image too large for this machine). A Ctrl-C is said
+    in the command's words, also when it landed inside a library that turned it into another error (a
+    figure being drawn when it came raises matplotlib's ValueError instead)."""
     from tokenscope import storage
 
+    pressed = _watch_ctrl_c()
     try:
         yield
     except TokenscopeError as exc:
         storage.discard_incomplete()
         _fail(exc)
+    except KeyboardInterrupt:
+        _say_interrupted(command)
     except OSError as exc:
+        if pressed.is_set():
+            _say_interrupted(command)
         if not storage.is_storage_error(exc):
             raise  # a bug: keep its traceback
         storage.discard_incomplete()
@@ -170,17 +177,57 @@ def _user_errors(command: str = "") -> Iterator[None]:
         storage.discard_incomplete()
         _fail(TokenscopeError("out of memory: the input (an image, a trace, a batch) is too large for this machine; "
                               "try a smaller --size or --batch, or fewer images at once"))
-    except KeyboardInterrupt:
-        kept = storage.resumable_folders()
-        removed = storage.discard_incomplete()
-        message = INTERRUPTED.get(command, "interrupted; nothing unfinished was kept"
-                                  + (f" ({len(removed)} unfinished folder(s) removed)" if removed else ""))
-        if kept and "RUN_DIR" in message:  # name the very folder to finish
-            message = message.replace("RUN_DIR", shlex.quote(str(kept[-1])))
-        err_console.print(f"[bold red]interrupted[/]{escape(message.removeprefix('interrupted'))}", highlight=False)
-        global INTERRUPT_SAID
-        INTERRUPT_SAID = True
-        raise typer.Exit(130) from None
+    except Exception:
+        if pressed.is_set():  # the Ctrl-C, seen by the library as something else
+            _say_interrupted(command)
+        raise  # a bug: keep its traceback
+    finally:
+        _stop_watching(pressed)
+
+
+def _watch_ctrl_c() -> threading.Event:
+    """Note every Ctrl-C (SIGINT) while a command works, then raise KeyboardInterrupt as Python does."""
+    import signal
+
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return pressed
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        pressed.set()
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGINT, on_ctrl_c)
+    except ValueError:  # not the main thread of the main interpreter
+        return pressed
+    pressed.previous = previous  # type: ignore[attr-defined]
+    return pressed
+
+
+def _stop_watching(pressed: threading.Event) -> None:
+    import signal
+
+    previous = getattr(pressed, "previous", None)
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, previous)
+
+
+def _say_interrupted(command: str) -> None:
+    """The command's one line after a Ctrl-C (what was kept, how to go on), then exit 130."""
+    from tokenscope import storage
+
+    kept = storage.resumable_folders()
+    removed = storage.discard_incomplete()
+    message = INTERRUPTED.get(command, "interrupted; nothing unfinished was kept"
+                              + (f" ({len(removed)} unfinished folder(s) removed)" if removed else ""))
+    if kept and "RUN_DIR" in message:  # name the very folder to finish
+        message = message.replace("RUN_DIR", shlex.quote(str(kept[-1])))
+    err_console.print(f"[bold red]interrupted[/]{escape(message.removeprefix('interrupted'))}", highlight=False)
+    global INTERRUPT_SAID
+    INTERRUPT_SAID = True
+    raise typer.Exit(130) from None
 
 
 @contextmanager
