@@ -67,7 +67,7 @@ def model_alone(clip: Path, loaded, device: torch.device) -> float:  # type: ign
         for index in range(info.frames):
             prepared = prepare_image(reader.frame(index), f"{clip}#frame={index}", patch=patch)
             x, _ = images_to_tensor([prepared], device)
-            out = model(x, None)
+            out = model(x, None, setting=loaded.setting)  # the operating point the run resolved
             segment(out.patch_logits, prepared.padded_hw, prepared.input_hw)[0].cpu().numpy()
     synchronize(device)
     reader.close()
