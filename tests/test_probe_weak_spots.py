@@ -299,7 +299,11 @@ def test_a_ctrl_c_a_library_turns_into_another_error_is_still_an_interruption(tm
             raise ValueError("Invalid affine transformation matrix") from None
 
     monkeypatch.setattr(api, "run", drawing)
-    r = CliRunner().invoke(app, ["run", str(IMAGE), "--out", str(tmp_path / "o")])
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (CI may run with it ignored)
+    try:
+        r = CliRunner().invoke(app, ["run", str(IMAGE), "--out", str(tmp_path / "o")])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert r.exit_code == 130 and "interrupted" in r.output and r.exception is not None
     assert not isinstance(r.exception, ValueError)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

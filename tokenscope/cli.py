@@ -193,6 +193,8 @@ def _watch_ctrl_c() -> threading.Event:
     if threading.current_thread() is not threading.main_thread():
         return pressed
     previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # started with Ctrl-C ignored (a background job): leave it so
+        return pressed
 
     def on_ctrl_c(signum: int, frame: Any) -> None:
         pressed.set()
