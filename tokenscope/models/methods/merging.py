@@ -58,7 +58,15 @@ def _normalise(metric: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid.unsqueeze(-1), metric, torch.zeros_like(metric))
 
 
-def _batch_count(count: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+def counts_after_merging(host_counts: tuple[int, ...] | None, merged: int | None) -> tuple[int, ...] | None:
+    """Per image, the real tokens left when every image that holds tokens merges `merged` of them (one count
+    for the batch, known on the host); None when the count is not known there."""
+    if merged is None or host_counts is None:
+        return None
+    return tuple(c - (merged if c > 0 else 0) for c in host_counts)
+
+
+def batch_count(count: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """The reference's one count for a batch: the smallest over the images that still hold
     tokens (an image whose tokens all exited does not stop the others merging)."""
     has = live > 0
@@ -121,7 +129,7 @@ class BipartiteMerger(nn.Module):
             order[:, a_slots] = a_slots.expand(b, -1) if ctx.class_token else rank
             order[:, b_slots] = n + b_slots
             order = torch.where(count[:, None] > 0, order, _nothing_merged(valid)[1])  # nothing merged: nothing moves
-        after = None if host is None else tuple(c - (host if c > 0 else 0) for c in view.host_counts or ())
+        after = counts_after_merging(view.host_counts, host)
         return MergeDecision(self.block, self.kind, token_ids, valid, merged, into, flops, order, after)
 
     def _host_count(self, view: TokenView) -> int | None:
@@ -150,7 +158,7 @@ class BipartiteMerger(nn.Module):
             threshold = (self._adaptive_threshold(node_max, finite, ctx) if self.threshold is None
                          else node_max.new_full((node_max.shape[0],), float(self.threshold)))
             count = ((node_max >= threshold[:, None]) & finite).sum(1)
-        return _batch_count(count, live) if self.count == "batch" else count
+        return batch_count(count, live) if self.count == "batch" else count
 
     def _adaptive_threshold(self, node_max: torch.Tensor, finite: torch.Tensor, ctx: MergeContext) -> torch.Tensor:
         """ALGM's: mean + (unbiased) std / block of the best similarities. The reference leaves the
@@ -206,7 +214,7 @@ class LocalWindowMerger(nn.Module):
         passing = ok & (similarity >= self.threshold)
         count = passing.sum(1)
         if self.count == "batch":
-            count = _batch_count(count, valid.sum(1))
+            count = batch_count(count, valid.sum(1))
         rank = rank_descending(torch.where(passing, similarity, torch.full_like(similarity, float("-inf"))))
         chosen = passing & (rank < count[:, None])
         src = slots[..., :3].reshape(b, -1)  # three slots of each window merge into the fourth

@@ -201,12 +201,13 @@ def check_decision(dec: Any, view: TokenView, where: str) -> None:
     problems: list[tuple[str, torch.Tensor]] = [
         ("token_ids are not the slots' token ids it was shown (view.token_ids)", (ids != view.token_ids).any()),
         ("valid is not the valid mask it was shown (view.valid)", (valid != view.valid).any())]
+    if dec.order is not None:
+        tensor("order", dec.order, shape, "number")
     if isinstance(dec, MergeDecision):
         merged = tensor("merged", dec.merged, shape, "bool")
+        leaving = merged
         into = tensor("into", dec.into, shape, "int")
         tensor("matching_flops", dec.matching_flops, (b,), "number")
-        if dec.order is not None:
-            tensor("order", dec.order, shape, "number")
         inside = (into >= 0) & (into < n)
         safe = into.clamp(0, max(n - 1, 0))
         target_merged = merged.gather(1, safe) if n else merged
@@ -218,22 +219,8 @@ def check_decision(dec: Any, view: TokenView, where: str) -> None:
             ("merges a slot into itself (into)", (merged & (into == own)).any()),
             ("merges into a padding slot (into)", (merged & ~target_valid).any()),
             ("merges into a slot that is itself merged away in the same step", (merged & target_merged).any())]
-        if dec.counts_after is not None:  # a host-side promise the encoder would trust: held to the decision
-            if not isinstance(dec.counts_after, (tuple, list)) or len(dec.counts_after) != b:
-                raise PluginError(f"{where}: its decision's counts_after must be {b} whole numbers, one per image")
-            promised = torch.tensor([int(c) for c in dec.counts_after], device=valid.device)
-            problems.append(("counts_after is not the real tokens its merges leave",
-                             (promised != (view.valid & ~merged).sum(1)).any()))
     else:
-        pruned = tensor("pruned", dec.pruned, shape, "bool")
-        if dec.counts_after is not None:
-            if not isinstance(dec.counts_after, (tuple, list)) or len(dec.counts_after) != b:
-                raise PluginError(f"{where}: its decision's counts_after must be {b} whole numbers, one per image")
-            promised = torch.tensor([int(c) for c in dec.counts_after], device=valid.device)
-            problems.append(("counts_after is not the real tokens that stay",
-                             (promised != (view.valid & ~pruned).sum(1)).any()))
-        if dec.order is not None:
-            tensor("order", dec.order, shape, "number")
+        leaving = tensor("pruned", dec.pruned, shape, "bool")
         if dec.scoring_flops is not None:
             tensor("scoring_flops", dec.scoring_flops, (b,), "number")
         if dec.fused is not None:
@@ -243,6 +230,11 @@ def check_decision(dec: Any, view: TokenView, where: str) -> None:
                 raise PluginError(f"{where}: its decision's fused tokens must be a tensor (B={b}, F, D={width}), got {got}")
             tensor("fused", dec.fused, tuple(dec.fused.shape), "float")
             problems.append(("fused tokens hold NaN or infinite values", ~torch.isfinite(dec.fused).all()))
+    if dec.counts_after is not None:  # a host-side promise the encoder would trust: held to the decision
+        if not isinstance(dec.counts_after, (tuple, list)) or len(dec.counts_after) != b:
+            raise PluginError(f"{where}: its decision's counts_after must be {b} whole numbers, one per image")
+        promised = torch.tensor([int(c) for c in dec.counts_after], device=valid.device)
+        problems.append(("counts_after is not the real tokens left after it", (promised != (view.valid & ~leaving).sum(1)).any()))
     flags = torch.stack([p.reshape(()) for _, p in problems]).cpu().tolist()  # the one synchronisation
     for (what, _), bad in zip(problems, flags):
         if bad:

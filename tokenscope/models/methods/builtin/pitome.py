@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenscope.models.methods.base import Method, ModelFacts, Plan, Reference, Setting, on_off
+from tokenscope.models.methods.merging import batch_count, counts_after_merging
 from tokenscope.models.sequence import rank_descending
 from tokenscope.models.steps import MergeDecision, Step, TokenView
 
@@ -68,9 +69,7 @@ class EnergyMerger(nn.Module):
             r = torch.floor(tokens - tokens * self.ratio).long()  # the reference's floor(T - T * ratio)
             r = torch.minimum(r, live // 2)
             if self.count == "batch":
-                has = live > 0
-                smallest = torch.where(has, r, torch.full_like(r, torch.iinfo(r.dtype).max)).min()
-                r = torch.where(has, smallest.expand_as(r), r)
+                r = batch_count(r, live)
         rank = rank_descending(energy)  # 0 = the most energetic (most redundant) token
         candidate = valid & (rank < 2 * r[:, None])
         in_a = candidate & (rank % 2 == 0)
@@ -83,7 +82,7 @@ class EnergyMerger(nn.Module):
         order = torch.where(in_b, n + rank, rank)  # protected by energy, then B (the reference's concatenation)
         d = keys.shape[-1]
         flops = 2 * live * live * d + 2 * r * r * d  # the similarity matrix, then A against B
-        after = None if host is None else tuple(c - (host if c > 0 else 0) for c in view.host_counts or ())
+        after = counts_after_merging(view.host_counts, host)
         return MergeDecision(self.block, "pitome", view.token_ids, valid, merged, into, flops, order, after)
 
     def _host_r(self, view: TokenView) -> int | None:
