@@ -11,28 +11,13 @@ as context; only the rest exit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
+from tokenscope.models.steps import ExitDecision
 
-@dataclass
-class GateDecision:
-    """What one gate saw and decided, for the tokens that reached it.
-
-    All tensors are (B, N[, C]) over the sequence slots that entered the gate; `token_ids` says
-    which partition token sits in each slot (-1 for padding), `exits` which ones leave here.
-    """
-
-    after_block: int
-    logits: torch.Tensor
-    confidence: torch.Tensor
-    predicted: torch.Tensor
-    exits: torch.Tensor
-    token_ids: torch.Tensor
-    held: torch.Tensor | None = None
-    """(B, N) tokens that qualified but were held back by the keep-per-class rule."""
+GateDecision = ExitDecision
+"""A gate decides what any exit step decides (models/steps.py): one type, one path in the encoder."""
 
 
 def hold_back_per_class(candidates: torch.Tensor, confidence: torch.Tensor, predicted: torch.Tensor,
@@ -73,7 +58,7 @@ class ExitGate(nn.Module):
         return self.head(self.norm(x))
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor, allow_exit: bool = True,
-                threshold: float | None = None, keep_per_class: int | None = None) -> GateDecision:
+                threshold: float | None = None, keep_per_class: int | None = None) -> ExitDecision:
         """`threshold` and `keep_per_class` are the operating point's (the gate's own when None): values
         passed in, never set on the gate."""
         logits = self.classify(x)
@@ -82,4 +67,4 @@ class ExitGate(nn.Module):
         candidates = valid & (conf >= limit) if allow_exit else torch.zeros_like(valid)
         held = hold_back_per_class(candidates, conf, pred, self.keep_per_class if keep_per_class is None
                                    else int(keep_per_class))
-        return GateDecision(self.after_block, logits, conf, pred, candidates & ~held, token_ids, held)
+        return ExitDecision(self.after_block, "gate", token_ids, valid, candidates & ~held, logits, held)

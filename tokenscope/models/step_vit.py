@@ -29,7 +29,7 @@ from tokenscope.errors import ConfigError
 from tokenscope.models.decoders import build_decoder
 from tokenscope.models.encoder_block import EncoderBlock, is_plain_block
 from tokenscope.models.eomt import pixel_scores
-from tokenscope.models.exits import ExitGate, GateDecision
+from tokenscope.models.exits import ExitGate
 from tokenscope.models.attention import size_weighted_mask
 from tokenscope.models.partition import MAX_LEVEL, Partition
 from tokenscope.models.policy import (
@@ -43,7 +43,16 @@ from tokenscope.models.policy import (
 from tokenscope.models.registry import StepConfig
 from tokenscope.models.sequence import attention_dtype, attention_mask, by_owner, compact, pool_to_tokens, token_grid, unmerge
 from tokenscope.models.slots import scatter_tokens
-from tokenscope.models.steps import Layout, MergeDecision, PruneDecision, Step, TokenView, apply_merge
+from tokenscope.models.steps import (
+    ExitDecision,
+    Layout,
+    MergeDecision,
+    PruneDecision,
+    ReconstructionView,
+    Step,
+    TokenView,
+    apply_merge,
+)
 from tokenscope.models.superpatch import SuperpatchEmbed
 
 
@@ -101,11 +110,14 @@ class ReductionSetting:
     """Proportional attention once a merge made a token stand for several."""
     record: dict[str, Any] = field(default_factory=dict, hash=False)
     """What traces record of the method's steps (`merging`, `pruning`)."""
+    reconstruction: nn.Module | None = None
+    """How the reduced tokens become the decoder's full grid (models/steps.py `ReconstructionView`);
+    None: every merged token takes the prediction of the token it merged into."""
 
     def plain(self) -> "ReductionSetting":
         """This setting without any reduction: plain grid, no exits, no steps (`vit`)."""
         return dataclasses.replace(self, policy="none", exits=False, steps=(), policies=(), size_weighted=False,
-                                   record={}, method="vit")
+                                   record={}, method="vit", reconstruction=None)
 
     def to(self, device: torch.device | str) -> "ReductionSetting":
         """The same setting with the modules it brings (steps, a policy) on `device`."""
@@ -113,11 +125,22 @@ class ReductionSetting:
             step.module.to(device)
         for _, module in self.policies:
             module.to(device)
+        if self.reconstruction is not None:
+            self.reconstruction.to(device)
         return self
 
     @property
     def merging(self) -> bool:
         return any(s.does == "merge" for s in self.steps)
+
+    @property
+    def exit_steps(self) -> tuple[Step, ...]:
+        """The method's own exit steps (the model's gates act through `exits`)."""
+        return tuple(s for s in self.steps if s.does == "exit")
+
+    def exit_blocks(self, gates: Sequence[int]) -> tuple[int, ...]:
+        """Blocks after which tokens may exit: the model's `gates` when exits are on, and every exit step's."""
+        return tuple(sorted(set(gates if self.exits else ()) | {s.block for s in self.exit_steps}))
 
     @property
     def pruning(self) -> bool:
@@ -129,7 +152,8 @@ class ReductionSetting:
                 "exit_threshold": self.exit_threshold, "keep_per_class": self.keep_per_class, "budget": self.budget,
                 "method": self.method, "size_weighted": self.size_weighted, "record": dict(self.record),
                 "steps": [{"block": s.block, "place": s.place, "name": s.name, "does": s.does} for s in self.steps],
-                "policies": [name for name, _ in self.policies]}
+                "policies": [name for name, _ in self.policies],
+                "reconstruction": None if self.reconstruction is None else type(self.reconstruction).__name__}
 
 
 @dataclass
@@ -159,6 +183,8 @@ class _Sequence:
     """Queries of a head inside the encoder, at the very front once they joined."""
     setting: ReductionSetting | None = None
     """The operating point this pass runs."""
+    restores: list[tuple[int, object]] = field(default_factory=list)
+    """What merging steps left for the setting's reconstruction, by block."""
 
     @property
     def t_max(self) -> int:
@@ -268,6 +294,10 @@ class StepViT(nn.Module):
         if len(inside) != len(set(inside)):
             raise ConfigError(f"two steps act inside block {max(inside, key=inside.count)}; one method may act "
                               "inside a block (the attention's queries and keys are its)")
+        late = sorted({s.block for s in setting.exit_steps if self.joins_at and s.block >= self.joins_at})
+        if late:
+            raise ConfigError(f"exit steps after blocks {late} sit inside the query blocks ({self.joins_at}..{self.depth}) "
+                              f"of {self.cfg.name}; tokens may exit before them")
         names = [s.name for s in steps]
         if len(names) != len(set(names)):
             raise ConfigError(f"two steps are named {max(names, key=names.count)!r}; step names must differ")
@@ -317,6 +347,10 @@ class StepViT(nn.Module):
         if max(seq.counts) > 0:
             scatter_tokens(seq.context, seq.x[:, seq.p:], seq.ids, seq.valid)
         feats = self.norm(by_owner(seq.context, owner)[:, :t_max])
+        rebuilt = self._reconstruct(seq)
+        if rebuilt is not None:
+            reached = by_owner(seq.exit_block, owner)[:, :t_max] == self.depth
+            feats = torch.where(reached.unsqueeze(-1), rebuilt.to(feats.dtype), feats)
         grid = unmerge(feats, seq.grid_ids)
         mask_logits, class_logits = self.decoder.masks(self.norm(seq.x[:, :seq.queries]), grid)
         gh, gw = grid.shape[-2:]
@@ -422,7 +456,8 @@ class StepViT(nn.Module):
         return TokenView(block, x[:, seq.p:], seq.ids, seq.valid, seq.sizes, self._layout(seq), x[:, :seq.p],
                          keys=keys, queries=q, attn_mask=seq.mask if q is not None else None, scale=scale,
                          class_index=seq.queries if self.cls_token is not None else None,
-                         host_counts=tuple(seq.counts), host_initial=tuple(p.num_tokens for p in seq.partitions))
+                         host_counts=tuple(seq.counts), host_initial=tuple(p.num_tokens for p in seq.partitions),
+                         num_classes=int(self.decoder.num_classes))
 
     @torch.compiler.disable
     def _between(self, seq: _Sequence, step: Step, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor
@@ -436,6 +471,8 @@ class StepViT(nn.Module):
                    ) -> torch.Tensor:
         p = seq.p
         if isinstance(dec, MergeDecision) and step.does == "merge" and seq.owner is not None:
+            if dec.restore is not None:
+                seq.restores.append((step.block, dec.restore))
             patch_part, seq.sizes, seq.owner = apply_merge(x[:, p:], seq.sizes, seq.owner, dec)
             before = sum(seq.counts)
             patch_part, seq.ids, seq.valid, seq.counts, sizes = compact(patch_part, seq.ids, seq.valid & ~dec.merged,
@@ -457,37 +494,63 @@ class StepViT(nn.Module):
                 front = torch.cat([front, dec.fused.to(x.dtype)], dim=1)
                 seq.p += dec.fused.shape[1]
             return torch.cat([front, patch_part], dim=1)
+        if isinstance(dec, ExitDecision) and step.does == "exit":
+            return self._exit(seq, x, dec)
         raise ConfigError(f"step {step.name!r} in block {step.block} returned {type(dec).__name__}, which its "
                           f"declared kind ({step.does}) does not allow; a step returns "
-                          "a MergeDecision or a PruneDecision (models/steps.py)")
+                          "a MergeDecision, a PruneDecision or an ExitDecision (models/steps.py)")
 
     def _after_block(self, seq: _Sequence, k: int, return_aux: bool) -> None:
-        """The exit gate after block k (if any), then the method's steps placed after it."""
+        """After block k: the model's gate (when the setting's exits are on, or for deep supervision),
+        then the steps placed after it, in order. Gates and exit steps leave through one path."""
         gate = self.gates[str(k)] if str(k) in self.gates else None
         if gate is not None and (seq.setting.exits or return_aux) and max(seq.counts) > 0:
-            self._exit(seq, gate, k, return_aux)
+            setting = seq.setting
+            dec = gate(seq.x[:, seq.p:], seq.ids, seq.valid, allow_exit=setting.exits,
+                       threshold=setting.exit_threshold, keep_per_class=setting.keep_per_class)
+            if return_aux:
+                full = dec.logits.new_zeros((seq.x.shape[0], seq.t_max + 1, seq.token_logits.shape[-1]))
+                scatter_tokens(full, dec.logits, seq.ids, seq.valid)
+                seq.aux[k] = unmerge(by_owner(full, seq.owner)[:, :seq.t_max], seq.grid_ids)
+            if setting.exits:
+                seq.x = self._exit(seq, seq.x, dec)
         for step in seq.setting.steps:
             if step.place == "after" and step.block == k and max(seq.counts) > 0:
                 seq.x = self._carry_out(seq, seq.x, step.module(self._view(seq, k, seq.x)), step)
 
-    def _exit(self, seq: _Sequence, gate: nn.Module, k: int, return_aux: bool) -> None:
-        p, x = seq.p, seq.x
-        setting = seq.setting
-        dec: GateDecision = gate(x[:, p:], seq.ids, seq.valid, allow_exit=setting.exits,
-                                 threshold=setting.exit_threshold, keep_per_class=setting.keep_per_class)
-        if return_aux:
-            full = dec.logits.new_zeros((x.shape[0], seq.t_max + 1, seq.token_logits.shape[-1]))
-            scatter_tokens(full, dec.logits, seq.ids, seq.valid)
-            seq.aux[k] = unmerge(by_owner(full, seq.owner)[:, :seq.t_max], seq.grid_ids)
-        if not setting.exits:
-            return
-        scatter_tokens(seq.token_logits, dec.logits, seq.ids, dec.exits)
-        scatter_tokens(seq.exit_block, torch.full_like(seq.ids, k), seq.ids, dec.exits)
+    def _exit(self, seq: _Sequence, x: torch.Tensor, dec: ExitDecision) -> torch.Tensor:
+        """Tokens leave with the decision's logits as their final prediction (a gate's or a step's)."""
+        p = seq.p
+        gone = dec.exits & seq.valid
+        scatter_tokens(seq.token_logits, dec.logits.to(seq.token_logits.dtype), seq.ids, gone)
+        scatter_tokens(seq.exit_block, torch.full_like(seq.ids, dec.block), seq.ids, gone)
         if seq.context is not None:
-            scatter_tokens(seq.context, x[:, p:], seq.ids, dec.exits)
-        patch_part, seq.ids, seq.valid, seq.counts, sizes = compact(x[:, p:], seq.ids, seq.valid & ~dec.exits, seq.sizes)
+            scatter_tokens(seq.context, x[:, p:], seq.ids, gone)
+        patch_part, seq.ids, seq.valid, seq.counts, sizes = compact(x[:, p:], seq.ids, seq.valid & ~gone, seq.sizes)
         seq.sizes = sizes  # type: ignore[assignment]
-        seq.x = torch.cat([x[:, :p], patch_part], dim=1)
+        return torch.cat([x[:, :p], patch_part], dim=1)
+
+    def _reconstruct(self, seq: _Sequence) -> torch.Tensor | None:
+        """(B, T, D) normalised features of every trace token from the setting's reconstruction, or None
+        (no reconstruction, or nothing merged). It sees the tokens that reached the end by trace id and
+        what its merging steps left; a wrong shape or a failure is one line."""
+        recon = seq.setting.reconstruction
+        if recon is None or seq.owner is None:
+            return None
+        b, t_max, p = seq.x.shape[0], seq.t_max, seq.p
+        final = self.norm(seq.x)[:, p:]
+        tokens = final.new_zeros((b, t_max + 1, final.shape[-1]))
+        reached = torch.zeros((b, t_max + 1), dtype=torch.bool, device=final.device)
+        if max(seq.counts) > 0:
+            scatter_tokens(tokens, final, seq.ids, seq.valid)
+            scatter_tokens(reached, seq.valid, seq.ids, seq.valid)
+        out = recon(ReconstructionView(tokens[:, :t_max], reached[:, :t_max], tuple(seq.restores)))
+        want = (b, t_max, final.shape[-1])
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or not out.dtype.is_floating_point:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(f"the reconstruction of {seq.setting.method or 'this method'} returned {got}; it must "
+                              f"return floating-point features of every token, shape {want}")
+        return out
 
     def decode(self, seq: _Sequence, images: torch.Tensor, return_aux: bool = False) -> StepOutput:
         """Every token's logits: the decoder's for those that reached the end or were pruned (from the
@@ -499,7 +562,20 @@ class StepViT(nn.Module):
         token_logits = seq.token_logits
         exit_block = by_owner(seq.exit_block, owner)  # every token takes what the token standing for it ended with
         pruned = None if seq.pruned is None else by_owner(seq.pruned, owner)[:, :t_max]
-        if self.decoder.needs_context:
+        rebuilt = self._reconstruct(seq)
+        if rebuilt is not None:  # the method's reconstruction gives every token features of its own
+            from_decoder = exit_block[:, :t_max] == self.depth
+            if pruned is not None:
+                from_decoder = from_decoder | pruned
+            features = rebuilt
+            if seq.context is not None:
+                features = torch.where((exit_block[:, :t_max] == self.depth).unsqueeze(-1), rebuilt,
+                                       self.norm(by_owner(seq.context, owner)[:, :t_max]).to(rebuilt.dtype))
+            decoded = self.decoder(features, seq.all_valid)
+            token_logits = by_owner(token_logits, owner)
+            token_logits = torch.cat([torch.where(from_decoder.unsqueeze(-1), decoded.to(token_logits.dtype),
+                                                  token_logits[:, :t_max]), token_logits[:, t_max:]], dim=1)
+        elif self.decoder.needs_context:
             assert seq.context is not None
             if max(seq.counts) > 0:
                 scatter_tokens(seq.context, seq.x[:, p:], seq.ids, seq.valid)

@@ -8,7 +8,10 @@ A step only decides; the encoder carries the decision out, the same way for ever
 - `MergeDecision`: which slots are averaged into which (weighted by token size);
 - `PruneDecision`: which slots leave the sequence here. A pruned token keeps the features it had
   when pruned, and the decoder predicts it from them at the end (DToP's reassembly); optional
-  `fused` tokens (EViT's) join the sequence as extra tokens that are never image tokens.
+  `fused` tokens (EViT's) join the sequence as extra tokens that are never image tokens;
+- `ExitDecision`: which slots leave here *with a prediction of the step's own* (logits over the
+  model's classes), final for them: an early exit, accounted as one (the model's trained gates
+  decide the same way, through the same path).
 
 Steps are modules an operating point (a ReductionSetting) carries, not parts of the model: the
 recorder hooks them, so a forward hook sees every decision while the model stays unaware of being
@@ -26,7 +29,7 @@ import torch.nn as nn
 from tokenscope.models.slots import scatter_tokens
 
 PLACES = ("inside", "after")
-KINDS = ("merge", "prune")
+KINDS = ("merge", "prune", "exit")
 
 
 @dataclass
@@ -79,6 +82,8 @@ class TokenView:
     """Per image, the real tokens in the slots, known on the host (no device read needed)."""
     host_initial: tuple[int, ...] | None = None
     """Per image, the tokens it entered the encoder with, known on the host."""
+    num_classes: int = 0
+    """Classes of the model's predictions: the width of an exit step's logits."""
 
     @property
     def mean_keys(self) -> torch.Tensor:
@@ -109,6 +114,12 @@ class MergeDecision:
     counts_after: tuple[int, ...] | None = None
     """Per image, the real tokens left after the merge, when the method knows them on the host (a count
     fixed for the batch): the encoder then compacts without reading the device (no synchronisation)."""
+    values: torch.Tensor | None = None
+    """(B, N, D) the features the slots that stay take, when the method computes them itself (soft
+    clustering's centres); None: each target becomes the size-weighted mean of what merged into it."""
+    restore: object = None
+    """What the method's reconstruction needs from this step (see `ReconstructionView`); the encoder
+    keeps it for the end of the pass and never reads it."""
 
 
 @dataclass
@@ -133,7 +144,55 @@ class PruneDecision:
     then compacts without reading the device (no synchronisation)."""
 
 
-Decision = MergeDecision | PruneDecision
+@dataclass
+class ExitDecision:
+    """What one exit step (or one of the model's gates) decided: `exits` (B, N) slots leave the
+    sequence here and `logits` (B, N, C) become their final prediction. `logits` covers every slot
+    the step saw (a gate classifies them all; deep supervision trains on that)."""
+
+    block: int
+    kind: str
+    token_ids: torch.Tensor
+    valid: torch.Tensor
+    exits: torch.Tensor
+    logits: torch.Tensor
+    held: torch.Tensor | None = None
+    """(B, N) tokens that qualified but were held back in the sequence as context (DToP's rule)."""
+    scoring_flops: torch.Tensor | None = None
+    """(B,) FLOPs the decision itself took, per image (a plug-in's: what torch's counter counted)."""
+
+    @property
+    def after_block(self) -> int:
+        return self.block
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """(B, N) top-1 probability of each slot's logits."""
+        return torch.softmax(self.logits.float(), dim=-1).amax(dim=-1)
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        """(B, N) top-1 class of each slot's logits."""
+        return self.logits.argmax(dim=-1)
+
+
+Decision = MergeDecision | PruneDecision | ExitDecision
+
+
+@dataclass
+class ReconstructionView:
+    """What a method's reconstruction sees at the end of the encoder, before the decoder: how the
+    reduced tokens become the decoder's grid again (Expedit's token reconstruction). Without one,
+    every token takes the prediction of the token it was merged into (a copy)."""
+
+    tokens: torch.Tensor
+    """(B, T, D) the final, normalised features of every trace token that reached the end (zeros
+    for the others), indexed by trace token id."""
+    reached: torch.Tensor
+    """(B, T) which trace tokens reached the end as tokens of their own (not merged, exited, pruned)."""
+    restores: tuple[tuple[int, object], ...]
+    """(block, restore) of every merging step that left one, in the order they acted."""
+
 
 
 def apply_merge(x: torch.Tensor, sizes: torch.Tensor, owner: torch.Tensor, dec: MergeDecision
@@ -154,6 +213,8 @@ def apply_merge(x: torch.Tensor, sizes: torch.Tensor, owner: torch.Tensor, dec: 
     is_target = hit[:, :n] & ~dec.merged
     averaged = (acc / size_acc.clamp_min(1e-6).unsqueeze(-1)).to(x.dtype)
     x = torch.where(is_target.unsqueeze(-1), averaged, x)
+    if dec.values is not None:  # the method's own features for every slot that stays
+        x = torch.where((~dec.merged & dec.valid).unsqueeze(-1), dec.values.to(x.dtype), x)
     sizes = torch.where(is_target, size_acc.to(sizes.dtype), sizes)
     t = owner.shape[1] - 1
     remap = torch.arange(t + 1, device=x.device).expand(b, t + 1).clone()  # slot t is the spare
@@ -172,10 +233,13 @@ class Step:
     name: str
     """Its name (unique within a plan), e.g. `tome_3`."""
     does: str = "merge"
-    """What its decisions may do: `merge` (MergeDecision) or `prune` (PruneDecision)."""
+    """What its decisions may do: `merge` (MergeDecision), `prune` (PruneDecision) or `exit`
+    (ExitDecision; placed `after` a block)."""
 
     def __post_init__(self) -> None:
         if self.place not in PLACES:
             raise ValueError(f"a step acts {' or '.join(PLACES)} a block, not {self.place!r}")
         if self.does not in KINDS:
             raise ValueError(f"a step does {' or '.join(KINDS)}, not {self.does!r}")
+        if self.does == "exit" and self.place != "after":
+            raise ValueError("an exit step acts after its block (tokens leave once the block is done)")

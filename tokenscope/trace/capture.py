@@ -41,6 +41,8 @@ def merging_meta(setting: ReductionSetting) -> dict[str, object]:
     record = dict(setting.record.get("merging") or {})
     record.setdefault("kind", setting.method.split(":")[0] or "merge")
     record["blocks"] = sorted({s.block for s in steps})
+    if setting.reconstruction is not None:  # merged tokens are rebuilt, each with its own prediction
+        record["reconstructed"] = True
     return record
 
 
@@ -143,6 +145,8 @@ class TraceCapture:
         final = int(np.sum(rec.exit_block[alive] == model.depth))  # a merged group is decoded once
         if rec.pruned_at is not None:  # pruned tokens are decoded from the features they had then
             final += int(np.sum(rec.pruned_at[alive] > 0))
+        if setting.reconstruction is not None and rec.merged_at is not None:  # every token rebuilt and decoded
+            final = int(np.sum(rec.exit_block == model.depth))
         flops = {
             "policy": policy_flops,
             "embed": part.num_tokens * self.cost.embed_per_token,
@@ -154,14 +158,18 @@ class TraceCapture:
             flops["merging"] = int(rec.matching_flops)
         if rec.pruned_at is not None:
             flops["pruning"] = int(rec.scoring_flops)
+        if setting.exit_steps:
+            flops["exiting"] = int(rec.exit_flops)
         flops["total"] = int(sum(flops.values()))
         flops["baseline_total"] = baseline_flops(self.cost, grid_partition(part.grid).num_tokens)
         meta = TraceMeta(
             source=im.source, original_hw=im.original_hw, input_hw=im.input_hw, padded_hw=im.padded_hw,
             grid=part.grid, model=cfg.name, arch=cfg.arch, depth=model.depth,
-            num_prefix_tokens=model.num_prefix_tokens, exit_after=model.exit_after,
+            num_prefix_tokens=model.num_prefix_tokens,
+            exit_after=tuple(sorted(set(model.exit_after) | {st.block for st in setting.exit_steps})),
             exit_threshold=setting.exit_threshold if model.gates else float("nan"),
-            merge_thresholds=setting.merge_thresholds, policy=setting.policy, exits=setting.exits,
+            merge_thresholds=setting.merge_thresholds, policy=setting.policy,
+            exits=setting.exits or bool(setting.exit_steps),
             weights=self.loaded.weights_id, keep_per_class=setting.keep_per_class if setting.exits and model.gates else 0,
             method=setting.method, merging=merging_meta(setting), pruning=pruning_meta(setting),
             queries=int(getattr(model.decoder, "num_queries", 0)), queries_join_at=model.joins_at,

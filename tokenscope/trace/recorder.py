@@ -2,7 +2,7 @@
 
 The model does not know it is observed: the Recorder hooks the active policy (partition and
 scores), every block (how many tokens enter), every exit gate (which tokens leave), every step of
-a method (which tokens merge into which, which are pruned, inside or after their block) and the
+a method (which tokens merge into which, which are pruned or exit, inside or after their block) and the
 model itself (final token logits, and who ended in whom). It knows decisions by their type
 (models/steps.py), never by the method that made them, so a plug-in is recorded like a built-in. During the forward pass only device tensors are kept; they are
 copied to the host once per forward call, when the model returns. Detaching the hooks leaves the
@@ -18,11 +18,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tokenscope.models.exits import GateDecision
 from tokenscope.models.partition import Partition
 from tokenscope.models.policy import PolicyOutput
 from tokenscope.models.step_vit import ReductionSetting, StepOutput, StepViT
-from tokenscope.models.steps import MergeDecision, PruneDecision
+from tokenscope.models.steps import ExitDecision, MergeDecision, PruneDecision
 from tokenscope.trace.trace import resolve_chains
 
 
@@ -61,6 +60,8 @@ class ImageRecord:
     """(T,) which tokens the model itself reported as pruned; must agree with `pruned_at`."""
     scoring_flops: int = 0
     """FLOPs the pruning steps said their decisions took."""
+    exit_flops: int = 0
+    """FLOPs a method's exit steps took (the model's gates are counted per token by the cost model)."""
 
 
 class _Call:
@@ -69,7 +70,10 @@ class _Call:
     def __init__(self, depth: int) -> None:
         self.policy: PolicyOutput | None = None
         self.block_counts: list[torch.Tensor | None] = [None] * depth
-        self.gates: list[GateDecision] = []
+        self.gates: list[ExitDecision] = []
+        """The model's gates' decisions."""
+        self.exits: list[ExitDecision] = []
+        """A method's exit steps' decisions."""
         self.merges: list[MergeDecision] = []
         self.prunes: list[tuple[PruneDecision, bool]] = []
         """Each pruning decision, and whether it was made inside its block (before the MLP)."""
@@ -146,7 +150,7 @@ class Recorder:
 
         return hook
 
-    def _on_gate(self, module: nn.Module, args: tuple[Any, ...], output: GateDecision) -> None:
+    def _on_gate(self, module: nn.Module, args: tuple[Any, ...], output: ExitDecision) -> None:
         if self._call is not None:
             self._call.gates.append(output)
 
@@ -158,6 +162,8 @@ class Recorder:
                 self._call.merges.append(output)
             elif isinstance(output, PruneDecision):
                 self._call.prunes.append((output, place == "inside"))
+            elif isinstance(output, ExitDecision):
+                self._call.exits.append(output)
 
         return hook
 
@@ -176,9 +182,12 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
     conf, pred = (t.cpu().numpy() for t in probs.max(dim=-1))
     model_exit = out.exit_block.cpu().numpy()
     scores = [s.detach().float().cpu().numpy() for s in call.policy.scores] if call.policy is not None else []
-    gates = [(g.after_block, g.exits.cpu().numpy(), g.token_ids.cpu().numpy(), g.token_ids.ge(0).sum(dim=1).cpu().numpy(),
-              None if g.held is None else g.held.cpu().numpy()) for g in call.gates]
-    any_held = any(h is not None and h.any() for *_, h in gates)
+    gates = [(g.after_block, (g.exits & g.valid).cpu().numpy(), g.token_ids.cpu().numpy(),
+              g.token_ids.ge(0).sum(dim=1).cpu().numpy(), None if g.held is None else g.held.cpu().numpy(), gate)
+             for decisions, gate in ((call.gates, True), (call.exits, False)) for g in decisions]
+    gates.sort(key=lambda g: g[0])  # in block order; at one block the model's gate acts before a method's steps
+    exit_costs = [None if d.scoring_flops is None else d.scoring_flops.cpu().numpy() for d in call.exits]
+    any_held = any(h is not None and h.any() for *_, h, _ in gates)
     merges = [(m.block, m.merged.cpu().numpy(), m.token_ids.cpu().numpy(), m.into.cpu().numpy(),
                m.matching_flops.cpu().numpy()) for m in call.merges]
     owners = out.token_owner.cpu().numpy() if out.token_owner is not None else None
@@ -191,9 +200,10 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
         exit_block = np.full(t, depth, dtype=np.int64)
         held_at = np.zeros(t, dtype=np.int64) if any_held else None
         gate_in: dict[int, int] = {}
-        for after, exits, ids, entered, held in gates:
+        for after, exits, ids, entered, held, gate in gates:
             exit_block[ids[i][exits[i]]] = after
-            gate_in[after] = int(entered[i])
+            if gate:
+                gate_in[after] = int(entered[i])
             if held_at is not None and held is not None:
                 tokens = ids[i][held[i]]
                 held_at[tokens[held_at[tokens] == 0]] = after  # the first gate that held it back
@@ -239,6 +249,7 @@ def _to_host(call: _Call, out: StepOutput, depth: int) -> list[ImageRecord]:
             model_owner=None if owners is None else owners[i, :t].astype(np.int64),
             pruned_at=pruned_at,
             scoring_flops=scoring,
+            exit_flops=sum(int(c[i]) for c in exit_costs if c is not None),
             model_pruned=None if model_pruned is None else model_pruned[i, :t],
         ))
     return records

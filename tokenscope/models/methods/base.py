@@ -9,8 +9,9 @@ A method is one module that defines `METHOD = Method(...)` (or a subclass instan
   grid (for `tune --method NAME`);
 - the `reference` it follows (repository, files, paper, and how tokenscope differs);
 - `plan(values, facts)`: what it does in a forward pass, as a `Plan`: how tokens enter (a policy
-  name, or a policy module it brings), whether the trained exit gates act, and `steps` inside or
-  after blocks (models/steps.py: merge or prune decisions, carried out by the encoder).
+  name, or a policy module it brings), whether the model's trained exit gates act, `steps` inside
+  or after blocks (models/steps.py: merge, prune or exit decisions of the method's own, carried out
+  by the encoder) and, optionally, a `reconstruction` of the full token grid for the decoder.
 
 `ModelFacts` is all a method may know of the model: its depth, gates, prefix tokens, trained
 parts and the user's shared options. A method never holds the model, so the model never knows
@@ -158,6 +159,9 @@ class Plan:
     steps: tuple[Step, ...] = ()
     size_weighted: bool = False
     """Proportional attention once a merge made a token stand for several (ToMe's)."""
+    reconstruction: nn.Module | None = None
+    """How reduced tokens become the decoder's grid again: `module(ReconstructionView) -> (B, T, D)`
+    features of every trace token (Expedit's). None: a merged token takes its group's prediction."""
     record: dict[str, Any] = field(default_factory=dict, hash=False)
     """What traces record of the steps: `merging` and/or `pruning` dicts with a `blocks` list."""
 
@@ -230,6 +234,7 @@ def compose(label: str, parts: Sequence[tuple[Method, Plan]]) -> Plan:
     steps = list(head.steps)
     record = dict(head.record)
     weighted = head.size_weighted
+    reconstruction = head.reconstruction
     for method, plan in rest:
         if method.kind not in IN_BLOCK_KINDS:
             raise ConfigError(f"method {label!r}: {method.name} decides how tokens enter or exit, so it goes first "
@@ -244,6 +249,10 @@ def compose(label: str, parts: Sequence[tuple[Method, Plan]]) -> Plan:
                 raise ConfigError(f"method {label!r}: two of its parts record {key!r}; combine methods that do "
                                   "different things (one merging, one pruning)")
             record[key] = value
+        if plan.reconstruction is not None:
+            if reconstruction is not None:
+                raise ConfigError(f"method {label!r}: two of its parts reconstruct the token grid; one may")
+            reconstruction = plan.reconstruction
         steps.extend(plan.steps)
         weighted = weighted or plan.size_weighted
-    return replace(head, steps=tuple(steps), size_weighted=weighted, record=record)
+    return replace(head, steps=tuple(steps), size_weighted=weighted, record=record, reconstruction=reconstruction)

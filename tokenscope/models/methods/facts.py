@@ -28,4 +28,4 @@ def with_plan(base: ReductionSetting, plan: Plan, method: str) -> ReductionSetti
     """`base` with a plan's steps, brought policy and record (the rest is the caller's to resolve)."""
     brought = ((plan.policy, plan.policy_module),) if plan.policy_module is not None and plan.policy else ()
     return dataclasses.replace(base, steps=plan.steps, policies=brought, size_weighted=plan.size_weighted,
-                               record=dict(plan.record), method=method)
+                               record=dict(plan.record), method=method, reconstruction=plan.reconstruction)

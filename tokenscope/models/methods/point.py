@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tokenscope.errors import ConfigError
 from tokenscope.models.methods.base import IN_BLOCK_KINDS, Method, ModelFacts, Plan, compose
 from tokenscope.models.methods.registry import PluginError, find_method, is_external
-from tokenscope.models.steps import MergeDecision, PruneDecision, TokenView
+from tokenscope.models.steps import ExitDecision, MergeDecision, PruneDecision, TokenView
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class GuardedStep(nn.Module):
         self.inner = inner
         self.method_name, self.method_source = method.name, method.source
 
-    def forward(self, view: TokenView) -> MergeDecision | PruneDecision:
+    def forward(self, view: TokenView) -> MergeDecision | PruneDecision | ExitDecision:
         where = f"method {self.method_name} ({self.method_source}), block {view.block}"
         copy = replace(view, **{name: getattr(view, name).clone() for name in
                                 ("x", "token_ids", "valid", "sizes", "prefix", "keys", "queries", "attn_mask")
@@ -170,13 +170,16 @@ class GuardedStep(nn.Module):
         # plug-in's scoring the same way (compare's counted forward and run's traces agree)
         spent = torch.full((view.valid.shape[0],), counter.get_total_flops() // max(view.valid.shape[0], 1),
                            dtype=torch.long, device=view.valid.device)
-        return replace(dec, scoring_flops=spent) if isinstance(dec, PruneDecision) else replace(dec, matching_flops=spent)
+        if isinstance(dec, MergeDecision):
+            return replace(dec, matching_flops=spent)
+        return replace(dec, scoring_flops=spent)
 
 
 def check_decision(dec: Any, view: TokenView, where: str) -> None:
     """Refuse, in one PluginError naming `where` and the field, a decision the encoder cannot carry out."""
-    if not isinstance(dec, (MergeDecision, PruneDecision)):
-        raise PluginError(f"{where} returned {type(dec).__name__}; a step returns a PruneDecision or a MergeDecision")
+    if not isinstance(dec, (MergeDecision, PruneDecision, ExitDecision)):
+        raise PluginError(f"{where} returned {type(dec).__name__}; a step returns a PruneDecision, a MergeDecision "
+                          "or an ExitDecision")
     b, n = view.valid.shape
     shape = (b, n)
 
@@ -201,9 +204,20 @@ def check_decision(dec: Any, view: TokenView, where: str) -> None:
     problems: list[tuple[str, torch.Tensor]] = [
         ("token_ids are not the slots' token ids it was shown (view.token_ids)", (ids != view.token_ids).any()),
         ("valid is not the valid mask it was shown (view.valid)", (valid != view.valid).any())]
-    if dec.order is not None:
+    if getattr(dec, "order", None) is not None:
         tensor("order", dec.order, shape, "number")
-    if isinstance(dec, MergeDecision):
+    if isinstance(dec, ExitDecision):
+        leaving = tensor("exits", dec.exits, shape, "bool")
+        logits = tensor("logits", dec.logits, (b, n, view.num_classes), "float")
+        problems += [("exits a padding slot (exits must lie inside valid)", (leaving & ~view.valid).any()),
+                     ("logits hold NaN or infinite values for tokens that exit",
+                      (leaving.unsqueeze(-1) & ~torch.isfinite(logits)).any())]
+        if dec.held is not None:
+            held = tensor("held", dec.held, shape, "bool")
+            problems.append(("holds back a token it also lets exit (held and exits overlap)", (held & leaving).any()))
+        if dec.scoring_flops is not None:
+            tensor("scoring_flops", dec.scoring_flops, (b,), "number")
+    elif isinstance(dec, MergeDecision):
         merged = tensor("merged", dec.merged, shape, "bool")
         leaving = merged
         into = tensor("into", dec.into, shape, "int")
@@ -230,7 +244,7 @@ def check_decision(dec: Any, view: TokenView, where: str) -> None:
                 raise PluginError(f"{where}: its decision's fused tokens must be a tensor (B={b}, F, D={width}), got {got}")
             tensor("fused", dec.fused, tuple(dec.fused.shape), "float")
             problems.append(("fused tokens hold NaN or infinite values", ~torch.isfinite(dec.fused).all()))
-    if dec.counts_after is not None:  # a host-side promise the encoder would trust: held to the decision
+    if getattr(dec, "counts_after", None) is not None:  # a host-side promise the encoder would trust: held to the decision
         if not isinstance(dec.counts_after, (tuple, list)) or len(dec.counts_after) != b:
             raise PluginError(f"{where}: its decision's counts_after must be {b} whole numbers, one per image")
         promised = torch.tensor([int(c) for c in dec.counts_after], device=valid.device)
