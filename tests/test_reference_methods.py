@@ -449,3 +449,73 @@ def test_pitome_merges_the_groups_its_reference_rule_merges_in_every_block(ratio
         assert _merged_count(ref[image][0]) == math.floor(196 - 196 * ratio)
         for block in range(12):
             assert ours[image][block] == ref[image][block], f"image {image}, block {block + 1}"
+
+
+# ---- Hourglass (Expedit) ------------------------------------------------------------------------------
+
+def reference_hourglass(model: StepViT, vit: torch.nn.Module, images: torch.Tensor, at: int, clusters: tuple[int, int],
+                        iters: int = 5, temp: float = 0.01, window: int = 5, k: int = 20) -> torch.Tensor:
+    """Expedit's Hourglass on a timm ViT, written from the public rule (TokenClusteringBlock,
+    TokenReconstructionBlock), one image at a time with explicit loops over centres: after block `at` the
+    image tokens become `clusters` centres (start: adaptive average pool; then `iters` rounds where each
+    patch weighs the centres within window // 2 cells of its nearest-neighbour starting cell by softmax of
+    -temp x squared distance, and each centre becomes the weighted mean of the patches); the later blocks
+    run on the class token and the centres; each patch is rebuilt from the final centres with the weights
+    exp(-temp x squared distance) of its k nearest centres at clustering time, L2-normalised; the linear
+    decoder labels every rebuilt patch. Returns (B, L, C) per-patch logits."""
+    out = []
+    ch, cw = clusters
+    radius = window // 2
+    for seq in _start(vit, images):
+        x = seq.x
+        for blk in vit.blocks[:at]:
+            x = blk(x[None])[0]
+        cls, feats = x[:1], x[1:]
+        gh = gw = int(math.isqrt(feats.shape[0]))
+        centres = F.adaptive_avg_pool2d(feats.T.reshape(1, -1, gh, gw), (ch, cw)).reshape(-1, ch * cw).T
+        start = [(int(i * ch / gh), int(j * cw / gw)) for i in range(gh) for j in range(gw)]  # nearest neighbour
+        cells = [(c // cw, c % cw) for c in range(ch * cw)]
+        allowed = torch.tensor([[abs(si - ci) <= radius and abs(sj - cj) <= radius for (si, sj) in start]
+                                for (ci, cj) in cells])
+        for _ in range(iters):
+            dist = torch.stack([((feats - centres[c]) ** 2).sum(-1) for c in range(ch * cw)])  # (L', L)
+            affinity = torch.softmax(torch.where(allowed, -dist * temp, torch.full_like(dist, -float("inf"))), dim=0)
+            centres = torch.stack([(affinity[c, :, None] * feats).sum(0) / affinity[c].sum() for c in range(ch * cw)])
+        clustered = centres
+        y = torch.cat([cls, centres])
+        for blk in vit.blocks[at:]:
+            y = blk(y[None])[0]
+        final = model.norm(y)[1:]
+        rebuilt = []
+        for p in range(feats.shape[0]):
+            weight = torch.exp(-temp * ((clustered - feats[p]) ** 2).sum(-1).clamp_min(0))
+            top = torch.topk(weight, min(k, weight.numel())).indices
+            w = torch.zeros_like(weight)
+            w[top] = weight[top]
+            rebuilt.append((w / w.norm()) @ final)
+        out.append(model.decoder(torch.stack(rebuilt)[None]))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("side,at", [(0.5, 4), (0.7, 6)])
+def test_hourglass_clusters_and_rebuilds_as_its_reference_rule(side: float, at: int) -> None:
+    from tokenscope.jobs.setup import ModelOptions, method_setting
+    from tokenscope.models.checkpoints import LoadedModel
+
+    model, vit = _pair("vit_small_patch16_224")
+    images = _images(2)
+    loaded = LoadedModel(model, model.cfg, {"backbone": True, "decoder": True, "exits": True, "policy": True}, "t", "t")
+    s = method_setting(loaded, ModelOptions(device="cpu"), f"hourglass:side={side}:at={at}")
+    assert [st.block for st in s.steps] == [at] and s.reconstruction is not None and not s.size_weighted
+    with torch.no_grad(), Recorder(model, s) as rec:
+        out = model(images, setting=s)
+        records = rec.pop_records()
+    clusters = (round(14 * side), round(14 * side))
+    with torch.no_grad():
+        ref = reference_hourglass(model, vit, (images - model.pixel_mean) / model.pixel_std, at, clusters)
+    ours = out.token_logits  # plain grid: token t is patch t, each with its own rebuilt prediction
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=1e-8, rtol=1e-8), (ours - ref).abs().max()
+    for r in records:  # the accounting: every patch merged into one centre's carrier or carrying one
+        assert r.block_tokens_in.tolist() == [196] * at + [clusters[0] * clusters[1]] * (12 - at)
+        assert int((r.merged_at > 0).sum()) == 196 - clusters[0] * clusters[1]
