@@ -519,3 +519,71 @@ def test_hourglass_clusters_and_rebuilds_as_its_reference_rule(side: float, at: 
     for r in records:  # the accounting: every patch merged into one centre's carrier or carrying one
         assert r.block_tokens_in.tolist() == [196] * at + [clusters[0] * clusters[1]] * (12 - at)
         assert int((r.merged_at > 0).sum()) == 196 - clusters[0] * clusters[1]
+
+
+# ---- CubistMerge --------------------------------------------------------------------------------------
+
+def reference_cubist(vit: torch.nn.Module, images: torch.Tensor, rate: float) -> list[list[Groups]]:
+    """tokenscope's reading of CubistMerge (no public code), written as plain loops over lines: after each
+    block (proportional attention), every row (blocks 1, 3, ...) or column (blocks 2, 4, ...) of the token grid
+    loses round(length x rate) tokens: the tokens at even places take the more similar of their neighbours
+    (cosine of the block's output, right on a tie), the best of them by that similarity merge into it, and the
+    grid closes up in raster order."""
+    out = []
+    for seq in _start(vit, images):
+        h = w = int(math.isqrt(len(seq.members) - 1))
+        per_block = []
+        for i, blk in enumerate(vit.blocks):
+            attn_out, _ = _attention(blk.attn, blk.norm1(seq.x), seq.size)
+            x = seq.x + blk.ls1(attn_out)
+            x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+            seq = Sequence(x, seq.size, seq.members)
+            rows = i % 2 == 0
+            lines, length = (h, w) if rows else (w, h)
+            r = min(round(length * rate), (length + 1) // 2 if length > 1 else 0)
+            place = (lambda ln, j: 1 + ln * w + j) if rows else (lambda ln, j: 1 + j * w + ln)
+            pairs, gone = [], set()
+            for ln in range(lines):
+                unit = [F.normalize(seq.x[place(ln, j)], dim=0) for j in range(length)]
+                scored = []
+                for j in range(0, length, 2):
+                    left = float(unit[j] @ unit[j - 1]) if j > 0 else -float("inf")
+                    right = float(unit[j] @ unit[j + 1]) if j + 1 < length else -float("inf")
+                    scored.append((max(left, right), j, j + 1 if right >= left else j - 1))
+                scored.sort(key=lambda s: -s[0])  # stable: equal scores keep place order
+                for _, j, partner in scored[:r]:
+                    pairs.append((place(ln, j), place(ln, partner)))
+                    gone.add(place(ln, j))
+            x, size, members = _merge_into(seq, pairs)
+            keep = [0] + [p for p in range(1, len(members)) if p not in gone]
+            if not rows:  # the grid closes up column by column: back to raster order
+                new_h = h - r
+                kept = {ln: [p for p in (place(ln, j) for j in range(length)) if p not in gone] for ln in range(w)}
+                keep = [0] + [kept[c][rr] for rr in range(new_h) for c in range(w)]
+            seq = Sequence(torch.stack([x[p] for p in keep]), torch.stack([size[p] for p in keep]),
+                           [members[p] for p in keep])
+            h, w = (h, w - r) if rows else (h - r, w)
+            per_block.append(seq.groups())
+        out.append(per_block)
+    return out
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.15])
+def test_cubist_merges_the_groups_of_its_rule_and_keeps_a_grid(rate: float) -> None:
+    from tokenscope.jobs.setup import ModelOptions, method_setting
+    from tokenscope.models.checkpoints import LoadedModel
+    from tokenscope.models.methods.builtin.cubist import grid_before
+
+    model, vit = _pair("vit_small_patch16_224")
+    images = _images(2)
+    loaded = LoadedModel(model, model.cfg, {"backbone": True, "decoder": True, "exits": True, "policy": True}, "t", "t")
+    s = method_setting(loaded, ModelOptions(device="cpu"), f"cubist:rate={rate}")
+    ours = _groups_by_block(model, s, images)
+    with torch.no_grad():
+        ref = reference_cubist(vit, (images - model.pixel_mean) / model.pixel_std, rate)
+    for image in range(2):
+        for block in range(12):
+            h, w = grid_before(14, 14, rate, block + 1)
+            assert len(ours[image][block]) == h * w  # one shape for every image
+            assert ours[image][block] == ref[image][block], f"image {image}, block {block + 1}"
+    assert len(ours[0][-1]) < 196 * 0.6
