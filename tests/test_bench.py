@@ -89,7 +89,7 @@ def test_host_synchronisations_per_forward_are_counted_and_batch_constant_merges
     img = load_prepared("sample_images/street_5000001.png", size=128)
     x = torch.from_numpy(img.tensor_rgb)[None].repeat(2, 1, 1, 1)
     expected = {"vit": 0, "tome:r=4": 0, "pitome": 0, "tome:r=0.05": 0, "dcts": 2, "dtop": 2, "step": 4, "algm": 2,
-                "evit": 0, "tome:r=4:count=per-image": 12}
+                "evit": 0, "tome:r=4:count=per-image": 12, "hourglass": 0, "cubist": 0}
     for method, syncs in expected.items():
         loaded, _ = load_model(ModelOptions(method=method, device="cpu"))
         with torch.no_grad(), count_host_syncs("cpu") as count:

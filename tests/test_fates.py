@@ -29,7 +29,8 @@ IMAGE = ROOT / "sample_images" / "street_5000001.png"
 LABELS = ROOT / "sample_images" / "labels" / "street_5000001.png"
 PLUGIN = ROOT / "examples" / "plugins" / "norm_prune" / "norm_prune.py"
 METHODS = ["vit", "step", "dcts", "dtop", "cts", "tome", "algm", "evit", "step+tome", "dtop+evit", "cts+algm",
-           "tome:r=8", "evit:rate=0.5", "pitome", "step+pitome:ratio=0.9"]
+           "tome:r=8", "evit:rate=0.5", "pitome", "step+pitome:ratio=0.9", "hourglass", "cubist",
+           "hourglass+evit:side=0.5:at=2"]
 
 
 def _trace(method: str, size: int = 256) -> ts.Trace:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from tokenscope.models.attention import query_attention
 from tokenscope.models.methods.base import Method, ModelFacts, Plan, Reference, Setting, on_off
 from tokenscope.models.methods.registry import ENTRY_POINT_GROUP
-from tokenscope.models.steps import ExitDecision, Layout, MergeDecision, PruneDecision, Step, TokenView
+from tokenscope.models.steps import ExitDecision, Layout, MergeDecision, PruneDecision, ReconstructionView, Step, TokenView
 
-__all__ = ["ENTRY_POINT_GROUP", "ExitDecision", "Layout", "MergeDecision", "Method", "ModelFacts", "Plan", "PruneDecision", "Reference",
+__all__ = ["ENTRY_POINT_GROUP", "ExitDecision", "Layout", "MergeDecision", "Method", "ModelFacts", "Plan", "PruneDecision", "ReconstructionView", "Reference",
            "Setting", "Step", "TokenView", "on_off", "query_attention"]

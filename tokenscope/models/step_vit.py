@@ -544,7 +544,11 @@ class StepViT(nn.Module):
         if max(seq.counts) > 0:
             scatter_tokens(tokens, final, seq.ids, seq.valid)
             scatter_tokens(reached, seq.valid, seq.ids, seq.valid)
-        out = recon(ReconstructionView(tokens[:, :t_max], reached[:, :t_max], tuple(seq.restores)))
+        tokens, reached = tokens[:, :t_max], reached[:, :t_max]
+        if seq.context is not None:  # tokens that left (pruned, exited) as they were when they left
+            left = self.norm(seq.context[:, :t_max]).to(tokens.dtype)
+            tokens = torch.where(reached.unsqueeze(-1), tokens, left)
+        out = recon(ReconstructionView(tokens, reached, tuple(seq.restores)))
         want = (b, t_max, final.shape[-1])
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or not out.dtype.is_floating_point:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

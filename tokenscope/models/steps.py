@@ -186,8 +186,8 @@ class ReconstructionView:
     every token takes the prediction of the token it was merged into (a copy)."""
 
     tokens: torch.Tensor
-    """(B, T, D) the final, normalised features of every trace token that reached the end (zeros
-    for the others), indexed by trace token id."""
+    """(B, T, D) normalised features by trace token id: the final ones of every token that reached the
+    end, and those a pruned or exited token had when it left (zeros for tokens merged away)."""
     reached: torch.Tensor
     """(B, T) which trace tokens reached the end as tokens of their own (not merged, exited, pruned)."""
     restores: tuple[tuple[int, object], ...]

@@ -454,6 +454,8 @@ class Trace:
         pruned = np.zeros(t, dtype=bool) if self.token_pruned_at is None else self.token_pruned_at > 0
         if self.token_pruned_at is not None:
             self._check_prunes(fail)
+        if self.has_merges:  # a token merged into one that was pruned later left with it
+            pruned = pruned | pruned[self.final_owner()]
         allowed = set(int(k) for k in m.exit_after) | {m.depth}
         seen = set(np.unique(self.token_exit_block[~pruned]).tolist())
         if not seen <= allowed:
