@@ -4,7 +4,7 @@
 #   scripts/gpu_check.sh --quick      (default) fits one short GPU lease: at most 8 minutes on one H100/H200
 #   scripts/gpu_check.sh --full       every GPU row (about 45-90 minutes on one H100)
 #   scripts/gpu_check.sh --smoke-cpu  every row of --quick once, at a small size, on the CPU (proves on any
-#                                     machine that each command runs; tests/test_gpu_check.sh-driven test runs it)
+#                                     machine that each command runs; tests/test_gpu_check.py runs it)
 #
 # It runs with whatever Python has torch: $PYTHON if set, else .venv/bin/python when it exists, else
 # python3 (a lent GPU machine has its own python3 with torch, timm, typer, rich, opencv, pandas,

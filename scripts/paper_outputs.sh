@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo's paper outputs, regenerated: the methods sweep on 100 held-out scenes as vector Pareto
 # figures (PDF), its LaTeX and Markdown methods tables, and a PNG of the Pareto figure for the README.
-# About 9 minutes on 2 CPU cores (22 operating points x 100 scenes at 512 px).
+# About 13 minutes on 2 CPU cores (31 operating points x 100 scenes at 512 px).
 #
 #   bash scripts/paper_outputs.sh            # into docs/paper/
 set -euo pipefail
@@ -11,7 +11,7 @@ py=${PY:-.venv/bin/python}
 dest=${DEST:-docs/paper}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-$ts sweep --methods step,dcts,dtop,cts,tome,algm,evit --seeds 100000:100100 --device "${DEVICE:-cpu}" \
+$ts sweep --methods step,dcts,dtop,cts,tome,algm,evit,pitome,hourglass,cubist --seeds 100000:100100 --device "${DEVICE:-cpu}" \
   --format pdf --no-titles --out "$tmp"
 sweep=$(ls -d "$tmp"/sweep-*)
 mkdir -p "$dest"

@@ -32,6 +32,7 @@ from tokenscope.jobs.setup import ModelOptions
 from tokenscope.jobs.setup import load_model as _load_model
 from tokenscope.models.checkpoints import LoadedModel
 from tokenscope.models.methods.registry import Listing, all_methods
+from tokenscope.options import SWEPT, SharedOption, pick, with_options
 from tokenscope.trace.capture import TraceCapture
 from tokenscope.trace.trace import Trace as _CoreTrace
 from tokenscope.trace.trace import image_beside
@@ -175,11 +176,32 @@ def _threshold_text(value: float | str | Sequence[float]) -> str:
     return ",".join(str(float(v)) for v in value)
 
 
-def load_model(model: str = "demo", weights: str | Path | None = None, *, device: str = "auto",
-               policy: str | None = None, exits: bool | str | None = None,
-               merge_threshold: float | str | Sequence[float] | None = None, exit_threshold: float | None = None,
-               budget: float | None = None, keep_per_class: int | None = None, random_init: bool = False,
-               seed: int = 0, amp: bool = True, method: str | None = None, **removed: Any) -> Model:
+def _api_type(option: SharedOption) -> Any:
+    """A shared option's type in the API: `model` also takes a loaded Model (tokenscope/options.py)."""
+    return Model | str if option.name == "model" else option.api_type
+
+
+def _shared(names: tuple[str, ...]) -> Callable[[Any], Any]:
+    """Give an API function the shared model options `names` (declared once, in tokenscope/options.py)."""
+    return with_options(names, _api_type, into="shared", api=True)
+
+
+def _model_options(shared: dict[str, Any], where: str, model: Any = None) -> ModelOptions:
+    """The ModelOptions the shared options `shared` mean (a threshold list or bool exits in the CLI's words)."""
+    s = dict(shared)
+    name = _model_name(s.pop("model", "demo") if model is None else model, f"{where}(model=...)")
+    weights, threshold, class_map = s.pop("weights", None), s.pop("merge_threshold", None), s.pop("class_map", None)
+    if weights is not None and not isinstance(weights, (str, Path)):
+        raise ConfigError(f"{where}(weights=...): expected a file path or 'hub', got a {type(weights).__name__}")
+    return ModelOptions(model=name, weights=None if weights is None else str(weights),
+                        merge_threshold=None if threshold is None else _threshold_text(threshold),
+                        exits=_exits_text(s.pop("exits", None)), class_map=None if class_map is None else str(class_map),
+                        **s)
+
+
+@_shared(pick(without=("model", "weights", "class_map", "ignore_class_mismatch"), adding=("amp",)))
+def load_model(model: str = "demo", weights: str | Path | None = None, *, shared: dict[str, Any] | None = None,
+               **removed: Any) -> Model:
     """Load a model and set its operating point.
 
     `model`: "demo" (shipped), a published Segmenter model's name (downloaded once; see
@@ -192,14 +214,7 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, device
     `device`: auto | cpu | cuda. Raises CheckpointError / ConfigError with a one-line message.
     """
     _refuse_removed(removed, "load_model")
-    model = _model_name(model, "load_model(model=...)")
-    if weights is not None and not isinstance(weights, (str, Path)):
-        raise ConfigError(f"load_model(weights=...): expected a file path or 'hub', got a {type(weights).__name__}")
-    exits_text = _exits_text(exits)
-    opts = ModelOptions(model=model, weights=None if weights is None else str(weights), random_init=random_init,
-                        policy=policy, merge_threshold=None if merge_threshold is None else _threshold_text(merge_threshold),
-                        exit_threshold=exit_threshold, exits=exits_text, device=device, seed=seed, budget=budget, amp=amp,
-                        keep_per_class=keep_per_class, method=method)
+    opts = _model_options({**(shared or {}), "weights": weights}, "load_model", model)
     loaded, dev = _load_model(opts, have_labels=True)
     return Model(loaded, dev, opts)
 
@@ -219,10 +234,6 @@ def from_timm(vit: Any, *, decoder: str | torch.nn.Module = "linear", num_classe
     opts = ModelOptions(model=name, device=device, method=method, exits=None if method else "none")
     loaded, dev = _load_model(opts, have_labels=True, loaded=loaded)
     return Model(loaded, dev, opts)
-
-
-def _as_model(model: Model | str, **options: Any) -> Model:
-    return model if isinstance(model, Model) else load_model(_model_name(model, "model"), **options)
 
 
 def _model_name(model: Any, what: str) -> str:
@@ -401,27 +412,16 @@ def tabulate(traces: Iterable[_CoreTrace], names: Sequence[str] | None = None) -
 
 # ---- the command-line jobs, as functions ---------------------------------------------------------
 
-def _options(model: str, weights: str | None, random_init: bool, policy: str | None, merge_threshold: str | None,
-             exit_threshold: float | None, exits: str | None, device: str, seed: int, budget: float | None = None,
-             amp: bool = True, keep_per_class: int | None = None, method: str | None = None) -> ModelOptions:
-    return ModelOptions(model=model, weights=weights, random_init=random_init, policy=policy,
-                        merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, device=device,
-                        seed=seed, budget=budget, amp=amp, keep_per_class=keep_per_class, method=method)
-
-
-def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "demo", weights: str | None = None,
-        random_init: bool = False, policy: str | None = None, merge_threshold: str | None = None,
-        exit_threshold: float | None = None, exits: str | None = None, budget: float | None = None,
-        keep_per_class: int | None = None, method: str | None = None, labels: str | None = None,
+@_shared(pick())
+def run(images: Sequence[str | Path] | None = None, *, labels: str | None = None,
         dataset: str | None = None, data_root: str | None = None, split: str = "val",
         seeds: str = "100000:100100", scene_size: int = 512, size: int | None = None, window: int | None = None,
         stride: int | None = None, figures: bool = True, animation: bool = True, animation_limit: int | None = None,
-        baseline: bool | None = None, render_workers: int | None = None, device: str = "auto", seed: int = 0,
+        baseline: bool | None = None, render_workers: int | None = None,
         out: str | Path = "outputs", resume: str | Path | None = None, progress: Progress | None = None,
         every: int = 1, start: str | None = None, end: str | None = None, max_frames: int | None = None,
-        frames: bool = False, fps: float = 25.0, class_map: str | Path | None = None,
-        ignore_class_mismatch: bool = False, figure_format: str = "png", figure_dpi: int = 150,
-        figure_titles: bool = True) -> Any:
+        frames: bool = False, fps: float = 25.0, figure_format: str = "png", figure_dpi: int = 150,
+        figure_titles: bool = True, shared: dict[str, Any] | None = None) -> Any:
     """`tokenscope run`: trace image files/folders, video clips or a data set into a fresh run folder.
 
     Video files (.mp4, .avi, ...) are traced frame by frame (`every` N-th frame, from `start` to
@@ -442,12 +442,12 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
         raise ConfigError("give image files/folders, --dataset, or --resume RUN_DIR")
     if resume is not None and (images or dataset is not None):
         raise ConfigError("--resume finishes a run with its own images and settings; give it alone (no images or --dataset)")
-    held = model if isinstance(model, Model) else None
-    opts = held.options if held is not None else _options(_model_name(model, "run(model=...)"), weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
-                                                          exit_threshold, exits, device, seed, budget,
-                                                          keep_per_class=keep_per_class, method=method)
+    shared = dict(shared or {})
+    method, class_map = shared["method"], shared["class_map"]
+    held = shared["model"] if isinstance(shared["model"], Model) else None
+    opts = held.options if held is not None else _model_options(shared, "run")
     opts = replace(opts, class_map=None if class_map is None else str(class_map),
-                   ignore_class_mismatch=ignore_class_mismatch or opts.ignore_class_mismatch)
+                   ignore_class_mismatch=shared["ignore_class_mismatch"] or opts.ignore_class_mismatch)
     req = RunRequest(inputs=[str(p) for p in images or []], labels=labels, dataset=dataset, data_root=data_root,
                      split=split, seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
                      animation=animation, baseline=baseline, window=window, stride=stride,
@@ -459,14 +459,11 @@ def run(images: Sequence[str | Path] | None = None, *, model: Model | str = "dem
                    trusted_method=method if resume is not None else None)
 
 
-def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model | str = "demo",
-            weights: str | None = None, random_init: bool = False, policy: str | None = None,
-            merge_threshold: str | None = None, exit_threshold: float | None = None, exits: str | None = None,
-            keep_per_class: int | None = None, method: str | None = None, methods: str | Sequence[str] | None = None,
-            labels: str | None = None, size: int | None = None,
-            window: int | None = None, stride: int | None = None, repeats: int = 5, warmup: int = 1, device: str = "auto", seed: int = 0, out: str | Path = "outputs",
-            at_block: int | None = None, progress: Progress | None = None, class_map: str | Path | None = None,
-            ignore_class_mismatch: bool = False) -> Any:
+@_shared(pick())
+def compare(images: Sequence[str | Path], *, baseline: str = "vit", methods: str | Sequence[str] | None = None,
+            labels: str | None = None, size: int | None = None, window: int | None = None, stride: int | None = None,
+            repeats: int = 5, warmup: int = 1, out: str | Path = "outputs", at_block: int | None = None,
+            progress: Progress | None = None, shared: dict[str, Any] | None = None) -> Any:
     """`tokenscope compare`: the same weights with and without reduction on each image (tokens,
     GFLOPs, latency, memory, agreement, mIoU with labels). Returns a CompareResult.
 
@@ -475,12 +472,12 @@ def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model
     `at_block` picks the block whose tokens the per-image figure shows."""
     from tokenscope.jobs.compare import compare_images
 
-    held = model if isinstance(model, Model) else None
-    opts = held.options if held is not None else _options(_model_name(model, "compare(model=...)"), weights, random_init, policy, merge_threshold,  # type: ignore[arg-type]
-                                                          exit_threshold, exits, device, seed,
-                                                          keep_per_class=keep_per_class, method=method)
+    shared = dict(shared or {})
+    class_map = shared["class_map"]
+    held = shared["model"] if isinstance(shared["model"], Model) else None
+    opts = held.options if held is not None else _model_options(shared, "compare")
     opts = replace(opts, class_map=None if class_map is None else str(class_map),
-                   ignore_class_mismatch=ignore_class_mismatch or opts.ignore_class_mismatch)
+                   ignore_class_mismatch=shared["ignore_class_mismatch"] or opts.ignore_class_mismatch)
     listed = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods or []) if m.strip()]
     if methods is not None and not listed:
         raise ConfigError("--methods needs at least one method, e.g. step,tome,cts,dtop")
@@ -490,13 +487,11 @@ def compare(images: Sequence[str | Path], *, baseline: str = "vit", model: Model
                           at_block=at_block)
 
 
-def evaluate(model: Model | str = "demo", *, weights: str | None = None, random_init: bool = False,
-             policy: str | None = None, merge_threshold: str | None = None, exit_threshold: float | None = None,
-             exits: str | None = None, keep_per_class: int | None = None, method: str | None = None,
-             data: str = "synthetic", data_root: str | None = None, split: str = "val", seeds: str = "100000:100200",
-             size: int = 512, window: int | None = None, stride: int | None = None, device: str = "auto",
-             class_map: str | Path | None = None, ignore_class_mismatch: bool = False,
-             json_out: str | Path | None = None, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+@_shared(pick(without=("model",)))
+def evaluate(model: Model | str = "demo", *, data: str = "synthetic", data_root: str | None = None, split: str = "val",
+             seeds: str = "100000:100200", size: int = 512, window: int | None = None, stride: int | None = None,
+             json_out: str | Path | None = None, progress: Progress | None = None,
+             shared: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """`tokenscope evaluate`: mIoU, tokens, exits and GFLOPs of the model's operating point
     ("step") and of the same weights without reduction ("baseline") over a data set.
 
@@ -507,9 +502,13 @@ def evaluate(model: Model | str = "demo", *, weights: str | None = None, random_
     from tokenscope.jobs.runfolder import write_json_atomic
     from tokenscope.jobs.train import DataOptions, evaluate_model
 
-    held = _as_model(model, weights=weights, random_init=random_init, policy=policy, merge_threshold=merge_threshold,
-                     exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device,
-                     method=method)
+    shared = dict(shared or {})
+    class_map, ignore_class_mismatch = shared.pop("class_map"), shared.pop("ignore_class_mismatch")
+    if isinstance(model, Model):
+        held = model
+    else:
+        opts = _model_options(shared, "evaluate", model)
+        held = Model(*_load_model(opts, have_labels=True), opts)
     d = DataOptions(kind=data, root=data_root, val_split=split, val_seeds=seeds, size=size)
     result = evaluate_model(held.loaded, held.device, d, held.policy, progress, window, stride, held.options.amp,
                             class_map=None if class_map is None else str(class_map),
@@ -599,39 +598,33 @@ def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None 
                        keep_per_class=keep_per_class, overwrite=overwrite)
 
 
-def bench(*, model: str = "demo", weights: str | None = None, random_init: bool = False, policy: str | None = None,
-          budget: float | None = None, merge_threshold: str | None = None, exit_threshold: float | None = None,
-          exits: str | None = None, keep_per_class: int | None = None, method: str | None = None, size: int = 1024,
-          batch: int = 1,
-          image: str | None = None, device: str = "auto",
-          amp: bool = True, threads: int | None = None, repeats: int = 3, warmup: int = 1, loop: bool = False,
-          compile_blocks: bool = False, seed: int = 0, json_out: str | Path | None = None,
-          progress: Progress | None = None) -> Any:
+@_shared(pick(without=("class_map", "ignore_class_mismatch"), adding=("amp",)))
+def bench(*, size: int = 1024, batch: int = 1, image: str | None = None, threads: int | None = None, repeats: int = 3,
+          warmup: int = 1, loop: bool = False, compile_blocks: bool = False, json_out: str | Path | None = None,
+          progress: Progress | None = None, shared: dict[str, Any] | None = None) -> Any:
     """`tokenscope bench`: baseline vs STEP speed (images/s, latency, memory, GFLOPs) on one batch.
     Returns a BenchResult; `.summary()` is what `--json` writes."""
     from tokenscope.jobs.bench import bench as run_bench
     from tokenscope.jobs.runfolder import write_json_atomic
 
-    opts = _options(model, weights, random_init, policy, merge_threshold, exit_threshold, exits, device, seed, budget, amp,
-                    keep_per_class, method)
+    opts = _model_options(dict(shared or {}), "bench")
     result = run_bench(opts, size=size, batch=batch, image=image, repeats=repeats, warmup=warmup, threads=threads,
                        loop=loop, compile_blocks=compile_blocks, progress=progress)
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(json_out), {"model": model, "policy": result.step.policy, "method": result.step.method,
-                                           "budget": budget,
+        write_json_atomic(Path(json_out), {"model": opts.model, "policy": result.step.policy, "method": result.step.method,
+                                           "budget": opts.budget,
                                            **result.summary()})
     return result
 
 
-def sweep(*, model: str = "demo", weights: str | None = None, random_init: bool = False, policy: str | None = None,
-          exits: bool | str | None = None, keep_per_class: int | None = None,
-          merge_thresholds: Sequence[float] = (0.3, 0.5, 0.7, 0.9), exit_thresholds: Sequence[float] = (0.8, 0.9, 0.95, 0.99),
+@_shared(pick(without=SWEPT))
+def sweep(*, merge_thresholds: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
+          exit_thresholds: Sequence[float] = (0.8, 0.9, 0.95, 0.99),
           sizes: Sequence[int | None] = (None,), data: str = "synthetic", data_root: str | None = None, split: str = "val",
           seeds: str = "100000:100050", scene_size: int = 512, window: int | None = None, stride: int | None = None,
-          class_map: str | Path | None = None, ignore_class_mismatch: bool = False, device: str = "auto", seed: int = 0,
           out: str | Path = "outputs", methods: str | Sequence[str] | None = None, style: Any = None,
-          progress: Progress | None = None) -> Any:
+          progress: Progress | None = None, shared: dict[str, Any] | None = None) -> Any:
     """`tokenscope sweep`: every merge x exit threshold (x size) on one data set; a folder with
     sweep.csv and Pareto plots. Returns a SweepResult (`.table`, `.folder`, `.default`).
 
@@ -644,9 +637,7 @@ def sweep(*, model: str = "demo", weights: str | None = None, random_init: bool 
     from tokenscope.jobs.sweep import sweep as run_sweep
     from tokenscope.render.figures import DEFAULT_STYLE
 
-    opts = replace(_options(_model_name(model, "sweep(model=...)"), weights, random_init, policy, None, None,
-                            _exits_text(exits), device, seed, keep_per_class=keep_per_class),
-                   class_map=None if class_map is None else str(class_map), ignore_class_mismatch=ignore_class_mismatch)
+    opts = _model_options(dict(shared or {}), "sweep")
     listed = ",".join(methods) if isinstance(methods, (list, tuple)) else methods
     return run_sweep(opts, list(merge_thresholds), list(exit_thresholds), list(sizes), data, data_root, split, seeds,
                      scene_size, out, progress, methods=listed or None, window=window, stride=stride,

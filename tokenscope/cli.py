@@ -34,6 +34,7 @@ from typer.core import TyperGroup
 
 from tokenscope import __version__
 from tokenscope.errors import ConfigError, TokenscopeError
+from tokenscope.options import SWEPT, TUNED, SharedOption, pick, with_options
 from tokenscope.storage import text_of
 
 REMOVED_FLAGS = {"--tome-r": "tome:r=16", "--algm-threshold": "algm:threshold=0.92", "--cts-groups": "cts:groups=300",
@@ -80,24 +81,23 @@ out_console = Console(width=_WIDE)
 err_console = Console(stderr=True, width=_WIDE)
 
 # ---- shared option types: --help teaches the vocabulary ------------------------------------
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model: demo (shipped), a published Segmenter model (see `tokenscope models`; downloaded once), vitt, vits, vitb, vitl, or timm:<vit name>.")]
-WeightsOpt = Annotated[Optional[str], typer.Option(help="Weights: a tokenscope checkpoint (NAME.json/.safetensors), a Segmenter or mmsegmentation checkpoint (.pth, read without running code), a timm ViT file (.safetensors/.pth/.npz), or 'hub' to download timm's backbone.")]
-RandomOpt = Annotated[bool, typer.Option("--random-init", help="Random weights, for architecture and speed studies only (predictions are noise).")]
-PolicyOpt = Annotated[Optional[str], typer.Option(help="Merge policy: learned (dCTS network), oracle (ground truth, needs --labels), uniform (colour-variance quadtree), none (16x16 grid). Default: learned if trained, else uniform.")]
-MergeOpt = Annotated[Optional[str], typer.Option("--merge-threshold", help="Merge a block when its policy score reaches this; one value, or 4 comma-separated for superpatch levels 1-4 (32..256 px).")]
-ExitThrOpt = Annotated[Optional[float], typer.Option("--exit-threshold", help="A token exits at a gate when its top-1 probability reaches this (default: the model's, 0.95).")]
-ExitsOpt = Annotated[Optional[str], typer.Option("--exits", help="Early exits: learned (auxiliary heads after the exit blocks) or none. Default: learned if trained.")]
+def _cli_type(option: SharedOption) -> Any:
+    """A shared model option as a typed command-line option (declared once, in tokenscope/options.py)."""
+    return Annotated[option.cli_type, typer.Option(*option.flags, help=option.help)]
+
+
+def shared_options(names: tuple[str, ...]) -> Callable[[Any], Any]:
+    """Give a command the shared model options `names`; it receives their values as the dict `shared`."""
+    return with_options(names, _cli_type, into="shared", first=True)
+
+
+
 KeepOpt = Annotated[Optional[int], typer.Option("--keep-per-class", help="DToP's context rule: at each gate the K most confident qualifying tokens of every predicted class stay in the sequence (0 = off).")]
-OperatingPointOpt = Annotated[Optional[Path], typer.Option("--operating-point", help="An operating point written by `tokenscope tune` (a method with its settings); instead of --method.")]
-MethodOpt = Annotated[Optional[str], typer.Option("--method", help="The operating point: a method with its settings after colons, e.g. step, tome:r=16, algm:threshold=0.92, cts:groups=300, X+tome, or a method file ./my_rule.py:frac=0.2. `tokenscope methods` lists them with their settings. Default: --policy/--exits decide.")]
 LabelsOpt = Annotated[Optional[str], typer.Option(help="Ground-truth label map (integer class ids, 255 = ignore), or a folder of them named like the images.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (GPU if present), cpu or cuda.")]
 SizeOpt = Annotated[Optional[int], typer.Option(help="Resize each image so its long side is this many pixels (then pad to a multiple of 16).")]
 OutOpt = Annotated[Path, typer.Option(help="Root folder for run folders; every call makes a new one.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed for random weights.")]
 WindowOpt = Annotated[Optional[int], typer.Option(help="Sliding windows of this side in pixels (Segmenter's protocol: short side resized, windows averaged); 0 = whole image. Default: the checkpoint's.")]
-ClassMapOpt = Annotated[Optional[Path], typer.Option("--class-map", help="A file mapping the data's classes to the model's (JSON {\"data id or name\": model id or name} or CSV data_id,model_id; the rest is ignored), for models whose classes are not the data set's. Recorded and printed beside every mIoU.")]
-IgnoreMismatchOpt = Annotated[bool, typer.Option("--ignore-class-mismatch", help="Score even though the model's classes are not the data's (labels outside the model's classes are skipped); recorded and printed beside every mIoU.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="Figure files: png, or pdf / svg (vector, for papers; a run writes them beside its PNGs).")]
 DpiOpt = Annotated[int, typer.Option(help="Resolution of png figures.")]
 TitlesOpt = Annotated[bool, typer.Option("--titles/--no-titles", help="Titles on the figures (off for a paper, whose caption says it).")]
@@ -299,6 +299,15 @@ def _with_operating_point(method: str | None, operating_point: Path | None, mode
     return str(doc["method"])
 
 
+def _resolved(shared: dict[str, Any]) -> dict[str, Any]:
+    """The shared options as the API takes them: `--operating-point FILE` read into `method`."""
+    options = dict(shared)
+    operating_point = options.pop("operating_point", None)
+    if "method" in options:
+        options["method"] = _with_operating_point(options["method"], operating_point, options.get("model"))
+    return options
+
+
 def _report_failures(images: list[Any]) -> int:
     failed = [r for r in images if r.error]
     counts: dict[str, int] = {}
@@ -311,19 +320,9 @@ def _report_failures(images: list[Any]) -> int:
 
 
 @app.command()
+@shared_options(pick())
 def run(
     images: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders of images, or video clips (.mp4, .avi, ...: traced frame by frame).")] = None,
-    model: ModelOpt = "demo",
-    weights: WeightsOpt = None,
-    random_init: RandomOpt = False,
-    policy: PolicyOpt = None,
-    merge_threshold: MergeOpt = None,
-    exit_threshold: ExitThrOpt = None,
-    exits: ExitsOpt = None,
-    keep_per_class: KeepOpt = None,
-    method: MethodOpt = None,
-    operating_point: OperatingPointOpt = None,
-    budget: Annotated[Optional[float], typer.Option(help="Token budget for --policy budget: R times fewer tokens than patches.")] = None,
     labels: LabelsOpt = None,
     dataset: Annotated[Optional[str], typer.Option(help="Run over a data set instead of files: synthetic, folder, ade20k, cityscapes or pascal_context.")] = None,
     data_root: Annotated[Optional[str], typer.Option("--data-root", "--root", help="Root folder of a folder/ade20k/cityscapes/pascal_context data set.")] = None,
@@ -342,33 +341,27 @@ def run(
     max_frames: Annotated[Optional[int], typer.Option(help="Video inputs: at most this many frames per clip.")] = None,
     frames: Annotated[bool, typer.Option("--frames", help="Image folders are clips of numbered frames (numeric order), traced like a video.")] = False,
     fps: Annotated[float, typer.Option(help="With --frames: frames per second of the sequence (for times and the overlay video).")] = 25.0,
-    device: DeviceOpt = "auto",
     size: SizeOpt = None,
     window: WindowOpt = None,
     stride: StrideOpt = None,
-    class_map: ClassMapOpt = None,
-    ignore_class_mismatch: IgnoreMismatchOpt = False,
     fmt: FormatOpt = "png",
     dpi: DpiOpt = 150,
     titles: TitlesOpt = True,
     out: OutOpt = Path("outputs"),
-    seed: SeedOpt = 0,
+    shared: Any = None,
 ) -> None:
     """Trace images or a data set: which patches merge into which supertoken, and at which block each token exits."""
     from tokenscope import api
 
     with _user_errors("run"):
-        method = _with_operating_point(method, operating_point, model)
+        options = _resolved(shared)
         with _progress("tracing") as progress:
-            result = api.run(images, model=model, weights=weights, random_init=random_init, policy=policy,
-                             merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits, budget=budget,
-                             keep_per_class=keep_per_class, method=method, labels=labels, dataset=dataset, data_root=data_root, split=split, seeds=seeds,
+            result = api.run(images, **options, labels=labels, dataset=dataset, data_root=data_root, split=split, seeds=seeds,
                              scene_size=scene_size, size=size, window=window, stride=stride, figures=figures,
                              animation=animation, animation_limit=animation_limit, baseline=baseline,
-                             render_workers=render_workers, device=device, seed=seed, out=out, resume=resume,
+                             render_workers=render_workers, out=out, resume=resume,
                              progress=progress, every=every, start=start, end=end, max_frames=max_frames,
-                             frames=frames, fps=fps, class_map=class_map, ignore_class_mismatch=ignore_class_mismatch,
-                             figure_format=fmt, figure_dpi=dpi, figure_titles=titles)
+                             frames=frames, fps=fps, figure_format=fmt, figure_dpi=dpi, figure_titles=titles)
     if result.rank != 0:  # under torchrun, rank 0 reports for the whole job
         raise typer.Exit(3 if any(r.error for r in result.images) else 0)
     _warn(result.warnings)
@@ -441,44 +434,30 @@ def heatmap(
 
 
 @app.command()
+@shared_options(pick())
 def compare(
     images: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
     baseline: Annotated[str, typer.Option(help="What to compare against: vit = the same weights with no merging and no exits.")] = "vit",
-    model: ModelOpt = "demo",
-    weights: WeightsOpt = None,
-    random_init: RandomOpt = False,
-    policy: PolicyOpt = None,
-    merge_threshold: MergeOpt = None,
-    exit_threshold: ExitThrOpt = None,
-    exits: ExitsOpt = None,
-    keep_per_class: KeepOpt = None,
-    method: MethodOpt = None,
     methods: Annotated[Optional[str], typer.Option("--methods", help="Compare several methods (or operating points) at once, comma-separated, e.g. step,tome,cts,dtop or tome:r=8,tome:r=16: one table and one side-by-side figure per image.")] = None,
     at_block: Annotated[Optional[int], typer.Option("--at-block", help="With --methods: the block whose tokens the figure shows (default: the middle; depth + 1 = after the encoder).")] = None,
     labels: LabelsOpt = None,
-    device: DeviceOpt = "auto",
     size: SizeOpt = None,
     repeats: Annotated[int, typer.Option(help="Timed forward passes per variant (the median is reported).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed forward passes before timing.")] = 1,
     window: WindowOpt = None,
     stride: StrideOpt = None,
-    class_map: ClassMapOpt = None,
-    ignore_class_mismatch: IgnoreMismatchOpt = False,
     out: OutOpt = Path("outputs"),
-    seed: SeedOpt = 0,
+    shared: Any = None,
 ) -> None:
     """Run the same weights with and without token reduction: tokens, GFLOPs, latency, memory, agreement, mIoU."""
     from tokenscope import api
 
     with _user_errors():
+        options = _resolved(shared)
         with _progress("comparing") as progress:
-            result = api.compare(images, baseline=baseline, model=model, weights=weights, random_init=random_init,
-                                 policy=policy, merge_threshold=merge_threshold, exit_threshold=exit_threshold,
-                                 exits=exits, keep_per_class=keep_per_class, method=method, methods=methods,
-                                 at_block=at_block,
+            result = api.compare(images, **options, baseline=baseline, methods=methods, at_block=at_block,
                                  labels=labels, size=size, window=window, stride=stride, repeats=repeats,
-                                 warmup=warmup, device=device, seed=seed, out=out, progress=progress,
-                                 class_map=class_map, ignore_class_mismatch=ignore_class_mismatch)
+                                 warmup=warmup, out=out, progress=progress)
     _warn(result.warnings)
     if result.methods or result.method_overall:
         _print_methods(result, baseline)
@@ -712,17 +691,8 @@ def _print_eval(metrics: dict[str, dict[str, Any]], title: str) -> None:
 
 
 @app.command()
+@shared_options(pick())
 def evaluate(
-    model: ModelOpt = "demo",
-    weights: WeightsOpt = None,
-    random_init: RandomOpt = False,
-    policy: PolicyOpt = None,
-    merge_threshold: MergeOpt = None,
-    exit_threshold: ExitThrOpt = None,
-    exits: ExitsOpt = None,
-    keep_per_class: KeepOpt = None,
-    method: MethodOpt = None,
-    operating_point: OperatingPointOpt = None,
     data: DataOpt = "synthetic",
     data_root: DataRootOpt = None,
     split: Annotated[str, typer.Option(help="Split of a file data set.")] = "val",
@@ -730,23 +700,19 @@ def evaluate(
     size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
     window: WindowOpt = None,
     stride: StrideOpt = None,
-    class_map: ClassMapOpt = None,
-    ignore_class_mismatch: IgnoreMismatchOpt = False,
-    device: DeviceOpt = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
+    shared: Any = None,
 ) -> None:
     """mIoU, token reduction, early exits and GFLOPs of STEP vs the same weights without reduction."""
     from tokenscope import api
 
     with _user_errors():
-        method = _with_operating_point(method, operating_point, model)
-        held = api.load_model(model, weights, random_init=random_init, policy=policy, merge_threshold=merge_threshold,
-                              exit_threshold=exit_threshold, exits=exits, keep_per_class=keep_per_class, device=device,
-                              method=method)
+        options = _resolved(shared)
+        scoring = {key: options.pop(key) for key in ("class_map", "ignore_class_mismatch")}
+        held = api.load_model(options.pop("model"), options.pop("weights"), **options)
         with _progress("evaluating") as progress:
             metrics = api.evaluate(held, data=data, data_root=data_root, split=split, seeds=seeds, size=size,
-                                   window=window, stride=stride, class_map=class_map,
-                                   ignore_class_mismatch=ignore_class_mismatch, json_out=json_out, progress=progress)
+                                   window=window, stride=stride, **scoring, json_out=json_out, progress=progress)
     if not _is_writer():
         return
     loaded = held.loaded
@@ -756,42 +722,28 @@ def evaluate(
 
 
 @app.command()
+@shared_options(pick(without=("class_map", "ignore_class_mismatch"), adding=("amp",)))
 def bench(
-    model: ModelOpt = "demo",
-    weights: WeightsOpt = None,
-    random_init: RandomOpt = False,
-    policy: PolicyOpt = None,
-    budget: Annotated[Optional[float], typer.Option(help="Force this token reduction (e.g. 2.5): uniform-policy scores thresholded per image to patches/R tokens.")] = None,
-    merge_threshold: MergeOpt = None,
-    exit_threshold: ExitThrOpt = None,
-    exits: ExitsOpt = None,
-    keep_per_class: KeepOpt = None,
-    method: MethodOpt = None,
-    operating_point: OperatingPointOpt = None,
     size: Annotated[int, typer.Option(help="Square input side in pixels (a multiple of 16).")] = 1024,
     batch: Annotated[int, typer.Option(help="Images per forward pass (different synthetic scenes, so token counts differ).")] = 1,
     image: Annotated[Optional[str], typer.Option(help="Use this image (repeated) instead of synthetic scenes.")] = None,
-    device: DeviceOpt = "auto",
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     repeats: Annotated[int, typer.Option(help="Timed passes per variant (medians are reported).")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed passes per variant (the first also counts FLOPs and memory).")] = 1,
     loop: Annotated[bool, typer.Option("--loop", help="Also time the same batch one image at a time.")] = False,
     compile_blocks: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder blocks (dynamic shapes); warm-up then includes compilation.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all measurements to this JSON file.")] = None,
-    seed: SeedOpt = 0,
+    shared: Any = None,
 ) -> None:
     """Speed: baseline vs STEP images/s, latency, memory, GFLOPs, and speed-up / FLOP reduction."""
     from tokenscope import api
 
     with _user_errors():
-        method = _with_operating_point(method, operating_point, model)
+        options = _resolved(shared)
+        model = options["model"]
         with _progress("benchmarking") as progress:
-            result = api.bench(model=model, weights=weights, random_init=random_init, policy=policy, budget=budget,
-                               merge_threshold=merge_threshold, exit_threshold=exit_threshold, exits=exits,
-                               keep_per_class=keep_per_class, method=method, size=size,
-                               batch=batch, image=image, device=device, amp=amp, threads=threads, repeats=repeats,
-                               warmup=warmup, loop=loop, compile_blocks=compile_blocks, seed=seed, json_out=json_out,
+            result = api.bench(**options, size=size, batch=batch, image=image, threads=threads, repeats=repeats,
+                               warmup=warmup, loop=loop, compile_blocks=compile_blocks, json_out=json_out,
                                progress=progress)
         summary = result.summary()
     table = Table(title=f"bench: {model} {size}x{size}, batch {batch}, {result.device}, {result.threads} threads"
@@ -835,13 +787,8 @@ def bench(
 
 
 @app.command()
+@shared_options(pick(without=SWEPT))
 def sweep(
-    model: ModelOpt = "demo",
-    weights: WeightsOpt = None,
-    random_init: RandomOpt = False,
-    policy: PolicyOpt = None,
-    exits: ExitsOpt = None,
-    keep_per_class: KeepOpt = None,
     merge: Annotated[str, typer.Option("--merge-thresholds", help="Merge thresholds to try (one value for all levels each).")] = "0.3,0.5,0.7,0.9",
     exit_: Annotated[str, typer.Option("--exit-thresholds", help="Exit thresholds to try (ignored when the exits are off).")] = "0.8,0.9,0.95,0.99",
     sizes: Annotated[Optional[str], typer.Option(help="Input sizes (long side) to try, e.g. 384,512; default: as generated/stored.")] = None,
@@ -853,14 +800,11 @@ def sweep(
     scene_size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
     window: WindowOpt = None,
     stride: StrideOpt = None,
-    class_map: ClassMapOpt = None,
-    ignore_class_mismatch: IgnoreMismatchOpt = False,
     fmt: FormatOpt = "png",
     dpi: DpiOpt = 150,
     titles: TitlesOpt = True,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
     out: OutOpt = Path("outputs"),
+    shared: Any = None,
 ) -> None:
     """Sweep merge/exit thresholds (and sizes): mIoU [95% CI] vs GFLOPs and measured throughput, with Pareto plots."""
     from tokenscope import api
@@ -871,13 +815,10 @@ def sweep(
         style = FigureStyle.parse(fmt, dpi, titles)
         size_list = [int(v) for v in parse_floats(sizes, "--sizes")] if sizes else [None]
         with _progress("sweeping") as progress:
-            result = api.sweep(model=model, weights=weights, random_init=random_init, policy=policy, exits=exits,
-                               keep_per_class=keep_per_class,
-                               merge_thresholds=parse_floats(merge, "--merge-thresholds"),
+            result = api.sweep(**shared, merge_thresholds=parse_floats(merge, "--merge-thresholds"),
                                exit_thresholds=parse_floats(exit_, "--exit-thresholds"), sizes=size_list, data=data,
                                data_root=data_root, split=split, seeds=seeds, scene_size=scene_size, window=window,
-                               stride=stride, class_map=class_map, ignore_class_mismatch=ignore_class_mismatch,
-                               device=device, seed=seed, out=out, methods=methods, style=style, progress=progress)
+                               stride=stride, out=out, methods=methods, style=style, progress=progress)
     if result.folder is None:  # not rank 0 of a torchrun job
         return
     _print_sweep_table(result.table, "sweep")
@@ -951,13 +892,9 @@ def report(
 
 
 @app.command()
+@shared_options(pick(without=TUNED))
 def tune(
     out: Annotated[Path, typer.Option(help="The operating-point file to write (JSON; never overwritten).")],
-    model: ModelOpt = "demo",
-    weights: WeightsOpt = None,
-    random_init: RandomOpt = False,
-    policy: PolicyOpt = None,
-    keep_per_class: KeepOpt = None,
     method: Annotated[str, typer.Option(help="The method whose settings are searched: step, dcts, dtop, cts, tome, algm, or budget (dcts at a forced token reduction).")] = "step",
     max_gflops: Annotated[Optional[float], typer.Option(help="Target: at most this many GFLOPs per image.")] = None,
     p95_latency_ms: Annotated[Optional[float], typer.Option(help="Target: 95% of images within this latency (ms).")] = None,
@@ -972,10 +909,7 @@ def tune(
     scene_size: Annotated[int, typer.Option(help="Side of generated synthetic scenes.")] = 512,
     window: WindowOpt = None,
     stride: StrideOpt = None,
-    class_map: ClassMapOpt = None,
-    ignore_class_mismatch: IgnoreMismatchOpt = False,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
+    shared: Any = None,
 ) -> None:
     """Choose the cheapest operating point that meets a target within an accuracy limit; exit 0 when
     it meets it on held-out images too, 4 when no point meets it on the calibration images, 5 when
@@ -988,10 +922,8 @@ def tune(
     with _user_errors(), _progress("tuning") as progress:
         if data == "synthetic" and set(parse_seeds(calib_seeds)) & set(parse_seeds(held_seeds)):
             raise TokenscopeError("--calib-seeds and --held-seeds overlap: the held-out report would not be held out")
-        opts = ModelOptions(model=model, weights=weights, random_init=random_init, policy=policy,
-                            keep_per_class=keep_per_class, device=device, seed=seed,
-                            class_map=None if class_map is None else str(class_map),
-                            ignore_class_mismatch=ignore_class_mismatch)
+        class_map = shared.pop("class_map")
+        opts = ModelOptions(**shared, class_map=None if class_map is None else str(class_map))
         result = run_tune(opts, method, Target(max_gflops, p95_latency_ms, min_speedup, max_miou_drop), out, data,
                           data_root, calib_split, held_split, calib_seeds, held_seeds, scene_size, progress,
                           window=window, stride=stride)

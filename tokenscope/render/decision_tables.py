@@ -29,6 +29,7 @@ from tokenscope.analysis.uncertainty import RESAMPLES, SEED, ratio_intervals  # 
 from tokenscope.errors import ConfigError  # noqa: E402
 from tokenscope.render.manifest import method_folder_name, read_manifest  # noqa: E402
 from tokenscope.render.palette import FATE_COLOURS  # noqa: E402
+from tokenscope.render.paper_table import PaperTable  # noqa: E402
 from tokenscope.trace.fates import FATES  # noqa: E402
 from tokenscope.trace.trace import TRACE_JSON, Trace, trace_folders  # noqa: E402
 
@@ -157,7 +158,6 @@ def _class_name(ft: FolderTraces, c: int) -> str:
 
 def agreement_table(folder: str | Path) -> Any:
     """`tokenscope table --kind agreement`: how often an early decision differs from the unreduced model."""
-    from tokenscope.render.tables import PaperTable
 
     ft = folder_traces(folder)
     rows = agreement_rows(ft)
@@ -232,7 +232,6 @@ def _boundary_cached(folder: str, stamp: int) -> tuple[dict[str, Any], list[dict
 
 def boundary_table(folder: str | Path) -> Any:
     """`tokenscope table --kind boundary`: fates against the distance to the nearest class boundary."""
-    from tokenscope.render.tables import PaperTable
 
     manifest, rows, sources = _boundary_of(folder)
     if not rows:

@@ -10,7 +10,6 @@ table, never left out.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,21 +18,10 @@ import pandas as pd
 from tokenscope.analysis.uncertainty import bounds_text, points
 from tokenscope.errors import ConfigError
 from tokenscope.render.manifest import read_manifest
+from tokenscope.render.paper_table import PaperTable
 
 FORMATS = ("markdown", "latex", "csv")
 KINDS = ("methods", "classes", "agreement", "boundary")
-
-
-@dataclass
-class PaperTable:
-    """Column headers (with units), rows of formatted cells, notes printed under the table."""
-
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    notes: list[str] = field(default_factory=list)
-    wide: bool = False
-    """LaTeX: a `table*` spanning both columns of a two-column paper."""
 
 
 def select_columns(t: PaperTable, spec: str) -> PaperTable:
