@@ -95,3 +95,45 @@ def test_host_synchronisations_per_forward_are_counted_and_batch_constant_merges
         with torch.no_grad(), count_host_syncs("cpu") as count:
             loaded.model(x, setting=loaded.setting)
         assert count.total == syncs, (method, count.calls)
+
+
+def test_a_padded_cpu_batch_runs_its_mlps_over_the_real_tokens_only_and_decides_as_each_image_alone() -> None:
+    """On the CPU the blocks' MLPs run over the packed real tokens (not the padding) and the dCTS policy scores
+    one image at a time: the batch's outputs are those of the padded path, and every image's partition is the
+    one it gets alone. bench reports the padding share."""
+    import tokenscope.models.encoder_block as encoder_block
+    from tokenscope.jobs.bench import bench_images
+    from tokenscope.jobs.setup import ModelOptions, load_model
+
+    loaded, _ = load_model(ModelOptions(device="cpu"))
+    model, s = loaded.model, loaded.setting
+    x = bench_images(256, 4, None)
+    packed_calls = []
+    real = encoder_block._packable
+
+    def spy(x_: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        live = real(x_, mask)
+        packed_calls.append(live is not None)
+        return live
+
+    with torch.no_grad():
+        encoder_block._packable = spy
+        try:
+            packed = model(x, setting=s)
+        finally:
+            encoder_block._packable = real
+        encoder_block._packable = lambda x_, mask: None
+        try:
+            padded = model(x, setting=s)
+        finally:
+            encoder_block._packable = real
+        alone = [model(x[i:i + 1], setting=s) for i in range(4)]
+    assert any(packed_calls)  # the batch had padding, and it was packed
+    assert torch.equal(packed.patch_logits, padded.patch_logits)
+    for i, out in enumerate(alone):
+        assert np.array_equal(out.partitions[0].token_of_patch, packed.partitions[i].token_of_patch)
+    from tokenscope.analysis.bench import run_bench
+
+    result = run_bench(model, x, torch.device("cpu"), s, repeats=1, warmup=0, recorder_repeats=1)
+    assert 0.0 < result.step.padding_pct < 100.0 and result.baseline.padding_pct == 0.0
+    assert result.summary()["step"]["padding_pct"] == result.step.padding_pct

@@ -776,6 +776,8 @@ def bench(
     out_console.print(f"host synchronisations per forward: baseline {s['baseline'].get('host_syncs', 0)}, reduced "
                       f"{s['step'].get('host_syncs', 0)} (calls that read the device: each one stalls a GPU)",
                       highlight=False)
+    out_console.print(f"padding: {s['step'].get('padding_pct', 0.0):.1f}% of the slots the reduced model's blocks ran "
+                      "(images of a batch padded to the longest)", highlight=False)
     tails = [(name, s[name].get("latency_tail") or {}) for name in ("baseline", "step")]
     if all(t.get("repeats", 0) > 1 for _, t in tails):
         out_console.print("latency over the repeats: " + "; ".join(

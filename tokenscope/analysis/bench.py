@@ -56,6 +56,8 @@ class VariantTiming:
     """Host synchronisations in one forward (models/host_sync.py: torch's count on CUDA, else the calls that
     hand values to the host, which are the ones that synchronise on a GPU)."""
     host_sync_calls: dict[str, int] = field(default_factory=dict)
+    padding_pct: float = 0.0
+    """Share of the slots the blocks ran that were padding (images of one batch padded to the longest)."""
     latencies_s: list[float] = field(default_factory=list)
 
     @property
@@ -169,6 +171,14 @@ def _probe(fn: Callable[[], Any], device: torch.device) -> tuple[int, int, Any]:
     return flops, mem.peak, out
 
 
+def padding_share(records: list[ImageRecord]) -> float:
+    """Share of the slots the blocks ran that were padding: in each block every image is padded to the
+    batch's longest, so a block runs batch x longest slots for the sum of the images' tokens."""
+    tokens = np.stack([r.block_tokens_in for r in records]).astype(np.float64)  # (B, depth)
+    slots = tokens.max(axis=0) * tokens.shape[0]
+    return float(1.0 - tokens.sum() / slots.sum()) if slots.sum() > 0 else 0.0
+
+
 def _block_tokens(record: ImageRecord) -> float:
     """Mean tokens per block of one image: entering, and after an in-block merge, averaged."""
     tin = record.block_tokens_in.astype(np.float64)
@@ -218,7 +228,9 @@ def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_s
             v.tokens_per_image = sum(p.num_tokens for p in out.partitions) / b
             with Recorder(model, v.setting) as probe:
                 model(images, setting=v.setting)
-                v.mean_tokens_per_block = float(np.mean([_block_tokens(r) for r in probe.pop_records()]))
+                records = probe.pop_records()
+                v.mean_tokens_per_block = float(np.mean([_block_tokens(r) for r in records]))
+                v.padding_pct = 100.0 * padding_share(records)
             with count_host_syncs(device) as syncs:
                 calls[v.name]()
             v.host_syncs, v.host_sync_calls = syncs.total, dict(syncs.calls)

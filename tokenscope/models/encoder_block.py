@@ -45,4 +45,28 @@ class EncoderBlock(nn.Module):
         else:
             h, q, k = attend_heads(self.attn, self.norm1(x), attn_mask)
             x = between(x + self.drop_path1(self.ls1(h)), q, k)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            attn_mask = _mask_for(x, attn_mask)
+        live = _packable(x, attn_mask)
+        if live is None:
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        # the MLP is per token: on the CPU it runs over the real tokens only, packed, not the padding
+        packed = x[live]
+        out = x.clone()
+        out[live] = packed + self.drop_path2(self.ls2(self.mlp(self.norm2(packed))))
+        return out
+
+
+def _mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The key mask still describes `x` unless a step inside the block changed its length."""
+    return mask if mask is not None and mask.shape[-1] == x.shape[1] else None
+
+
+def _packable(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, L) the real tokens of a padded CPU batch, or None to run the MLP over every slot: on a GPU
+    (packing reads the mask's count on the host, a synchronisation there), under torch.compile, or
+    without padding. Nothing here reads a value in Python: the gather costs a copy of the tokens, a
+    small fraction of the MLP it spares the padding of."""
+    if mask is None or x.device.type != "cpu" or x.shape[0] < 2 or torch.compiler.is_compiling():
+        return None
+    live = mask[:, 0, 0, :] if mask.dtype == torch.bool else torch.isfinite(mask[:, 0, 0, :])
+    return live if live.shape == x.shape[:2] else None

@@ -403,7 +403,7 @@ class StepViT(nn.Module):
         else:  # a method's own policy decides by its own settings
             out = policy(images, labels, sample_seeds)
         partitions = out.partitions
-        emb, pos_prefix = self.embed((images - self.pixel_mean) / self.pixel_std, partitions)
+        emb, pos_prefix = self.embed((images - self.pixel_mean).div_(self.pixel_std), partitions)  # one new tensor, not two
         x, ids, valid = emb.tokens, emb.token_ids, emb.valid
         prefix = self.prefix_tokens(b, pos_prefix)
         p = 0 if prefix is None else prefix.shape[1]
