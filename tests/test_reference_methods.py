@@ -46,6 +46,15 @@ def _pair(arch: str, seed: int = 0, decoder: str = "linear", **timm_kwargs: obje
     return model, vit.double().eval()
 
 
+def _method_setting(model: StepViT, point: str) -> ReductionSetting:
+    """The operating point `point` on `model` (every part counted as trained), resolved as a command does."""
+    from tokenscope.jobs.setup import ModelOptions, method_setting
+    from tokenscope.models.checkpoints import LoadedModel
+
+    loaded = LoadedModel(model, model.cfg, {"backbone": True, "decoder": True, "exits": True, "policy": True}, "t", "t")
+    return method_setting(loaded, ModelOptions(device="cpu"), point)
+
+
 def _images(n: int, seed: int = 0) -> torch.Tensor:
     out = []
     for s in range(n):
@@ -434,13 +443,9 @@ def reference_pitome(vit: torch.nn.Module, images: torch.Tensor, ratio: float) -
 
 @pytest.mark.parametrize("ratio", [0.95, 0.9])
 def test_pitome_merges_the_groups_its_reference_rule_merges_in_every_block(ratio: float) -> None:
-    from tokenscope.jobs.setup import ModelOptions, method_setting
-    from tokenscope.models.checkpoints import LoadedModel
-
     model, vit = _pair("vit_small_patch16_224")
     images = _images(2)
-    loaded = LoadedModel(model, model.cfg, {"backbone": True, "decoder": True, "exits": True, "policy": True}, "t", "t")
-    s = method_setting(loaded, ModelOptions(device="cpu"), f"pitome:ratio={ratio}")
+    s = _method_setting(model, f"pitome:ratio={ratio}")
     assert s.size_weighted and [st.block for st in s.steps] == list(range(1, 13))
     ours = _groups_by_block(model, s, images)
     with torch.no_grad():
@@ -499,13 +504,9 @@ def reference_hourglass(model: StepViT, vit: torch.nn.Module, images: torch.Tens
 
 @pytest.mark.parametrize("side,at", [(0.5, 4), (0.7, 6)])
 def test_hourglass_clusters_and_rebuilds_as_its_reference_rule(side: float, at: int) -> None:
-    from tokenscope.jobs.setup import ModelOptions, method_setting
-    from tokenscope.models.checkpoints import LoadedModel
-
     model, vit = _pair("vit_small_patch16_224")
     images = _images(2)
-    loaded = LoadedModel(model, model.cfg, {"backbone": True, "decoder": True, "exits": True, "policy": True}, "t", "t")
-    s = method_setting(loaded, ModelOptions(device="cpu"), f"hourglass:side={side}:at={at}")
+    s = _method_setting(model, f"hourglass:side={side}:at={at}")
     assert [st.block for st in s.steps] == [at] and s.reconstruction is not None and not s.size_weighted
     with torch.no_grad(), Recorder(model, s) as rec:
         out = model(images, setting=s)
@@ -570,14 +571,11 @@ def reference_cubist(vit: torch.nn.Module, images: torch.Tensor, rate: float) ->
 
 @pytest.mark.parametrize("rate", [0.05, 0.15])
 def test_cubist_merges_the_groups_of_its_rule_and_keeps_a_grid(rate: float) -> None:
-    from tokenscope.jobs.setup import ModelOptions, method_setting
-    from tokenscope.models.checkpoints import LoadedModel
     from tokenscope.models.methods.builtin.cubist import grid_before
 
     model, vit = _pair("vit_small_patch16_224")
     images = _images(2)
-    loaded = LoadedModel(model, model.cfg, {"backbone": True, "decoder": True, "exits": True, "policy": True}, "t", "t")
-    s = method_setting(loaded, ModelOptions(device="cpu"), f"cubist:rate={rate}")
+    s = _method_setting(model, f"cubist:rate={rate}")
     ours = _groups_by_block(model, s, images)
     with torch.no_grad():
         ref = reference_cubist(vit, (images - model.pixel_mean) / model.pixel_std, rate)
