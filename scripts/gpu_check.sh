@@ -20,8 +20,9 @@
 #   ViT-L 1024 batch 1: dCTS 2.5x, ToMe, ALGM, EViT           ~15 s each
 #   ViT-L 1024 batch 8: dCTS 2.5x, ToMe, ALGM, EViT           ~25 s each
 #   EoMT-L 512 batch 8: ToMe, ALGM                            ~15 s each
+#   DINOv3-L 512 batch 8 (rotary positions): ToMe, ALGM        ~15 s each
 #   demo 512 batch 8: full STEP (learned dCTS + exits)         ~15 s
-# about 5 minutes in all. Results: benchmarks/results/quick/gpu_*.json, gpu_tests.txt, times.tsv and the
+# about 5.5 minutes in all. Results: benchmarks/results/quick/gpu_*.json, gpu_tests.txt, times.tsv and the
 # table gpu_summary.md (written from the JSON files by benchmarks/summarise.py, every number read, none typed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +68,7 @@ quick_rows() {  # the rows that matter most; $big is the ViT-L size, $eomt EoMT-
   done
   for method in tome algm; do
     row "eomt-l_${eomt}_b${b8}_${method}" --model eomt-l-ade20k-512 --random-init --size "$eomt" --batch "$b8" --method "$method"
+    row "dinov3-l_${eomt}_b${b8}_${method}" --model timm:vit_large_patch16_dinov3 --random-init --size "$eomt" --batch "$b8" --method "$method"
   done
   row "demo_${demo}_b${b8}_step" --model demo --size "$demo" --batch "$b8" --loop
 }

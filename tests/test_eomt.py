@@ -232,11 +232,12 @@ def test_eomt_flops_of_the_cost_model_are_torchs_count(tmp_path: Path) -> None:
     assert trace.exited_early.any()  # the second point really dropped tokens before the query blocks
 
 
-def test_rope_backbones_are_refused_in_one_line_saying_why(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="rotary position embeddings .*DINOv3") as err:
-        build_model("timm:vit_small_patch16_dinov3", random_init=True)
+def test_rope_backbones_tokenscope_cannot_place_are_refused_in_one_line_saying_why(tmp_path: Path) -> None:
+    build_model("timm:vit_small_patch16_dinov3", random_init=True)  # DINOv3's RoPE: placed (tests/test_rotary.py)
+    with pytest.raises(ConfigError, match="rotary position embedding .*RotaryEmbeddingCat.*DINOv3") as err:
+        build_model("timm:eva02_tiny_patch14_224", random_init=True)
     assert "\n" not in str(err.value)
-    with pytest.raises(CheckpointError, match="DINOv3 backbone .*not supported"):
+    with pytest.raises(CheckpointError, match="DINOv3 backbone .*not read yet"):
         build_model("demo", weights=str(_with_extra_key(tmp_path, "network.encoder.backbone.rope_embeddings.periods")))
 
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = 11
-"""ViT-L at batch 1 and 2 (dCTS 2.5x, ToMe, ALGM, EViT), EoMT-L (ToMe, ALGM), the demo's full STEP."""
+ROWS = 13
+"""ViT-L at batch 1 and 2 (dCTS 2.5x, ToMe, ALGM, EViT), EoMT-L and DINOv3-L (ToMe, ALGM), the demo's full STEP."""
 
 
 def test_the_gpu_checks_quick_rows_all_run_on_the_cpu(tmp_path: Path) -> None:

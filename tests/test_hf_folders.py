@@ -92,7 +92,7 @@ def test_other_model_types_and_damaged_folders_are_one_line(tmp_path: Path) -> N
     other = tmp_path / "bert"
     shutil.copytree(tmp_path / "eomt", other)
     doc = json.loads((other / "config.json").read_text())
-    for model_type, words in (("bert", "model_type 'bert'"), ("eomt_dinov3", "DINOv3")):
+    for model_type, words in (("bert", "model_type 'bert'"), ("eomt_dinov3", "weights an EoMT-DINOv3 model does not have")):
         doc["model_type"] = model_type
         (other / "config.json").write_text(json.dumps(doc))
         with pytest.raises(CheckpointError, match=words):
@@ -132,3 +132,67 @@ def test_a_model_in_the_hugging_face_cache_is_found_by_its_id_offline(tmp_path: 
     r = CliRunner().invoke(app, ["run", str(IMAGE), "--model", "hf:tue-mps/tiny_eomt", "--window", "0", "--size", "64",
                                  "--device", "cpu", "--no-animation", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
+
+
+def save_tiny_eomt_dinov3(folder: Path, seed: int = 0) -> torch.nn.Module:
+    """A tiny EoMT on a DINOv3 backbone (rotary positions, registers, layer scale, q and v biases), built with
+    transformers' own config class and saved with save_pretrained."""
+    from transformers import EomtDinov3Config, EomtDinov3ForUniversalSegmentation, EomtImageProcessor
+
+    torch.manual_seed(seed)
+    config = EomtDinov3Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=256,
+                              patch_size=16, image_size=CROP, num_register_tokens=4, num_queries=6, num_blocks=2,
+                              num_upscale_blocks=2, num_labels=len(LABELS), id2label=LABELS,
+                              label2id={v: k for k, v in LABELS.items()})
+    model = EomtDinov3ForUniversalSegmentation(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.3)
+            elif "bias" in name or "lambda1" in name:
+                p.normal_(0.0, 0.2)
+        model.attn_mask_probs.zero_()
+    model.save_pretrained(folder, safe_serialization=True)
+    EomtImageProcessor(size={"shortest_edge": CROP, "longest_edge": CROP}, image_mean=[0.5, 0.45, 0.4],
+                       image_std=[0.25, 0.2, 0.3]).save_pretrained(folder)
+    return model
+
+
+def test_a_transformers_eomt_dinov3_folder_gives_transformers_own_scores(tmp_path: Path) -> None:
+    """Rotary positions, registers, layer scale and the q/v biases read from the folder: with reduction off the
+    per-pixel scores are transformers' own, at the crop and at another size (rotary positions follow the grid)."""
+    from transformers import EomtImageProcessor
+
+    reference = save_tiny_eomt_dinov3(tmp_path / "eomt3")
+    loaded = build_model("demo", weights=str(tmp_path / "eomt3"))
+    model = loaded.model.eval()
+    assert model.rope is not None and loaded.config.class_names == ("road", "building", "sky")
+    mean, std = torch.tensor([0.5, 0.45, 0.4]).view(1, 3, 1, 1), torch.tensor([0.25, 0.2, 0.3]).view(1, 3, 1, 1)
+    processor = EomtImageProcessor.from_pretrained(tmp_path / "eomt3")
+    x = _pixels()
+    with torch.no_grad():
+        out = model(x, setting=model.default_setting().plain())
+        ours = model.pixel_logits(out, (CROP, CROP))
+        ref = processor.post_process_semantic_segmentation(reference(pixel_values=(x - mean) / std),
+                                                           target_sizes=[(CROP, CROP)] * 2,
+                                                           return_segmentation_scores=True)
+    theirs = torch.stack([r.segmentation_scores for r in ref])
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert torch.equal(ours.argmax(1), torch.stack([r.segmentation for r in ref]))
+    assert theirs.argmax(1).unique().numel() > 1
+
+
+def test_every_method_keeps_the_accounting_on_a_transformers_eomt_dinov3_folder(tmp_path: Path) -> None:
+    """Supertokens (dcts, uniform policy: the folder has no trained dCTS policy or gates), merging and pruning on a
+    rotary backbone with EoMT's queries: every trace accounts for every patch once."""
+    save_tiny_eomt_dinov3(tmp_path / "eomt3")
+    r = CliRunner().invoke(app, ["compare", str(IMAGE), "--weights", str(tmp_path / "eomt3"), "--methods",
+                                 "dcts,tome:r=2,algm,evit,hourglass", "--policy", "uniform", "--size", "96", "--window",
+                                 "0", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    from tokenscope.trace.trace import TRACE_JSON, Trace
+
+    traces = [Trace.load(p.parent) for p in sorted((tmp_path / "o").rglob(TRACE_JSON))]
+    assert len(traces) == 6
+    for t in traces:
+        t.assert_consistent()

@@ -21,17 +21,34 @@ def attend(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor | None) -> tuple
     return out, k.mean(dim=1)
 
 
-def attend_heads(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """timm Attention on `h` (B, N, C): (output (B, N, C), queries and keys (B, H, N, Dh) per head)."""
+def attend_heads(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor | None = None,
+                 num_prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm Attention on `h` (B, N, C): (output (B, N, C), queries and keys (B, H, N, Dh) per head).
+
+    With `rope` (B, 1, N - num_prefix, 2 Dh: timm's concatenated sin/cos), the queries and keys of the
+    tokens after the first `num_prefix` are rotated as timm's EVA / DINOv3 attention rotates them
+    (the class and register tokens, and a head's queries, are not)."""
     b, n, _ = h.shape
-    heads, head_dim = int(attn.num_heads), int(attn.head_dim)
+    heads = int(attn.num_heads)
+    head_dim = int(getattr(attn, "head_dim", 0) or attn.qkv.out_features // (3 * heads))
     attn_dim = int(getattr(attn, "attn_dim", heads * head_dim))
     gate_layer = getattr(attn, "gate", None)
     gate = gate_layer(h).sigmoid() if gate_layer is not None else None
-    qkv = attn.qkv(h).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q_bias = getattr(attn, "q_bias", None)
+    if q_bias is not None:  # EVA's separate q/k/v biases
+        qkv = F.linear(h, attn.qkv.weight, torch.cat((q_bias, attn.k_bias, attn.v_bias)))
+    else:
+        qkv = attn.qkv(h)
+    qkv = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        from timm.layers import apply_rot_embed_cat
+
+        half = bool(getattr(attn, "rotate_half", False))
+        p = num_prefix
+        q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=half)], dim=2).type_as(v)
     if getattr(attn, "fused_attn", True):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)

@@ -18,15 +18,19 @@ import torch.nn as nn
 
 from tokenscope.models.attention import attend_heads
 
-BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+BLOCK_PARTS = ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2")
+SCALES = (("ls1", "ls2"), ("gamma_1", "gamma_2"))
+"""Layer scale: timm's ViT Block has modules ls1/ls2, its EVA block (DINOv3) parameters gamma_1/gamma_2."""
 
 Between = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """between(x after the attention residual, queries, keys) -> the sequence the MLP receives."""
 
 
 def is_plain_block(block: nn.Module) -> bool:
-    """Whether `block` is a pre-norm block with timm's parts (the ViTs tokenscope can drive)."""
-    return all(hasattr(block, part) for part in BLOCK_PARTS) and hasattr(block.attn, "qkv")
+    """Whether `block` is a pre-norm block with timm's parts (the ViTs tokenscope can drive): timm's
+    Block, or its EVA block with a fused qkv projection (DINOv3)."""
+    return (all(hasattr(block, part) for part in BLOCK_PARTS) and isinstance(getattr(block.attn, "qkv", None), nn.Linear)
+            and any(all(hasattr(block, s) for s in pair) for pair in SCALES))
 
 
 class EncoderBlock(nn.Module):
@@ -36,23 +40,39 @@ class EncoderBlock(nn.Module):
         super().__init__()
         for part in BLOCK_PARTS:
             setattr(self, part, getattr(block, part))
+        self.eva = not hasattr(block, "ls1")
+        """timm's EVA block (gamma_1/gamma_2, rotary positions): its attention always runs here, so the
+        rotation covers the image tokens after whatever sits in front (registers, fused tokens, queries)."""
+        if self.eva:
+            self.gamma_1, self.gamma_2 = block.gamma_1, block.gamma_2
+        else:
+            self.ls1, self.ls2 = block.ls1, block.ls2
+
+    def _scale(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        if not self.eva:
+            return (self.ls1 if which == 1 else self.ls2)(x)
+        gamma = self.gamma_1 if which == 1 else self.gamma_2
+        return x if gamma is None else gamma * x
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, num_prefix: int = 0,
-                between: Between | None = None) -> torch.Tensor:
-        """`num_prefix`: tokens in front of the image tokens (for observers counting image tokens)."""
-        if between is None:
+                between: Between | None = None, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """`num_prefix`: tokens in front of the image tokens (for observers counting image tokens, and
+        the first token `rope`, the image tokens' rotary angles, applies to)."""
+        if between is None and not self.eva:
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
         else:
-            h, q, k = attend_heads(self.attn, self.norm1(x), attn_mask)
-            x = between(x + self.drop_path1(self.ls1(h)), q, k)
-            attn_mask = _mask_for(x, attn_mask)
+            h, q, k = attend_heads(self.attn, self.norm1(x), attn_mask, rope, num_prefix)
+            x = x + self.drop_path1(self._scale(h, 1))
+            if between is not None:
+                x = between(x, q, k)
+                attn_mask = _mask_for(x, attn_mask)
         live = _packable(x, attn_mask)
         if live is None:
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            return x + self.drop_path2(self._scale(self.mlp(self.norm2(x)), 2))
         # the MLP is per token: on the CPU it runs over the real tokens only, packed, not the padding
         packed = x[live]
         out = x.clone()
-        out[live] = packed + self.drop_path2(self.ls2(self.mlp(self.norm2(packed))))
+        out[live] = packed + self.drop_path2(self._scale(self.mlp(self.norm2(packed)), 2))
         return out
 
 

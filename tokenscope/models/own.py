@@ -40,6 +40,8 @@ def _architecture(vit: nn.Module) -> tuple[str, dict[str, Any]]:
         "reg_tokens": int(vit.reg_token.shape[1]) if getattr(vit, "reg_token", None) is not None else 0,
         "no_embed_class": bool(vit.no_embed_class),
     }
+    if not hasattr(block, "ls1"):  # timm's EVA (DINOv3): its own architecture name says the rest
+        return arch, {k: kwargs[k] for k in ("embed_dim", "depth", "num_heads")}
     gamma = getattr(block.ls1, "gamma", None)
     if gamma is not None:
         kwargs["init_values"] = 1e-5  # layer scale present; its values are the weights'

@@ -41,6 +41,13 @@ from tokenscope.models.policy import (
     UniformPolicy,
 )
 from tokenscope.models.registry import StepConfig
+from tokenscope.models.rotary import (
+    merge_positions,
+    patch_positions,
+    rotary_embedding,
+    rotary_module,
+    token_positions,
+)
 from tokenscope.models.sequence import attention_dtype, attention_mask, by_owner, compact, pool_to_tokens, token_grid, unmerge
 from tokenscope.models.slots import scatter_tokens
 from tokenscope.models.steps import (
@@ -179,6 +186,8 @@ class _Sequence:
     mask: torch.Tensor | None = None
     layout: Layout | None = None
     aux: dict[int, torch.Tensor] = field(default_factory=dict)
+    positions: torch.Tensor | None = None
+    """(B, T + 1, 2) each trace token's rotary position (models/rotary.py), for backbones with RoPE."""
     queries: int = 0
     """Queries of a head inside the encoder, at the very front once they joined."""
     setting: ReductionSetting | None = None
@@ -206,6 +215,8 @@ class StepViT(nn.Module):
                     m.eps = cfg.norm_eps
         dim = int(vit.embed_dim)
         self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.rope = rotary_module(vit)
+        """timm's rotary module of a RoPE backbone (DINOv3): it turns each token's position into angles."""
         self.embed = SuperpatchEmbed(vit.patch_embed, vit.pos_embed, vit.patch_embed.grid_size,
                                      self.num_prefix_tokens, bool(vit.no_embed_class), cfg.pos_resize)
         self.cls_token = vit.cls_token
@@ -388,7 +399,8 @@ class StepViT(nn.Module):
             seq.mask = self._attention_mask(seq)
             step = inside.get(k)
             between = None if step is None else (lambda x, q, keys, step=step: self._between(seq, step, x, q, keys))
-            seq.x = block(seq.x, attn_mask=seq.mask, num_prefix=seq.p, between=between)
+            rope = None if seq.positions is None else rotary_embedding(self.rope, seq.positions, seq.ids)
+            seq.x = block(seq.x, attn_mask=seq.mask, num_prefix=seq.p, between=between, rope=rope)
             self._after_block(seq, k, return_aux)
         return self.decode(seq, images, return_aux)
 
@@ -424,6 +436,9 @@ class StepViT(nn.Module):
             seq.pruned = torch.zeros((b, t_max + 1), dtype=torch.bool, device=images.device)
         if self.decoder.needs_context or pruning:
             seq.context = x.new_zeros((b, t_max + 1, x.shape[-1]))
+        if self.rope is not None:
+            grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+            seq.positions = token_positions(partitions, patch_positions(self.rope, grid, images.device))
         return seq
 
     def _join_queries(self, seq: _Sequence) -> None:
@@ -473,6 +488,9 @@ class StepViT(nn.Module):
         if isinstance(dec, MergeDecision) and step.does == "merge" and seq.owner is not None:
             if dec.restore is not None:
                 seq.restores.append((step.block, dec.restore))
+            if seq.positions is not None:  # a merged token sits at its group's size-weighted mean position
+                seq.positions = merge_positions(seq.positions, seq.ids, seq.sizes, dec.merged & seq.valid, dec.into,
+                                                seq.valid)
             patch_part, seq.sizes, seq.owner = apply_merge(x[:, p:], seq.sizes, seq.owner, dec)
             before = sum(seq.counts)
             patch_part, seq.ids, seq.valid, seq.counts, sizes = compact(patch_part, seq.ids, seq.valid & ~dec.merged,
@@ -617,14 +635,17 @@ def create_backbone(cfg: StepConfig) -> nn.Module:
 
 def check_backbone(vit: nn.Module, arch: str) -> None:
     """Refuse backbones this encoder cannot drive, with a message rather than a crash later."""
-    if getattr(vit, "rope", None) is not None or (hasattr(vit, "pos_embed") and vit.pos_embed is None):
-        raise ConfigError(f"{arch} places tokens by rotary position embeddings (RoPE, as DINOv3 does): supertokens "
-                          "take the mean of their patches' position table, which a RoPE ViT does not have; use a ViT "
-                          "with a learned position table (DINOv2, AugReg, DeiT, ...)")
+    rotary = rotary_module(vit)
+    if getattr(vit, "rope", None) is not None and rotary is None:
+        raise ConfigError(f"{arch} places tokens by a rotary position embedding tokenscope cannot place supertokens "
+                          f"with ({type(vit.rope).__name__}); DINOv3's (timm's vit_*_dinov3) and learned position "
+                          "tables (DINOv2, AugReg, DeiT, ...) are supported")
     needed = ("patch_embed", "blocks", "norm", "embed_dim", "num_prefix_tokens", "no_embed_class", "norm_pre")
     missing = [a for a in needed if not hasattr(vit, a)]
     if missing:
         raise ConfigError(f"{arch} is not a plain timm VisionTransformer (missing {', '.join(missing)})")
+    if rotary is None and getattr(vit, "pos_embed", None) is None:
+        raise ConfigError(f"{arch} has neither a position table nor a rotary position embedding tokenscope can use")
     if not all(is_plain_block(b) for b in vit.blocks):
         raise ConfigError(f"{arch}'s blocks are not timm's pre-norm Block (norm1, attn, ls1, mlp, ...); tokenscope "
                           "needs one")

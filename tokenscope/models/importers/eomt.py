@@ -59,9 +59,9 @@ def _count(state: dict[str, torch.Tensor], prefix: str) -> int:
 def eomt_to_stepvit(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """EoMT names -> StepViT names (the criterion's buffers and the annealing probabilities dropped)."""
     if any("rope" in k or k.startswith((BACKBONE + "embeddings.", BACKBONE + "layer.")) for k in state):
-        raise CheckpointError(f"{source}: an EoMT model on a DINOv3 backbone (rotary positions; its releases hold "
-                              "deltas to the DINOv3 weights): not supported, since supertokens need a position table; "
-                              "EoMT's DINOv2 models load")
+        raise CheckpointError(f"{source}: an EoMT model on a DINOv3 backbone in EoMT's own layout (its releases hold "
+                              "deltas to the DINOv3 weights): not read yet; EoMT's DINOv2 models load, and EoMT-DINOv3 "
+                              "Hugging Face folders (model_type eomt_dinov3)")
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, v in state.items():
@@ -88,10 +88,13 @@ def eomt_to_stepvit(state: dict[str, torch.Tensor], source: str) -> dict[str, to
 
 
 def describe_eomt(state: dict[str, torch.Tensor], name: str, source: str, notes: list[str],
-                  overrides: dict[str, Any] | None = None) -> StepConfig:
-    """The StepConfig of an EoMT model from its (EoMT-named) tensors; only shapes are read."""
+                  overrides: dict[str, Any] | None = None,
+                  backbone: tuple[str, dict[str, Any], int] | None = None) -> StepConfig:
+    """The StepConfig of an EoMT model from its (EoMT-named) tensors; only shapes are read. `backbone`
+    (timm architecture, its kwargs, the native grid side) for a backbone without a position table
+    (DINOv3's rotary positions); else DINOv2's, read from the tensors."""
     need = ("network.q.weight", "network.class_head.weight", BACKBONE + "patch_embed.proj.weight",
-            BACKBONE + "pos_embed")
+            *(() if backbone else (BACKBONE + "pos_embed",)))
     missing = [k for k in need if k not in state]
     if missing:
         raise CheckpointError(f"{source}: weights do not fit an EoMT model: missing {', '.join(missing)}")
@@ -101,10 +104,13 @@ def describe_eomt(state: dict[str, torch.Tensor], name: str, source: str, notes:
     patch = int(proj.shape[-1])
     depth = _count(state, BACKBONE + "blocks.")
     registers = int(state[BACKBONE + "reg_token"].shape[1]) if BACKBONE + "reg_token" in state else 0
-    n = int(state[BACKBONE + "pos_embed"].shape[1])
-    grid = int(round(n ** 0.5))
-    if grid * grid != n:
-        raise CheckpointError(f"{source}: position embedding of {n} patches is not a square grid")
+    if backbone is not None:
+        grid = backbone[2]
+    else:
+        n = int(state[BACKBONE + "pos_embed"].shape[1])
+        grid = int(round(n ** 0.5))
+        if grid * grid != n:
+            raise CheckpointError(f"{source}: position embedding of {n} patches is not a square grid")
     upscale = _count(state, "network.upscale.")
     if upscale != upscale_steps(patch):
         raise CheckpointError(f"{source}: {upscale} upscale blocks, but EoMT builds {upscale_steps(patch)} for "
@@ -128,6 +134,8 @@ def describe_eomt(state: dict[str, torch.Tensor], name: str, source: str, notes:
                                    "mlp_ratio": mlp_ratio}
     if size == "giant":
         timm_kwargs.pop("mlp_ratio")  # its SwiGLU MLP is named by the architecture
+    if backbone is not None:
+        arch, timm_kwargs = backbone[0], dict(backbone[1])
     dataset = guess_dataset(classes, (overrides or {}).get("dataset", ""))
     names: tuple[str, ...] = ()
     palette: tuple[tuple[int, int, int], ...] = ()

@@ -20,7 +20,15 @@ checkpoints:
 
 Class names come from `id2label`, normalisation from the preprocessor file (`image_mean`,
 `image_std`), heads and LayerNorm epsilon from the config. Masked attention is off at inference, as
-the released models run. `eomt_dinov3` folders (rotary positions) are refused in one line.
+the released models run.
+
+`model_type` `eomt_dinov3` (`EomtDinov3ForUniversalSegmentation`) is EoMT on a DINOv3 ViT: rotary
+positions (models/rotary.py), 4 registers, layer scale, q and v biases. Its backbone becomes timm's
+DINOv3 EVA architecture (`vit_*_patch16_dinov3_qkvb`, sized by the config): `q_proj`/`k_proj`/`v_proj`
+stacked into `qkv` with the q and v biases as `q_bias`/`v_bias` (no key bias, as the config says),
+`o_proj` as `proj`, `layer_scale{1,2}.lambda1` as `gamma_{1,2}`, `mlp.up_proj`/`down_proj` as
+`mlp.fc1`/`fc2`, the patch embedding `embeddings.patch_embeddings`; the head maps as above. A gated
+(SwiGLU) MLP, a key bias or a RoPE other than the default are refused in one line.
 """
 
 from __future__ import annotations
@@ -75,8 +83,34 @@ def _rename(key: str) -> str | None:
     return None
 
 
-def to_eomt_layout(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """transformers' EoMT names -> the original EoMT layout (see the module docstring)."""
+DINOV3_FIELDS = {"intermediate_size": int, "query_bias": bool, "key_bias": bool, "value_bias": bool,
+                 "use_gated_mlp": bool, "rope_parameters": dict[str, Any]}
+DINOV3_RULES = (
+    (r"embeddings\.patch_embeddings\.(weight|bias)", BACKBONE + r"patch_embed.proj.\1"),
+    (r"layers\.(\d+)\.attention\.o_proj\.(weight|bias)", BACKBONE + r"blocks.\1.attn.proj.\2"),
+    (r"layers\.(\d+)\.attention\.([qv])_proj\.bias", BACKBONE + r"blocks.\1.attn.\2_bias"),
+    (r"layers\.(\d+)\.layer_scale(\d)\.lambda1", BACKBONE + r"blocks.\1.gamma_\2"),
+    (r"layers\.(\d+)\.mlp\.up_proj\.(weight|bias)", BACKBONE + r"blocks.\1.mlp.fc1.\2"),
+    (r"layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", BACKBONE + r"blocks.\1.mlp.fc2.\2"),
+)
+"""transformers' DINOv3 names that differ from its DINOv2 EoMT's, as timm's DINOv3 EVA names them."""
+
+
+def dinov3_backbone(config: dict[str, Any]) -> tuple[str, dict[str, Any], int]:
+    """timm's DINOv3 EVA architecture sized by an eomt_dinov3 config, and the native grid side."""
+    dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    patch, size = int(config.get("patch_size", 16)), int(config.get("image_size", 640))
+    rope = config.get("rope_parameters") or {}
+    kwargs = {"patch_size": patch, "embed_dim": dim, "depth": int(config["num_hidden_layers"]), "num_heads": heads,
+              "mlp_ratio": int(config.get("intermediate_size", 4 * dim)) / dim,
+              "num_reg_tokens": int(config.get("num_register_tokens", 4)),
+              "rope_temperature": float(rope.get("rope_theta", 100.0))}
+    return "vit_small_patch16_dinov3_qkvb", kwargs, size // patch
+
+
+def to_eomt_layout(tensors: dict[str, torch.Tensor], source: str, dinov3: bool = False) -> dict[str, torch.Tensor]:
+    """transformers' EoMT names -> the original EoMT layout (see the module docstring); with `dinov3`,
+    the backbone's tensors under timm's DINOv3 EVA names."""
     state: dict[str, torch.Tensor] = {}
     unknown = []
     qkv: dict[str, dict[str, torch.Tensor]] = {}
@@ -84,11 +118,15 @@ def to_eomt_layout(tensors: dict[str, torch.Tensor], source: str) -> dict[str, t
         key = key.removeprefix("model.")
         if key.startswith("criterion."):
             continue
+        renamed = next((re.sub(p, t, key) for p, t in DINOV3_RULES if re.fullmatch(p, key)), None) if dinov3 else None
+        if renamed is not None:
+            state[renamed] = value
+            continue
         found = re.fullmatch(r"layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)", key)
         if found:
             qkv.setdefault(f"{found.group(1)}.{found.group(3)}", {})[found.group(2)] = value
             continue
-        if key == "embeddings.position_embeddings.weight":
+        if key == "embeddings.position_embeddings.weight" and not dinov3:  # DINOv3 has rotary positions instead
             state[BACKBONE + "pos_embed"] = value.unsqueeze(0)
             continue
         name = _rename(key)
@@ -97,12 +135,16 @@ def to_eomt_layout(tensors: dict[str, torch.Tensor], source: str) -> dict[str, t
         else:
             state[name] = value
     for where, parts in qkv.items():
+        if dinov3 and where.endswith(".bias"):
+            unknown.append(f"layers.{where.split('.')[0]}.attention.k_proj.bias")  # a key bias: not EoMT-DINOv3's
+            continue
         if set(parts) != {"q", "k", "v"}:
             raise CheckpointError(f"{source}: layer {where.split('.')[0]} lacks one of its q/k/v projections")
         block, kind = where.split(".")
         state[f"{BACKBONE}blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     if unknown:
-        raise CheckpointError(f"{source}: {len(unknown)} weights an EoMT model does not have (e.g. "
+        kind = "an EoMT-DINOv3" if dinov3 else "an EoMT"
+        raise CheckpointError(f"{source}: {len(unknown)} weights {kind} model does not have (e.g. "
                               f"{', '.join(unknown[:3])})")
     return state
 
@@ -112,16 +154,18 @@ def read_hf_folder(folder: Path, name: str | None = None) -> ImportedSegmenter:
     config_path = folder / "config.json"
     config = read_json(config_path, "config.json", CheckpointError)
     model_type = config.get("model_type")
-    if model_type == "eomt_dinov3":
-        raise CheckpointError(f"{folder}: an EoMT model on a DINOv3 backbone (model_type eomt_dinov3): its positions "
-                              "are rotary and supertokens need a position table; not supported yet (EoMT's DINOv2 "
-                              "folders, model_type eomt, load)")
-    if model_type != "eomt":
+    if model_type not in ("eomt", "eomt_dinov3"):
         raise CheckpointError(f"{folder}: a Hugging Face folder of model_type {model_type!r}; tokenscope reads "
-                              "model_type 'eomt' (EomtForUniversalSegmentation) folders")
-    check_fields(config, CONFIG_FIELDS, config_path, error=CheckpointError)
-    if config.get("use_swiglu_ffn"):
-        raise CheckpointError(f"{config_path}: use_swiglu_ffn is true (a SwiGLU MLP); tokenscope reads EoMT's GELU MLP")
+                              "model_type 'eomt' and 'eomt_dinov3' (EoMT's) folders")
+    dinov3 = model_type == "eomt_dinov3"
+    check_fields(config, {**CONFIG_FIELDS, **(DINOV3_FIELDS if dinov3 else {})}, config_path, error=CheckpointError)
+    if config.get("use_swiglu_ffn") or config.get("use_gated_mlp"):
+        raise CheckpointError(f"{config_path}: a gated (SwiGLU) MLP; tokenscope reads EoMT's GELU MLP")
+    if dinov3:
+        rope = config.get("rope_parameters") or {}
+        if config.get("key_bias") or (rope.get("rope_type") or "default") != "default":
+            raise CheckpointError(f"{config_path}: a key bias or a {rope.get('rope_type')!r} RoPE; tokenscope reads "
+                                  "EoMT-DINOv3's default RoPE without a key bias")
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{folder}: no model.safetensors (sharded or .bin folders are not read; "
@@ -134,7 +178,7 @@ def read_hf_folder(folder: Path, name: str | None = None) -> ImportedSegmenter:
         tensors = load_file(str(weights))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for damaged headers
         raise CheckpointError(f"{weights}: cannot read weights ({str(exc).splitlines()[0][:160]})") from None
-    state = to_eomt_layout(tensors, str(weights))
+    state = to_eomt_layout(tensors, str(weights), dinov3)
     overrides: dict[str, Any] = {}
     notes = ["masked attention off, as EoMT's released inference runs", f"read from the Hugging Face folder {folder}"]
     pre = folder / "preprocessor_config.json"
@@ -152,7 +196,8 @@ def read_hf_folder(folder: Path, name: str | None = None) -> ImportedSegmenter:
     except KeyError:
         raise CheckpointError(f"{config_path}: id2label does not name the classes 0..{len(labels) - 1}") from None
     try:
-        described = describe_eomt(state, name or folder.name, str(folder), notes, overrides)
+        described = describe_eomt(state, name or folder.name, str(folder), notes, overrides,
+                                  dinov3_backbone(config) if dinov3 else None)
         heads = int(config.get("num_attention_heads", described.timm_kwargs["num_heads"]))
         eps = float(config.get("layer_norm_eps", 1e-6))
         described = described.replace(timm_kwargs={**described.timm_kwargs, "num_heads": heads}, norm_eps=eps)
