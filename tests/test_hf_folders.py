@@ -196,3 +196,71 @@ def test_every_method_keeps_the_accounting_on_a_transformers_eomt_dinov3_folder(
     assert len(traces) == 6
     for t in traces:
         t.assert_consistent()
+
+
+def _original_name(key: str) -> str:
+    """transformers' EoMT-DINOv3 name -> the name EoMT's own DINOv3 releases use (written here for the test)."""
+    import re
+
+    rules = ((r"embeddings\.cls_token", "encoder.backbone.patch_embed.cls_token"),
+             (r"embeddings\.register_tokens", "encoder.backbone.patch_embed.register_tokens"),
+             (r"embeddings\.patch_embeddings\.(.+)", r"encoder.backbone.patch_embed.patch_embeddings.\1"),
+             (r"layers\.(\d+)\.(.+)", r"encoder.backbone.blocks.\1.\2"), (r"layernorm\.(.+)", r"encoder.backbone.norm.\1"),
+             (r"query\.weight", "q.weight"), (r"class_predictor\.(.+)", r"class_head.\1"),
+             (r"mask_head\.fc(\d)\.(.+)", lambda m: f"mask_head.{2 * (int(m.group(1)) - 1)}.{m.group(2)}"),
+             (r"upscale_block\.block\.(\d+)\.layernorm2d\.(.+)", r"upscale.\1.norm.\2"),
+             (r"upscale_block\.block\.(\d+)\.(.+)", r"upscale.\1.\2"), (r"attn_mask_probs", "attn_mask_probs"))
+    for pattern, target in rules:
+        if re.fullmatch(pattern, key):
+            return "network." + re.sub(pattern, target, key)
+    raise AssertionError(key)
+
+
+def test_an_eomt_dinov3_release_of_deltas_needs_its_backbone_and_then_gives_transformers_scores(tmp_path: Path) -> None:
+    """EoMT publishes its DINOv3 models as deltas to DINOv3's backbone weights (pytorch_model.bin, its own names):
+    without --backbone one line says what to pass; with the DINOv3 folder the model is the full one, whose scores
+    transformers gives."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel, EomtImageProcessor
+
+    full = save_tiny_eomt_dinov3(tmp_path / "full")
+    torch.manual_seed(5)
+    base = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                          intermediate_size=256, image_size=CROP, patch_size=16,
+                                          num_register_tokens=4)).eval()
+    base.save_pretrained(tmp_path / "dinov3", safe_serialization=True)
+    base_state = {}
+    for key, value in base.state_dict().items():  # DINOv3ViTModel's names -> EoMT-DINOv3's
+        key = key.removeprefix("model.")
+        key = "layers." + key[len("layer."):] if key.startswith("layer.") else key
+        base_state["layernorm." + key[len("norm."):] if key.startswith("norm.") else key] = value
+    delta = {}
+    for key, value in full.state_dict().items():
+        if key.startswith("criterion."):
+            continue
+        delta[_original_name(key)] = value - base_state[key] if key in base_state else value
+    release = tmp_path / "release"
+    release.mkdir()
+    torch.save(delta, release / "pytorch_model.bin")
+    (release / "config.json").write_text(json.dumps({
+        "num_labels": len(LABELS), "id2label": {str(k): v for k, v in LABELS.items()}, "image_size": CROP,
+        "num_queries": 6, "num_blocks": 2, "num_upscale_blocks": 2}))
+    shutil.copy(tmp_path / "full" / "preprocessor_config.json", release)
+    with pytest.raises(CheckpointError, match="stores its backbone as deltas .*pass --backbone"):
+        build_model("demo", weights=str(release))
+    loaded = build_model("demo", weights=str(release), backbone=str(tmp_path / "dinov3"))
+    model = loaded.model.eval()
+    mean, std = torch.tensor([0.5, 0.45, 0.4]).view(1, 3, 1, 1), torch.tensor([0.25, 0.2, 0.3]).view(1, 3, 1, 1)
+    processor = EomtImageProcessor.from_pretrained(tmp_path / "full")
+    x = _pixels()
+    with torch.no_grad():
+        ours = model.pixel_logits(model(x, setting=model.default_setting().plain()), (CROP, CROP))
+        ref = processor.post_process_semantic_segmentation(full(pixel_values=(x - mean) / std),
+                                                           target_sizes=[(CROP, CROP)] * 2,
+                                                           return_segmentation_scores=True)
+    theirs = torch.stack([r.segmentation_scores for r in ref])
+    # base + (full - base) is the full weight to the last bit or two of float32, no closer: 1e-3, equal labels
+    assert (ours - theirs).abs().max().item() < 1e-3
+    assert torch.equal(ours.argmax(1), theirs.argmax(1)) and theirs.argmax(1).unique().numel() > 1
+    r = CliRunner().invoke(app, ["run", str(IMAGE), "--weights", str(release), "--backbone", str(tmp_path / "full"),
+                                 "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "not a DINOv3 ViT" in r.output and "Traceback" not in r.output

@@ -612,7 +612,8 @@ def bench(*, size: int = 1024, batch: int = 1, image: str | None = None, threads
                        loop=loop, compile_blocks=compile_blocks, progress=progress)
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(json_out), {"model": opts.model, "policy": result.step.policy, "method": result.step.method,
+        write_json_atomic(Path(json_out), {"model": result.model or opts.model, "policy": result.step.policy,
+                                           "method": result.step.method,
                                            "budget": opts.budget,
                                            **result.summary()})
     return result

@@ -45,6 +45,9 @@ MODEL_OPTIONS: dict[str, SharedOption] = {o.name: o for o in (
                  "Weights: a tokenscope checkpoint (NAME.json/.safetensors), a Segmenter or mmsegmentation checkpoint "
                  "(.pth, read without running code), a Hugging Face model folder, a timm ViT file "
                  "(.safetensors/.pth/.npz), or 'hub' to download timm's backbone."),
+    SharedOption("backbone", Optional[str], Optional[str], None,
+                 "The DINOv3 model an EoMT-DINOv3 release of deltas adds to: its folder (config.json + "
+                 "model.safetensors) or hf:ORG/NAME, e.g. hf:facebook/dinov3-vitl16-pretrain-lvd1689m."),
     SharedOption("random_init", bool, bool, False,
                  "Random weights, for architecture and speed studies only (predictions are noise).", ("--random-init",)),
     SharedOption("policy", Optional[str], Optional[str], None,

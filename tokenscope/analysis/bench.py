@@ -85,6 +85,8 @@ class BenchResult:
     amp: bool
     baseline: VariantTiming
     step: VariantTiming
+    model: str = ""
+    """The model's name (its config's: a folder's or a checkpoint's, not just what --model said)."""
     recorder_on_s: list[float] = field(default_factory=list)
     recorder_off_s: list[float] = field(default_factory=list)
     policy_s: list[float] = field(default_factory=list)

@@ -64,8 +64,10 @@ def bench(opts: ModelOptions, size: int = 1024, batch: int = 1, image: str | Non
     m = loaded.model
     if compile_blocks:
         m.compile_blocks()
-    return run_bench(m, x, device, loaded.setting, repeats=repeats, warmup=warmup,
-                     amp=opts.amp, loop=loop, progress=progress)
+    result = run_bench(m, x, device, loaded.setting, repeats=repeats, warmup=warmup,
+                       amp=opts.amp, loop=loop, progress=progress)
+    result.model = loaded.config.name
+    return result
 
 
 def bench_json_path(path: str | Path) -> Path:

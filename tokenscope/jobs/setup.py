@@ -51,6 +51,8 @@ class ModelOptions:
     """A file mapping the data's class ids (or names) to the model's (see data/classspace.py)."""
     ignore_class_mismatch: bool = False
     """Score even when the model's classes are not the data's (recorded and printed beside every mIoU)."""
+    backbone: str | None = None
+    """The DINOv3 model (a folder or hf:ORG/NAME) an EoMT-DINOv3 release of deltas adds to."""
 
 
 LEGACY_FLAGS = {"tome_r": "r", "algm_threshold": "threshold", "algm_global_threshold": "global",
@@ -82,7 +84,7 @@ def load_model(opts: ModelOptions, have_labels: bool = False, loaded: LoadedMode
     device = resolve_device(opts.device)
     check_options(opts)
     if loaded is None:
-        loaded = build_model(opts.model, opts.weights, opts.random_init, opts.seed, opts.num_classes)
+        loaded = build_model(opts.model, opts.weights, opts.random_init, opts.seed, opts.num_classes, opts.backbone)
     setting = resolve_setting(loaded, opts, have_labels, shared)
     loaded.model.to(device).eval()
     loaded.setting = setting.to(device)

@@ -8,7 +8,8 @@
 | a published name | the cache, else downloaded once (models/published.py) | its family's reader, then a tokenscope checkpoint |
 | `--weights NAME.json` | the file | tokenscope checkpoint |
 | `--weights FILE.pth/.bin/.ckpt` | the file, unpickled safely once | the first of READERS that recognises it (Segmenter / mmsegmentation, EoMT), else a timm backbone |
-| `--weights DIR` (config.json + model.safetensors) | a Hugging Face model folder | models/importers/hf_folder.py (model_type `eomt`) |
+| `--weights DIR` (config.json + model.safetensors) | a Hugging Face model folder | models/importers/hf_folder.py (model_type `eomt`, `eomt_dinov3`) |
+| `--weights DIR --backbone DIR_OR_HF_ID` (config.json + pytorch_model.bin) | an EoMT-DINOv3 release of deltas, and the DINOv3 folder they add to | the same folder reader |
 | `hf:ORG/NAME[@REVISION]` | the Hugging Face hub cache (`HF_HUB_CACHE`, `HF_HOME`), else downloaded | the same folder reader |
 | `--weights FILE.safetensors/.npz`, `hub` | the file, or timm's hub | timm backbone (models/importers/timm_file.py) |
 | `--random-init` | none | the architecture alone |
@@ -145,8 +146,19 @@ def new_model(cfg: StepConfig, backbone_weights: str | os.PathLike[str] | None =
     return StepViT(cfg, vit)
 
 
+def _backbone_folder(backbone: str | None) -> Path | None:
+    """`--backbone`: a DINOv3 model folder, or `hf:ORG/NAME[@REVISION]` from the Hugging Face cache."""
+    if backbone is None:
+        return None
+    if str(backbone).startswith("hf:"):
+        from tokenscope.data.download import offline_mode
+
+        return hub_snapshot(str(backbone), offline_mode())
+    return Path(str(backbone))
+
+
 def build_model(name: str, weights: str | os.PathLike[str] | None = None, random_init: bool = False,
-                seed: int = 0, num_classes: int | None = None) -> LoadedModel:
+                seed: int = 0, num_classes: int | None = None, backbone: str | None = None) -> LoadedModel:
     """Resolve `--model`, `--weights` and `--random-init` into a model, or a clear error: the one
     front door (what was asked -> where the bytes are -> which reader).
 
@@ -156,8 +168,12 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
     - a tokenscope checkpoint (`--weights NAME.json|NAME.safetensors`) defines everything;
     - any other weights file is taken as a timm ViT backbone for the named model;
     - `--weights hub` downloads timm's pretrained backbone (the only network access);
-    - `--random-init` builds untrained weights for architecture and speed studies.
+    - `--random-init` builds untrained weights for architecture and speed studies;
+    - `backbone` (a DINOv3 model folder or `hf:ORG/NAME`) completes an EoMT-DINOv3 release of deltas.
     """
+    if backbone is not None and (weights is None and not str(name).startswith("hf:") or random_init):
+        raise ConfigError("--backbone completes an EoMT-DINOv3 release of deltas given as --weights DIR or "
+                          "--model hf:ORG/NAME; there is none here")
     if name == "demo" and weights is None and not random_init:
         demo = BUILTIN_WEIGHTS_DIR / "demo.json"
         if not demo.is_file():
@@ -179,10 +195,13 @@ def build_model(name: str, weights: str | os.PathLike[str] | None = None, random
         from tokenscope.data.download import offline_mode
 
         folder = hub_snapshot(name, offline_mode())
-        return loaded_from_import(read_hf_folder(folder, name.split("/")[-1].split("@")[0]), folder / "model.safetensors")
+        imp = read_hf_folder(folder, name.split("/")[-1].split("@")[0], _backbone_folder(backbone))
+        return loaded_from_import(imp, Path(imp.source))
     if weights is not None and not random_init and is_hf_folder(Path(str(weights))):
-        folder = Path(str(weights))
-        return loaded_from_import(read_hf_folder(folder), folder / "model.safetensors")
+        imp = read_hf_folder(Path(str(weights)), backbone=_backbone_folder(backbone))
+        return loaded_from_import(imp, Path(imp.source))
+    if backbone is not None:
+        raise ConfigError(f"--backbone completes an EoMT-DINOv3 release of deltas (a model folder); {weights} is not one")
     pickled: Any = None
     if weights is not None and Path(str(weights)).suffix.lower() in PICKLE_SUFFIXES and not random_init:
         pickled = read_pickled_checkpoint(Path(str(weights)))

@@ -149,10 +149,123 @@ def to_eomt_layout(tensors: dict[str, torch.Tensor], source: str, dinov3: bool =
     return state
 
 
-def read_hf_folder(folder: Path, name: str | None = None) -> ImportedSegmenter:
-    """A transformers model folder as an ImportedSegmenter (config, StepViT-named tensors, notes)."""
+DELTA_RULES = (
+    (r"encoder\.backbone\.patch_embed\.cls_token", "embeddings.cls_token"),
+    (r"encoder\.backbone\.patch_embed\.register_tokens", "embeddings.register_tokens"),
+    (r"encoder\.backbone\.patch_embed\.patch_embeddings\.(weight|bias)", r"embeddings.patch_embeddings.\1"),
+    (r"encoder\.backbone\.blocks\.(\d+)\.(.+)", r"layers.\1.\2"),
+    (r"encoder\.backbone\.norm\.(weight|bias)", r"layernorm.\1"),
+    (r"q\.weight", "query.weight"),
+    (r"class_head\.(weight|bias)", r"class_predictor.\1"),
+    (r"mask_head\.0\.(weight|bias)", r"mask_head.fc1.\1"),
+    (r"mask_head\.2\.(weight|bias)", r"mask_head.fc2.\1"),
+    (r"mask_head\.4\.(weight|bias)", r"mask_head.fc3.\1"),
+    (r"upscale\.(\d+)\.(conv1|conv2)\.(weight|bias)", r"upscale_block.block.\1.\2.\3"),
+    (r"upscale\.(\d+)\.norm\.(weight|bias)", r"upscale_block.block.\1.layernorm2d.\2"),
+    (r"(?:encoder\.)?attn_mask_probs", "attn_mask_probs"),
+)
+"""EoMT's own names in its DINOv3 releases -> transformers' EoMT-DINOv3 names (after `network.`)."""
+BACKBONE_FIELDS = {"hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "intermediate_size": int,
+                   "num_register_tokens": int, "patch_size": int, "rope_theta": float, "key_bias": bool,
+                   "use_gated_mlp": bool}
+
+
+def is_delta_release(folder: Path) -> bool:
+    """An EoMT-DINOv3 release as EoMT publishes it: config.json and pytorch_model.bin, no safetensors."""
+    return (folder / "pytorch_model.bin").is_file() and not (folder / "model.safetensors").is_file()
+
+
+def _backbone_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A transformers DINOv3ViTModel folder: its config and its tensors under EoMT-DINOv3's names."""
+    config_path = folder / "config.json"
+    if not is_hf_folder(folder) or not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"--backbone {folder}: not a DINOv3 model folder (config.json + model.safetensors)")
+    config = read_json(config_path, "config.json", CheckpointError)
+    check_fields(config, BACKBONE_FIELDS, config_path, error=CheckpointError)
+    if config.get("model_type") not in (None, "dinov3_vit"):
+        raise CheckpointError(f"--backbone {folder}: a model of type {config.get('model_type')!r}, not a DINOv3 ViT "
+                              "(model_type dinov3_vit)")
+    tensors = _safetensors(folder / "model.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        key = key.removeprefix("model.")
+        if key == "embeddings.mask_token":
+            continue
+        key = re.sub(r"^layer\.(\d+)\.", r"layers.\1.", key)
+        key = re.sub(r"^norm\.", "layernorm.", key)
+        state[key] = value
+    return config, state
+
+
+def read_delta_release(folder: Path, release: dict[str, Any], backbone: Path | None
+                       ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An EoMT-DINOv3 release whose backbone tensors are deltas to DINOv3's: the backbone's weights plus the
+    deltas, under transformers' names, and the eomt_dinov3 config they make (the backbone's sizes, the
+    release's head), as transformers' own conversion assembles them."""
+    if backbone is None:
+        raise CheckpointError(f"{folder}: an EoMT-DINOv3 release stores its backbone as deltas to DINOv3's weights; "
+                              "pass --backbone (the DINOv3 model folder it was trained from, or "
+                              "hf:facebook/dinov3-vitl16-pretrain-lvd1689m)")
+    from tokenscope.models.importers.safe_pickle import read_pickled_checkpoint
+
+    obj = read_pickled_checkpoint(folder / "pytorch_model.bin")
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{folder / 'pytorch_model.bin'}: not a table of tensors")
+    base_config, state = _backbone_state(backbone)
+    unknown = []
+    for key, delta in obj.items():
+        short = str(key).removeprefix("network.")
+        if short.startswith(("encoder.pixel_mean", "encoder.pixel_std", "criterion.")):
+            continue
+        name = next((re.sub(p, t, short) for p, t in DELTA_RULES if re.fullmatch(p, short)), None)
+        if name is None:
+            unknown.append(str(key))
+        elif name in state:
+            if tuple(state[name].shape) != tuple(delta.shape):
+                raise CheckpointError(f"{folder}: {key} is {tuple(delta.shape)} but the backbone's {name} is "
+                                      f"{tuple(state[name].shape)}: --backbone is not the one this release was trained from")
+            state[name] = state[name].to(delta.dtype) + delta
+        else:
+            state[name] = delta
+    if unknown:
+        raise CheckpointError(f"{folder}: {len(unknown)} weights an EoMT-DINOv3 release does not have (e.g. "
+                              f"{', '.join(unknown[:3])})")
+    config = {k: v for k, v in release.items() if k != "backbone"}
+    if "num_labels" not in config and isinstance(config.get("num_classes"), int):
+        config["num_labels"] = config.pop("num_classes")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_register_tokens",
+                "key_bias", "use_gated_mlp", "patch_size"):
+        if key in base_config:
+            config[key] = base_config[key]
+    config.setdefault("image_size", base_config.get("image_size", 640))
+    config["rope_parameters"] = {"rope_theta": float(base_config.get("rope_theta", 100.0)), "rope_type": "default"}
+    config["model_type"] = "eomt_dinov3"
+    return config, state
+
+
+def _safetensors(weights: Path) -> dict[str, torch.Tensor]:
+    if weights.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise CheckpointError(f"{weights}: larger than any EoMT model ({weights.stat().st_size:,} bytes)")
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for damaged headers
+        raise CheckpointError(f"{weights}: cannot read weights ({str(exc).splitlines()[0][:160]})") from None
+
+
+def read_hf_folder(folder: Path, name: str | None = None, backbone: Path | None = None) -> ImportedSegmenter:
+    """A transformers model folder as an ImportedSegmenter (config, StepViT-named tensors, notes); an
+    EoMT-DINOv3 release of deltas with the DINOv3 `backbone` folder they add to."""
     config_path = folder / "config.json"
     config = read_json(config_path, "config.json", CheckpointError)
+    tensors: dict[str, torch.Tensor] | None = None
+    weights = folder / "model.safetensors"
+    if is_delta_release(folder):
+        config, tensors = read_delta_release(folder, config, backbone)
+        weights = folder / "pytorch_model.bin"
+    elif backbone is not None:
+        raise CheckpointError(f"--backbone is for EoMT-DINOv3 releases of deltas; {folder} holds its whole model")
     model_type = config.get("model_type")
     if model_type not in ("eomt", "eomt_dinov3"):
         raise CheckpointError(f"{folder}: a Hugging Face folder of model_type {model_type!r}; tokenscope reads "
@@ -166,18 +279,11 @@ def read_hf_folder(folder: Path, name: str | None = None) -> ImportedSegmenter:
         if config.get("key_bias") or (rope.get("rope_type") or "default") != "default":
             raise CheckpointError(f"{config_path}: a key bias or a {rope.get('rope_type')!r} RoPE; tokenscope reads "
                                   "EoMT-DINOv3's default RoPE without a key bias")
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{folder}: no model.safetensors (sharded or .bin folders are not read; "
-                              "`save_pretrained(..., safe_serialization=True)` writes one)")
-    if weights.stat().st_size > MAX_WEIGHTS_BYTES:
-        raise CheckpointError(f"{weights}: larger than any EoMT model ({weights.stat().st_size:,} bytes)")
-    try:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(weights))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for damaged headers
-        raise CheckpointError(f"{weights}: cannot read weights ({str(exc).splitlines()[0][:160]})") from None
+    if tensors is None:
+        if not weights.is_file():
+            raise CheckpointError(f"{folder}: no model.safetensors (sharded or .bin folders are not read; "
+                                  "`save_pretrained(..., safe_serialization=True)` writes one)")
+        tensors = _safetensors(weights)
     state = to_eomt_layout(tensors, str(weights), dinov3)
     overrides: dict[str, Any] = {}
     notes = ["masked attention off, as EoMT's released inference runs", f"read from the Hugging Face folder {folder}"]
@@ -211,7 +317,8 @@ def read_hf_folder(folder: Path, name: str | None = None) -> ImportedSegmenter:
                              family="EoMT")
 
 
-HUB_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+HUB_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "pytorch_model.bin")
+"""What a model needs from its repository (an EoMT-DINOv3 release of deltas has pytorch_model.bin instead)."""
 
 
 def hub_cache() -> Path:
@@ -244,7 +351,7 @@ def hub_snapshot(text: str, offline: bool) -> Path:
     ref = root / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
     folder = root / "snapshots" / commit
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    if (folder / "config.json").is_file() and any((folder / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
         return folder
     if offline:
         raise CheckpointError(f"--model {text}: not in the Hugging Face cache ({root}) and offline (TOKENSCOPE_OFFLINE); "
