@@ -44,6 +44,12 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 ts=("$py" -m tokenscope)
 $py -c "import torch" || { echo "gpu_check.sh: $py has no torch (set PYTHON=...)" >&2; exit 2; }
+# DINOv3 (rotary positions) came to timm in 1.0.20: an older timm skips those rows and says so
+if $py -c "import sys, timm; sys.exit(0 if timm.is_model('vit_large_patch16_dinov3') else 1)" 2>/dev/null; then
+  has_dinov3=yes
+else
+  has_dinov3=no; echo "gpu_check.sh: this timm has no vit_large_patch16_dinov3: the DINOv3-L rows are skipped" >&2
+fi
 
 failures=0
 row() {  # row NAME BENCH-ARGS...: one `tokenscope bench` row, timed, into $out/gpu_NAME.json
@@ -68,7 +74,9 @@ quick_rows() {  # the rows that matter most; $big is the ViT-L size, $eomt EoMT-
   done
   for method in tome algm; do
     row "eomt-l_${eomt}_b${b8}_${method}" --model eomt-l-ade20k-512 --random-init --size "$eomt" --batch "$b8" --method "$method"
-    row "dinov3-l_${eomt}_b${b8}_${method}" --model timm:vit_large_patch16_dinov3 --random-init --size "$eomt" --batch "$b8" --method "$method"
+    if [ "$has_dinov3" = yes ]; then
+      row "dinov3-l_${eomt}_b${b8}_${method}" --model timm:vit_large_patch16_dinov3 --random-init --size "$eomt" --batch "$b8" --method "$method"
+    fi
   done
   row "demo_${demo}_b${b8}_step" --model demo --size "$demo" --batch "$b8" --loop
 }
