@@ -214,9 +214,23 @@ def load_model(model: str = "demo", weights: str | Path | None = None, *, shared
     `device`: auto | cpu | cuda. Raises CheckpointError / ConfigError with a one-line message.
     """
     _refuse_removed(removed, "load_model")
-    opts = _model_options({**(shared or {}), "weights": weights}, "load_model", model)
+    return _loaded(_model_options({**(shared or {}), "weights": weights}, "load_model", model))
+
+
+def _loaded(opts: ModelOptions) -> Model:
+    """The model `opts` name, built and on its device at its operating point."""
     loaded, dev = _load_model(opts, have_labels=True)
     return Model(loaded, dev, opts)
+
+
+def _held_and_options(shared: dict[str, Any], where: str) -> tuple[Model | None, ModelOptions]:
+    """A loaded Model passed as `model` (with its own options), else the shared options; either way with
+    this call's class map and waiver."""
+    held = shared["model"] if isinstance(shared["model"], Model) else None
+    opts = held.options if held is not None else _model_options(shared, where)
+    class_map = shared["class_map"]
+    return held, replace(opts, class_map=None if class_map is None else str(class_map),
+                         ignore_class_mismatch=shared["ignore_class_mismatch"] or opts.ignore_class_mismatch)
 
 
 def from_timm(vit: Any, *, decoder: str | torch.nn.Module = "linear", num_classes: int | None = None,
@@ -443,11 +457,8 @@ def run(images: Sequence[str | Path] | None = None, *, labels: str | None = None
     if resume is not None and (images or dataset is not None):
         raise ConfigError("--resume finishes a run with its own images and settings; give it alone (no images or --dataset)")
     shared = dict(shared or {})
-    method, class_map = shared["method"], shared["class_map"]
-    held = shared["model"] if isinstance(shared["model"], Model) else None
-    opts = held.options if held is not None else _model_options(shared, "run")
-    opts = replace(opts, class_map=None if class_map is None else str(class_map),
-                   ignore_class_mismatch=shared["ignore_class_mismatch"] or opts.ignore_class_mismatch)
+    method = shared["method"]
+    held, opts = _held_and_options(shared, "run")
     req = RunRequest(inputs=[str(p) for p in images or []], labels=labels, dataset=dataset, data_root=data_root,
                      split=split, seeds=seeds, dataset_size=scene_size, size=size, model=asdict(opts), figures=figures,
                      animation=animation, baseline=baseline, window=window, stride=stride,
@@ -472,12 +483,7 @@ def compare(images: Sequence[str | Path], *, baseline: str = "vit", methods: str
     `at_block` picks the block whose tokens the per-image figure shows."""
     from tokenscope.jobs.compare import compare_images
 
-    shared = dict(shared or {})
-    class_map = shared["class_map"]
-    held = shared["model"] if isinstance(shared["model"], Model) else None
-    opts = held.options if held is not None else _model_options(shared, "compare")
-    opts = replace(opts, class_map=None if class_map is None else str(class_map),
-                   ignore_class_mismatch=shared["ignore_class_mismatch"] or opts.ignore_class_mismatch)
+    held, opts = _held_and_options(dict(shared or {}), "compare")
     listed = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods or []) if m.strip()]
     if methods is not None and not listed:
         raise ConfigError("--methods needs at least one method, e.g. step,tome,cts,dtop")
@@ -504,11 +510,7 @@ def evaluate(model: Model | str = "demo", *, data: str = "synthetic", data_root:
 
     shared = dict(shared or {})
     class_map, ignore_class_mismatch = shared.pop("class_map"), shared.pop("ignore_class_mismatch")
-    if isinstance(model, Model):
-        held = model
-    else:
-        opts = _model_options(shared, "evaluate", model)
-        held = Model(*_load_model(opts, have_labels=True), opts)
+    held = model if isinstance(model, Model) else _loaded(_model_options(shared, "evaluate", model))
     d = DataOptions(kind=data, root=data_root, val_split=split, val_seeds=seeds, size=size)
     result = evaluate_model(held.loaded, held.device, d, held.policy, progress, window, stride, held.options.amp,
                             class_map=None if class_map is None else str(class_map),
@@ -612,7 +614,7 @@ def bench(*, size: int = 1024, batch: int = 1, image: str | None = None, threads
                        loop=loop, compile_blocks=compile_blocks, progress=progress)
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(json_out), {"model": result.model or opts.model, "policy": result.step.policy,
+        write_json_atomic(Path(json_out), {"model": result.model, "policy": result.step.policy,
                                            "method": result.step.method,
                                            "budget": opts.budget,
                                            **result.summary()})

@@ -740,13 +740,12 @@ def bench(
 
     with _user_errors():
         options = _resolved(shared)
-        model = options["model"]
         with _progress("benchmarking") as progress:
             result = api.bench(**options, size=size, batch=batch, image=image, threads=threads, repeats=repeats,
                                warmup=warmup, loop=loop, compile_blocks=compile_blocks, json_out=json_out,
                                progress=progress)
         summary = result.summary()
-    table = Table(title=f"bench: {result.model or model} {size}x{size}, batch {batch}, {result.device}, {result.threads} threads"
+    table = Table(title=f"bench: {result.model} {size}x{size}, batch {batch}, {result.device}, {result.threads} threads"
                         f"{', bf16' if result.amp else ''}", title_justify="left")
     for col in ("variant", "tokens/img", "tokens/block", "GFLOPs/img", "latency ms", "images/s", "peak MiB"):
         table.add_column(col, justify="left" if col == "variant" else "right")

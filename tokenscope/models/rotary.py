@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenscope.models.partition import Partition
 from tokenscope.models.slots import scatter_tokens
+from tokenscope.models.superpatch import level_cells
 
 
 def rotary_module(vit: nn.Module) -> nn.Module | None:
@@ -47,19 +47,14 @@ def patch_positions(rope: nn.Module, grid: tuple[int, int], device: torch.device
 
 def token_positions(partitions: Sequence[Partition], grid_positions: torch.Tensor) -> torch.Tensor:
     """(B, T + 1, 2) each token's position: the mean of the positions of the patches it covers (a
-    supertoken's centre; a 1x1 token's own patch, exactly); the spare slot at 0."""
+    supertoken's centre; a 1x1 token's own patch, exactly), pooled as its embedding is; the spare slot at 0."""
     device = grid_positions.device
     t_max = max(p.num_tokens for p in partitions)
     out = torch.zeros((len(partitions), t_max + 1, 2), dtype=torch.float32, device=device)
     grid = grid_positions.permute(2, 0, 1).unsqueeze(0).float()  # (1, 2, gh, gw)
-    for i, part in enumerate(partitions):
-        for k in np.unique(part.level):
-            sel = np.nonzero(part.level == k)[0]
-            s = 1 << int(k)
-            pooled = grid if s == 1 else F.avg_pool2d(grid, s)
-            rows = torch.from_numpy(part.row[sel].astype(np.int64) >> int(k)).to(device)
-            cols = torch.from_numpy(part.col[sel].astype(np.int64) >> int(k)).to(device)
-            out[i, torch.from_numpy(sel).to(device)] = pooled[0, :, rows, cols].transpose(0, 1)
+    for s, images, slots, rows, cols in level_cells(partitions, device):
+        pooled = grid if s == 1 else F.avg_pool2d(grid, s)
+        out[images, slots] = pooled[0, :, rows, cols].transpose(0, 1)
     return out
 
 

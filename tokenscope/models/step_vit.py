@@ -145,10 +145,6 @@ class ReductionSetting:
         """The method's own exit steps (the model's gates act through `exits`)."""
         return tuple(s for s in self.steps if s.does == "exit")
 
-    def exit_blocks(self, gates: Sequence[int]) -> tuple[int, ...]:
-        """Blocks after which tokens may exit: the model's `gates` when exits are on, and every exit step's."""
-        return tuple(sorted(set(gates if self.exits else ()) | {s.block for s in self.exit_steps}))
-
     @property
     def pruning(self) -> bool:
         return any(s.does == "prune" for s in self.steps)
@@ -585,27 +581,22 @@ class StepViT(nn.Module):
         exit_block = by_owner(seq.exit_block, owner)  # every token takes what the token standing for it ended with
         pruned = None if seq.pruned is None else by_owner(seq.pruned, owner)[:, :t_max]
         rebuilt = self._reconstruct(seq)
-        if rebuilt is not None:  # the method's reconstruction gives every token features of its own
-            from_decoder = exit_block[:, :t_max] == self.depth
-            if pruned is not None:
-                from_decoder = from_decoder | pruned
-            features = rebuilt
-            if seq.context is not None:
-                features = torch.where((exit_block[:, :t_max] == self.depth).unsqueeze(-1), rebuilt,
-                                       self.norm(by_owner(seq.context, owner)[:, :t_max]).to(rebuilt.dtype))
-            decoded = self.decoder(features, seq.all_valid)
-            token_logits = by_owner(token_logits, owner)
-            token_logits = torch.cat([torch.where(from_decoder.unsqueeze(-1), decoded.to(token_logits.dtype),
-                                                  token_logits[:, :t_max]), token_logits[:, t_max:]], dim=1)
-        elif self.decoder.needs_context:
-            assert seq.context is not None
-            if max(seq.counts) > 0:
+        if rebuilt is not None or self.decoder.needs_context:
+            # every token decoded at once: a method's rebuilt features for the tokens whose group reached the
+            # end, the features it had when it left for the others (all of them without a reconstruction)
+            reached_end = exit_block[:, :t_max] == self.depth
+            if seq.context is not None and max(seq.counts) > 0:
                 scatter_tokens(seq.context, seq.x[:, p:], seq.ids, seq.valid)
-            decoded = self.decoder(self.norm(by_owner(seq.context, owner)[:, :t_max]), seq.all_valid)
+            kept = None if seq.context is None else self.norm(by_owner(seq.context, owner)[:, :t_max])
+            if rebuilt is None:
+                assert kept is not None  # a decoder that needs context has one
+                features = kept
+            else:
+                features = rebuilt if kept is None else torch.where(reached_end.unsqueeze(-1), rebuilt,
+                                                                     kept.to(rebuilt.dtype))
+            decoded = self.decoder(features, seq.all_valid)
+            from_decoder = reached_end if pruned is None else reached_end | pruned
             token_logits = by_owner(token_logits, owner)
-            from_decoder = exit_block[:, :t_max] == self.depth
-            if pruned is not None:
-                from_decoder = from_decoder | pruned
             token_logits = torch.cat([torch.where(from_decoder.unsqueeze(-1), decoded.to(token_logits.dtype),
                                                   token_logits[:, :t_max]), token_logits[:, t_max:]], dim=1)
         else:

@@ -9,7 +9,7 @@ position embedding of a supertoken is the mean of those of the patches it covers
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,22 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], native: tup
     return torch.cat([prefix, body], dim=1)
 
 
+def level_cells(partitions: Sequence[Partition], device: torch.device | str
+                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each superpatch level present in the batch, its tokens: (side s in patches, image index, slot,
+    row and column on the grid of s x s cells), so a grid pooled s x s is read at (row, column)."""
+    counts = [p.num_tokens for p in partitions]
+    levels = np.concatenate([p.level for p in partitions]).astype(np.int64)
+    rows = np.concatenate([p.row for p in partitions]).astype(np.int64)
+    cols = np.concatenate([p.col for p in partitions]).astype(np.int64)
+    img_idx = np.concatenate([np.full(c, i, dtype=np.int64) for i, c in enumerate(counts)])
+    slot = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
+    for k in np.unique(levels):
+        sel = np.nonzero(levels == k)[0]
+        yield (1 << int(k), torch.from_numpy(img_idx[sel]).to(device), torch.from_numpy(slot[sel]).to(device),
+               torch.from_numpy(rows[sel] >> k).to(device), torch.from_numpy(cols[sel] >> k).to(device))
+
+
 class SuperpatchEmbed(nn.Module):
     """Embeds a batch of images under their partitions (one per image)."""
 
@@ -110,24 +126,14 @@ class SuperpatchEmbed(nn.Module):
         counts = [p.num_tokens for p in partitions]
         n_max = max(counts)
         tokens = images.new_zeros((b, n_max, weight.shape[0]), dtype=weight.dtype)
-        levels = np.concatenate([p.level for p in partitions]).astype(np.int64)
-        rows = np.concatenate([p.row for p in partitions]).astype(np.int64)
-        cols = np.concatenate([p.col for p in partitions]).astype(np.int64)
-        img_idx = np.concatenate([np.full(c, i, dtype=np.int64) for i, c in enumerate(counts)])
-        slot = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
-        for k in np.unique(levels):
-            sel = np.nonzero(levels == k)[0]
-            s = 1 << int(k)
+        for s, bi, slot, ri, ci in level_cells(partitions, device):
             pooled = images if s == 1 else F.avg_pool2d(images, s)
             blocks = _flatten_blocks(pooled.to(weight.dtype), self.patch)
-            bi = torch.from_numpy(img_idx[sel]).to(device)
-            ri = torch.from_numpy(rows[sel] >> k).to(device)
-            ci = torch.from_numpy(cols[sel] >> k).to(device)
             emb = self.patch_embed.norm(F.linear(blocks[bi, ri, ci], w2d, bias))
             if pos_grid is not None:
                 pg = pos_grid if s == 1 else F.avg_pool2d(pos_grid.unsqueeze(0), s)[0]
                 emb = emb + pg[:, ri, ci].transpose(0, 1).to(emb.dtype)
-            tokens[bi, torch.from_numpy(slot[sel]).to(device)] = emb.to(tokens.dtype)  # autocast gives bf16
+            tokens[bi, slot] = emb.to(tokens.dtype)  # autocast gives bf16
         ids = torch.full((b, n_max), -1, dtype=torch.long)
         for i, c in enumerate(counts):
             ids[i, :c] = torch.arange(c)

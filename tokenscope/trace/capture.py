@@ -141,12 +141,13 @@ class TraceCapture:
         mid = None if rec.block_tokens_mid is None else rec.block_tokens_mid.tolist()
         block_flops = self.cost.block_flops(rec.block_tokens_in.tolist(), mid)
         gate_in = [rec.gate_tokens_in.get(k, 0) for k in model.exit_after]
-        alive = np.arange(part.num_tokens) if rec.merged_into is None else np.nonzero(rec.merged_into < 0)[0]
-        final = int(np.sum(rec.exit_block[alive] == model.depth))  # a merged group is decoded once
-        if rec.pruned_at is not None:  # pruned tokens are decoded from the features they had then
-            final += int(np.sum(rec.pruned_at[alive] > 0))
         if setting.reconstruction is not None and rec.merged_at is not None:  # every token rebuilt and decoded
             final = int(np.sum(rec.exit_block == model.depth))
+        else:
+            alive = np.arange(part.num_tokens) if rec.merged_into is None else np.nonzero(rec.merged_into < 0)[0]
+            final = int(np.sum(rec.exit_block[alive] == model.depth))  # a merged group is decoded once
+            if rec.pruned_at is not None:  # pruned tokens are decoded from the features they had then
+                final += int(np.sum(rec.pruned_at[alive] > 0))
         flops = {
             "policy": policy_flops,
             "embed": part.num_tokens * self.cost.embed_per_token,
