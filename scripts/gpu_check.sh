@@ -16,7 +16,7 @@
 # image unreduced; about 35 forwards per row: warm-up, timed repeats, the recorder-overhead pair and
 # the FLOP count) at a few hundred bf16 TFLOP/s, plus about 10 s of Python start-up and model build;
 # measured times are written beside each row in the summary, these are not:
-#   CUDA tests (tests/test_gpu.py)                           ~60 s
+#   CUDA tests (tests/test_gpu.py, tests/test_packed_blocks.py: varlen attention)  ~70 s
 #   ViT-L 1024 batch 1: dCTS 2.5x, ToMe, ALGM, EViT           ~15 s each
 #   ViT-L 1024 batch 8: dCTS 2.5x, ToMe, ALGM, EViT           ~25 s each
 #   EoMT-L 512 batch 8: ToMe, ALGM                            ~15 s each
@@ -103,8 +103,8 @@ case "$tier" in
     out=${out:-benchmarks/results/quick}
     mkdir -p "$out"; : >"$out/times.tsv"
     t0=$(date +%s%N)
-    "$py" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt"
-    printf 'tests/test_gpu.py\t%d\t%s\n' $((($(date +%s%N) - t0) / 1000000000)) "${PIPESTATUS[0]}" >>"$out/times.tsv"
+    "$py" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_packed_blocks.py 2>&1 | tee "$out/gpu_tests.txt"
+    printf 'tests/test_gpu.py tests/test_packed_blocks.py\t%d\t%s\n' $((($(date +%s%N) - t0) / 1000000000)) "${PIPESTATUS[0]}" >>"$out/times.tsv"
     row_opts=(--device cuda --repeats 10 --warmup 3)
     big=1024; eomt=512; demo=512; b8=8
     quick_rows

@@ -97,41 +97,48 @@ def test_host_synchronisations_per_forward_are_counted_and_batch_constant_merges
         assert count.total == syncs, (method, count.calls)
 
 
-def test_a_padded_cpu_batch_runs_its_mlps_over_the_real_tokens_only_and_decides_as_each_image_alone() -> None:
-    """On the CPU the blocks' MLPs run over the packed real tokens (not the padding) and the dCTS policy scores
-    one image at a time: the batch's outputs are those of the padded path, and every image's partition is the
-    one it gets alone. bench reports the padding share."""
-    import tokenscope.models.encoder_block as encoder_block
+def test_a_padded_cpu_batch_runs_its_blocks_over_the_real_tokens_only_and_decides_as_each_image_alone() -> None:
+    """On the CPU the blocks run over the packed real tokens of a padded batch (projections and MLPs over
+    the T real tokens, attention per image on its exact length) and the dCTS policy scores one image at a
+    time: the batch's outputs are those of the padded path and of each image alone (to float rounding:
+    the attention sums in another order), and every image's partition is the one it gets alone. bench
+    reports the padding share."""
     from tokenscope.jobs.bench import bench_images
     from tokenscope.jobs.setup import ModelOptions, load_model
+    from tokenscope.models.encoder_block import EncoderBlock
+    from tokenscope.models.step_vit import StepViT
 
     loaded, _ = load_model(ModelOptions(device="cpu"))
     model, s = loaded.model, loaded.setting
     x = bench_images(256, 4, None)
-    packed_calls = []
-    real = encoder_block._packable
+    packed_lengths = []
+    real_packed, real_packing = EncoderBlock._packed, StepViT._packing
 
-    def spy(x_: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-        live = real(x_, mask)
-        packed_calls.append(live is not None)
-        return live
+    def spy(self, x_, mask, num_prefix, rope, packing):  # type: ignore[no-untyped-def]
+        packed_lengths.append(packing.lengths)
+        return real_packed(self, x_, mask, num_prefix, rope, packing)
 
     with torch.no_grad():
-        encoder_block._packable = spy
+        EncoderBlock._packed = spy  # type: ignore[method-assign]
         try:
             packed = model(x, setting=s)
         finally:
-            encoder_block._packable = real
-        encoder_block._packable = lambda x_, mask: None
+            EncoderBlock._packed = real_packed  # type: ignore[method-assign]
+        StepViT._packing = lambda self, seq: None  # type: ignore[method-assign]
         try:
             padded = model(x, setting=s)
         finally:
-            encoder_block._packable = real
+            StepViT._packing = real_packing  # type: ignore[method-assign]
         alone = [model(x[i:i + 1], setting=s) for i in range(4)]
-    assert any(packed_calls)  # the batch had padding, and it was packed
-    assert torch.equal(packed.patch_logits, padded.patch_logits)
+    assert len(packed_lengths) == model.depth  # every block of the padded batch ran packed
+    assert all(len(set(lengths)) > 1 for lengths in packed_lengths)
+    assert torch.allclose(packed.patch_logits, padded.patch_logits, atol=1e-4)
+    assert torch.equal(packed.exit_block, padded.exit_block)
     for i, out in enumerate(alone):
         assert np.array_equal(out.partitions[0].token_of_patch, packed.partitions[i].token_of_patch)
+        assert torch.allclose(out.patch_logits[0], packed.patch_logits[i], atol=1e-4)
+        assert torch.equal(out.exit_block[0][:out.partitions[0].num_tokens],
+                           packed.exit_block[i][:out.partitions[0].num_tokens])
     from tokenscope.analysis.bench import run_bench
 
     result = run_bench(model, x, torch.device("cpu"), s, repeats=1, warmup=0, recorder_repeats=1)

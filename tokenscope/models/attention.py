@@ -14,11 +14,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenscope.models.sequence import Packing
+
 
 def attend(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """timm Attention on normalised input `h` (B, N, C): (output (B, N, C), keys averaged over heads)."""
     out, _, k = attend_heads(attn, h, mask)
     return out, k.mean(dim=1)
+
+
+def _shape(attn: nn.Module) -> tuple[int, int, int]:
+    """(heads, head dim, output width) of a timm attention module."""
+    heads = int(attn.num_heads)
+    head_dim = int(getattr(attn, "head_dim", 0) or attn.qkv.out_features // (3 * heads))
+    return heads, head_dim, int(getattr(attn, "attn_dim", heads * head_dim))
+
+
+def _qkv(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    q_bias = getattr(attn, "q_bias", None)
+    if q_bias is not None:  # EVA's separate q/k/v biases
+        return F.linear(h, attn.qkv.weight, torch.cat((q_bias, attn.k_bias, attn.v_bias)))
+    return attn.qkv(h)
+
+
+def _rotate(x: torch.Tensor, rope: torch.Tensor, attn: nn.Module) -> torch.Tensor:
+    from timm.layers import apply_rot_embed_cat
+
+    return apply_rot_embed_cat(x, rope, half=bool(getattr(attn, "rotate_half", False)))
+
+
+def _project(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """What timm's attention does after the heads are joined: its norm, gate and output projection."""
+    out = attn.norm(out) if hasattr(attn, "norm") else out
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
 
 
 def attend_heads(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor | None = None,
@@ -29,26 +59,16 @@ def attend_heads(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor | None, ro
     tokens after the first `num_prefix` are rotated as timm's EVA / DINOv3 attention rotates them
     (the class and register tokens, and a head's queries, are not)."""
     b, n, _ = h.shape
-    heads = int(attn.num_heads)
-    head_dim = int(getattr(attn, "head_dim", 0) or attn.qkv.out_features // (3 * heads))
-    attn_dim = int(getattr(attn, "attn_dim", heads * head_dim))
+    heads, head_dim, attn_dim = _shape(attn)
     gate_layer = getattr(attn, "gate", None)
     gate = gate_layer(h).sigmoid() if gate_layer is not None else None
-    q_bias = getattr(attn, "q_bias", None)
-    if q_bias is not None:  # EVA's separate q/k/v biases
-        qkv = F.linear(h, attn.qkv.weight, torch.cat((q_bias, attn.k_bias, attn.v_bias)))
-    else:
-        qkv = attn.qkv(h)
-    qkv = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    qkv = _qkv(attn, h).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
-        from timm.layers import apply_rot_embed_cat
-
-        half = bool(getattr(attn, "rotate_half", False))
         p = num_prefix
-        q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=half)], dim=2).type_as(v)
-        k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=half)], dim=2).type_as(v)
+        q = torch.cat([q[:, :, :p], _rotate(q[:, :, p:], rope, attn)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :p], _rotate(k[:, :, p:], rope, attn)], dim=2).type_as(v)
     if getattr(attn, "fused_attn", True):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
@@ -58,11 +78,51 @@ def attend_heads(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor | None, ro
             w = w.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else w + mask
         out = attn.attn_drop(w.softmax(dim=-1)) @ v
     out = out.transpose(1, 2).reshape(b, n, attn_dim)
-    out = attn.norm(out) if hasattr(attn, "norm") else out
-    if gate is not None:
-        out = out * gate
-    out = attn.proj_drop(attn.proj(out))
-    return out, q, k
+    return _project(attn, out, gate), q, k
+
+
+def attend_packed(attn: nn.Module, h: torch.Tensor, packing: Packing, key_bias: torch.Tensor | None = None,
+                  rope: torch.Tensor | None = None) -> torch.Tensor:
+    """timm Attention over the images of a batch laid back to back without padding: `h` (1, T, C), image
+    i the next `packing.lengths[i]` tokens, attending only within itself. Output (1, T, C).
+
+    Every projection runs once over the T real tokens; only the attention itself is per image: on CUDA
+    in half precision one variable-length flash kernel (torch.nn.attention.varlen, where the installed
+    torch has it), otherwise one SDPA call per image on its exact length (no mask, no padded rows).
+    `key_bias` (B, 1, 1, >= max length) is an additive per-key bias (proportional attention), read per
+    image; `rope` (T, 1, 2 Dh) the packed rotary angles, identity rows (sin 0, cos 1) for the tokens
+    in front, so one elementwise rotation covers every image."""
+    t = h.shape[1]
+    heads, head_dim, attn_dim = _shape(attn)
+    gate_layer = getattr(attn, "gate", None)
+    gate = gate_layer(h).sigmoid() if gate_layer is not None else None
+    q, k, v = _qkv(attn, h[0]).reshape(t, 3, heads, head_dim).unbind(1)  # (T, H, Dh) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        q, k = _rotate(q, rope, attn).type_as(v), _rotate(k, rope, attn).type_as(v)
+    varlen = _varlen_kernel(q, k, v) if key_bias is None else None
+    if varlen is not None:
+        cu = packing.cumulative(q.device)
+        out = varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, packing.longest, packing.longest)
+    else:
+        parts = []
+        for i, (start, end) in enumerate(packing.spans):
+            qi, ki, vi = (z[start:end].transpose(0, 1).unsqueeze(0) for z in (q, k, v))
+            bias = None if key_bias is None else key_bias[i:i + 1, :, :, :end - start]
+            parts.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=bias)[0].transpose(0, 1))
+        out = torch.cat(parts)
+    return _project(attn, out.reshape(1, t, attn_dim), gate)
+
+
+def _varlen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):  # type: ignore[no-untyped-def]
+    """torch's variable-length flash attention when it can run these (CUDA, all fp16 or all bf16), else None."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # an older torch: one SDPA call per image instead
+        return None
+    return varlen_attn
 
 
 def query_attention(queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float,

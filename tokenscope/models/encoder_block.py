@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from tokenscope.models.attention import attend_heads
+from tokenscope.models.attention import attend_heads, attend_packed
+from tokenscope.models.sequence import Packing
 
 BLOCK_PARTS = ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2")
 SCALES = (("ls1", "ls2"), ("gamma_1", "gamma_2"))
@@ -55,9 +56,14 @@ class EncoderBlock(nn.Module):
         return x if gamma is None else gamma * x
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, num_prefix: int = 0,
-                between: Between | None = None, rope: torch.Tensor | None = None) -> torch.Tensor:
+                between: Between | None = None, rope: torch.Tensor | None = None,
+                packing: Packing | None = None) -> torch.Tensor:
         """`num_prefix`: tokens in front of the image tokens (for observers counting image tokens, and
-        the first token `rope`, the image tokens' rotary angles, applies to)."""
+        the first token `rope`, the image tokens' rotary angles, applies to). `packing`: where the
+        real tokens of a padded batch are; the block then runs over them alone (see `_packed`)."""
+        if packing is not None and between is None and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
+            return self._packed(x, attn_mask, num_prefix, rope, packing)
         if between is None and not self.eva:
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
         else:
@@ -74,6 +80,32 @@ class EncoderBlock(nn.Module):
         out = x.clone()
         out[live] = packed + self.drop_path2(self._scale(self.mlp(self.norm2(packed)), 2))
         return out
+
+
+    def _packed(self, x: torch.Tensor, attn_mask: torch.Tensor | None, num_prefix: int, rope: torch.Tensor | None,
+                packing: Packing) -> torch.Tensor:
+        """The block over the real tokens of a padded batch only, laid back to back: every projection
+        and the MLP see T = sum of lengths tokens instead of B x width, attention runs per image on its
+        exact length (attend_packed), and the padding slots come back unchanged. Per token the same
+        operations as the padded block, so the real tokens' outputs agree with it to float rounding."""
+        b, n, d = x.shape
+        index = packing.index(x.device)
+        packed = x.reshape(b * n, d).index_select(0, index).unsqueeze(0)
+        key_bias = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None
+        angles = None if rope is None else _packed_rope(rope, packing, num_prefix)
+        h = attend_packed(self.attn, self.norm1(packed), packing, key_bias, angles)
+        packed = packed + self.drop_path1(self._scale(h, 1))
+        packed = packed + self.drop_path2(self._scale(self.mlp(self.norm2(packed)), 2))
+        return x.reshape(b * n, d).index_copy(0, index, packed[0].to(x.dtype)).reshape(b, n, d)
+
+
+def _packed_rope(rope: torch.Tensor, packing: Packing, num_prefix: int) -> torch.Tensor:
+    """(T, 1, 2 Dh) rotary angles in packed order from the padded (B, 1, N - P, 2 Dh): each image's
+    image tokens, behind identity rows (sin 0, cos 1) for the P tokens in front, which are not rotated."""
+    half = rope.shape[-1] // 2
+    identity = torch.cat([rope.new_zeros(half), rope.new_ones(half)]).expand(num_prefix, -1)
+    rows = [torch.cat([identity, rope[i, 0, :n - num_prefix]]) for i, n in enumerate(packing.lengths)]
+    return torch.cat(rows).unsqueeze(1)
 
 
 def _mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ left and shrinks the padding; `unmerge` and `by_owner` turn per-token values int
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -54,6 +55,60 @@ def compact(x: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor, sizes:
     if sizes is not None:
         sizes = torch.where(valid, sizes.gather(1, order), torch.zeros_like(order, dtype=sizes.dtype))
     return x, ids, valid, counts, sizes
+
+
+@dataclass
+class Packing:
+    """A padded batch (B, width, ...) whose row i holds `lengths[i]` real tokens in front, and the same
+    tokens laid back to back (T = sum of lengths) as packed attention and MLPs run them.
+
+    The lengths are host integers the encoder already holds (token counts per image plus the tokens
+    in front), so building the packing reads nothing from the device; its index tensors are made
+    once per packing and copied without blocking."""
+
+    lengths: tuple[int, ...]
+    width: int
+    _on: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def of(counts: Sequence[int], num_prefix: int, width: int) -> "Packing | None":
+        """The packing of a batch whose images have `counts` tokens behind `num_prefix` shared ones,
+        or None when no image is shorter than the padded width (nothing to pack)."""
+        lengths = tuple(num_prefix + int(c) for c in counts)
+        return Packing(lengths, width) if min(lengths) < width else None
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        ends = np.cumsum(self.lengths).tolist()
+        return [(e - n, e) for e, n in zip(ends, self.lengths)]
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths)
+
+    def _tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._on:
+            rows = np.concatenate([i * self.width + np.arange(n) for i, n in enumerate(self.lengths)])
+            cumulative = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int32)
+            self._on[key] = (_to_device(torch.from_numpy(rows), device),
+                             _to_device(torch.from_numpy(cumulative), device))
+        return self._on[key]
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        """(T,) positions of the real tokens in the padded batch flattened to (B * width)."""
+        return self._tensors(device)[0]
+
+    def cumulative(self, device: torch.device) -> torch.Tensor:
+        """(B + 1,) int32 offsets of each image in the packed order (flash attention's cu_seqlens)."""
+        return self._tensors(device)[1]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory without blocking (no synchronisation)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def token_grid(partitions: Sequence[Partition], device: torch.device) -> torch.Tensor:

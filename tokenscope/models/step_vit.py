@@ -48,7 +48,8 @@ from tokenscope.models.rotary import (
     rotary_module,
     token_positions,
 )
-from tokenscope.models.sequence import attention_dtype, attention_mask, by_owner, compact, pool_to_tokens, token_grid, unmerge
+from tokenscope.models.sequence import (Packing, attention_dtype, attention_mask, by_owner, compact, pool_to_tokens,
+                                        token_grid, unmerge)
 from tokenscope.models.slots import scatter_tokens
 from tokenscope.models.steps import (
     ExitDecision,
@@ -190,6 +191,8 @@ class _Sequence:
     """The operating point this pass runs."""
     restores: list[tuple[int, object]] = field(default_factory=list)
     """What merging steps left for the setting's reconstruction, by block."""
+    packing: Packing | None = None
+    """Where the real tokens of the padded batch are, kept while the lengths stay (see `_packing`)."""
 
     @property
     def t_max(self) -> int:
@@ -396,7 +399,8 @@ class StepViT(nn.Module):
             step = inside.get(k)
             between = None if step is None else (lambda x, q, keys, step=step: self._between(seq, step, x, q, keys))
             rope = None if seq.positions is None else rotary_embedding(self.rope, seq.positions, seq.ids)
-            seq.x = block(seq.x, attn_mask=seq.mask, num_prefix=seq.p, between=between, rope=rope)
+            seq.x = block(seq.x, attn_mask=seq.mask, num_prefix=seq.p, between=between, rope=rope,
+                          packing=self._packing(seq))
             self._after_block(seq, k, return_aux)
         return self.decode(seq, images, return_aux)
 
@@ -448,6 +452,16 @@ class StepViT(nn.Module):
         if seq.weighted:
             return size_weighted_mask(seq.valid, seq.sizes, seq.p, attention_dtype(seq.x))
         return attention_mask(seq.valid, seq.p) if min(seq.counts) < seq.x.shape[1] - seq.p else None
+
+    def _packing(self, seq: _Sequence) -> Packing | None:
+        """The batch's packing when its images have different lengths: from the host counts the encoder
+        keeps (no device read), and reused from block to block until a step or gate changes them."""
+        if seq.mask is None:
+            return None
+        lengths = tuple(seq.p + c for c in seq.counts)
+        if seq.packing is None or seq.packing.lengths != lengths or seq.packing.width != seq.x.shape[1]:
+            seq.packing = Packing.of(seq.counts, seq.p, seq.x.shape[1])
+        return seq.packing
 
     def _layout(self, seq: _Sequence) -> Layout:
         if seq.layout is None:

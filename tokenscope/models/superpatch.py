@@ -33,12 +33,30 @@ class EmbeddedTokens:
     valid: torch.Tensor
 
 
-def _flatten_blocks(pooled: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, h*p, w*p) -> (B, h, w, C*p*p), each row in the (C, y, x) order of a conv kernel."""
+def patch_rows(pooled: torch.Tensor, patch: int, bi: torch.Tensor, ri: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
+    """(n, C*p*p) the p x p patches (image bi, row ri, column ci) of (B, C, H, W), each flattened in the
+    (C, y, x) order of a conv kernel: one gather of the requested patches through a strided view,
+    not a copy of every patch of the batch."""
+    pooled = pooled.contiguous()
     b, c, hh, ww = pooled.shape
-    h, w = hh // patch, ww // patch
-    x = pooled[..., : h * patch, : w * patch].reshape(b, c, h, patch, w, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, h, w, c * patch * patch)
+    sb, sc, sy, _ = pooled.stride()
+    view = pooled.as_strided((b, c, hh // patch, patch, ww // patch, patch),
+                             (sb, sc, patch * sy, sy, patch, 1))
+    return view[bi, :, ri, :, ci].reshape(bi.shape[0], -1)
+
+
+def sum_pool2(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H // 2, W // 2), each pixel the sum of a 2 x 2 block: 4 avg_pool2d(x, 2).
+
+    Written as two strided adds because the CPU's avg_pool2d runs several times slower than
+    memory allows; applied k times it gives the 2^k x 2^k sums (to float rounding 4^k avg_pool2d(x, 2^k)),
+    each level from the one before, so every superpatch level costs a quarter of the previous one; the
+    caller divides the few pixels it reads, not every pooled one."""
+    b, c, h, w = images.shape
+    x = images[..., : h // 2 * 2, : w // 2 * 2].reshape(b, c, h // 2, 2, w // 2 * 2)
+    rows = x[:, :, :, 0] + x[:, :, :, 1]
+    cols = rows.reshape(b, c, h // 2, w // 2, 2)
+    return cols[..., 0] + cols[..., 1]
 
 
 POS_RESIZE_MODES = ("timm", "bilinear", "bicubic")
@@ -126,10 +144,14 @@ class SuperpatchEmbed(nn.Module):
         counts = [p.num_tokens for p in partitions]
         n_max = max(counts)
         tokens = images.new_zeros((b, n_max, weight.shape[0]), dtype=weight.dtype)
+        pooled, side = images, 1
         for s, bi, slot, ri, ci in level_cells(partitions, device):
-            pooled = images if s == 1 else F.avg_pool2d(images, s)
-            blocks = _flatten_blocks(pooled.to(weight.dtype), self.patch)
-            emb = self.patch_embed.norm(F.linear(blocks[bi, ri, ci], w2d, bias))
+            while side < s:  # levels come in increasing size: pool on from the last one
+                pooled, side = sum_pool2(pooled), side * 2
+            pixels = patch_rows(pooled, self.patch, bi, ri, ci).to(weight.dtype)
+            if s > 1:
+                pixels = pixels / float(s * s)
+            emb = self.patch_embed.norm(F.linear(pixels, w2d, bias))
             if pos_grid is not None:
                 pg = pos_grid if s == 1 else F.avg_pool2d(pos_grid.unsqueeze(0), s)[0]
                 emb = emb + pg[:, ri, ci].transpose(0, 1).to(emb.dtype)
