@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/summarise.py [--times TIMES.tsv] benchmarks/results/*.json
 
 One row per file, in the order given; every number is read from the file, none is typed by hand.
+A file `bench --methods` wrote (several operating points against one baseline) is printed as its own
+table, one row per operating point, after the others.
 `--times` adds the wall seconds each row took (scripts/gpu_check.sh writes that file: file name,
 seconds, status per line), so a short GPU lease can be planned from the last one.
 """
@@ -50,6 +52,31 @@ def row(path: Path) -> list[str]:
             f"{r['recorder_overhead_pct']:+.1f}%", net, loop_text]
 
 
+POINT_COLUMNS = ("model", "size", "batch", "device", "operating point", "tokens/block", "GFLOPs/img", "latency ms",
+                 "speed-up [95% CI]", "FLOP reduction", "quotient", "padding", "host syncs")
+
+
+def point_rows(path: Path) -> list[list[str]]:
+    """A `bench --methods` file: the baseline, then one row per operating point, in the file's order."""
+    r = json.loads(path.read_text())
+    device = f"{r['device']} ({r['threads']} thr)" if r["device"] == "cpu" else r["device"]
+    if r.get("amp"):
+        device += " bf16"
+    head = [r["model"], f"{r['size'][0]}x{r['size'][1]}", str(r["batch"]), device]
+    b = r["baseline"]
+    rows = [[*head, "baseline (vit)", f"{b['mean_tokens_per_block']:.0f}", f"{b['gflops_per_image']:.1f}",
+             f"{b['latency_ms']:.0f}", "1.00x", "1.00x", "-", "-", str(b["host_syncs"])]]
+    for p in r["points"]:
+        ci = p.get("speedup_ci") or {}
+        interval = f" [{ci['low']:.2f}, {ci['high']:.2f}]" if ci.get("low") is not None else ""
+        rows.append([*head, p["name"], f"{p['mean_tokens_per_block']:.0f}", f"{p['gflops_per_image']:.1f}",
+                     f"{p['latency_ms']:.0f}", f"{p['speedup']:.2f}x{interval}", f"{p['flop_reduction']:.2f}x",
+                     f"{p['speedup_over_flop_reduction']:.2f}", f"{p['padding_pct']:.1f}%", str(p["host_syncs"])])
+    for name, line in (r.get("failed") or {}).items():
+        rows.append([*head, f"{name} (failed: {line})", *["-"] * 8])
+    return rows
+
+
 def read_times(path: Path) -> dict[str, str]:
     """file name -> seconds the row took, from gpu_check.sh's tab-separated times file."""
     times = {}
@@ -65,14 +92,24 @@ def main(args: list[str]) -> None:
     if args[:1] == ["--times"]:
         times = read_times(Path(args[1]))
         args = args[2:]
-    columns = [*COLUMNS, "row s"] if times is not None else list(COLUMNS)
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for p in args:
-        cells = row(Path(p))
-        if times is not None:
-            cells.append(times.get(Path(p).name, "-"))
-        print("| " + " | ".join(cells) + " |")
+    several = [p for p in args if "points" in json.loads(Path(p).read_text())]
+    single = [p for p in args if p not in several]
+    if single:
+        columns = [*COLUMNS, "row s"] if times is not None else list(COLUMNS)
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for p in single:
+            cells = row(Path(p))
+            if times is not None:
+                cells.append(times.get(Path(p).name, "-"))
+            print("| " + " | ".join(cells) + " |")
+    if several:
+        print("" if not single else "\n", end="")
+        print("| " + " | ".join(POINT_COLUMNS) + " |")
+        print("|" + "---|" * len(POINT_COLUMNS))
+        for p in several:
+            for cells in point_rows(Path(p)):
+                print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

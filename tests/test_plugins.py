@@ -355,3 +355,30 @@ def test_a_plugins_own_flops_are_counted_by_the_counter_in_every_command(tmp_pat
     # every slot (the counter sees all of them), the trace counts the pruned ones
     decoded_twice = 2 * d * trace.meta.num_classes * (trace.num_tokens - int((trace.token_pruned_at > 0).sum()))
     assert trace.meta.flops["total"] + decoded_twice == total
+
+
+def test_bench_methods_times_the_points_side_by_side_and_marks_a_failing_plugin(tmp_path: Path) -> None:
+    """bench --methods: one baseline, every operating point timed in the same interleaved rounds, a row each
+    with its ratios in the JSON; the plug-in that fails is one error line, the command exits 3."""
+    rule = _method_file(tmp_path, "raise ZeroDivisionError('inside the rule')")
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", "--model", "vitt", "--random-init", "--size", "96", "--batch", "2",
+                                 "--device", "cpu", "--repeats", "2", "--warmup", "0",
+                                 "--methods", f"tome:r=4,dcts,{rule}", "--json", str(out)])
+    assert r.exit_code == 3 and "Traceback" not in r.output, r.output
+    assert any(ln.startswith("error: method norm_prune failed and is left out") and "ZeroDivisionError" in ln
+               for ln in r.output.splitlines()), r.output
+    s = json.loads(out.read_text())
+    assert [p["name"] for p in s["points"]] == ["tome:r=4", "dcts"] and list(s["failed"]) == ["norm_prune"]
+    assert s["timing"]["rounds"] == 2 and len(s["baseline"]["latencies_s"]) == 2
+    for p in s["points"]:
+        assert len(p["latencies_s"]) == 2
+        assert p["speedup"] == pytest.approx(s["baseline"]["latency_ms"] / p["latency_ms"])
+        assert p["flop_reduction"] == pytest.approx(s["baseline"]["gflops_per_image"] / p["gflops_per_image"])
+        assert p["speedup_over_flop_reduction"] == pytest.approx(p["speedup"] / p["flop_reduction"])
+        assert p["flop_reduction"] > 1.0
+    by_name = {p["name"]: p for p in s["points"]}
+    assert by_name["dcts"]["padding_pct"] > 0.0 and by_name["tome:r=4"]["padding_pct"] == 0.0
+    r = CliRunner().invoke(app, ["bench", "--model", "vitt", "--random-init", "--size", "96", "--device", "cpu",
+                                 "--methods", "tome", "--method", "tome"])
+    assert r.exit_code == 2 and "leave out --method" in r.output and "Traceback" not in r.output, r.output

@@ -603,13 +603,28 @@ def train(out: str | Path, *, model: str = "demo", backbone_weights: str | None 
 @_shared(pick(without=("class_map", "ignore_class_mismatch"), adding=("amp",)))
 def bench(*, size: int = 1024, batch: int = 1, image: str | None = None, threads: int | None = None, repeats: int = 3,
           warmup: int = 1, loop: bool = False, compile_blocks: bool = False, json_out: str | Path | None = None,
-          progress: Progress | None = None, shared: dict[str, Any] | None = None) -> Any:
+          methods: str | Sequence[str] | None = None, progress: Progress | None = None,
+          shared: dict[str, Any] | None = None) -> Any:
     """`tokenscope bench`: baseline vs STEP speed (images/s, latency, memory, GFLOPs) on one batch.
-    Returns a BenchResult; `.summary()` is what `--json` writes."""
+    Returns a BenchResult; `.summary()` is what `--json` writes.
+
+    With `methods` ("tome,algm,evit" or a list), every operating point is timed against one baseline,
+    side by side in interleaved rounds, and a MethodsBenchResult is returned (one row per point)."""
     from tokenscope.jobs.bench import bench as run_bench
+    from tokenscope.jobs.bench import bench_methods
     from tokenscope.jobs.runfolder import write_json_atomic
 
     opts = _model_options(dict(shared or {}), "bench")
+    if methods is not None:
+        if loop or compile_blocks:
+            raise ConfigError("--methods times operating points side by side; --loop and --compile go with one point")
+        text = methods if isinstance(methods, str) else ",".join(methods)
+        several = bench_methods(opts, text, size=size, batch=batch, image=image, repeats=repeats, warmup=warmup,
+                                threads=threads, progress=progress)
+        if json_out is not None:
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(json_out), several.summary())
+        return several
     result = run_bench(opts, size=size, batch=batch, image=image, repeats=repeats, warmup=warmup, threads=threads,
                        loop=loop, compile_blocks=compile_blocks, progress=progress)
     if json_out is not None:

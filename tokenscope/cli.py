@@ -733,6 +733,7 @@ def bench(
     loop: Annotated[bool, typer.Option("--loop", help="Also time the same batch one image at a time.")] = False,
     compile_blocks: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder blocks (dynamic shapes); warm-up then includes compilation.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all measurements to this JSON file.")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Time several operating points against one baseline, side by side, comma-separated, e.g. tome,algm,evit,dcts:budget=2.5: one row each with speed-up, FLOP reduction and their quotient.")] = None,
     shared: Any = None,
 ) -> None:
     """Speed: baseline vs STEP images/s, latency, memory, GFLOPs, and speed-up / FLOP reduction."""
@@ -743,8 +744,13 @@ def bench(
         with _progress("benchmarking") as progress:
             result = api.bench(**options, size=size, batch=batch, image=image, threads=threads, repeats=repeats,
                                warmup=warmup, loop=loop, compile_blocks=compile_blocks, json_out=json_out,
-                               progress=progress)
+                               methods=methods, progress=progress)
         summary = result.summary()
+    if methods is not None:
+        _print_methods_bench(summary, size, batch)
+        if summary["failed"]:
+            raise typer.Exit(3)
+        return
     table = Table(title=f"bench: {result.model} {size}x{size}, batch {batch}, {result.device}, {result.threads} threads"
                         f"{', bf16' if result.amp else ''}", title_justify="left")
     for col in ("variant", "tokens/img", "tokens/block", "GFLOPs/img", "latency ms", "images/s", "peak MiB"):
@@ -775,8 +781,8 @@ def bench(
     out_console.print(f"host synchronisations per forward: baseline {s['baseline'].get('host_syncs', 0)}, reduced "
                       f"{s['step'].get('host_syncs', 0)} (calls that read the device: each one stalls a GPU)",
                       highlight=False)
-    out_console.print(f"padding: {s['step'].get('padding_pct', 0.0):.1f}% of the slots the reduced model's blocks ran "
-                      "(images of a batch padded to the longest)", highlight=False)
+    out_console.print(f"padding: {s['step'].get('padding_pct', 0.0):.1f}% of the padded batch's slots (images padded to "
+                      "the longest); blocks without a step inside run the real tokens only", highlight=False)
     tails = [(name, s[name].get("latency_tail") or {}) for name in ("baseline", "step")]
     if all(t.get("repeats", 0) > 1 for _, t in tails):
         out_console.print("latency over the repeats: " + "; ".join(
@@ -785,6 +791,33 @@ def bench(
     if s["one_at_a_time_ms"] is not None:
         out_console.print(f"same batch one image at a time: {s['one_at_a_time_ms']:.1f} ms vs padded batch "
                           f"{result.step.latency_ms:.1f} ms", highlight=False)
+
+
+def _print_methods_bench(s: dict[str, Any], size: int, batch: int) -> None:
+    """`bench --methods`: one row per operating point against the one baseline, then what failed."""
+    table = Table(title=f"bench: {s['model']} {size}x{size}, batch {batch}, {s['device']}, {s['threads']} threads"
+                        f"{', bf16' if s['amp'] else ''}; {s['timing']['rounds']} interleaved rounds",
+                  title_justify="left")
+    for col in ("operating point", "tokens/block", "GFLOPs/img", "latency ms", "speed-up", "FLOP reduction",
+                "quotient", "padding %", "host syncs"):
+        table.add_column(col, justify="left" if col == "operating point" else "right")
+    b = s["baseline"]
+    table.add_row("baseline (vit)", f"{b['mean_tokens_per_block']:.0f}", f"{b['gflops_per_image']:.1f}",
+                  f"{b['latency_ms']:.1f}", "1.00x", "1.00x", "-", "0.0", str(b["host_syncs"]))
+    for p in s["points"]:
+        ci = p["speedup_ci"]
+        interval = f" [{ci['low']:.2f}, {ci['high']:.2f}]" if ci.get("low") is not None else ""
+        table.add_row(escape(p["name"]), f"{p['mean_tokens_per_block']:.0f}", f"{p['gflops_per_image']:.1f}",
+                      f"{p['latency_ms']:.1f}", f"{p['speedup']:.2f}x{interval}", f"{p['flop_reduction']:.2f}x",
+                      f"{p['speedup_over_flop_reduction']:.2f}", f"{p['padding_pct']:.1f}", str(p["host_syncs"]))
+    out_console.print(table)
+    out_console.print("quotient = speed-up / FLOP reduction (1.0: time falls exactly as FLOPs do); padding: share of "
+                      "the padded batch's slots that are padding (blocks without a step inside run the real tokens "
+                      "only)", highlight=False)
+    _warn(s.get("warnings") or [])
+    for name, line in s["failed"].items():  # the other points are timed; this one is said and fails the command
+        err_console.print(f"[bold red]error:[/] method {escape(_plain(name))} failed and is left out: "
+                          f"{escape(_plain(line))}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -22,6 +22,7 @@ import torch
 from tokenscope.analysis.memory import LiveTensorBytes
 from tokenscope.analysis.stability import spread
 from tokenscope.analysis.timing_spread import disagreement, speedup_interval, spread_ms
+from tokenscope.errors import TokenscopeError
 from tokenscope.models.cost import measure_flops
 from tokenscope.models.host_sync import count_host_syncs
 from tokenscope.models.runtime import inference, synchronize
@@ -57,7 +58,9 @@ class VariantTiming:
     hand values to the host, which are the ones that synchronise on a GPU)."""
     host_sync_calls: dict[str, int] = field(default_factory=dict)
     padding_pct: float = 0.0
-    """Share of the slots the blocks ran that were padding (images of one batch padded to the longest)."""
+    """Share of the padded batch's slots that are padding (images of one batch padded to the longest). Blocks
+    without a step inside run the real tokens only (EncoderBlock._packed), so this is what packing spares;
+    a block with a step inside runs its attention over every slot."""
     latencies_s: list[float] = field(default_factory=list)
 
     @property
@@ -174,8 +177,8 @@ def _probe(fn: Callable[[], Any], device: torch.device) -> tuple[int, int, Any]:
 
 
 def padding_share(records: list[ImageRecord]) -> float:
-    """Share of the slots the blocks ran that were padding: in each block every image is padded to the
-    batch's longest, so a block runs batch x longest slots for the sum of the images' tokens."""
+    """Share of the padded batch's slots that are padding: in each block every image is padded to the
+    batch's longest, so the padded layout holds batch x longest slots for the sum of the images' tokens."""
     tokens = np.stack([r.block_tokens_in for r in records]).astype(np.float64)  # (B, depth)
     slots = tokens.max(axis=0) * tokens.shape[0]
     return float(1.0 - tokens.sum() / slots.sum()) if slots.sum() > 0 else 0.0
@@ -194,6 +197,33 @@ def environment(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def _measure(model: StepViT, images: torch.Tensor, device: torch.device, v: VariantTiming, warmup: int,
+             tick: Callable[[str], None]) -> None:
+    """Everything but the timing of one variant: FLOPs and peak memory in one counted pass (also its
+    first warm-up), tokens per block and the padding share from the Recorder, host synchronisations in
+    one more pass; then the rest of its warm-up passes."""
+    b = images.shape[0]
+
+    def call() -> Any:
+        return model(images, setting=v.setting)
+
+    flops, peak, out = _probe(call, device)
+    v.gflops_per_image, v.peak_mib = flops / 1e9 / b, peak / 2**20
+    v.tokens_per_image = sum(p.num_tokens for p in out.partitions) / b
+    with Recorder(model, v.setting) as probe:
+        call()
+        records = probe.pop_records()
+        v.mean_tokens_per_block = float(np.mean([_block_tokens(r) for r in records]))
+        v.padding_pct = 100.0 * padding_share(records)
+    with count_host_syncs(device) as syncs:
+        call()
+    v.host_syncs, v.host_sync_calls = syncs.total, dict(syncs.calls)
+    tick(f"{v.name} probe")
+    for _ in range(max(warmup - 1, 0)):
+        call()
+        tick(f"{v.name} warm-up")
 
 
 def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_setting: ReductionSetting,
@@ -225,21 +255,7 @@ def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_s
 
     with inference(device, amp):
         for v in variants.values():
-            flops, peak, out = _probe(calls[v.name], device)
-            v.gflops_per_image, v.peak_mib = flops / 1e9 / b, peak / 2**20
-            v.tokens_per_image = sum(p.num_tokens for p in out.partitions) / b
-            with Recorder(model, v.setting) as probe:
-                model(images, setting=v.setting)
-                records = probe.pop_records()
-                v.mean_tokens_per_block = float(np.mean([_block_tokens(r) for r in records]))
-                v.padding_pct = 100.0 * padding_share(records)
-            with count_host_syncs(device) as syncs:
-                calls[v.name]()
-            v.host_syncs, v.host_sync_calls = syncs.total, dict(syncs.calls)
-            tick(f"{v.name} probe")
-            for _ in range(max(warmup - 1, 0)):
-                calls[v.name]()
-                tick(f"{v.name} warm-up")
+            _measure(model, images, device, v, warmup, tick)
         rec = Recorder(model, step_setting)
         with rec:  # warm the hooked path too (it matters once blocks are compiled)
             model(images, setting=step_setting)
@@ -268,4 +284,80 @@ def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_s
                 result.loop_s.append(_timed(lambda: [model(images[i:i + 1], setting=step_setting) for i in range(b)],
                                             device))
                 tick("one at a time")
+    return result
+
+
+@dataclass
+class MethodsBenchResult:
+    """Several operating points against one unreduced baseline, on one batch, timed side by side."""
+
+    batch: int
+    size: tuple[int, int]
+    device: str
+    threads: int
+    amp: bool
+    baseline: VariantTiming
+    points: list[VariantTiming]
+    failed: dict[str, str] = field(default_factory=dict)
+    """Operating points whose plug-in failed (label -> its one line): not timed, said in the results."""
+    model: str = ""
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def ratios(self, v: VariantTiming) -> dict[str, Any]:
+        """Speed-up (with its interval over the interleaved rounds), FLOP reduction and their quotient."""
+        speedup = self.baseline.latency_ms / v.latency_ms
+        reduction = self.baseline.gflops_per_image / v.gflops_per_image
+        return {"speedup": speedup, "flop_reduction": reduction, "speedup_over_flop_reduction": speedup / reduction,
+                "speedup_ci": speedup_interval(self.baseline.latencies_s, v.latencies_s)}
+
+    def warnings(self) -> list[str]:
+        return [w for w in (disagreement(v.name, v.latencies_s) for v in (self.baseline, *self.points)) if w]
+
+    def summary(self) -> dict[str, Any]:
+        def timing(v: VariantTiming) -> dict[str, Any]:
+            return {**_timing_dict(v), "latency_ms": v.latency_ms, "images_per_s": v.images_per_s(self.batch),
+                    "latency_tail": v.latency_tail()}
+
+        return {"model": self.model, "batch": self.batch, "size": list(self.size), "device": self.device,
+                "threads": self.threads, "amp": self.amp, "timing": {"interleaved": True, "rounds": len(
+                    self.baseline.latencies_s)},
+                "baseline": timing(self.baseline),
+                "points": [{**timing(v), **self.ratios(v)} for v in self.points],
+                "failed": dict(self.failed), "warnings": self.warnings(), "environment": self.environment}
+
+
+def run_methods_bench(model: StepViT, images: torch.Tensor, device: torch.device,
+                      points: list[tuple[str, ReductionSetting]], repeats: int = 3, warmup: int = 1, amp: bool = False,
+                      progress: Progress | None = None) -> MethodsBenchResult:
+    """Each operating point (label, setting) and the same weights without reduction on one batch: the
+    counted FLOPs, tokens, padding and host synchronisations of each, then `repeats` rounds that time
+    the baseline and every point in turn, so a machine that slows down slows them all alike. A point
+    whose plug-in fails is marked failed (its line kept) and the others are still measured."""
+    baseline = VariantTiming("baseline", "none", False, points[0][1].plain() if points else None, "vit")
+    variants = [VariantTiming(label, setting.policy, setting.exits, setting, label) for label, setting in points]
+    result = MethodsBenchResult(images.shape[0], (int(images.shape[-2]), int(images.shape[-1])), str(device),
+                                torch.get_num_threads(), amp and device.type == "cuda", baseline, [],
+                                environment=environment(device))
+    total = (1 + len(variants)) * (max(warmup, 1) + repeats)
+    done = 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(min(done, total), total, what)
+
+    with inference(device, amp):
+        _measure(model, images, device, baseline, warmup, tick)
+        for v in variants:
+            try:
+                _measure(model, images, device, v, warmup, tick)
+            except TokenscopeError as exc:  # a plug-in that fails: said, the other points go on
+                result.failed[v.name] = str(exc)
+                continue
+            result.points.append(v)
+        for _ in range(repeats):
+            for v in (baseline, *result.points):
+                v.latencies_s.append(_timed(lambda v=v: model(images, setting=v.setting), device))
+                tick(f"{v.name} timed")
     return result

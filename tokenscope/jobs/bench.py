@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenscope.analysis.bench import BenchResult, Progress, run_bench
+from tokenscope.analysis.bench import BenchResult, MethodsBenchResult, Progress, run_bench, run_methods_bench
 from tokenscope.data.images import check_size, load_prepared, prepare_image
 from tokenscope.data.synthetic import synthetic_scene
 from tokenscope.errors import ConfigError
-from tokenscope.jobs.setup import ModelOptions, load_model
+from tokenscope.jobs.setup import ModelOptions, load_model, method_setting
+from tokenscope.models.methods.point import resolve_list
 
 
 MAX_BENCH_PIXELS = 8 * 4096 * 4096
@@ -47,9 +48,8 @@ def bench_images(size: int, batch: int, image: str | None, seed: int = 0, patch:
     return torch.from_numpy(np.stack(scenes))
 
 
-def bench(opts: ModelOptions, size: int = 1024, batch: int = 1, image: str | None = None, repeats: int = 3,
-          warmup: int = 1, threads: int | None = None, loop: bool = False, compile_blocks: bool = False,
-          progress: Progress | None = None) -> BenchResult:
+def _check(opts: ModelOptions, size: int, batch: int, repeats: int, warmup: int, threads: int | None) -> None:
+    """What bench refuses before a model is built."""
     if threads is not None:
         if threads < 1:
             raise ConfigError("--threads must be >= 1")
@@ -59,6 +59,12 @@ def bench(opts: ModelOptions, size: int = 1024, batch: int = 1, image: str | Non
     if opts.policy == "oracle":
         raise ConfigError("bench has no labels for the oracle policy; use --budget, uniform or learned")
     check_bench_shape(size, batch, 1)  # the patch-independent part, before a model is built
+
+
+def bench(opts: ModelOptions, size: int = 1024, batch: int = 1, image: str | None = None, repeats: int = 3,
+          warmup: int = 1, threads: int | None = None, loop: bool = False, compile_blocks: bool = False,
+          progress: Progress | None = None) -> BenchResult:
+    _check(opts, size, batch, repeats, warmup, threads)
     loaded, device = load_model(opts)
     x = bench_images(size, batch, image, patch=loaded.model.patch_size).to(device)
     m = loaded.model
@@ -66,6 +72,25 @@ def bench(opts: ModelOptions, size: int = 1024, batch: int = 1, image: str | Non
         m.compile_blocks()
     result = run_bench(m, x, device, loaded.setting, repeats=repeats, warmup=warmup,
                        amp=opts.amp, loop=loop, progress=progress)
+    result.model = loaded.config.name
+    return result
+
+
+def bench_methods(opts: ModelOptions, methods: str, size: int = 1024, batch: int = 1, image: str | None = None,
+                  repeats: int = 3, warmup: int = 1, threads: int | None = None,
+                  progress: Progress | None = None) -> MethodsBenchResult:
+    """`bench --methods a,b,c`: every operating point against one baseline on one batch, timed side by
+    side (analysis.bench.run_methods_bench). The shared options apply to each point as in `compare
+    --methods`; `--method` names one point and is refused beside a list."""
+    if opts.method is not None:
+        raise ConfigError("--methods lists the operating points to time; leave out --method")
+    _check(opts, size, batch, repeats, warmup, threads)
+    parsed = resolve_list(methods)
+    loaded, device = load_model(opts)
+    points = [(m.label, method_setting(loaded, opts, m.text)) for m in parsed]
+    x = bench_images(size, batch, image, patch=loaded.model.patch_size).to(device)
+    result = run_methods_bench(loaded.model, x, device, points, repeats=repeats, warmup=warmup, amp=opts.amp,
+                               progress=progress)
     result.model = loaded.config.name
     return result
 
