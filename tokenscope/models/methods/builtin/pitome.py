@@ -32,6 +32,13 @@ from tokenscope.models.sequence import rank_descending
 from tokenscope.models.steps import MergeDecision, Step, TokenView
 
 COUNTS = ("batch", "per-image")
+BAND_ELEMENTS = 1 << 21
+"""Similarities computed at once on the CPU when the energy is summed (8 MB of float32): a band of rows."""
+
+
+def _rows(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """values[b, ids[b, i]] for (B, N, D) values and (B, K) ids: (B, K, D)."""
+    return values.gather(1, ids.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
 
 
 def keep_ratio(value: float) -> str | None:
@@ -55,11 +62,8 @@ class EnergyMerger(nn.Module):
         b, n = valid.shape
         keys = view.mean_keys.float() if view.mean_keys.dtype != torch.float64 else view.mean_keys
         unit = F.normalize(keys, dim=-1) * valid.unsqueeze(-1)
-        sim = unit @ unit.transpose(-1, -2)  # (B, N, N) cosine
         live = valid.sum(dim=1)
-        pair = valid.unsqueeze(1) & valid.unsqueeze(2)
-        spread = torch.where(pair, F.elu(sim - self.margin, alpha=self.alpha), torch.zeros_like(sim))
-        energy = spread.sum(-1) / live.clamp_min(1).unsqueeze(-1).to(spread.dtype)
+        energy = self._energy(unit, valid) / live.clamp_min(1).unsqueeze(-1).to(unit.dtype)
         energy = torch.where(valid, energy, torch.full_like(energy, float("-inf")))
         host = self._host_r(view)
         if host is not None:  # one r for the batch, from counts the host holds: no read from the device
@@ -74,16 +78,38 @@ class EnergyMerger(nn.Module):
         candidate = valid & (rank < 2 * r[:, None])
         in_a = candidate & (rank % 2 == 0)
         in_b = candidate & (rank % 2 == 1)
-        towards = sim.masked_fill(~in_b.unsqueeze(1), float("-inf"))
-        into_b = towards.argmax(dim=-1)
+        # every A token's most similar B token: A and B alternate through the first 2r tokens in energy order,
+        # so their similarities are one (r x r) product per image, as the reference takes sim[a][:, b]
+        by_rank = torch.argsort(rank, dim=1)  # the token at each rank
+        width = host if host is not None else n // 2  # an upper bound of r the host knows
+        a_ids, b_ids = by_rank[:, 0:2 * width:2], by_rank[:, 1:2 * width:2]
+        pick = _rows(unit, a_ids) @ _rows(unit, b_ids).transpose(-1, -2)
+        pick = pick.masked_fill(~in_b.gather(1, b_ids).unsqueeze(1), float("-inf"))
         own = torch.arange(n, device=valid.device).expand(b, n)
+        into = own.scatter(1, a_ids, b_ids.gather(1, pick.argmax(dim=-1))) if width > 0 else own.clone()
         merged = in_a
-        into = torch.where(merged, into_b, own)
+        into = torch.where(merged, into, own)
         order = torch.where(in_b, n + rank, rank)  # protected by energy, then B (the reference's concatenation)
         d = keys.shape[-1]
         flops = 2 * live * live * d + 2 * r * r * d  # the similarity matrix, then A against B
         after = counts_after_merging(view.host_counts, host)
         return MergeDecision(self.block, "pitome", view.token_ids, valid, merged, into, flops, order, after)
+
+    def _energy(self, unit: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, N) each token's sum of ELU(cos - margin) over its image's tokens, a band of rows at a time:
+        the (B, N, N) similarities of a 1024 px image are 8 x 64 MB at batch 8, and written out whole,
+        then masked and transformed, they cost more in fresh memory than their product costs to compute.
+        Each band stays small enough to be reused from cache; the values are the whole matrix's."""
+        b, n, _ = unit.shape
+        band = max(1, (BAND_ELEMENTS if unit.device.type == "cpu" else 64 * BAND_ELEMENTS) // max(b * n, 1))
+        energy = unit.new_empty((b, n))
+        for start in range(0, n, band):
+            rows = slice(start, start + band)
+            sim = unit[:, rows] @ unit.transpose(-1, -2)  # (B, band, N) cosine
+            spread = F.elu(sim.sub_(self.margin), alpha=self.alpha)
+            spread.masked_fill_(~(valid[:, rows].unsqueeze(-1) & valid.unsqueeze(1)), 0.0)
+            energy[:, rows] = spread.sum(-1)
+        return energy
 
     def _host_r(self, view: TokenView) -> int | None:
         """The batch's r from the host's token counts (count=batch), else None."""
