@@ -63,7 +63,8 @@ class EnergyMerger(nn.Module):
         keys = view.mean_keys.float() if view.mean_keys.dtype != torch.float64 else view.mean_keys
         unit = F.normalize(keys, dim=-1) * valid.unsqueeze(-1)
         live = valid.sum(dim=1)
-        energy = self._energy(unit, valid) / live.clamp_min(1).unsqueeze(-1).to(unit.dtype)
+        padded = view.host_counts is None or any(c != n for c in view.host_counts)
+        energy = self._energy(unit, valid, padded) / live.clamp_min(1).unsqueeze(-1).to(unit.dtype)
         energy = torch.where(valid, energy, torch.full_like(energy, float("-inf")))
         host = self._host_r(view)
         if host is not None:  # one r for the batch, from counts the host holds: no read from the device
@@ -95,19 +96,21 @@ class EnergyMerger(nn.Module):
         after = counts_after_merging(view.host_counts, host)
         return MergeDecision(self.block, "pitome", view.token_ids, valid, merged, into, flops, order, after)
 
-    def _energy(self, unit: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _energy(self, unit: torch.Tensor, valid: torch.Tensor, padded: bool) -> torch.Tensor:
         """(B, N) each token's sum of ELU(cos - margin) over its image's tokens, a band of rows at a time:
         the (B, N, N) similarities of a 1024 px image are 8 x 64 MB at batch 8, and written out whole,
         then masked and transformed, they cost more in fresh memory than their product costs to compute.
-        Each band stays small enough to be reused from cache; the values are the whole matrix's."""
+        Each band stays small enough to be reused from cache, and is transformed in place; the values are
+        the whole matrix's. Padding slots (`padded`, known from the host's counts) are masked out."""
         b, n, _ = unit.shape
         band = max(1, (BAND_ELEMENTS if unit.device.type == "cpu" else 64 * BAND_ELEMENTS) // max(b * n, 1))
         energy = unit.new_empty((b, n))
         for start in range(0, n, band):
             rows = slice(start, start + band)
             sim = unit[:, rows] @ unit.transpose(-1, -2)  # (B, band, N) cosine
-            spread = F.elu(sim.sub_(self.margin), alpha=self.alpha)
-            spread.masked_fill_(~(valid[:, rows].unsqueeze(-1) & valid.unsqueeze(1)), 0.0)
+            spread = F.elu(sim.sub_(self.margin), alpha=self.alpha, inplace=True)
+            if padded:
+                spread.masked_fill_(~(valid[:, rows].unsqueeze(-1) & valid.unsqueeze(1)), 0.0)
             energy[:, rows] = spread.sum(-1)
         return energy
 
