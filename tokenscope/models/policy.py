@@ -233,6 +233,31 @@ def _conv_bn_act(cin: int, cout: int, stride: int) -> nn.Sequential:
     )
 
 
+def fold_batch_norm(stage: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv + BatchNorm stage's kernel and bias with the norm's running statistics folded in, for
+    inference: one convolution instead of a convolution and then a normalisation pass over its whole
+    output (the demo's policy at 512 px on 2 CPU threads: 8 images 30 ms instead of 66)."""
+    conv, bn = stage[0], stage[1]
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale.view(-1, 1, 1, 1), bias
+
+
+class FoldedStages:
+    """Every conv + BatchNorm + ReLU stage of a policy net with its norm folded (see fold_batch_norm),
+    computed once per forward call and applied to each image of the batch."""
+
+    def __init__(self, stages: Sequence[nn.Sequential]) -> None:
+        self.kernels = {id(stage): fold_batch_norm(stage) for stage in stages}
+
+    def __call__(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.kernels[id(stage)]
+        conv = stage[0]
+        return F.relu_(F.conv2d(x, weight, bias, conv.stride, conv.padding))
+
+
 class MiniBackbone(nn.Module):
     """Five stride-2 convolutions to stride 32: a policy trunk cheap enough for CPU demos."""
 
@@ -277,18 +302,35 @@ class PolicyNet(nn.Module):
     def forward(self, images: torch.Tensor, patch: int = 16) -> list[torch.Tensor]:
         """Merge logits per level, cropped to the blocks that fit inside the patch grid.
 
-        At inference on the CPU a batch is scored one image at a time: the convolutions' large batch
-        activations cost more in fresh memory than they save (the demo's net at 512 px: 99 ms for a
-        batch of 8, 33 ms for the 8 images in turn), and each image's scores then equal its own alone."""
+        At inference the batch norms are folded into their convolutions (FoldedStages), and on the CPU a
+        batch is scored one image at a time: the convolutions' large batch activations cost more in fresh
+        memory than they save (the demo's net at 512 px: 99 ms for a batch of 8, 33 ms for the 8 images
+        in turn), and each image's scores then equal its own alone."""
+        folded = None
+        if not self.training and not torch.is_grad_enabled():
+            stages = [*(self.trunk.stages if isinstance(self.trunk, MiniBackbone) else ()), self.reduce, *self.downs]
+            folded = FoldedStages(stages)
         if images.shape[0] > 1 and images.device.type == "cpu" and not self.training:
-            per_image = [self(images[i:i + 1], patch) for i in range(images.shape[0])]
+            per_image = [self._logits(images[i:i + 1], patch, folded) for i in range(images.shape[0])]
             return [torch.cat(level) for level in zip(*per_image)]
+        return self._logits(images, patch, folded)
+
+    def _logits(self, images: torch.Tensor, patch: int, folded: FoldedStages | None) -> list[torch.Tensor]:
+        def stage(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+            return seq(x) if folded is None else folded(seq, x)
+
         grid = (images.shape[-2] // patch, images.shape[-1] // patch)
-        f = self.reduce(self.trunk((images - self.mean).div_(self.std)))
+        x = (images - self.mean).div_(self.std)
+        if folded is not None and isinstance(self.trunk, MiniBackbone):
+            for seq in self.trunk.stages:
+                x = stage(seq, x)
+        else:
+            x = self.trunk(x)
+        f = stage(self.reduce, x)
         logits = []
         for k, head in enumerate(self.heads, start=1):
             if k > 1:
-                f = self.downs[k - 2](f)
+                f = stage(self.downs[k - 2], f)
             gh, gw = level_shape(grid, k)
             logits.append(head(f)[:, 0, :gh, :gw])
         return logits
