@@ -144,3 +144,22 @@ def test_a_padded_cpu_batch_runs_its_blocks_over_the_real_tokens_only_and_decide
     result = run_bench(model, x, torch.device("cpu"), s, repeats=1, warmup=0, recorder_repeats=1)
     assert 0.0 < result.step.padding_pct < 100.0 and result.baseline.padding_pct == 0.0
     assert result.summary()["step"]["padding_pct"] == result.step.padding_pct
+
+
+def test_timing_keeps_freed_memory_in_the_process_and_says_so() -> None:
+    """bench sets glibc to keep freed memory before it measures (the reduced forward's many differently sized
+    tensors otherwise fault their pages in again on every pass), once, and records it beside the numbers."""
+    import ctypes
+
+    from tokenscope.analysis.bench import environment
+    from tokenscope.models.runtime import keep_freed_memory
+
+    note = keep_freed_memory()
+    assert note == keep_freed_memory()  # set once
+    assert environment(torch.device("cpu"))["allocator"] == note
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        assert "not glibc" in note
+    else:
+        assert note.startswith("glibc")

@@ -157,3 +157,18 @@ def test_a_packed_batch_predicts_what_the_padded_batch_predicts(model_name: str)
     assert len({p.num_tokens for p in packed.partitions}) > 1
     assert torch.allclose(packed.patch_logits, padded.patch_logits, atol=1e-4), \
         (packed.patch_logits - padded.patch_logits).abs().max()
+
+
+def test_packing_reads_nothing_from_the_device() -> None:
+    """A padded dCTS batch (two different scenes) synchronises as often as an unpadded one: the policy's
+    partition copy and its token counts, nothing per packed block."""
+    import tokenscope as ts
+    from tokenscope.jobs.bench import bench_images
+    from tokenscope.models.host_sync import count_host_syncs
+
+    model = ts.load_model("vitt", random_init=True, device="cpu", method="dcts")
+    x = bench_images(128, 2, None)
+    with torch.no_grad(), count_host_syncs("cpu") as count:
+        out = model.module(x, setting=model.setting)
+    assert len({p.num_tokens for p in out.partitions}) == 2  # padded: the blocks ran packed
+    assert count.total == 2, count.calls

@@ -25,7 +25,7 @@ from tokenscope.analysis.timing_spread import disagreement, speedup_interval, sp
 from tokenscope.errors import TokenscopeError
 from tokenscope.models.cost import measure_flops
 from tokenscope.models.host_sync import count_host_syncs
-from tokenscope.models.runtime import inference, synchronize
+from tokenscope.models.runtime import inference, keep_freed_memory, synchronize
 from tokenscope.models.step_vit import ReductionSetting, StepViT
 from tokenscope.trace.recorder import ImageRecord, Recorder
 
@@ -196,6 +196,8 @@ def environment(device: torch.device) -> dict[str, str]:
            "processor": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["allocator"] = keep_freed_memory()
     return env
 
 
@@ -230,7 +232,10 @@ def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_s
               repeats: int = 3, warmup: int = 1, amp: bool = False, recorder_repeats: int | None = None,
               loop: bool = False, progress: Progress | None = None) -> BenchResult:
     """Benchmark an operating point (policy, exits and any in-network merging) against the same
-    weights without reduction; each forward is given its setting, nothing is set on the model."""
+    weights without reduction; each forward is given its setting, nothing is set on the model. On the
+    CPU freed memory is kept in the process first (runtime.keep_freed_memory, recorded in `environment`)."""
+    if device.type == "cpu":
+        keep_freed_memory()
     b = images.shape[0]
     variants = {"baseline": VariantTiming("baseline", "none", False, step_setting.plain(), "vit"),
                 "step": VariantTiming("step", step_setting.policy, step_setting.exits, step_setting,
@@ -332,7 +337,10 @@ def run_methods_bench(model: StepViT, images: torch.Tensor, device: torch.device
     """Each operating point (label, setting) and the same weights without reduction on one batch: the
     counted FLOPs, tokens, padding and host synchronisations of each, then `repeats` rounds that time
     the baseline and every point in turn, so a machine that slows down slows them all alike. A point
-    whose plug-in fails is marked failed (its line kept) and the others are still measured."""
+    whose plug-in fails is marked failed (its line kept) and the others are still measured. On the CPU freed
+    memory is kept in the process first, as in run_bench."""
+    if device.type == "cpu":
+        keep_freed_memory()
     baseline = VariantTiming("baseline", "none", False, points[0][1].plain() if points else None, "vit")
     variants = [VariantTiming(label, setting.policy, setting.exits, setting, label) for label, setting in points]
     result = MethodsBenchResult(images.shape[0], (int(images.shape[-2]), int(images.shape[-1])), str(device),
