@@ -27,3 +27,7 @@ $ts bench --model vitb --random-init --method cts --size 1024 --device cpu --thr
 for m in algm tome evit; do
   $ts bench --model eomt-l-ade20k-512 --random-init --method $m --size 512 --device cpu --threads 2 --batch 1 --repeats 5 --warmup 1 --json benchmarks/results/cpu_eomt-l-ade20k-512_512_b1_$m.json
 done
+# every built-in method side by side against one baseline: ViT-B at 1024 px, batch 8 of different scenes (about 40 minutes)
+$ts bench --model vitb --random-init --size 1024 --batch 8 --device cpu --threads 2 --repeats 3 --warmup 1 \
+  --methods tome,algm,cts,cubist,evit,hourglass,pitome,dcts:budget=2.5,step:budget=2.5,dtop \
+  --json benchmarks/results/cpu_vitb_1024_b8_methods.json

@@ -81,7 +81,6 @@ class EncoderBlock(nn.Module):
         out[live] = packed + self.drop_path2(self._scale(self.mlp(self.norm2(packed)), 2))
         return out
 
-
     def _packed(self, x: torch.Tensor, attn_mask: torch.Tensor | None, num_prefix: int, rope: torch.Tensor | None,
                 packing: Packing) -> torch.Tensor:
         """The block over the real tokens of a padded batch only, laid back to back: every projection
