@@ -201,6 +201,18 @@ def environment(device: torch.device) -> dict[str, str]:
     return env
 
 
+class _Ticks:
+    """Counts the passes a bench has done of the `total` it will do, for its progress bar."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(min(self.done, self.total), self.total, what)
+
+
 def _measure(model: StepViT, images: torch.Tensor, device: torch.device, v: VariantTiming, warmup: int,
              tick: Callable[[str], None]) -> None:
     """Everything but the timing of one variant: FLOPs and peak memory in one counted pass (also its
@@ -249,14 +261,7 @@ def run_bench(model: StepViT, images: torch.Tensor, device: torch.device, step_s
             return model(images, setting=v.setting)
         calls[v.name] = call
     rec_repeats = repeats if recorder_repeats is None else recorder_repeats
-    total = 2 * max(warmup, 1) + 2 * repeats + rec_repeats + repeats + (repeats if loop else 0)
-    done = 0
-
-    def tick(what: str) -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(min(done, total), total, what)
+    tick = _Ticks(2 * max(warmup, 1) + 2 * repeats + rec_repeats + repeats + (repeats if loop else 0), progress)
 
     with inference(device, amp):
         for v in variants.values():
@@ -346,14 +351,7 @@ def run_methods_bench(model: StepViT, images: torch.Tensor, device: torch.device
     result = MethodsBenchResult(images.shape[0], (int(images.shape[-2]), int(images.shape[-1])), str(device),
                                 torch.get_num_threads(), amp and device.type == "cuda", baseline, [],
                                 environment=environment(device))
-    total = (1 + len(variants)) * (max(warmup, 1) + repeats)
-    done = 0
-
-    def tick(what: str) -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(min(done, total), total, what)
+    tick = _Ticks((1 + len(variants)) * (max(warmup, 1) + repeats), progress)
 
     with inference(device, amp):
         _measure(model, images, device, baseline, warmup, tick)
