@@ -61,7 +61,7 @@ class EncoderBlock(nn.Module):
         """`num_prefix`: tokens in front of the image tokens (for observers counting image tokens, and
         the first token `rope`, the image tokens' rotary angles, applies to). `packing`: where the
         real tokens of a padded batch are; the block then runs over them alone (see `_packed`)."""
-        if packing is not None and between is None and not torch.is_grad_enabled() \
+        if packing is not None and between is None and not self.training and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():
             return self._packed(x, attn_mask, num_prefix, rope, packing)
         if between is None and not self.eva:
