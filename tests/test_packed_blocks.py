@@ -56,7 +56,7 @@ def test_packed_attention_is_each_images_own_attention(weighted: bool) -> None:
 
 
 def test_a_packed_block_equals_the_padded_block_on_the_real_tokens_and_leaves_the_padding() -> None:
-    block = EncoderBlock(_attention())
+    block = EncoderBlock(_attention()).eval()
     counts, prefix, width = [6, 3, 1], 2, 8
     torch.manual_seed(2)
     x = torch.randn(3, width, 32)
@@ -71,6 +71,9 @@ def test_a_packed_block_equals_the_padded_block_on_the_real_tokens_and_leaves_th
         assert torch.equal(packed[i, n:], x[i, n:])  # padding slots come back untouched
     with torch.enable_grad():  # training keeps the padded path (one graph, every slot)
         assert torch.equal(block(x, attn_mask=mask, num_prefix=prefix, packing=packing), padded)
+    with torch.no_grad():  # and so does a block in training mode (its attention dropout is the padded path's)
+        assert torch.equal(block.train()(x, attn_mask=mask, num_prefix=prefix, packing=packing),
+                           block(x, attn_mask=mask, num_prefix=prefix))
 
 
 def test_packed_rotary_angles_rotate_image_tokens_and_leave_the_prefix() -> None:
