@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 COLUMNS = ("model", "size", "batch", "device", "STEP", "tokens/img", "tokens/block", "GFLOPs/img", "latency ms", "images/s",
            "peak MiB", "speed-up", "FLOP reduction", "quotient", "recorder", "policy net (time / FLOPs)",
@@ -24,8 +25,14 @@ def _pair(base: float, step: float, fmt: str) -> str:
     return f"{format(base, fmt)} -> {format(step, fmt)}"
 
 
-def row(path: Path) -> list[str]:
-    r = json.loads(path.read_text())
+def _device(r: dict[str, Any]) -> str:
+    """The device column: the CPU with its threads, or the GPU; bf16 when autocast was on."""
+    device = f"{r['device']} ({r['threads']} thr)" if r["device"] == "cpu" else r["device"]
+    return device + " bf16" if r.get("amp") else device
+
+
+def row(r: dict[str, Any]) -> list[str]:
+    """A `bench` file (one operating point against the baseline): one row."""
     b, s = r["baseline"], r["step"]
     if r.get("method"):
         variant = f"method {r['method']}"
@@ -34,15 +41,12 @@ def row(path: Path) -> list[str]:
         variant += ", exits" if s["exits"] else ", no exits"
     per_block = (_pair(b["mean_tokens_per_block"], s["mean_tokens_per_block"], ".0f")
                  if "mean_tokens_per_block" in s else "-")  # files written before methods existed lack it
-    device = f"{r['device']} ({r['threads']} thr)" if r["device"] == "cpu" else r["device"]
-    if r.get("amp"):
-        device += " bf16"
     loop = r.get("one_at_a_time_ms")
     loop_text = f"{s['latency_ms']:.0f} vs {loop:.0f} ms" if loop else "-"  # both: the whole batch
     net_time = r.get("learned_policy_net_time_pct_of_baseline")
     net_flops = r.get("learned_policy_net_flops_pct_of_baseline")
     net = f"{net_time:.2f}% / {net_flops:.2f}%" if net_time is not None else "-"
-    return [r["model"], f"{r['size'][0]}x{r['size'][1]}", str(r["batch"]), device, variant,
+    return [r["model"], f"{r['size'][0]}x{r['size'][1]}", str(r["batch"]), _device(r), variant,
             _pair(b["tokens_per_image"], s["tokens_per_image"], ".0f"), per_block,
             _pair(b["gflops_per_image"], s["gflops_per_image"], ".1f"),
             _pair(b["latency_ms"], s["latency_ms"], ".0f"),
@@ -56,13 +60,9 @@ POINT_COLUMNS = ("model", "size", "batch", "device", "operating point", "tokens/
                  "speed-up [95% CI]", "FLOP reduction", "quotient", "padding", "host syncs")
 
 
-def point_rows(path: Path) -> list[list[str]]:
+def point_rows(r: dict[str, Any]) -> list[list[str]]:
     """A `bench --methods` file: the baseline, then one row per operating point, in the file's order."""
-    r = json.loads(path.read_text())
-    device = f"{r['device']} ({r['threads']} thr)" if r["device"] == "cpu" else r["device"]
-    if r.get("amp"):
-        device += " bf16"
-    head = [r["model"], f"{r['size'][0]}x{r['size'][1]}", str(r["batch"]), device]
+    head = [r["model"], f"{r['size'][0]}x{r['size'][1]}", str(r["batch"]), _device(r)]
     b = r["baseline"]
     rows = [[*head, "baseline (vit)", f"{b['mean_tokens_per_block']:.0f}", f"{b['gflops_per_image']:.1f}",
              f"{b['latency_ms']:.0f}", "1.00x", "1.00x", "-", "-", str(b["host_syncs"])]]
@@ -92,14 +92,15 @@ def main(args: list[str]) -> None:
     if args[:1] == ["--times"]:
         times = read_times(Path(args[1]))
         args = args[2:]
-    several = [p for p in args if "points" in json.loads(Path(p).read_text())]
+    docs = {p: json.loads(Path(p).read_text()) for p in args}
+    several = [p for p in args if "points" in docs[p]]
     single = [p for p in args if p not in several]
     if single:
         columns = [*COLUMNS, "row s"] if times is not None else list(COLUMNS)
         print("| " + " | ".join(columns) + " |")
         print("|" + "---|" * len(columns))
         for p in single:
-            cells = row(Path(p))
+            cells = row(docs[p])
             if times is not None:
                 cells.append(times.get(Path(p).name, "-"))
             print("| " + " | ".join(cells) + " |")
@@ -108,7 +109,7 @@ def main(args: list[str]) -> None:
         print("| " + " | ".join(POINT_COLUMNS) + " |")
         print("|" + "---|" * len(POINT_COLUMNS))
         for p in several:
-            for cells in point_rows(Path(p)):
+            for cells in point_rows(docs[p]):
                 print("| " + " | ".join(cells) + " |")
 
 

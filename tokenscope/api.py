@@ -614,6 +614,11 @@ def bench(*, size: int = 1024, batch: int = 1, image: str | None = None, threads
     from tokenscope.jobs.bench import bench_methods
     from tokenscope.jobs.runfolder import write_json_atomic
 
+    def written(doc: dict[str, Any]) -> None:
+        if json_out is not None:
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(json_out), doc)
+
     opts = _model_options(dict(shared or {}), "bench")
     if methods is not None:
         if loop or compile_blocks:
@@ -621,18 +626,12 @@ def bench(*, size: int = 1024, batch: int = 1, image: str | None = None, threads
         text = methods if isinstance(methods, str) else ",".join(methods)
         several = bench_methods(opts, text, size=size, batch=batch, image=image, repeats=repeats, warmup=warmup,
                                 threads=threads, progress=progress)
-        if json_out is not None:
-            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(Path(json_out), several.summary())
+        written(several.summary())
         return several
     result = run_bench(opts, size=size, batch=batch, image=image, repeats=repeats, warmup=warmup, threads=threads,
                        loop=loop, compile_blocks=compile_blocks, progress=progress)
-    if json_out is not None:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(json_out), {"model": result.model, "policy": result.step.policy,
-                                           "method": result.step.method,
-                                           "budget": opts.budget,
-                                           **result.summary()})
+    written({"model": result.model, "policy": result.step.policy, "method": result.step.method, "budget": opts.budget,
+             **result.summary()})
     return result
 
 

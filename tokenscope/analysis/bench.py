@@ -25,7 +25,7 @@ from tokenscope.analysis.timing_spread import disagreement, speedup_interval, sp
 from tokenscope.errors import TokenscopeError
 from tokenscope.models.cost import measure_flops
 from tokenscope.models.host_sync import count_host_syncs
-from tokenscope.models.runtime import inference, keep_freed_memory, synchronize
+from tokenscope.models.runtime import allocator_note, inference, keep_freed_memory, synchronize
 from tokenscope.models.step_vit import ReductionSetting, StepViT
 from tokenscope.trace.recorder import ImageRecord, Recorder
 
@@ -197,7 +197,7 @@ def environment(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
-        env["allocator"] = keep_freed_memory()
+        env["allocator"] = allocator_note()
     return env
 
 

@@ -66,6 +66,12 @@ def keep_freed_memory() -> str:
     return _allocator_note
 
 
+def allocator_note() -> str:
+    """What `keep_freed_memory` set in this process, for the record beside timed numbers (nothing set: the
+    allocator's own defaults)."""
+    return _allocator_note or "the allocator's defaults (not changed by tokenscope)"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock time covers the computation itself."""
     if device.type == "cuda":
